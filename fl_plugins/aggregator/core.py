@@ -1,0 +1,596 @@
+"""The aggregator's rounds, sites and uploads: a state machine with no gRPC in it.
+
+Round R, attempt A:
+  * starts once `min_sites` sites are connected; every site that asks gets the TRAIN task for (R, A);
+  * each update's chunks are folded into the accumulator as they arrive (fedavg.py); a commit checks that
+    every shard is complete and its digest matches, then adds the update's weight: only then does it count;
+  * closes when every site that took the task has committed (and at least `min_sites` have), or, with a
+    round deadline, when the deadline passes and at least `min_updates` have committed;
+  * a site that vanished (no heartbeat for `site_timeout`) no longer holds the round up;
+  * if bytes of an update that never committed were folded (a site died mid-upload), the accumulator holds a
+    partial update: the round is run again from the same global model as attempt A+1, so no partial update
+    ever reaches the global model (the rare, slow path; the common path folds at wire speed).
+A closed round is finalised on the background thread: the new global model is written to `global/round-R+1`
+(store.py), then round R+1 opens. Updates for a closed round or an old attempt, and duplicates, are refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fl_plugins.aggregator.fedavg import Accumulator
+from fl_plugins.aggregator.store import GlobalReader, RunStore, same_tensors
+from fl_plugins.errors import ConfigError, ProtocolError, RoundError
+from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, Manifest, TensorInfo
+from fl_plugins.wire.stream import ShardReceiver
+
+log = logging.getLogger(__name__)
+
+TASK_NAME = "train"
+
+
+@dataclass
+class AggregatorConfig:
+    run_dir: Path
+    rounds: int
+    min_sites: int = 1
+    initial_model: Path | None = None
+    round_deadline: float | None = None  # seconds; None: wait for every site that took the task
+    min_updates: int = 1  # at the deadline, close the round only with at least this many updates
+    idle_timeout: float = 60.0  # a transfer that moves no bytes for this long is cancelled
+    site_timeout: float = 60.0  # a site silent (no heartbeat, no call) for this long has left the round
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    job_id: str = ""
+    linger: float = 5.0  # after the last round, keep answering END this long so sites learn the job is over
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        if self.rounds < 1:
+            raise ConfigError(f"`--rounds` must be >= 1 (got {self.rounds})")
+        if self.min_sites < 1:
+            raise ConfigError(f"`--min-sites` must be >= 1 (got {self.min_sites})")
+        if self.round_deadline is not None and self.round_deadline <= 0:
+            raise ConfigError(f"`--round-deadline` must be > 0 seconds (got {self.round_deadline})")
+        if self.chunk_bytes % 8 or not 64 << 10 <= self.chunk_bytes <= 64 << 20:
+            raise ConfigError(f"`chunk_bytes` must be a multiple of 8 in 64 KiB..64 MiB (got {self.chunk_bytes})")
+
+
+@dataclass
+class SiteState:
+    name: str
+    last_seen: float
+    can_offer: bool = False
+    took: tuple[int, int] | None = None  # (round, attempt) of the task it was given
+    committed: tuple[int, int] | None = None
+
+
+class _FoldSink:
+    def __init__(self, acc: Accumulator, weight: float, session: Upload) -> None:
+        self.acc, self.weight, self.session = acc, weight, session
+
+    def header(self, shard: int, prefix: bytes) -> None:
+        pass
+
+    def data(self, shard: int, tensor: TensorInfo, lo: int, payload: memoryview) -> None:
+        self.session.folded = True
+        self.acc.fold(tensor, lo, payload, self.weight)
+
+
+class _FileSink:
+    """Writes an offered initial model's shards into the round-0 staging directory."""
+
+    def __init__(self, directory: Path, manifest: Manifest) -> None:
+        self.fds = [open(directory / s.name, "wb", buffering=0) for s in manifest.shards]  # noqa: SIM115
+        self.manifest = manifest
+
+    def header(self, shard: int, prefix: bytes) -> None:
+        self.fds[shard].write(prefix)
+
+    def data(self, shard: int, tensor: TensorInfo, lo: int, payload: memoryview) -> None:
+        f = self.fds[shard]
+        f.seek(self.manifest.shards[shard].data_start + tensor.start + lo)
+        f.write(payload)
+
+    def close(self) -> None:
+        for f in self.fds:
+            f.close()
+
+
+@dataclass
+class Upload:
+    id: str
+    site: str
+    round: int
+    attempt: int
+    manifest: Manifest
+    weight: float
+    params_type: str
+    initial: bool
+    receivers: list[ShardReceiver] = field(default_factory=list)
+    folded: bool = False
+    committed: bool = False
+    dead: bool = False  # its round attempt ended: any further chunk is refused
+    bytes_received: int = 0
+    corrupted_chunks: int = 0
+    started: float = field(default_factory=time.monotonic)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    file_sink: _FileSink | None = None
+    last_progress: float = field(default_factory=time.monotonic)
+    streams: list = field(default_factory=list)  # live gRPC contexts, cancelled when the upload is dropped
+
+
+class Aggregator:
+    def __init__(self, config: AggregatorConfig) -> None:
+        self.config = config
+        self.store = RunStore(config.run_dir)
+        self.job_id = config.job_id or uuid.uuid4().hex[:12]
+        self._cond = threading.Condition()
+        self.sites: dict[str, SiteState] = {}
+        self.uploads: dict[str, Upload] = {}
+        self.round = 0
+        self.attempt = 0
+        self.global_manifest: Manifest | None = None
+        self.acc: Accumulator | None = None
+        self._round_started: float | None = None
+        self._offering: str | None = None  # site uploading its weights as round 0's model
+        self.done = False
+        self.done_at: float | None = None
+        self.error: BaseException | None = None
+        self._closing = False
+        self._dirty = False
+        self._stop = threading.Event()
+        self.stats: dict[str, Any] = {"bytes_received": 0, "bytes_sent": 0, "corrupted_chunks": 0,
+                                      "updates_accepted": 0, "updates_refused": 0, "round_restarts": 0}  # fmt: skip
+        self._fold_gate = _Gate()
+        self._round_metrics: list[dict] = []
+        self._resume()
+        self._thread = threading.Thread(target=self._loop, name="fl-aggregator", daemon=True)
+
+    # -- lifecycle ---------------------------------------------------------------------------------------
+    def _resume(self) -> None:
+        latest = self.store.latest_round()
+        if latest is None and self.config.initial_model is not None:
+            log.info("importing initial model %s", self.config.initial_model)
+            self.store.import_initial(self.config.initial_model, self.config.chunk_bytes)
+            latest = 0
+        if latest is not None:
+            if latest > 0 or self.config.initial_model is None:
+                log.info("resuming run %s from global/round-%05d", self.config.run_dir, latest)
+            self._open_round(min(latest, self.config.rounds), self.store.load(latest))
+
+    def _open_round(self, r: int, manifest: Manifest) -> None:
+        """Called with the lock held (or before the thread starts)."""
+        self.global_manifest = manifest
+        self.round, self.attempt = r, 0
+        self._round_started = None
+        if r >= self.config.rounds:
+            self.done, self.done_at = True, time.monotonic()
+            log.info("all %d rounds done; final model in %s", self.config.rounds, self.store.round_dir(r))
+            return
+        if self.acc is None:
+            self.acc = Accumulator([t for s in manifest.shards for t in s.tensors])
+        else:
+            self.acc.reset()
+        log.info("round %d open (%d sites connected, %d needed)", r, self._alive(), self.config.min_sites)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join(timeout=30)
+
+    def finished(self) -> bool:
+        """True once the final model is checkpointed and sites have had `linger` seconds to hear END."""
+        with self._cond:
+            if self.error is not None:
+                return True
+            return self.done and time.monotonic() - (self.done_at or 0) >= self.config.linger
+
+    # -- site calls --------------------------------------------------------------------------------------
+    def _touch(self, site: str, can_offer: bool = False) -> SiteState:
+        s = self.sites.get(site)
+        if s is None:
+            s = self.sites[site] = SiteState(site, time.monotonic(), can_offer)
+            log.info("site %r connected (%d connected)", site, len(self.sites))
+        s.last_seen = time.monotonic()
+        s.can_offer = s.can_offer or can_offer
+        return s
+
+    def hello(self, site: str, can_offer: bool) -> dict[str, Any]:
+        if not site or len(site) > 128 or any(c in site for c in "/\\\0"):
+            raise ConfigError(f"site name {site!r} must be 1-128 characters without path separators")
+        with self._cond:
+            self._touch(site, can_offer)
+            self._cond.notify_all()
+            return {"job_id": self.job_id, "total_rounds": self.config.rounds, "chunk_bytes": self.config.chunk_bytes}
+
+    def heartbeat(self, site: str) -> None:
+        with self._cond:
+            self._touch(site)
+
+    def _alive(self) -> int:
+        now = time.monotonic()
+        return sum(1 for s in self.sites.values() if now - s.last_seen < self.config.site_timeout)
+
+    def get_task(self, site: str, wait: float, can_offer: bool = False) -> dict[str, Any]:
+        deadline = time.monotonic() + max(0.0, min(wait, 30.0))
+        with self._cond:
+            while True:
+                s = self._touch(site, can_offer)
+                if self.error is not None:
+                    raise RoundError(f"the aggregator stopped: {self.error}")
+                if self.done:
+                    return {"kind": "END", "round": self.round, "message": "the job is finished"}
+                if self.global_manifest is None:
+                    if self._offering is None and s.can_offer:
+                        self._offering = site
+                        log.info("no initial model: site %r offers its weights as round 0's model", site)
+                        return {"kind": "OFFER_INITIAL", "round": 0}
+                    if self._offering is None and not any(x.can_offer for x in self.sites.values()):
+                        raise ConfigError(
+                            "the aggregator has no initial model and no site offered one: start it with "
+                            "`fl-plugins server ... --initial-model PATH` (a .safetensors file or a Hugging Face "
+                            "model folder), or use the Lightning/HF integrations, which offer the site's weights"
+                        )
+                elif not self._closing and s.committed != (self.round, self.attempt):
+                    if self._round_started is None and self._alive() >= self.config.min_sites:
+                        self._round_started = time.monotonic()
+                        log.info("round %d attempt %d started with %d sites", self.round, self.attempt, self._alive())
+                    if self._round_started is not None:
+                        s.took = (self.round, self.attempt)
+                        return {"kind": "TRAIN", "round": self.round, "attempt": self.attempt,
+                                "manifest": self.global_manifest}  # fmt: skip
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    return {"kind": "WAIT", "round": self.round}
+                self._cond.wait(min(left, 1.0))
+
+    def global_source(self, round_: int) -> tuple[Manifest, list[Path]]:
+        with self._cond:
+            if self.global_manifest is None or round_ != self.round:
+                raise RoundError(f"round {round_}'s global model is not being served (current round {self.round})")
+            return self.global_manifest, self.store.shard_paths(round_, self.global_manifest)
+
+    def count_sent(self, n: int) -> None:
+        with self._cond:
+            self.stats["bytes_sent"] += n
+
+    def watch(self, u: Upload, context) -> None:
+        """Register a live upload stream so an idle one (no bytes for `idle_timeout`) can be cancelled."""
+        with self._cond:
+            u.last_progress = time.monotonic()
+            u.streams.append(context)
+
+    def unwatch(self, u: Upload, context) -> None:
+        with self._cond:
+            if context in u.streams:
+                u.streams.remove(context)
+
+    # -- uploads -----------------------------------------------------------------------------------------
+    def begin_upload(self, site: str, round_: int, attempt: int, manifest_json: str, initial: bool,
+                     nonce: str) -> Upload:  # fmt: skip
+        manifest = Manifest.from_json(manifest_json, f"update manifest from site {site!r}")
+        env = manifest.envelope
+        params_type = str(env.get("params_type", "FULL")).upper()
+        if params_type not in ("FULL", "DIFF"):
+            raise ProtocolError(f"site {site!r}: params_type must be FULL or DIFF (got {params_type!r})")
+        meta = env.get("meta") or {}
+        weight = meta.get("NUM_STEPS_CURRENT_ROUND", 1) if isinstance(meta, dict) else 1
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
+            raise ProtocolError(f"site {site!r}: NUM_STEPS_CURRENT_ROUND must be a number > 0 (got {weight!r})")
+        upload_id = f"{site}:{round_}:{attempt}:{'init' if initial else 'upd'}:{nonce}"
+        with self._cond:
+            s = self._touch(site)
+            existing = self.uploads.get(upload_id)
+            if existing is not None and not existing.dead:
+                return existing  # a resume: same site, same send() call
+            if initial:
+                if self.global_manifest is not None or self._offering != site:
+                    raise RoundError(f"site {site!r}: the aggregator did not ask this site for an initial model")
+                for old in [u for u in self.uploads.values() if u.initial]:
+                    self._kill(old)
+                u = Upload(upload_id, site, 0, 0, manifest, 1.0, "FULL", True)
+                staging = self.store.begin(0)
+                u.file_sink = _FileSink(staging, manifest)
+                u.receivers = [ShardReceiver(manifest, i, u.file_sink) for i in range(len(manifest.shards))]
+            else:
+                if self.done or self.global_manifest is None:
+                    raise RoundError(f"site {site!r}: no round is open for updates")
+                if (round_, attempt) != (self.round, self.attempt) or self._closing:
+                    self.stats["updates_refused"] += 1
+                    raise RoundError(
+                        f"site {site!r}: the update for round {round_} (attempt {attempt}) is late: the aggregator "
+                        f"is on round {self.round} attempt {self.attempt}{' (closing)' if self._closing else ''}"
+                    )
+                if s.committed == (round_, attempt):
+                    self.stats["updates_refused"] += 1
+                    raise RoundError(f"site {site!r} already sent its update for round {round_}: duplicate refused")
+                same_tensors({t.name: t for s_ in self.global_manifest.shards for t in s_.tensors},
+                             {t.name: t for s_ in manifest.shards for t in s_.tensors},
+                             f"the update from site {site!r}")  # fmt: skip
+                for old in [u for u in self.uploads.values() if u.site == site and not u.initial]:
+                    self._kill(old)  # a new send() from the same site replaces an unfinished one
+                u = Upload(upload_id, site, round_, attempt, manifest, float(weight), params_type, False)
+                sink = _FoldSink(self.acc, float(weight), u)  # type: ignore[arg-type]
+                u.receivers = [ShardReceiver(manifest, i, sink) for i in range(len(manifest.shards))]
+            self.uploads[upload_id] = u
+            log.info("site %r uploading %s for round %d (%.1f MB, weight %g, %s)", site,
+                     "its initial model" if initial else "an update", round_, manifest.total_bytes / 1e6,
+                     u.weight, u.params_type)  # fmt: skip
+            return u
+
+    def upload(self, upload_id: str, shard: int) -> tuple[Upload, ShardReceiver]:
+        with self._cond:
+            u = self.uploads.get(upload_id)
+            if u is None or u.dead:
+                raise RoundError(f"upload {upload_id!r} is unknown or its round ended; begin the upload again")
+            u.last_progress = time.monotonic()
+            if not 0 <= shard < len(u.receivers):
+                raise ProtocolError(f"upload {upload_id!r} has no shard {shard}")
+            self._touch(u.site)
+            return u, u.receivers[shard]
+
+    def accept_chunk(self, u: Upload, rx: ShardReceiver, frame: bytes) -> None:
+        """Verify and fold one chunk (called on the stream's thread, concurrently for different sites)."""
+        with u.lock:  # one stream per upload at a time
+            if u.dead:
+                raise RoundError(f"upload {u.id!r}: its round ended; the chunk is refused")
+            try:
+                with self._fold_gate.shared():
+                    if u.dead:
+                        raise RoundError(f"upload {u.id!r}: its round ended; the chunk is refused")
+                    n = rx.accept(frame)
+            except ProtocolError:
+                u.corrupted_chunks += 1
+                with self._cond:
+                    self.stats["corrupted_chunks"] += 1
+                raise
+            u.bytes_received += n
+            with self._cond:
+                u.last_progress = time.monotonic()
+                self.stats["bytes_received"] += n
+                self.sites[u.site].last_seen = time.monotonic()
+
+    def commit(self, upload_id: str, digests: list[str]) -> dict[str, Any]:
+        with self._cond:
+            u = self.uploads.get(upload_id)
+            if u is None or u.dead:
+                raise RoundError(f"upload {upload_id!r} is unknown or its round ended; it was not counted")
+            if u.committed:
+                return {"round": u.round, "message": "already committed"}
+            if len(digests) != len(u.receivers):
+                raise ProtocolError(f"commit lists {len(digests)} shard digests, the upload has {len(u.receivers)}")
+        with u.lock:
+            for rx, d in zip(u.receivers, digests):
+                rx.finish(d)  # IntegrityError: the round restarts if bytes were folded (see _tick)
+        with self._cond:
+            if u.dead:
+                raise RoundError(f"upload {upload_id!r}: its round ended while it was committing; not counted")
+            u.committed = True
+            s = self._touch(u.site)
+            if u.initial:
+                u.file_sink.close()  # type: ignore[union-attr]
+                manifest = Manifest(
+                    [type(x.layout)(x.layout.name, x.layout.header, x.layout.tensors, d)
+                     for x, d in zip(u.receivers, digests)],
+                    u.manifest.chunk_bytes, {"current_round": 0})  # fmt: skip
+                for i, x in enumerate(manifest.shards):
+                    x.header = bytes(u.receivers[i]._hdr)
+                self.store.commit(0, self.store.round_dir(0).with_name("round-00000.tmp"), manifest)
+                del self.uploads[upload_id]
+                self._offering = None
+                log.info("round 0's global model set from site %r's weights", u.site)
+                self._open_round(0, self.store.load(0))
+                self._cond.notify_all()
+                return {"round": 0, "message": "initial model accepted"}
+            self.acc.add_weight(u.weight, u.params_type)  # type: ignore[union-attr]
+            s.committed = (u.round, u.attempt)
+            self.stats["updates_accepted"] += 1
+            env = u.manifest.envelope
+            rec = {"event": "update", "round": u.round, "attempt": u.attempt, "site": u.site, "weight": u.weight,
+                   "params_type": u.params_type, "bytes": u.manifest.total_bytes,
+                   "bytes_received": u.bytes_received, "corrupted_chunks": u.corrupted_chunks,
+                   "seconds": round(time.monotonic() - u.started, 3), "metrics": env.get("metrics") or {}}  # fmt: skip
+            self._round_metrics.append(rec)
+            self.store.append("metrics.jsonl", [rec])
+            log.info("round %d: update from %r accepted (%d/%d)", u.round, u.site, self._n_committed(),
+                     len(self._participants()))  # fmt: skip
+            self._cond.notify_all()
+            return {"round": u.round, "message": "update accepted"}
+
+    def log_records(self, site: str, round_: int, records: list[dict]) -> None:
+        with self._cond:
+            self._touch(site)
+        self.store.append("logs.jsonl", [{"site": site, "round": round_, **r} for r in records])
+
+    # -- round closing -----------------------------------------------------------------------------------
+    def _participants(self) -> list[SiteState]:
+        key = (self.round, self.attempt)
+        return [s for s in self.sites.values() if s.took == key]
+
+    def _n_committed(self) -> int:
+        key = (self.round, self.attempt)
+        return sum(1 for s in self.sites.values() if s.committed == key)
+
+    def _kill(self, u: Upload) -> None:
+        if u.folded and not u.committed and (u.round, u.attempt) == (self.round, self.attempt):
+            self._dirty = True  # part of an update that will never count is in the accumulator
+        u.dead = True
+        for ctx in u.streams:
+            ctx.cancel()
+        if u.file_sink is not None:
+            u.file_sink.close()
+        self.uploads.pop(u.id, None)
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            try:
+                with self._cond:
+                    action = self._tick()
+                    if action is None:
+                        self._cond.wait(0.2)
+                        continue
+                if action == "close":
+                    self._finalize()
+                elif action == "restart":
+                    self._restart()
+            except BaseException as e:  # a failed checkpoint write: stop serving, say why
+                log.exception("aggregator failed")
+                with self._cond:
+                    self.error = e
+                    self._cond.notify_all()
+                return
+
+    def _tick(self) -> str | None:
+        if self.done or self.global_manifest is None or self._round_started is None or self._closing:
+            return None
+        now = time.monotonic()
+        key = (self.round, self.attempt)
+        for u in list(self.uploads.values()):  # cancel stalled uploads: a site that is alive begins again
+            if not u.committed and now - u.last_progress > self.config.idle_timeout:
+                log.warning("site %r: upload moved no bytes for %.0f s; dropped", u.site, self.config.idle_timeout)
+                self._kill(u)
+        committed = [s for s in self.sites.values() if s.committed == key]
+        waiting = [s for s in self.sites.values()
+                   if s.took == key and s.committed != key and now - s.last_seen < self.config.site_timeout]  # fmt: skip
+        if self._dirty:
+            return "restart"
+        if not waiting and len(committed) >= self.config.min_sites:
+            return "close"
+        if not waiting and committed and self._alive() < self.config.min_sites:
+            # sites left for good after others committed; without a deadline the round would stall
+            if any(s.took == key and s.committed != key for s in self.sites.values()):
+                log.warning("round %d: sites left without an update; closing with %d updates", self.round,
+                            len(committed))  # fmt: skip
+                return "close"
+        if self.config.round_deadline is not None and now - self._round_started >= self.config.round_deadline:
+            missing = sorted(s.name for s in self.sites.values() if s.took == key and s.committed != key)
+            if len(committed) >= self.config.min_updates:
+                log.warning("round %d: deadline passed; closing with %d updates (missing: %s)", self.round,
+                            len(committed), missing)  # fmt: skip
+                return "close"
+            log.warning("round %d: deadline passed with %d updates; running the round again", self.round,
+                        len(committed))  # fmt: skip
+            return "restart"
+        return None
+
+    def _restart(self) -> None:
+        with self._cond:
+            self._closing = True
+        with self._fold_gate.exclusive():
+            with self._cond:
+                for u in list(self.uploads.values()):
+                    self._kill(u)
+                self.acc.reset()  # type: ignore[union-attr]
+                self.attempt += 1
+                self._dirty = False
+                self.stats["round_restarts"] += 1
+                self._round_started = None
+                self._round_metrics = []
+                self._closing = False
+                log.warning("round %d restarted as attempt %d", self.round, self.attempt)
+                self._cond.notify_all()
+
+    def _finalize(self) -> None:
+        with self._cond:
+            self._closing = True
+            for u in list(self.uploads.values()):
+                if not u.committed:
+                    self._kill(u)  # late: refused from now on
+        with self._fold_gate.exclusive():
+            acc, r = self.acc, self.round
+            assert acc is not None and self.global_manifest is not None
+            t0 = time.monotonic()
+            reader = GlobalReader(self.store.shard_paths(r, self.global_manifest), self.global_manifest)
+            try:
+                def blocks_of(t: TensorInfo):
+                    return acc.finalize(t, reader.reader(t.name) if acc.weight_diff else None)
+
+                metrics = _mean_metrics(self._round_metrics)
+                env = {"current_round": r + 1, "metrics": metrics}
+                manifest = self.store.write_round(r + 1, self.global_manifest, blocks_of, env)
+            finally:
+                reader.close()
+            with self._cond:
+                rec = {"event": "round", "round": r, "attempt": self.attempt, "updates": len(self._round_metrics),
+                       "weight": acc.weight, "metrics": metrics,
+                       "checkpoint_seconds": round(time.monotonic() - t0, 3),
+                       "seconds": round(time.monotonic() - (self._round_started or t0), 3)}  # fmt: skip
+                self.store.append("metrics.jsonl", [rec])
+                log.info("round %d done: %d updates, checkpoint %s", r, len(self._round_metrics),
+                         self.store.round_dir(r + 1))  # fmt: skip
+                self.uploads.clear()
+                self._round_metrics = []
+                self._closing = False
+                self._open_round(r + 1, manifest)
+                self._cond.notify_all()
+
+    def status(self) -> dict[str, Any]:
+        with self._cond:
+            return {
+                "job_id": self.job_id, "round": self.round, "attempt": self.attempt, "done": self.done,
+                "total_rounds": self.config.rounds, "sites": sorted(self.sites),
+                "uploads": {u.id: {"bytes_received": u.bytes_received, "corrupted_chunks": u.corrupted_chunks,
+                                   "offsets": [rx.offset for rx in u.receivers]} for u in self.uploads.values()},
+                **self.stats,
+            }  # fmt: skip
+
+
+def _mean_metrics(records: list[dict]) -> dict[str, float]:
+    """Weighted mean of each numeric metric over the round's updates."""
+    sums: dict[str, float] = {}
+    weights: dict[str, float] = {}
+    for rec in records:
+        for k, v in (rec.get("metrics") or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                sums[k] = sums.get(k, 0.0) + rec["weight"] * v
+                weights[k] = weights.get(k, 0.0) + rec["weight"]
+    return {k: sums[k] / weights[k] for k in sums}
+
+
+class _Gate:
+    """Many folds at once (shared), or one round close/restart (exclusive)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._shared = 0
+        self._exclusive = False
+
+    @contextlib.contextmanager
+    def shared(self):
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        with self._cond:
+            while self._exclusive:
+                self._cond.wait()
+            self._exclusive = True
+            while self._shared:
+                self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()

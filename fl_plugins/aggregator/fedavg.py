@@ -1,0 +1,123 @@
+"""FedAvg folded as updates arrive, in bounded memory.
+
+The accumulator holds one float32 array per floating-point tensor (float64 for integer tensors). Each
+verified chunk of an update is folded at once: `acc += weight * chunk`, block by block through a small
+reused scratch buffer, so memory is one accumulator plus a few MiB however many sites report.
+
+FULL and DIFF updates share the one accumulator. With weights w_i, FULL values x_i and DIFF values d_i:
+
+    new = (sum_full w_i x_i + sum_diff w_i (g + d_i)) / W  =  (acc + W_diff * g) / W
+
+so a DIFF update needs the global model g only once, at the end (read back from its checkpoint in blocks).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from fl_plugins.errors import ModelMismatchError
+from fl_plugins.wire.layout import FLOAT_DTYPES, INT_DTYPES, TensorInfo, numpy_dtype
+
+BLOCK = 1 << 18  # elements per fold step: a 1 MiB float32 scratch stays in cache
+_LOCK_SPAN = 1 << 22  # elements guarded by one lock: concurrent sites fold into different spans in parallel
+_N_LOCKS = 256
+
+
+class Accumulator:
+    def __init__(self, tensors: list[TensorInfo]) -> None:
+        for t in tensors:
+            if t.dtype not in FLOAT_DTYPES | INT_DTYPES:
+                raise ModelMismatchError(f"tensor {t.name!r} has dtype {t.dtype}, which FedAvg cannot average")
+        self.tensors = {t.name: t for t in tensors}
+        # np.zeros maps fresh pages lazily; they are touched by the first fold and reused every round after.
+        self.arrays = {
+            t.name: np.zeros(t.numel, np.float32 if t.dtype in FLOAT_DTYPES else np.float64) for t in tensors
+        }
+        self.weight_full = 0.0
+        self.weight_diff = 0.0
+        self._locks = [threading.Lock() for _ in range(_N_LOCKS)]
+        self._scratch = threading.local()
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for a in self.arrays.values())
+
+    @property
+    def weight(self) -> float:
+        return self.weight_full + self.weight_diff
+
+    def reset(self) -> None:
+        for a in self.arrays.values():
+            a.fill(0)
+        self.weight_full = self.weight_diff = 0.0
+
+    def _buf(self, dtype) -> np.ndarray:
+        bufs = getattr(self._scratch, "bufs", None)
+        if bufs is None:
+            bufs = self._scratch.bufs = {}
+        if dtype not in bufs:
+            bufs[dtype] = np.empty(BLOCK, dtype)
+        return bufs[dtype]
+
+    def fold(self, tensor: TensorInfo, lo: int, payload: memoryview, weight: float) -> None:
+        """acc[tensor][elements of payload] += weight * payload. `lo` is the byte offset within the tensor."""
+        src_dtype = numpy_dtype(tensor.dtype)
+        item = src_dtype.itemsize
+        if lo % item or len(payload) % item:
+            raise ModelMismatchError(f"tensor {tensor.name!r}: chunk splits an element (offset {lo})")
+        src = np.frombuffer(payload, src_dtype)
+        acc = self.arrays[tensor.name]
+        e0 = lo // item
+        scratch = self._buf(acc.dtype)
+        w = acc.dtype.type(weight)
+        name_hash = hash(tensor.name)
+        pos = 0
+        while pos < len(src):
+            span = (e0 + pos) // _LOCK_SPAN
+            stop = min(len(src), (span + 1) * _LOCK_SPAN - e0)
+            with self._locks[(name_hash + span) % _N_LOCKS]:
+                for b in range(pos, stop, BLOCK):
+                    n = min(BLOCK, stop - b)
+                    dst = acc[e0 + b : e0 + b + n]
+                    if weight == 1.0:
+                        np.add(dst, src[b : b + n], out=dst, casting="unsafe")
+                    else:
+                        s = scratch[:n]
+                        np.multiply(src[b : b + n], w, out=s, casting="unsafe")
+                        np.add(dst, s, out=dst)
+            pos = stop
+
+    def add_weight(self, weight: float, params_type: str) -> None:
+        if params_type == "DIFF":
+            self.weight_diff += weight
+        else:
+            self.weight_full += weight
+
+    def finalize(
+        self, tensor: TensorInfo, read_global: Callable[[int, int], np.ndarray] | None
+    ) -> Iterator[np.ndarray]:
+        """Blocks of the new global value of `tensor`, in its own dtype, in order.
+
+        `read_global(e0, n)` returns elements [e0, e0+n) of the current global tensor (needed only when DIFF
+        updates were folded)."""
+        acc = self.arrays[tensor.name]
+        out_dtype = numpy_dtype(tensor.dtype)
+        inv = acc.dtype.type(1.0 / self.weight)
+        scratch = self._buf(acc.dtype)
+        for b in range(0, len(acc), BLOCK):
+            n = min(BLOCK, len(acc) - b)
+            s = scratch[:n]
+            if self.weight_diff:
+                if read_global is None:
+                    raise RuntimeError("DIFF updates were folded but the global model is not readable")
+                np.multiply(read_global(b, n), acc.dtype.type(self.weight_diff), out=s, casting="unsafe")
+                np.add(s, acc[b : b + n], out=s)
+            else:
+                np.copyto(s, acc[b : b + n])
+            s *= inv
+            if tensor.dtype in INT_DTYPES:
+                np.rint(s, out=s)
+            yield s.astype(out_dtype, copy=False) if out_dtype != s.dtype else s

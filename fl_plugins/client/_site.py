@@ -1,0 +1,281 @@
+"""A site's connection to the aggregator: tasks, downloads and uploads that retry and resume.
+
+Every call retries transient failures (aggregator restarting, connection cut) until `retry_timeout`; a
+transfer resumes from the last verified chunk: downloads ask for the shard from the offset they have, uploads
+ask the aggregator which offset it has verified (BeginUpload with the same nonce) and continue from there.
+A transfer that moves no bytes for `idle_timeout` is cancelled and resumed, instead of a wall-clock timeout
+that would have to grow with the model's size.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
+
+import grpc
+
+from fl_plugins import tensors
+from fl_plugins._version import __version__
+from fl_plugins.errors import FLError, IntegrityError, ProtocolError, RoundError, TransportError
+from fl_plugins.wire import rpc
+from fl_plugins.wire.layout import DEFAULT_MAX_SHARD_BYTES, Manifest, TensorInfo, plan_shards
+from fl_plugins.wire.proto import fl_pb2 as pb
+from fl_plugins.wire.stream import ShardReceiver, ShardSender, TensorSource
+
+log = logging.getLogger(__name__)
+
+
+class _TensorSink:
+    def __init__(self, views: Mapping[str, memoryview]) -> None:
+        self.views = views
+
+    def header(self, shard: int, prefix: bytes) -> None:
+        pass
+
+    def data(self, shard: int, tensor: TensorInfo, lo: int, payload: memoryview) -> None:
+        self.views[tensor.name][lo : lo + len(payload)] = payload
+
+
+class _Idle:
+    """Cancels a call that has moved no bytes for `timeout` seconds."""
+
+    def __init__(self, call, timeout: float) -> None:
+        self.call, self.timeout = call, timeout
+        self.last = time.monotonic()
+        self.fired = False
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="fl-idle-watch")
+        self._thread.start()
+
+    def kick(self) -> None:
+        self.last = time.monotonic()
+
+    def _run(self) -> None:
+        while not self._stop.wait(min(1.0, self.timeout / 4)):
+            if time.monotonic() - self.last > self.timeout:
+                self.fired = True
+                self.call.cancel()
+                return
+
+    def stop(self) -> None:
+        self._stop.set()
+
+
+class SiteClient:
+    def __init__(self, address: str, site: str, *, connect_timeout: float = 60.0, retry_timeout: float = 120.0,
+                 idle_timeout: float = 60.0, heartbeat: float = 5.0, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                 can_offer_initial: bool = False) -> None:  # fmt: skip
+        self.address, self.site = address, site
+        self.connect_timeout, self.retry_timeout, self.idle_timeout = connect_timeout, retry_timeout, idle_timeout
+        self.max_shard_bytes = max_shard_bytes
+        self.can_offer_initial = can_offer_initial
+        self.channel = rpc.insecure_channel(address)
+        self.stub = rpc.Stub(self.channel)
+        self.job_id = ""
+        self.total_rounds = 0
+        self.chunk_bytes = 0
+        self.stats = {"bytes_sent": 0, "bytes_received": 0, "retries": 0, "corrupted_chunks": 0}
+        self._closed = threading.Event()
+        self._hb_period = heartbeat
+        self._hb: threading.Thread | None = None
+
+    # -- plumbing ----------------------------------------------------------------------------------------
+    def _call(self, fn: Callable[[], Any], what: str, timeout: float | None = None) -> Any:
+        """Run fn(), retrying transient gRPC failures until `timeout` (default retry_timeout) has passed."""
+        deadline = time.monotonic() + (self.retry_timeout if timeout is None else timeout)
+        delay = 0.1
+        while True:
+            try:
+                return fn()
+            except grpc.RpcError as e:
+                err = rpc.error_from_rpc(e, what)
+                if err is not e or e.code() not in rpc.RETRYABLE:
+                    if isinstance(err, IntegrityError) and time.monotonic() < deadline:
+                        self.stats["retries"] += 1
+                        continue
+                    raise err from None
+                if time.monotonic() >= deadline or self._closed.is_set():
+                    raise TransportError(
+                        f"{what}: the aggregator at {self.address} did not answer ({e.code().name}: {e.details()}); "
+                        f"check that `fl-plugins server` runs there and FL_SERVER points at it"
+                    ) from None
+                self.stats["retries"] += 1
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    def connect(self) -> None:
+        """Hello, waiting (bounded by connect_timeout) for an aggregator that is still starting."""
+        req = pb.HelloRequest(site=self.site, version=__version__, can_offer_initial=self.can_offer_initial)
+        reply = self._call(lambda: self.stub.Hello(req, timeout=10, wait_for_ready=True), "connect",
+                           timeout=self.connect_timeout)  # fmt: skip
+        self.job_id, self.total_rounds, self.chunk_bytes = reply.job_id, reply.total_rounds, reply.chunk_bytes
+        if self._hb is None and self._hb_period > 0:
+            self._hb = threading.Thread(target=self._heartbeat, daemon=True, name="fl-heartbeat")
+            self._hb.start()
+        log.info("site %r connected to %s (job %s, %d rounds)", self.site, self.address, self.job_id,
+                 self.total_rounds)  # fmt: skip
+
+    def _heartbeat(self) -> None:
+        req = pb.HelloRequest(site=self.site)
+        while not self._closed.wait(self._hb_period):
+            try:
+                self.stub.Heartbeat(req, timeout=self._hb_period)
+            except grpc.RpcError:
+                pass  # the aggregator may be restarting; calls that matter retry on their own
+
+    def close(self) -> None:
+        self._closed.set()
+        self.channel.close()
+
+    # -- tasks -------------------------------------------------------------------------------------------
+    def next_task(self, poll: float = 10.0, give_up_after: float | None = None) -> pb.Task:
+        """Block until the aggregator hands out a task (TRAIN, OFFER_INITIAL or END)."""
+        req = pb.TaskRequest(site=self.site, wait_seconds=poll, can_offer_initial=self.can_offer_initial)
+        while True:
+            task = self._call(lambda: self.stub.GetTask(req, timeout=poll + 30, wait_for_ready=True),
+                              "waiting for a task", timeout=give_up_after)  # fmt: skip
+            if task.kind != pb.Task.WAIT:
+                return task
+
+    def status(self) -> dict[str, Any]:
+        return json.loads(self._call(lambda: self.stub.Status(pb.StatusRequest(), timeout=10), "status").status_json)
+
+    def log(self, round_: int, records: list[dict]) -> None:
+        req = pb.LogRequest(site=self.site, round=round_, records_json=json.dumps(records, default=float))
+        self._call(lambda: self.stub.Log(req, timeout=30), "log")
+
+    # -- download ----------------------------------------------------------------------------------------
+    def download(self, task: pb.Task, params_format: str) -> tuple[Manifest, dict[str, Any]]:
+        manifest = Manifest.from_json(task.manifest_json, f"round {task.round}'s global model")
+        params, views = tensors.allocate([t for s in manifest.shards for t in s.tensors], params_format)
+        sink = _TensorSink(views)
+        for i, shard in enumerate(manifest.shards):
+            rx = ShardReceiver(manifest, i, sink)
+            self._resumable(lambda rx=rx, i=i: self._download_stream(task.round, i, rx), f"download {shard.name}",
+                            progress=lambda rx=rx: rx.offset)  # fmt: skip
+            rx.finish(shard.digest)
+        return manifest, params
+
+    def _download_stream(self, round_: int, shard: int, rx: ShardReceiver) -> None:
+        if rx.complete:
+            return
+        call = self.stub.Download(pb.DownloadRequest(site=self.site, round=round_, shard=shard, offset=rx.offset),
+                                  wait_for_ready=True)  # fmt: skip
+        idle = _Idle(call, self.idle_timeout)
+        try:
+            for frame in call:
+                idle.kick()
+                try:
+                    n = rx.accept(frame)
+                except IntegrityError:
+                    self.stats["corrupted_chunks"] += 1
+                    call.cancel()
+                    raise
+                self.stats["bytes_received"] += n
+        finally:
+            idle.stop()
+
+    def _resumable(self, step: Callable[[], None], what: str, progress: Callable[[], int]) -> None:
+        """Run `step` until it completes, resuming after transient failures. Gives up after retry_timeout
+        without progress."""
+        last, since = progress(), time.monotonic()
+        delay = 0.05
+        while True:
+            try:
+                step()
+                return
+            except (grpc.RpcError, IntegrityError, ProtocolError) as e:
+                if isinstance(e, grpc.RpcError):
+                    err = rpc.error_from_rpc(e, what)
+                    if err is not e and not isinstance(err, IntegrityError):
+                        raise err from None
+                    if err is e and e.code() not in rpc.RETRYABLE:
+                        raise
+                elif not isinstance(e, IntegrityError):
+                    raise
+                if progress() != last:
+                    last, since, delay = progress(), time.monotonic(), 0.05
+                if time.monotonic() - since > self.retry_timeout or self._closed.is_set():
+                    raise TransportError(f"{what}: no progress for {self.retry_timeout:.0f} s ({e})") from None
+                self.stats["retries"] += 1
+                log.info("%s interrupted at offset %d (%s); resuming", what, progress(), _short(e))
+                time.sleep(delay)
+                delay = min(delay * 2, 2.0)
+
+    # -- upload ------------------------------------------------------------------------------------------
+    def upload(self, round_: int, attempt: int, params: Mapping[str, Any], envelope: dict[str, Any],
+               initial: bool = False) -> pb.CommitReply:  # fmt: skip
+        shards = plan_shards(tensors.describe(params), max_shard_bytes=self.max_shard_bytes)
+        manifest = Manifest(shards, self.chunk_bytes or manifest_default_chunk(), envelope)
+        views = tensors.ByteViews(params)
+        source = TensorSource(manifest, views.get)
+        senders = [ShardSender(manifest, i, source) for i in range(len(shards))]
+        for _ in range(3):  # a digest mismatch at commit restarts the upload under a new nonce
+            nonce = uuid.uuid4().hex
+            begin = pb.UploadBegin(site=self.site, round=round_, attempt=attempt, initial=initial,
+                                   manifest_json=manifest.to_json(), nonce=nonce)  # fmt: skip
+            state = self._call(lambda: self.stub.BeginUpload(begin, timeout=60, wait_for_ready=True), "begin upload")
+            offsets = {"v": list(state.offsets), "id": state.upload_id}
+
+            def refresh() -> None:
+                st = self._call(lambda: self.stub.BeginUpload(begin, timeout=60, wait_for_ready=True), "resume upload")
+                offsets["v"], offsets["id"] = list(st.offsets), st.upload_id
+
+            for i, sender in enumerate(senders):
+                first = [True]
+
+                def step(i=i, sender=sender, first=first) -> None:
+                    if not first[0]:
+                        refresh()  # ask the aggregator what it has verified, continue from there
+                    first[0] = False
+                    off = offsets["v"][i]
+                    if off >= sender.size:
+                        return
+                    self._upload_stream(offsets["id"], i, sender, off)
+
+                self._resumable(step, f"upload {shards[i].name}", progress=lambda i=i: offsets["v"][i])
+            digests = [s.shard_digest() for s in senders]
+            commit = pb.UploadCommit(upload_id=offsets["id"], shard_digests=digests)
+            try:
+                return self._call(lambda: self.stub.CommitUpload(commit, timeout=120, wait_for_ready=True), "commit")
+            except IntegrityError as e:
+                log.warning("upload failed its final check (%s); sending it again", e)
+        raise IntegrityError(f"the update for round {round_} failed its integrity check three times")
+
+    def _upload_stream(self, upload_id: str, shard: int, sender: ShardSender, offset: int) -> None:
+        holder: dict[str, Any] = {}
+
+        def frames() -> Iterator[bytes]:
+            for frame in sender.frames(offset):
+                if "idle" in holder:
+                    holder["idle"].kick()
+                self.stats["bytes_sent"] += len(frame)
+                yield frame
+
+        future = self.stub.Upload.future(frames(), metadata=(("fl-upload-id", upload_id), ("fl-shard", str(shard))),
+                                         wait_for_ready=True)  # fmt: skip
+        holder["idle"] = _Idle(future, self.idle_timeout)
+        try:
+            future.result()
+        finally:
+            holder["idle"].stop()
+
+
+def manifest_default_chunk() -> int:
+    from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES
+
+    return DEFAULT_CHUNK_BYTES
+
+
+def _short(e: BaseException) -> str:
+    if isinstance(e, grpc.RpcError) and hasattr(e, "code"):
+        return f"{e.code().name}: {e.details()}"
+    return str(e)
+
+
+__all__ = ["SiteClient", "FLError", "RoundError"]

@@ -1,0 +1,259 @@
+"""The client API: module-level functions over one site runtime, name for name NVIDIA FLARE's.
+
+    flare.init()                      # FL_SERVER / FL_SITE from the launcher, or init(server, site)
+    while flare.is_running():
+        model = flare.receive()       # this round's global model: verified, writable, yours
+        ...train...
+        flare.send(flare.FLModel(params=..., metrics={...}, meta={"NUM_STEPS_CURRENT_ROUND": n}))
+
+`receive()` returns once the model is in memory and verified; `send()` once the aggregator has
+acknowledged the verified update (it does not wait for other sites). After the last round `is_running()`
+is False and `receive()` returns None, also when the aggregator has already exited.
+On ranks other than 0 (init(rank=...) or torchrun's RANK) nothing talks to the aggregator: `receive()`
+returns None and `send()` does nothing; `is_running()` follows rank 0 through torch.distributed when a
+process group is initialised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+from typing import Any
+
+from fl_plugins import tensors
+from fl_plugins.client.model import FLModel, ParamsType
+from fl_plugins.errors import ConfigError, RoundError
+
+log = logging.getLogger(__name__)
+
+_ENV_SERVER = "FL_SERVER"
+_ENV_SITE = "FL_SITE"
+
+
+class _Runtime:
+    def __init__(self, server: str, site: str, rank: int, params_format: str, connect_timeout: float,
+                 retry_timeout: float, can_offer_initial: bool = False) -> None:  # fmt: skip
+        from fl_plugins.client._site import SiteClient
+
+        self.rank = rank
+        self.params_format = params_format
+        self.site = site
+        self.task: Any = None  # the task being worked on (received, not yet sent)
+        self.model: FLModel | None = None
+        self.finished = False
+        self.last_round = -1
+        self.lock = threading.RLock()
+        self.client = SiteClient(server, site, connect_timeout=connect_timeout, retry_timeout=retry_timeout,
+                                 can_offer_initial=can_offer_initial) if rank == 0 else None  # fmt: skip
+        if self.client is not None:
+            self.client.connect()
+
+    @property
+    def total_rounds(self) -> int:
+        return self.client.total_rounds if self.client else 0
+
+    def _fetch(self) -> None:
+        """Make sure a task is at hand, or mark the job finished."""
+        from fl_plugins.wire.proto import fl_pb2 as pb
+
+        if self.task is not None or self.finished or self.client is None:
+            return
+        # After the last round the aggregator may already be gone: then a short wait is enough.
+        last = self.total_rounds and self.last_round >= self.total_rounds - 1
+        try:
+            task = self.client.next_task(give_up_after=15.0 if last else None)
+        except ConnectionError:
+            if last:
+                self.finished = True
+                return
+            raise
+        if task.kind == pb.Task.END:
+            self.finished = True
+        elif task.kind == pb.Task.OFFER_INITIAL:
+            raise ConfigError(
+                "the aggregator asked this site for its initial weights, but the client API has none to offer: "
+                "start the aggregator with --initial-model PATH"
+            )
+        else:
+            self.task = task
+
+
+_rt: _Runtime | None = None
+_rt_lock = threading.Lock()
+
+
+def _runtime() -> _Runtime:
+    if _rt is None:
+        raise ConfigError("call flare.init() first (fl_plugins.client.init)")
+    return _rt
+
+
+def init(server: str | None = None, site: str | None = None, *, rank: int | str | None = None,
+         params_format: str | None = None, connect_timeout: float = 60.0, retry_timeout: float = 120.0,
+         config_file: str | None = None, can_offer_initial: bool = False) -> None:  # fmt: skip
+    """Connect this site to the aggregator.
+
+    server: "host:port" (default: $FL_SERVER). site: this site's name (default: $FL_SITE).
+    rank: this process's rank (default: $RANK, else 0); only rank 0 talks to the aggregator.
+    params_format: "torch" or "numpy" for received params (default: $FL_PARAMS_FORMAT, else torch when the
+    script imported torch). connect_timeout: how long to wait for an aggregator that is still starting.
+    config_file: accepted for NVIDIA FLARE compatibility and ignored.
+    """
+    global _rt
+    with _rt_lock:
+        if _rt is not None:
+            return
+        server = server or os.environ.get(_ENV_SERVER)
+        site = site or os.environ.get(_ENV_SITE)
+        if rank is None:
+            rank = os.environ.get("RANK", "0")
+        try:
+            rank = int(rank)
+        except ValueError:
+            raise ConfigError(f"rank must be an integer (got {rank!r})") from None
+        if rank == 0 and not server:
+            raise ConfigError(f"no aggregator address: pass init(server='host:port') or set ${_ENV_SERVER}")
+        if rank == 0 and not site:
+            raise ConfigError(f"no site name: pass init(site='site-1') or set ${_ENV_SITE}")
+        _rt = _Runtime(server or "", site or f"rank-{rank}", rank, tensors.resolve_params_format(params_format),
+                       connect_timeout, retry_timeout, can_offer_initial)  # fmt: skip
+
+
+def is_running() -> bool:
+    rt = _runtime()
+    with rt.lock:
+        if rt.client is not None:
+            rt._fetch()
+        running = not rt.finished and (rt.client is not None or rt.rank == 0)
+        return _broadcast_from_rank0(running)
+
+
+def _broadcast_from_rank0(value: bool) -> bool:
+    import sys
+
+    dist = sys.modules.get("torch.distributed")
+    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
+        return value
+    obj = [value]
+    dist.broadcast_object_list(obj, src=0)
+    return bool(obj[0])
+
+
+def receive(timeout: float | None = None) -> FLModel | None:
+    """This round's global model (cached until send()); None once the job is over or on ranks other than 0."""
+    rt = _runtime()
+    with rt.lock:
+        if rt.client is None:
+            return None
+        rt._fetch()
+        if rt.finished:
+            return None
+        if rt.model is None:
+            task = rt.task
+            manifest, params = rt.client.download(task, rt.params_format)
+            env = manifest.envelope
+            rt.model = FLModel(params_type=ParamsType.FULL, params=params, current_round=task.round,
+                               total_rounds=task.total_rounds, start_round=task.start_round,
+                               metrics=env.get("metrics") or None,
+                               meta={"job_id": task.job_id, "site_name": rt.site, "attempt": task.attempt,
+                                     "current_round": task.round, "total_rounds": task.total_rounds})  # fmt: skip
+        return rt.model
+
+
+def send(model: FLModel, clear_cache: bool = True) -> None:
+    """Upload this round's update; returns once the aggregator has verified and counted it."""
+    rt = _runtime()
+    with rt.lock:
+        if rt.client is None:
+            return
+        if rt.task is None:
+            raise RoundError("send() without a received task: call flare.receive() first")
+        if not isinstance(model, FLModel):
+            raise ConfigError(f"send() takes an FLModel (got {type(model).__name__})")
+        if model.params is None:
+            raise ConfigError("send(): FLModel.params is None; put the model's state_dict in params")
+        task = rt.task
+        env = {"params_type": str(model.params_type or ParamsType.FULL), "current_round": task.round,
+               "metrics": _jsonable(model.metrics or {}), "meta": _jsonable(model.meta or {})}  # fmt: skip
+        try:
+            rt.client.upload(task.round, task.attempt, model.params, env)
+        except RoundError as e:
+            log.warning("round %d: the aggregator refused this update: %s", task.round, e)
+        rt.last_round = max(rt.last_round, task.round)
+        if clear_cache:
+            rt.task = None
+            rt.model = None
+
+
+def _jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    def conv(v: Any) -> Any:
+        if isinstance(v, (str, bool)) or v is None:
+            return v
+        if isinstance(v, (int, float)):
+            return v if not (isinstance(v, float) and not math.isfinite(v)) else str(v)
+        if hasattr(v, "item"):  # numpy / torch scalars and one-element tensors
+            try:
+                return conv(v.item())
+            except (ValueError, RuntimeError):
+                return str(v)
+        if isinstance(v, dict):
+            return {str(k): conv(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return str(v)
+
+    out = {str(k): conv(v) for k, v in d.items()}
+    json.dumps(out)
+    return out
+
+
+def get_site_name() -> str:
+    return _runtime().site
+
+
+def get_job_id() -> str:
+    rt = _runtime()
+    return rt.client.job_id if rt.client else ""
+
+
+def get_task_name() -> str:
+    rt = _runtime()
+    return rt.task.task_name if rt.task is not None else "train"
+
+
+def system_info() -> dict[str, Any]:
+    return {"site_name": get_site_name(), "job_id": get_job_id()}
+
+
+def is_train() -> bool:
+    return get_task_name() == "train"
+
+
+def is_evaluate() -> bool:
+    return get_task_name() == "evaluate"
+
+
+def is_submit_model() -> bool:
+    return get_task_name() == "submit_model"
+
+
+def log(key: str, value: Any, data_type: Any = "SCALAR", **kwargs: Any) -> None:
+    """Send a metric to the aggregator (lands in RUN_DIR/logs.jsonl with site and round)."""
+    rt = _runtime()
+    if rt.client is None:
+        return
+    rnd = rt.task.round if rt.task is not None else rt.last_round
+    dt = getattr(data_type, "name", str(data_type))
+    rt.client.log(rnd, [_jsonable({"key": key, "value": value, "data_type": dt, **kwargs})])
+
+
+def shutdown() -> None:
+    """Close the connection. Safe to call twice; init() may be called again afterwards."""
+    global _rt
+    with _rt_lock:
+        if _rt is not None and _rt.client is not None:
+            _rt.client.close()
+        _rt = None

@@ -1,0 +1,109 @@
+"""Where tensors become shard bytes and back, without whole-model copies.
+
+Sending: each tensor's own memory is exposed as a byte memoryview (CPU, contiguous: zero-copy; on a GPU or
+non-contiguous: that one tensor is copied, one at a time). Receiving: tensors are allocated empty in their
+final dtype and shape, and chunks are copied straight into them. torch is imported only when the caller's
+params are torch tensors or the params format asks for it; numpy-only sites never load it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+from fl_plugins.errors import ConfigError
+from fl_plugins.wire.layout import TensorInfo, dtype_of_numpy, numpy_dtype
+
+PARAMS_FORMATS = ("torch", "numpy")
+
+_TORCH_OF = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
+             "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16",
+             "U32": "uint32", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}  # fmt: skip
+
+
+def resolve_params_format(fmt: str | None) -> str:
+    """`fmt`, else $FL_PARAMS_FORMAT, else torch if the script has imported torch, else numpy."""
+    fmt = fmt or os.environ.get("FL_PARAMS_FORMAT") or ("torch" if "torch" in sys.modules else "numpy")
+    fmt = fmt.lower()
+    if fmt in ("pytorch", "pt"):
+        fmt = "torch"
+    if fmt not in PARAMS_FORMATS:
+        raise ConfigError(f"params_format must be one of {PARAMS_FORMATS} (got {fmt!r})")
+    return fmt
+
+
+def _is_torch(x: Any) -> bool:
+    return type(x).__module__.startswith("torch")
+
+
+def dtype_name(x: Any) -> str:
+    if _is_torch(x):
+        name = str(x.dtype).removeprefix("torch.")
+        for k, v in _TORCH_OF.items():
+            if v == name:
+                return k
+        raise ConfigError(f"torch dtype {x.dtype} cannot travel as safetensors; cast the tensor first")
+    return dtype_of_numpy(np.asarray(x).dtype)
+
+
+def describe(params: Mapping[str, Any]) -> list[tuple[str, str, tuple[int, ...]]]:
+    out = []
+    for name, x in params.items():
+        if not isinstance(name, str):
+            raise ConfigError(f"parameter names must be strings (got {name!r})")
+        if not _is_torch(x) and not isinstance(x, np.ndarray):
+            x = np.asarray(x)
+        out.append((name, dtype_name(x), tuple(int(d) for d in x.shape)))
+    return out
+
+
+class ByteViews:
+    """`get(name)` returns the bytes of params[name] as a memoryview; keeps one converted tensor cached."""
+
+    def __init__(self, params: Mapping[str, Any]) -> None:
+        self.params = params
+        self._cache: tuple[str, Any] | None = None
+
+    def get(self, name: str) -> memoryview:
+        if self._cache is not None and self._cache[0] == name:
+            return self._cache[1]
+        mv = byte_view(self.params[name])
+        self._cache = (name, mv)
+        return mv
+
+
+def byte_view(x: Any) -> memoryview:
+    if _is_torch(x):
+        import torch
+
+        t = x.detach()
+        if t.device.type != "cpu":
+            t = t.cpu()
+        if not t.is_contiguous():
+            t = t.contiguous()
+        return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    a = np.ascontiguousarray(x)
+    return memoryview(a.reshape(-1).view(np.uint8)).cast("B")
+
+
+def allocate(tensors: list[TensorInfo], fmt: str) -> tuple[dict[str, Any], dict[str, memoryview]]:
+    """Empty tensors (torch or numpy) for `tensors`, and a writable byte view of each."""
+    params: dict[str, Any] = {}
+    views: dict[str, memoryview] = {}
+    if fmt == "torch":
+        import torch
+
+        for t in tensors:
+            x = torch.empty(t.shape, dtype=getattr(torch, _TORCH_OF[t.dtype]))
+            params[t.name] = x
+            views[t.name] = memoryview(x.reshape(-1).view(torch.uint8).numpy()).cast("B")
+    else:
+        for t in tensors:
+            a = np.empty(t.shape, numpy_dtype(t.dtype))
+            params[t.name] = a
+            views[t.name] = memoryview(a.reshape(-1).view(np.uint8)).cast("B")
+    return params, views

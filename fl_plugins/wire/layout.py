@@ -1,0 +1,298 @@
+"""Safetensors shard layouts and the manifest that lists them.
+
+A *shard* is a valid safetensors file: 8-byte little-endian header length N, N bytes of JSON header (padded
+with spaces to a multiple of 8), then the tensors' bytes back to back. We compute the header from tensor
+metadata alone, so a sender never serialises a model in memory: it sends the header, then each tensor's own
+bytes. Tensors are laid out by descending item size, so from an 8-aligned data start every tensor begins at
+a multiple of its item size and every chunk boundary that is a multiple of 8 falls between elements: a
+receiver can fold any verified chunk into a float32 accumulator at once, without staging the shard.
+
+The *manifest* is JSON: the chunk size and hash algorithms, the shards (file name, size, digest, tensor
+table) and the FLModel envelope (params_type, round, metrics, meta). Everything read from a peer goes
+through `Manifest.from_json` / `parse_header`, which check types and bounds and raise ProtocolError.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from fl_plugins.errors import ProtocolError
+
+MANIFEST_FORMAT = "fl-plugins/manifest"
+MANIFEST_VERSION = 1
+CHUNK_HASH = "xxh3_128"
+SHARD_HASH = "xxh3_128/chunks"  # xxh3_128 over the shard's chunk digests and its size (see hashing.py)
+DEFAULT_CHUNK_BYTES = 4 << 20
+DEFAULT_MAX_SHARD_BYTES = 1 << 30
+MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
+MAX_MANIFEST_BYTES = 64 << 20
+
+
+def _bf16():
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+# safetensors dtype string -> item size in bytes
+ITEMSIZE = {
+    "F64": 8, "I64": 8, "U64": 8,
+    "F32": 4, "I32": 4, "U32": 4,
+    "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
+    "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
+INT_DTYPES = {"I64", "U64", "I32", "U32", "I16", "U16", "I8", "U8"}
+
+
+def numpy_dtype(dtype: str) -> np.dtype:
+    """The numpy dtype for a safetensors dtype string (bfloat16 and float8 through ml_dtypes)."""
+    simple = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "U64": "<u8", "I32": "<i4",
+              "U32": "<u4", "I16": "<i2", "U16": "<u2", "I8": "i1", "U8": "u1", "BOOL": "?"}  # fmt: skip
+    if dtype in simple:
+        return np.dtype(simple[dtype])
+    import ml_dtypes
+
+    special = {"BF16": ml_dtypes.bfloat16, "F8_E4M3": ml_dtypes.float8_e4m3fn, "F8_E5M2": ml_dtypes.float8_e5m2}
+    if dtype in special:
+        return np.dtype(special[dtype])
+    raise ProtocolError(f"unknown safetensors dtype {dtype!r}; known: {sorted(ITEMSIZE)}")
+
+
+def dtype_of_numpy(dt: np.dtype) -> str:
+    dt = np.dtype(dt)
+    for name in ITEMSIZE:
+        try:
+            if numpy_dtype(name) == dt:
+                return name
+        except ProtocolError:  # pragma: no cover
+            continue
+    raise ProtocolError(f"numpy dtype {dt} has no safetensors equivalent; cast it to float32 first")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # byte offsets relative to the start of the shard's data section
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass
+class ShardLayout:
+    """One shard: its file name, its header prefix (length + JSON) and its tensors in data order."""
+
+    name: str
+    header: bytes  # the full prefix: 8-byte length + JSON; the data section starts at len(header)
+    tensors: list[TensorInfo]
+    digest: str = ""  # filled in once known (global model: always; upload: at commit)
+
+    @property
+    def data_start(self) -> int:
+        return len(self.header)
+
+    @property
+    def size(self) -> int:
+        return self.data_start + (self.tensors[-1].end if self.tensors else 0)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "size": self.size,
+            "header_size": self.data_start,
+            "digest": self.digest,
+            "tensors": {t.name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [t.start, t.end]}
+                        for t in self.tensors},
+        }  # fmt: skip
+
+
+def _tensor_table(obj: Any, where: str) -> list[TensorInfo]:
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{where}: tensor table must be an object, got {type(obj).__name__}")
+    out = []
+    for name, spec in obj.items():
+        if name == "__metadata__":
+            continue
+        if not isinstance(spec, dict) or set(spec) - {"dtype", "shape", "data_offsets"}:
+            raise ProtocolError(f"{where}: tensor {name!r} must have dtype, shape and data_offsets, got {spec!r}")
+        dtype, shape, offs = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+        if dtype not in ITEMSIZE:
+            raise ProtocolError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}; known: {sorted(ITEMSIZE)}")
+        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+            raise ProtocolError(f"{where}: tensor {name!r} has a bad shape {shape!r}")
+        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
+            raise ProtocolError(f"{where}: tensor {name!r} has bad data_offsets {offs!r}")
+        start, end = offs
+        if not 0 <= start <= end or end - start != math.prod(shape) * ITEMSIZE[dtype]:
+            raise ProtocolError(
+                f"{where}: tensor {name!r} data_offsets {offs} do not hold {dtype}{shape} "
+                f"({math.prod(shape) * ITEMSIZE[dtype]} bytes)"
+            )
+        out.append(TensorInfo(name, dtype, tuple(shape), start, end))
+    out.sort(key=lambda t: (t.start, t.end))
+    pos = 0
+    for t in out:
+        if t.start != pos:
+            raise ProtocolError(f"{where}: tensor {t.name!r} starts at {t.start}, expected {pos} (gap or overlap)")
+        pos = t.end
+    return out
+
+
+def build_header(tensors: Sequence[TensorInfo], metadata: dict[str, str] | None = None) -> bytes:
+    table: dict[str, Any] = {}
+    if metadata:
+        table["__metadata__"] = metadata
+    for t in tensors:
+        table[t.name] = {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [t.start, t.end]}
+    body = json.dumps(table, separators=(",", ":")).encode()
+    body += b" " * (-(8 + len(body)) % 8)
+    return struct.pack("<Q", len(body)) + body
+
+
+def parse_header(prefix: bytes | memoryview, where: str) -> list[TensorInfo]:
+    """Parse a full safetensors prefix (8-byte length + JSON header) into its tensor table."""
+    if len(prefix) < 8:
+        raise ProtocolError(f"{where}: safetensors header truncated ({len(prefix)} bytes)")
+    (n,) = struct.unpack_from("<Q", prefix)
+    if n > MAX_HEADER_BYTES or len(prefix) != 8 + n:
+        raise ProtocolError(f"{where}: safetensors header length {n} does not match {len(prefix) - 8} bytes")
+    try:
+        obj = json.loads(bytes(prefix[8:]))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ProtocolError(f"{where}: safetensors header is not valid JSON ({e})") from None
+    return _tensor_table(obj, where)
+
+
+def plan_shards(
+    specs: Iterable[tuple[str, str, tuple[int, ...]]],
+    *,
+    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    prefix: str = "model",
+) -> list[ShardLayout]:
+    """Lay out (name, dtype, shape) tensors into shards of at most `max_shard_bytes` (a bigger tensor is its
+    own shard). Within a shard, tensors go by descending item size so each starts aligned to its item size."""
+    items = list(specs)
+    groups: list[list[tuple[str, str, tuple[int, ...]]]] = [[]]
+    size = 0
+    for spec in items:
+        nbytes = math.prod(spec[2]) * ITEMSIZE[spec[1]]
+        if groups[-1] and size + nbytes > max_shard_bytes:
+            groups.append([])
+            size = 0
+        groups[-1].append(spec)
+        size += nbytes
+    shards = []
+    n = len(groups)
+    for i, group in enumerate(groups):
+        group = sorted(group, key=lambda s: -ITEMSIZE[s[1]])  # stable: keeps the caller's order otherwise
+        tensors, pos = [], 0
+        for name, dtype, shape in group:
+            nbytes = math.prod(shape) * ITEMSIZE[dtype]
+            tensors.append(TensorInfo(name, dtype, tuple(int(d) for d in shape), pos, pos + nbytes))
+            pos += nbytes
+        fname = f"{prefix}.safetensors" if n == 1 else f"{prefix}-{i + 1:05d}-of-{n:05d}.safetensors"
+        shards.append(ShardLayout(fname, build_header(tensors, {"format": "pt"}), tensors))
+    return shards
+
+
+_ENVELOPE_KEYS = {"params_type", "current_round", "total_rounds", "start_round", "metrics", "meta", "attempt"}
+
+
+@dataclass
+class Manifest:
+    """A global model or an update: shards plus the FLModel envelope."""
+
+    shards: list[ShardLayout]
+    chunk_bytes: int = DEFAULT_CHUNK_BYTES
+    envelope: dict[str, Any] = field(default_factory=dict)
+
+    def tensor_index(self) -> dict[str, tuple[int, TensorInfo]]:
+        return {t.name: (i, t) for i, s in enumerate(self.shards) for t in s.tensors}
+
+    @property
+    def total_bytes(self) -> int:
+        return sum(s.size for s in self.shards)
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
+            "chunk_bytes": self.chunk_bytes, "chunk_hash": CHUNK_HASH, "shard_hash": SHARD_HASH,
+            "shards": [s.to_json() for s in self.shards], "envelope": self.envelope,
+        })  # fmt: skip
+
+    @classmethod
+    def from_json(cls, text: str | bytes, where: str = "manifest") -> Manifest:
+        if len(text) > MAX_MANIFEST_BYTES:
+            raise ProtocolError(f"{where}: {len(text)} bytes is over the {MAX_MANIFEST_BYTES}-byte limit")
+        try:
+            obj = json.loads(text)
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ProtocolError(f"{where}: not valid JSON ({e})") from None
+        if not isinstance(obj, dict) or obj.get("format") != MANIFEST_FORMAT:
+            raise ProtocolError(f"{where}: `format` must be {MANIFEST_FORMAT!r}")
+        if obj.get("version") != MANIFEST_VERSION:
+            raise ProtocolError(f"{where}: `version` must be {MANIFEST_VERSION} (got {obj.get('version')!r})")
+        if obj.get("chunk_hash") != CHUNK_HASH or obj.get("shard_hash") != SHARD_HASH:
+            raise ProtocolError(
+                f"{where}: hashes must be chunk {CHUNK_HASH!r} / shard {SHARD_HASH!r} "
+                f"(got {obj.get('chunk_hash')!r} / {obj.get('shard_hash')!r})"
+            )
+        cb = obj.get("chunk_bytes")
+        if not isinstance(cb, int) or cb <= 0 or cb % 8 or cb > 64 << 20:
+            raise ProtocolError(f"{where}: `chunk_bytes` must be a positive multiple of 8 up to 64 MiB (got {cb!r})")
+        env = obj.get("envelope", {})
+        if not isinstance(env, dict) or set(env) - _ENVELOPE_KEYS:
+            raise ProtocolError(f"{where}: `envelope` keys must be among {sorted(_ENVELOPE_KEYS)}")
+        raw_shards = obj.get("shards")
+        if not isinstance(raw_shards, list) or not raw_shards:
+            raise ProtocolError(f"{where}: `shards` must be a non-empty list")
+        shards, names, seen = [], set(), set()
+        for i, s in enumerate(raw_shards):
+            w = f"{where}: shards[{i}]"
+            if not isinstance(s, dict):
+                raise ProtocolError(f"{w} must be an object")
+            name, size, hsize, digest = s.get("name"), s.get("size"), s.get("header_size"), s.get("digest", "")
+            if not isinstance(name, str) or not name.endswith(".safetensors") or "/" in name or "\\" in name \
+                    or name.startswith(".") or name in names:
+                raise ProtocolError(f"{w}: `name` {name!r} must be a unique plain file name ending .safetensors")
+            names.add(name)
+            if not isinstance(hsize, int) or not 8 <= hsize <= MAX_HEADER_BYTES + 8 or hsize % 8:
+                raise ProtocolError(f"{w}: `header_size` {hsize!r} must be a multiple of 8 between 8 and 100 MiB")
+            if not isinstance(digest, str):
+                raise ProtocolError(f"{w}: `digest` must be a string")
+            tensors = _tensor_table(s.get("tensors"), w)
+            for t in tensors:
+                if t.name in seen:
+                    raise ProtocolError(f"{w}: tensor {t.name!r} appears in more than one shard")
+                seen.add(t.name)
+            layout = ShardLayout(name, b"\0" * hsize, tensors, digest)  # header bytes arrive with the data
+            if size != layout.size:
+                raise ProtocolError(f"{w}: `size` {size!r} disagrees with its tensors ({layout.size} bytes)")
+            shards.append(layout)
+        return cls(shards, cb, env)
+
+    def check_header(self, shard: int, prefix: bytes | memoryview) -> None:
+        """Check a received header against this manifest's tensor table for `shard`."""
+        layout = self.shards[shard]
+        got = parse_header(prefix, f"shard {layout.name!r}")
+        if got != layout.tensors:
+            want = {t.name: (t.dtype, t.shape, t.start) for t in layout.tensors}
+            have = {t.name: (t.dtype, t.shape, t.start) for t in got}
+            diff = sorted(k for k in want.keys() | have.keys() if want.get(k) != have.get(k))
+            raise ProtocolError(f"shard {layout.name!r}: header disagrees with the manifest for {diff[:10]}")

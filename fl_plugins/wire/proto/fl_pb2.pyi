@@ -1,0 +1,156 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class HelloRequest(_message.Message):
+    __slots__ = ("site", "version", "can_offer_initial")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    CAN_OFFER_INITIAL_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    version: str
+    can_offer_initial: bool
+    def __init__(self, site: _Optional[str] = ..., version: _Optional[str] = ..., can_offer_initial: _Optional[bool] = ...) -> None: ...
+
+class HelloReply(_message.Message):
+    __slots__ = ("job_id", "total_rounds", "chunk_bytes", "version")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    total_rounds: int
+    chunk_bytes: int
+    version: str
+    def __init__(self, job_id: _Optional[str] = ..., total_rounds: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
+
+class TaskRequest(_message.Message):
+    __slots__ = ("site", "wait_seconds", "can_offer_initial")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    CAN_OFFER_INITIAL_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    wait_seconds: float
+    can_offer_initial: bool
+    def __init__(self, site: _Optional[str] = ..., wait_seconds: _Optional[float] = ..., can_offer_initial: _Optional[bool] = ...) -> None: ...
+
+class Task(_message.Message):
+    __slots__ = ("kind", "round", "attempt", "total_rounds", "start_round", "task_name", "manifest_json", "job_id", "message")
+    class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+        __slots__ = ()
+        WAIT: _ClassVar[Task.Kind]
+        TRAIN: _ClassVar[Task.Kind]
+        END: _ClassVar[Task.Kind]
+        OFFER_INITIAL: _ClassVar[Task.Kind]
+    WAIT: Task.Kind
+    TRAIN: Task.Kind
+    END: Task.Kind
+    OFFER_INITIAL: Task.Kind
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
+    START_ROUND_FIELD_NUMBER: _ClassVar[int]
+    TASK_NAME_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    kind: Task.Kind
+    round: int
+    attempt: int
+    total_rounds: int
+    start_round: int
+    task_name: str
+    manifest_json: str
+    job_id: str
+    message: str
+    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., total_rounds: _Optional[int] = ..., start_round: _Optional[int] = ..., task_name: _Optional[str] = ..., manifest_json: _Optional[str] = ..., job_id: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+
+class UploadBegin(_message.Message):
+    __slots__ = ("site", "round", "attempt", "initial", "manifest_json", "nonce")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    ATTEMPT_FIELD_NUMBER: _ClassVar[int]
+    INITIAL_FIELD_NUMBER: _ClassVar[int]
+    MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    round: int
+    attempt: int
+    initial: bool
+    manifest_json: str
+    nonce: str
+    def __init__(self, site: _Optional[str] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., initial: _Optional[bool] = ..., manifest_json: _Optional[str] = ..., nonce: _Optional[str] = ...) -> None: ...
+
+class UploadState(_message.Message):
+    __slots__ = ("upload_id", "offsets")
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    OFFSETS_FIELD_NUMBER: _ClassVar[int]
+    upload_id: str
+    offsets: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, upload_id: _Optional[str] = ..., offsets: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class UploadAck(_message.Message):
+    __slots__ = ("offset",)
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    offset: int
+    def __init__(self, offset: _Optional[int] = ...) -> None: ...
+
+class UploadCommit(_message.Message):
+    __slots__ = ("upload_id", "shard_digests", "envelope_json")
+    UPLOAD_ID_FIELD_NUMBER: _ClassVar[int]
+    SHARD_DIGESTS_FIELD_NUMBER: _ClassVar[int]
+    ENVELOPE_JSON_FIELD_NUMBER: _ClassVar[int]
+    upload_id: str
+    shard_digests: _containers.RepeatedScalarFieldContainer[str]
+    envelope_json: str
+    def __init__(self, upload_id: _Optional[str] = ..., shard_digests: _Optional[_Iterable[str]] = ..., envelope_json: _Optional[str] = ...) -> None: ...
+
+class CommitReply(_message.Message):
+    __slots__ = ("round", "message")
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    round: int
+    message: str
+    def __init__(self, round: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class DownloadRequest(_message.Message):
+    __slots__ = ("site", "round", "shard", "offset")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    SHARD_FIELD_NUMBER: _ClassVar[int]
+    OFFSET_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    round: int
+    shard: int
+    offset: int
+    def __init__(self, site: _Optional[str] = ..., round: _Optional[int] = ..., shard: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+
+class LogRequest(_message.Message):
+    __slots__ = ("site", "round", "records_json")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_JSON_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    round: int
+    records_json: str
+    def __init__(self, site: _Optional[str] = ..., round: _Optional[int] = ..., records_json: _Optional[str] = ...) -> None: ...
+
+class StatusRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class StatusReply(_message.Message):
+    __slots__ = ("status_json",)
+    STATUS_JSON_FIELD_NUMBER: _ClassVar[int]
+    status_json: str
+    def __init__(self, status_json: _Optional[str] = ...) -> None: ...
+
+class Empty(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...

@@ -1,0 +1,181 @@
+"""Sending and receiving one shard as a stream of verified chunks, resumable at any chunk boundary.
+
+`ShardReceiver` is the receiving state machine: it accepts only the chunk at the offset it expects, checks
+its digest (frames.decode), buffers the few header bytes until the safetensors header is complete and checks
+it against the manifest, then hands each data range to a *sink* as (tensor, byte offset in tensor, bytes).
+Sinks decide where bytes go: new tensors on a site, the float32 accumulator on the aggregator, a file.
+Nothing is staged: a verified chunk is used at once and dropped.
+
+`ShardSender` produces frames from a *source* (tensor memory or a shard file) from any chunk-aligned offset.
+"""
+
+from __future__ import annotations
+
+import bisect
+import os
+from collections.abc import Iterator
+from typing import Protocol
+
+from fl_plugins.errors import IntegrityError, ProtocolError
+from fl_plugins.wire import frames
+from fl_plugins.wire.layout import Manifest, ShardLayout, TensorInfo
+
+
+class Sink(Protocol):
+    def header(self, shard: int, prefix: bytes) -> None: ...
+    def data(self, shard: int, tensor: TensorInfo, lo: int, payload: memoryview) -> None: ...
+
+
+class ShardReceiver:
+    def __init__(self, manifest: Manifest, shard: int, sink: Sink) -> None:
+        self.manifest = manifest
+        self.index = shard
+        self.layout: ShardLayout = manifest.shards[shard]
+        self.sink = sink
+        self.offset = 0
+        self.digest = frames.ShardDigest()
+        self._hdr = bytearray()
+        self._starts = [t.start for t in self.layout.tensors]
+
+    @property
+    def size(self) -> int:
+        return self.layout.size
+
+    @property
+    def complete(self) -> bool:
+        return self.offset == self.size
+
+    def accept(self, frame: bytes) -> int:
+        """Verify and use one frame; returns the payload length. Raises ProtocolError/IntegrityError."""
+        offset, payload, digest = frames.decode(frame)
+        if offset != self.offset:
+            raise ProtocolError(
+                f"shard {self.layout.name!r}: chunk at offset {offset} out of order (expected {self.offset})"
+            )
+        want = min(self.manifest.chunk_bytes, self.size - offset)
+        if len(payload) != want:
+            raise ProtocolError(
+                f"shard {self.layout.name!r}: chunk at offset {offset} has {len(payload)} bytes, expected {want}"
+                + (" (shard larger than declared)" if want == 0 else "")
+            )
+        hsize = self.layout.data_start
+        pos, mv = offset, payload
+        if pos < hsize:
+            take = min(hsize - pos, len(mv))
+            self._hdr += mv[:take]
+            pos, mv = pos + take, mv[take:]
+            if len(self._hdr) == hsize:
+                prefix = bytes(self._hdr)
+                self.manifest.check_header(self.index, prefix)
+                self.sink.header(self.index, prefix)
+        if len(mv):
+            self._scatter(pos - hsize, mv)
+        self.digest.add(digest)
+        self.offset += len(payload)
+        return len(payload)
+
+    def _scatter(self, pos: int, mv: memoryview) -> None:
+        tensors = self.layout.tensors
+        i = bisect.bisect_right(self._starts, pos) - 1
+        while len(mv):
+            while tensors[i].end <= pos:  # skips empty tensors too
+                i += 1
+            t = tensors[i]
+            take = min(t.end - pos, len(mv))
+            self.sink.data(self.index, t, pos - t.start, mv[:take])
+            pos, mv = pos + take, mv[take:]
+
+    def finish(self, expected: str) -> None:
+        if not self.complete:
+            raise IntegrityError(f"shard {self.layout.name!r} truncated: {self.offset} of {self.size} bytes")
+        got = self.digest.hexdigest(self.size)
+        if got != expected:
+            raise IntegrityError(f"shard {self.layout.name!r}: digest {got} does not match the manifest's {expected}")
+
+
+class Source(Protocol):
+    def pieces(self, shard: int, offset: int, n: int) -> list[memoryview | bytes]: ...
+
+
+class TensorSource:
+    """Shard bytes straight from tensor memory: `get_bytes(name)` returns a tensor's bytes as a memoryview."""
+
+    def __init__(self, manifest: Manifest, get_bytes) -> None:
+        self.manifest = manifest
+        self.get_bytes = get_bytes
+        self._starts = [[t.start for t in s.tensors] for s in manifest.shards]
+
+    def pieces(self, shard: int, offset: int, n: int) -> list[memoryview | bytes]:
+        layout = self.manifest.shards[shard]
+        out: list[memoryview | bytes] = []
+        hsize = layout.data_start
+        end = offset + n
+        if offset < hsize:
+            out.append(memoryview(layout.header)[offset : min(end, hsize)])
+            offset = min(end, hsize)
+        pos, stop = offset - hsize, end - hsize
+        tensors = layout.tensors
+        i = max(bisect.bisect_right(self._starts[shard], pos) - 1, 0)
+        while pos < stop:
+            t = tensors[i]
+            if t.end <= pos:
+                i += 1
+                continue
+            take = min(t.end, stop) - pos
+            mv = self.get_bytes(t.name)
+            if len(mv) != t.nbytes:
+                raise ProtocolError(f"tensor {t.name!r} has {len(mv)} bytes, its layout says {t.nbytes}")
+            out.append(mv[pos - t.start : pos - t.start + take])
+            pos += take
+        return out
+
+
+class FileSource:
+    """Shard bytes read from files with pread (no mmap: mapped pages would count in the server's RSS)."""
+
+    def __init__(self, paths: list[str | os.PathLike]) -> None:
+        self._fds = [os.open(p, os.O_RDONLY) for p in paths]
+
+    def pieces(self, shard: int, offset: int, n: int) -> list[memoryview | bytes]:
+        data = os.pread(self._fds[shard], n, offset)
+        if len(data) != n:
+            raise IntegrityError(f"shard file {shard} ended early at offset {offset + len(data)}")
+        return [data]
+
+    def close(self) -> None:
+        for fd in self._fds:
+            os.close(fd)
+        self._fds = []
+
+
+class ShardSender:
+    """Frames of one shard from a chunk-aligned offset, remembering chunk digests for the shard digest."""
+
+    def __init__(self, manifest: Manifest, shard: int, source: Source) -> None:
+        self.manifest = manifest
+        self.index = shard
+        self.source = source
+        self.size = manifest.shards[shard].size
+        self._digests: dict[int, bytes] = {}
+
+    def frames(self, offset: int = 0) -> Iterator[bytes]:
+        cb = self.manifest.chunk_bytes
+        if offset % cb or not 0 <= offset <= self.size:
+            raise ProtocolError(f"resume offset {offset} is not a chunk boundary of a {self.size}-byte shard")
+        while offset < self.size:
+            n = min(cb, self.size - offset)
+            pieces = self.source.pieces(self.index, offset, n)
+            digest = frames.chunk_digest(pieces)
+            self._digests[offset // cb] = digest
+            yield frames.encode(offset, pieces, digest)
+            offset += n
+
+    def shard_digest(self) -> str:
+        cb = self.manifest.chunk_bytes
+        d = frames.ShardDigest()
+        for k in range((self.size + cb - 1) // cb):
+            if k not in self._digests:  # never sent by this process (another one sent it): hash from source
+                n = min(cb, self.size - k * cb)
+                self._digests[k] = frames.chunk_digest(self.source.pieces(self.index, k * cb, n))
+            d.add(self._digests[k])
+        return d.hexdigest(self.size)
