@@ -132,13 +132,14 @@ def _guard(fn, kind: str):
 
 
 def error_from_rpc(e: grpc.RpcError, what: str) -> Exception:
-    """Our error for a failed call whose status the aggregator set on purpose, else the RpcError itself."""
+    """Our error for a failed call whose status the aggregator set on purpose (its details start with the
+    error's class name, see `_guard`), else the RpcError itself."""
     code = e.code() if hasattr(e, "code") else None
     details = (e.details() if hasattr(e, "details") else "") or ""
-    if code == grpc.StatusCode.FAILED_PRECONDITION:
-        if details.startswith("ConfigError"):
-            return errors.ConfigError(f"{what}: {details.split(': ', 1)[-1]}")
-        return errors.RoundError(f"{what}: {details.split(': ', 1)[-1]}")
+    name, sep, message = details.partition(": ")
+    cls = getattr(errors, name, None) if sep else None
+    if isinstance(cls, type) and issubclass(cls, errors.FLError) and code in {c for _, c in STATUS_OF}:
+        return cls(f"{what}: {message}")
     if code in _ERROR_OF_CODE:
         return _ERROR_OF_CODE[code](f"{what}: {details}")
     return e

@@ -1,0 +1,100 @@
+"""Shared fixtures: a real aggregator on 127.0.0.1 port 0, and site threads that use the real gRPC client."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from fl_plugins.aggregator.core import AggregatorConfig
+from fl_plugins.aggregator.service import AggregatorServer
+
+
+def save_numpy(path: Path, params: dict[str, np.ndarray]) -> Path:
+    """Write a safetensors file with torch (covers bf16, which safetensors.numpy cannot write)."""
+    import torch
+    from safetensors.torch import save_file
+
+    save_file({k: torch.from_numpy(np.array(v, order="C").view(np.uint16)).view(torch.bfloat16)
+               if v.dtype.name == "bfloat16" else torch.from_numpy(np.array(v, order="C"))
+               for k, v in params.items()}, str(path))  # fmt: skip
+    return path
+
+
+def load_round(run_dir: Path, r: int) -> dict[str, np.ndarray]:
+    """The global model checkpointed for round r, as numpy (bf16 via ml_dtypes), read with our own parser."""
+    from fl_plugins.aggregator.store import RunStore
+    from fl_plugins.wire.layout import numpy_dtype
+
+    store = RunStore(run_dir)
+    m = store.load(r)
+    out = {}
+    for shard, path in zip(m.shards, store.shard_paths(r, m)):
+        raw = path.read_bytes()
+        for t in shard.tensors:
+            b = raw[shard.data_start + t.start : shard.data_start + t.end]
+            out[t.name] = np.frombuffer(b, numpy_dtype(t.dtype)).reshape(t.shape).copy()
+    return out
+
+
+@pytest.fixture
+def server_factory(tmp_path):
+    servers: list[AggregatorServer] = []
+
+    def make(rounds: int = 3, min_sites: int = 1, initial: dict[str, np.ndarray] | None = None,
+             **kw: Any) -> AggregatorServer:  # fmt: skip
+        init_path = save_numpy(tmp_path / "initial.safetensors", initial) if initial is not None else None
+        kw.setdefault("linger", 0.5)
+        cfg = AggregatorConfig(run_dir=tmp_path / "run", rounds=rounds, min_sites=min_sites,
+                               initial_model=init_path, **kw)  # fmt: skip
+        srv = AggregatorServer(cfg).start()
+        servers.append(srv)
+        return srv
+
+    yield make
+    for s in servers:
+        s.stop(0)
+
+
+Step = Callable[[int, dict[str, np.ndarray]], tuple[dict[str, np.ndarray], str, float]]
+
+
+def run_sites(address: str, steps: dict[str, Step], timeout: float = 120, **client_kw: Any) -> dict[str, Any]:
+    """Run each site's loop in a thread with a real SiteClient: step(round, params) -> (params, type, weight)."""
+    from fl_plugins.client._site import SiteClient
+    from fl_plugins.wire.proto import fl_pb2 as pb
+
+    errors: dict[str, BaseException] = {}
+    stats: dict[str, Any] = {}
+
+    def loop(name: str, step: Step) -> None:
+        c = SiteClient(address, name, **client_kw)
+        try:
+            c.connect()
+            while True:
+                task = c.next_task(poll=2.0)
+                if task.kind == pb.Task.END:
+                    break
+                _, params = c.download(task, "numpy")
+                new, ptype, weight = step(task.round, params)
+                c.upload(task.round, task.attempt, new,
+                         {"params_type": ptype, "meta": {"NUM_STEPS_CURRENT_ROUND": weight}})  # fmt: skip
+            stats[name] = dict(c.stats)
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            errors[name] = e
+        finally:
+            c.close()
+
+    threads = [threading.Thread(target=loop, args=(n, s), daemon=True) for n, s in steps.items()]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout)
+        assert not t.is_alive(), "a site thread did not finish"
+    if errors:
+        raise next(iter(errors.values()))
+    return stats

@@ -1,0 +1,239 @@
+"""The client API against a real aggregator: FLARE-style scripts, refusals, errors that say what to do."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+
+import numpy as np
+import pytest
+
+import fl_plugins.client as flare
+from fl_plugins.client._site import SiteClient
+from fl_plugins.errors import ConfigError, ModelMismatchError, RoundError, TransportError
+from fl_plugins.wire.proto import fl_pb2 as pb
+
+FLARE_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import torch
+    from torch import nn
+    import fl_plugins.client as flare   # the only line that differs from an NVIDIA FLARE script
+
+    site = int(sys.argv[1])
+    torch.manual_seed(site)
+    x = torch.randn(64, 4)
+    y = (x.sum(dim=1, keepdim=True) > 0).float()
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    flare.init()
+    rounds = []
+    while flare.is_running():
+        input_model = flare.receive()
+        assert isinstance(input_model.params["0.weight"], torch.Tensor)
+        input_model.params["0.weight"].add_(0)  # writable, ours
+        net.load_state_dict(input_model.params)
+        rounds.append(input_model.current_round)
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        steps = 0
+        for _ in range(5):
+            loss = nn.functional.binary_cross_entropy_with_logits(net(x), y)
+            opt.zero_grad(); loss.backward(); opt.step(); steps += 1
+        acc = ((net(x) > 0).float() == y).float().mean()
+        flare.log("train_loss", loss.item(), "SCALAR")
+        flare.send(flare.FLModel(params=net.state_dict(), metrics={"accuracy": acc},
+                                 meta={"NUM_STEPS_CURRENT_ROUND": steps}))
+    assert flare.receive() is None and not flare.is_running()
+    print("ROUNDS", rounds, "SITE", flare.get_site_name(), "JOB", flare.get_job_id(), flush=True)
+    """
+)
+
+
+def _torch_initial(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+    from torch import nn
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 1))
+    path = tmp_path / "init.safetensors"
+    save_file(net.state_dict(), str(path))
+    return path
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_flare_style_script_two_sites_two_rounds(tmp_path):
+    from fl_plugins.aggregator.core import AggregatorConfig
+    from fl_plugins.aggregator.service import AggregatorServer
+
+    script = tmp_path / "train.py"
+    script.write_text(FLARE_SCRIPT)
+    cfg = AggregatorConfig(run_dir=tmp_path / "run", rounds=2, min_sites=2, initial_model=_torch_initial(tmp_path),
+                           linger=1.0)  # fmt: skip
+    with AggregatorServer(cfg) as srv:
+        procs = [subprocess.Popen([sys.executable, str(script), str(i)], stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True,
+                                  env={**os.environ, "FL_SERVER": srv.address, "FL_SITE": f"site-{i}"})
+                 for i in (1, 2)]  # fmt: skip
+        outs = [p.communicate(timeout=120)[0] for p in procs]
+        assert [p.returncode for p in procs] == [0, 0], outs
+        assert srv.wait() == 0
+    for i, out in zip((1, 2), outs):
+        assert f"ROUNDS [0, 1] SITE site-{i} JOB {srv.aggregator.job_id}" in out
+    lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    updates = [x for x in lines if x["event"] == "update"]
+    assert sorted((u["round"], u["site"]) for u in updates) == [(0, "site-1"), (0, "site-2"), (1, "site-1"),
+                                                                 (1, "site-2")]  # fmt: skip
+    assert all(u["weight"] == 5 and 0 <= u["metrics"]["accuracy"] <= 1 for u in updates)
+    rounds = [x for x in lines if x["event"] == "round"]
+    assert [r["round"] for r in rounds] == [0, 1] and "accuracy" in rounds[0]["metrics"]
+    logs = [json.loads(x) for x in (tmp_path / "run" / "logs.jsonl").read_text().splitlines()]
+    assert {(x["site"], x["round"], x["key"]) for x in logs} >= {("site-1", 0, "train_loss"), ("site-2", 1, "train_loss")}
+
+
+@pytest.fixture
+def api():
+    yield flare
+    flare.shutdown()
+
+
+@pytest.mark.integration
+def test_client_api_in_process_numpy(server_factory, api):
+    srv = server_factory(rounds=2, initial={"w": np.ones(10, np.float32)})
+    api.init(srv.address, "solo", params_format="numpy")
+    seen = []
+    while api.is_running():
+        m = api.receive()
+        assert api.receive() is m  # cached until send
+        assert isinstance(m.params["w"], np.ndarray) and m.params["w"].flags.writeable
+        assert m.total_rounds == 2 and api.get_task_name() == "train" and api.is_train()
+        seen.append(m.current_round)
+        m.params["w"] += 1
+        api.send(api.FLModel(params=m.params, params_type="FULL"))
+    assert seen == [0, 1]
+    assert api.receive() is None
+    assert api.system_info() == {"site_name": "solo", "job_id": srv.aggregator.job_id}
+    assert "params_type" in api.FLModel(params={"w": np.ones(3)}).summary()
+
+
+@pytest.mark.integration
+def test_plain_client_api_without_initial_model_says_pass_initial_model(server_factory, api):
+    srv = server_factory(rounds=1)
+    api.init(srv.address, "s1")
+    with pytest.raises(ConfigError, match="--initial-model"):
+        api.is_running()
+
+
+@pytest.mark.integration
+def test_a_site_can_offer_round_zero_weights(server_factory):
+    srv = server_factory(rounds=1)
+    c = SiteClient(srv.address, "s1", can_offer_initial=True)
+    c.connect()
+    try:
+        task = c.next_task()
+        assert task.kind == pb.Task.OFFER_INITIAL
+        mine = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.zeros(3, np.float16)}
+        c.upload(0, 0, mine, {"params_type": "FULL"}, initial=True)
+        task = c.next_task()
+        assert task.kind == pb.Task.TRAIN and task.round == 0
+        _, got = c.download(task, "numpy")
+        for k in mine:
+            np.testing.assert_array_equal(got[k], mine[k])
+    finally:
+        c.close()
+
+
+@pytest.mark.integration
+def test_duplicate_late_and_mismatched_updates_are_refused(server_factory):
+    srv = server_factory(rounds=2, min_sites=2, initial={"w": np.zeros(4, np.float32)})
+    a, b = SiteClient(srv.address, "a"), SiteClient(srv.address, "b")
+    try:
+        a.connect()
+        b.connect()
+        ta, tb = a.next_task(), b.next_task()
+        with pytest.raises(ModelMismatchError, match=r"missing \['w'\].*unexpected \['v'\]"):
+            a.upload(0, 0, {"v": np.zeros(4, np.float32)}, {})
+        with pytest.raises(ModelMismatchError, match="mismatched"):
+            a.upload(0, 0, {"w": np.zeros(5, np.float32)}, {})
+        a.upload(ta.round, ta.attempt, {"w": np.ones(4, np.float32)}, {})
+        with pytest.raises(RoundError, match="duplicate"):
+            a.upload(ta.round, ta.attempt, {"w": np.ones(4, np.float32)}, {})
+        b.upload(tb.round, tb.attempt, {"w": np.ones(4, np.float32)}, {})
+        deadline = time.monotonic() + 20
+        while srv.aggregator.round == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        with pytest.raises(RoundError, match="late"):
+            b.upload(0, 0, {"w": np.ones(4, np.float32)}, {})
+        assert srv.aggregator.stats["updates_refused"] == 2
+    finally:
+        a.close()
+        b.close()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_init_waits_for_an_aggregator_that_is_still_starting(tmp_path, api):
+    from fl_plugins.aggregator.core import AggregatorConfig
+    from fl_plugins.aggregator.service import AggregatorServer
+
+    port = _free_port()
+    servers = []
+
+    def start_later():
+        time.sleep(1.5)
+        cfg = AggregatorConfig(run_dir=tmp_path / "run", rounds=1, linger=0.2)
+        servers.append(AggregatorServer(cfg, f"127.0.0.1:{port}").start())
+
+    t = threading.Thread(target=start_later)
+    t.start()
+    try:
+        api.init(f"127.0.0.1:{port}", "late-starter", connect_timeout=30)
+        assert api.get_job_id()
+    finally:
+        t.join()
+        for s in servers:
+            s.stop(0)
+
+
+def test_init_names_the_address_when_nothing_answers(api):
+    port = _free_port()
+    with pytest.raises(TransportError, match=f"127.0.0.1:{port}"):
+        api.init(f"127.0.0.1:{port}", "nobody", connect_timeout=1)
+
+
+def test_init_without_address_says_which_variable(monkeypatch, api):
+    monkeypatch.delenv("FL_SERVER", raising=False)
+    with pytest.raises(ConfigError, match="FL_SERVER"):
+        api.init(site="x")
+
+
+def test_other_ranks_do_not_talk_to_the_aggregator(api):
+    api.init(rank=1)  # no address needed: rank 1 never connects
+    assert api.receive() is None
+    api.send(api.FLModel(params={}))  # a no-op
+    assert api.is_running() is False
+
+
+def test_non_loopback_address_needs_insecure(tmp_path):
+    from fl_plugins.aggregator.core import AggregatorConfig
+    from fl_plugins.aggregator.service import AggregatorServer
+
+    with pytest.raises(ConfigError, match="--insecure"):
+        AggregatorServer(AggregatorConfig(run_dir=tmp_path, rounds=1), "0.0.0.0:0")
+
+
+def test_params_type_accepts_strings_and_enum():
+    assert flare.FLModel(params_type="diff").params_type is flare.ParamsType.DIFF
+    assert flare.FLModel(params_type=flare.ParamsType.FULL).params_type == "FULL"
+    with pytest.raises(ConfigError, match="FULL or DIFF"):
+        flare.FLModel(params_type="HALF")
