@@ -49,15 +49,15 @@ def _server(args: argparse.Namespace) -> int:
     from fl_plugins.aggregator.service import AggregatorServer
     from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES
 
-    args.run_dir.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(args.run_dir / "aggregator.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-    logging.getLogger().addHandler(handler)
     config = AggregatorConfig(run_dir=args.run_dir, rounds=args.rounds, min_sites=args.min_sites,
                               initial_model=args.initial_model, round_deadline=args.round_deadline,
                               min_updates=args.min_updates, idle_timeout=args.idle_timeout,
                               site_timeout=args.site_timeout, chunk_bytes=args.chunk_bytes or DEFAULT_CHUNK_BYTES,
                               job_id=args.job_id)  # fmt: skip
+    args.run_dir.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(args.run_dir / "aggregator.log")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logging.getLogger().addHandler(handler)
     server = AggregatorServer(config, args.address, insecure=args.insecure).start()
     print(f"fl-plugins aggregator listening on {server.address}", flush=True)
     stop = threading.Event()

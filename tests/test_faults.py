@@ -1,0 +1,398 @@
+"""Faults over real gRPC on 127.0.0.1: corrupted and cut transfers (through a fault-injecting TCP proxy), a
+site killed mid-round, the aggregator killed and restarted, a site that outlives the aggregator.
+
+Model values are multiples of 1/16 of modest size, and FedAvg weights sum to a power of two, so every
+reference below is exact in float32 whatever the order of the folds: results are compared bit for bit.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from _proxy import FaultProxy
+from safetensors.numpy import load_file, save_file
+
+from fl_plugins.aggregator.core import AggregatorConfig
+from fl_plugins.aggregator.service import AggregatorServer
+
+MiB = 1 << 20
+
+
+# -- helpers ---------------------------------------------------------------------------------------------
+def _values(shape: tuple[int, ...], seed: int) -> np.ndarray:
+    """float32 multiples of 1/16 in [-32, 32): sums and products by small weights stay exact."""
+    return (np.random.default_rng(seed).integers(-512, 512, shape) / 16).astype(np.float32)
+
+
+def _load_global(run_dir: Path, r: int) -> dict[str, np.ndarray]:
+    d = run_dir / "global" / f"round-{r:05d}"
+    assert (d / "manifest.json").is_file(), f"{d} is not a complete checkpoint"
+    out: dict[str, np.ndarray] = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+def _assert_params_equal(got: dict[str, np.ndarray], want: dict[str, np.ndarray]) -> None:
+    assert sorted(got) == sorted(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype, k
+        np.testing.assert_array_equal(got[k], want[k], err_msg=k)
+
+
+def _metrics(run_dir: Path, event: str) -> list[dict[str, Any]]:
+    path = run_dir / "metrics.jsonl"
+    recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    return [r for r in recs if r.get("event") == event]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _server(tmp_path: Path, initial: dict[str, np.ndarray], **kw: Any) -> AggregatorServer:
+    save_file(initial, str(tmp_path / "initial.safetensors"))
+    kw.setdefault("linger", 0.5)
+    cfg = AggregatorConfig(run_dir=tmp_path / "run", initial_model=tmp_path / "initial.safetensors", **kw)
+    return AggregatorServer(cfg).start()
+
+
+class _Site(threading.Thread):
+    """A site's loop in a thread over a real SiteClient: step(round, params) -> (new params, weight)."""
+
+    def __init__(self, address: str, name: str, step, **client_kw: Any) -> None:
+        super().__init__(daemon=True, name=name)
+        self.address, self.site, self.step, self.client_kw = address, name, step, client_kw
+        self.received: dict[int, dict[str, np.ndarray]] = {}
+        self.stats: dict[str, int] = {}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from fl_plugins.client._site import SiteClient
+        from fl_plugins.wire.proto import fl_pb2 as pb
+
+        c = SiteClient(self.address, self.site, **self.client_kw)
+        try:
+            c.connect()
+            while True:
+                task = c.next_task(poll=2.0)
+                if task.kind == pb.Task.END:
+                    break
+                _, params = c.download(task, "numpy")
+                self.received[task.round] = {k: np.array(v) for k, v in params.items()}
+                new, weight = self.step(task.round, params)
+                c.upload(task.round, task.attempt, new,
+                         {"params_type": "FULL", "meta": {"NUM_STEPS_CURRENT_ROUND": weight}})  # fmt: skip
+        except BaseException as e:  # noqa: BLE001 - reported to the test
+            self.error = e
+        finally:
+            self.stats = dict(c.stats)
+            c.close()
+
+
+def _run_sites(*sites: _Site, timeout: float = 60) -> None:
+    for s in sites:
+        s.start()
+    for s in sites:
+        s.join(timeout)
+        assert not s.is_alive(), f"{s.site} did not finish within {timeout} s"
+    for s in sites:
+        if s.error is not None:
+            raise s.error
+
+
+# -- 1. corrupted and cut transfers through a fault-injecting proxy ----------------------------------------
+def _plus(k: float):
+    return lambda r, p: ({n: v + np.float32(k) for n, v in p.items()}, 1)
+
+
+def _twice_minus_half(r, p):
+    return {n: v * np.float32(2) - np.float32(0.5) for n, v in p.items()}, 3
+
+
+def _fedavg_1_3(g: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Reference for one round with sites _plus(1) (weight 1) and _twice_minus_half (weight 3)."""
+    return {k: ((1 * (v + 1) + 3 * (2 * v - 0.5)) / 4).astype(np.float32) for k, v in g.items()}
+
+
+def _model_4mib() -> dict[str, np.ndarray]:
+    return {"layer.weight": _values((1024, 1024), 1), "layer.bias": _values((1000,), 2)}
+
+
+@pytest.mark.timeout(60)
+def test_corrupted_upload_chunk_is_rejected_and_resent(tmp_path):
+    initial = _model_4mib()
+    srv = _server(tmp_path, initial, rounds=1, min_sites=2, chunk_bytes=MiB)
+    try:
+        # Byte 1.5 MiB of client->server DATA payload: inside the 2nd 1 MiB chunk of site-1's upload.
+        with FaultProxy(srv.address, flip_up_at=3 * MiB // 2) as proxy:
+            s1 = _Site(proxy.address, "site-1", _plus(1))
+            s2 = _Site(srv.address, "site-2", _twice_minus_half)
+            _run_sites(s1, s2)
+            assert proxy.fired["up"], "the proxy never flipped a byte: the upload was smaller than expected"
+        status = srv.aggregator.status()
+    finally:
+        srv.stop(0)
+    run = tmp_path / "run"
+    assert status["corrupted_chunks"] >= 1, status
+    assert status["round_restarts"] == 0, status
+    upd = {r["site"]: r for r in _metrics(run, "update")}
+    assert upd["site-1"]["corrupted_chunks"] >= 1, upd
+    assert upd["site-1"]["bytes_received"] == upd["site-1"]["bytes"], upd  # the bad chunk was not counted
+    assert upd["site-2"]["corrupted_chunks"] == 0, upd
+    assert s1.stats["retries"] >= 1, s1.stats
+    # Exact FedAvg: the flipped byte never reached the accumulator.
+    _assert_params_equal(_load_global(run, 1), _fedavg_1_3(initial))
+
+
+@pytest.mark.timeout(60)
+def test_corrupted_download_chunk_is_rejected_and_resent(tmp_path):
+    initial = _model_4mib()
+    srv = _server(tmp_path, initial, rounds=1, min_sites=2, chunk_bytes=MiB)
+    try:
+        # Byte 1.5 MiB of server->client DATA payload: inside the 2nd chunk of round 0's global model.
+        with FaultProxy(srv.address, flip_down_at=3 * MiB // 2) as proxy:
+            s1 = _Site(proxy.address, "site-1", _plus(1))
+            s2 = _Site(srv.address, "site-2", _twice_minus_half)
+            _run_sites(s1, s2)
+            assert proxy.fired["down"], "the proxy never flipped a byte: the download was smaller than expected"
+    finally:
+        srv.stop(0)
+    assert s1.stats["corrupted_chunks"] >= 1, s1.stats
+    assert s1.stats["retries"] >= 1, s1.stats
+    assert s2.stats["corrupted_chunks"] == 0, s2.stats
+    _assert_params_equal(s1.received[0], initial)  # what the site trained on is the global model, intact
+    _assert_params_equal(_load_global(tmp_path / "run", 1), _fedavg_1_3(initial))
+
+
+@pytest.mark.timeout(60)
+def test_connection_cut_mid_shard_resumes_without_resending(tmp_path):
+    initial = {"w": _values((4 * MiB,), 3)}  # one 16 MiB tensor: one shard of 16 chunks
+    srv = _server(tmp_path, initial, rounds=1, min_sites=1, chunk_bytes=MiB)
+    try:
+        # Client->server traffic is a few KB of control calls, then the upload: the cut lands near chunk 8.
+        with FaultProxy(srv.address, cut_up_after=8 * MiB) as proxy:
+            s1 = _Site(proxy.address, "site-1", _plus(1))
+            _run_sites(s1)
+            assert proxy.fired["cut"] and proxy.connections >= 2, (proxy.fired, proxy.connections)
+        status = srv.aggregator.status()
+    finally:
+        srv.stop(0)
+    run = tmp_path / "run"
+    (upd,) = _metrics(run, "update")
+    shard_bytes = upd["bytes"]
+    assert 16 * MiB < shard_bytes < 16 * MiB + 4096, upd  # one shard: the tensor plus its header
+    assert upd["bytes_received"] == shard_bytes, upd
+    assert upd["corrupted_chunks"] == 0, upd  # no chunk re-sent at an offset the aggregator already had
+    assert status["bytes_received"] == shard_bytes, status  # nor under a fresh upload from offset 0
+    assert status["round_restarts"] == 0, status
+    assert s1.stats["retries"] >= 1, s1.stats
+    _assert_params_equal(_load_global(run, 1), {"w": initial["w"] + np.float32(1)})
+
+
+# -- subprocess federations ------------------------------------------------------------------------------
+SITE_SCRIPT = textwrap.dedent(
+    """
+    import json, os, pathlib, sys, time
+    import numpy as np
+    import fl_plugins.client as flare
+
+    idx = int(os.environ["SITE_INDEX"])
+    per_round_sleep = float(os.environ.get("SITE_SLEEP", "0"))
+    hang_round = int(os.environ.get("HANG_ROUND", "-1"))
+    go_file = os.environ.get("GO_FILE")
+    flare.init()  # FL_SERVER, FL_SITE, FL_PARAMS_FORMAT=numpy from the environment
+    out = {"rounds": [], "is_running_s": []}
+    while True:
+        t0 = time.monotonic()
+        running = flare.is_running()
+        out["is_running_s"].append(round(time.monotonic() - t0, 3))
+        if not running:
+            break
+        m = flare.receive()
+        r = m.current_round
+        out["rounds"].append(r)
+        if r == hang_round:
+            pathlib.Path(os.environ["MARKER"]).write_text("hanging")
+            time.sleep(60)
+        time.sleep(per_round_sleep)
+        params = {k: v + np.float32(idx + r) for k, v in m.params.items()}
+        flare.send(flare.FLModel(params=params, meta={"NUM_STEPS_CURRENT_ROUND": 1}))
+        if go_file and r == m.total_rounds - 1:  # outlive the aggregator before asking for more
+            deadline = time.monotonic() + 60
+            while not os.path.exists(go_file) and time.monotonic() < deadline:
+                time.sleep(0.05)
+    t0 = time.monotonic()
+    again = flare.receive()
+    out["receive_after_end_is_none"] = again is None
+    out["receive_after_end_s"] = round(time.monotonic() - t0, 3)
+    out["is_running_after_end"] = flare.is_running()
+    flare.shutdown()
+    pathlib.Path(os.environ["RESULT"]).write_text(json.dumps(out))
+    """
+)
+
+
+class _Procs:
+    """Subprocesses of one test, with their output in files; all killed at teardown."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.tmp_path = tmp_path
+        self.procs: list[tuple[subprocess.Popen, Path]] = []
+        (tmp_path / "site.py").write_text(SITE_SCRIPT)
+
+    def start(self, name: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+        log = self.tmp_path / f"{name}.{len(self.procs)}.log"
+        with open(log, "wb") as f:
+            p = subprocess.Popen(argv, stdout=f, stderr=subprocess.STDOUT, cwd=self.tmp_path,
+                                 env={**os.environ, **(env or {})})  # fmt: skip
+        self.procs.append((p, log))
+        return p
+
+    def aggregator(self, port: int, run_dir: Path, *args: str) -> subprocess.Popen:
+        return self.start("aggregator", [sys.executable, "-m", "fl_plugins.cli", "server", "--address",
+                                         f"127.0.0.1:{port}", "--run-dir", str(run_dir), *args])  # fmt: skip
+
+    def site(self, port: int, index: int, **env: str) -> subprocess.Popen:
+        return self.start(f"site-{index}", [sys.executable, str(self.tmp_path / "site.py")],
+                          {"FL_SERVER": f"127.0.0.1:{port}", "FL_SITE": f"site-{index}", "FL_PARAMS_FORMAT": "numpy",
+                           "SITE_INDEX": str(index), "RESULT": str(self.tmp_path / f"site-{index}.json"), **env})  # fmt: skip
+
+    def wait(self, p: subprocess.Popen, timeout: float, what: str) -> int:
+        try:
+            return p.wait(timeout)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"{what} still running after {timeout:.0f} s\n{self.logs()}")
+
+    def logs(self) -> str:
+        out = []
+        for p, log in self.procs:
+            text = log.read_text(errors="replace") if log.exists() else ""
+            out.append(f"--- {log.name} (rc {p.poll()}) ---\n" + "\n".join(text.splitlines()[-25:]))
+        return "\n".join(out)
+
+    def kill_all(self) -> None:
+        for p, _ in self.procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(10)
+
+
+@pytest.fixture
+def procs(tmp_path):
+    ps = _Procs(tmp_path)
+    yield ps
+    ps.kill_all()
+
+
+def _wait_for(path: Path, timeout: float, procs: _Procs, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not path.exists():
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what}: {path} did not appear within {timeout:.0f} s\n{procs.logs()}")
+        time.sleep(0.05)
+
+
+def _site_step_reference(g0: dict[str, np.ndarray], rounds: int, sites: list[int]) -> dict[str, np.ndarray]:
+    """FedAvg (equal weights) of the site script's step: params + site_index + round."""
+    g = {k: v.astype(np.float64) for k, v in g0.items()}
+    for r in range(rounds):
+        g = {k: sum(v + i + r for i in sites) / len(sites) for k, v in g.items()}
+    return {k: v.astype(np.float32) for k, v in g.items()}
+
+
+# -- 2. a site killed mid-round does not stall the job past the round deadline ----------------------------
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_sigkilled_site_does_not_stall_past_round_deadline(tmp_path, procs):
+    g0 = {"w": _values((64, 33), 4), "b": _values((33,), 5)}
+    save_file(g0, str(tmp_path / "initial.safetensors"))
+    port, run = _free_port(), tmp_path / "run"
+    agg = procs.aggregator(port, run, "--rounds", "2", "--min-sites", "2", "--round-deadline", "8",
+                           "--initial-model", str(tmp_path / "initial.safetensors"))  # fmt: skip
+    good = procs.site(port, 1)
+    marker = tmp_path / "hanging"
+    bad = procs.site(port, 2, HANG_ROUND="0", MARKER=str(marker))
+    _wait_for(marker, 30, procs, "site-2 reaching round 0")
+    killed_at = time.monotonic()
+    bad.send_signal(signal.SIGKILL)
+    bad.wait(10)
+    # Two deadlines (8 s each) and the linger (5 s) after the kill; without the deadline, round 0 would wait
+    # for site-2's site timeout (60 s) alone.
+    rc = procs.wait(agg, 50, "the aggregator")
+    elapsed = time.monotonic() - killed_at
+    assert rc == 0, procs.logs()
+    assert elapsed < 40, f"the job took {elapsed:.0f} s after the kill\n{procs.logs()}"
+    assert procs.wait(good, 30, "site-1") == 0, procs.logs()
+    assert json.loads((tmp_path / "site-1.json").read_text())["rounds"] == [0, 1]
+    rounds = _metrics(run, "round")
+    assert [(r["round"], r["updates"]) for r in rounds] == [(0, 1), (1, 1)], rounds
+    assert {r["site"] for r in _metrics(run, "update")} == {"site-1"}
+    _assert_params_equal(_load_global(run, 2), _site_step_reference(g0, 2, [1]))
+
+
+# -- 3. the aggregator killed and restarted resumes from its last checkpoint ------------------------------
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_sigkilled_aggregator_restarts_and_finishes(tmp_path, procs):
+    g0 = {"w": _values((64, 33), 6), "b": _values((33,), 7)}
+    save_file(g0, str(tmp_path / "initial.safetensors"))
+    port, run = _free_port(), tmp_path / "run"
+    cmd = ("--rounds", "4", "--min-sites", "2", "--initial-model", str(tmp_path / "initial.safetensors"))
+    agg = procs.aggregator(port, run, *cmd)
+    sites = [procs.site(port, i, SITE_SLEEP="1") for i in (1, 2)]
+    _wait_for(run / "global" / "round-00002" / "manifest.json", 40, procs, "round 1 closing")
+    agg.send_signal(signal.SIGKILL)
+    assert agg.wait(10) == -signal.SIGKILL
+    assert not (run / "global" / "round-00004").exists(), "the kill came too late to test a restart"
+    agg2 = procs.aggregator(port, run, *cmd)
+    assert procs.wait(agg2, 60, "the restarted aggregator") == 0, procs.logs()
+    for i, p in zip((1, 2), sites):
+        assert procs.wait(p, 30, f"site-{i}") == 0, procs.logs()
+        assert json.loads((tmp_path / f"site-{i}.json").read_text())["rounds"][-1] == 3
+    assert "resuming run" in (run / "aggregator.log").read_text()
+    assert sorted({r["round"] for r in _metrics(run, "round")}) == [0, 1, 2, 3]
+    _assert_params_equal(_load_global(run, 4), _site_step_reference(g0, 4, [1, 2]))
+
+
+# -- 4. after the last round, a site that outlived the aggregator learns the job is over ------------------
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(120)
+def test_site_slower_than_linger_ends_cleanly(tmp_path, procs):
+    g0 = {"w": _values((16, 8), 8)}
+    srv = _server(tmp_path, g0, rounds=2, min_sites=1, linger=0.5)
+    port = srv.port
+    go = tmp_path / "aggregator-gone"
+    try:
+        site = procs.site(port, 1, GO_FILE=str(go))
+        assert srv.wait(stop_event=None) == 0
+    finally:
+        srv.stop(0)  # the aggregator is gone: nothing listens on the port any more
+    go.touch()
+    gone_at = time.monotonic()
+    rc = procs.wait(site, 60, "site-1")
+    elapsed = time.monotonic() - gone_at
+    assert rc == 0, procs.logs()
+    out = json.loads((tmp_path / "site-1.json").read_text())
+    assert out["rounds"] == [0, 1]
+    assert out["receive_after_end_is_none"] is True and out["is_running_after_end"] is False, out
+    # The last is_running() found no aggregator; it must give up after a short wait, not hang.
+    assert out["is_running_s"][-1] < 20, (out, elapsed)
+    _assert_params_equal(_load_global(tmp_path / "run", 2), _site_step_reference(g0, 2, [1]))
