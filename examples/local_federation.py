@@ -28,14 +28,16 @@ def main() -> int:
     run = Path(os.environ.get("FL_DEMO_RUN_DIR") or tempfile.mkdtemp(prefix="fl-demo-"))
     run.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    save_file(nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 3)).state_dict(), str(run / "initial.safetensors"))
+    net = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 3))  # the sites' architecture
+    save_file(net.state_dict(), str(run / "initial.safetensors"))
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     address = f"127.0.0.1:{port}"
     server = subprocess.Popen([sys.executable, "-m", "fl_plugins.cli", "server", "--address", address,
                                "--run-dir", str(run / "run"), "--rounds", str(ROUNDS), "--min-sites", str(SITES),
-                               "--initial-model", str(run / "initial.safetensors"), "--log-level", "WARNING"])  # fmt: skip
+                               "--initial-model", str(run / "initial.safetensors"),
+                               "--log-level", "WARNING"])  # fmt: skip
     sites = [subprocess.Popen([sys.executable, str(HERE / "client_api_train.py")],
                               env={**os.environ, "FL_SERVER": address, "FL_SITE": f"site-{i}"})
              for i in range(1, SITES + 1)]  # fmt: skip

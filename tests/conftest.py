@@ -33,7 +33,7 @@ def load_round(run_dir: Path, r: int) -> dict[str, np.ndarray]:
     store = RunStore(run_dir)
     m = store.load(r)
     out = {}
-    for shard, path in zip(m.shards, store.shard_paths(r, m)):
+    for shard, path in zip(m.shards, store.shard_paths(r, m), strict=True):
         raw = path.read_bytes()
         for t in shard.tensors:
             b = raw[shard.data_start + t.start : shard.data_start + t.end]

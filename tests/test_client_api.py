@@ -84,7 +84,7 @@ def test_flare_style_script_two_sites_two_rounds(tmp_path):
         outs = [p.communicate(timeout=120)[0] for p in procs]
         assert [p.returncode for p in procs] == [0, 0], outs
         assert srv.wait() == 0
-    for i, out in zip((1, 2), outs):
+    for i, out in zip((1, 2), outs, strict=True):
         assert f"ROUNDS [0, 1] SITE site-{i} JOB {srv.aggregator.job_id}" in out
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     updates = [x for x in lines if x["event"] == "update"]
@@ -94,7 +94,8 @@ def test_flare_style_script_two_sites_two_rounds(tmp_path):
     rounds = [x for x in lines if x["event"] == "round"]
     assert [r["round"] for r in rounds] == [0, 1] and "accuracy" in rounds[0]["metrics"]
     logs = [json.loads(x) for x in (tmp_path / "run" / "logs.jsonl").read_text().splitlines()]
-    assert {(x["site"], x["round"], x["key"]) for x in logs} >= {("site-1", 0, "train_loss"), ("site-2", 1, "train_loss")}
+    got = {(x["site"], x["round"], x["key"]) for x in logs}
+    assert got >= {("site-1", 0, "train_loss"), ("site-2", 1, "train_loss")}
 
 
 @pytest.fixture
@@ -237,3 +238,59 @@ def test_params_type_accepts_strings_and_enum():
     assert flare.FLModel(params_type=flare.ParamsType.FULL).params_type == "FULL"
     with pytest.raises(ConfigError, match="FULL or DIFF"):
         flare.FLModel(params_type="HALF")
+
+
+PER_ROUND_SCRIPT = textwrap.dedent(
+    """
+    import numpy as np
+    import fl_plugins.client as flare
+    flare.init(params_format="numpy")
+    m = flare.receive()
+    print("ROUND", m.current_round, flush=True)
+    flare.send(flare.FLModel(params={"w": m.params["w"] + 1}, meta={"NUM_STEPS_CURRENT_ROUND": 2}))
+    """
+)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_one_process_per_round(server_factory, tmp_path):
+    """A site may receive once, send once and exit; the aggregator takes it back for the next round."""
+    srv = server_factory(rounds=2, initial={"w": np.zeros(3, np.float32)})
+    script = tmp_path / "once.py"
+    script.write_text(PER_ROUND_SCRIPT)
+    env = {**os.environ, "FL_SERVER": srv.address, "FL_SITE": "site-1"}
+    outs = [subprocess.run([sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=60)
+            for _ in range(2)]  # fmt: skip
+    assert [o.returncode for o in outs] == [0, 0], [o.stderr for o in outs]
+    assert ["ROUND 0" in outs[0].stdout, "ROUND 1" in outs[1].stdout] == [True, True]
+    assert srv.wait() == 0
+    from conftest import load_round
+
+    np.testing.assert_array_equal(load_round(srv.aggregator.config.run_dir, 2)["w"], np.full(3, 2, np.float32))
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_late_send_is_refused_with_a_warning_and_the_site_goes_on(server_factory, api, caplog):
+    """Round deadline 1.5 s: the fast site closes round 0; our late update is refused, not mixed into round 1."""
+    srv = server_factory(rounds=2, min_sites=2, initial={"w": np.zeros(2, np.float32)}, round_deadline=1.5)
+    fast = SiteClient(srv.address, "fast")
+    fast.connect()
+    api.init(srv.address, "slow", params_format="numpy")
+    try:
+        assert api.is_running()
+        m = api.receive()
+        task = fast.next_task()
+        fast.upload(task.round, task.attempt, {"w": np.ones(2, np.float32)}, {})
+        deadline = time.monotonic() + 20
+        while srv.aggregator.round == 0 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        with caplog.at_level("WARNING"):
+            api.send(api.FLModel(params={"w": np.full(2, 100, np.float32)}))
+        assert "refused" in caplog.text and "late" in caplog.text
+        assert api.is_running() and api.receive().current_round == 1
+        np.testing.assert_array_equal(api.receive().params["w"], np.ones(2, np.float32))  # ours never counted
+        assert m.current_round == 0
+    finally:
+        fast.close()

@@ -41,7 +41,7 @@ def _reference(initial, rounds, weights, dtype) -> dict[str, np.ndarray]:
         W = sum(weights)
         new = {}
         for k in g:
-            acc = sum(w * loc[k].astype(np.float64) for w, loc in zip(weights, locals_)) / W
+            acc = sum(w * loc[k].astype(np.float64) for w, loc in zip(weights, locals_, strict=True)) / W
             new[k] = np.rint(acc).astype(g[k].dtype) if g[k].dtype.kind == "i" else acc.astype(g[k].dtype)
         g = new
     return g

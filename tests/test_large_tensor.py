@@ -31,7 +31,8 @@ def test_tensor_over_2_gib_round_trips(server_factory):
         got = params["big"]
         assert got.shape == (N,)
         for b in range(0, N - PERIOD + 1, 64 * PERIOD * 1024):  # compare in blocks, no second 2 GiB array
-            np.testing.assert_array_equal(got[b : b + 64 * PERIOD * 1024], np.resize(pattern, min(64 * PERIOD * 1024, N - b)))
+            n = min(64 * PERIOD * 1024, N - b)
+            np.testing.assert_array_equal(got[b : b + n], np.resize(pattern, n))
         got += 1  # the 'training step', in place in the received tensor
         c.upload(0, task.attempt, params, {"params_type": "FULL"})
         del params, got

@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 @pytest.mark.parametrize("module", ["fl_plugins", "fl_plugins.errors", "fl_plugins.client"])
 def test_import_is_cheap(module):
-    code = f"import sys, {module}; print(' '.join(m for m in ('torch', 'lightning', 'transformers', 'grpc') if m in sys.modules))"
+    heavy = ("torch", "lightning", "transformers", "grpc")
+    code = f"import sys, {module}; print(' '.join(m for m in {heavy!r} if m in sys.modules))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.strip()
     assert out == "", f"import {module} loaded {out}"
 

@@ -372,7 +372,7 @@ class Aggregator:
             if len(digests) != len(u.receivers):
                 raise ProtocolError(f"commit lists {len(digests)} shard digests, the upload has {len(u.receivers)}")
         with u.lock:
-            for rx, d in zip(u.receivers, digests):
+            for rx, d in zip(u.receivers, digests, strict=True):
                 rx.finish(d)  # IntegrityError: the round restarts if bytes were folded (see _tick)
         with self._cond:
             if u.dead:
@@ -383,7 +383,7 @@ class Aggregator:
                 u.file_sink.close()  # type: ignore[union-attr]
                 manifest = Manifest(
                     [type(x.layout)(x.layout.name, x.layout.header, x.layout.tensors, d)
-                     for x, d in zip(u.receivers, digests)],
+                     for x, d in zip(u.receivers, digests, strict=True)],
                     u.manifest.chunk_bytes, {"current_round": 0})  # fmt: skip
                 for i, x in enumerate(manifest.shards):
                     x.header = bytes(u.receivers[i]._hdr)
@@ -462,8 +462,8 @@ class Aggregator:
                 log.warning("site %r: upload moved no bytes for %.0f s; dropped", u.site, self.config.idle_timeout)
                 self._kill(u)
         committed = [s for s in self.sites.values() if s.committed == key]
-        waiting = [s for s in self.sites.values()
-                   if s.took == key and s.committed != key and now - s.last_seen < self.config.site_timeout]  # fmt: skip
+        alive = self.config.site_timeout
+        waiting = [s for s in self.sites.values() if s.took == key and s.committed != key and now - s.last_seen < alive]
         if self._dirty:
             return "restart"
         if not waiting and len(committed) >= self.config.min_sites:

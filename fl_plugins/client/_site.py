@@ -9,6 +9,7 @@ that would have to grow with the model's size.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import threading
@@ -23,7 +24,7 @@ from fl_plugins import tensors
 from fl_plugins._version import __version__
 from fl_plugins.errors import FLError, IntegrityError, ProtocolError, RoundError, TransportError
 from fl_plugins.wire import rpc
-from fl_plugins.wire.layout import DEFAULT_MAX_SHARD_BYTES, Manifest, TensorInfo, plan_shards
+from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_SHARD_BYTES, Manifest, TensorInfo, plan_shards
 from fl_plugins.wire.proto import fl_pb2 as pb
 from fl_plugins.wire.stream import ShardReceiver, ShardSender, TensorSource
 
@@ -210,39 +211,21 @@ class SiteClient:
     # -- upload ------------------------------------------------------------------------------------------
     def upload(self, round_: int, attempt: int, params: Mapping[str, Any], envelope: dict[str, Any],
                initial: bool = False) -> pb.CommitReply:  # fmt: skip
+        """Stream an update and commit it; returns once the aggregator has verified and counted it."""
         shards = plan_shards(tensors.describe(params), max_shard_bytes=self.max_shard_bytes)
-        manifest = Manifest(shards, self.chunk_bytes or manifest_default_chunk(), envelope)
-        views = tensors.ByteViews(params)
-        source = TensorSource(manifest, views.get)
+        manifest = Manifest(shards, self.chunk_bytes or DEFAULT_CHUNK_BYTES, envelope)
+        source = TensorSource(manifest, tensors.ByteViews(params).get)
         senders = [ShardSender(manifest, i, source) for i in range(len(shards))]
-        for _ in range(3):  # a digest mismatch at commit restarts the upload under a new nonce
-            nonce = uuid.uuid4().hex
-            begin = pb.UploadBegin(site=self.site, round=round_, attempt=attempt, initial=initial,
-                                   manifest_json=manifest.to_json(), nonce=nonce)  # fmt: skip
-            state = self._call(lambda: self.stub.BeginUpload(begin, timeout=60, wait_for_ready=True), "begin upload")
-            offsets = {"v": list(state.offsets), "id": state.upload_id}
-
-            def refresh() -> None:
-                st = self._call(lambda: self.stub.BeginUpload(begin, timeout=60, wait_for_ready=True), "resume upload")
-                offsets["v"], offsets["id"] = list(st.offsets), st.upload_id
-
-            for i, sender in enumerate(senders):
-                first = [True]
-
-                def step(i=i, sender=sender, first=first) -> None:
-                    if not first[0]:
-                        refresh()  # ask the aggregator what it has verified, continue from there
-                    first[0] = False
-                    off = offsets["v"][i]
-                    if off >= sender.size:
-                        return
-                    self._upload_stream(offsets["id"], i, sender, off)
-
-                self._resumable(step, f"upload {shards[i].name}", progress=lambda i=i: offsets["v"][i])
-            digests = [s.shard_digest() for s in senders]
-            commit = pb.UploadCommit(upload_id=offsets["id"], shard_digests=digests)
+        for _ in range(3):  # a digest mismatch at commit starts the upload again under a new nonce
+            upload = _Upload(self, pb.UploadBegin(site=self.site, round=round_, attempt=attempt, initial=initial,
+                                                  manifest_json=manifest.to_json(), nonce=uuid.uuid4().hex))
+            for sender in senders:
+                self._resumable(functools.partial(upload.send_shard, sender), f"upload {shards[sender.index].name}",
+                                progress=functools.partial(upload.offset, sender.index))  # fmt: skip
+            commit = pb.UploadCommit(upload_id=upload.id, shard_digests=[s.shard_digest() for s in senders])
             try:
-                return self._call(lambda: self.stub.CommitUpload(commit, timeout=120, wait_for_ready=True), "commit")
+                return self._call(lambda c=commit: self.stub.CommitUpload(c, timeout=120, wait_for_ready=True),
+                                  "commit")  # fmt: skip
             except IntegrityError as e:
                 log.warning("upload failed its final check (%s); sending it again", e)
         raise IntegrityError(f"the update for round {round_} failed its integrity check three times")
@@ -266,10 +249,33 @@ class SiteClient:
             holder["idle"].stop()
 
 
-def manifest_default_chunk() -> int:
-    from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES
+class _Upload:
+    """One upload attempt: BeginUpload tells which offsets the aggregator has verified; after an interruption
+    the same request (same nonce) asks again, and each shard continues from there."""
 
-    return DEFAULT_CHUNK_BYTES
+    def __init__(self, client: SiteClient, begin: pb.UploadBegin) -> None:
+        self.client, self.begin = client, begin
+        self.id = ""
+        self.offsets: list[int] = []
+        self._fresh = False
+        self.refresh()
+
+    def refresh(self) -> None:
+        state = self.client._call(lambda: self.client.stub.BeginUpload(self.begin, timeout=60, wait_for_ready=True),
+                                  "begin upload")  # fmt: skip
+        self.id, self.offsets, self._fresh = state.upload_id, list(state.offsets), True
+
+    def offset(self, shard: int) -> int:
+        return self.offsets[shard]
+
+    def send_shard(self, sender: ShardSender) -> None:
+        if not self._fresh:
+            self.refresh()  # after an interruption: ask what the aggregator has verified
+        self._fresh = False
+        offset = self.offsets[sender.index]
+        if offset < sender.size:
+            self.client._upload_stream(self.id, sender.index, sender, offset)
+            self.offsets[sender.index] = sender.size
 
 
 def _short(e: BaseException) -> str:

@@ -27,7 +27,7 @@ from fl_plugins import tensors
 from fl_plugins.client.model import FLModel, ParamsType
 from fl_plugins.errors import ConfigError, RoundError
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 _ENV_SERVER = "FL_SERVER"
 _ENV_SITE = "FL_SITE"
@@ -181,7 +181,7 @@ def send(model: FLModel, clear_cache: bool = True) -> None:
         try:
             rt.client.upload(task.round, task.attempt, model.params, env)
         except RoundError as e:
-            log.warning("round %d: the aggregator refused this update: %s", task.round, e)
+            logger.warning("round %d: the aggregator refused this update: %s", task.round, e)
         rt.last_round = max(rt.last_round, task.round)
         if clear_cache:
             rt.task = None
