@@ -86,13 +86,19 @@ class SiteClient:
         self._hb: threading.Thread | None = None
 
     # -- plumbing ----------------------------------------------------------------------------------------
-    def _call(self, fn: Callable[[], Any], what: str, timeout: float | None = None) -> Any:
-        """Run fn(), retrying transient gRPC failures until `timeout` (default retry_timeout) has passed."""
+    def _call(self, method: str, request: Any, what: str, *, per_call: float = 60.0,
+              timeout: float | None = None) -> Any:  # fmt: skip
+        """Call `method`, retrying transient failures until `timeout` (default retry_timeout) has passed.
+
+        Calls wait for a connection that is not ready yet (an aggregator restarting), but never past the
+        overall deadline, so a site gives up when it said it would."""
         deadline = time.monotonic() + (self.retry_timeout if timeout is None else timeout)
         delay = 0.1
+        fn = getattr(self.stub, method)
         while True:
             try:
-                return fn()
+                left = max(0.05, min(per_call, deadline - time.monotonic()))
+                return fn(request, timeout=left, wait_for_ready=True)
             except grpc.RpcError as e:
                 err = rpc.error_from_rpc(e, what)
                 if err is not e or e.code() not in rpc.RETRYABLE:
@@ -112,8 +118,7 @@ class SiteClient:
     def connect(self) -> None:
         """Hello, waiting (bounded by connect_timeout) for an aggregator that is still starting."""
         req = pb.HelloRequest(site=self.site, version=__version__, can_offer_initial=self.can_offer_initial)
-        reply = self._call(lambda: self.stub.Hello(req, timeout=10, wait_for_ready=True), "connect",
-                           timeout=self.connect_timeout)  # fmt: skip
+        reply = self._call("Hello", req, "connect", per_call=10, timeout=self.connect_timeout)
         self.job_id, self.total_rounds, self.chunk_bytes = reply.job_id, reply.total_rounds, reply.chunk_bytes
         if self._hb is None and self._hb_period > 0:
             self._hb = threading.Thread(target=self._heartbeat, daemon=True, name="fl-heartbeat")
@@ -138,17 +143,16 @@ class SiteClient:
         """Block until the aggregator hands out a task (TRAIN, OFFER_INITIAL or END)."""
         req = pb.TaskRequest(site=self.site, wait_seconds=poll, can_offer_initial=self.can_offer_initial)
         while True:
-            task = self._call(lambda: self.stub.GetTask(req, timeout=poll + 30, wait_for_ready=True),
-                              "waiting for a task", timeout=give_up_after)  # fmt: skip
+            task = self._call("GetTask", req, "waiting for a task", per_call=poll + 30, timeout=give_up_after)
             if task.kind != pb.Task.WAIT:
                 return task
 
     def status(self) -> dict[str, Any]:
-        return json.loads(self._call(lambda: self.stub.Status(pb.StatusRequest(), timeout=10), "status").status_json)
+        return json.loads(self._call("Status", pb.StatusRequest(), "status", per_call=10).status_json)
 
     def log(self, round_: int, records: list[dict]) -> None:
         req = pb.LogRequest(site=self.site, round=round_, records_json=json.dumps(records, default=float))
-        self._call(lambda: self.stub.Log(req, timeout=30), "log")
+        self._call("Log", req, "log", per_call=30)
 
     # -- download ----------------------------------------------------------------------------------------
     def download(self, task: pb.Task, params_format: str) -> tuple[Manifest, dict[str, Any]]:
@@ -224,8 +228,7 @@ class SiteClient:
                                 progress=functools.partial(upload.offset, sender.index))  # fmt: skip
             commit = pb.UploadCommit(upload_id=upload.id, shard_digests=[s.shard_digest() for s in senders])
             try:
-                return self._call(lambda c=commit: self.stub.CommitUpload(c, timeout=120, wait_for_ready=True),
-                                  "commit")  # fmt: skip
+                return self._call("CommitUpload", commit, "commit", per_call=120)
             except IntegrityError as e:
                 log.warning("upload failed its final check (%s); sending it again", e)
         raise IntegrityError(f"the update for round {round_} failed its integrity check three times")
@@ -261,8 +264,7 @@ class _Upload:
         self.refresh()
 
     def refresh(self) -> None:
-        state = self.client._call(lambda: self.client.stub.BeginUpload(self.begin, timeout=60, wait_for_ready=True),
-                                  "begin upload")  # fmt: skip
+        state = self.client._call("BeginUpload", self.begin, "begin upload")
         self.id, self.offsets, self._fresh = state.upload_id, list(state.offsets), True
 
     def offset(self, shard: int) -> int:
