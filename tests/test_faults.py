@@ -226,6 +226,8 @@ SITE_SCRIPT = textwrap.dedent(
         m = flare.receive()
         r = m.current_round
         out["rounds"].append(r)
+        if os.environ.get("ROUND_MARKERS"):
+            pathlib.Path(os.environ["ROUND_MARKERS"], f"site-{idx}.round-{r}").touch()
         if r == hang_round:
             pathlib.Path(os.environ["MARKER"]).write_text("hanging")
             time.sleep(60)
@@ -268,9 +270,9 @@ class _Procs:
                                          f"127.0.0.1:{port}", "--run-dir", str(run_dir), *args])  # fmt: skip
 
     def site(self, port: int, index: int, **env: str) -> subprocess.Popen:
-        return self.start(f"site-{index}", [sys.executable, str(self.tmp_path / "site.py")],
-                          {"FL_SERVER": f"127.0.0.1:{port}", "FL_SITE": f"site-{index}", "FL_PARAMS_FORMAT": "numpy",
-                           "SITE_INDEX": str(index), "RESULT": str(self.tmp_path / f"site-{index}.json"), **env})  # fmt: skip
+        env = {"FL_SERVER": f"127.0.0.1:{port}", "FL_SITE": f"site-{index}", "FL_PARAMS_FORMAT": "numpy",
+               "SITE_INDEX": str(index), "RESULT": str(self.tmp_path / f"site-{index}.json"), **env}  # fmt: skip
+        return self.start(f"site-{index}", [sys.executable, str(self.tmp_path / "site.py")], env)
 
     def wait(self, p: subprocess.Popen, timeout: float, what: str) -> int:
         try:
@@ -280,9 +282,11 @@ class _Procs:
 
     def logs(self) -> str:
         out = []
-        for p, log in self.procs:
+        logs = [(f"rc {p.poll()}", log) for p, log in self.procs]
+        logs += [("run dir", log) for log in sorted(self.tmp_path.glob("*/aggregator.log"))]
+        for what, log in logs:
             text = log.read_text(errors="replace") if log.exists() else ""
-            out.append(f"--- {log.name} (rc {p.poll()}) ---\n" + "\n".join(text.splitlines()[-25:]))
+            out.append(f"--- {log.name} ({what}) ---\n" + "\n".join(text.splitlines()[-25:]))
         return "\n".join(out)
 
     def kill_all(self) -> None:
@@ -353,17 +357,23 @@ def test_sigkilled_site_does_not_stall_past_round_deadline(tmp_path, procs):
 def test_sigkilled_aggregator_restarts_and_finishes(tmp_path, procs):
     g0 = {"w": _values((64, 33), 6), "b": _values((33,), 7)}
     save_file(g0, str(tmp_path / "initial.safetensors"))
-    port, run = _free_port(), tmp_path / "run"
+    port, run, marks = _free_port(), tmp_path / "run", tmp_path / "marks"
+    marks.mkdir()
     cmd = ("--rounds", "4", "--min-sites", "2", "--initial-model", str(tmp_path / "initial.safetensors"))
     agg = procs.aggregator(port, run, *cmd)
-    sites = [procs.site(port, i, SITE_SLEEP="1") for i in (1, 2)]
+    sites = [procs.site(port, i, SITE_SLEEP="1", ROUND_MARKERS=str(marks)) for i in (1, 2)]
+    # Kill while both sites train on round 2's model (each spends 1 s per round before it sends).
     _wait_for(run / "global" / "round-00002" / "manifest.json", 40, procs, "round 1 closing")
+    for i in (1, 2):
+        _wait_for(marks / f"site-{i}.round-2", 10, procs, f"site-{i} receiving round 2")
     agg.send_signal(signal.SIGKILL)
     assert agg.wait(10) == -signal.SIGKILL
-    assert not (run / "global" / "round-00004").exists(), "the kill came too late to test a restart"
-    agg2 = procs.aggregator(port, run, *cmd)
-    assert procs.wait(agg2, 60, "the restarted aggregator") == 0, procs.logs()
-    for i, p in zip((1, 2), sites):
+    assert not (run / "global" / "round-00003").exists(), "the kill came too late to test a restart"
+    agg2 = procs.aggregator(port, run, *cmd)  # same command, same port; the sites retry meanwhile
+    # Round 2 closes once both sites' updates reach the new process (~1 s), round 3 a second later.
+    _wait_for(run / "global" / "round-00003" / "manifest.json", 15, procs, "round 2 closing after the restart")
+    assert procs.wait(agg2, 30, "the restarted aggregator") == 0, procs.logs()
+    for i, p in zip((1, 2), sites, strict=True):
         assert procs.wait(p, 30, f"site-{i}") == 0, procs.logs()
         assert json.loads((tmp_path / f"site-{i}.json").read_text())["rounds"][-1] == 3
     assert "resuming run" in (run / "aggregator.log").read_text()

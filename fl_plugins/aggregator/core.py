@@ -321,6 +321,11 @@ class Aggregator:
                              f"the update from site {site!r}")  # fmt: skip
                 for old in [u for u in self.uploads.values() if u.site == site and not u.initial]:
                     self._kill(old)  # a new send() from the same site replaces an unfinished one
+                if self._round_started is None:
+                    # the site holds this round's task from before an aggregator restart: the round is under way
+                    self._round_started = time.monotonic()
+                    log.info("round %d attempt %d resumed by site %r's update", self.round, self.attempt, site)
+                s.took = (round_, attempt)
                 u = Upload(upload_id, site, round_, attempt, manifest, float(weight), params_type, False)
                 sink = _FoldSink(self.acc, float(weight), u)  # type: ignore[arg-type]
                 u.receivers = [ShardReceiver(manifest, i, sink) for i in range(len(manifest.shards))]
