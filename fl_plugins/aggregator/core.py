@@ -28,7 +28,7 @@ from typing import Any
 from fl_plugins.aggregator.fedavg import Accumulator
 from fl_plugins.aggregator.store import GlobalReader, RunStore, same_tensors
 from fl_plugins.errors import ConfigError, ProtocolError, RoundError
-from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, Manifest, TensorInfo
+from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, Manifest, ShardLayout, TensorInfo
 from fl_plugins.wire.stream import ShardReceiver
 
 log = logging.getLogger(__name__)
@@ -89,8 +89,11 @@ class _FileSink:
     def __init__(self, directory: Path, manifest: Manifest) -> None:
         self.fds = [open(directory / s.name, "wb", buffering=0) for s in manifest.shards]  # noqa: SIM115
         self.manifest = manifest
+        self.directory = directory
+        self.headers: dict[int, bytes] = {}
 
     def header(self, shard: int, prefix: bytes) -> None:
+        self.headers[shard] = prefix
         self.fds[shard].write(prefix)
 
     def data(self, shard: int, tensor: TensorInfo, lo: int, payload: memoryview) -> None:
@@ -386,13 +389,11 @@ class Aggregator:
             s = self._touch(u.site)
             if u.initial:
                 u.file_sink.close()  # type: ignore[union-attr]
-                manifest = Manifest(
-                    [type(x.layout)(x.layout.name, x.layout.header, x.layout.tensors, d)
-                     for x, d in zip(u.receivers, digests, strict=True)],
-                    u.manifest.chunk_bytes, {"current_round": 0})  # fmt: skip
-                for i, x in enumerate(manifest.shards):
-                    x.header = bytes(u.receivers[i]._hdr)
-                self.store.commit(0, self.store.round_dir(0).with_name("round-00000.tmp"), manifest)
+                sink = u.file_sink
+                shards = [ShardLayout(s_.name, sink.headers[i], s_.tensors, d)  # type: ignore[union-attr]
+                          for i, (s_, d) in enumerate(zip(u.manifest.shards, digests, strict=True))]  # fmt: skip
+                manifest = Manifest(shards, u.manifest.chunk_bytes, {"current_round": 0})
+                self.store.commit(0, sink.directory, manifest)  # type: ignore[union-attr]
                 del self.uploads[upload_id]
                 self._offering = None
                 log.info("round 0's global model set from site %r's weights", u.site)
