@@ -221,14 +221,19 @@ def aggregator_main(conn, cfg: dict) -> None:
         raise
 
 
-def site_client_main(conn, address: str, name: str, fmt: str) -> None:
-    """Child: one site on SiteClient; per round: time download and upload (until the commit is acknowledged)."""
+def site_client_main(conn, address: str, name: str, fmt: str, reuse_buffers: bool = False) -> None:
+    """Child: one site on SiteClient; per round: time download and upload (until the commit is acknowledged).
+
+    reuse_buffers: download(into=...) receives into the previous round's tensors (what `flare.receive(into=)`
+    and the Lightning/HF integrations do); without it every round allocates new tensors."""
     child_setup(name)
     try:
         if fmt == "torch":
             import torch  # noqa: F401  (loaded before the clock starts, as in a training script)
         from fl_plugins.client._site import SiteClient
         from fl_plugins.wire.proto import fl_pb2 as pb
+
+        prev = None
 
         rss_idle = rss_now()
         c = SiteClient(address, name)
@@ -239,7 +244,7 @@ def site_client_main(conn, address: str, name: str, fmt: str) -> None:
             if task.kind == pb.Task.END:
                 break
             t0 = time.perf_counter()
-            manifest, params = c.download(task, fmt)
+            manifest, params = c.download(task, fmt, into=prev)
             t1 = time.perf_counter()
             rss_after_download = rss_now()
             env = {"params_type": "FULL", "meta": {"NUM_STEPS_CURRENT_ROUND": 1}}
@@ -247,6 +252,7 @@ def site_client_main(conn, address: str, name: str, fmt: str) -> None:
             t2 = time.perf_counter()
             rounds.append({"round": task.round, "bytes": manifest.total_bytes, "download_s": t1 - t0,
                            "upload_s": t2 - t1, "rss_after_download": rss_after_download})  # fmt: skip
+            prev = params if reuse_buffers else None
             del params, manifest
         c.close()
         conn.send({"rounds": rounds, "maxrss": maxrss(), "rss_idle": rss_idle, "stats": dict(c.stats)})
@@ -287,6 +293,24 @@ def site_api_main(conn, address: str, name: str, add_constant: float) -> None:
         with contextlib.suppress(Exception):
             conn.send({"error": f"{type(e).__name__}: {e}"})
         raise
+
+
+def environment() -> dict:
+    """What the figures were measured on: commit, whether fl_plugins had local changes, malloc settings."""
+    import platform
+    import subprocess
+
+    repo = Path(__file__).resolve().parent.parent
+
+    def git(*a: str) -> str:
+        try:
+            return subprocess.run(["git", *a], cwd=repo, capture_output=True, text=True, timeout=10).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"git_head": git("rev-parse", "HEAD"), "fl_plugins_dirty": bool(git("status", "--porcelain", "fl_plugins")),
+            "python": platform.python_version(), "cpus": os.cpu_count(),
+            "MALLOC_ARENA_MAX": os.environ.get("MALLOC_ARENA_MAX")}  # fmt: skip
 
 
 def read_jsonl(path: Path) -> list[dict]:

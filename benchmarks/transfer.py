@@ -6,17 +6,24 @@
 
 Raw baseline: a tiny grpc server (generic handlers, identity serializers, no framework) and a client in
 separate processes move the model's byte count in `--chunk-mib` messages. The sender turns each chunk of a
-model-sized, already-touched buffer into `bytes` (grpcio needs bytes: one copy, as any sender of real weights
-makes); the receiver copies each message into (i) fresh memory (np.empty of model size, first touched by
-the copy: "first") or (ii) a reused, already-touched buffer ("steady"). Also measured, for context only:
-"wire" = a prebuilt message sent again and again, receiver discards.
+model-sized, already-touched buffer into `bytes` (grpcio sends only bytes: one copy, as any sender of real
+weights makes). The receiver copies each message into (i) fresh memory of model size, first touched by the
+copy ("first"; by default the same allocator as fl-plugins' receiver: torch.empty on the downloading side,
+np.zeros like the accumulator on the uploading side; `--raw-fresh numpy` uses np.empty on both), or (ii) a
+reused, already-touched buffer ("steady"). Each case runs `--raw-repeats` times (median). Also measured, for
+context only: "wire" = one prebuilt message sent again and again, receiver discards.
 
 fl-plugins: an aggregator process (AggregatorServer, --initial-model written beforehand) and one site
 process (SiteClient, torch tensors). Per round the site times download() and upload() (until the commit is
-acknowledged). Round 0 = "first" (site allocates new tensors, the aggregator's float32 accumulator is first
-touched); "steady" = the median of later rounds. Then the same with 4 site processes uploading concurrently,
-for the aggregator's peak RSS with 1 vs 4 sites. Peak RSS is each process's own ru_maxrss (kernel
-high-water mark); a 50 ms psutil sampler gives a second opinion.
+acknowledged). Round 0 = "first" (the site allocates new tensors, the aggregator's float32 accumulator is
+first touched); "steady" = the median of later rounds (SiteClient.download allocates new tensors every
+round, so a steady download still writes fresh memory). Then the same with 4 site processes uploading
+concurrently, for the aggregator's peak RSS with 1 vs 4 sites. Peak RSS is each process's own ru_maxrss
+(kernel high-water mark); a 50 ms psutil sampler gives a second opinion and the peak of the tree's sum.
+
+On this VM first-touch of fresh memory costs 0.5-18 GB/s depending on whether the host took the pages back
+(it does within ~2 s of a free): `--settle` pauses before every "first" measurement so raw and fl-plugins
+start from the same state. Expect run-to-run noise on "first" figures.
 """
 
 from __future__ import annotations
@@ -36,12 +43,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import (  # noqa: E402
     CTX,
+    Children,
     GiB,
     MiB,
-    Children,
     RSSSampler,
     aggregator_main,
     child_setup,
+    environment,
     gbps,
     maxrss,
     median,
@@ -61,7 +69,7 @@ def _ident(b):
 
 
 # -- raw gRPC baseline ------------------------------------------------------------------------------------
-def raw_server_main(conn, nbytes: int, chunk: int) -> None:
+def raw_server_main(conn, nbytes: int, chunk: int, fresh: str) -> None:
     child_setup("raw-server")
     try:
         from concurrent import futures
@@ -76,7 +84,10 @@ def raw_server_main(conn, nbytes: int, chunk: int) -> None:
 
         def up(request_iterator, context):
             mode = dict(context.invocation_metadata()).get("mode", "steady")
-            dst = np.empty(nbytes, np.uint8) if mode == "fresh" else steady if mode == "steady" else None
+            if mode == "fresh":  # like the aggregator's accumulator: np.zeros, first touched by the copy
+                dst = np.zeros(nbytes, np.uint8) if fresh == "match" else np.empty(nbytes, np.uint8)
+            else:
+                dst = steady if mode == "steady" else None
             off = 0
             for msg in request_iterator:
                 n = len(msg)
@@ -113,10 +124,20 @@ def raw_server_main(conn, nbytes: int, chunk: int) -> None:
             raise
 
 
-def raw_client_main(conn, address: str, nbytes: int, chunk: int, repeats: int) -> None:
+def raw_client_main(conn, address: str, nbytes: int, chunk: int, repeats: int, fresh: str, settle: float) -> None:
     child_setup("raw-client")
     try:
         import grpc
+
+        if fresh == "match":  # the site receives into new torch tensors: same allocator, same page size
+            import torch
+
+            def fresh_buffer(n: int) -> np.ndarray:
+                return torch.empty(n, dtype=torch.uint8).numpy()
+        else:
+
+            def fresh_buffer(n: int) -> np.ndarray:
+                return np.empty(n, np.uint8)
 
         ch = grpc.insecure_channel(address, options=RAW_OPTIONS)
         grpc.channel_ready_future(ch).result(timeout=30)
@@ -144,7 +165,7 @@ def raw_client_main(conn, address: str, nbytes: int, chunk: int, repeats: int) -
 
         def do_down(total: int, mode: str, source: str) -> float:
             t0 = time.perf_counter()
-            dst = np.empty(total, np.uint8) if mode == "fresh" else steady if mode == "steady" else None
+            dst = fresh_buffer(total) if mode == "fresh" else steady if mode == "steady" else None
             off = 0
             for msg in down(json.dumps([total, source]).encode()):
                 n = len(msg)
@@ -159,11 +180,15 @@ def raw_client_main(conn, address: str, nbytes: int, chunk: int, repeats: int) -
         for _ in range(2):  # warm up the connection and both code paths
             do_up(64 * MiB, "steady", "copy")
             do_down(64 * MiB, "steady", "copy")
+        def settled(fn, *a) -> float:
+            time.sleep(settle)  # let memory freed by the previous run go back, as between fl rounds/cases
+            return fn(*a)
+
         out: dict = {}
         for direction, fn in (("upload", do_up), ("download", do_down)):
             out[direction] = {
                 "wire": [fn(nbytes, "discard", "prebuilt") for _ in range(repeats)],
-                "first": [fn(nbytes, "fresh", "copy") for _ in range(repeats)],
+                "first": [settled(fn, nbytes, "fresh", "copy") for _ in range(repeats)],
                 "steady": [fn(nbytes, "steady", "copy") for _ in range(repeats)],
             }
         ch.close()
@@ -175,19 +200,20 @@ def raw_client_main(conn, address: str, nbytes: int, chunk: int, repeats: int) -
             raise
 
 
-def run_raw(nbytes: int, chunk: int, repeats: int, timeout: float) -> dict:
+def run_raw(nbytes: int, chunk: int, repeats: int, fresh: str, settle: float, timeout: float) -> dict:
     with Children() as ch:
         s_par, s_child = CTX.Pipe()
-        ch.start(raw_server_main, s_child, nbytes, chunk, name="raw-server")
+        ch.start(raw_server_main, s_child, nbytes, chunk, fresh, name="raw-server")
         s_child.close()
         address = recv(s_par, timeout, "raw server start")["address"]
         c_par, c_child = CTX.Pipe()
-        ch.start(raw_client_main, c_child, address, nbytes, chunk, repeats, name="raw-client")
+        ch.start(raw_client_main, c_child, address, nbytes, chunk, repeats, fresh, settle, name="raw-client")
         c_child.close()
         res = recv(c_par, timeout, "raw client")
         s_par.send("stop")
         srv = recv(s_par, 30, "raw server stop")
-    out: dict = {"bytes": nbytes, "chunk_bytes": chunk, "repeats": repeats, "seconds": res["seconds"],
+    out: dict = {"bytes": nbytes, "chunk_bytes": chunk, "repeats": repeats, "fresh_alloc": fresh,
+                 "settle_s": settle, "seconds": res["seconds"],
                  "client_maxrss": res["maxrss"], "server_maxrss": srv["maxrss"]}  # fmt: skip
     out["gbps"] = {d: {k: gbps(nbytes, median(v)) for k, v in cases.items()} for d, cases in res["seconds"].items()}
     return out
@@ -195,14 +221,15 @@ def run_raw(nbytes: int, chunk: int, repeats: int, timeout: float) -> dict:
 
 # -- fl-plugins --------------------------------------------------------------------------------------------
 def run_fl(root: Path, dtype: str, model_bytes: int, n_tensors: int, n_sites: int, rounds: int, chunk: int,
-           timeout: float) -> dict:  # fmt: skip
-    d = root / f"fl-{dtype.lower()}-{n_sites}site"
+           timeout: float, settle: float, reuse: bool = True) -> dict:  # fmt: skip
+    d = root / f"fl-{dtype.lower()}-{n_sites}site{'' if reuse else '-fresh'}"
     d.mkdir(parents=True)
     try:
         specs = tensor_specs(model_bytes, dtype, n_tensors)
         t0 = time.perf_counter()
         size = write_model(d / "init.safetensors", specs)
         write_s = time.perf_counter() - t0
+        time.sleep(settle)
         cfg = {"run_dir": d / "run", "rounds": rounds, "min_sites": n_sites, "initial_model": d / "init.safetensors",
                "chunk_bytes": chunk, "linger": 3.0}  # fmt: skip
         with Children() as ch:
@@ -215,7 +242,7 @@ def run_fl(root: Path, dtype: str, model_bytes: int, n_tensors: int, n_sites: in
             pipes = []
             for k in range(n_sites):
                 p_par, p_child = CTX.Pipe()
-                p = ch.start(site_client_main, p_child, ready["address"], f"site-{k + 1}", "torch",
+                p = ch.start(site_client_main, p_child, ready["address"], f"site-{k + 1}", "torch", reuse,
                              name=f"site-{k + 1}")  # fmt: skip
                 p_child.close()
                 sampler.add(f"site-{k + 1}", p.pid)
@@ -230,8 +257,8 @@ def run_fl(root: Path, dtype: str, model_bytes: int, n_tensors: int, n_sites: in
         first = [r for r in per_round if r["round"] == 0]
         steady = [r for r in per_round if r["round"] > 0]
         res = {
-            "dtype": dtype, "sites": n_sites, "rounds": rounds, "model_bytes": size, "write_model_s": write_s,
-            "acc_bytes": ready["acc_bytes"],
+            "dtype": dtype, "sites": n_sites, "receive_into": reuse, "rounds": rounds, "model_bytes": size,
+            "write_model_s": write_s, "acc_bytes": ready["acc_bytes"],
             "seconds": {
                 "download": {"first": median(r["download_s"] for r in first),
                              "steady": median(r["download_s"] for r in steady)},
@@ -259,10 +286,18 @@ def report(out: dict) -> list[str]:
     lines, checks = [], []
     raw = out["raw"]
     model = out["model_bytes"]
+    env = out.get("env", {})
+    dirty = " (+ local changes)" if env.get("fl_plugins_dirty") else ""
+    arenas = env.get("MALLOC_ARENA_MAX")
+    lines.append(f"fl-plugins at {env.get('git_head', '?')[:12]}{dirty}, MALLOC_ARENA_MAX={arenas}")
     lines.append(f"model {model / GiB:.2f} GiB ({out['tensors']} tensors), chunk {out['chunk_mib']} MiB, "
                  f"raw repeats {raw['repeats']} (median)")  # fmt: skip
     lines.append(f"raw wire ceiling (prebuilt msgs, receiver discards): up {raw['gbps']['upload']['wire']:.2f} "
                  f"GB/s, down {raw['gbps']['download']['wire']:.2f} GB/s")  # fmt: skip
+    for direction in ("upload", "download"):
+        spread = ", ".join(f"{k} {min(v) and model / max(v) / 1e9:.2f}-{model / min(v) / 1e9:.2f}"
+                           for k, v in raw["seconds"][direction].items())  # fmt: skip
+        lines.append(f"raw {direction} GB/s min-max over repeats: {spread}")
     lines.append("")
     lines.append(f"{'case':<26}{'raw GB/s':>10}{'fl GB/s':>10}{'fl/raw':>9}   fl seconds")
     for dt in out["dtypes"]:
@@ -276,10 +311,15 @@ def report(out: dict) -> list[str]:
                 checks.append((f"ratio {dt} {direction} {phase} >= 0.7", ok, f"{ratio:.2f}" if ratio else "-"))
                 lines.append(f"{dt + ' ' + direction + ' ' + phase:<26}{r:>10.2f}{f:>10.2f}{ratio:>9.2f}   "
                              f"{fl['seconds'][direction][phase]:.2f}")  # fmt: skip
+    for dt in out["dtypes"]:
+        per = out["fl"][dt]["per_site_rounds"][0]
+        lines.append(f"fl {dt} per round GB/s (download/upload): " + ", ".join(
+            f"r{r['round']} {r['bytes'] / r['download_s'] / 1e9:.2f}/{r['bytes'] / r['upload_s'] / 1e9:.2f}"
+            for r in per))  # fmt: skip
     lines.append("")
     lines.append(f"{'memory (MiB)':<26}{'model':>9}{'acc':>9}{'agg peak':>10}{'site peak':>11}{'site idle':>11}"
                  f"{'tree peak':>11}")  # fmt: skip
-    for key, fl in [(dt, out["fl"][dt]) for dt in out["dtypes"]] + [("multi", out.get("multi"))]:
+    for fl in [out["fl"][dt] for dt in out["dtypes"]] + [out.get("multi")]:
         if fl is None:
             continue
         label = f"{fl['dtype']} {fl['sites']} site" + ("s" if fl["sites"] > 1 else "")
@@ -301,12 +341,25 @@ def report(out: dict) -> list[str]:
                      f"{s['download']['first']:.2f}/{_f(s['download']['steady'])} s, upload first/steady "
                      f"{s['upload']['first']:.2f}/{_f(s['upload']['steady'])} s; aggregate upload steady "
                      f"{_f(_agg(multi, 'upload'))} GB/s")  # fmt: skip
+    wi = out.get("fresh_receive")
+    if wi:
+        g, raw_g = wi["gbps"]["download"], raw["gbps"]["download"]
+        lines.append("")
+        lines.append(f"plain receive() without into= (new tensors every round, first-touched): F32 "
+                     f"download first {_f(g['first'])} GB/s, steady {_f(g['steady'])} GB/s "
+                     f"(fl/raw {_f(_ratio(g['steady'], raw_g['steady']))}); upload steady "
+                     f"{_f(wi['gbps']['upload']['steady'])} GB/s; site peak {mib(max(wi['site_maxrss']))} "
+                     "MiB")  # fmt: skip
     lines.append("")
     lines.append("targets:")
     for what, ok, val in checks:
         lines.append(f"  [{'PASS' if ok else 'FAIL'}] {what}: {val}")
     out["targets"] = {what: {"pass": ok, "value": val} for what, ok, val in checks}
     return lines
+
+
+def _ratio(a, b):
+    return a / b if (a and b) else None
 
 
 def _f(x) -> str:
@@ -332,6 +385,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--multi-sites", type=int, default=4, help="sites in the concurrent run (0: skip; default 4)")
     p.add_argument("--multi-rounds", type=int, default=2, help="rounds in the concurrent run (default 2)")
     p.add_argument("--multi-dtype", default="F32", help="dtype of the concurrent run (default F32)")
+    p.add_argument("--raw-fresh", choices=["match", "numpy"], default="match",
+                   help="raw 'first' memory: 'match' = like fl-plugins (download into torch.empty, upload into "
+                        "np.zeros), 'numpy' = np.empty on both sides (default %(default)s)")
+    p.add_argument("--settle", type=float, default=3.0,
+                   help="seconds to pause before each 'first' measurement so memory freed just before has "
+                        "gone back to the host, as it has by a real first round (default %(default)s)")
+    p.add_argument("--fresh-receive", action="store_true",
+                   help="also run F32 with the site receiving into new tensors every round (plain receive() "
+                        "without into=; not in targets)")
     p.add_argument("--run-dir", type=Path, default=None, help="scratch directory (default: a new one in /tmp)")
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per case (default 900)")
     p.add_argument("--json", type=Path, help="write all figures here as JSON")
@@ -342,19 +404,25 @@ def main(argv: list[str] | None = None) -> int:
     dtypes = [d.strip().upper() for d in args.dtypes.split(",") if d.strip()]
     root = Path(tempfile.mkdtemp(prefix="flbench-transfer-", dir=args.run_dir or "/tmp"))
     out: dict = {"gib": args.gib, "model_bytes": model_bytes, "chunk_mib": args.chunk_mib, "tensors": args.tensors,
-                 "dtypes": dtypes, "fl": {}, "ratios": {}, "started": time.time()}  # fmt: skip
+                 "dtypes": dtypes, "fl": {}, "ratios": {}, "started": time.time(), "env": environment()}  # fmt: skip
     t_all = time.perf_counter()
     try:
         print(f"raw gRPC baseline ({model_bytes / GiB:.2f} GiB) ...", flush=True)
-        out["raw"] = run_raw(model_bytes, chunk, args.raw_repeats, args.timeout)
+        out["raw"] = run_raw(model_bytes, chunk, args.raw_repeats, args.raw_fresh, args.settle, args.timeout)
         for dt in dtypes:
             print(f"fl-plugins {dt}, 1 site, {1 + args.steady_rounds} rounds ...", flush=True)
-            out["fl"][dt] = run_fl(root, dt, model_bytes, args.tensors, 1, 1 + args.steady_rounds, chunk, args.timeout)
+            out["fl"][dt] = run_fl(root, dt, model_bytes, args.tensors, 1, 1 + args.steady_rounds, chunk,
+                                   args.timeout, args.settle)  # fmt: skip
         if args.multi_sites > 0:
             print(f"fl-plugins {args.multi_dtype}, {args.multi_sites} sites, {args.multi_rounds} rounds ...",
                   flush=True)  # fmt: skip
             out["multi"] = run_fl(root, args.multi_dtype.upper(), model_bytes, args.tensors, args.multi_sites,
-                                  args.multi_rounds, chunk, args.timeout)  # fmt: skip
+                                  args.multi_rounds, chunk, args.timeout, args.settle)  # fmt: skip
+        if args.fresh_receive:
+            print(f"F32, 1 site receiving into new tensors every round, {1 + args.steady_rounds} rounds ...",
+                  flush=True)  # fmt: skip
+            out["fresh_receive"] = run_fl(root, "F32", model_bytes, args.tensors, 1, 1 + args.steady_rounds, chunk,
+                                          args.timeout, args.settle, reuse=False)  # fmt: skip
         out["total_seconds"] = time.perf_counter() - t_all
         print()
         print("\n".join(report(out)))

@@ -72,6 +72,9 @@ def _server(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from fl_plugins._sys import limit_malloc_arenas
+
+    limit_malloc_arenas()
     args = _parser().parse_args(argv)
     logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip

@@ -294,3 +294,18 @@ def test_a_late_send_is_refused_with_a_warning_and_the_site_goes_on(server_facto
         assert m.current_round == 0
     finally:
         fast.close()
+
+
+@pytest.mark.integration
+def test_receive_into_existing_tensors_reuses_their_memory(server_factory, api):
+    import torch
+
+    initial = {"w": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float32)}
+    srv = server_factory(rounds=1, initial=initial)
+    api.init(srv.address, "s", params_format="torch")
+    mine = {"w": torch.zeros(2, 3), "b": torch.zeros(5)}  # "b" has another shape: allocated anew
+    m = api.receive(into=mine)
+    assert m.params["w"] is mine["w"] and m.params["b"] is not mine["b"]
+    np.testing.assert_array_equal(mine["w"].numpy(), initial["w"])
+    np.testing.assert_array_equal(m.params["b"].numpy(), initial["b"])
+    api.send(api.FLModel(params=m.params))

@@ -71,6 +71,9 @@ class SiteClient:
     def __init__(self, address: str, site: str, *, connect_timeout: float = 60.0, retry_timeout: float = 120.0,
                  idle_timeout: float = 60.0, heartbeat: float = 5.0, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                  can_offer_initial: bool = False) -> None:  # fmt: skip
+        from fl_plugins._sys import limit_malloc_arenas
+
+        limit_malloc_arenas()
         self.address, self.site = address, site
         self.connect_timeout, self.retry_timeout, self.idle_timeout = connect_timeout, retry_timeout, idle_timeout
         self.max_shard_bytes = max_shard_bytes
@@ -155,9 +158,12 @@ class SiteClient:
         self._call("Log", req, "log", per_call=30)
 
     # -- download ----------------------------------------------------------------------------------------
-    def download(self, task: pb.Task, params_format: str) -> tuple[Manifest, dict[str, Any]]:
+    def download(self, task: pb.Task, params_format: str,
+                 into: Mapping[str, Any] | None = None) -> tuple[Manifest, dict[str, Any]]:  # fmt: skip
+        """The round's global model. Tensors of `into` that match (name, dtype, shape) receive the bytes in
+        place (their contents are unspecified if the download fails); the rest are allocated."""
         manifest = Manifest.from_json(task.manifest_json, f"round {task.round}'s global model")
-        params, views = tensors.allocate([t for s in manifest.shards for t in s.tensors], params_format)
+        params, views = tensors.allocate([t for s in manifest.shards for t in s.tensors], params_format, into)
         sink = _TensorSink(views)
         for i, shard in enumerate(manifest.shards):
             rx = ShardReceiver(manifest, i, sink)

@@ -142,8 +142,11 @@ def _broadcast_from_rank0(value: bool) -> bool:
     return bool(obj[0])
 
 
-def receive(timeout: float | None = None) -> FLModel | None:
-    """This round's global model (cached until send()); None once the job is over or on ranks other than 0."""
+def receive(timeout: float | None = None, *, into: dict[str, Any] | None = None) -> FLModel | None:
+    """This round's global model (cached until send()); None once the job is over or on ranks other than 0.
+
+    into: tensors to receive into in place (e.g. `net.state_dict()`, or last round's `model.params`): those
+    that match by name, dtype and shape are overwritten instead of allocating a new model every round."""
     rt = _runtime()
     with rt.lock:
         if rt.client is None:
@@ -153,7 +156,7 @@ def receive(timeout: float | None = None) -> FLModel | None:
             return None
         if rt.model is None:
             task = rt.task
-            manifest, params = rt.client.download(task, rt.params_format)
+            manifest, params = rt.client.download(task, rt.params_format, into=into)
             env = manifest.envelope
             rt.model = FLModel(params_type=ParamsType.FULL, params=params, current_round=task.round,
                                total_rounds=task.total_rounds, start_round=task.start_round,

@@ -1,0 +1,168 @@
+"""Seconds per federated round and peak memory of the whole federation on this machine.
+
+    python benchmarks/round.py                                  # 2 sites x 1 GiB x 3 rounds
+    python benchmarks/round.py --gib 3 --sites 2 --rounds 2
+    python benchmarks/round.py --json out.json
+
+One aggregator process (AggregatorServer with --initial-model written beforehand) and `--sites` site
+processes written like a user script on the FLARE-style client API (`flare.init / is_running / receive /
+send`, torch params) with a no-op local step (`--add-constant X` adds X in place instead). Seconds per round
+come from the aggregator's RUN_DIR/metrics.jsonl "round" events (`seconds`: from the round's start to its
+checkpoint being written; also shown: the checkpoint's share, and the wall interval between consecutive
+round ends). Peak tree RSS is the peak of the sum of the aggregator's and all sites' RSS sampled together
+every 50 ms; each process's own ru_maxrss is shown too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import (  # noqa: E402
+    CTX,
+    Children,
+    GiB,
+    MiB,
+    RSSSampler,
+    aggregator_main,
+    environment,
+    read_jsonl,
+    recv,
+    site_api_main,
+    tensor_specs,
+    write_model,
+)
+
+
+def run(args) -> dict:
+    model_bytes = int(args.gib * GiB) // 4096 * 4096
+    root = Path(tempfile.mkdtemp(prefix="flbench-round-", dir=args.run_dir or "/tmp"))
+    out: dict = {"gib": args.gib, "sites": args.sites, "rounds": args.rounds, "dtype": args.dtype,
+                 "tensors": args.tensors, "add_constant": args.add_constant, "chunk_mib": args.chunk_mib,
+                 "run_dir": str(root), "env": environment()}  # fmt: skip
+    try:
+        t0 = time.perf_counter()
+        out["model_bytes"] = write_model(root / "init.safetensors", tensor_specs(model_bytes, args.dtype, args.tensors))
+        out["write_model_s"] = time.perf_counter() - t0
+        cfg = {"run_dir": root / "run", "rounds": args.rounds, "min_sites": args.sites,
+               "initial_model": root / "init.safetensors", "chunk_bytes": args.chunk_mib * MiB,
+               "linger": 5.0}  # fmt: skip
+        with Children() as ch:
+            sampler = RSSSampler().start()
+            a_par, a_child = CTX.Pipe()
+            agg = ch.start(aggregator_main, a_child, cfg, name="aggregator")
+            a_child.close()
+            sampler.add("aggregator", agg.pid)
+            ready = recv(a_par, args.timeout, "aggregator start")
+            t_ready = time.time()
+            pipes = []
+            for k in range(args.sites):
+                p_par, p_child = CTX.Pipe()
+                p = ch.start(site_api_main, p_child, ready["address"], f"site-{k + 1}", args.add_constant,
+                             name=f"site-{k + 1}")  # fmt: skip
+                p_child.close()
+                sampler.add(f"site-{k + 1}", p.pid)
+                pipes.append(p_par)
+            deadline = time.monotonic() + args.timeout
+            sites = [recv(p, max(1.0, deadline - time.monotonic()), f"site-{k + 1}") for k, p in enumerate(pipes)]
+            done = recv(a_par, max(1.0, deadline - time.monotonic()), "aggregator finish")
+            sampler.stop()
+        if done.get("rc") != 0:
+            raise RuntimeError(f"aggregator exited with rc={done.get('rc')}: {done.get('agg_error')}")
+        events = [e for e in read_jsonl(root / "run" / "metrics.jsonl") if e.get("event") == "round"]
+        prev = None
+        rounds = []
+        for e in events:
+            rounds.append({"round": e["round"], "attempt": e["attempt"], "updates": e["updates"],
+                           "seconds": e["seconds"], "checkpoint_seconds": e["checkpoint_seconds"],
+                           "interval_s": (e["time"] - prev) if prev is not None else e["time"] - t_ready})  # fmt: skip
+            prev = e["time"]
+        out["per_round"] = rounds
+        steady = [r["seconds"] for r in rounds if r["round"] > 0]
+        out["steady_mean_s"] = statistics.mean(steady) if steady else None
+        out["steady_interval_mean_s"] = (statistics.mean(r["interval_s"] for r in rounds if r["round"] > 0)
+                                         if steady else None)  # fmt: skip
+        out["acc_bytes"] = ready["acc_bytes"]
+        out["peak_tree_rss"] = sampler.peak_sum
+        out["sampled_peak_rss"] = dict(sampler.peak)
+        out["aggregator_maxrss"] = done["maxrss"]
+        out["site_maxrss"] = [s["maxrss"] for s in sites]
+        out["site_rounds"] = [s["rounds"] for s in sites]
+        out["aggregator_stats"] = done["stats"]
+        with open("/proc/meminfo") as f:
+            out["mem_total"] = int(f.readline().split()[1]) * 1024
+        return out
+    finally:
+        if not args.keep:
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def report(out: dict) -> list[str]:
+    lines = [f"{out['sites']} sites x {out['model_bytes'] / GiB:.2f} GiB {out['dtype']} ({out['tensors']} tensors) "
+             f"x {out['rounds']} rounds, chunk {out['chunk_mib']} MiB, local step: "
+             f"{'add ' + str(out['add_constant']) if out['add_constant'] else 'no-op'}"]  # fmt: skip
+    env = out.get("env", {})
+    dirty = " (+ local changes)" if env.get("fl_plugins_dirty") else ""
+    arenas = env.get("MALLOC_ARENA_MAX")
+    lines.append(f"fl-plugins at {env.get('git_head', '?')[:12]}{dirty}, MALLOC_ARENA_MAX={arenas}")
+    lines.append(f"{'round':>5}{'seconds':>9}{'checkpoint':>12}{'interval':>10}   per-site receive/send s")
+    for r in out["per_round"]:
+        sr = [next((x for x in s if x["round"] == r["round"]), None) for s in out["site_rounds"]]
+        per = "  ".join(f"{x['receive_s']:.2f}/{x['send_s']:.2f}" for x in sr if x)
+        lines.append(f"{r['round']:>5}{r['seconds']:>9.2f}{r['checkpoint_seconds']:>12.2f}{r['interval_s']:>10.2f}"
+                     f"   {per}")  # fmt: skip
+    sm = out["steady_mean_s"]
+    lines.append(f"steady-round mean (rounds >= 1): {'-' if sm is None else f'{sm:.2f}'} s"
+                 + ("" if sm is None else f" (wall interval {out['steady_interval_mean_s']:.2f} s)"))  # fmt: skip
+    lines.append(f"peak tree RSS (sum, sampled): {out['peak_tree_rss'] / GiB:.2f} GiB of {out['mem_total'] / GiB:.1f} "
+                 f"GiB; aggregator ru_maxrss {out['aggregator_maxrss'] / MiB:,.0f} MiB (accumulator "
+                 f"{out['acc_bytes'] / MiB:,.0f} MiB); sites ru_maxrss "
+                 + ", ".join(f"{x / MiB:,.0f}" for x in out["site_maxrss"]) + " MiB")  # fmt: skip
+    checks = []
+    if abs(out["gib"] - 1) < 1e-9 and out["sites"] == 2 and sm is not None:
+        checks.append(("1 GiB, 2 sites: steady round < 5 s", sm < 5.0, f"{sm:.2f} s"))
+    checks.append(("completes within RAM", out["peak_tree_rss"] < out["mem_total"],
+                   f"{out['peak_tree_rss'] / GiB:.2f} GiB < {out['mem_total'] / GiB:.1f} GiB"))  # fmt: skip
+    lines.append("targets:")
+    for what, ok, val in checks:
+        lines.append(f"  [{'PASS' if ok else 'FAIL'}] {what}: {val}")
+    out["targets"] = {what: {"pass": ok, "value": val} for what, ok, val in checks}
+    return lines
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sites", type=int, default=2, help="site processes (default %(default)s)")
+    p.add_argument("--gib", type=float, default=1.0, help="model size in GiB (default %(default)s)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds (default %(default)s)")
+    p.add_argument("--dtype", default="F32", choices=["F32", "BF16", "F16"], help="tensor dtype (default F32)")
+    p.add_argument("--tensors", type=int, default=8, help="number of tensors (default %(default)s)")
+    p.add_argument("--chunk-mib", type=int, default=4, help="chunk size in MiB (default %(default)s)")
+    p.add_argument("--add-constant", type=float, default=0.0,
+                   help="local step: add this constant to every parameter in place (default 0: no-op)")
+    p.add_argument("--run-dir", type=Path, default=None, help="parent of the scratch run directory (default /tmp)")
+    p.add_argument("--keep", action="store_true", help="keep the run directory (checkpoints, metrics.jsonl)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds allowed for the whole run")
+    p.add_argument("--json", type=Path, help="write all figures here as JSON")
+    args = p.parse_args(argv)
+    out: dict = {}
+    try:
+        out = run(args)
+        print("\n".join(report(out)))
+    finally:
+        if args.json and out:
+            args.json.write_text(json.dumps(out, indent=1, default=str))
+            print(f"wrote {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
