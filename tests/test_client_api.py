@@ -309,3 +309,24 @@ def test_receive_into_existing_tensors_reuses_their_memory(server_factory, api):
     np.testing.assert_array_equal(mine["w"].numpy(), initial["w"])
     np.testing.assert_array_equal(m.params["b"].numpy(), initial["b"])
     api.send(api.FLModel(params=m.params))
+
+
+@pytest.mark.integration
+def test_a_checkpoint_corrupted_on_disk_is_caught_by_the_site(server_factory):
+    """Chunks are served with the digests computed when the checkpoint was written, so bytes that changed on
+    the aggregator's disk fail the site's check instead of being re-hashed and passed on."""
+    srv = server_factory(rounds=1, initial={"w": np.zeros(1 << 16, np.float32)})
+    m = srv.aggregator.store.load(0)
+    path = srv.aggregator.store.shard_paths(0, m)[0]
+    assert path.with_name(path.name + ".chunks").stat().st_size == 16 * -(-m.shards[0].size // m.chunk_bytes)
+    with open(path, "r+b") as f:
+        f.seek(m.shards[0].data_start + 1000)
+        f.write(b"\x7f")
+    c = SiteClient(srv.address, "s", retry_timeout=1.0)
+    c.connect()
+    try:
+        with pytest.raises(TransportError, match="xxh3"):
+            c.download(c.next_task(), "numpy")
+        assert c.stats["corrupted_chunks"] >= 1
+    finally:
+        c.close()

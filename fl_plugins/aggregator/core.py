@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_plugins.aggregator.fedavg import Accumulator
-from fl_plugins.aggregator.store import GlobalReader, RunStore, same_tensors
+from fl_plugins.aggregator.store import GlobalReader, RunStore, same_tensors, write_chunk_digests
 from fl_plugins.errors import ConfigError, ProtocolError, RoundError
 from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, Manifest, ShardLayout, TensorInfo
 from fl_plugins.wire.stream import ShardReceiver
@@ -140,6 +140,7 @@ class Aggregator:
         self.round = 0
         self.attempt = 0
         self.global_manifest: Manifest | None = None
+        self._digests: list[list[bytes] | None] = []
         self.acc: Accumulator | None = None
         self._round_started: float | None = None
         self._offering: str | None = None  # site uploading its weights as round 0's model
@@ -171,6 +172,7 @@ class Aggregator:
     def _open_round(self, r: int, manifest: Manifest) -> None:
         """Called with the lock held (or before the thread starts)."""
         self.global_manifest = manifest
+        self._digests = self.store.chunk_digests(r, manifest)
         self.round, self.attempt = r, 0
         self._round_started = None
         if r >= self.config.rounds:
@@ -259,11 +261,12 @@ class Aggregator:
                     return {"kind": "WAIT", "round": self.round}
                 self._cond.wait(min(left, 1.0))
 
-    def global_source(self, round_: int) -> tuple[Manifest, list[Path]]:
+    def global_source(self, round_: int) -> tuple[Manifest, list[Path], list[list[bytes] | None]]:
+        """The round's global model: manifest, shard files and their chunk digests (from the checkpoint)."""
         with self._cond:
             if self.global_manifest is None or round_ != self.round:
                 raise RoundError(f"round {round_}'s global model is not being served (current round {self.round})")
-            return self.global_manifest, self.store.shard_paths(round_, self.global_manifest)
+            return self.global_manifest, self.store.shard_paths(round_, self.global_manifest), self._digests
 
     def count_sent(self, n: int) -> None:
         with self._cond:
@@ -393,6 +396,8 @@ class Aggregator:
                 shards = [ShardLayout(s_.name, sink.headers[i], s_.tensors, d)  # type: ignore[union-attr]
                           for i, (s_, d) in enumerate(zip(u.manifest.shards, digests, strict=True))]  # fmt: skip
                 manifest = Manifest(shards, u.manifest.chunk_bytes, {"current_round": 0})
+                for shard, rx in zip(shards, u.receivers, strict=True):
+                    write_chunk_digests(sink.directory / shard.name, rx.digest.digests)  # type: ignore[union-attr]
                 self.store.commit(0, sink.directory, manifest)  # type: ignore[union-attr]
                 del self.uploads[upload_id]
                 self._offering = None

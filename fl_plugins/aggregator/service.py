@@ -72,12 +72,12 @@ class Servicer:
         return pb.CommitReply(**r)
 
     def Download(self, req: pb.DownloadRequest, context):
-        manifest, paths = self.agg.global_source(req.round)
+        manifest, paths, digests = self.agg.global_source(req.round)
         if not 0 <= req.shard < len(manifest.shards):
             raise ProtocolError(f"round {req.round}'s global model has no shard {req.shard}")
         source = FileSource(paths)
         try:
-            for frame in ShardSender(manifest, req.shard, source).frames(req.offset):
+            for frame in ShardSender(manifest, req.shard, source, digests[req.shard]).frames(req.offset):
                 self.agg.count_sent(len(frame))
                 yield frame
         finally:

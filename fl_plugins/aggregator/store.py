@@ -3,6 +3,7 @@
     RUN_DIR/
       global/round-00000/manifest.json     round 0's global model (the initial model)
       global/round-00000/*.safetensors
+      global/round-00000/*.safetensors.chunks   each shard's chunk digests (16 bytes each), served with the bytes
       global/round-00001/...               the model after round 0, i.e. round 1's global model
       metrics.jsonl                        one line per accepted update and per completed round
       logs.jsonl                           records sites sent with flare.log()
@@ -80,6 +81,17 @@ class RunStore:
     def shard_paths(self, r: int, manifest: Manifest) -> list[Path]:
         return [self.round_dir(r) / s.name for s in manifest.shards]
 
+    def chunk_digests(self, r: int, manifest: Manifest) -> list[list[bytes] | None]:
+        """Each shard's chunk digests as written with the checkpoint (None where missing or malformed: the
+        chunks are then hashed as they are served)."""
+        out: list[list[bytes] | None] = []
+        for s in manifest.shards:
+            p = self.round_dir(r) / (s.name + ".chunks")
+            n = -(-s.size // manifest.chunk_bytes)
+            raw = p.read_bytes() if p.is_file() else b""
+            out.append([raw[i : i + 16] for i in range(0, len(raw), 16)] if len(raw) == 16 * n else None)
+        return out
+
     # -- writing -----------------------------------------------------------------------------------------
     def begin(self, r: int) -> Path:
         tmp = self.global_dir / f"round-{r:05d}.tmp"
@@ -114,6 +126,7 @@ class RunStore:
             if hasher.size != s.size:
                 raise IntegrityError(f"{s.name}: wrote {hasher.size} bytes, layout says {s.size}")
             shards.append(ShardLayout(s.name, s.header, s.tensors, hasher.hexdigest()))
+            write_chunk_digests(tmp / s.name, hasher.shard.digests)
         manifest = Manifest(shards, layout.chunk_bytes, envelope)
         self.commit(r, tmp, manifest)
         return manifest
@@ -166,6 +179,7 @@ class RunStore:
                     raise IntegrityError(f"{path}: data section is {hasher.size - len(header)} bytes, header says "
                                          f"{size - len(header)}")  # fmt: skip
             shards.append(ShardLayout(path.name, header, tensors, hasher.hexdigest()))
+            write_chunk_digests(tmp / path.name, hasher.shard.digests)
         manifest = Manifest(shards, chunk_bytes, {"current_round": 0})
         self.commit(0, tmp, manifest)
         return manifest
@@ -175,6 +189,10 @@ class RunStore:
         with open(self.root / name, "a") as f:
             for rec in records:
                 f.write(json.dumps({"time": time.time(), **rec}) + "\n")
+
+
+def write_chunk_digests(shard_path: Path, digests: list[bytes]) -> None:
+    shard_path.with_name(shard_path.name + ".chunks").write_bytes(b"".join(digests))
 
 
 def _write(f, hasher: ChunkHasher, data) -> None:

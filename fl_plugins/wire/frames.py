@@ -70,11 +70,11 @@ class ShardDigest:
 
     def __init__(self) -> None:
         self._h = xxhash.xxh3_128()
-        self.chunks = 0
+        self.digests: list[bytes] = []
 
     def add(self, digest: bytes) -> None:
         self._h.update(digest)
-        self.chunks += 1
+        self.digests.append(digest)
 
     def hexdigest(self, size: int) -> str:
         h = self._h.copy()

@@ -151,12 +151,14 @@ class FileSource:
 class ShardSender:
     """Frames of one shard from a chunk-aligned offset, remembering chunk digests for the shard digest."""
 
-    def __init__(self, manifest: Manifest, shard: int, source: Source) -> None:
+    def __init__(self, manifest: Manifest, shard: int, source: Source, digests: list[bytes] | None = None) -> None:
+        """`digests`: the shard's chunk digests if already known (a checkpoint's, computed when it was written):
+        frames then carry them instead of a fresh hash, so bytes that changed on disk fail the site's check."""
         self.manifest = manifest
         self.index = shard
         self.source = source
         self.size = manifest.shards[shard].size
-        self._digests: dict[int, bytes] = {}
+        self._digests: dict[int, bytes] = dict(enumerate(digests)) if digests else {}
 
     def frames(self, offset: int = 0) -> Iterator[bytes]:
         cb = self.manifest.chunk_bytes
@@ -165,8 +167,9 @@ class ShardSender:
         while offset < self.size:
             n = min(cb, self.size - offset)
             pieces = self.source.pieces(self.index, offset, n)
-            digest = frames.chunk_digest(pieces)
-            self._digests[offset // cb] = digest
+            digest = self._digests.get(offset // cb)
+            if digest is None:
+                digest = self._digests[offset // cb] = frames.chunk_digest(pieces)
             yield frames.encode(offset, pieces, digest)
             offset += n
 
