@@ -238,6 +238,10 @@ class Aggregator:
                 if self.done:
                     return {"kind": "END", "round": self.round, "message": "the job is finished"}
                 if self.global_manifest is None:
+                    offerer = self.sites.get(self._offering or "")
+                    if offerer is not None and time.monotonic() - offerer.last_seen > self.config.site_timeout:
+                        log.warning("site %r left before its initial model arrived; asking another", offerer.name)
+                        self._offering = None
                     if self._offering is None and s.can_offer:
                         self._offering = site
                         log.info("no initial model: site %r offers its weights as round 0's model", site)

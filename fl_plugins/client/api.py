@@ -35,7 +35,7 @@ _ENV_SITE = "FL_SITE"
 
 class _Runtime:
     def __init__(self, server: str, site: str, rank: int, params_format: str, connect_timeout: float,
-                 retry_timeout: float, can_offer_initial: bool = False) -> None:  # fmt: skip
+                 retry_timeout: float) -> None:  # fmt: skip
         from fl_plugins.client._site import SiteClient
 
         self.rank = rank
@@ -46,8 +46,8 @@ class _Runtime:
         self.finished = False
         self.last_round = -1
         self.lock = threading.RLock()
-        self.client = SiteClient(server, site, connect_timeout=connect_timeout, retry_timeout=retry_timeout,
-                                 can_offer_initial=can_offer_initial) if rank == 0 else None  # fmt: skip
+        self.client = SiteClient(server, site, connect_timeout=connect_timeout,
+                                 retry_timeout=retry_timeout) if rank == 0 else None  # fmt: skip
         if self.client is not None:
             self.client.connect()
 
@@ -93,7 +93,7 @@ def _runtime() -> _Runtime:
 
 def init(server: str | None = None, site: str | None = None, *, rank: int | str | None = None,
          params_format: str | None = None, connect_timeout: float = 60.0, retry_timeout: float = 120.0,
-         config_file: str | None = None, can_offer_initial: bool = False) -> None:  # fmt: skip
+         config_file: str | None = None) -> None:  # fmt: skip
     """Connect this site to the aggregator.
 
     server: "host:port" (default: $FL_SERVER). site: this site's name (default: $FL_SITE).
@@ -119,7 +119,7 @@ def init(server: str | None = None, site: str | None = None, *, rank: int | str 
         if rank == 0 and not site:
             raise ConfigError(f"no site name: pass init(site='site-1') or set ${_ENV_SITE}")
         _rt = _Runtime(server or "", site or f"rank-{rank}", rank, tensors.resolve_params_format(params_format),
-                       connect_timeout, retry_timeout, can_offer_initial)  # fmt: skip
+                       connect_timeout, retry_timeout)  # fmt: skip
 
 
 def is_running() -> bool:
