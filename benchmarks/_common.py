@@ -263,7 +263,8 @@ def site_client_main(conn, address: str, name: str, fmt: str, reuse_buffers: boo
 
 
 def site_api_main(conn, address: str, name: str, add_constant: float) -> None:
-    """Child: one site written like a user script on the FLARE-style client API (torch params)."""
+    """Child: one site written like a user script on the FLARE-style client API (torch params), receiving into
+    its own weights (`flare.receive(into=net.state_dict())`)."""
     child_setup(name)
     try:
         import torch
@@ -273,9 +274,10 @@ def site_api_main(conn, address: str, name: str, add_constant: float) -> None:
         rss_idle = rss_now()
         flare.init(server=address, site=name, params_format="torch")
         rounds = []
+        weights = None  # the site's model weights, as `net.state_dict()` would give them
         while flare.is_running():
             t0 = time.perf_counter()
-            model = flare.receive()
+            model = flare.receive(into=weights)
             t1 = time.perf_counter()
             if add_constant:
                 with torch.no_grad():
@@ -286,7 +288,8 @@ def site_api_main(conn, address: str, name: str, add_constant: float) -> None:
             t3 = time.perf_counter()
             rounds.append({"round": model.current_round, "receive_s": t1 - t0, "step_s": t2 - t1,
                            "send_s": t3 - t2})  # fmt: skip
-            del model  # a script that keeps it alive holds two models during the next receive()
+            weights = model.params
+            del model
         flare.shutdown()
         conn.send({"rounds": rounds, "maxrss": maxrss(), "rss_idle": rss_idle})
     except BaseException as e:

@@ -13,6 +13,7 @@ so a DIFF update needs the global model g only once, at the end (read back from 
 
 from __future__ import annotations
 
+import os
 import threading
 from collections.abc import Callable, Iterator
 
@@ -40,18 +41,24 @@ class Accumulator:
         self._locks = [threading.Lock() for _ in range(_N_LOCKS)]
         self._scratch = threading.local()
         # Fresh pages cost a page fault each on first touch (about as slow as the wire on this VM): zero the
-        # accumulator in the background now, while sites download the global model and train, instead of
-        # during the first round's uploads. Folds wait for it.
-        self._ready = threading.Event()
+        # accumulator in the background now, at low CPU priority, while sites download the global model and
+        # train, instead of on the receive thread during the first uploads. A fold waits for its tensor only.
+        self._ready = {t.name: threading.Event() for t in tensors}
         threading.Thread(target=self._prefault, name="fl-acc-prefault", daemon=True).start()
 
     def _prefault(self) -> None:
-        for a in self.arrays.values():
-            a.fill(0)
-        self._ready.set()
+        try:  # Linux: a thread's own nice value; the gRPC threads come first
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+        except (AttributeError, OSError):
+            pass
+        for name, a in self.arrays.items():
+            for b in range(0, len(a), 1 << 22):
+                a[b : b + (1 << 22)].fill(0)
+            self._ready[name].set()
 
     def wait_ready(self) -> None:
-        self._ready.wait()
+        for e in self._ready.values():
+            e.wait()
 
     @property
     def nbytes(self) -> int:
@@ -62,7 +69,7 @@ class Accumulator:
         return self.weight_full + self.weight_diff
 
     def reset(self) -> None:
-        self._ready.wait()
+        self.wait_ready()
         for a in self.arrays.values():
             a.fill(0)
         self.weight_full = self.weight_diff = 0.0
@@ -77,7 +84,7 @@ class Accumulator:
 
     def fold(self, tensor: TensorInfo, lo: int, payload: memoryview, weight: float) -> None:
         """acc[tensor][elements of payload] += weight * payload. `lo` is the byte offset within the tensor."""
-        self._ready.wait()
+        self._ready[tensor.name].wait()
         src_dtype = numpy_dtype(tensor.dtype)
         item = src_dtype.itemsize
         if lo % item or len(payload) % item:
@@ -117,7 +124,7 @@ class Accumulator:
 
         `read_global(e0, n)` returns elements [e0, e0+n) of the current global tensor (needed only when DIFF
         updates were folded)."""
-        self._ready.wait()
+        self._ready[tensor.name].wait()
         acc = self.arrays[tensor.name]
         out_dtype = numpy_dtype(tensor.dtype)
         inv = acc.dtype.type(1.0 / self.weight)
