@@ -63,16 +63,23 @@ def server_factory(tmp_path):
 Step = Callable[[int, dict[str, np.ndarray]], tuple[dict[str, np.ndarray], str, float]]
 
 
-def run_sites(address: str, steps: dict[str, Step], timeout: float = 120, **client_kw: Any) -> dict[str, Any]:
-    """Run each site's loop in a thread with a real SiteClient: step(round, params) -> (params, type, weight)."""
-    from fl_plugins.client._site import SiteClient
-    from fl_plugins.wire.proto import fl_pb2 as pb
+class SiteThread(threading.Thread):
+    """A site's loop in a thread over a real SiteClient: step(round, params) -> (params, params_type, weight).
 
-    errors: dict[str, BaseException] = {}
-    stats: dict[str, Any] = {}
+    Keeps what it received per round, the client's stats, and the error that ended it (if any)."""
 
-    def loop(name: str, step: Step) -> None:
-        c = SiteClient(address, name, **client_kw)
+    def __init__(self, address: str, name: str, step: Step, **client_kw: Any) -> None:
+        super().__init__(daemon=True, name=name)
+        self.address, self.site, self.step, self.client_kw = address, name, step, client_kw
+        self.received: dict[int, dict[str, np.ndarray]] = {}
+        self.stats: dict[str, int] = {}
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        from fl_plugins.client._site import SiteClient
+        from fl_plugins.wire.proto import fl_pb2 as pb
+
+        c = SiteClient(self.address, self.site, **self.client_kw)
         try:
             c.connect()
             while True:
@@ -80,21 +87,31 @@ def run_sites(address: str, steps: dict[str, Step], timeout: float = 120, **clie
                 if task.kind == pb.Task.END:
                     break
                 _, params = c.download(task, "numpy")
-                new, ptype, weight = step(task.round, params)
+                self.received[task.round] = {k: np.array(v) for k, v in params.items()}
+                new, ptype, weight = self.step(task.round, params)
                 c.upload(task.round, task.attempt, new,
                          {"params_type": ptype, "meta": {"NUM_STEPS_CURRENT_ROUND": weight}})  # fmt: skip
-            stats[name] = dict(c.stats)
         except BaseException as e:  # noqa: BLE001 - reported to the test
-            errors[name] = e
+            self.error = e
         finally:
+            self.stats = dict(c.stats)
             c.close()
 
-    threads = [threading.Thread(target=loop, args=(n, s), daemon=True) for n, s in steps.items()]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(timeout)
-        assert not t.is_alive(), "a site thread did not finish"
-    if errors:
-        raise next(iter(errors.values()))
-    return stats
+
+def join_sites(*sites: SiteThread, timeout: float = 120) -> None:
+    """Start the sites, wait for them, and raise the first error one of them met."""
+    for s in sites:
+        s.start()
+    for s in sites:
+        s.join(timeout)
+        assert not s.is_alive(), f"{s.site} did not finish within {timeout} s"
+    for s in sites:
+        if s.error is not None:
+            raise s.error
+
+
+def run_sites(address: str, steps: dict[str, Step], timeout: float = 120, **client_kw: Any) -> dict[str, Any]:
+    """Run one SiteThread per step; returns each site's client stats."""
+    sites = [SiteThread(address, name, step, **client_kw) for name, step in steps.items()]
+    join_sites(*sites, timeout=timeout)
+    return {s.site: s.stats for s in sites}

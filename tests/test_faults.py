@@ -14,7 +14,6 @@ import socket
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 from _proxy import FaultProxy
+from conftest import SiteThread, join_sites
 from safetensors.numpy import load_file, save_file
 
 from fl_plugins.aggregator.core import AggregatorConfig
@@ -71,57 +71,13 @@ def _server(tmp_path: Path, initial: dict[str, np.ndarray], **kw: Any) -> Aggreg
     return AggregatorServer(cfg).start()
 
 
-class _Site(threading.Thread):
-    """A site's loop in a thread over a real SiteClient: step(round, params) -> (new params, weight)."""
-
-    def __init__(self, address: str, name: str, step, **client_kw: Any) -> None:
-        super().__init__(daemon=True, name=name)
-        self.address, self.site, self.step, self.client_kw = address, name, step, client_kw
-        self.received: dict[int, dict[str, np.ndarray]] = {}
-        self.stats: dict[str, int] = {}
-        self.error: BaseException | None = None
-
-    def run(self) -> None:
-        from fl_plugins.client._site import SiteClient
-        from fl_plugins.wire.proto import fl_pb2 as pb
-
-        c = SiteClient(self.address, self.site, **self.client_kw)
-        try:
-            c.connect()
-            while True:
-                task = c.next_task(poll=2.0)
-                if task.kind == pb.Task.END:
-                    break
-                _, params = c.download(task, "numpy")
-                self.received[task.round] = {k: np.array(v) for k, v in params.items()}
-                new, weight = self.step(task.round, params)
-                c.upload(task.round, task.attempt, new,
-                         {"params_type": "FULL", "meta": {"NUM_STEPS_CURRENT_ROUND": weight}})  # fmt: skip
-        except BaseException as e:  # noqa: BLE001 - reported to the test
-            self.error = e
-        finally:
-            self.stats = dict(c.stats)
-            c.close()
-
-
-def _run_sites(*sites: _Site, timeout: float = 60) -> None:
-    for s in sites:
-        s.start()
-    for s in sites:
-        s.join(timeout)
-        assert not s.is_alive(), f"{s.site} did not finish within {timeout} s"
-    for s in sites:
-        if s.error is not None:
-            raise s.error
-
-
 # -- 1. corrupted and cut transfers through a fault-injecting proxy ----------------------------------------
 def _plus(k: float):
-    return lambda r, p: ({n: v + np.float32(k) for n, v in p.items()}, 1)
+    return lambda r, p: ({n: v + np.float32(k) for n, v in p.items()}, "FULL", 1)
 
 
 def _twice_minus_half(r, p):
-    return {n: v * np.float32(2) - np.float32(0.5) for n, v in p.items()}, 3
+    return {n: v * np.float32(2) - np.float32(0.5) for n, v in p.items()}, "FULL", 3
 
 
 def _fedavg_1_3(g: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -140,9 +96,9 @@ def test_corrupted_upload_chunk_is_rejected_and_resent(tmp_path):
     try:
         # Byte 1.5 MiB of client->server DATA payload: inside the 2nd 1 MiB chunk of site-1's upload.
         with FaultProxy(srv.address, flip_up_at=3 * MiB // 2) as proxy:
-            s1 = _Site(proxy.address, "site-1", _plus(1))
-            s2 = _Site(srv.address, "site-2", _twice_minus_half)
-            _run_sites(s1, s2)
+            s1 = SiteThread(proxy.address, "site-1", _plus(1))
+            s2 = SiteThread(srv.address, "site-2", _twice_minus_half)
+            join_sites(s1, s2)
             assert proxy.fired["up"], "the proxy never flipped a byte: the upload was smaller than expected"
         status = srv.aggregator.status()
     finally:
@@ -166,9 +122,9 @@ def test_corrupted_download_chunk_is_rejected_and_resent(tmp_path):
     try:
         # Byte 1.5 MiB of server->client DATA payload: inside the 2nd chunk of round 0's global model.
         with FaultProxy(srv.address, flip_down_at=3 * MiB // 2) as proxy:
-            s1 = _Site(proxy.address, "site-1", _plus(1))
-            s2 = _Site(srv.address, "site-2", _twice_minus_half)
-            _run_sites(s1, s2)
+            s1 = SiteThread(proxy.address, "site-1", _plus(1))
+            s2 = SiteThread(srv.address, "site-2", _twice_minus_half)
+            join_sites(s1, s2)
             assert proxy.fired["down"], "the proxy never flipped a byte: the download was smaller than expected"
     finally:
         srv.stop(0)
@@ -186,8 +142,8 @@ def test_connection_cut_mid_shard_resumes_without_resending(tmp_path):
     try:
         # Client->server traffic is a few KB of control calls, then the upload: the cut lands near chunk 8.
         with FaultProxy(srv.address, cut_up_after=8 * MiB) as proxy:
-            s1 = _Site(proxy.address, "site-1", _plus(1))
-            _run_sites(s1)
+            s1 = SiteThread(proxy.address, "site-1", _plus(1))
+            join_sites(s1)
             assert proxy.fired["cut"] and proxy.connections >= 2, (proxy.fired, proxy.connections)
         status = srv.aggregator.status()
     finally:
