@@ -12,6 +12,7 @@ import pytest
 
 from fl_plugins.aggregator.core import AggregatorConfig
 from fl_plugins.aggregator.service import AggregatorServer
+from fl_plugins.errors import IntegrityError, RoundError
 
 
 def save_numpy(path: Path, params: dict[str, np.ndarray]) -> Path:
@@ -74,6 +75,7 @@ class SiteThread(threading.Thread):
         self.received: dict[int, dict[str, np.ndarray]] = {}
         self.stats: dict[str, int] = {}
         self.error: BaseException | None = None
+        self.refused: list[Exception] = []
 
     def run(self) -> None:
         from fl_plugins.client._site import SiteClient
@@ -89,8 +91,11 @@ class SiteThread(threading.Thread):
                 _, params = c.download(task, "numpy")
                 self.received[task.round] = {k: np.array(v) for k, v in params.items()}
                 new, ptype, weight = self.step(task.round, params)
-                c.upload(task.round, task.attempt, new,
-                         {"params_type": ptype, "meta": {"NUM_STEPS_CURRENT_ROUND": weight}})  # fmt: skip
+                try:
+                    c.upload(task.round, task.attempt, new,
+                             {"params_type": ptype, "meta": {"NUM_STEPS_CURRENT_ROUND": weight}})  # fmt: skip
+                except (RoundError, IntegrityError) as e:  # refused: the site goes on, as flare.send() does
+                    self.refused.append(e)
         except BaseException as e:  # noqa: BLE001 - reported to the test
             self.error = e
         finally:

@@ -114,3 +114,26 @@ def test_mixed_full_and_diff_in_one_round(server_factory):
     assert srv.wait() == 0
     got = load_round(srv.aggregator.config.run_dir, 1)["w"]
     np.testing.assert_allclose(got, (1 * (initial["w"] + 1) + 3 * (initial["w"] + 3)) / 4)
+
+
+@pytest.mark.integration
+def test_an_update_failing_its_shard_digest_is_not_counted_and_the_round_runs_again(server_factory, monkeypatch):
+    """Its bytes were already folded: the aggregator must not keep any of them (the rare, slow path)."""
+    from conftest import SiteThread, join_sites
+
+    from fl_plugins.wire.stream import ShardSender
+
+    srv = server_factory(rounds=1, initial={"w": np.zeros(8, np.float32)})
+    real, calls = ShardSender.shard_digest, []
+
+    def wrong_once(self):
+        calls.append(1)
+        return "0" * 32 if len(calls) == 1 else real(self)
+
+    monkeypatch.setattr(ShardSender, "shard_digest", wrong_once)
+    site = SiteThread(srv.address, "a", lambda r, p: ({"w": p["w"] + 1}, "FULL", 1))
+    join_sites(site)
+    assert srv.wait() == 0
+    assert len(site.refused) == 1 and "will run again" in str(site.refused[0])
+    assert srv.aggregator.stats["round_restarts"] == 1
+    np.testing.assert_array_equal(load_round(srv.aggregator.config.run_dir, 1)["w"], np.ones(8, np.float32))

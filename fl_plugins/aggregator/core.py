@@ -27,7 +27,7 @@ from typing import Any
 
 from fl_plugins.aggregator.fedavg import Accumulator
 from fl_plugins.aggregator.store import GlobalReader, RunStore, same_tensors, write_chunk_digests
-from fl_plugins.errors import ConfigError, ProtocolError, RoundError
+from fl_plugins.errors import ConfigError, IntegrityError, ProtocolError, RoundError
 from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, Manifest, ShardLayout, TensorInfo
 from fl_plugins.wire.stream import ShardReceiver
 
@@ -387,8 +387,14 @@ class Aggregator:
             if len(digests) != len(u.receivers):
                 raise ProtocolError(f"commit lists {len(digests)} shard digests, the upload has {len(u.receivers)}")
         with u.lock:
-            for rx, d in zip(u.receivers, digests, strict=True):
-                rx.finish(d)  # IntegrityError: the round restarts if bytes were folded (see _tick)
+            try:
+                for rx, d in zip(u.receivers, digests, strict=True):
+                    rx.finish(d)
+            except IntegrityError as e:
+                with self._cond:
+                    self._kill(u)  # its folded bytes make the accumulator dirty: the round runs again
+                raise IntegrityError(f"{e}; the update was not counted" +
+                                     ("" if u.initial else f" and round {u.round} will run again")) from None
         with self._cond:
             if u.dead:
                 raise RoundError(f"upload {upload_id!r}: its round ended while it was committing; not counted")

@@ -22,7 +22,7 @@ import grpc
 
 from fl_plugins import tensors
 from fl_plugins._version import __version__
-from fl_plugins.errors import FLError, IntegrityError, ProtocolError, RoundError, TransportError
+from fl_plugins.errors import IntegrityError, ProtocolError, TransportError
 from fl_plugins.wire import rpc
 from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_SHARD_BYTES, Manifest, TensorInfo, plan_shards
 from fl_plugins.wire.proto import fl_pb2 as pb
@@ -105,10 +105,7 @@ class SiteClient:
             except grpc.RpcError as e:
                 err = rpc.error_from_rpc(e, what)
                 if err is not e or e.code() not in rpc.RETRYABLE:
-                    if isinstance(err, IntegrityError) and time.monotonic() < deadline:
-                        self.stats["retries"] += 1
-                        continue
-                    raise err from None
+                    raise err from None  # the aggregator refused on purpose: retrying would not help
                 if time.monotonic() >= deadline or self._closed.is_set():
                     raise TransportError(
                         f"{what}: the aggregator at {self.address} did not answer ({e.code().name}: {e.details()}); "
@@ -226,7 +223,9 @@ class SiteClient:
         manifest = Manifest(shards, self.chunk_bytes or DEFAULT_CHUNK_BYTES, envelope)
         source = TensorSource(manifest, tensors.ByteViews(params).get)
         senders = [ShardSender(manifest, i, source) for i in range(len(shards))]
-        for _ in range(3):  # a digest mismatch at commit starts the upload again under a new nonce
+        # A shard digest that fails at commit: an initial model is sent again under a new nonce; an update's
+        # bytes were already folded, so the aggregator runs the round again and the error goes to the caller.
+        for _ in range(3 if initial else 1):
             upload = _Upload(self, pb.UploadBegin(site=self.site, round=round_, attempt=attempt, initial=initial,
                                                   manifest_json=manifest.to_json(), nonce=uuid.uuid4().hex))
             for sender in senders:
@@ -236,8 +235,10 @@ class SiteClient:
             try:
                 return self._call("CommitUpload", commit, "commit", per_call=120)
             except IntegrityError as e:
+                if not initial:
+                    raise
                 log.warning("upload failed its final check (%s); sending it again", e)
-        raise IntegrityError(f"the update for round {round_} failed its integrity check three times")
+        raise IntegrityError("the initial model failed its integrity check three times")
 
     def _upload_stream(self, upload_id: str, shard: int, sender: ShardSender, offset: int) -> None:
         holder: dict[str, Any] = {}
@@ -291,5 +292,3 @@ def _short(e: BaseException) -> str:
         return f"{e.code().name}: {e.details()}"
     return str(e)
 
-
-__all__ = ["SiteClient", "FLError", "RoundError"]

@@ -25,7 +25,7 @@ from typing import Any
 
 from fl_plugins import tensors
 from fl_plugins.client.model import FLModel, ParamsType
-from fl_plugins.errors import ConfigError, RoundError
+from fl_plugins.errors import ConfigError, IntegrityError, RoundError
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +183,7 @@ def send(model: FLModel, clear_cache: bool = True) -> None:
                "metrics": _jsonable(model.metrics or {}), "meta": _jsonable(model.meta or {})}  # fmt: skip
         try:
             rt.client.upload(task.round, task.attempt, model.params, env)
-        except RoundError as e:
+        except (RoundError, IntegrityError) as e:  # late, duplicate, or a round that will run again
             logger.warning("round %d: the aggregator refused this update: %s", task.round, e)
         rt.last_round = max(rt.last_round, task.round)
         if clear_cache:
