@@ -330,3 +330,79 @@ def test_a_checkpoint_corrupted_on_disk_is_caught_by_the_site(server_factory):
         assert c.stats["corrupted_chunks"] >= 1
     finally:
         c.close()
+
+
+@pytest.mark.integration
+def test_initial_model_from_a_hugging_face_sharded_folder(tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    from fl_plugins.aggregator.core import AggregatorConfig
+    from fl_plugins.aggregator.service import AggregatorServer
+
+    folder = tmp_path / "hf_model"
+    folder.mkdir()
+    parts = {"model-00001-of-00002.safetensors": {"embed.weight": torch.arange(12.0).reshape(3, 4)},
+             "model-00002-of-00002.safetensors": {"head.weight": torch.ones(2, 4, dtype=torch.bfloat16),
+                                                  "head.bias": torch.zeros(2, dtype=torch.bfloat16)}}  # fmt: skip
+    weight_map = {}
+    for fname, tensors_ in parts.items():
+        save_file(tensors_, str(folder / fname))
+        weight_map.update(dict.fromkeys(tensors_, fname))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    cfg = AggregatorConfig(run_dir=tmp_path / "run", rounds=1, initial_model=folder, linger=0.2)
+    with AggregatorServer(cfg) as srv:
+        c = SiteClient(srv.address, "s")
+        c.connect()
+        try:
+            manifest, got = c.download(c.next_task(), "torch")
+        finally:
+            c.close()
+    assert [s.name for s in manifest.shards] == list(parts)
+    for tensors_ in parts.values():
+        for k, v in tensors_.items():
+            assert got[k].dtype == v.dtype and torch.equal(got[k], v)
+
+
+def test_initial_model_that_is_not_a_model_says_what_to_pass(tmp_path):
+    from fl_plugins.aggregator.core import AggregatorConfig
+    from fl_plugins.aggregator.service import AggregatorServer
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="model.safetensors.index.json"):
+        AggregatorServer(AggregatorConfig(run_dir=tmp_path / "run", rounds=1, initial_model=tmp_path / "empty"))
+
+
+@pytest.mark.integration
+def test_an_upload_that_stalls_is_cancelled_after_the_idle_timeout(server_factory):
+    """A site that opens an upload and then sends nothing is cut off; the round runs again without it."""
+    from fl_plugins.wire import frames, rpc
+    from fl_plugins.wire.layout import Manifest, plan_shards
+
+    srv = server_factory(rounds=1, min_sites=1, initial={"w": np.zeros(1 << 18, np.float32)}, idle_timeout=1.0,
+                         chunk_bytes=64 << 10)  # fmt: skip
+    c = SiteClient(srv.address, "staller")
+    c.connect()
+    task = c.next_task()
+    m = Manifest(plan_shards([("w", "F32", (1 << 18,))]), 64 << 10, {"params_type": "FULL"})
+    stub = rpc.Stub(rpc.insecure_channel(srv.address))
+    st = stub.BeginUpload(pb.UploadBegin(site="staller", round=task.round, attempt=task.attempt,
+                                         manifest_json=m.to_json(), nonce="n1"), timeout=10)  # fmt: skip
+    payload = m.shards[0].header + bytes((64 << 10) - len(m.shards[0].header))
+    stall = threading.Event()
+
+    def frames_then_stall():
+        yield frames.encode(0, [payload])
+        stall.wait(30)  # a site that hangs mid-upload
+
+    t0 = time.monotonic()
+    with pytest.raises(Exception) as err:
+        stub.Upload(frames_then_stall(), metadata=(("fl-upload-id", st.upload_id), ("fl-shard", "0")), timeout=20)
+    stall.set()
+    assert time.monotonic() - t0 < 10, "the stalled upload was not cancelled by the idle timeout"
+    assert "CANCELLED" in str(err.value) or "cancel" in str(err.value).lower()
+    deadline = time.monotonic() + 10
+    while srv.aggregator.stats["round_restarts"] == 0 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert srv.aggregator.stats["round_restarts"] == 1  # its folded first chunk must not count
+    c.close()
