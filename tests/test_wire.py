@@ -173,3 +173,17 @@ def test_chunk_hasher_matches_sender_digest_whatever_the_write_pieces():
     for i in range(0, len(blob), 37):
         h.update(blob[i : i + 37])
     assert h.hexdigest() == sender.shard_digest()
+
+
+def test_a_checkpoint_not_yet_published_is_ignored_by_a_restart(tmp_path):
+    """Round R+1 is served while its fsync runs; if the aggregator dies before the rename, R is redone."""
+    from conftest import save_numpy
+
+    from fl_plugins.aggregator.store import RunStore
+
+    store = RunStore(tmp_path / "run")
+    m0 = store.import_initial(save_numpy(tmp_path / "init.safetensors", {"w": np.ones(5, np.float32)}), 64)
+    tmp, m1 = store.write_round(1, m0, lambda t: [np.full(5, 2, np.float32)], {"current_round": 1})
+    assert store.latest_round() == 0
+    store.commit(1, tmp, m1)
+    assert store.latest_round() == 1 and store.load(1).shards[0].digest == m1.shards[0].digest

@@ -29,7 +29,7 @@ from fl_plugins.aggregator.fedavg import Accumulator
 from fl_plugins.aggregator.store import GlobalReader, RunStore, same_tensors, write_chunk_digests
 from fl_plugins.errors import ConfigError, IntegrityError, ProtocolError, RoundError
 from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, Manifest, ShardLayout, TensorInfo
-from fl_plugins.wire.stream import ShardReceiver
+from fl_plugins.wire.stream import FileSource, ShardReceiver
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +141,8 @@ class Aggregator:
         self.attempt = 0
         self.global_manifest: Manifest | None = None
         self._digests: list[list[bytes] | None] = []
+        self._serving: Path | None = None  # the directory the current global model's shards are served from
+        self._durable: threading.Thread | None = None  # fsync + rename of the latest checkpoint
         self.acc: Accumulator | None = None
         self._round_started: float | None = None
         self._offering: str | None = None  # site uploading its weights as round 0's model
@@ -169,10 +171,12 @@ class Aggregator:
                 log.info("resuming run %s from global/round-%05d", self.config.run_dir, latest)
             self._open_round(min(latest, self.config.rounds), self.store.load(latest))
 
-    def _open_round(self, r: int, manifest: Manifest) -> None:
-        """Called with the lock held (or before the thread starts)."""
+    def _open_round(self, r: int, manifest: Manifest, directory: Path | None = None) -> None:
+        """Called with the lock held (or before the thread starts). `directory`: where the shards are, if not
+        yet in `global/round-R` (a checkpoint still being made durable)."""
         self.global_manifest = manifest
-        self._digests = self.store.chunk_digests(r, manifest)
+        self._serving = directory or self.store.round_dir(r)
+        self._digests = self.store.chunk_digests(manifest, self._serving)
         self.round, self.attempt = r, 0
         self._round_started = None
         if r >= self.config.rounds:
@@ -194,6 +198,8 @@ class Aggregator:
             self._cond.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+        if self._durable is not None:
+            self._durable.join()
 
     def finished(self) -> bool:
         """True once the final model is checkpointed and sites have had `linger` seconds to hear END."""
@@ -265,12 +271,14 @@ class Aggregator:
                     return {"kind": "WAIT", "round": self.round}
                 self._cond.wait(min(left, 1.0))
 
-    def global_source(self, round_: int) -> tuple[Manifest, list[Path], list[list[bytes] | None]]:
-        """The round's global model: manifest, shard files and their chunk digests (from the checkpoint)."""
+    def global_source(self, round_: int) -> tuple[Manifest, FileSource, list[list[bytes] | None]]:
+        """The round's global model: manifest, its shard files opened (the caller closes them; opened under
+        the lock, so a checkpoint being renamed meanwhile does not matter) and chunk digests."""
         with self._cond:
             if self.global_manifest is None or round_ != self.round:
                 raise RoundError(f"round {round_}'s global model is not being served (current round {self.round})")
-            return self.global_manifest, self.store.shard_paths(round_, self.global_manifest), self._digests
+            paths = self.store.shard_paths(round_, self.global_manifest, self._serving)
+            return self.global_manifest, FileSource(paths), self._digests
 
     def count_sent(self, n: int) -> None:
         with self._cond:
@@ -529,20 +537,27 @@ class Aggregator:
             for u in list(self.uploads.values()):
                 if not u.committed:
                     self._kill(u)  # late: refused from now on
+        if self._durable is not None:
+            self._durable.join()  # the previous checkpoint is published before this one is written
         with self._fold_gate.exclusive():
             acc, r = self.acc, self.round
             assert acc is not None and self.global_manifest is not None
             t0 = time.monotonic()
-            reader = GlobalReader(self.store.shard_paths(r, self.global_manifest), self.global_manifest)
+            with self._cond:
+                reader = GlobalReader(self.store.shard_paths(r, self.global_manifest, self._serving),
+                                      self.global_manifest)  # fmt: skip
             try:
                 def blocks_of(t: TensorInfo):
                     return acc.finalize(t, reader.reader(t.name) if acc.weight_diff else None)
 
                 metrics = _mean_metrics(self._round_metrics)
                 env = {"current_round": r + 1, "metrics": metrics}
-                manifest = self.store.write_round(r + 1, self.global_manifest, blocks_of, env)
+                tmp, manifest = self.store.write_round(r + 1, self.global_manifest, blocks_of, env)
             finally:
                 reader.close()
+            last = r + 1 >= self.config.rounds
+            if last:  # the job ends only once the final model is durable
+                self.store.commit(r + 1, tmp, manifest)
             with self._cond:
                 rec = {"event": "round", "round": r, "attempt": self.attempt, "updates": len(self._round_metrics),
                        "weight": acc.weight, "metrics": metrics,
@@ -554,7 +569,26 @@ class Aggregator:
                 self.uploads.clear()
                 self._round_metrics = []
                 self._closing = False
-                self._open_round(r + 1, manifest)
+                # Round r+1 opens at once, served from the written (page-cached) files; fsync and the rename to
+                # global/round-R+1 finish in the background. A crash before the rename redoes round r.
+                self._open_round(r + 1, manifest, None if last else tmp)
+                if not last:
+                    self._durable = threading.Thread(target=self._make_durable, args=(r + 1, tmp, manifest),
+                                                     name="fl-checkpoint", daemon=True)  # fmt: skip
+                    self._durable.start()
+                self._cond.notify_all()
+
+    def _make_durable(self, r: int, tmp: Path, manifest: Manifest) -> None:
+        try:
+            self.store.sync(tmp, manifest)
+            with self._cond:  # downloads open files under this lock: none sees a half-renamed directory
+                self.store.publish(r, tmp)
+                if self.round == r:
+                    self._serving = self.store.round_dir(r)
+        except BaseException as e:
+            log.exception("checkpoint of round %d could not be made durable", r)
+            with self._cond:
+                self.error = e
                 self._cond.notify_all()
 
     def status(self) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from fl_plugins.errors import ConfigError, ProtocolError
 from fl_plugins.wire import rpc
 from fl_plugins.wire.layout import Manifest
 from fl_plugins.wire.proto import fl_pb2 as pb
-from fl_plugins.wire.stream import FileSource, ShardSender
+from fl_plugins.wire.stream import ShardSender
 
 log = logging.getLogger(__name__)
 
@@ -72,11 +72,10 @@ class Servicer:
         return pb.CommitReply(**r)
 
     def Download(self, req: pb.DownloadRequest, context):
-        manifest, paths, digests = self.agg.global_source(req.round)
-        if not 0 <= req.shard < len(manifest.shards):
-            raise ProtocolError(f"round {req.round}'s global model has no shard {req.shard}")
-        source = FileSource(paths)
+        manifest, source, digests = self.agg.global_source(req.round)
         try:
+            if not 0 <= req.shard < len(manifest.shards):
+                raise ProtocolError(f"round {req.round}'s global model has no shard {req.shard}")
             for frame in ShardSender(manifest, req.shard, source, digests[req.shard]).frames(req.offset):
                 self.agg.count_sent(len(frame))
                 yield frame

@@ -78,15 +78,15 @@ class RunStore:
                 raise IntegrityError(f"{path}: {path.stat().st_size} bytes, the manifest says {shard.size}")
         return manifest
 
-    def shard_paths(self, r: int, manifest: Manifest) -> list[Path]:
-        return [self.round_dir(r) / s.name for s in manifest.shards]
+    def shard_paths(self, r: int, manifest: Manifest, directory: Path | None = None) -> list[Path]:
+        return [(directory or self.round_dir(r)) / s.name for s in manifest.shards]
 
-    def chunk_digests(self, r: int, manifest: Manifest) -> list[list[bytes] | None]:
+    def chunk_digests(self, manifest: Manifest, directory: Path) -> list[list[bytes] | None]:
         """Each shard's chunk digests as written with the checkpoint (None where missing or malformed: the
         chunks are then hashed as they are served)."""
         out: list[list[bytes] | None] = []
         for s in manifest.shards:
-            p = self.round_dir(r) / (s.name + ".chunks")
+            p = directory / (s.name + ".chunks")
             n = -(-s.size // manifest.chunk_bytes)
             raw = p.read_bytes() if p.is_file() else b""
             out.append([raw[i : i + 16] for i in range(0, len(raw), 16)] if len(raw) == 16 * n else None)
@@ -101,19 +101,28 @@ class RunStore:
         return tmp
 
     def commit(self, r: int, tmp: Path, manifest: Manifest) -> None:
+        self.sync(tmp, manifest)
+        self.publish(r, tmp)
+
+    def sync(self, tmp: Path, manifest: Manifest) -> None:
+        """Write the manifest and make everything in `tmp` durable (the slow part: the shards' fsync)."""
         (tmp / "manifest.json").write_text(manifest.to_json())
         for p in tmp.iterdir():
             with open(p, "rb") as f:
                 os.fsync(f.fileno())
         _fsync_dir(tmp)
+
+    def publish(self, r: int, tmp: Path) -> None:
+        """Rename a synced `round-R.tmp` to `round-R`: from here on a restart resumes from it."""
         final = self.round_dir(r)
         if final.exists():  # left by a run that died between rename and state; same round, replace it
             shutil.rmtree(final)
         os.rename(tmp, final)
         _fsync_dir(self.global_dir)
 
-    def write_round(self, r: int, layout: Manifest, blocks_of, envelope: dict) -> Manifest:
-        """Write round r's global model with `layout`'s shards; `blocks_of(tensor)` yields its data blocks."""
+    def write_round(self, r: int, layout: Manifest, blocks_of, envelope: dict) -> tuple[Path, Manifest]:
+        """Write round r's global model into `round-R.tmp` with `layout`'s shards (`blocks_of(tensor)` yields
+        its data blocks); `commit` (or `sync` + `publish`) makes it round r's checkpoint."""
         tmp = self.begin(r)
         shards = []
         for s in layout.shards:
@@ -127,9 +136,7 @@ class RunStore:
                 raise IntegrityError(f"{s.name}: wrote {hasher.size} bytes, layout says {s.size}")
             shards.append(ShardLayout(s.name, s.header, s.tensors, hasher.hexdigest()))
             write_chunk_digests(tmp / s.name, hasher.shard.digests)
-        manifest = Manifest(shards, layout.chunk_bytes, envelope)
-        self.commit(r, tmp, manifest)
-        return manifest
+        return tmp, Manifest(shards, layout.chunk_bytes, envelope)
 
     def import_initial(self, source: str | os.PathLike, chunk_bytes: int) -> Manifest:
         """Copy an initial model into round 0: one .safetensors file, or a folder with a single
