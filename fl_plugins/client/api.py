@@ -45,6 +45,8 @@ class _Runtime:
         self.model: FLModel | None = None
         self.finished = False
         self.last_round = -1
+        self.can_offer = False  # set by the Lightning/HF integrations: they can offer the module's weights
+        self.offer_pending = False  # the aggregator asked this site for round 0's weights
         self.lock = threading.RLock()
         self.client = SiteClient(server, site, connect_timeout=connect_timeout,
                                  retry_timeout=retry_timeout) if rank == 0 else None  # fmt: skip
@@ -59,7 +61,7 @@ class _Runtime:
         """Make sure a task is at hand, or mark the job finished."""
         from fl_plugins.wire.proto import fl_pb2 as pb
 
-        if self.task is not None or self.finished or self.client is None:
+        if self.task is not None or self.finished or self.offer_pending or self.client is None:
             return
         # After the last round the aggregator may already be gone: then a short wait is enough.
         last = self.total_rounds and self.last_round >= self.total_rounds - 1
@@ -72,6 +74,8 @@ class _Runtime:
             raise
         if task.kind == pb.Task.END:
             self.finished = True
+        elif task.kind == pb.Task.OFFER_INITIAL and self.can_offer:
+            self.offer_pending = True  # an integration uploads the weights when it has the model (_offer_initial)
         elif task.kind == pb.Task.OFFER_INITIAL:
             raise ConfigError(
                 "the aggregator asked this site for its initial weights, but the client API has none to offer: "
@@ -154,6 +158,13 @@ def receive(timeout: float | None = None, *, into: dict[str, Any] | None = None)
         rt._fetch()
         if rt.finished:
             return None
+        if rt.offer_pending:  # only with an integration: params stay None until it offers the model's weights
+            if rt.model is None:
+                rt.model = FLModel(params_type=ParamsType.FULL, params=None, current_round=0,
+                                   total_rounds=rt.total_rounds, start_round=0,
+                                   meta={"job_id": rt.client.job_id, "site_name": rt.site, "attempt": 0,
+                                         "current_round": 0, "total_rounds": rt.total_rounds})  # fmt: skip
+            return rt.model
         if rt.model is None:
             task = rt.task
             manifest, params = rt.client.download(task, rt.params_format, into=into)
@@ -166,12 +177,52 @@ def receive(timeout: float | None = None, *, into: dict[str, Any] | None = None)
         return rt.model
 
 
+def _allow_offer_initial() -> None:
+    """Internal hook for the integrations: this site can offer its model's weights as round 0's global model.
+
+    An aggregator without an initial model then answers OFFER_INITIAL; `receive()` returns round 0's FLModel
+    with params None until the integration calls `_offer_initial()` with the model's weights."""
+    rt = _runtime()
+    with rt.lock:
+        rt.can_offer = True
+        if rt.client is not None:
+            rt.client.can_offer_initial = True
+
+
+def _offer_initial(params: dict[str, Any], into: dict[str, Any] | None = None) -> FLModel | None:
+    """Internal hook: upload `params` as round 0's global model if the aggregator asked for it, then receive
+    round 0 (into `into`). The FLModel that receive() returned while the offer was pending gets the params and
+    stays the one cached until send(). Returns the round's model; a no-op (returns receive()) otherwise."""
+    rt = _runtime()
+    with rt.lock:
+        if rt.client is None:
+            return None
+        for _ in range(3):  # the aggregator asks again only if the offer failed its final check
+            if not rt.offer_pending:
+                break
+            pending = rt.model
+            rt.client.upload(0, 0, params, {"params_type": str(ParamsType.FULL), "current_round": 0}, initial=True)
+            logger.info("offered this site's weights as round 0's global model")
+            rt.offer_pending = False
+            rt.model = None
+            got = receive(into=into)
+            if pending is not None and got is not None and not rt.offer_pending:
+                pending.params, pending.metrics, pending.meta = got.params, got.metrics, got.meta
+                pending.current_round, pending.total_rounds = got.current_round, got.total_rounds
+                pending.start_round = got.start_round
+                rt.model = pending
+        return receive(into=into)
+
+
 def send(model: FLModel, clear_cache: bool = True) -> None:
     """Upload this round's update; returns once the aggregator has verified and counted it."""
     rt = _runtime()
     with rt.lock:
         if rt.client is None:
             return
+        if rt.task is None and rt.offer_pending:
+            raise RoundError("send() before round 0's global model exists: the aggregator is waiting for this site's "
+                             "initial weights (the integration offers them as fit/validate starts)")  # fmt: skip
         if rt.task is None:
             raise RoundError("send() without a received task: call flare.receive() first")
         if not isinstance(model, FLModel):

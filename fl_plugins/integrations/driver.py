@@ -1,0 +1,178 @@
+"""The federation logic the trainer integrations share, free of any trainer (and of torch).
+
+One `RoundDriver` per process (`get()`), over the client API (`fl_plugins.client.api`):
+
+    start()                      connect from the launcher's environment (FL_SERVER, FL_SITE) and allow
+                                 offering the model's weights when the aggregator has no initial model
+    receive(into=...)            this round's FLModel at once; straight into the model's tensors when known
+    begin(target)                a fit/validate starts: offer round 0's weights if asked, then load the global
+                                 model into the target (strict key and shape check), once per round
+    record_metrics(metrics)      an explicit validation's metrics, sent with the update
+    finish_round(steps)          the update: the target's state, NUM_STEPS_CURRENT_ROUND, the metrics
+
+A model target is anything with `state() -> Mapping[str, tensor]` (the live state, sharing storage) and
+`load(params, strict)`: see `_torch.ModuleTarget`.
+
+Round 0 without an initial model: `receive()` returns an FLModel with `current_round=0` and `params=None`;
+when the first fit/validate starts, the target's weights are uploaded as round 0's global model, received
+back (into the target's own tensors), and that same FLModel object gets its `params`.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+from fl_plugins.client import api
+from fl_plugins.client.model import FLModel, MetaKey, ParamsType
+from fl_plugins.errors import ModelMismatchError
+
+logger = logging.getLogger(__name__)
+
+
+class ModelTarget(Protocol):
+    def state(self) -> Mapping[str, Any]: ...
+
+    def load(self, params: Mapping[str, Any], strict: bool) -> None: ...
+
+
+def check_params(received: Mapping[str, Any], local: Mapping[str, Any], what: str = "the global model") -> None:
+    """Raise ModelMismatchError listing missing, unexpected and mis-shaped keys of `received` vs `local`."""
+    missing = [k for k in local if k not in received]
+    unexpected = [k for k in received if k not in local]
+    shapes = [f"{k}: {tuple(received[k].shape)} vs local {tuple(local[k].shape)}" for k in local
+              if k in received and tuple(received[k].shape) != tuple(local[k].shape)]  # fmt: skip
+    if missing or unexpected or shapes:
+        parts = [f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "",
+                 f"mis-shaped [{'; '.join(shapes)}]" if shapes else ""]  # fmt: skip
+        raise ModelMismatchError(
+            f"{what} does not fit this site's model: {', '.join(p for p in parts if p)}. Build the same "
+            "architecture on every site as the aggregator's initial model (or pass patch(..., "
+            "load_state_dict_strict=False) to load only the tensors that match)"
+        )
+
+
+def matching(received: Mapping[str, Any], local: Mapping[str, Any]) -> dict[str, Any]:
+    """The received tensors whose name and shape match the local model (non-strict loading)."""
+    out = {k: v for k, v in received.items() if k in local and tuple(v.shape) == tuple(local[k].shape)}
+    if len(out) != len(received) or len(out) != len(local):
+        logger.warning("loading %d of %d received tensors into a model with %d (non-strict)", len(out),
+                       len(received), len(local))  # fmt: skip
+    return out
+
+
+@dataclass
+class RoundBudget:
+    """Each fit trains one round's budget: the trainer's own max_epochs / max_steps (None or -1: no limit)."""
+
+    epochs: int | None
+    steps: int | None
+
+    def limits(self, epochs_done: int, steps_done: int) -> tuple[int | None, int | None]:
+        """The absolute limits for the next fit, given what the trainer has done so far."""
+        e = self.epochs if self.epochs is None or self.epochs < 0 else epochs_done + self.epochs
+        s = self.steps if self.steps is None or self.steps < 0 else steps_done + self.steps
+        return e, s
+
+
+class RoundDriver:
+    def __init__(self, strict: bool = True) -> None:
+        self.strict = strict
+        self.target: ModelTarget | None = None
+        self.model: FLModel | None = None  # the round being worked on (received, not yet sent)
+        self.loaded = False
+        self.metrics: dict[str, Any] = {}
+        self.lock = threading.RLock()
+
+    def start(self) -> None:
+        api.init()  # a no-op when the script called init() itself
+        api._allow_offer_initial()
+
+    def receive(self, timeout: float | None = None, *, into: Mapping[str, Any] | None = None) -> FLModel | None:
+        with self.lock:
+            if into is None and self.target is not None:
+                into = self._into()
+            model = api.receive(timeout, into=into)  # type: ignore[arg-type]
+            if model is not self.model:
+                self.model, self.loaded, self.metrics = model, False, {}
+            return model
+
+    def _into(self) -> dict[str, Any] | None:
+        return dict(self.target.state()) if self.target is not None else None
+
+    def begin(self, target: ModelTarget) -> bool:
+        """A fit or an explicit validate starts: make sure the round's global model is in `target`.
+
+        Receives the round if the script has not, offers the target's weights as round 0's model if the
+        aggregator asked. Returns False when there is no round to work on (the job is over, or rank != 0)."""
+        with self.lock:
+            self.target = target
+            if self.model is None:
+                if not api.is_running():
+                    return False
+                if self.receive() is None:
+                    return False
+            model = self.model
+            if model is None:
+                return False
+            if model.params is None:
+                state = dict(target.state())
+                api._offer_initial(state, into=state)
+                if model.params is None:
+                    return False
+            if not self.loaded:
+                local = target.state()
+                if self.strict:
+                    check_params(model.params, local, f"round {model.current_round}'s global model")
+                    target.load(model.params, strict=True)
+                else:
+                    target.load(matching(model.params, local), strict=False)
+                self.loaded = True
+            return True
+
+    def record_metrics(self, metrics: Mapping[str, Any]) -> None:
+        """An explicit validation of the global model: its metrics travel with this round's update."""
+        with self.lock:
+            if self.model is not None and self.loaded:
+                self.metrics.update(metrics)
+
+    def finish_round(self, steps: int) -> None:
+        """Send the target's weights as this round's update."""
+        with self.lock:
+            if self.model is None or self.target is None or not self.loaded:
+                return
+            if steps < 1:
+                logger.warning("round %s: no optimizer step was taken; sending the update with weight 1",
+                               self.model.current_round)  # fmt: skip
+            meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: max(1, int(steps))}
+            api.send(FLModel(params_type=ParamsType.FULL, params=dict(self.target.state()),
+                             metrics=dict(self.metrics), meta=meta))  # fmt: skip
+            self.model, self.loaded, self.metrics = None, False, {}
+
+
+_driver: RoundDriver | None = None
+_driver_lock = threading.Lock()
+
+
+def get(strict: bool | None = None) -> RoundDriver:
+    """The process's driver (created on first use)."""
+    global _driver
+    with _driver_lock:
+        if _driver is None:
+            _driver = RoundDriver()
+        if strict is not None:
+            _driver.strict = strict
+        return _driver
+
+
+def current() -> RoundDriver | None:
+    return _driver
+
+
+def reset() -> None:
+    global _driver
+    with _driver_lock:
+        _driver = None

@@ -1,0 +1,163 @@
+"""The Lightning callback: translates trainer hooks into the round driver's calls (fl_plugins.integrations.driver).
+
+    on_fit_start          move max_epochs / max_steps one round's budget forward; load the global model
+    on_train_start        restore optimizer, LR scheduler and AMP scaler state (Lightning re-creates them per fit)
+    on_train_end          keep that state for the next round; send the update (before Lightning moves the
+                          module to CPU in its teardown)
+    on_fit_end            send the update if Lightning skipped the training loop (nothing to train)
+    on_validation_start   an explicit trainer.validate(): load the global model
+    on_validation_end     an explicit trainer.validate(): its metrics go with the update (sanity checks and
+                          validation inside fit do not count)
+
+Works with trainers from `lightning` and from `pytorch_lightning`: the callback class derives from the
+Callback of the trainer's own package.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib
+import logging
+from typing import Any
+
+from fl_plugins.errors import ConfigError, MissingDependencyError
+from fl_plugins.integrations import driver as _driver
+
+logger = logging.getLogger(__name__)
+
+_PACKAGES = {"lightning": "lightning.pytorch", "pytorch_lightning": "pytorch_lightning"}
+
+
+class _FLCallbackMixin:
+    """Hooks of the federated callback; mixed into the trainer package's own `Callback`."""
+
+    def __init__(self, driver: _driver.RoundDriver, restore_state: bool = True, update_fit_loop: bool = True) -> None:
+        super().__init__()
+        self.driver = driver
+        self.restore_state = restore_state
+        self.update_fit_loop = update_fit_loop
+        self.budget: _driver.RoundBudget | None = None
+        self.carry: dict[str, Any] | None = None
+        self._active = False
+        self._steps_at_start = 0
+
+    @property
+    def state_key(self) -> str:
+        return "FLCallback"
+
+    # -- fit ---------------------------------------------------------------------------------------------
+    def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
+        loop = trainer.fit_loop
+        if self.update_fit_loop:
+            if self.budget is None:  # the trainer's limits as constructed: one round's budget
+                self.budget = _driver.RoundBudget(loop.max_epochs, loop.epoch_loop.max_steps)
+            epochs, steps = self.budget.limits(loop.epoch_progress.current.processed, trainer.global_step)
+            loop.max_epochs, loop.epoch_loop.max_steps = epochs, steps
+        self._steps_at_start = trainer.global_step
+        self._active = trainer.global_rank == 0 and self.driver.begin(_target(pl_module))
+
+    def on_train_start(self, trainer: Any, pl_module: Any) -> None:
+        if self.restore_state and self.carry is not None:
+            _restore(trainer, self.carry)
+
+    def on_train_end(self, trainer: Any, pl_module: Any) -> None:
+        if self.restore_state:
+            self.carry = _save(trainer)
+        if self._active:
+            self._active = False
+            self.driver.finish_round(trainer.global_step - self._steps_at_start)
+
+    def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        # Lightning skipped the training loop (its limits were already reached, or limit_train_batches=0): send
+        # the round anyway, or the script's `while flare.is_running()` would never see the next round.
+        if self._active:
+            self._active = False
+            self.driver.finish_round(trainer.global_step - self._steps_at_start)
+
+    # -- explicit validation -----------------------------------------------------------------------------
+    def _explicit_validation(self, trainer: Any) -> bool:
+        return trainer.state.fn == "validate" and not trainer.sanity_checking and trainer.global_rank == 0
+
+    def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
+        if self._explicit_validation(trainer):
+            self.driver.begin(_target(pl_module))
+
+    def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
+        if self._explicit_validation(trainer):
+            self.driver.record_metrics({k: _scalar(v) for k, v in trainer.callback_metrics.items()})
+
+
+def _target(pl_module: Any) -> Any:
+    from fl_plugins.integrations._torch import ModuleTarget
+
+    return ModuleTarget(pl_module)
+
+
+def _scalar(v: Any) -> Any:
+    try:
+        return v.item() if hasattr(v, "item") else v
+    except (ValueError, RuntimeError):
+        return v
+
+
+def _save(trainer: Any) -> dict[str, Any]:
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return {"optimizers": [o.state_dict() for o in trainer.optimizers],
+            "schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
+            "scaler": scaler.state_dict() if scaler is not None else None}  # fmt: skip
+
+
+def _restore(trainer: Any, carry: dict[str, Any]) -> None:
+    opts, scheds = trainer.optimizers, trainer.lr_scheduler_configs
+    if len(opts) != len(carry["optimizers"]) or len(scheds) != len(carry["schedulers"]):
+        logger.warning("configure_optimizers() returned another number of optimizers or schedulers than last "
+                       "round; their state starts afresh")  # fmt: skip
+        return
+    for opt, sd in zip(opts, carry["optimizers"], strict=True):
+        opt.load_state_dict(sd)
+    for cfg, sd in zip(scheds, carry["schedulers"], strict=True):
+        cfg.scheduler.load_state_dict(sd)
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    if scaler is not None and carry["scaler"] is not None:
+        scaler.load_state_dict(carry["scaler"])
+
+
+@functools.cache
+def callback_class(package: str) -> type:
+    """The federated callback class for trainers of `package` ("lightning" or "pytorch_lightning")."""
+    try:
+        mod = importlib.import_module(_PACKAGES[package])
+    except ImportError as e:
+        raise MissingDependencyError(
+            f"{package!r} is not installed; install it with: pip install 'fl-plugins[lightning]'"
+        ) from e
+    return type("FLCallback", (_FLCallbackMixin, mod.Callback), {"__module__": __name__})
+
+
+def trainer_package(trainer: Any) -> str:
+    for cls in type(trainer).__mro__:
+        root = cls.__module__.split(".")[0]
+        if root in _PACKAGES and cls.__name__ == "Trainer":
+            return root
+    raise ConfigError(
+        f"patch() takes a Lightning Trainer from `lightning` or `pytorch_lightning` (got {type(trainer).__name__} "
+        f"from {type(trainer).__module__})"
+    )
+
+
+def patch(trainer: Any, restore_state: bool = True, load_state_dict_strict: bool = True,
+          update_fit_loop: bool = True) -> None:  # fmt: skip
+    """Federate `trainer`: connect from the launcher's environment and add the federated callback.
+
+    restore_state: carry optimizer, LR scheduler and AMP scaler state from round to round.
+    load_state_dict_strict: the global model must match the module key for key and shape for shape.
+    update_fit_loop: each fit() trains the trainer's max_epochs / max_steps anew (one round's budget)."""
+    cls = callback_class(trainer_package(trainer))
+    drv = _driver.get(strict=load_state_dict_strict)
+    if trainer.global_rank == 0:
+        drv.start()
+    else:
+        raise ConfigError("patch(): multi-process training (DDP) is not supported yet; run one process per site")
+    if any(isinstance(c, _FLCallbackMixin) for c in trainer.callbacks):
+        return
+    trainer.callbacks.append(cls(drv, restore_state=restore_state, update_fit_loop=update_fit_loop))

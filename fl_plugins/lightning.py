@@ -1,0 +1,75 @@
+"""Federated Lightning, NVIDIA FLARE's way: change the import, add `patch`.
+
+    import fl_plugins.lightning as flare
+    flare.patch(trainer)                     # connects from FL_SERVER / FL_SITE; no init() needed
+    while flare.is_running():
+        input_model = flare.receive()        # this round's FLModel, at once
+        trainer.validate(model)              # loads the global model; its metrics go with the update
+        trainer.fit(model)                   # one round's budget; the update is sent when fit ends
+
+`receive()` returns the round's FLModel; its weights are loaded into the LightningModule when `validate` or
+`fit` starts, with a strict key and shape check (ModelMismatchError lists what differs). From round 1 on they
+are received straight into the module's own tensors. When the aggregator has no initial model, round 0's
+FLModel has `params=None` until the first validate/fit: the module's weights at that point are offered as round
+0's global model, and the FLModel then holds them. Each `fit` trains the trainer's max_epochs / max_steps
+again; optimizer, LR scheduler and AMP scaler state carry over between rounds. The update carries
+NUM_STEPS_CURRENT_ROUND (optimizer steps of the round) and the explicit validation's metrics.
+Everything else is the client API (`fl_plugins.client`). Lightning is imported only by `patch`.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fl_plugins.client import api as _api
+from fl_plugins.client.api import (
+    get_job_id,
+    get_site_name,
+    get_task_name,
+    init,
+    is_evaluate,
+    is_running,
+    is_submit_model,
+    is_train,
+    log,
+    send,
+    system_info,
+)
+from fl_plugins.client.model import FLModel, MetaKey, ParamsType
+from fl_plugins.integrations import driver as _driver
+from fl_plugins.integrations.lightning import patch
+
+
+def receive(timeout: float | None = None, *, into: dict[str, Any] | None = None) -> FLModel | None:
+    """This round's global model, at once (see the module docstring); None once the job is over."""
+    drv = _driver.current()
+    if drv is None:
+        return _api.receive(timeout, into=into)
+    return drv.receive(timeout, into=into)
+
+
+def shutdown() -> None:
+    """Close the connection and forget the round state; patch() may be called again afterwards."""
+    _api.shutdown()
+    _driver.reset()
+
+
+__all__ = [
+    "FLModel",
+    "MetaKey",
+    "ParamsType",
+    "get_job_id",
+    "get_site_name",
+    "get_task_name",
+    "init",
+    "is_evaluate",
+    "is_running",
+    "is_submit_model",
+    "is_train",
+    "log",
+    "patch",
+    "receive",
+    "send",
+    "shutdown",
+    "system_info",
+]
