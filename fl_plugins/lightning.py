@@ -14,6 +14,10 @@ FLModel has `params=None` until the first validate/fit: the module's weights at 
 0's global model, and the FLModel then holds them. Each `fit` trains the trainer's max_epochs / max_steps
 again; optimizer, LR scheduler and AMP scaler state carry over between rounds. The update carries
 NUM_STEPS_CURRENT_ROUND (optimizer steps of the round) and the explicit validation's metrics.
+Multi-process training (Lightning DDP, torchrun): the same script runs on every rank; only global rank 0 talks
+to the aggregator and sends. On the other ranks `receive()` returns an FLModel with `params=None` (its
+`current_round` is filled in, and `params` holds the module's weights, once validate/fit has broadcast rank 0's
+global model), and `is_running()` follows rank 0.
 Everything else is the client API (`fl_plugins.client`). Lightning is imported only by `patch`.
 """
 
@@ -28,7 +32,6 @@ from fl_plugins.client.api import (
     get_task_name,
     init,
     is_evaluate,
-    is_running,
     is_submit_model,
     is_train,
     log,
@@ -46,6 +49,15 @@ def receive(timeout: float | None = None, *, into: dict[str, Any] | None = None)
     if drv is None:
         return _api.receive(timeout, into=into)
     return drv.receive(timeout, into=into)
+
+
+def is_running() -> bool:
+    """True while the job runs. Under multi-process training it agrees on every rank: rank 0 asks the aggregator,
+    the other ranks return what rank 0 broadcast when the last fit ended (True before the first fit)."""
+    drv = _driver.current()
+    if drv is None or not drv.started:
+        return _api.is_running()
+    return drv.is_running()
 
 
 def shutdown() -> None:

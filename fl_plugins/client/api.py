@@ -127,12 +127,16 @@ def init(server: str | None = None, site: str | None = None, *, rank: int | str 
 
 
 def is_running() -> bool:
+    return _broadcast_from_rank0(_is_running_local())
+
+
+def _is_running_local() -> bool:
+    """is_running() without the torch.distributed broadcast (the integrations sync ranks themselves)."""
     rt = _runtime()
     with rt.lock:
         if rt.client is not None:
             rt._fetch()
-        running = not rt.finished and (rt.client is not None or rt.rank == 0)
-        return _broadcast_from_rank0(running)
+        return not rt.finished and (rt.client is not None or rt.rank == 0)
 
 
 def _broadcast_from_rank0(value: bool) -> bool:
@@ -175,6 +179,13 @@ def receive(timeout: float | None = None, *, into: dict[str, Any] | None = None)
                                meta={"job_id": task.job_id, "site_name": rt.site, "attempt": task.attempt,
                                      "current_round": task.round, "total_rounds": task.total_rounds})  # fmt: skip
         return rt.model
+
+
+def _pending_round() -> tuple[int | None, int]:
+    """Internal hook: (the round of the task at hand or None, the job's total rounds)."""
+    rt = _runtime()
+    with rt.lock:
+        return (rt.task.round if rt.task is not None else 0 if rt.offer_pending else None), rt.total_rounds
 
 
 def _allow_offer_initial() -> None:

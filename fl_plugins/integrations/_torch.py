@@ -33,3 +33,20 @@ def _same_storage(a: Any, b: Any) -> bool:
     return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.device == b.device
             and a.dtype == b.dtype and a.shape == b.shape and a.data_ptr() == b.data_ptr()
             and a.stride() == b.stride())  # fmt: skip
+
+
+def broadcast_state(module: torch.nn.Module, src: int = 0) -> None:
+    """Overwrite every rank's module state with rank `src`'s, tensor by tensor and in place (collective: every
+    rank of the default process group calls it, with the same architecture)."""
+    import torch.distributed as dist
+
+    with torch.no_grad():
+        for t in module.state_dict().values():
+            if not isinstance(t, torch.Tensor):
+                continue
+            if t.is_contiguous():
+                dist.broadcast(t, src=src)
+            else:
+                buf = t.contiguous()
+                dist.broadcast(buf, src=src)
+                t.copy_(buf)

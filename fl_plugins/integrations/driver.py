@@ -10,6 +10,11 @@ One `RoundDriver` per process (`get()`), over the client API (`fl_plugins.client
     record_metrics(metrics)      an explicit validation's metrics, sent with the update
     finish_round(steps)          the update: the target's state, NUM_STEPS_CURRENT_ROUND, the metrics
 
+Multi-process training (DDP): only global rank 0 connects and sends (`start(rank)`). The integration broadcasts
+rank 0's `round_info()` and weights when a fit/validate starts and `after_fit_info()` when a fit ends; the other
+ranks take them with `follow()`, so their `is_running()` and `receive()` agree with rank 0's without ever
+talking to the aggregator or needing a process group outside fit/validate.
+
 A model target is anything with `state() -> Mapping[str, tensor]` (the live state, sharing storage) and
 `load(params, strict)`: see `_torch.ModuleTarget`.
 
@@ -28,7 +33,7 @@ from typing import Any, Protocol
 
 from fl_plugins.client import api
 from fl_plugins.client.model import FLModel, MetaKey, ParamsType
-from fl_plugins.errors import ModelMismatchError
+from fl_plugins.errors import ConfigError, ModelMismatchError
 
 logger = logging.getLogger(__name__)
 
@@ -86,13 +91,80 @@ class RoundDriver:
         self.loaded = False
         self.metrics: dict[str, Any] = {}
         self.lock = threading.RLock()
+        self.rank = 0  # global rank of this process
+        self.started = False
+        # ranks != 0 (multi-process training): what rank 0 broadcast
+        self.peer_running = True
+        self.peer_round: int | None = None
+        self.peer_total: int | None = None
+        self.peer: FLModel | None = None
 
-    def start(self) -> None:
-        api.init()  # a no-op when the script called init() itself
+    def start(self, rank: int = 0) -> None:
+        """Connect (global rank 0 only; other ranks never talk to the aggregator)."""
+        api.init(rank=rank)  # a no-op when the script called init() itself
+        if rank != 0 and api._runtime().rank == 0:
+            raise ConfigError(
+                f"this process is global rank {rank} of a multi-process run, but init() was called here as rank "
+                "0: let patch() connect (drop the init() call), or pass init(rank=...) on every rank"
+            )
+        self.rank = rank
+        self.started = True
         api._allow_offer_initial()
+
+    # -- multi-process training: global rank 0 talks to the aggregator, the others follow it ------------------
+    def is_running(self) -> bool:
+        """Rank 0: asks the aggregator. Other ranks: what rank 0 said at the end of the last fit (True before)."""
+        if self.rank != 0:
+            return self.peer_running
+        return api._is_running_local()
+
+    def round_info(self) -> dict[str, Any]:
+        """Rank 0: what the other ranks learn of the round (sent with the strategy's broadcast)."""
+        with self.lock:
+            model = self.model if self.loaded else None
+            if model is not None:
+                return {"round": model.current_round, "total_rounds": model.total_rounds}
+            return {"round": None, "total_rounds": None}
+
+    def after_fit_info(self) -> dict[str, Any]:
+        """Rank 0, when a fit has ended (its update sent): is the job still running, and which round is next."""
+        running = api._is_running_local()
+        nxt, total = api._pending_round() if running else (None, None)
+        return {"running": running, "round": nxt, "total_rounds": total}
+
+    def follow(self, info: Mapping[str, Any], target: ModelTarget | None = None) -> None:
+        """Rank != 0: take what rank 0 broadcast (round info at fit/validate start with the weights in `target`,
+        or the running flag when a fit ended)."""
+        with self.lock:
+            if "running" in info:
+                self.peer_running = bool(info["running"])
+                self.peer = None
+            if info.get("round") is not None:
+                self.peer_round = info["round"]
+            if info.get("total_rounds") is not None:
+                self.peer_total = info["total_rounds"]
+            if target is not None:
+                self.target = target
+                peer = self._peer_model()
+                if peer is not None:
+                    peer.current_round, peer.total_rounds = self.peer_round, self.peer_total
+                    peer.meta.update({"current_round": self.peer_round, "total_rounds": self.peer_total})
+                    peer.params = dict(target.state())
+
+    def _peer_model(self) -> FLModel | None:
+        if not self.peer_running:
+            return None
+        if self.peer is None:
+            self.peer = FLModel(params_type=ParamsType.FULL, params=None, current_round=self.peer_round,
+                                total_rounds=self.peer_total,
+                                meta={"rank": self.rank, "current_round": self.peer_round,
+                                      "total_rounds": self.peer_total})  # fmt: skip
+        return self.peer
 
     def receive(self, timeout: float | None = None, *, into: Mapping[str, Any] | None = None) -> FLModel | None:
         with self.lock:
+            if self.rank != 0:  # the round's weights reach this rank when validate/fit starts
+                return self._peer_model()
             if into is None and self.target is not None:
                 into = self._into()
             model = api.receive(timeout, into=into)  # type: ignore[arg-type]
@@ -111,7 +183,7 @@ class RoundDriver:
         with self.lock:
             self.target = target
             if self.model is None:
-                if not api.is_running():
+                if self.rank != 0 or not api._is_running_local():
                     return False
                 if self.receive() is None:
                     return False
@@ -142,7 +214,7 @@ class RoundDriver:
     def finish_round(self, steps: int) -> None:
         """Send the target's weights as this round's update."""
         with self.lock:
-            if self.model is None or self.target is None or not self.loaded:
+            if self.rank != 0 or self.model is None or self.target is None or not self.loaded:
                 return
             if steps < 1:
                 logger.warning("round %s: no optimizer step was taken; sending the update with weight 1",

@@ -9,6 +9,12 @@
     on_validation_end     an explicit trainer.validate(): its metrics go with the update (sanity checks and
                           validation inside fit do not count)
 
+Multi-process training (DDP, any launcher): only global rank 0 connects, loads the global model and sends.
+When a fit or an explicit validate starts, every rank takes rank 0's round info (the strategy's broadcast)
+and rank 0's weights (torch.distributed.broadcast of each tensor, in place); when a fit ends, rank 0 asks the
+aggregator whether the job goes on and broadcasts the answer, which the other ranks' is_running() returns.
+The process group's timeout (DDPStrategy(timeout=...)) must cover rank 0's wait for the next round.
+
 Works with trainers from `lightning` and from `pytorch_lightning`: the callback class derives from the
 Callback of the trainer's own package.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 import functools
 import importlib
 import logging
+import os
 from typing import Any
 
 from fl_plugins.errors import ConfigError, MissingDependencyError
@@ -55,6 +62,7 @@ class _FLCallbackMixin:
             loop.max_epochs, loop.epoch_loop.max_steps = epochs, steps
         self._steps_at_start = trainer.global_step
         self._active = trainer.global_rank == 0 and self.driver.begin(_target(pl_module))
+        self._sync_start(trainer, pl_module)
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.restore_state and self.carry is not None:
@@ -73,18 +81,47 @@ class _FLCallbackMixin:
         if self._active:
             self._active = False
             self.driver.finish_round(trainer.global_step - self._steps_at_start)
+        if _distributed(trainer):  # rank 0 tells the others whether the job goes on (their is_running())
+            info = self.driver.after_fit_info() if trainer.global_rank == 0 else None
+            info = trainer.strategy.broadcast(info, src=0)
+            if trainer.global_rank != 0:
+                self.driver.follow(info)
 
     # -- explicit validation -----------------------------------------------------------------------------
     def _explicit_validation(self, trainer: Any) -> bool:
-        return trainer.state.fn == "validate" and not trainer.sanity_checking and trainer.global_rank == 0
+        return trainer.state.fn == "validate" and not trainer.sanity_checking
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if self._explicit_validation(trainer):
-            self.driver.begin(_target(pl_module))
+            if trainer.global_rank == 0:
+                self.driver.begin(_target(pl_module))
+            self._sync_start(trainer, pl_module)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._explicit_validation(trainer):
+        if self._explicit_validation(trainer) and trainer.global_rank == 0:
             self.driver.record_metrics({k: _scalar(v) for k, v in trainer.callback_metrics.items()})
+
+    # -- multi-process training --------------------------------------------------------------------------
+    def _sync_start(self, trainer: Any, pl_module: Any) -> None:
+        """Every rank: rank 0's round info through the strategy's broadcast, and rank 0's weights (the global
+        model it has just loaded) broadcast tensor by tensor into every rank's module, in place."""
+        if not _distributed(trainer):
+            return
+        info = self.driver.round_info() if trainer.global_rank == 0 else None
+        info = trainer.strategy.broadcast(info, src=0)
+        from fl_plugins.integrations._torch import broadcast_state
+
+        broadcast_state(pl_module, src=0)
+        if trainer.global_rank != 0:
+            self.driver.follow(info, _target(pl_module))
+
+
+def _distributed(trainer: Any) -> bool:
+    if trainer.world_size <= 1:
+        return False
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def _target(pl_module: Any) -> Any:
@@ -145,6 +182,24 @@ def trainer_package(trainer: Any) -> str:
     )
 
 
+def global_rank(trainer: Any) -> int:
+    """This process's global rank, known before the trainer sets up its process group: $RANK (torchrun), else
+    Lightning's own launcher's $NODE_RANK / $LOCAL_RANK (set in the processes it starts), else the trainer's."""
+    env = os.environ
+    try:
+        if env.get("RANK"):
+            return int(env["RANK"])
+        if env.get("LOCAL_RANK"):
+            node = int(env.get("NODE_RANK") or env.get("GROUP_RANK") or 0)
+            return node * max(1, int(getattr(trainer, "num_devices", 1) or 1)) + int(env["LOCAL_RANK"])
+    except ValueError:
+        raise ConfigError(
+            f"RANK / LOCAL_RANK / NODE_RANK must be integers (got RANK={env.get('RANK')!r}, "
+            f"LOCAL_RANK={env.get('LOCAL_RANK')!r}, NODE_RANK={env.get('NODE_RANK')!r})"
+        ) from None
+    return int(getattr(trainer, "global_rank", 0) or 0)
+
+
 def patch(trainer: Any, restore_state: bool = True, load_state_dict_strict: bool = True,
           update_fit_loop: bool = True) -> None:  # fmt: skip
     """Federate `trainer`: connect from the launcher's environment and add the federated callback.
@@ -154,10 +209,7 @@ def patch(trainer: Any, restore_state: bool = True, load_state_dict_strict: bool
     update_fit_loop: each fit() trains the trainer's max_epochs / max_steps anew (one round's budget)."""
     cls = callback_class(trainer_package(trainer))
     drv = _driver.get(strict=load_state_dict_strict)
-    if trainer.global_rank == 0:
-        drv.start()
-    else:
-        raise ConfigError("patch(): multi-process training (DDP) is not supported yet; run one process per site")
+    drv.start(rank=global_rank(trainer))  # only global rank 0 connects
     if any(isinstance(c, _FLCallbackMixin) for c in trainer.callbacks):
         return
     trainer.callbacks.append(cls(drv, restore_state=restore_state, update_fit_loop=update_fit_loop))
