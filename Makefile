@@ -27,7 +27,7 @@ test: $(VENV)/.installed-dev
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed-demo
-	$(VENV)/bin/python examples/local_federation.py
+	$(VENV)/bin/fl-plugins run recipes/quickstart.yaml
 
 proto: $(VENV)/.installed-dev
 	$(VENV)/bin/python -m grpc_tools.protoc -Ifl_plugins/wire/proto --python_out=fl_plugins/wire/proto \

@@ -2,7 +2,7 @@
 
 Each site generates its own data (a seeded, label-skewed share of a 3-class problem), trains a small MLP
 for one local epoch per round, and sends its weights with the validation accuracy of the global model.
-Run by examples/local_federation.py, which sets FL_SERVER and FL_SITE for each site.
+Run by `fl-plugins run recipes/quickstart.yaml`, which sets FL_SERVER and FL_SITE for each site.
 """
 
 import os

@@ -1,4 +1,5 @@
-"""`fl-plugins`: the command line. `fl-plugins server ...` runs the aggregator service."""
+"""`fl-plugins`: the command line. `fl-plugins server ...` runs the aggregator service; `fl-plugins run RECIPE`
+runs a whole federation on this machine (runner.py)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--job-id", default="", help="a name for this job (default: random)")
     s.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address")
     s.add_argument("--log-level", default="INFO")
+    r = sub.add_parser("run", help="run a whole federation on this machine from a recipe",
+                       description="Start the aggregator and one process per site on 127.0.0.1, as the recipe "
+                                   "says; show progress; stop everything at the end, on Ctrl-C or when a site "
+                                   "crashes.")  # fmt: skip
+    r.add_argument("recipe", type=Path, help="the recipe YAML (see recipes/quickstart.yaml)")
+    r.add_argument("--run-dir", type=Path, help="logs, metrics and checkpoints go here; an existing run dir resumes "
+                                                "(default: runs/NAME-TIMESTAMP)")  # fmt: skip
+    r.add_argument("--log-level", default="WARNING", help="console log level (the run dir's logs are INFO)")
     return p
 
 
@@ -71,6 +80,21 @@ def _server(args: argparse.Namespace) -> int:
     return code
 
 
+def _run(args: argparse.Namespace) -> int:
+    from fl_plugins.recipe import load_recipe
+    from fl_plugins.runner import default_run_dir, run
+
+    recipe = load_recipe(args.recipe)
+
+    def _term(*_):
+        raise KeyboardInterrupt
+
+    # SIGTERM (and SIGINT, even where a shell started us with it ignored) stop the sites and the aggregator
+    signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, _term)
+    return run(recipe, args.run_dir or default_run_dir(recipe))
+
+
 def main(argv: list[str] | None = None) -> int:
     from fl_plugins._sys import limit_malloc_arenas
 
@@ -81,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "server":
             return _server(args)
+        if args.command == "run":
+            return _run(args)
     except FLError as e:
         print(f"fl-plugins {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -1,0 +1,211 @@
+"""Recipes: the YAML file `fl-plugins run` reads, validated on load into one dataclass per concern.
+
+    name: lightning-demo                      # optional; default: the file's stem
+    script: ../examples/client_api_train.py   # required; relative to the recipe file; must exist
+    sites: 3                                  # a count (site-1..site-N) or a list of names
+    rounds: 5                                 # required, >= 1
+    min_sites: 3                              # sites needed to start a round; default: all of them
+    initial_model: null                       # a .safetensors file or HF model folder, relative to the recipe
+    round_deadline: null                      # seconds; close a round with the updates it has
+    args: ["--epochs", "1"]                   # passed to every site's script
+    site_args: {site-1: ["--shard", "0"]}     # extra arguments for one site, after `args`
+    env: {}                                   # extra environment variables for every site
+
+Every error names the file, the key path, what must hold and what was got, e.g.
+``recipes/x.yaml: `rounds` must be an integer >= 1 (got 0)``; an unknown key is an error with a did-you-mean.
+"""
+
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fl_plugins.errors import ConfigError
+
+RUNNER_ENV = ("FL_SERVER", "FL_SITE")  # set by the runner for each site; a recipe may not override them
+_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+@dataclass(frozen=True)
+class ScriptSpec:
+    """What every site runs: `python PATH *args`."""
+
+    path: Path  # absolute path of the site script (the recipe's `script:` resolved against the recipe's folder)
+    args: tuple[str, ...] = ()  # arguments passed to every site's script
+    env: dict[str, str] = field(default_factory=dict)  # extra environment variables for every site
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """One site: its name (FL_SITE) and the extra arguments only it gets."""
+
+    name: str  # the site's name, exported as FL_SITE; 1-128 characters, no path separators
+    args: tuple[str, ...] = ()  # appended after ScriptSpec.args for this site only
+
+
+@dataclass(frozen=True)
+class FederationSpec:
+    """The aggregator's side of the job (maps onto AggregatorConfig)."""
+
+    rounds: int  # rounds of FedAvg, >= 1
+    min_sites: int  # sites that must be connected before a round starts, 1..number of sites
+    initial_model: Path | None = None  # round 0's global model; None: a site must offer its weights
+    round_deadline: float | None = None  # seconds; None: a round waits for every site that took its task
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """A validated recipe. Build it with `load_recipe(path)`."""
+
+    name: str  # a name for the job (default: the recipe file's stem)
+    source: Path  # the recipe file it was loaded from
+    script: ScriptSpec
+    sites: tuple[SiteSpec, ...]
+    federation: FederationSpec
+
+
+_KEYS = ("name", "script", "sites", "rounds", "min_sites", "initial_model", "round_deadline", "args", "site_args",
+         "env")  # fmt: skip
+
+
+class _Checker:
+    def __init__(self, source: Path) -> None:
+        self.source = source
+
+    def fail(self, key: str, must: str, got: Any) -> ConfigError:
+        return ConfigError(f"{self.source}: `{key}` {must} (got {got!r})")
+
+    def unknown(self, key: str, known: list[str], where: str = "") -> ConfigError:
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        hint = f"; did you mean `{where}{close[0]}`?" if close else f"; known keys: {', '.join(known)}"
+        return ConfigError(f"{self.source}: unknown key `{where}{key}`{hint}")
+
+    def integer(self, key: str, v: Any, lo: int, hi: int | None = None) -> int:
+        ok = isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
+        if not ok:
+            bound = f">= {lo}" if hi is None else f"in {lo}..{hi}"
+            raise self.fail(key, f"must be an integer {bound}", v)
+        return v
+
+    def strings(self, key: str, v: Any) -> tuple[str, ...]:
+        if not isinstance(v, list):
+            raise self.fail(key, 'must be a list of strings, e.g. ["--epochs", "1"]', v)
+        out = []
+        for i, a in enumerate(v):
+            if isinstance(a, bool) or not isinstance(a, (str, int, float)):
+                raise self.fail(f"{key}[{i}]", "must be a string (quote it in YAML)", a)
+            out.append(str(a))
+        return tuple(out)
+
+    def path(self, key: str, v: Any, *, file: bool) -> Path:
+        if not isinstance(v, str) or not v.strip():
+            raise self.fail(key, "must be a path relative to the recipe file", v)
+        p = Path(v).expanduser()
+        p = (p if p.is_absolute() else self.source.resolve().parent / p).resolve()
+        if not p.exists():
+            raise ConfigError(f"{self.source}: `{key}`: {v!r} does not exist (looked for {p}); the path is "
+                              "relative to the recipe file's folder")  # fmt: skip
+        if file and not p.is_file():
+            raise ConfigError(f"{self.source}: `{key}`: {p} is not a file")
+        return p
+
+
+def _site_name_ok(name: Any) -> bool:
+    return isinstance(name, str) and 1 <= len(name) <= 128 and not any(c in name for c in "/\\\0")
+
+
+def parse_recipe(data: Any, source: str | Path) -> Recipe:
+    """Validate the parsed YAML `data` of the recipe at `source` (paths resolve against its folder)."""
+    source = Path(source)
+    c = _Checker(source)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a recipe must be a mapping of keys (name, script, sites, rounds, ...); got "
+                          f"{type(data).__name__}")  # fmt: skip
+    for k in data:
+        if k not in _KEYS:
+            raise c.unknown(k, list(_KEYS))
+    for k in ("script", "sites", "rounds"):
+        if data.get(k) is None:
+            raise ConfigError(f"{source}: `{k}` is required (e.g. {_EXAMPLES[k]})")
+
+    name = data.get("name", source.stem)
+    if not isinstance(name, str) or not name.strip():
+        raise c.fail("name", "must be a non-empty string", name)
+
+    sites_v = data["sites"]
+    if isinstance(sites_v, list):
+        if not sites_v:
+            raise c.fail("sites", "must be a count >= 1 or a non-empty list of site names", sites_v)
+        for i, s in enumerate(sites_v):
+            if not _site_name_ok(s):
+                raise c.fail(f"sites[{i}]", "must be a name of 1-128 characters without path separators", s)
+        dup = sorted({s for s in sites_v if sites_v.count(s) > 1})
+        if dup:
+            raise c.fail("sites", f"must not repeat a name ({', '.join(dup)} appears twice)", sites_v)
+        names = list(sites_v)
+    elif isinstance(sites_v, int) and not isinstance(sites_v, bool):
+        names = [f"site-{i}" for i in range(1, c.integer("sites", sites_v, 1) + 1)]
+    else:
+        raise c.fail("sites", "must be a count >= 1 or a list of site names", sites_v)
+
+    site_args_v = data.get("site_args") or {}
+    if not isinstance(site_args_v, dict):
+        raise c.fail("site_args", "must be a mapping of site name to a list of arguments", site_args_v)
+    for s in site_args_v:
+        if s not in names:
+            raise c.unknown(s, names, "site_args.")
+    sites = tuple(SiteSpec(n, c.strings(f"site_args.{n}", site_args_v[n]) if n in site_args_v else ())
+                  for n in names)  # fmt: skip
+
+    env_v = data.get("env") or {}
+    if not isinstance(env_v, dict):
+        raise c.fail("env", "must be a mapping of variable name to value", env_v)
+    env = {}
+    for k, v in env_v.items():
+        if not isinstance(k, str) or not _ENV_NAME.match(k):
+            raise c.fail(f"env.{k}", "must be a variable name (letters, digits, underscore)", k)
+        if k in RUNNER_ENV:
+            raise ConfigError(f"{source}: `env.{k}` is set by the runner for each site; remove it from the recipe")
+        if isinstance(v, bool):
+            v = "1" if v else "0"
+        if not isinstance(v, (str, int, float)):
+            raise c.fail(f"env.{k}", "must be a string or a number", v)
+        env[k] = str(v)
+
+    script = ScriptSpec(c.path("script", data["script"], file=True), c.strings("args", data.get("args") or []), env)
+
+    rounds = c.integer("rounds", data["rounds"], 1)
+    min_sites_v = data.get("min_sites")
+    min_sites = len(names) if min_sites_v is None else c.integer("min_sites", min_sites_v, 1, len(names))
+    init_v = data.get("initial_model")
+    initial = None if init_v is None else c.path("initial_model", init_v, file=False)
+    deadline_v = data.get("round_deadline")
+    if deadline_v is not None and (isinstance(deadline_v, bool) or not isinstance(deadline_v, (int, float))
+                                   or deadline_v <= 0):  # fmt: skip
+        raise c.fail("round_deadline", "must be a number of seconds > 0, or null for no deadline", deadline_v)
+    deadline = None if deadline_v is None else float(deadline_v)
+    return Recipe(name.strip(), source, script, sites, FederationSpec(rounds, min_sites, initial, deadline))
+
+
+_EXAMPLES = {"script": "`script: train.py`", "sites": "`sites: 3`", "rounds": "`rounds: 5`"}
+
+
+def load_recipe(path: str | Path) -> Recipe:
+    """Read and validate the recipe YAML at `path`; raise ConfigError naming the key path and the fix."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"recipe {path} does not exist (looked for {path.resolve()})") from None
+    except OSError as e:
+        raise ConfigError(f"recipe {path} cannot be read: {e}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    return parse_recipe(data, path)
