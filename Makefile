@@ -18,7 +18,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/python
 
 $(VENV)/.installed-demo: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e '.[torch]'
+	$(PIP) install -q -e '.[lightning]'
 	touch $@
 
 install: $(VENV)/.installed-dev
@@ -27,14 +27,14 @@ test: $(VENV)/.installed-dev
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed-demo
-	$(VENV)/bin/fl-plugins run recipes/quickstart.yaml
+	$(VENV)/bin/fl-plugins run recipes/lightning.yaml
 
 proto: $(VENV)/.installed-dev
 	$(VENV)/bin/python -m grpc_tools.protoc -Ifl_plugins/wire/proto --python_out=fl_plugins/wire/proto \
 		--pyi_out=fl_plugins/wire/proto fl_plugins/wire/proto/fl.proto
 
 lint: $(VENV)/.installed-dev
-	$(VENV)/bin/ruff check fl_plugins tests benchmarks
+	$(VENV)/bin/ruff check fl_plugins tests benchmarks examples
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

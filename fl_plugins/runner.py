@@ -36,6 +36,10 @@ POLL = 0.5  # seconds between checks (and live-view refreshes)
 STOP_GRACE = 5.0  # seconds a site gets to exit after SIGTERM before SIGKILL
 END_GRACE = 30.0  # seconds the sites get to exit on their own once the last round is done
 TAIL_LINES = 30
+# Each site's math libraries default to one thread per core; N sites doing that oversubscribe the machine (and
+# OpenMP's spin-waits make it several times slower). Unless the environment or the recipe sets them, each site
+# gets cores // sites threads.
+THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
 
 
 @dataclass
@@ -152,6 +156,8 @@ def _start_site(recipe: Recipe, name: str, site_args: tuple[str, ...], address: 
     f = log_path.open("ab")
     cmd = [sys.executable, str(recipe.script.path), *recipe.script.args, *site_args]
     env = {**os.environ, **recipe.script.env, "FL_SERVER": address, "FL_SITE": name, "PYTHONUNBUFFERED": "1"}
+    for var in THREAD_VARS:  # N sites on one machine: share the cores instead of each taking all of them
+        env.setdefault(var, str(max(1, (os.cpu_count() or 1) // len(recipe.sites))))
     f.write(f"# fl-plugins run: {' '.join(cmd)}  (FL_SITE={name} FL_SERVER={address})\n".encode())
     f.flush()
     # its own session: the terminal's Ctrl-C reaches only the runner, which stops the sites in order
