@@ -193,3 +193,41 @@ def test_check_params_and_round_budget_without_a_trainer():
 def test_patch_refuses_what_is_not_a_lightning_trainer():
     with pytest.raises(ValueError, match="Lightning Trainer"):
         flare.patch(object())
+
+
+@pytest.mark.integration
+def test_pytorch_lightning_trainers_work_too(server_factory, site):
+    """`pytorch_lightning` (the older package name) has its own Trainer and Callback classes; patch() picks them."""
+    pl = pytest.importorskip("pytorch_lightning")
+
+    class PLTiny(pl.LightningModule):
+        def __init__(self, seed: int) -> None:
+            super().__init__()
+            torch.manual_seed(seed)
+            self.net = torch.nn.Linear(4, 1)
+
+        def training_step(self, batch, batch_idx):
+            return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def pl_trainer(epochs):
+        return pl.Trainer(max_epochs=epochs, accelerator="cpu", devices=1, enable_progress_bar=False, logger=False,
+                          enable_checkpointing=False, enable_model_summary=False)  # fmt: skip
+
+    plain = PLTiny(seed=0)
+    initial = numpy_state(plain)
+    pl_trainer(2).fit(plain, train_dataloaders=data())
+    srv = server_factory(rounds=2, initial=initial)
+    site(srv)
+    module, tr = PLTiny(seed=1), pl_trainer(1)
+    flare.patch(tr)
+    assert any(type(cb).__module__.startswith("fl_plugins") and isinstance(cb, pl.Callback) for cb in tr.callbacks)
+    while flare.is_running():
+        flare.receive()
+        tr.fit(module, train_dataloaders=data())
+    assert srv.wait() == 0
+    final = load_round(srv.aggregator.config.run_dir, 2)
+    for k, v in numpy_state(plain).items():
+        np.testing.assert_allclose(final[k], v, rtol=0, atol=1e-6, err_msg=k)
