@@ -6,6 +6,7 @@ in `fl_plugins.client` (`import fl_plugins.client as flare`).
 
 from fl_plugins._version import __version__
 from fl_plugins.errors import (
+    AuthError,
     ConfigError,
     FLError,
     IntegrityError,
@@ -17,6 +18,7 @@ from fl_plugins.errors import (
 )
 
 __all__ = [
+    "AuthError",
     "ConfigError",
     "FLError",
     "IntegrityError",

@@ -1,5 +1,6 @@
 """`fl-plugins`: the command line. `fl-plugins server ...` runs the aggregator service; `fl-plugins run RECIPE`
-runs a whole federation on this machine (runner.py)."""
+runs a whole federation on this machine (runner.py); `fl-plugins provision PROJECT.yaml` writes the CA and the
+startup kits (security/provision.py); `fl-plugins client --kit KIT -- CMD` runs a site's script with its kit."""
 
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     s = sub.add_parser("server", help="run the aggregator service",
                        description="Run the aggregator: rounds of FedAvg over streamed safetensors updates.")
-    s.add_argument("--address", default="127.0.0.1:8443", help="HOST:PORT to listen on (default %(default)s)")
+    s.add_argument("--address", help="HOST:PORT to listen on (default: the kit's address, else 127.0.0.1:8443)")
+    s.add_argument("--kit", type=Path, help="the aggregator's startup kit (kits/server from `fl-plugins provision`): "
+                                            "serve mTLS only, and know each site by its certificate")  # fmt: skip
     s.add_argument("--run-dir", required=True, type=Path, help="checkpoints, metrics and logs go here")
     s.add_argument("--rounds", required=True, type=int, help="number of rounds")
     s.add_argument("--min-sites", type=int, default=1, help="sites needed to start a round (default 1)")
@@ -40,7 +43,7 @@ def _parser() -> argparse.ArgumentParser:
                    help="a site silent this long has left the round (default 60)")
     s.add_argument("--chunk-bytes", type=int, default=None, help="bytes per chunk message (default 4 MiB)")
     s.add_argument("--job-id", default="", help="a name for this job (default: random)")
-    s.add_argument("--insecure", action="store_true", help="allow plaintext on a non-loopback address")
+    s.add_argument("--insecure", action="store_true", help="without --kit: allow plaintext on a non-loopback address")
     s.add_argument("--log-level", default="INFO")
     r = sub.add_parser("run", help="run a whole federation on this machine from a recipe",
                        description="Start the aggregator and one process per site on 127.0.0.1, as the recipe "
@@ -50,6 +53,22 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", type=Path, help="logs, metrics and checkpoints go here; an existing run dir resumes "
                                                 "(default: runs/NAME-TIMESTAMP)")  # fmt: skip
     r.add_argument("--log-level", default="WARNING", help="console log level (the run dir's logs are INFO)")
+    v = sub.add_parser("provision", help="make the project's CA and a startup kit for the aggregator and each site",
+                       description="Read the project file (name, server host/port, sites, validity_days) and write "
+                                   "OUT/ca (the CA: keep it, do not ship it), OUT/server (the aggregator's kit) and "
+                                   "OUT/<site> for each site. An existing OUT/ca is reused, so kits handed out "
+                                   "earlier stay valid.")  # fmt: skip
+    v.add_argument("project", type=Path, help="the project YAML")
+    v.add_argument("-o", "--out", type=Path, default=Path("kits"), help="where the kits go (default %(default)s)")
+    v.add_argument("--log-level", default="INFO")
+    c = sub.add_parser("client", help="run a site's training script with its startup kit",
+                       description="Run COMMAND (e.g. `python train.py --epochs 1`) as this site: FL_SERVER, "
+                                   "FL_SITE and FL_KIT are set from the kit, so the script connects with mTLS; the "
+                                   "exit code is the command's.")  # fmt: skip
+    c.add_argument("--kit", type=Path, required=True, help="this site's startup kit (kits/site-1)")
+    c.add_argument("--server", help="HOST:PORT of the aggregator (default: the kit's)")
+    c.add_argument("--log-level", default="WARNING")
+    c.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="what to run as this site")
     return p
 
 
@@ -67,8 +86,9 @@ def _server(args: argparse.Namespace) -> int:
     handler = logging.FileHandler(args.run_dir / "aggregator.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
-    server = AggregatorServer(config, args.address, insecure=args.insecure).start()
-    print(f"fl-plugins aggregator listening on {server.address}", flush=True)
+    address = args.address or (None if args.kit else "127.0.0.1:8443")
+    server = AggregatorServer(config, address, insecure=args.insecure, kit=args.kit).start()
+    print(f"fl-plugins aggregator listening on {server.address}{' (mTLS)' if server.kit else ''}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -95,6 +115,48 @@ def _run(args: argparse.Namespace) -> int:
     return run(recipe, args.run_dir or default_run_dir(recipe))
 
 
+def _provision(args: argparse.Namespace) -> int:
+    from fl_plugins.security.provision import load_project, provision
+
+    project = load_project(args.project)
+    kits = provision(project, args.out)
+    rows = [(kits.ca, "the CA: keep it here, never ship it (provisioning again reuses it)"),
+            (kits.server, f"the aggregator's: fl-plugins server --kit {kits.server} --run-dir RUN_DIR --rounds N"),
+            *((p, f"site {s}'s: fl-plugins client --kit {p} -- python train.py") for s, p in kits.sites.items())]
+    width = max(len(str(p)) for p, _ in rows)
+    print(f"project {project.name!r}: startup kits written to {kits.root}", flush=True)
+    for path, what in rows:
+        print(f"  {str(path):<{width}}  {what}", flush=True)
+    return 0
+
+
+def _client(args: argparse.Namespace) -> int:
+    import os
+    import subprocess
+
+    from fl_plugins.errors import ConfigError
+    from fl_plugins.security.tls import load_site_kit
+
+    command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+    if not command:
+        raise ConfigError("no command to run: fl-plugins client --kit KIT -- python train.py [ARGS]")
+    kit = load_site_kit(args.kit)
+    server = args.server or kit.server
+    if not server:
+        raise ConfigError(f"the kit {kit.path} names no aggregator address: pass --server HOST:PORT")
+    env = {**os.environ, "FL_SERVER": server, "FL_SITE": kit.site, "FL_KIT": str(kit.path.resolve())}
+    try:
+        proc = subprocess.Popen(command, env=env)
+    except OSError as e:
+        print(f"fl-plugins client: cannot run {command[0]!r}: {e}", file=sys.stderr)
+        return 127
+    # Ctrl-C reaches the command too (same process group): wait for it; pass SIGTERM on
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
+    rc = proc.wait()
+    return 128 - rc if rc < 0 else rc  # killed by signal N: 128 + N, as a shell reports it
+
+
 def main(argv: list[str] | None = None) -> int:
     from fl_plugins._sys import limit_malloc_arenas
 
@@ -107,6 +169,10 @@ def main(argv: list[str] | None = None) -> int:
             return _server(args)
         if args.command == "run":
             return _run(args)
+        if args.command == "provision":
+            return _provision(args)
+        if args.command == "client":
+            return _client(args)
     except FLError as e:
         print(f"fl-plugins {args.command}: error: {e}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@
     ├── ModelMismatchError(FLError, ValueError)  tensor names/shapes/dtypes disagree with the global model
     ├── RoundError(FLError, RuntimeError)     an update for a closed round, a duplicate, an unknown upload
     ├── TransportError(FLError, ConnectionError)  the aggregator cannot be reached (after retries)
+    ├── AuthError(FLError, PermissionError)   mTLS: a certificate not in the project, or a site claiming another's name
     └── MissingDependencyError(FLError, ImportError)  an optional extra is not installed
 
 Errors subclass the stdlib type they resemble, so `except ValueError` keeps working for callers that do
@@ -42,6 +43,11 @@ class RoundError(FLError, RuntimeError):
 
 class TransportError(FLError, ConnectionError):
     """The aggregator could not be reached, or the connection failed for good."""
+
+
+class AuthError(FLError, PermissionError):
+    """The aggregator refused who is calling: a certificate of a site not in the project, or a request that
+    claims another site's name than its certificate's."""
 
 
 class MissingDependencyError(FLError, ImportError):

@@ -27,7 +27,7 @@ from typing import Any
 
 from fl_plugins.aggregator.fedavg import Accumulator
 from fl_plugins.aggregator.store import GlobalReader, RunStore, same_tensors, write_chunk_digests
-from fl_plugins.errors import ConfigError, IntegrityError, ProtocolError, RoundError
+from fl_plugins.errors import AuthError, ConfigError, IntegrityError, ProtocolError, RoundError
 from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, Manifest, ShardLayout, TensorInfo
 from fl_plugins.wire.stream import FileSource, ShardReceiver
 
@@ -353,11 +353,14 @@ class Aggregator:
                      u.weight, u.params_type)  # fmt: skip
             return u
 
-    def upload(self, upload_id: str, shard: int) -> tuple[Upload, ShardReceiver]:
+    def upload(self, upload_id: str, shard: int, *, site: str | None = None) -> tuple[Upload, ShardReceiver]:
+        """The upload and the receiver of its shard. `site`: the caller's site, known from its certificate with
+        mTLS; another site's upload is refused."""
         with self._cond:
             u = self.uploads.get(upload_id)
             if u is None or u.dead:
                 raise RoundError(f"upload {upload_id!r} is unknown or its round ended; begin the upload again")
+            _check_owner(u, site)
             u.last_progress = time.monotonic()
             if not 0 <= shard < len(u.receivers):
                 raise ProtocolError(f"upload {upload_id!r} has no shard {shard}")
@@ -385,11 +388,12 @@ class Aggregator:
                 self.stats["bytes_received"] += n
                 self.sites[u.site].last_seen = time.monotonic()
 
-    def commit(self, upload_id: str, digests: list[str]) -> dict[str, Any]:
+    def commit(self, upload_id: str, digests: list[str], *, site: str | None = None) -> dict[str, Any]:
         with self._cond:
             u = self.uploads.get(upload_id)
             if u is None or u.dead:
                 raise RoundError(f"upload {upload_id!r} is unknown or its round ended; it was not counted")
+            _check_owner(u, site)
             if u.committed:
                 return {"round": u.round, "message": "already committed"}
             if len(digests) != len(u.receivers):
@@ -600,6 +604,12 @@ class Aggregator:
                                    "offsets": [rx.offset for rx in u.receivers]} for u in self.uploads.values()},
                 **self.stats,
             }  # fmt: skip
+
+
+def _check_owner(u: Upload, site: str | None) -> None:
+    if site is not None and site != u.site:
+        raise AuthError(f"upload {u.id!r} belongs to site {u.site!r}, but the caller's certificate is site "
+                        f"{site!r}; a site may only send its own update")  # fmt: skip
 
 
 def _mean_metrics(records: list[dict]) -> dict[str, float]:

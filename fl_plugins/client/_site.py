@@ -16,13 +16,15 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
 from typing import Any
 
 import grpc
 
 from fl_plugins import tensors
 from fl_plugins._version import __version__
-from fl_plugins.errors import IntegrityError, ProtocolError, TransportError
+from fl_plugins.errors import ConfigError, IntegrityError, ProtocolError, TransportError
+from fl_plugins.security.tls import SiteKit, load_site_kit
 from fl_plugins.wire import rpc
 from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_SHARD_BYTES, Manifest, TensorInfo, plan_shards
 from fl_plugins.wire.proto import fl_pb2 as pb
@@ -68,17 +70,34 @@ class _Idle:
 
 
 class SiteClient:
-    def __init__(self, address: str, site: str, *, connect_timeout: float = 60.0, retry_timeout: float = 120.0,
-                 idle_timeout: float = 60.0, heartbeat: float = 5.0, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+    """One site's connection. With `kit` (a site's startup kit: a folder or a loaded SiteKit) it speaks mTLS: the
+    site's name and, unless `address` is given, the aggregator's address come from the kit."""
+
+    def __init__(self, address: str | None, site: str | None = None, *, kit: SiteKit | str | Path | None = None,
+                 connect_timeout: float = 60.0, retry_timeout: float = 120.0, idle_timeout: float = 60.0,
+                 heartbeat: float = 5.0, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
                  can_offer_initial: bool = False) -> None:  # fmt: skip
         from fl_plugins._sys import limit_malloc_arenas
 
         limit_malloc_arenas()
-        self.address, self.site = address, site
+        if kit is not None:
+            kit = kit if isinstance(kit, SiteKit) else load_site_kit(kit)
+            if site and site != kit.site:
+                raise ConfigError(f"site name {site!r} differs from the kit's site {kit.site!r} ({kit.path}); the "
+                                  "aggregator knows a site by its certificate: drop the site name or use that "
+                                  "site's kit")  # fmt: skip
+            site, address = kit.site, address or kit.server
+            if not address:
+                raise ConfigError(f"the kit {kit.path} names no aggregator address; pass it (FL_SERVER=host:port)")
+        if not address:
+            raise ConfigError("no aggregator address: pass HOST:PORT (FL_SERVER)")
+        if not site:
+            raise ConfigError("no site name: pass one (FL_SITE) or a site's kit (FL_KIT)")
+        self.address, self.site, self.kit = address, site, kit
         self.connect_timeout, self.retry_timeout, self.idle_timeout = connect_timeout, retry_timeout, idle_timeout
         self.max_shard_bytes = max_shard_bytes
         self.can_offer_initial = can_offer_initial
-        self.channel = rpc.insecure_channel(address)
+        self.channel = rpc.insecure_channel(address) if kit is None else rpc.secure_channel(address, kit.credentials())
         self.stub = rpc.Stub(self.channel)
         self.job_id = ""
         self.total_rounds = 0
@@ -107,13 +126,38 @@ class SiteClient:
                 if err is not e or e.code() not in rpc.RETRYABLE:
                     raise err from None  # the aggregator refused on purpose: retrying would not help
                 if time.monotonic() >= deadline or self._closed.is_set():
-                    raise TransportError(
-                        f"{what}: the aggregator at {self.address} did not answer ({e.code().name}: {e.details()}); "
-                        f"check that `fl-plugins server` runs there and FL_SERVER points at it"
-                    ) from None
+                    raise self._unreachable(what, e) from None
                 self.stats["retries"] += 1
                 time.sleep(delay)
                 delay = min(delay * 2, 2.0)
+
+    def _unreachable(self, what: str, e: grpc.RpcError) -> TransportError:
+        """The error for an aggregator that never answered. Calls wait for a connection, so they end with a bare
+        "Deadline Exceeded"; one call that does not wait tells why connecting failed (refused, closed during the
+        TLS handshake, a certificate that did not verify), and the message says what to check."""
+        code, details = e.code().name, e.details() or ""
+        if not self._closed.is_set():
+            try:
+                self.stub.Status(pb.StatusRequest(), timeout=5)
+            except grpc.RpcError as probe:
+                if probe.code() == grpc.StatusCode.UNAVAILABLE:
+                    code, details = probe.code().name, probe.details() or ""
+        low = details.lower()
+        if "wrong_version_number" in low:
+            hint = "the aggregator does not speak TLS: it was started without --kit, or another server listens there"
+        elif "handshake" in low or "certificate" in low or "ssl" in low:
+            hint = ("the TLS handshake failed: the aggregator's certificate did not verify against the kit's ca.crt "
+                    "(a kit of another project, or a host that is not in the aggregator's certificate: `server.host` "
+                    "and `alt_names` in the project file)")  # fmt: skip
+        elif "socket closed" in low or "connection reset" in low:
+            hint = ("the aggregator closed the connection during the TLS handshake: it refuses this site's "
+                    "certificate (not signed by the project's CA, expired, or not yet valid; the aggregator's "
+                    "stderr names the reason): ask the project's admin for a current kit" if self.kit is not None
+                    else "the aggregator closed the connection: if it serves with mTLS (`fl-plugins server --kit`), "
+                    "this site needs its startup kit: FL_KIT, init(kit=...) or `fl-plugins client --kit`")  # fmt: skip
+        else:
+            hint = "check that `fl-plugins server` runs there and FL_SERVER points at it"
+        return TransportError(f"{what}: the aggregator at {self.address} did not answer ({code}: {details}); {hint}")
 
     def connect(self) -> None:
         """Hello, waiting (bounded by connect_timeout) for an aggregator that is still starting."""

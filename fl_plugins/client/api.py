@@ -1,6 +1,6 @@
 """The client API: module-level functions over one site runtime, name for name NVIDIA FLARE's.
 
-    flare.init()                      # FL_SERVER / FL_SITE from the launcher, or init(server, site)
+    flare.init()                      # FL_SERVER / FL_SITE (/ FL_KIT) from the launcher, or init(server, site)
     while flare.is_running():
         model = flare.receive()       # this round's global model: verified, writable, yours
         ...train...
@@ -31,11 +31,12 @@ logger = logging.getLogger(__name__)
 
 _ENV_SERVER = "FL_SERVER"
 _ENV_SITE = "FL_SITE"
+_ENV_KIT = "FL_KIT"
 
 
 class _Runtime:
     def __init__(self, server: str, site: str, rank: int, params_format: str, connect_timeout: float,
-                 retry_timeout: float) -> None:  # fmt: skip
+                 retry_timeout: float, kit: Any = None) -> None:  # fmt: skip
         from fl_plugins.client._site import SiteClient
 
         self.rank = rank
@@ -48,7 +49,7 @@ class _Runtime:
         self.can_offer = False  # set by the Lightning/HF integrations: they can offer the module's weights
         self.offer_pending = False  # the aggregator asked this site for round 0's weights
         self.lock = threading.RLock()
-        self.client = SiteClient(server, site, connect_timeout=connect_timeout,
+        self.client = SiteClient(server or None, site, kit=kit, connect_timeout=connect_timeout,
                                  retry_timeout=retry_timeout) if rank == 0 else None  # fmt: skip
         if self.client is not None:
             self.client.connect()
@@ -95,12 +96,14 @@ def _runtime() -> _Runtime:
     return _rt
 
 
-def init(server: str | None = None, site: str | None = None, *, rank: int | str | None = None,
-         params_format: str | None = None, connect_timeout: float = 60.0, retry_timeout: float = 120.0,
-         config_file: str | None = None) -> None:  # fmt: skip
+def init(server: str | None = None, site: str | None = None, *, kit: str | os.PathLike | None = None,
+         rank: int | str | None = None, params_format: str | None = None, connect_timeout: float = 60.0,
+         retry_timeout: float = 120.0, config_file: str | None = None) -> None:  # fmt: skip
     """Connect this site to the aggregator.
 
-    server: "host:port" (default: $FL_SERVER). site: this site's name (default: $FL_SITE).
+    server: "host:port" (default: $FL_SERVER, else the kit's). site: this site's name (default: $FL_SITE, else
+    the kit's). kit: this site's startup kit folder from `fl-plugins provision` (default: $FL_KIT): connect with
+    mTLS; the site is the one the kit's certificate names, and a different `site` is an error.
     rank: this process's rank (default: $RANK, else 0); only rank 0 talks to the aggregator.
     params_format: "torch" or "numpy" for received params (default: $FL_PARAMS_FORMAT, else torch when the
     script imported torch). connect_timeout: how long to wait for an aggregator that is still starting.
@@ -110,6 +113,7 @@ def init(server: str | None = None, site: str | None = None, *, rank: int | str 
     with _rt_lock:
         if _rt is not None:
             return
+        site_given = bool(site)
         server = server or os.environ.get(_ENV_SERVER)
         site = site or os.environ.get(_ENV_SITE)
         if rank is None:
@@ -118,12 +122,24 @@ def init(server: str | None = None, site: str | None = None, *, rank: int | str 
             rank = int(rank)
         except ValueError:
             raise ConfigError(f"rank must be an integer (got {rank!r})") from None
+        kit_path = kit or os.environ.get(_ENV_KIT) or None
+        site_kit = None
+        if rank == 0 and kit_path:
+            from fl_plugins.security.tls import load_site_kit
+
+            site_kit = load_site_kit(kit_path)
+            if site and site != site_kit.site:
+                given = f"init(site={site!r})" if site_given else f"${_ENV_SITE}={site}"
+                raise ConfigError(f"{given} differs from the site of the kit {site_kit.path} ({site_kit.site!r}); the "
+                                  "aggregator knows a site by its certificate: drop the site name, or use that site's "
+                                  "kit")  # fmt: skip
+            server, site = server or site_kit.server, site_kit.site
         if rank == 0 and not server:
             raise ConfigError(f"no aggregator address: pass init(server='host:port') or set ${_ENV_SERVER}")
         if rank == 0 and not site:
-            raise ConfigError(f"no site name: pass init(site='site-1') or set ${_ENV_SITE}")
+            raise ConfigError(f"no site name: pass init(site='site-1') or set ${_ENV_SITE} (or ${_ENV_KIT})")
         _rt = _Runtime(server or "", site or f"rank-{rank}", rank, tensors.resolve_params_format(params_format),
-                       connect_timeout, retry_timeout)  # fmt: skip
+                       connect_timeout, retry_timeout, site_kit)  # fmt: skip
 
 
 def is_running() -> bool:

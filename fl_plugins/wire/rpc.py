@@ -64,10 +64,13 @@ STATUS_OF = [  # most specific first
     (errors.ModelMismatchError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.ConfigError, grpc.StatusCode.FAILED_PRECONDITION),
     (errors.RoundError, grpc.StatusCode.FAILED_PRECONDITION),
+    (errors.AuthError, grpc.StatusCode.PERMISSION_DENIED),
 ]
 _ERROR_OF_CODE = {
     grpc.StatusCode.DATA_LOSS: errors.IntegrityError,
     grpc.StatusCode.INVALID_ARGUMENT: errors.ProtocolError,
+    grpc.StatusCode.PERMISSION_DENIED: errors.AuthError,
+    grpc.StatusCode.UNAUTHENTICATED: errors.AuthError,
 }
 
 
@@ -81,6 +84,12 @@ def _de(t):
 
 def insecure_channel(address: str) -> grpc.Channel:
     return grpc.insecure_channel(address, options=CHANNEL_OPTIONS)
+
+
+def secure_channel(address: str, credentials: grpc.ChannelCredentials) -> grpc.Channel:
+    """A TLS channel (mTLS with a site's kit, security/tls.py); the aggregator's certificate must be valid for
+    the host in `address`."""
+    return grpc.secure_channel(address, credentials, options=CHANNEL_OPTIONS)
 
 
 class Stub:

@@ -1,0 +1,444 @@
+"""`fl-plugins provision PROJECT.yaml -o kits/`: a project's root CA and one startup kit per participant.
+
+    name: my-project                          # optional; default: the file's stem
+    server:                                   # where sites reach the aggregator
+      host: aggregator.example.org            # a host name or IP; the aggregator's certificate is valid for it
+      port: 8443
+      alt_names: [10.0.0.5]                   # optional: more host names / IPs the certificate is valid for
+    # or: server: {address: "aggregator.example.org:8443"}
+    sites: [site-1, site-2, site-3]           # site names (or a count: site-1..site-N)
+    validity_days: 365                        # how long the aggregator's and sites' certificates are valid
+
+writes
+
+    kits/ca/       ca.crt ca.key                          the CA: keep it here, never ship it (it signs new kits)
+    kits/server/   ca.crt server.crt server.key kit.yaml  the aggregator's kit (kit.yaml lists the project's sites)
+    kits/site-1/   ca.crt client.crt client.key kit.yaml  one per site: the certificate's common name is the site
+
+Keys are EC P-256, written with mode 0600. Provisioning again into the same folder reuses the CA in kits/ca, so
+kits already handed out stay valid: to add a site, list it and provision again, then restart the aggregator with
+the new server kit (its site list is what admits a name). A site removed from the list is refused even though its
+certificate is still valid. Every project-file error names the file, the key path, what must hold and what was got.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import difflib
+import ipaddress
+import logging
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fl_plugins._version import __version__
+from fl_plugins.errors import ConfigError, require
+from fl_plugins.security.tls import CA_CERT, CLIENT_CERT, CLIENT_KEY, KIT_FILE, SERVER_CERT, SERVER_KEY
+
+log = logging.getLogger(__name__)
+
+CA_DIR, SERVER_DIR = "ca", "server"  # reserved: site kits live beside them, in folders named after the sites
+CA_KEY = "ca.key"
+CA_MIN_DAYS = 3650  # the CA outlives many rounds of re-provisioning; kits are re-issued, the CA is kept
+CLOCK_SKEW = dt.timedelta(minutes=5)  # certificates start a little in the past: clocks of sites differ
+_SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a folder name and an X.509 common name (<= 64)
+_HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
+
+
+@dataclass(frozen=True)
+class ServerSpec:
+    """Where sites reach the aggregator; its certificate is valid for `host` and `alt_names`."""
+
+    host: str  # a host name or IP address sites connect to
+    port: int  # 1..65535 in a project file; 0 (provision_local): sites take the address from FL_SERVER
+    alt_names: tuple[str, ...] = ()  # more host names / IPs the aggregator's certificate is valid for
+
+    @property
+    def address(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True)
+class Project:
+    """A validated project file. Build it with `load_project(path)` or directly."""
+
+    name: str  # the project's name (the CA's common name is "NAME CA")
+    server: ServerSpec
+    sites: tuple[str, ...]  # site names: each becomes a kit folder and a certificate's common name
+    validity_days: int = 365  # validity of the aggregator's and the sites' certificates
+
+    def __post_init__(self) -> None:
+        for i, s in enumerate(self.sites):
+            if not isinstance(s, str) or not _SITE_NAME.match(s) or s in (CA_DIR, SERVER_DIR):
+                raise ConfigError(f"project {self.name!r}: `sites[{i}]` {_SITE_RULE} (got {s!r})")
+        if len(set(self.sites)) != len(self.sites) or not self.sites:
+            raise ConfigError(f"project {self.name!r}: `sites` must list distinct names, at least one "
+                              f"(got {list(self.sites)})")  # fmt: skip
+
+
+_SITE_RULE = ("must be 1-64 letters, digits, '.', '_' or '-' starting with a letter or digit, and not 'ca' or "
+              "'server' (it names the site's kit folder and its certificate)")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class Kits:
+    """What `provision` wrote."""
+
+    root: Path
+    ca: Path  # the CA's folder (ca.crt, ca.key): keep it, do not ship it
+    server: Path  # the aggregator's kit
+    sites: dict[str, Path] = field(default_factory=dict)  # site name -> its kit
+
+
+# -- the project file ---------------------------------------------------------------------------------------------
+
+_KEYS = ("name", "server", "sites", "validity_days")
+_SERVER_KEYS = ("host", "port", "address", "alt_names")
+
+
+class _Checker:
+    def __init__(self, source: Path) -> None:
+        self.source = source
+
+    def fail(self, key: str, must: str, got: Any) -> ConfigError:
+        return ConfigError(f"{self.source}: `{key}` {must} (got {got!r})")
+
+    def unknown(self, key: Any, known: tuple[str, ...], where: str = "") -> ConfigError:
+        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
+        hint = f"; did you mean `{where}{close[0]}`?" if close else f"; known keys: {', '.join(known)}"
+        return ConfigError(f"{self.source}: unknown key `{where}{key}`{hint}")
+
+    def integer(self, key: str, v: Any, lo: int, hi: int) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+            raise self.fail(key, f"must be an integer in {lo}..{hi}", v)
+        return v
+
+    def host(self, key: str, v: Any) -> str:
+        if not isinstance(v, str) or not _host_ok(v):
+            raise self.fail(key, "must be a host name or an IP address, e.g. aggregator.example.org or 10.0.0.5", v)
+        if v.strip("[]") in ("0.0.0.0", "::"):
+            raise self.fail(key, "must be the address sites connect to, not a wildcard (to listen on every "
+                                 "interface, start the aggregator with --address 0.0.0.0:PORT)", v)  # fmt: skip
+        return v.strip("[]")
+
+
+def _host_ok(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.strip("[]"))
+        return True
+    except ValueError:
+        labels = host.rstrip(".").split(".")
+        return 0 < len(host) <= 253 and all(_HOST_LABEL.match(x) for x in labels) and not labels[-1].isdigit()
+
+
+def parse_project(data: Any, source: str | Path) -> Project:
+    """Validate the parsed YAML `data` of the project file at `source`."""
+    source = Path(source)
+    c = _Checker(source)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: a project file must be a mapping of keys (name, server, sites, "
+                          f"validity_days); got {type(data).__name__}")  # fmt: skip
+    for k in data:
+        if k not in _KEYS:
+            raise c.unknown(k, _KEYS)
+    for k, example in (("server", "`server: {host: 127.0.0.1, port: 8443}`"), ("sites", "`sites: [site-1, site-2]`")):
+        if data.get(k) is None:
+            raise ConfigError(f"{source}: `{k}` is required (e.g. {example})")
+    name = data.get("name", source.stem)
+    if not isinstance(name, str) or not name.strip() or len(name.strip()) > 60:
+        raise c.fail("name", "must be a non-empty string of at most 60 characters", name)
+
+    srv = data["server"]
+    if isinstance(srv, str):
+        srv = {"address": srv}
+    if not isinstance(srv, dict):
+        raise c.fail("server", "must be a mapping, e.g. {host: 127.0.0.1, port: 8443}", srv)
+    for k in srv:
+        if k not in _SERVER_KEYS:
+            raise c.unknown(k, _SERVER_KEYS, "server.")
+    if "address" in srv:
+        if "host" in srv or "port" in srv:
+            raise ConfigError(f"{source}: `server` takes either `address` or `host` and `port`, not both")
+        addr = srv["address"]
+        host, sep, port = addr.rpartition(":") if isinstance(addr, str) else ("", "", "")
+        if not sep or not port.isdigit():
+            raise c.fail("server.address", "must be HOST:PORT, e.g. 127.0.0.1:8443", addr)
+        host = c.host("server.address", host)
+        port_n = c.integer("server.address", int(port), 1, 65535)
+    else:
+        for k in ("host", "port"):
+            if srv.get(k) is None:
+                raise ConfigError(f"{source}: `server.{k}` is required (or give `server.address: HOST:PORT`)")
+        host = c.host("server.host", srv["host"])
+        port_n = c.integer("server.port", srv["port"], 1, 65535)
+    alt = srv.get("alt_names") or []
+    if not isinstance(alt, list):
+        raise c.fail("server.alt_names", "must be a list of host names or IPs", alt)
+    alt_names = tuple(c.host(f"server.alt_names[{i}]", a) for i, a in enumerate(alt))
+
+    sites_v = data["sites"]
+    if isinstance(sites_v, int) and not isinstance(sites_v, bool):
+        sites = tuple(f"site-{i}" for i in range(1, c.integer("sites", sites_v, 1, 10_000) + 1))
+    elif isinstance(sites_v, list) and sites_v:
+        for i, s in enumerate(sites_v):
+            if not isinstance(s, str) or not _SITE_NAME.match(s) or s in (CA_DIR, SERVER_DIR):
+                raise c.fail(f"sites[{i}]", _SITE_RULE, s)
+        dup = sorted({s for s in sites_v if sites_v.count(s) > 1})
+        if dup:
+            raise c.fail("sites", f"must not repeat a name ({', '.join(dup)} appears twice)", sites_v)
+        sites = tuple(sites_v)
+    else:
+        raise c.fail("sites", "must be a non-empty list of site names, or a count >= 1", sites_v)
+    days = c.integer("validity_days", data.get("validity_days", 365), 1, 36500)
+    return Project(name.strip(), ServerSpec(host, port_n, alt_names), sites, days)
+
+
+def load_project(path: str | Path) -> Project:
+    """Read and validate the project YAML at `path`; raise ConfigError naming the key path and the fix."""
+    import yaml
+
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"project file {path} does not exist (looked for {path.resolve()})") from None
+    except OSError as e:
+        raise ConfigError(f"project file {path} cannot be read: {e}") from e
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from e
+    return parse_project(data, path)
+
+
+# -- certificates -------------------------------------------------------------------------------------------------
+
+
+def _now(now: dt.datetime | None) -> dt.datetime:
+    return (now or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
+
+
+@dataclass
+class CertificateAuthority:
+    """The project's root CA: it signs the aggregator's and every site's certificate."""
+
+    cert: Any  # cryptography.x509.Certificate
+    key: Any  # its EC private key
+
+    @classmethod
+    def create(cls, name: str, *, days: int = CA_MIN_DAYS, now: dt.datetime | None = None) -> CertificateAuthority:
+        x509, hashes, ec = _crypto()
+        from cryptography.x509.oid import NameOID
+
+        key = ec.generate_private_key(ec.SECP256R1())
+        subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fl-plugins"),
+                             x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA"[:64])])  # fmt: skip
+        start = _now(now) - CLOCK_SKEW
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
+                .serial_number(x509.random_serial_number()).not_valid_before(start)
+                .not_valid_after(start + dt.timedelta(days=days))
+                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+                .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
+                                             key_encipherment=False, data_encipherment=False, key_agreement=False,
+                                             key_cert_sign=True, crl_sign=True, encipher_only=False,
+                                             decipher_only=False), critical=True)
+                .add_extension(ski, critical=False)
+                .sign(key, hashes.SHA256()))  # fmt: skip
+        return cls(cert, key)
+
+    @classmethod
+    def load(cls, directory: str | Path) -> CertificateAuthority:
+        """The CA saved in `directory` (ca.crt, ca.key)."""
+        x509, _, _ = _crypto()
+        from cryptography.hazmat.primitives import serialization
+
+        directory = Path(directory)
+        try:
+            cert = x509.load_pem_x509_certificate((directory / CA_CERT).read_bytes())
+            key = serialization.load_pem_private_key((directory / CA_KEY).read_bytes(), password=None)
+        except (OSError, ValueError, TypeError) as e:
+            raise ConfigError(
+                f"the CA in {directory} cannot be read ({e}); restore {CA_CERT} and {CA_KEY}, or move "
+                f"{directory} aside to make a new CA (every site then needs its new kit)"
+            ) from None
+        if cert.public_key() != key.public_key():
+            raise ConfigError(f"{directory}: {CA_KEY} is not the key of {CA_CERT}; restore the pair written together")
+        return cls(cert, key)
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        _mkdir_private(directory)
+        _write(directory / CA_CERT, self.cert_pem)
+        _write(directory / CA_KEY, _key_pem(self.key), secret=True)
+
+    @property
+    def cert_pem(self) -> bytes:
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        return self.cert.public_bytes(Encoding.PEM)
+
+    @property
+    def expires(self) -> dt.datetime:
+        return self.cert.not_valid_after_utc
+
+    def issue(self, common_name: str, *, days: int, server_names: tuple[str, ...] = (),
+              now: dt.datetime | None = None) -> tuple[bytes, bytes]:  # fmt: skip
+        """A new key and a certificate for it signed by this CA: (certificate PEM, key PEM).
+
+        With `server_names`, a server certificate valid for those host names / IPs; else a client certificate
+        whose common name is the site's name (the aggregator reads the site from it). `now` sets the start of
+        the validity (tests issue certificates that have already expired)."""
+        x509, hashes, ec = _crypto()
+        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+        start = _now(now) - CLOCK_SKEW
+        end = start + dt.timedelta(days=days)
+        if end > self.expires:
+            raise ConfigError(f"the CA expires on {self.expires:%Y-%m-%d}, before a certificate valid for {days} days "
+                              "would: lower `validity_days`, or move the kits' `ca` folder aside to make a new CA "
+                              "(every site then needs its new kit)")  # fmt: skip
+        key = ec.generate_private_key(ec.SECP256R1())
+        b = (x509.CertificateBuilder()
+             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+             .issuer_name(self.cert.subject).public_key(key.public_key())
+             .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
+             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+             .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
+                                          data_encipherment=False, key_agreement=False, key_cert_sign=False,
+                                          crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
+             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
+                            critical=False))  # fmt: skip
+        if server_names:
+            alt = [_general_name(n) for n in server_names]
+            b = b.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+            b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        else:
+            b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        from cryptography.hazmat.primitives.serialization import Encoding
+
+        return b.sign(self.key, hashes.SHA256()).public_bytes(Encoding.PEM), _key_pem(key)
+
+
+def _crypto():
+    require("cryptography", "server")
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    return x509, hashes, ec
+
+
+def _general_name(host: str):
+    from cryptography import x509
+
+    try:
+        return x509.IPAddress(ipaddress.ip_address(host))
+    except ValueError:
+        return x509.DNSName(host)
+
+
+def _key_pem(key) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
+    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                             serialization.NoEncryption())  # fmt: skip
+
+
+def _mkdir_private(directory: Path) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    if os.name == "posix":
+        os.chmod(directory, 0o700)
+
+
+def _write(path: Path, data: bytes, *, secret: bool = False) -> None:
+    """Write `data`; a key gets mode 0600 from the moment it exists (also when the file was there before)."""
+    mode = 0o600 if secret else 0o644
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "wb") as f:
+        if os.name == "posix":
+            os.fchmod(f.fileno(), mode)
+        f.write(data)
+
+
+def _write_kit_file(path: Path, header: str, info: dict[str, Any]) -> None:
+    import yaml
+
+    info = {**info, "fl_plugins_version": __version__}
+    _write(path / KIT_FILE, (header + yaml.safe_dump(info, sort_keys=False)).encode())
+
+
+# -- kits ---------------------------------------------------------------------------------------------------------
+
+
+def write_server_kit(ca: CertificateAuthority, directory: str | Path, project: Project, *,
+                     now: dt.datetime | None = None) -> Path:  # fmt: skip
+    """The aggregator's kit: its certificate (valid for the project's server host and alt_names), the CA that
+    signs the sites, and the project's site list."""
+    directory = Path(directory)
+    names = tuple(dict.fromkeys((project.server.host, *project.server.alt_names)))
+    cert, key = ca.issue(f"{project.name} aggregator"[:64], days=project.validity_days, server_names=names, now=now)
+    _mkdir_private(directory)
+    _write(directory / CA_CERT, ca.cert_pem)
+    _write(directory / SERVER_CERT, cert)
+    _write(directory / SERVER_KEY, key, secret=True)
+    _write_kit_file(directory, f"# The aggregator's startup kit for project {project.name!r} (fl-plugins provision).\n"
+                               f"# Serve with: fl-plugins server --kit {directory} --run-dir RUN_DIR --rounds N\n",
+                    {"role": "server", "project": project.name, "address": project.server.address,
+                     "sites": list(project.sites)})  # fmt: skip
+    return directory
+
+
+def write_site_kit(ca: CertificateAuthority, directory: str | Path, site: str, project: Project, *,
+                   now: dt.datetime | None = None, days: int | None = None) -> Path:  # fmt: skip
+    """A site's kit: its certificate (common name = `site`), its key, the CA, and the aggregator's address.
+
+    The CA signs any name here; only the aggregator's site list decides whether the name is admitted."""
+    directory = Path(directory)
+    cert, key = ca.issue(site, days=project.validity_days if days is None else days, now=now)
+    _mkdir_private(directory)
+    _write(directory / CA_CERT, ca.cert_pem)
+    _write(directory / CLIENT_CERT, cert)
+    _write(directory / CLIENT_KEY, key, secret=True)
+    server = project.server.address if project.server.port else None
+    _write_kit_file(directory, f"# The startup kit of site {site!r}, project {project.name!r} (fl-plugins provision).\n"
+                               f"# Run the site with: fl-plugins client --kit {directory} -- python train.py\n",
+                    {"role": "site", "project": project.name, "site": site, "server": server})  # fmt: skip
+    return directory
+
+
+def provision(project: Project, out_dir: str | Path, *, now: dt.datetime | None = None) -> Kits:
+    """Write the CA (or reuse the one in OUT/ca), the aggregator's kit and one kit per site under `out_dir`."""
+    out = Path(out_dir)
+    _mkdir_private(out)
+    ca_dir = out / CA_DIR
+    if (ca_dir / CA_CERT).exists() or (ca_dir / CA_KEY).exists():
+        ca = CertificateAuthority.load(ca_dir)
+        if _now(now) >= ca.expires:
+            raise ConfigError(f"the CA in {ca_dir} expired on {ca.expires:%Y-%m-%d}; move {ca_dir} aside to make a "
+                              "new CA (every site then needs its new kit)")  # fmt: skip
+        log.info("reusing the CA in %s: kits already handed out stay valid", ca_dir)
+    else:
+        ca = CertificateAuthority.create(project.name, days=max(CA_MIN_DAYS, project.validity_days + 1), now=now)
+        ca.save(ca_dir)
+        log.info("created the project's CA in %s (keep it; do not ship it)", ca_dir)
+    kits = Kits(out, ca_dir, write_server_kit(ca, out / SERVER_DIR, project, now=now))
+    for site in project.sites:
+        kits.sites[site] = write_site_kit(ca, out / site, site, project, now=now)
+    stale = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name not in (CA_DIR, SERVER_DIR, *project.sites)
+                   and (p / CLIENT_CERT).exists())  # fmt: skip
+    if stale:
+        log.warning("%s holds kits of sites no longer in the project (%s): the aggregator refuses them; delete "
+                    "those folders", out, ", ".join(stale))  # fmt: skip
+    return kits
+
+
+def provision_local(out_dir: str | Path, sites: list[str] | tuple[str, ...], *, name: str = "local",
+                    port: int = 0, validity_days: int = 30) -> Kits:  # fmt: skip
+    """Kits for a federation on this machine: the aggregator on 127.0.0.1 (and localhost). With port 0 the
+    sites' kits name no port: the launcher gives them the address through FL_SERVER."""
+    return provision(Project(name, ServerSpec("127.0.0.1", port, ("localhost",)), tuple(sites), validity_days),
+                     out_dir)  # fmt: skip

@@ -1,0 +1,201 @@
+"""Startup kits on disk, the gRPC credentials made from them, and who is calling.
+
+A kit is a folder written by `fl-plugins provision` (provision.py):
+
+    kits/server/   ca.crt  server.crt  server.key  kit.yaml   (role: server; project, address, sites)
+    kits/site-1/   ca.crt  client.crt  client.key  kit.yaml   (role: site; project, site, server)
+
+With a kit the aggregator serves mTLS only: the TLS handshake refuses a caller without a certificate signed by
+the project's CA (or with an expired one), and `SiteAuth` takes the site a call speaks for from the
+certificate's common name, never from what the request claims. A certificate of a site that is not in the
+project, or a request that claims another site's name, is refused with PERMISSION_DENIED (AuthError on the
+client). This module needs only grpc; `cryptography`, when installed, lets a kit's expired certificate be
+named on load instead of surfacing as a failed handshake.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from fl_plugins.errors import AuthError, ConfigError
+
+log = logging.getLogger(__name__)
+
+KIT_FILE = "kit.yaml"
+CA_CERT = "ca.crt"
+SERVER_CERT, SERVER_KEY = "server.crt", "server.key"
+CLIENT_CERT, CLIENT_KEY = "client.crt", "client.key"
+
+
+@dataclass(frozen=True)
+class SiteAuth:
+    """Who may call the aggregator, and as which site, when it serves with mTLS."""
+
+    project: str  # the project's name, for messages
+    sites: frozenset[str]  # the site names in the project: a certificate of any other name is refused
+
+    def site_of(self, context: grpc.ServicerContext, claimed: str = "") -> str:
+        """The site the call speaks for: its certificate's common name. `claimed` is the site name the request
+        carries; a different one is refused, so a site cannot speak for another."""
+        cn = peer_common_name(context)
+        if cn is None:
+            raise AuthError("the call carries no client certificate; the aggregator serves with mTLS: connect with "
+                            "this site's startup kit (`fl-plugins client --kit`, FL_KIT or init(kit=...))")  # fmt: skip
+        if cn not in self.sites:
+            listed = ", ".join(sorted(self.sites)[:10]) + (", ..." if len(self.sites) > 10 else "")
+            raise AuthError(
+                f"site {cn!r} is not in project {self.project!r} (its sites: {listed}); to add it, list it under "
+                "`sites:` in the project file, run `fl-plugins provision` again and restart the aggregator with "
+                "the new server kit"
+            )
+        if claimed and claimed != cn:
+            raise AuthError(
+                f"the request claims to be site {claimed!r}, but its certificate is site {cn!r}; a site speaks only "
+                f"for itself: set FL_SITE / init(site=...) to {cn!r}, or leave it unset to take the kit's name"
+            )
+        return cn
+
+
+def peer_common_name(context: grpc.ServicerContext) -> str | None:
+    """The common name of the caller's verified client certificate, or None (no certificate, plaintext)."""
+    names = (context.auth_context() or {}).get("x509_common_name") or []
+    return names[0].decode("utf-8", "replace") if names else None
+
+
+@dataclass(frozen=True)
+class ServerKit:
+    """The aggregator's kit: its certificate and key, the CA that signs the sites, and the project's sites."""
+
+    path: Path
+    project: str
+    address: str  # HOST:PORT sites connect to (the default listening address); port 0: picked when serving
+    sites: tuple[str, ...]  # the names a site certificate may carry
+    ca: bytes = field(repr=False)
+    cert: bytes = field(repr=False)
+    key: bytes = field(repr=False)
+
+    def credentials(self) -> grpc.ServerCredentials:
+        """TLS that requires a client certificate signed by the project's CA."""
+        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca,
+                                           require_client_auth=True)  # fmt: skip
+
+    def auth(self) -> SiteAuth:
+        return SiteAuth(self.project, frozenset(self.sites))
+
+
+@dataclass(frozen=True)
+class SiteKit:
+    """A site's kit: its certificate (common name = the site's name) and key, and the CA that signs the
+    aggregator's certificate."""
+
+    path: Path
+    project: str
+    site: str
+    server: str | None  # HOST:PORT of the aggregator; None when provisioned without a fixed port
+    ca: bytes = field(repr=False)
+    cert: bytes = field(repr=False)
+    key: bytes = field(repr=False)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        """TLS that checks the aggregator's certificate against the project's CA and presents the site's."""
+        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
+                                            certificate_chain=self.cert)  # fmt: skip
+
+
+def load_server_kit(path: str | Path) -> ServerKit:
+    """Read the aggregator's kit folder (kits/server); ConfigError saying what is wrong and how to fix it."""
+    path = Path(path)
+    info = _read_kit_file(path, "server", "the aggregator needs the server kit (e.g. kits/server)")
+    address = _str(path, info, "address")
+    sites = info.get("sites")
+    if not isinstance(sites, list) or not sites or not all(isinstance(s, str) and s for s in sites):
+        raise ConfigError(f"{path / KIT_FILE}: `sites` must be the project's list of site names (got {sites!r}); "
+                          "run `fl-plugins provision` again")  # fmt: skip
+    ca, cert = _read(path, CA_CERT), _read(path, SERVER_CERT)
+    _check_validity(path / SERVER_CERT, cert)
+    return ServerKit(path, _str(path, info, "project"), address, tuple(sites), ca, cert, _read(path, SERVER_KEY))
+
+
+def load_site_kit(path: str | Path) -> SiteKit:
+    """Read a site's kit folder (kits/site-1); ConfigError saying what is wrong and how to fix it."""
+    path = Path(path)
+    info = _read_kit_file(path, "site", "a site needs its own kit (e.g. kits/site-1)")
+    server = info.get("server")
+    if server is not None and not isinstance(server, str):
+        raise ConfigError(f"{path / KIT_FILE}: `server` must be HOST:PORT (got {server!r})")
+    ca, cert = _read(path, CA_CERT), _read(path, CLIENT_CERT)
+    _check_validity(path / CLIENT_CERT, cert)
+    return SiteKit(path, _str(path, info, "project"), _str(path, info, "site"), server or None, ca, cert,
+                   _read(path, CLIENT_KEY))  # fmt: skip
+
+
+def _read_kit_file(path: Path, role: str, need: str) -> dict[str, Any]:
+    import yaml
+
+    f = path / KIT_FILE
+    if not path.is_dir():
+        raise ConfigError(f"startup kit {path} does not exist or is not a folder (looked for {path.resolve()}); "
+                          f"{need}, written by `fl-plugins provision PROJECT.yaml -o kits/`")  # fmt: skip
+    try:
+        info = yaml.safe_load(f.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ConfigError(f"{path} is not a startup kit: it has no {KIT_FILE}; {need}, written by "
+                          "`fl-plugins provision`") from None  # fmt: skip
+    except (OSError, yaml.YAMLError) as e:
+        raise ConfigError(f"{f} cannot be read: {e}") from None
+    if not isinstance(info, dict):
+        raise ConfigError(f"{f}: a kit file must be a mapping (role, project, ...); run `fl-plugins provision` again")
+    if info.get("role") != role:
+        other = "the aggregator's kit" if info.get("role") == "server" else f"the kit of site {info.get('site')!r}"
+        raise ConfigError(f"{path} is {other}, not a {role} kit; {need}")
+    return info
+
+
+def _str(path: Path, info: dict[str, Any], key: str) -> str:
+    v = info.get(key)
+    if not isinstance(v, str) or not v:
+        raise ConfigError(f"{path / KIT_FILE}: `{key}` must be a non-empty string (got {v!r}); run "
+                          "`fl-plugins provision` again")  # fmt: skip
+    return v
+
+
+def _read(path: Path, name: str) -> bytes:
+    f = path / name
+    try:
+        data = f.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"startup kit {path} is missing {name}; copy the whole kit folder written by "
+                          "`fl-plugins provision`") from None  # fmt: skip
+    except OSError as e:
+        raise ConfigError(f"{f} cannot be read: {e}") from None
+    if name.endswith(".key") and os.name == "posix" and stat.S_IMODE(f.stat().st_mode) & 0o077:
+        log.warning("%s can be read by other users (mode %o): run `chmod 600 %s`", f, stat.S_IMODE(f.stat().st_mode),
+                    f)  # fmt: skip
+    return data
+
+
+def _check_validity(path: Path, pem: bytes) -> None:
+    """Name an expired (or not yet valid) certificate now, rather than as a failed TLS handshake later."""
+    try:
+        from cryptography import x509
+    except ImportError:  # optional on sites: the aggregator's handshake refuses an expired certificate anyway
+        return
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError as e:
+        raise ConfigError(f"{path} is not a PEM certificate ({e}); run `fl-plugins provision` again") from None
+    now = datetime.now(timezone.utc)
+    if now > cert.not_valid_after_utc:
+        raise ConfigError(f"{path}: the certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; ask "
+                          "the project's admin for a new kit (`fl-plugins provision` again)")  # fmt: skip
+    if now < cert.not_valid_before_utc:
+        raise ConfigError(f"{path}: the certificate is valid only from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} "
+                          "UTC; check this machine's clock")  # fmt: skip

@@ -1,0 +1,384 @@
+"""Provisioning and mTLS over real gRPC on 127.0.0.1: kits, a federated job over mTLS, and every way a caller
+is refused (no certificate, another CA, expired, a site not in the project, a site claiming another's name)
+while the aggregator goes on serving the sites that belong.
+
+Model values are multiples of 1/16 and FedAvg weights sum to a power of two, so results are exact in float32
+whatever the order of the folds: the mTLS job is compared bit for bit with the same job in plaintext.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import stat
+import subprocess
+import sys
+import textwrap
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import SiteThread, join_sites, load_round, save_numpy
+
+import fl_plugins.client as flare
+from fl_plugins.aggregator.core import AggregatorConfig
+from fl_plugins.aggregator.service import AggregatorServer
+from fl_plugins.client._site import SiteClient
+from fl_plugins.errors import AuthError, ConfigError, TransportError
+from fl_plugins.security.provision import (
+    CertificateAuthority,
+    Kits,
+    Project,
+    load_project,
+    parse_project,
+    provision,
+    provision_local,
+    write_site_kit,
+)
+from fl_plugins.security.tls import load_server_kit, load_site_kit
+from fl_plugins.wire import rpc
+from fl_plugins.wire.proto import fl_pb2 as pb
+
+pytest.importorskip("cryptography")
+
+ROOT = Path(__file__).resolve().parents[1]
+PROJECT_YAML = """\
+name: test-project
+server: {host: 127.0.0.1, port: 8443, alt_names: [localhost]}
+sites: [site-1, site-2]
+validity_days: 30
+"""
+INITIAL = {"w": np.arange(8, dtype=np.float32) / 16, "b": np.full((2, 3), 0.5, np.float32)}
+
+
+@pytest.fixture(scope="module")
+def kits(tmp_path_factory) -> Kits:
+    root = tmp_path_factory.mktemp("kits")
+    (root / "project.yaml").write_text(PROJECT_YAML)
+    return provision(load_project(root / "project.yaml"), root / "kits")
+
+
+@pytest.fixture(scope="module")
+def project(kits) -> Project:
+    return load_project(kits.root.parent / "project.yaml")
+
+
+@pytest.fixture
+def api():
+    yield flare
+    flare.shutdown()
+
+
+def _server(tmp_path: Path, kit: Path | None, rounds: int = 2, min_sites: int = 2) -> AggregatorServer:
+    init = save_numpy(tmp_path / "initial.safetensors", INITIAL)
+    cfg = AggregatorConfig(run_dir=tmp_path / ("run-tls" if kit else "run-plain"), rounds=rounds, min_sites=min_sites,
+                           initial_model=init, linger=0.5)  # fmt: skip
+    return AggregatorServer(cfg, "127.0.0.1:0", kit=kit).start()
+
+
+def _step(site: int):
+    """Each site moves the model its own way; weights 1 and 3 sum to 4, so FedAvg stays exact."""
+
+    def step(r: int, params: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], str, float]:
+        return {k: v + (site + r) / 4 for k, v in params.items()}, "FULL", 1.0 if site == 1 else 3.0
+
+    return step
+
+
+def _updates(run_dir: Path) -> list[tuple[int, str]]:
+    recs = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return sorted((r["round"], r["site"]) for r in recs if r["event"] == "update")
+
+
+# -- provisioning ---------------------------------------------------------------------------------------------
+
+
+def test_provision_writes_the_ca_and_one_kit_each_with_private_keys(kits):
+    from cryptography import x509
+    from cryptography.x509.oid import NameOID
+
+    assert sorted(p.name for p in kits.root.iterdir()) == ["ca", "server", "site-1", "site-2"]
+    files = {p.relative_to(kits.root).as_posix(): stat.S_IMODE(p.stat().st_mode)
+             for p in kits.root.rglob("*") if p.is_file()}  # fmt: skip
+    assert sorted(files) == ["ca/ca.crt", "ca/ca.key", "server/ca.crt", "server/kit.yaml", "server/server.crt",
+                             "server/server.key", "site-1/ca.crt", "site-1/client.crt", "site-1/client.key",
+                             "site-1/kit.yaml", "site-2/ca.crt", "site-2/client.crt", "site-2/client.key",
+                             "site-2/kit.yaml"]  # fmt: skip
+    keys = ["ca/ca.key", "server/server.key", "site-1/client.key", "site-2/client.key"]
+    assert {f: m for f, m in files.items() if f.endswith(".key")} == dict.fromkeys(keys, 0o600)
+    assert all(m & 0o077 == 0o044 for f, m in files.items() if not f.endswith(".key"))  # certificates: readable
+
+    server = load_server_kit(kits.server)
+    assert (server.project, server.address, server.sites) == ("test-project", "127.0.0.1:8443", ("site-1", "site-2"))
+    cert = x509.load_pem_x509_certificate(server.cert)
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)] == ["127.0.0.1"]
+    assert sans.get_values_for_type(x509.DNSName) == ["localhost"]
+    site = load_site_kit(kits.sites["site-1"])
+    assert (site.project, site.site, site.server) == ("test-project", "site-1", "127.0.0.1:8443")
+    client = x509.load_pem_x509_certificate(site.cert)
+    assert client.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "site-1"
+    assert client.issuer == x509.load_pem_x509_certificate(site.ca).subject
+    assert (client.not_valid_after_utc - client.not_valid_before_utc).days == 30
+
+
+def test_provisioning_again_keeps_the_ca_and_tightens_key_permissions(tmp_path, caplog):
+    project = parse_project({"server": "127.0.0.1:8443", "sites": ["a", "b"]}, tmp_path / "p.yaml")
+    first = provision(project, tmp_path / "kits")
+    ca = (first.ca / "ca.crt").read_bytes()
+    old_site_cert = (first.sites["b"] / "client.crt").read_bytes()
+    os.chmod(first.sites["a"] / "client.key", 0o644)
+    with caplog.at_level("WARNING"):
+        second = provision(replace(project, sites=("a",)), tmp_path / "kits")
+    assert (second.ca / "ca.crt").read_bytes() == ca  # kits handed out earlier stay valid
+    assert stat.S_IMODE((second.sites["a"] / "client.key").stat().st_mode) == 0o600
+    assert "no longer in the project (b)" in caplog.text
+    assert load_server_kit(second.server).sites == ("a",)  # b's old certificate is still signed, but not admitted
+    assert (tmp_path / "kits" / "b" / "client.crt").read_bytes() == old_site_cert
+
+
+def test_provision_local_makes_a_loopback_project_without_a_fixed_port(tmp_path):
+    kits = provision_local(tmp_path / "kits", ["site-1", "site-2", "site-3"])
+    assert load_server_kit(kits.server).address == "127.0.0.1:0"
+    assert load_site_kit(kits.sites["site-3"]).server is None  # the launcher passes FL_SERVER
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("server: 127.0.0.1:8443\nsite: [a]\n", "unknown key `site`; did you mean `sites`?"),
+    ("server: {host: 127.0.0.1, prot: 8443}\nsites: [a]\n", "unknown key `server.prot`; did you mean `server.port`?"),
+    ("server: 127.0.0.1:8443\nsites: [a]\nvalidity_days: a year\n",
+     "`validity_days` must be an integer in 1..36500 (got 'a year')"),
+    ("server: {host: 127.0.0.1, port: '8443'}\nsites: [a]\n",
+     "`server.port` must be an integer in 1..65535 (got '8443')"),
+    ("server: {host: 127.0.0.1, port: 8443}\nsites: site-1\n", "`sites` must be a non-empty list of site names"),
+    ("server: 127.0.0.1:8443\nsites: [a, 'b c']\n", "`sites[1]` must be 1-64 letters, digits"),
+    ("server: 127.0.0.1:8443\nsites: [a, server]\n", "not 'ca' or 'server'"),
+    ("server: 127.0.0.1:8443\nsites: [a, a]\n", "must not repeat a name (a appears twice)"),
+    ("server: {host: 0.0.0.0, port: 8443}\nsites: [a]\n", "not a wildcard"),
+    ("server: {host: 'my host', port: 8443}\nsites: [a]\n", "`server.host` must be a host name or an IP address"),
+    ("server: {host: 127.0.0.1}\nsites: [a]\n", "`server.port` is required"),
+    ("server: {address: 127.0.0.1:1, port: 2}\nsites: [a]\n", "either `address` or `host` and `port`"),
+    ("sites: [a]\n", "`server` is required"),
+    ("- a\n", "a project file must be a mapping"),
+])  # fmt: skip
+def test_project_file_errors_name_the_file_and_key(tmp_path, text, expected):
+    p = tmp_path / "project.yaml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_project(p)
+    assert str(e.value).startswith(f"{p}: ")
+    assert expected in str(e.value)
+
+
+def test_project_file_forms(tmp_path):
+    p = parse_project({"server": {"address": "agg.example.org:9000", "alt_names": ["10.0.0.5"]}, "sites": 3}, "x.yaml")
+    assert (p.name, p.server.address, p.server.alt_names) == ("x", "agg.example.org:9000", ("10.0.0.5",))
+    assert p.sites == ("site-1", "site-2", "site-3") and p.validity_days == 365
+
+
+# -- a job over mTLS ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.integration
+def test_a_job_over_mtls_equals_the_plain_job(kits, tmp_path, api, monkeypatch):
+    plain = _server(tmp_path, None)
+    try:
+        join_sites(SiteThread(plain.address, "site-1", _step(1)), SiteThread(plain.address, "site-2", _step(2)))
+        assert plain.wait() == 0
+    finally:
+        plain.stop(0)
+
+    srv = _server(tmp_path, kits.server)
+    try:
+        # site-1 with SiteClient(kit=...); site-2 through the client API with FL_KIT, as `fl-plugins client` runs it
+        site1 = SiteThread(srv.address, "site-1", _step(1), kit=kits.sites["site-1"])
+        site1.start()
+        monkeypatch.setenv("FL_KIT", str(kits.sites["site-2"]))
+        monkeypatch.delenv("FL_SITE", raising=False)
+        api.init(srv.address, params_format="numpy")
+        assert api.get_site_name() == "site-2"
+        while api.is_running():
+            m = api.receive()
+            params, _, weight = _step(2)(m.current_round, m.params)
+            api.send(api.FLModel(params=params, meta={"NUM_STEPS_CURRENT_ROUND": weight}))
+        site1.join(60)
+        assert site1.error is None, site1.error
+        assert srv.wait() == 0
+    finally:
+        srv.stop(0)
+    for r in (1, 2):
+        got, want = load_round(tmp_path / "run-tls", r), load_round(tmp_path / "run-plain", r)
+        for k in INITIAL:
+            np.testing.assert_array_equal(got[k], want[k], err_msg=f"round {r} {k}")
+    assert _updates(tmp_path / "run-tls") == [(0, "site-1"), (0, "site-2"), (1, "site-1"), (1, "site-2")]
+
+
+# -- refusals -------------------------------------------------------------------------------------------------
+
+
+def _hybrid_kit(kits: Kits, cert_from: Path, into: Path) -> Path:
+    """`cert_from`'s certificate and key with this project's CA (so the site trusts the real aggregator)."""
+    into.mkdir()
+    for name in ("client.crt", "client.key", "kit.yaml"):
+        (into / name).write_bytes((cert_from / name).read_bytes())
+    (into / "client.key").chmod(0o600)
+    (into / "ca.crt").write_bytes((kits.ca / "ca.crt").read_bytes())
+    return into
+
+
+def _connect(address: str, **kw) -> BaseException | None:
+    c = SiteClient(address, connect_timeout=1.5, heartbeat=0, **kw)
+    try:
+        c.connect()
+    except Exception as e:  # noqa: BLE001 - returned to the test
+        return e
+    finally:
+        c.close()
+    return None
+
+
+@pytest.mark.integration
+def test_callers_without_a_valid_certificate_of_the_project_are_refused(kits, project, tmp_path):
+    other = provision_local(tmp_path / "other", ["site-1"])  # another project's CA, same site name
+    ca = CertificateAuthority.load(kits.ca)
+    past = dt.datetime.now(dt.timezone.utc) - dt.timedelta(days=10)
+    expired = write_site_kit(ca, tmp_path / "expired", "site-1", project, now=past, days=1)
+    intruder = write_site_kit(ca, tmp_path / "intruder", "intruder", project)  # the right CA, not in the project
+    mine = load_site_kit(kits.sites["site-1"])
+    old = replace(mine, cert=(expired / "client.crt").read_bytes(), key=(expired / "client.key").read_bytes())
+    srv = _server(tmp_path, kits.server)
+    try:
+        with pytest.raises(ConfigError, match=r"client.crt: the certificate expired on .* ask the project's admin"):
+            load_site_kit(expired)  # the site is told before it dials
+        cases = {  # what the aggregator's TLS handshake refuses: the site can only see the connection closed
+            "plaintext": dict(site="site-1"),
+            "no client certificate": dict(kit=replace(mine, cert=None, key=None)),
+            "another CA": dict(kit=_hybrid_kit(kits, other.sites["site-1"], tmp_path / "hybrid")),
+            "expired": dict(kit=old),
+            "another project's kit": dict(kit=other.sites["site-1"]),
+            "intruder": dict(kit=intruder),
+        }
+        with ThreadPoolExecutor(len(cases)) as pool:
+            got = dict(zip(cases, pool.map(lambda kw: _connect(srv.address, **kw), cases.values()), strict=True))
+        assert all(isinstance(got[k], TransportError) for k in list(cases)[:5]), got
+        msg = {k: str(e) for k, e in got.items()}
+        assert "if it serves with mTLS (`fl-plugins server --kit`), this site needs its startup kit" in msg["plaintext"]
+        for k in ("no client certificate", "another CA", "expired"):
+            assert "closed the connection during the TLS handshake: it refuses this site's certificate" in msg[k], k
+        assert "did not verify against the kit's ca.crt" in msg["another project's kit"]
+        assert isinstance(got["intruder"], AuthError)  # past the handshake: the aggregator says why
+        assert "site 'intruder' is not in project 'test-project' (its sites: site-1, site-2)" in msg["intruder"]
+        assert "fl-plugins provision` again" in msg["intruder"]
+
+        impostor = SiteClient(srv.address, kit=mine, heartbeat=0)  # a modified client that claims site-2's name
+        impostor.site = "site-2"
+        with pytest.raises(AuthError, match="claims to be site 'site-2', but its certificate is site 'site-1'"):
+            impostor.connect()
+        impostor.close()
+
+        # the aggregator goes on serving the project's sites: both rounds complete with their updates only
+        join_sites(SiteThread(srv.address, "site-1", _step(1), kit=kits.sites["site-1"]),
+                   SiteThread(srv.address, "site-2", _step(2), kit=kits.sites["site-2"]), timeout=60)  # fmt: skip
+        assert srv.wait() == 0
+        assert srv.aggregator.status()["sites"] == ["site-1", "site-2"]
+    finally:
+        srv.stop(0)
+    assert _updates(tmp_path / "run-tls") == [(0, "site-1"), (0, "site-2"), (1, "site-1"), (1, "site-2")]
+
+
+@pytest.mark.integration
+def test_a_site_cannot_send_into_another_sites_upload(kits, tmp_path):
+    srv = _server(tmp_path, kits.server, rounds=1, min_sites=1)
+    site1, site2 = load_site_kit(kits.sites["site-1"]), load_site_kit(kits.sites["site-2"])
+    ch1 = rpc.secure_channel(srv.address, site1.credentials())
+    ch2 = rpc.secure_channel(srv.address, site2.credentials())
+    try:
+        s1, s2 = rpc.Stub(ch1), rpc.Stub(ch2)
+        s2.Hello(pb.HelloRequest(site="site-2"), timeout=10)
+        task = s2.GetTask(pb.TaskRequest(site="site-2", wait_seconds=5), timeout=10)
+        assert task.kind == pb.Task.TRAIN
+        manifest = json.loads(task.manifest_json)
+        manifest["envelope"] = {"params_type": "FULL"}
+        up = s2.BeginUpload(pb.UploadBegin(site="site-2", round=0, attempt=0, manifest_json=json.dumps(manifest),
+                                           nonce="n"), timeout=10)  # fmt: skip
+        with pytest.raises(Exception) as e:
+            s1.CommitUpload(pb.UploadCommit(upload_id=up.upload_id, shard_digests=["x"]), timeout=10)
+        err = rpc.error_from_rpc(e.value, "commit")
+        assert isinstance(err, AuthError)
+        assert "belongs to site 'site-2', but the caller's certificate is site 'site-1'" in str(err)
+        with pytest.raises(Exception) as e:
+            s1.Upload(iter([b""]), metadata=(("fl-upload-id", up.upload_id), ("fl-shard", "0")), timeout=10)
+        assert isinstance(rpc.error_from_rpc(e.value, "upload"), AuthError)
+    finally:
+        ch1.close()
+        ch2.close()
+        srv.stop(0)
+
+
+def test_a_site_name_that_differs_from_the_kit_is_an_error(kits, api, monkeypatch):
+    with pytest.raises(ConfigError, match=r"init\(site='site-2'\) differs from the site of the kit .* \('site-1'\)"):
+        api.init("127.0.0.1:1", site="site-2", kit=kits.sites["site-1"])
+    monkeypatch.setenv("FL_SITE", "site-2")
+    with pytest.raises(ConfigError, match=r"\$FL_SITE=site-2 differs from the site of the kit"):
+        api.init("127.0.0.1:1", kit=kits.sites["site-1"])
+    with pytest.raises(ConfigError, match="differs from the kit's site 'site-1'"):
+        SiteClient("127.0.0.1:1", "site-2", kit=kits.sites["site-1"])
+
+
+def test_kits_are_checked_for_their_role(kits, tmp_path):
+    with pytest.raises(ConfigError, match="is the kit of site 'site-1', not a server kit"):
+        AggregatorServer(AggregatorConfig(run_dir=tmp_path, rounds=1), kit=kits.sites["site-1"])
+    with pytest.raises(ConfigError, match="--insecure and --kit do not go together"):
+        AggregatorServer(AggregatorConfig(run_dir=tmp_path, rounds=1), kit=kits.server, insecure=True)
+    with pytest.raises(ConfigError, match="is the aggregator's kit, not a site kit"):
+        load_site_kit(kits.server)
+    with pytest.raises(ConfigError, match="has no kit.yaml"):
+        load_site_kit(tmp_path)
+
+
+# -- fl-plugins client ----------------------------------------------------------------------------------------
+
+SITE_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import fl_plugins.client as flare
+    flare.init(params_format="numpy")
+    m = flare.receive()
+    flare.send(flare.FLModel(params={k: v + 1 for k, v in m.params.items()}))
+    print("SITE", flare.get_site_name(), "KIT", os.environ["FL_KIT"], flush=True)
+    sys.exit(int(sys.argv[1]))
+    """
+)
+
+
+@pytest.mark.integration
+def test_fl_plugins_client_runs_the_script_with_the_kit_and_forwards_its_exit_code(kits, tmp_path):
+    script = tmp_path / "train.py"
+    script.write_text(SITE_SCRIPT)
+    srv = _server(tmp_path, kits.server, rounds=1, min_sites=1)
+    try:
+        out = subprocess.run([sys.executable, "-m", "fl_plugins.cli", "client", "--kit", str(kits.sites["site-2"]),
+                              "--server", srv.address, "--", sys.executable, str(script), "3"],
+                             capture_output=True, text=True, timeout=60, cwd=ROOT)  # fmt: skip
+        assert out.returncode == 3, out.stdout + out.stderr
+        assert f"SITE site-2 KIT {kits.sites['site-2'].resolve()}" in out.stdout
+        assert srv.wait() == 0
+    finally:
+        srv.stop(0)
+    assert _updates(tmp_path / "run-tls") == [(0, "site-2")]
+
+
+def test_fl_plugins_provision_command(tmp_path):
+    (tmp_path / "project.yaml").write_text(PROJECT_YAML)
+    out = subprocess.run([sys.executable, "-m", "fl_plugins.cli", "provision", "project.yaml", "-o", "kits"],
+                         capture_output=True, text=True, timeout=60, cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "kits/server  the aggregator's: fl-plugins server --kit kits/server" in out.stdout
+    assert load_site_kit(tmp_path / "kits" / "site-2").site == "site-2"
+    (tmp_path / "bad.yaml").write_text("server: 127.0.0.1:8443\nsites: [a]\nvalidity: 3\n")
+    bad = subprocess.run([sys.executable, "-m", "fl_plugins.cli", "provision", "bad.yaml"], capture_output=True,
+                         text=True, timeout=60, cwd=tmp_path)  # fmt: skip
+    assert bad.returncode == 2 and "unknown key `validity`; did you mean `validity_days`?" in bad.stderr
