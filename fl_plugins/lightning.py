@@ -23,9 +23,6 @@ Everything else is the client API (`fl_plugins.client`). Lightning is imported o
 
 from __future__ import annotations
 
-from typing import Any
-
-from fl_plugins.client import api as _api
 from fl_plugins.client.api import (
     get_job_id,
     get_site_name,
@@ -39,32 +36,8 @@ from fl_plugins.client.api import (
     system_info,
 )
 from fl_plugins.client.model import FLModel, MetaKey, ParamsType
-from fl_plugins.integrations import driver as _driver
+from fl_plugins.integrations.face import is_running, receive, shutdown
 from fl_plugins.integrations.lightning import patch
-
-
-def receive(timeout: float | None = None, *, into: dict[str, Any] | None = None) -> FLModel | None:
-    """This round's global model, at once (see the module docstring); None once the job is over."""
-    drv = _driver.current()
-    if drv is None:
-        return _api.receive(timeout, into=into)
-    return drv.receive(timeout, into=into)
-
-
-def is_running() -> bool:
-    """True while the job runs. Under multi-process training it agrees on every rank: rank 0 asks the aggregator,
-    the other ranks return what rank 0 broadcast when the last fit ended (True before the first fit)."""
-    drv = _driver.current()
-    if drv is None or not drv.started:
-        return _api.is_running()
-    return drv.is_running()
-
-
-def shutdown() -> None:
-    """Close the connection and forget the round state; patch() may be called again afterwards."""
-    _api.shutdown()
-    _driver.reset()
-
 
 __all__ = [
     "FLModel",
