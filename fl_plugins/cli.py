@@ -53,6 +53,8 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--run-dir", type=Path, help="logs, metrics and checkpoints go here; an existing run dir resumes "
                                                 "(default: runs/NAME-TIMESTAMP)")  # fmt: skip
     r.add_argument("--log-level", default="WARNING", help="console log level (the run dir's logs are INFO)")
+    r.add_argument("--tls", action="store_true", help="mTLS between the sites and the aggregator: provision a CA "
+                                                      "and startup kits into RUN_DIR/kits first")  # fmt: skip
     v = sub.add_parser("provision", help="make the project's CA and a startup kit for the aggregator and each site",
                        description="Read the project file (name, server host/port, sites, validity_days) and write "
                                    "OUT/ca (the CA: keep it, do not ship it), OUT/server (the aggregator's kit) and "
@@ -112,7 +114,7 @@ def _run(args: argparse.Namespace) -> int:
     # SIGTERM (and SIGINT, even where a shell started us with it ignored) stop the sites and the aggregator
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGINT, _term)
-    return run(recipe, args.run_dir or default_run_dir(recipe))
+    return run(recipe, args.run_dir or default_run_dir(recipe), tls=args.tls)
 
 
 def _provision(args: argparse.Namespace) -> int:

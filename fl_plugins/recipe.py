@@ -11,6 +11,10 @@
     site_args: {site-1: ["--shard", "0"]}     # extra arguments for one site, after `args`
     env: {}                                   # extra environment variables for every site
 
+Instead of `script:`, a recipe may name a built-in Hugging Face task (SFT / PEFT), `task: {type: ..., model: ...,
+data: ...}`: every site then runs `python -m fl_plugins.hf.task RECIPE`; the section is validated by
+fl_plugins/hf/spec.py (torch-free).
+
 Every error names the file, the key path, what must hold and what was got, e.g.
 ``recipes/x.yaml: `rounds` must be an integer >= 1 (got 0)``; an unknown key is an error with a did-you-mean.
 """
@@ -65,10 +69,12 @@ class Recipe:
     script: ScriptSpec
     sites: tuple[SiteSpec, ...]
     federation: FederationSpec
+    task: Any = None  # fl_plugins.hf.spec.TaskSpec when the recipe names a built-in task instead of a script
 
 
-_KEYS = ("name", "script", "sites", "rounds", "min_sites", "initial_model", "round_deadline", "args", "site_args",
-         "env")  # fmt: skip
+_KEYS = ("name", "script", "task", "sites", "rounds", "min_sites", "initial_model", "round_deadline", "args",
+         "site_args", "env")  # fmt: skip
+TASK_SCRIPT = Path(__file__).resolve().parent / "hf" / "task.py"
 
 
 class _Checker:
@@ -127,9 +133,16 @@ def parse_recipe(data: Any, source: str | Path) -> Recipe:
     for k in data:
         if k not in _KEYS:
             raise c.unknown(k, list(_KEYS))
+    if data.get("script") is not None and data.get("task") is not None:
+        raise ConfigError(f"{source}: give `script` (your own training script) or `task` (a built-in one), not both")
+    if data.get("task") is not None:
+        for k in ("args", "site_args"):
+            if data.get(k):
+                raise ConfigError(f"{source}: `{k}` applies to a `script`; a built-in `task` takes its settings "
+                                  "from the `task` section")  # fmt: skip
     for k in ("script", "sites", "rounds"):
-        if data.get(k) is None:
-            raise ConfigError(f"{source}: `{k}` is required (e.g. {_EXAMPLES[k]})")
+        if data.get(k) is None and not (k == "script" and data.get("task") is not None):
+            raise ConfigError(f"{source}: `{k}` is required (e.g. {_EXAMPLES[k]}){_OR_TASK if k == 'script' else ''}")
 
     name = data.get("name", source.stem)
     if not isinstance(name, str) or not name.strip():
@@ -175,7 +188,15 @@ def parse_recipe(data: Any, source: str | Path) -> Recipe:
             raise c.fail(f"env.{k}", "must be a string or a number", v)
         env[k] = str(v)
 
-    script = ScriptSpec(c.path("script", data["script"], file=True), c.strings("args", data.get("args") or []), env)
+    task = None
+    if data.get("task") is not None:
+        from fl_plugins.hf.spec import parse_task
+
+        task = parse_task(data["task"], source)
+        script = ScriptSpec(TASK_SCRIPT, ("--recipe", str(source.resolve())), env)
+    else:
+        script = ScriptSpec(c.path("script", data["script"], file=True), c.strings("args", data.get("args") or []),
+                            env)  # fmt: skip
 
     rounds = c.integer("rounds", data["rounds"], 1)
     min_sites_v = data.get("min_sites")
@@ -187,10 +208,11 @@ def parse_recipe(data: Any, source: str | Path) -> Recipe:
                                    or deadline_v <= 0):  # fmt: skip
         raise c.fail("round_deadline", "must be a number of seconds > 0, or null for no deadline", deadline_v)
     deadline = None if deadline_v is None else float(deadline_v)
-    return Recipe(name.strip(), source, script, sites, FederationSpec(rounds, min_sites, initial, deadline))
+    return Recipe(name.strip(), source, script, sites, FederationSpec(rounds, min_sites, initial, deadline), task)
 
 
 _EXAMPLES = {"script": "`script: train.py`", "sites": "`sites: 3`", "rounds": "`rounds: 5`"}
+_OR_TASK = ", or a built-in `task:` section (fl_plugins/hf/spec.py)"
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -85,9 +85,10 @@ def default_run_dir(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
-def run(recipe: Recipe, run_dir: Path, *, live: bool | None = None) -> int:
+def run(recipe: Recipe, run_dir: Path, *, live: bool | None = None, tls: bool = False) -> int:
     """Run the recipe's federation; 0 when every round is done and every site exited 0, 1 on a failure,
-    130 when interrupted. `live`: the rich live view (default: when stdout is a terminal)."""
+    130 when interrupted. `live`: the rich live view (default: when stdout is a terminal). `tls`: provision a CA
+    and kits into RUN_DIR/kits (kept on resume) and speak mTLS; each site gets FL_KIT."""
     from rich.console import Console
 
     from fl_plugins.aggregator.core import AggregatorConfig
@@ -116,11 +117,18 @@ def run(recipe: Recipe, run_dir: Path, *, live: bool | None = None) -> int:
     t0 = time.monotonic()
     code = 1
     try:
-        server = AggregatorServer(config, "127.0.0.1:0").start()
-        console.print(f"[bold]{recipe.name}[/]: aggregator on {server.address}, {len(recipe.sites)} sites, "
-                      f"{fed.rounds} rounds; run dir {run_dir}", highlight=False)  # fmt: skip
+        kits = None
+        if tls:
+            from fl_plugins.security.provision import provision_local
+
+            kits = provision_local(run_dir / "kits", [s.name for s in recipe.sites], name=recipe.name)
+        server = AggregatorServer(config, "127.0.0.1:0", kit=kits.server if kits else None).start()
+        console.print(f"[bold]{recipe.name}[/]: aggregator on {server.address}{' (mTLS)' if kits else ''}, "
+                      f"{len(recipe.sites)} sites, {fed.rounds} rounds; run dir {run_dir}",
+                      highlight=False)  # fmt: skip
         for spec in recipe.sites:
-            sites.append(_start_site(recipe, spec.name, spec.args, server.address, run_dir))
+            kit = kits.sites[spec.name] if kits else None
+            sites.append(_start_site(recipe, spec.name, spec.args, server.address, run_dir, kit))
         view = _View(recipe, server, sites, metrics, t0)
         if live:
             from rich.live import Live
@@ -142,20 +150,62 @@ def run(recipe: Recipe, run_dir: Path, *, live: bool | None = None) -> int:
         pkg_log.setLevel(saved[0])
         pkg_log.propagate = saved[1]
     metrics.poll()
+    baselines = None
+    if code == 0 and recipe.task is not None and recipe.task.baselines:
+        baselines = _run_baselines(recipe, run_dir, console, err)
+        if baselines is None:
+            code = 1
     summary = _summary(recipe, metrics, sites, code, time.monotonic() - t0)
+    if baselines is not None:
+        summary["baselines"] = baselines
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if summary["rounds"]:
         console.print(_summary_table(summary))
+    if baselines is not None:
+        console.print(_baselines_table(recipe, baselines))
     state = "finished" if code == 0 else "FAILED" if code == 1 else "interrupted"
     console.print(f"{recipe.name} {state} in {summary['seconds']:.1f} s; run dir {run_dir}", highlight=False)
     return code
 
 
-def _start_site(recipe: Recipe, name: str, site_args: tuple[str, ...], address: str, run_dir: Path) -> _Site:
+def _run_baselines(recipe: Recipe, run_dir: Path, console, err) -> dict[str, Any] | None:
+    """A built-in task's `baselines: true`: score the final global model and each site's local-only model on the
+    pooled validation set (one process, after the federation; RUN_DIR/baselines.log)."""
+    log_path = run_dir / "baselines.log"
+    console.print("baselines: the global model and each site alone, on the pooled validation set ...",
+                  highlight=False)  # fmt: skip
+    cmd = [sys.executable, str(recipe.script.path), "--recipe", str(recipe.source.resolve()), "--baselines",
+           str(run_dir)]  # fmt: skip
+    env = {**os.environ, **recipe.script.env, "PYTHONUNBUFFERED": "1"}
+    with log_path.open("wb") as f:
+        rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
+    if rc != 0:
+        err.print(f"baselines failed (exit {rc}); the last lines of {log_path}:\n{_tail(log_path)}", highlight=False)
+        return None
+    return json.loads((run_dir / "baselines.json").read_text())
+
+
+def _baselines_table(recipe: Recipe, b: dict[str, Any]):
+    from rich.table import Table
+
+    keys = list(b["global"])
+    t = Table(title=f"{recipe.name}: on the pooled validation set ({b['pooled_validation_rows']} rows)")
+    for col in ("model", *keys):
+        t.add_column(col, justify="right")
+    t.add_row(f"global (round {b['round']})", *(f"{b['global'][k]:.4g}" for k in keys))
+    for site, m in b["local_only"].items():
+        t.add_row(f"{site} alone", *(f"{m.get(k, float('nan')):.4g}" for k in keys))
+    return t
+
+
+def _start_site(recipe: Recipe, name: str, site_args: tuple[str, ...], address: str, run_dir: Path,
+                kit: Path | None = None) -> _Site:  # fmt: skip
     log_path = run_dir / "sites" / f"{name}.log"
     f = log_path.open("ab")
     cmd = [sys.executable, str(recipe.script.path), *recipe.script.args, *site_args]
     env = {**os.environ, **recipe.script.env, "FL_SERVER": address, "FL_SITE": name, "PYTHONUNBUFFERED": "1"}
+    if kit is not None:
+        env["FL_KIT"] = str(kit)
     for var in THREAD_VARS:  # N sites on one machine: share the cores instead of each taking all of them
         env.setdefault(var, str(max(1, (os.cpu_count() or 1) // len(recipe.sites))))
     f.write(f"# fl-plugins run: {' '.join(cmd)}  (FL_SITE={name} FL_SERVER={address})\n".encode())
@@ -327,8 +377,11 @@ class _View:
 
 
 def _summary(recipe: Recipe, metrics: _Metrics, sites: list[_Site], code: int, seconds: float) -> dict[str, Any]:
+    sent: dict[int, int] = {}
+    for u in metrics.updates:  # bytes the sites uploaded per round (each also downloaded the global model once)
+        sent[u["round"]] = sent.get(u["round"], 0) + int(u.get("bytes", 0))
     rounds = [{"round": r, "updates": rec["updates"], "attempt": rec.get("attempt", 0),
-               "seconds": rec["seconds"], "metrics": rec.get("metrics") or {}}
+               "seconds": rec["seconds"], "uploaded_bytes": sent.get(r, 0), "metrics": rec.get("metrics") or {}}
               for r, rec in sorted(metrics.rounds.items())]  # fmt: skip
     return {"name": recipe.name, "recipe": str(recipe.source), "exit_code": code, "seconds": round(seconds, 3),
             "rounds_planned": recipe.federation.rounds, "rounds": rounds,
@@ -342,10 +395,10 @@ def _summary_table(summary: dict[str, Any]):
     for r in summary["rounds"]:
         keys += [k for k in r["metrics"] if k not in keys]
     t = Table(title=f"{summary['name']}: per-round metrics")
-    for col in ("round", "updates", "seconds", *keys):
+    for col in ("round", "updates", "seconds", "uploaded", *keys):
         t.add_column(col, justify="right")
     for r in summary["rounds"]:
         vals = [r["metrics"].get(k) for k in keys]
-        t.add_row(str(r["round"]), str(r["updates"]), f"{r['seconds']:.2f}",
+        t.add_row(str(r["round"]), str(r["updates"]), f"{r['seconds']:.2f}", _human_bytes(r["uploaded_bytes"]),
                   *("" if v is None else f"{v:.4g}" for v in vals))  # fmt: skip
     return t

@@ -178,3 +178,18 @@ def test_live_view_renders(tmp_path):
     text = buf.getvalue()
     assert "round 0 of 0..2" in text
     assert "site-1  waiting" in text and "site-2  starting" in text and "crashed (exit 2)" in text
+
+
+@pytest.mark.integration
+def test_quickstart_over_mtls(tmp_path):
+    """`fl-plugins run --tls`: a CA and kits in RUN_DIR/kits, every site speaks mTLS with its own certificate."""
+    run = tmp_path / "run"
+    out = _cli("run", str(QUICKSTART), "--run-dir", str(run), "--tls")
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert "(mTLS)" in out.stdout
+    assert {p.name for p in (run / "kits").iterdir()} >= {"ca", "server", "site-1", "site-2", "site-3"}
+    summary = json.loads((run / "summary.json").read_text())
+    assert [r["updates"] for r in summary["rounds"]] == [3, 3, 3]
+    assert "FL_KIT" not in os.environ  # the kits went to the sites' environments only
+    for site in ("site-1", "site-2", "site-3"):
+        assert f"site '{site}' connected" in (run / "aggregator.log").read_text()

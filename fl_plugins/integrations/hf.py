@@ -265,11 +265,15 @@ class FLTrainerCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         if self._fresh and metrics and self.rank == 0:
-            self.driver.record_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)})
+            self.driver.record_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)
+                                        and not k.endswith(_TIMINGS)})  # fmt: skip
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._in_round:  # patch(): the round ends with train(); callback form: a budget that did not divide
             self._end_round()
+
+
+_TIMINGS = ("_runtime", "_per_second", "epoch")  # evaluate()'s timings are not the model's metrics
 
 
 def _broadcast(value: Any, world: int) -> Any:

