@@ -18,7 +18,7 @@ $(VENV)/.installed-dev: pyproject.toml | $(VENV)/bin/python
 
 $(VENV)/.installed-demo: pyproject.toml | $(VENV)/bin/python
 	$(PIP) install -q $(TORCH_PIN)
-	$(PIP) install -q -e '.[lightning]'
+	$(PIP) install -q -e '.[demo]'
 	touch $@
 
 install: $(VENV)/.installed-dev
@@ -27,7 +27,7 @@ test: $(VENV)/.installed-dev
 	$(VENV)/bin/python -m pytest -q $(PYTEST_ARGS)
 
 demo: $(VENV)/.installed-demo
-	$(VENV)/bin/fl-plugins run recipes/lightning.yaml
+	$(VENV)/bin/fl-plugins run recipes/peft_sentiment.yaml
 
 proto: $(VENV)/.installed-dev
 	$(VENV)/bin/python -m grpc_tools.protoc -Ifl_plugins/wire/proto --python_out=fl_plugins/wire/proto \
