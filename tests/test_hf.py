@@ -92,6 +92,11 @@ def test_callback_rounds_track_plain_training(server_factory, site, tmp_path):
         np.testing.assert_allclose(v, want[k], rtol=0, atol=1e-5, err_msg=k)
     updates = [json.loads(x) for x in (srv.aggregator.config.run_dir / "metrics.jsonl").read_text().splitlines()]
     assert [u["weight"] for u in updates if u["event"] == "update"] == [N // BATCH] * 3
+    # the trainer's own logs reach the aggregator, with the global step and the round
+    logs = [json.loads(x) for x in (srv.aggregator.config.run_dir / "logs.jsonl").read_text().splitlines()]
+    loss = [(r["step"], r["round"]) for r in logs if r["key"] == "loss"]
+    assert loss == [(s, (s - 1) // 4) for s in range(1, 13)]
+    assert [r["value"] for r in logs if r["key"] == "loss"] == pytest.approx(losses(tr))
 
 
 @pytest.mark.integration

@@ -3,6 +3,7 @@ global model that beats every site's local-only model on the pooled validation s
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -71,3 +72,6 @@ def test_global_model_beats_every_local_only_model(tmp_path, blobs):
     print(f"federated {fed_acc:.3f}, local-only {local}")
     assert all(fed_acc > acc + 0.05 for acc in local.values()), (fed_acc, local)
     assert fed_acc > 0.9
+    # what the module logs with self.log reaches the aggregator from every site
+    logs = [json.loads(x) for x in (tmp_path / "run" / "logs.jsonl").read_text().splitlines()]
+    assert {r["site"] for r in logs if r["key"] == "train_loss"} == {"site-1", "site-2", "site-3"}

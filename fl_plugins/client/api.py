@@ -331,6 +331,16 @@ def log(key: str, value: Any, data_type: Any = "SCALAR", **kwargs: Any) -> None:
     rt.client.log(rnd, [_jsonable({"key": key, "value": value, "data_type": dt, **kwargs})])
 
 
+def _log_scalars(values: dict[str, float], step: int) -> None:
+    """Several scalars of one training step in one call (the trainer integrations forward their logs so)."""
+    rt = _runtime()
+    if rt.client is None or not values:
+        return
+    rnd = rt.task.round if rt.task is not None else rt.last_round
+    rt.client.log(rnd, [{"key": k, "value": float(v), "data_type": "SCALAR", "step": int(step)}
+                        for k, v in values.items()])  # fmt: skip
+
+
 def shutdown() -> None:
     """Close the connection. Safe to call twice; init() may be called again afterwards."""
     global _rt

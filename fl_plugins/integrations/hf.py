@@ -268,6 +268,16 @@ class FLTrainerCallback(TrainerCallback):
             self.driver.record_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)
                                         and not k.endswith(_TIMINGS)})  # fmt: skip
 
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        """The trainer's own logs (loss, learning rate, ...) go to the aggregator as flare.log records, with the
+        global step, so the run's tracker shows every site's training curve."""
+        if self.rank != 0 or not logs or self.driver is None or not self.driver.started:
+            return
+        from fl_plugins.client import api
+
+        api._log_scalars({k: v for k, v in logs.items() if isinstance(v, int | float) and not isinstance(v, bool)
+                          and not k.endswith(_TIMINGS)}, int(state.global_step))  # fmt: skip
+
     def on_train_end(self, args, state, control, **kwargs):
         if self._in_round:  # patch(): the round ends with train(); callback form: a budget that did not divide
             self._end_round()

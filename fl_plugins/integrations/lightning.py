@@ -87,6 +87,20 @@ class _FLCallbackMixin:
             if trainer.global_rank != 0:
                 self.driver.follow(info)
 
+    def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """What the module logs with self.log (train_loss, ...) goes to the aggregator as flare.log records, with
+        the global step, at the trainer's log_every_n_steps."""
+        if not self._active or trainer.global_rank != 0:
+            return
+        every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
+        if trainer.global_step % every != 0:
+            return
+        from fl_plugins.client import api
+
+        values = {k: _scalar(v) for k, v in trainer.logged_metrics.items()}
+        api._log_scalars({k: v for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)},
+                         int(trainer.global_step))  # fmt: skip
+
     # -- explicit validation -----------------------------------------------------------------------------
     def _explicit_validation(self, trainer: Any) -> bool:
         return trainer.state.fn == "validate" and not trainer.sanity_checking
