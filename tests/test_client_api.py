@@ -13,6 +13,7 @@ import time
 
 import numpy as np
 import pytest
+from conftest import SiteThread, load_round
 
 import fl_plugins.client as flare
 from fl_plugins.client._site import SiteClient
@@ -129,6 +130,32 @@ def test_plain_client_api_without_initial_model_says_pass_initial_model(server_f
     api.init(srv.address, "s1")
     with pytest.raises(ConfigError, match="--initial-model"):
         api.is_running()
+
+
+@pytest.mark.integration
+def test_a_plain_site_that_connects_before_the_offering_one_waits_for_it(server_factory):
+    """No initial model, 2 sites: the plain one (cannot offer) connects first; it must wait for the site that
+    offers round 0's weights, not fail with "no site offered one" (it did, before)."""
+    srv = server_factory(rounds=1, min_sites=2)
+    plain = SiteThread(srv.address, "plain", lambda r, p: (p, "FULL", 1.0))
+    plain.start()
+    time.sleep(1.0)  # the plain site polls alone for a while
+    c = SiteClient(srv.address, "offers", can_offer_initial=True)
+    c.connect()
+    try:
+        assert c.next_task().kind == pb.Task.OFFER_INITIAL
+        c.upload(0, 0, {"w": np.ones(3, np.float32)}, {"params_type": "FULL"}, initial=True)
+        task = c.next_task()
+        assert task.kind == pb.Task.TRAIN
+        meta = {"params_type": "FULL", "meta": {"NUM_STEPS_CURRENT_ROUND": 1}}
+        c.upload(0, 0, {"w": np.full(3, 3, np.float32)}, meta)
+        assert c.next_task().kind == pb.Task.END
+    finally:
+        c.close()
+    plain.join(30)
+    assert plain.error is None and not plain.is_alive()
+    assert srv.wait() == 0
+    np.testing.assert_allclose(load_round(srv.aggregator.config.run_dir, 1)["w"], [2, 2, 2])
 
 
 @pytest.mark.integration

@@ -69,6 +69,7 @@ class SiteState:
     can_offer: bool = False
     took: tuple[int, int] | None = None  # (round, attempt) of the task it was given
     committed: tuple[int, int] | None = None
+    asked: bool = False  # has asked for a task (and so said whether it can offer round 0's weights)
 
 
 class _FoldSink:
@@ -252,7 +253,12 @@ class Aggregator:
                         self._offering = site
                         log.info("no initial model: site %r offers its weights as round 0's model", site)
                         return {"kind": "OFFER_INITIAL", "round": 0}
-                    if self._offering is None and not any(x.can_offer for x in self.sites.values()):
+                    # every site the round needs has asked for a task and none can offer: nobody will (a
+                    # site that asks before the one that offers has said so must wait for it, not fail)
+                    s.asked = True
+                    asked = [x for x in self.sites.values() if x.asked]
+                    if (self._offering is None and len(asked) >= self.config.min_sites
+                            and not any(x.can_offer for x in self.sites.values())):  # fmt: skip
                         raise ConfigError(
                             "the aggregator has no initial model and no site offered one: start it with "
                             "`fl-plugins server ... --initial-model PATH` (a .safetensors file or a Hugging Face "
