@@ -50,6 +50,10 @@ class AuthError(FLError, PermissionError):
     claims another site's name than its certificate's."""
 
 
+class PolicyError(FLError, PermissionError):
+    """This site's policy (policy.yaml in its kit) does not allow the job or the task it was handed."""
+
+
 class MissingDependencyError(FLError, ImportError):
     """An optional dependency is missing; the message carries the exact install command."""
 

@@ -32,7 +32,7 @@ def test_aggregator_never_imports_torch():
 def test_exported_members():
     assert fl_plugins.__all__ == sorted(fl_plugins.__all__)
     assert fl_plugins.__all__ == ["AuthError", "ConfigError", "FLError", "IntegrityError", "MissingDependencyError",
-                                  "ModelMismatchError", "ProtocolError", "RoundError", "TransportError",
+                                  "ModelMismatchError", "PolicyError", "ProtocolError", "RoundError", "TransportError",
                                   "__version__"]  # fmt: skip
     flare_names = {"init", "receive", "send", "is_running", "get_site_name", "get_job_id", "get_task_name",
                    "system_info", "is_train", "is_evaluate", "is_submit_model", "log", "shutdown", "FLModel",

@@ -452,6 +452,14 @@ class Aggregator:
         with self._cond:
             self._touch(site)
         self.store.append("logs.jsonl", [{"site": site, "round": round_, **r} for r in records])
+        refusal = next((r for r in records if r.get("key") == "policy_refused"), None)
+        if refusal is not None:  # the site's own policy refused the job or the task: it is gone, do not wait for it
+            with self._cond:
+                s = self.sites.get(site)
+                if s is not None:
+                    s.last_seen = float("-inf")
+                log.warning("site %r left: its policy refused: %s", site, refusal.get("value"))
+                self._cond.notify_all()
 
     # -- round closing -----------------------------------------------------------------------------------
     def _participants(self) -> list[SiteState]:

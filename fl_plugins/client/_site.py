@@ -9,6 +9,7 @@ that would have to grow with the model's size.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import logging
@@ -23,7 +24,8 @@ import grpc
 
 from fl_plugins import tensors
 from fl_plugins._version import __version__
-from fl_plugins.errors import ConfigError, IntegrityError, ProtocolError, TransportError
+from fl_plugins.errors import ConfigError, FLError, IntegrityError, PolicyError, ProtocolError, TransportError
+from fl_plugins.security.policy import load_policy
 from fl_plugins.security.tls import SiteKit, load_site_kit
 from fl_plugins.wire import rpc
 from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_SHARD_BYTES, Manifest, TensorInfo, plan_shards
@@ -94,6 +96,7 @@ class SiteClient:
         if not site:
             raise ConfigError("no site name: pass one (FL_SITE) or a site's kit (FL_KIT)")
         self.address, self.site, self.kit = address, site, kit
+        self.policy = load_policy(kit.path) if kit is not None else None  # what this site agrees to run
         self.connect_timeout, self.retry_timeout, self.idle_timeout = connect_timeout, retry_timeout, idle_timeout
         self.max_shard_bytes = max_shard_bytes
         self.can_offer_initial = can_offer_initial
@@ -164,6 +167,8 @@ class SiteClient:
         req = pb.HelloRequest(site=self.site, version=__version__, can_offer_initial=self.can_offer_initial)
         reply = self._call("Hello", req, "connect", per_call=10, timeout=self.connect_timeout)
         self.job_id, self.total_rounds, self.chunk_bytes = reply.job_id, reply.total_rounds, reply.chunk_bytes
+        if self.policy is not None:
+            self._within_policy(self.policy.check_job, self.job_id, 0)
         if self._hb is None and self._hb_period > 0:
             self._hb = threading.Thread(target=self._heartbeat, daemon=True, name="fl-heartbeat")
             self._hb.start()
@@ -189,7 +194,20 @@ class SiteClient:
         while True:
             task = self._call("GetTask", req, "waiting for a task", per_call=poll + 30, timeout=give_up_after)
             if task.kind != pb.Task.WAIT:
+                if self.policy is not None and task.kind in (pb.Task.TRAIN, pb.Task.OFFER_INITIAL):
+                    # offering round 0's weights is part of taking part in training
+                    self._within_policy(self.policy.check_task, task.task_name or "train", task.round)
                 return task
+
+    def _within_policy(self, check, what: str, round_: int) -> None:
+        """Refuse, at the site, what its policy does not allow: log it, tell the aggregator, raise PolicyError."""
+        try:
+            check(what)
+        except PolicyError as e:
+            log.error("site %r refuses: %s", self.site, e)
+            with contextlib.suppress(FLError):
+                self.log(round_, [{"key": "policy_refused", "value": str(e), "data_type": "TEXT"}])
+            raise
 
     def status(self) -> dict[str, Any]:
         return json.loads(self._call("Status", pb.StatusRequest(), "status", per_call=10).status_json)
