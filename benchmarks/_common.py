@@ -114,7 +114,8 @@ def recv(conn, timeout: float, what: str) -> Any:
 
 
 class RSSSampler:
-    """Samples the RSS of named pids every `interval` s; keeps each one's peak and the peak of their sum."""
+    """Samples the RSS of named pids every `interval` s; keeps each one's peak, the peak of their sum, and each
+    one's samples as (wall time, RSS) in `series` (so peaks can be split by round)."""
 
     def __init__(self, interval: float = 0.05) -> None:
         import psutil
@@ -124,6 +125,7 @@ class RSSSampler:
         self.pids: dict[str, int] = {}
         self.peak: dict[str, int] = {}
         self.peak_sum = 0
+        self.series: dict[str, list[tuple[float, int]]] = {}
         self._procs: dict[str, Any] = {}
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -150,6 +152,7 @@ class RSSSampler:
                 except self._psutil.Error:
                     continue
                 total += rss
+                self.series.setdefault(name, []).append((time.time(), rss))
                 if rss > self.peak.get(name, 0):
                     self.peak[name] = rss
             self.peak_sum = max(self.peak_sum, total)

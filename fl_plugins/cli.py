@@ -42,6 +42,8 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--site-timeout", type=_positive_float, default=60.0,
                    help="a site silent this long has left the round (default 60)")
     s.add_argument("--chunk-bytes", type=int, default=None, help="bytes per chunk message (default 4 MiB)")
+    s.add_argument("--allow-nonfinite", action="store_true",
+                   help="average updates that hold NaN or Inf (default: refuse such an update)")  # fmt: skip
     s.add_argument("--job-id", default="", help="a name for this job (default: random)")
     s.add_argument("--insecure", action="store_true", help="without --kit: allow plaintext on a non-loopback address")
     s.add_argument("--log-level", default="INFO")
@@ -83,7 +85,7 @@ def _server(args: argparse.Namespace) -> int:
                               initial_model=args.initial_model, round_deadline=args.round_deadline,
                               min_updates=args.min_updates, idle_timeout=args.idle_timeout,
                               site_timeout=args.site_timeout, chunk_bytes=args.chunk_bytes or DEFAULT_CHUNK_BYTES,
-                              job_id=args.job_id)  # fmt: skip
+                              job_id=args.job_id, reject_nonfinite=not args.allow_nonfinite)  # fmt: skip
     args.run_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(args.run_dir / "aggregator.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))

@@ -3,9 +3,12 @@
     with FaultProxy(("127.0.0.1", port), flip_up_at=3 << 19) as proxy:
         SiteClient(proxy.address, "site-1")   # the site talks to the aggregator through the proxy
 
-Faults, each fired once over the proxy's life (the connection the site makes after a fault is clean):
+Faults, each fired once over the proxy's life (the connection the site makes after a fault is clean, unless
+more cut points are left):
 
-* `cut_up_after=N`: forward N bytes client->server on a connection, then reset both sides of it.
+* `cut_up_after=N` / `cut_down_after=N`: forward N bytes client->server / server->client on a connection,
+  then reset both sides of it. A list of N cuts the first connection after N[0] bytes, the next connection (the
+  site's reconnection) after N[1] of its own bytes, and so on.
 * `flip_up_at=N` / `flip_down_at=N`: invert one byte of the client->server / server->client stream: the N-th
   byte (0-based) of HTTP/2 DATA-frame payload on a connection. Counting DATA payload only (the proxy parses
   the 9-byte frame headers, and skips the client's 24-byte preface) keeps the flip off HTTP/2 framing,
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import socket
 import threading
+from collections.abc import Sequence
 
 PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 DATA, PADDED = 0x0, 0x8
@@ -60,15 +64,18 @@ class _Http2Data:
 
 
 class FaultProxy:
-    def __init__(self, target: tuple[str, int] | str, *, cut_up_after: int | None = None,
-                 flip_up_at: int | None = None, flip_down_at: int | None = None) -> None:  # fmt: skip
+    def __init__(self, target: tuple[str, int] | str, *, cut_up_after: int | Sequence[int] | None = None,
+                 cut_down_after: int | Sequence[int] | None = None, flip_up_at: int | None = None,
+                 flip_down_at: int | None = None) -> None:  # fmt: skip
         if isinstance(target, str):
             host, _, port = target.rpartition(":")
             target = (host, int(port))
         self.target = target
-        self.cut_up_after = cut_up_after
+        self._cuts = {d: [] if n is None else [n] if isinstance(n, int) else list(n)
+                      for d, n in (("up", cut_up_after), ("down", cut_down_after))}  # fmt: skip
         self.flip_at = {"up": flip_up_at, "down": flip_down_at}
         self.fired = {"cut": False, "up": False, "down": False}  # faults that happened
+        self.cuts = {"up": 0, "down": 0}  # connections cut, per direction
         self.connections = 0
         self.bytes = {"up": 0, "down": 0}
         self._lock = threading.Lock()
@@ -131,16 +138,18 @@ class FaultProxy:
                     break
                 buf = bytearray(data)
                 self._maybe_flip(direction, h2, buf)
-                if direction == "up" and self.cut_up_after is not None:
+                with self._lock:
+                    cuts = self._cuts[direction]
+                    at = cuts[0] if cuts and sent + len(buf) >= cuts[0] else None
+                    if at is not None:
+                        cuts.pop(0)
+                        self.fired["cut"] = True
+                        self.cuts[direction] += 1
+                if at is not None:
+                    dst.sendall(buf[: max(at - sent, 0)])
                     with self._lock:
-                        cut = not self.fired["cut"] and sent + len(buf) >= self.cut_up_after
-                        if cut:
-                            self.fired["cut"] = True
-                    if cut:
-                        dst.sendall(buf[: self.cut_up_after - sent])
-                        with self._lock:
-                            self.bytes[direction] += self.cut_up_after - sent
-                        break
+                        self.bytes[direction] += max(at - sent, 0)
+                    break
                 dst.sendall(buf)
                 sent += len(buf)
                 with self._lock:

@@ -1,5 +1,6 @@
-"""Faults over real gRPC on 127.0.0.1: corrupted and cut transfers (through a fault-injecting TCP proxy), a
-site killed mid-round, the aggregator killed and restarted, a site that outlives the aggregator.
+"""Faults over real gRPC on 127.0.0.1: corrupted and cut transfers (through a fault-injecting TCP proxy), cuts at
+random moments, a site killed mid-round, the aggregator killed and restarted (also mid-checkpoint and
+mid-upload), a site that outlives the aggregator.
 
 Model values are multiples of 1/16 of modest size, and FedAvg weights sum to a power of two, so every
 reference below is exact in float32 whatever the order of the folds: results are compared bit for bit.
@@ -158,6 +159,42 @@ def test_connection_cut_mid_shard_resumes_without_resending(tmp_path):
     assert status["round_restarts"] == 0, status
     assert s1.stats["retries"] >= 1, s1.stats
     _assert_params_equal(_load_global(run, 1), {"w": initial["w"] + np.float32(1)})
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_connections_cut_at_random_moments_give_the_exact_result(tmp_path, seed):
+    """Each site talks through its own proxy, which cuts its connection at seeded random byte counts in both
+    directions (two cut points each way, the second one on the reconnection): mid-download, mid-upload, in a
+    control call. Two rounds; every update counts once and the result is FedAvg, bit for bit."""
+    rng = np.random.default_rng(seed)
+    initial = _model_4mib()
+    srv = _server(tmp_path, initial, rounds=2, min_sites=2, chunk_bytes=MiB)
+    span = 9 * MiB  # about what one site moves each way over two rounds
+    cuts = {f"site-{i}": {d: sorted(int(x) for x in rng.integers(1, span, 2)) for d in ("up", "down")}
+            for i in (1, 2)}  # fmt: skip
+    proxies = {
+        site: FaultProxy(srv.address, cut_up_after=c["up"], cut_down_after=c["down"]) for site, c in cuts.items()
+    }
+    try:
+        s1 = SiteThread(proxies["site-1"].address, "site-1", _plus(1), retry_timeout=60)
+        s2 = SiteThread(proxies["site-2"].address, "site-2", _twice_minus_half, retry_timeout=60)
+        join_sites(s1, s2)
+        assert srv.wait() == 0
+    finally:
+        for p in proxies.values():
+            p.close()
+        srv.stop(0)
+    fired = {site: p.cuts for site, p in proxies.items()}
+    assert sum(n for c in fired.values() for n in c.values()) >= 1, (cuts, fired)
+    run = tmp_path / "run"
+    rounds = _metrics(run, "round")
+    assert [r["round"] for r in rounds] == [0, 1], rounds
+    for r in rounds:  # each site's update counted once in the attempt that closed the round
+        sites = [u["site"] for u in _metrics(run, "update") if (u["round"], u["attempt"]) == (r["round"], r["attempt"])]
+        assert sorted(sites) == ["site-1", "site-2"], (r, sites)
+    _assert_params_equal(_load_global(run, 2), _fedavg_1_3(_fedavg_1_3(initial)))
 
 
 # -- subprocess federations ------------------------------------------------------------------------------
@@ -335,6 +372,104 @@ def test_sigkilled_aggregator_restarts_and_finishes(tmp_path, procs):
     assert "resuming run" in (run / "aggregator.log").read_text()
     assert sorted({r["round"] for r in _metrics(run, "round")}) == [0, 1, 2, 3]
     _assert_params_equal(_load_global(run, 4), _site_step_reference(g0, 4, [1, 2]))
+
+
+def _assert_only_complete_checkpoints(run: Path) -> list[str]:
+    """Every `global/round-R` directory is a whole checkpoint: its manifest, each shard of the manifest's size
+    whose chunks hash to the manifest's digest, and the chunk digests file. Returns what else is in `global/`
+    (a `round-R.tmp` a kill left behind, which a restart ignores and rewrites)."""
+    from fl_plugins.aggregator.store import RunStore
+    from fl_plugins.wire.frames import ChunkHasher
+
+    store = RunStore(run)
+    others = []
+    for d in sorted((run / "global").iterdir()):
+        if not d.name.startswith("round-") or d.name.endswith(".tmp"):
+            others.append(d.name)
+            continue
+        m = store.load(int(d.name.split("-")[1]))  # checks the manifest, each header and each size
+        for shard, path in zip(m.shards, store.shard_paths(int(d.name.split("-")[1]), m), strict=True):
+            h = ChunkHasher(m.chunk_bytes)
+            with open(path, "rb") as f:
+                while block := f.read(8 * MiB):
+                    h.update(block)
+            assert h.hexdigest() == shard.digest, f"{path} does not match its manifest: a half-written checkpoint"
+            assert path.with_name(path.name + ".chunks").stat().st_size == 16 * len(h.shard.digests), path
+    return others
+
+
+def _status(port: int) -> dict[str, Any]:
+    from fl_plugins.wire import rpc
+    from fl_plugins.wire.proto import fl_pb2 as pb
+
+    with rpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        return json.loads(rpc.Stub(ch).Status(pb.StatusRequest(), timeout=5).status_json)
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+@pytest.mark.timeout(180)
+def test_aggregator_killed_mid_checkpoint_and_mid_upload_leaves_no_partial_state(tmp_path, procs):
+    """SIGKILL the aggregator (a subprocess) once it has begun writing a checkpoint (the shard file in
+    `round-R.tmp` has grown), restart it, SIGKILL it again while an update is partly received and folded,
+    restart it: after each kill only complete checkpoints exist, and the job ends with the exact FedAvg result.
+    The sites (threads of this process) retry meanwhile."""
+    g0 = {"w": _values((4 * MiB,), 10)}  # 16 MiB: writing and syncing a checkpoint takes a while
+    save_file(g0, str(tmp_path / "initial.safetensors"))
+    port, run = _free_port(), tmp_path / "run"
+    cmd = ("--rounds", "3", "--min-sites", "2", "--initial-model", str(tmp_path / "initial.safetensors"),
+           "--chunk-bytes", str(MiB))  # fmt: skip
+    agg = procs.aggregator(port, run, *cmd)
+    sites = [
+        SiteThread(f"127.0.0.1:{port}", "site-1", _plus(1), connect_timeout=60, retry_timeout=120),
+        SiteThread(f"127.0.0.1:{port}", "site-2", _twice_minus_half, connect_timeout=60, retry_timeout=120),
+    ]
+    for s in sites:
+        s.start()
+    kills = []
+    try:
+        # 1. mid-checkpoint: round 0 closed, its result being written (the shard file has begun to grow)
+        shard = run / "global" / "round-00001.tmp" / "initial.safetensors"
+        deadline = time.monotonic() + 60
+        while not (shard.exists() and shard.stat().st_size > 0):
+            assert time.monotonic() < deadline and agg.poll() is None, f"round 0 never closed\n{procs.logs()}"
+            time.sleep(0.0005)
+        agg.send_signal(signal.SIGKILL)
+        agg.wait(10)
+        kills.append(("checkpoint", _assert_only_complete_checkpoints(run)))
+        agg = procs.aggregator(port, run, *cmd)
+        # 2. mid-upload: an update partly received and folded, not committed
+        deadline = time.monotonic() + 60
+        while True:
+            assert time.monotonic() < deadline and agg.poll() is None, f"no upload seen\n{procs.logs()}"
+            try:
+                st = _status(port)
+            except Exception:  # noqa: BLE001 - still starting
+                time.sleep(0.01)
+                continue
+            if any(0 < sum(u["offsets"]) < 16 * MiB for u in st["uploads"].values()):
+                break
+            time.sleep(0.002)
+        agg.send_signal(signal.SIGKILL)
+        agg.wait(10)
+        kills.append((f"upload in round {st['round']}", _assert_only_complete_checkpoints(run)))
+        agg = procs.aggregator(port, run, *cmd)
+        for s in sites:
+            s.join(120)
+            assert not s.is_alive(), f"{s.site} did not finish\n{procs.logs()}"
+            assert s.error is None, f"{s.site}: {s.error!r}\n{procs.logs()}"
+        agg.send_signal(signal.SIGTERM)  # the job is over: skip the linger
+        assert procs.wait(agg, 30, "the aggregator") == 0, procs.logs()
+    finally:
+        for s in sites:
+            s.join(0.1)
+    assert kills[0][1] in ([], ["round-00001.tmp"]), kills  # the tmp directory, if the rename had not happened
+    assert _assert_only_complete_checkpoints(run) == [], "a .tmp directory outlived the job"
+    assert sorted(p.name for p in (run / "global").iterdir()) == [f"round-{r:05d}" for r in range(4)]
+    g = g0
+    for _ in range(3):
+        g = _fedavg_1_3(g)
+    _assert_params_equal(_load_global(run, 3), g)
 
 
 # -- 4. after the last round, a site that outlived the aggregator learns the job is over ------------------

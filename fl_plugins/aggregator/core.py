@@ -9,7 +9,13 @@ Round R, attempt A:
   * a site that vanished (no heartbeat for `site_timeout`) no longer holds the round up;
   * if bytes of an update that never committed were folded (a site died mid-upload), the accumulator holds a
     partial update: the round is run again from the same global model as attempt A+1, so no partial update
-    ever reaches the global model (the rare, slow path; the common path folds at wire speed).
+    ever reaches the global model (the rare, slow path; the common path folds at wire speed);
+  * an update is refused, with an error that names what was wrong, when its manifest or envelope is malformed,
+    its tensors disagree with the global model, or (as its chunks arrive) a shard's header disagrees with the
+    manifest, a shard holds more bytes than declared, or a value is NaN or infinite (`reject_nonfinite`). A
+    refused update does not hold the round up; one refused mid-stream also keeps its site out of the rest of
+    the round (its folded chunks, if any, make the round run again, and the site must not make it run again
+    and again).
 A closed round is finalised on the background thread: the new global model is written to `global/round-R+1`
 (store.py), then round R+1 opens. Updates for a closed round or an old attempt, and duplicates, are refused.
 """
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import threading
 import time
 import uuid
@@ -27,8 +34,16 @@ from typing import Any
 
 from fl_plugins.aggregator.fedavg import Accumulator
 from fl_plugins.aggregator.store import GlobalReader, RunStore, same_tensors, write_chunk_digests
-from fl_plugins.errors import AuthError, ConfigError, IntegrityError, ProtocolError, RoundError
-from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, Manifest, ShardLayout, TensorInfo
+from fl_plugins.errors import (
+    AuthError,
+    ConfigError,
+    FLError,
+    IntegrityError,
+    ModelMismatchError,
+    ProtocolError,
+    RoundError,
+)
+from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, Manifest, ShardLayout, TensorInfo, short_repr
 from fl_plugins.wire.stream import FileSource, ShardReceiver
 
 log = logging.getLogger(__name__)
@@ -49,6 +64,7 @@ class AggregatorConfig:
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     job_id: str = ""
     linger: float = 5.0  # after the last round, keep answering END this long so sites learn the job is over
+    reject_nonfinite: bool = True  # refuse an update holding NaN or Inf (checked on each chunk as it arrives)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
@@ -70,16 +86,19 @@ class SiteState:
     took: tuple[int, int] | None = None  # (round, attempt) of the task it was given
     committed: tuple[int, int] | None = None
     asked: bool = False  # has asked for a task (and so said whether it can offer round 0's weights)
+    sits_out: int | None = None  # a round whose update from this site was refused mid-stream
 
 
 class _FoldSink:
-    def __init__(self, acc: Accumulator, weight: float, session: Upload) -> None:
-        self.acc, self.weight, self.session = acc, weight, session
+    def __init__(self, acc: Accumulator, weight: float, session: Upload, check_finite: bool) -> None:
+        self.acc, self.weight, self.session, self.check_finite = acc, weight, session, check_finite
 
     def header(self, shard: int, prefix: bytes) -> None:
         pass
 
     def data(self, shard: int, tensor: TensorInfo, lo: int, payload: memoryview) -> None:
+        if self.check_finite:
+            self.acc.check_finite(tensor, lo, payload)  # before any of it is folded
         self.session.folded = True
         self.acc.fold(tensor, lo, payload, self.weight)
 
@@ -154,7 +173,8 @@ class Aggregator:
         self._dirty = False
         self._stop = threading.Event()
         self.stats: dict[str, Any] = {"bytes_received": 0, "bytes_sent": 0, "corrupted_chunks": 0,
-                                      "updates_accepted": 0, "updates_refused": 0, "round_restarts": 0}  # fmt: skip
+                                      "updates_accepted": 0, "updates_refused": 0, "invalid_updates": 0,
+                                      "round_restarts": 0}  # fmt: skip
         self._fold_gate = _Gate()
         self._round_metrics: list[dict] = []
         self._resume()
@@ -264,7 +284,7 @@ class Aggregator:
                             "`fl-plugins server ... --initial-model PATH` (a .safetensors file or a Hugging Face "
                             "model folder), or use the Lightning/HF integrations, which offer the site's weights"
                         )
-                elif not self._closing and s.committed != (self.round, self.attempt):
+                elif not self._closing and s.committed != (self.round, self.attempt) and s.sits_out != self.round:
                     if self._round_started is None and self._alive() >= self.config.min_sites:
                         self._round_started = time.monotonic()
                         log.info("round %d attempt %d started with %d sites", self.round, self.attempt, self._alive())
@@ -304,15 +324,12 @@ class Aggregator:
     # -- uploads -----------------------------------------------------------------------------------------
     def begin_upload(self, site: str, round_: int, attempt: int, manifest_json: str, initial: bool,
                      nonce: str) -> Upload:  # fmt: skip
-        manifest = Manifest.from_json(manifest_json, f"update manifest from site {site!r}")
-        env = manifest.envelope
-        params_type = str(env.get("params_type", "FULL")).upper()
-        if params_type not in ("FULL", "DIFF"):
-            raise ProtocolError(f"site {site!r}: params_type must be FULL or DIFF (got {params_type!r})")
-        meta = env.get("meta") or {}
-        weight = meta.get("NUM_STEPS_CURRENT_ROUND", 1) if isinstance(meta, dict) else 1
-        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not weight > 0:
-            raise ProtocolError(f"site {site!r}: NUM_STEPS_CURRENT_ROUND must be a number > 0 (got {weight!r})")
+        try:
+            manifest, params_type, weight = _parse_update(site, manifest_json)
+        except FLError as e:
+            with self._cond:
+                self._invalid(site, round_, attempt, initial, e)
+            raise
         upload_id = f"{site}:{round_}:{attempt}:{'init' if initial else 'upd'}:{nonce}"
         with self._cond:
             s = self._touch(site)
@@ -331,6 +348,11 @@ class Aggregator:
             else:
                 if self.done or self.global_manifest is None:
                     raise RoundError(f"site {site!r}: no round is open for updates")
+                if s.sits_out == round_ == self.round:
+                    self.stats["updates_refused"] += 1
+                    raise RoundError(f"site {site!r}: its update for round {round_} was refused while it was "
+                                     f"being sent; the site sits this round out and gets round {round_ + 1}'s "
+                                     "task")  # fmt: skip
                 if (round_, attempt) != (self.round, self.attempt) or self._closing:
                     self.stats["updates_refused"] += 1
                     raise RoundError(
@@ -340,9 +362,13 @@ class Aggregator:
                 if s.committed == (round_, attempt):
                     self.stats["updates_refused"] += 1
                     raise RoundError(f"site {site!r} already sent its update for round {round_}: duplicate refused")
-                same_tensors({t.name: t for s_ in self.global_manifest.shards for t in s_.tensors},
-                             {t.name: t for s_ in manifest.shards for t in s_.tensors},
-                             f"the update from site {site!r}")  # fmt: skip
+                try:
+                    same_tensors({t.name: t for s_ in self.global_manifest.shards for t in s_.tensors},
+                                 {t.name: t for s_ in manifest.shards for t in s_.tensors},
+                                 f"the update from site {site!r}")  # fmt: skip
+                except ModelMismatchError as e:
+                    self._invalid(site, round_, attempt, initial, e)
+                    raise
                 for old in [u for u in self.uploads.values() if u.site == site and not u.initial]:
                     self._kill(old)  # a new send() from the same site replaces an unfinished one
                 if self._round_started is None:
@@ -350,8 +376,8 @@ class Aggregator:
                     self._round_started = time.monotonic()
                     log.info("round %d attempt %d resumed by site %r's update", self.round, self.attempt, site)
                 s.took = (round_, attempt)
-                u = Upload(upload_id, site, round_, attempt, manifest, float(weight), params_type, False)
-                sink = _FoldSink(self.acc, float(weight), u)  # type: ignore[arg-type]
+                u = Upload(upload_id, site, round_, attempt, manifest, weight, params_type, False)
+                sink = _FoldSink(self.acc, weight, u, self.config.reject_nonfinite)  # type: ignore[arg-type]
                 u.receivers = [ShardReceiver(manifest, i, sink) for i in range(len(manifest.shards))]
             self.uploads[upload_id] = u
             log.info("site %r uploading %s for round %d (%.1f MB, weight %g, %s)", site,
@@ -374,20 +400,31 @@ class Aggregator:
             return u, u.receivers[shard]
 
     def accept_chunk(self, u: Upload, rx: ShardReceiver, frame: bytes) -> None:
-        """Verify and fold one chunk (called on the stream's thread, concurrently for different sites)."""
+        """Verify and fold one chunk (called on the stream's thread, concurrently for different sites).
+
+        A damaged, repeated or misplaced chunk is refused and the upload goes on (the site resends from the
+        offset the aggregator has). A chunk whose content disagrees with the manifest (its length, the shard's
+        header), or that holds NaN or Inf (`reject_nonfinite`), refuses the whole update (`_refuse`)."""
         with u.lock:  # one stream per upload at a time
             if u.dead:
-                raise RoundError(f"upload {u.id!r}: its round ended; the chunk is refused")
+                raise RoundError(f"upload {u.id!r}: its round ended, or it was refused; the chunk is refused")
+            if u.committed:
+                raise RoundError(f"upload {u.id!r} is committed already; the chunk is refused")
             try:
-                with self._fold_gate.shared():
-                    if u.dead:
-                        raise RoundError(f"upload {u.id!r}: its round ended; the chunk is refused")
-                    n = rx.accept(frame)
+                chunk = rx.verify(frame)
             except ProtocolError:
                 u.corrupted_chunks += 1
                 with self._cond:
                     self.stats["corrupted_chunks"] += 1
                 raise
+            try:
+                with self._fold_gate.shared():
+                    if u.dead:
+                        raise RoundError(f"upload {u.id!r}: its round ended; the chunk is refused")
+                    n = rx.use(*chunk)
+            except (ProtocolError, ModelMismatchError) as e:
+                with self._cond:
+                    raise self._refuse(u, e) from None
             u.bytes_received += n
             with self._cond:
                 u.last_progress = time.monotonic()
@@ -451,7 +488,8 @@ class Aggregator:
     def log_records(self, site: str, round_: int, records: list[dict]) -> None:
         with self._cond:
             self._touch(site)
-        self.store.append("logs.jsonl", [{"site": site, "round": round_, **r} for r in records])
+        # the caller's site last: a record cannot pass itself off as another site's
+        self.store.append("logs.jsonl", [{"round": round_, **r, "site": site} for r in records])
         refusal = next((r for r in records if r.get("key") == "policy_refused"), None)
         if refusal is not None:  # the site's own policy refused the job or the task: it is gone, do not wait for it
             with self._cond:
@@ -469,6 +507,47 @@ class Aggregator:
     def _n_committed(self) -> int:
         key = (self.round, self.attempt)
         return sum(1 for s in self.sites.values() if s.committed == key)
+
+    def _invalid(self, site: str, round_: int, attempt: int, initial: bool, e: FLError) -> None:
+        """Lock held. An upload refused before it began for what it holds (malformed manifest or envelope,
+        tensors that disagree with the global model): nothing was folded; the site may send a corrected one, but
+        the round does not wait for it."""
+        self.stats["invalid_updates"] += 1
+        what = "its initial model" if initial else f"its update for round {round_}"
+        log.warning("site %r: %s refused: %s", site, what, e)
+        s = self.sites.get(site)
+        if initial:
+            if self._offering == site:
+                self._offering = None  # another site (or this one, again) may offer round 0's model
+        elif s is not None and s.took == (round_, attempt) == (self.round, self.attempt):
+            s.took = None
+        self._cond.notify_all()
+
+    def _refuse(self, u: Upload, e: FLError) -> FLError:
+        """Lock held. An update refused mid-stream for its content: dropped (if chunks of it were folded, the
+        round runs again), and its site sits out the rest of the round so it cannot make the round run again and
+        again. Returns the error for the site, of the same class, saying all that."""
+        restart = u.folded and not u.initial and (u.round, u.attempt) == (self.round, self.attempt)
+        self.stats["invalid_updates"] += 1
+        what = "its initial model" if u.initial else f"its update for round {u.round}"
+        s = self.sites.get(u.site)
+        if u.initial:
+            if self._offering == u.site:
+                self._offering = None
+        elif s is not None:
+            s.sits_out = u.round
+            if s.took == (u.round, u.attempt):
+                s.took = None
+        u.streams = []  # the caller's stream ends with this error, not a cancellation
+        self._kill(u)
+        self._cond.notify_all()
+        msg = f"{e}; site {u.site!r}: {what} was refused"
+        if not u.initial:
+            msg += f" and the site sits round {u.round} out"
+        if restart:
+            msg += " (the round runs again without it: part of the update was already folded in)"
+        log.warning("%s", msg)
+        return type(e)(msg)
 
     def _kill(self, u: Upload) -> None:
         if u.folded and not u.committed and (u.round, u.attempt) == (self.round, self.attempt):
@@ -620,6 +699,35 @@ class Aggregator:
             }  # fmt: skip
 
 
+def _parse_update(site: str, manifest_json: str) -> tuple[Manifest, str, float]:
+    """An update's manifest, params_type and weight, checked: whatever is malformed is a ProtocolError."""
+    manifest = Manifest.from_json(manifest_json, f"update manifest from site {site!r}")
+    env = manifest.envelope
+    params_type = str(env.get("params_type", "FULL")).upper()
+    if params_type not in ("FULL", "DIFF"):
+        raise ProtocolError(f"site {site!r}: params_type must be FULL or DIFF (got {short_repr(params_type)})")
+    for key in ("meta", "metrics"):
+        if env.get(key) is not None and not isinstance(env[key], dict):
+            raise ProtocolError(f"site {site!r}: envelope `{key}` must be an object (got {short_repr(env[key])})")
+    weight = (env.get("meta") or {}).get("NUM_STEPS_CURRENT_ROUND", 1)
+    w = _finite(weight)
+    if w is None or not w > 0:
+        raise ProtocolError(f"site {site!r}: NUM_STEPS_CURRENT_ROUND must be a finite number > 0 "
+                            f"(got {short_repr(weight)})")  # fmt: skip
+    return manifest, params_type, w
+
+
+def _finite(x: Any) -> float | None:
+    """x as a finite float, or None (not a number, a bool, NaN, infinite, or an int too big for a float)."""
+    if isinstance(x, bool) or not isinstance(x, (int, float)):
+        return None
+    try:
+        f = float(x)
+    except OverflowError:
+        return None
+    return f if math.isfinite(f) else None
+
+
 def _check_owner(u: Upload, site: str | None) -> None:
     if site is not None and site != u.site:
         raise AuthError(f"upload {u.id!r} belongs to site {u.site!r}, but the caller's certificate is site "
@@ -632,8 +740,9 @@ def _mean_metrics(records: list[dict]) -> dict[str, float]:
     weights: dict[str, float] = {}
     for rec in records:
         for k, v in (rec.get("metrics") or {}).items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                sums[k] = sums.get(k, 0.0) + rec["weight"] * v
+            f = _finite(v)  # a site's metrics are informative: unusable values are left out, not fatal
+            if f is not None:
+                sums[k] = sums.get(k, 0.0) + rec["weight"] * f
                 weights[k] = weights.get(k, 0.0) + rec["weight"]
     return {k: sums[k] / weights[k] for k in sums}
 

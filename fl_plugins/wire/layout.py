@@ -33,6 +33,7 @@ DEFAULT_CHUNK_BYTES = 4 << 20
 DEFAULT_MAX_SHARD_BYTES = 1 << 30
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 MAX_MANIFEST_BYTES = 64 << 20
+MAX_NDIM = 64  # numpy's limit; also bounds the work of multiplying a shape out
 
 
 def _bf16():
@@ -122,6 +123,30 @@ class ShardLayout:
         }  # fmt: skip
 
 
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def short_repr(x: Any, limit: int = 80) -> str:
+    """repr of a value from a peer, cut short: a message must not echo megabytes back."""
+    try:
+        r = repr(x)
+    except ValueError:  # an int too long to print (more than 4300 digits)
+        return f"<{type(x).__name__} too long to show>"
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _json(text: str | bytes, what: str) -> Any:
+    """json.loads for bytes from a peer: malformed text, nesting deeper than the parser's recursion limit and
+    integers longer than Python converts (4300 digits) are all ProtocolErrors."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ProtocolError(f"{what} is not valid JSON (nested too deeply)") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int too long to convert
+        raise ProtocolError(f"{what} is not valid JSON ({short_repr(str(e), 200)})") from None
+
+
 def _tensor_table(obj: Any, where: str) -> list[TensorInfo]:
     if not isinstance(obj, dict):
         raise ProtocolError(f"{where}: tensor table must be an object, got {type(obj).__name__}")
@@ -130,26 +155,34 @@ def _tensor_table(obj: Any, where: str) -> list[TensorInfo]:
         if name == "__metadata__":
             continue
         if not isinstance(spec, dict) or set(spec) - {"dtype", "shape", "data_offsets"}:
-            raise ProtocolError(f"{where}: tensor {name!r} must have dtype, shape and data_offsets, got {spec!r}")
-        dtype, shape, offs = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
-        if dtype not in ITEMSIZE:
-            raise ProtocolError(f"{where}: tensor {name!r} has unknown dtype {dtype!r}; known: {sorted(ITEMSIZE)}")
-        if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
-            raise ProtocolError(f"{where}: tensor {name!r} has a bad shape {shape!r}")
-        if not (isinstance(offs, list) and len(offs) == 2 and all(isinstance(o, int) for o in offs)):
-            raise ProtocolError(f"{where}: tensor {name!r} has bad data_offsets {offs!r}")
-        start, end = offs
-        if not 0 <= start <= end or end - start != math.prod(shape) * ITEMSIZE[dtype]:
             raise ProtocolError(
-                f"{where}: tensor {name!r} data_offsets {offs} do not hold {dtype}{shape} "
-                f"({math.prod(shape) * ITEMSIZE[dtype]} bytes)"
+                f"{where}: tensor {short_repr(name)} must have dtype, shape and data_offsets, got {short_repr(spec)}"
+            )
+        dtype, shape, offs = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+        if not isinstance(dtype, str) or dtype not in ITEMSIZE:
+            raise ProtocolError(
+                f"{where}: tensor {short_repr(name)} has unknown dtype {short_repr(dtype)}; known: {sorted(ITEMSIZE)}"
+            )
+        if not (isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_is_int(d) and d >= 0 for d in shape)):
+            raise ProtocolError(f"{where}: tensor {short_repr(name)} has a bad shape {short_repr(shape)} (at most "
+                                f"{MAX_NDIM} non-negative integers)")  # fmt: skip
+        if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)):
+            raise ProtocolError(f"{where}: tensor {short_repr(name)} has bad data_offsets {short_repr(offs)}")
+        start, end = offs
+        nbytes = math.prod(shape) * ITEMSIZE[dtype]
+        if not 0 <= start <= end or end - start != nbytes:
+            raise ProtocolError(
+                f"{where}: tensor {short_repr(name)} data_offsets {short_repr(offs)} do not hold "
+                f"{dtype}{short_repr(shape)} ({nbytes if nbytes < 1 << 64 else 'over 2^64'} bytes)"
             )
         out.append(TensorInfo(name, dtype, tuple(shape), start, end))
     out.sort(key=lambda t: (t.start, t.end))
     pos = 0
     for t in out:
         if t.start != pos:
-            raise ProtocolError(f"{where}: tensor {t.name!r} starts at {t.start}, expected {pos} (gap or overlap)")
+            raise ProtocolError(
+                f"{where}: tensor {short_repr(t.name)} starts at {t.start}, expected {pos} (gap or overlap)"
+            )
         pos = t.end
     return out
 
@@ -172,10 +205,7 @@ def parse_header(prefix: bytes | memoryview, where: str) -> list[TensorInfo]:
     (n,) = struct.unpack_from("<Q", prefix)
     if n > MAX_HEADER_BYTES or len(prefix) != 8 + n:
         raise ProtocolError(f"{where}: safetensors header length {n} does not match {len(prefix) - 8} bytes")
-    try:
-        obj = json.loads(bytes(prefix[8:]))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ProtocolError(f"{where}: safetensors header is not valid JSON ({e})") from None
+    obj = _json(bytes(prefix[8:]), f"{where}: safetensors header")
     return _tensor_table(obj, where)
 
 
@@ -211,6 +241,14 @@ def plan_shards(
     return shards
 
 
+def _plain_file_name(name: Any) -> bool:
+    """A shard's file name that stays inside the directory it is written to: `x.safetensors`, no separators
+    or NUL, no leading dot (so no `..`), no control characters, at most 255 bytes (a file name's limit)."""
+    return (isinstance(name, str) and name.endswith(".safetensors") and not name.startswith(".")
+            and not any(c in name for c in "/\\") and name.isprintable()
+            and len(name.encode("utf-8", "replace")) <= 255)  # fmt: skip
+
+
 _ENVELOPE_KEYS = {"params_type", "current_round", "total_rounds", "start_round", "metrics", "meta", "attempt"}
 
 
@@ -240,22 +278,21 @@ class Manifest:
     def from_json(cls, text: str | bytes, where: str = "manifest") -> Manifest:
         if len(text) > MAX_MANIFEST_BYTES:
             raise ProtocolError(f"{where}: {len(text)} bytes is over the {MAX_MANIFEST_BYTES}-byte limit")
-        try:
-            obj = json.loads(text)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ProtocolError(f"{where}: not valid JSON ({e})") from None
+        obj = _json(text, where)
         if not isinstance(obj, dict) or obj.get("format") != MANIFEST_FORMAT:
             raise ProtocolError(f"{where}: `format` must be {MANIFEST_FORMAT!r}")
         if obj.get("version") != MANIFEST_VERSION:
-            raise ProtocolError(f"{where}: `version` must be {MANIFEST_VERSION} (got {obj.get('version')!r})")
+            raise ProtocolError(f"{where}: `version` must be {MANIFEST_VERSION} (got {short_repr(obj.get('version'))})")
         if obj.get("chunk_hash") != CHUNK_HASH or obj.get("shard_hash") != SHARD_HASH:
             raise ProtocolError(
                 f"{where}: hashes must be chunk {CHUNK_HASH!r} / shard {SHARD_HASH!r} "
-                f"(got {obj.get('chunk_hash')!r} / {obj.get('shard_hash')!r})"
+                f"(got {short_repr(obj.get('chunk_hash'))} / {short_repr(obj.get('shard_hash'))})"
             )
         cb = obj.get("chunk_bytes")
         if not isinstance(cb, int) or cb <= 0 or cb % 8 or cb > 64 << 20:
-            raise ProtocolError(f"{where}: `chunk_bytes` must be a positive multiple of 8 up to 64 MiB (got {cb!r})")
+            raise ProtocolError(
+                f"{where}: `chunk_bytes` must be a positive multiple of 8 up to 64 MiB (got {short_repr(cb)})"
+            )
         env = obj.get("envelope", {})
         if not isinstance(env, dict) or set(env) - _ENVELOPE_KEYS:
             raise ProtocolError(f"{where}: `envelope` keys must be among {sorted(_ENVELOPE_KEYS)}")
@@ -268,12 +305,16 @@ class Manifest:
             if not isinstance(s, dict):
                 raise ProtocolError(f"{w} must be an object")
             name, size, hsize, digest = s.get("name"), s.get("size"), s.get("header_size"), s.get("digest", "")
-            if not isinstance(name, str) or not name.endswith(".safetensors") or "/" in name or "\\" in name \
-                    or name.startswith(".") or name in names:
-                raise ProtocolError(f"{w}: `name` {name!r} must be a unique plain file name ending .safetensors")
+            if not _plain_file_name(name) or name in names:
+                raise ProtocolError(
+                    f"{w}: `name` {short_repr(name)} must be a unique plain file name ending .safetensors "
+                    "(no path separators, no leading dot, no control characters)"
+                )
             names.add(name)
             if not isinstance(hsize, int) or not 8 <= hsize <= MAX_HEADER_BYTES + 8 or hsize % 8:
-                raise ProtocolError(f"{w}: `header_size` {hsize!r} must be a multiple of 8 between 8 and 100 MiB")
+                raise ProtocolError(
+                    f"{w}: `header_size` {short_repr(hsize)} must be a multiple of 8 between 8 and 100 MiB"
+                )
             if not isinstance(digest, str):
                 raise ProtocolError(f"{w}: `digest` must be a string")
             tensors = _tensor_table(s.get("tensors"), w)
@@ -283,7 +324,7 @@ class Manifest:
                 seen.add(t.name)
             layout = ShardLayout(name, b"\0" * hsize, tensors, digest)  # header bytes arrive with the data
             if size != layout.size:
-                raise ProtocolError(f"{w}: `size` {size!r} disagrees with its tensors ({layout.size} bytes)")
+                raise ProtocolError(f"{w}: `size` {short_repr(size)} disagrees with its tensors ({layout.size} bytes)")
             shards.append(layout)
         return cls(shards, cb, env)
 

@@ -47,16 +47,30 @@ class ShardReceiver:
 
     def accept(self, frame: bytes) -> int:
         """Verify and use one frame; returns the payload length. Raises ProtocolError/IntegrityError."""
+        return self.use(*self.verify(frame))
+
+    def verify(self, frame: bytes) -> tuple[int, memoryview, bytes]:
+        """(offset, payload, digest) of a frame that is intact and the chunk expected next; uses nothing.
+        What fails here is the transport's doing (a damaged, repeated or misplaced chunk): the chunk is refused,
+        and the stream may go on from the offset this receiver has."""
         offset, payload, digest = frames.decode(frame)
         if offset != self.offset:
             raise ProtocolError(
                 f"shard {self.layout.name!r}: chunk at offset {offset} out of order (expected {self.offset})"
             )
+        return offset, payload, digest
+
+    def use(self, offset: int, payload: memoryview, digest: bytes) -> int:
+        """Use a chunk `verify` returned: check its length against the manifest and the safetensors header
+        against the manifest's tensor table, then hand its data to the sink; returns the payload length. What
+        fails here (ProtocolError, or the sink's own error) is the sender's content: it disagrees with what it
+        declared."""
         want = min(self.manifest.chunk_bytes, self.size - offset)
         if len(payload) != want:
+            more = offset + len(payload) > self.size
             raise ProtocolError(
                 f"shard {self.layout.name!r}: chunk at offset {offset} has {len(payload)} bytes, expected {want}"
-                + (" (shard larger than declared)" if want == 0 else "")
+                + (f" (shard larger than declared: the manifest says {self.size} bytes)" if more else "")
             )
         hsize = self.layout.data_start
         pos, mv = offset, payload
