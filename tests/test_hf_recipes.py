@@ -74,7 +74,7 @@ def _shortened(tmp_path: Path, name: str, **changes) -> Path:
     return p
 
 
-def _run(recipe: Path, run_dir: Path, timeout: float = 480) -> dict:
+def _run(recipe: Path, run_dir: Path, timeout: float = 900) -> dict:
     out = subprocess.run([sys.executable, "-m", "fl_plugins.cli", "run", str(recipe), "--run-dir", str(run_dir)],
                          capture_output=True, text=True, cwd=ROOT, timeout=timeout)  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
