@@ -121,6 +121,10 @@ def test_a_fixed_global_model_makes_every_round_start_from_the_same_loss(server_
     firsts = curve[0::4]
     assert firsts == pytest.approx([firsts[0]] * 3, abs=1e-4), curve
     assert curve[3] < firsts[0]  # training does move within a round
+    # a step's log record carries the round it was trained in, also the round's last step (logged after the
+    # boundary has moved on)
+    logs = [json.loads(x) for x in (srv.aggregator.config.run_dir / "logs.jsonl").read_text().splitlines()]
+    assert [(r["step"], r["round"]) for r in logs if r["key"] == "loss"] == [(s, (s - 1) // 4) for s in range(1, 13)]
 
 
 @pytest.mark.integration

@@ -331,12 +331,13 @@ def log(key: str, value: Any, data_type: Any = "SCALAR", **kwargs: Any) -> None:
     rt.client.log(rnd, [_jsonable({"key": key, "value": value, "data_type": dt, **kwargs})])
 
 
-def _log_scalars(values: dict[str, float], step: int) -> None:
-    """Several scalars of one training step in one call (the trainer integrations forward their logs so)."""
+def _log_scalars(values: dict[str, float], step: int, round_: int | None = None) -> None:
+    """Several scalars of one training step in one call (the trainer integrations forward their logs so);
+    `round_`: the round the step belongs to (default: the current one)."""
     rt = _runtime()
     if rt.client is None or not values:
         return
-    rnd = rt.task.round if rt.task is not None else rt.last_round
+    rnd = round_ if round_ is not None else rt.task.round if rt.task is not None else rt.last_round
     rt.client.log(rnd, [{"key": k, "value": float(v), "data_type": "SCALAR", "step": int(step)}
                         for k, v in values.items()])  # fmt: skip
 

@@ -155,6 +155,7 @@ class FLTrainerCallback(TrainerCallback):
         self._epochs = 0  # epochs ended in the current round
         self._eval = False
         self.bytes_per_round = 0
+        self._step_round: int | None = None  # the round of the step being trained (for its log records)
 
     # -- set-up ----------------------------------------------------------------------------------------------
     def _start(self, args: Any) -> None:
@@ -242,6 +243,9 @@ class FLTrainerCallback(TrainerCallback):
 
     def on_step_begin(self, args, state, control, **kwargs):
         self._fresh = False
+        # the trainer logs a step after on_step_end, where a round boundary may already have moved on
+        model = self.driver.model if self.driver is not None else None
+        self._step_round = model.current_round if model is not None else None
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
         self._steps += 1
@@ -276,7 +280,7 @@ class FLTrainerCallback(TrainerCallback):
         from fl_plugins.client import api
 
         api._log_scalars({k: v for k, v in logs.items() if isinstance(v, int | float) and not isinstance(v, bool)
-                          and not k.endswith(_TIMINGS)}, int(state.global_step))  # fmt: skip
+                          and not k.endswith(_TIMINGS)}, int(state.global_step), self._step_round)  # fmt: skip
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._in_round:  # patch(): the round ends with train(); callback form: a budget that did not divide
