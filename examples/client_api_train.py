@@ -1,7 +1,9 @@
 """A site's training script in NVIDIA FLARE's client-API style: only the import line differs.
 
 Each site generates its own data (a seeded, label-skewed share of a 3-class problem), trains a small MLP
-for one local epoch per round, and sends its weights with the validation accuracy of the global model.
+for one local epoch per round, and sends its weights with the validation accuracy of the global model. Its
+training loss goes to the aggregator with `flare.log` at each global step (RUN_DIR/logs.jsonl, which the recipe's
+`tracking:` trackers and `fl-plugins report` read).
 Run by `fl-plugins run recipes/quickstart.yaml`, which sets FL_SERVER and FL_SITE for each site.
 """
 
@@ -31,6 +33,7 @@ def main() -> None:
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(2, 32), nn.ReLU(), nn.Linear(32, 3))
     flare.init()
+    global_step = 0
     while flare.is_running():
         input_model = flare.receive()
         net.load_state_dict(input_model.params)
@@ -44,6 +47,8 @@ def main() -> None:
             loss.backward()
             opt.step()
             steps += 1
+            global_step += 1
+            flare.log("train_loss", loss.item(), "SCALAR", step=global_step)
         print(f"[{flare.get_site_name()}] round {input_model.current_round}: global model val_acc={val_acc:.3f}, "
               f"local loss={loss.item():.3f}", flush=True)  # fmt: skip
         flare.send(flare.FLModel(params=net.state_dict(), metrics={"val_acc": val_acc},

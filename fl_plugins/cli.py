@@ -1,6 +1,7 @@
 """`fl-plugins`: the command line. `fl-plugins server ...` runs the aggregator service; `fl-plugins run RECIPE`
 runs a whole federation on this machine (runner.py); `fl-plugins provision PROJECT.yaml` writes the CA and the
-startup kits (security/provision.py); `fl-plugins client --kit KIT -- CMD` runs a site's script with its kit."""
+startup kits (security/provision.py); `fl-plugins client --kit KIT -- CMD` runs a site's script with its kit;
+`fl-plugins report RUN_DIR` prints a run's table and writes its plots (report.py)."""
 
 from __future__ import annotations
 
@@ -46,6 +47,8 @@ def _parser() -> argparse.ArgumentParser:
                    help="average updates that hold NaN or Inf (default: refuse such an update)")  # fmt: skip
     s.add_argument("--job-id", default="", help="a name for this job (default: random)")
     s.add_argument("--insecure", action="store_true", help="without --kit: allow plaintext on a non-loopback address")
+    s.add_argument("--tracking", metavar="NAMES",
+                   help="stream the run's records to trackers in RUN_DIR: mlflow,tensorboard,wandb")  # fmt: skip
     s.add_argument("--log-level", default="INFO")
     r = sub.add_parser("run", help="run a whole federation on this machine from a recipe",
                        description="Start the aggregator and one process per site on 127.0.0.1, as the recipe "
@@ -73,6 +76,12 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--server", help="HOST:PORT of the aggregator (default: the kit's)")
     c.add_argument("--log-level", default="WARNING")
     c.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="what to run as this site")
+    e = sub.add_parser("report", help="print a run's per-round table and write its plots",
+                       description="Read RUN_DIR (metrics.jsonl, logs.jsonl, summary.json, baselines.json), print the "
+                                   "per-round table and write PNG plots into RUN_DIR/report.")  # fmt: skip
+    e.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory of `fl-plugins run` or `server`")
+    e.add_argument("--no-plots", action="store_true", help="only print the table")
+    e.add_argument("--log-level", default="WARNING")
     return p
 
 
@@ -86,22 +95,41 @@ def _server(args: argparse.Namespace) -> int:
                               min_updates=args.min_updates, idle_timeout=args.idle_timeout,
                               site_timeout=args.site_timeout, chunk_bytes=args.chunk_bytes or DEFAULT_CHUNK_BYTES,
                               job_id=args.job_id, reject_nonfinite=not args.allow_nonfinite)  # fmt: skip
+    tracking = _tracking(args)  # checked before anything is made: a bad name or a missing library stops here
     args.run_dir.mkdir(parents=True, exist_ok=True)
     handler = logging.FileHandler(args.run_dir / "aggregator.log")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logging.getLogger().addHandler(handler)
     address = args.address or (None if args.kit else "127.0.0.1:8443")
+    if tracking is not None:
+        tracking.start()
     server = AggregatorServer(config, address, insecure=args.insecure, kit=args.kit).start()
     print(f"fl-plugins aggregator listening on {server.address}{' (mTLS)' if server.kit else ''}", flush=True)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
-    code = server.wait(stop_event=stop)
-    server.stop()
+    try:
+        code = server.wait(stop_event=stop)
+    finally:
+        server.stop()
+        if tracking is not None:
+            tracking.close(130 if stop.is_set() and not server.aggregator.done else 0)
     if stop.is_set() and not server.aggregator.done:
         print("aggregator stopped before the last round; run the same command again to resume", file=sys.stderr)
         return 130
     return code
+
+
+def _tracking(args: argparse.Namespace):
+    """`server --tracking mlflow,tensorboard`: a Tracking of RUN_DIR (tracking.py) to start, or None."""
+    if not args.tracking:
+        return None
+    from fl_plugins.tracking import Tracking, check_installed, parse_tracking
+
+    specs = parse_tracking(args.tracking, key="--tracking")
+    check_installed(specs)
+    return Tracking(args.run_dir, specs, name=args.job_id or args.run_dir.resolve().name,
+                    params={"rounds": args.rounds, "min_sites": args.min_sites})  # fmt: skip
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -117,6 +145,13 @@ def _run(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGINT, _term)
     return run(recipe, args.run_dir or default_run_dir(recipe), tls=args.tls)
+
+
+def _report(args: argparse.Namespace) -> int:
+    from fl_plugins.report import report
+
+    report(args.run_dir, plots=not args.no_plots)
+    return 0
 
 
 def _provision(args: argparse.Namespace) -> int:
@@ -177,6 +212,8 @@ def main(argv: list[str] | None = None) -> int:
             return _provision(args)
         if args.command == "client":
             return _client(args)
+        if args.command == "report":
+            return _report(args)
     except FLError as e:
         print(f"fl-plugins {args.command}: error: {e}", file=sys.stderr)
         return 2

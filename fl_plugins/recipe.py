@@ -10,10 +10,16 @@
     args: ["--epochs", "1"]                   # passed to every site's script
     site_args: {site-1: ["--shard", "0"]}     # extra arguments for one site, after `args`
     env: {}                                   # extra environment variables for every site
+    tracking: [mlflow, tensorboard]           # stream the run to trackers; default: none (fl_plugins/tracking.py)
 
 Instead of `script:`, a recipe may name a built-in Hugging Face task (SFT / PEFT), `task: {type: ..., model: ...,
 data: ...}`: every site then runs `python -m fl_plugins.hf.task RECIPE`; the section is validated by
 fl_plugins/hf/spec.py (torch-free).
+
+`tracking:` names the experiment trackers the run's records stream to, in the run directory: `mlflow`,
+`tensorboard`, `wandb` (offline), as a list or as a mapping of name to options
+(`tracking: {mlflow: {experiment: x}, wandb: {project: y}}`; fl_plugins/tracking.py lists them). Default: none,
+so a run starts without importing any tracker.
 
 Every error names the file, the key path, what must hold and what was got, e.g.
 ``recipes/x.yaml: `rounds` must be an integer >= 1 (got 0)``; an unknown key is an error with a did-you-mean.
@@ -28,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_plugins.errors import ConfigError
+from fl_plugins.tracking import TrackerSpec, parse_tracking
 
 RUNNER_ENV = ("FL_SERVER", "FL_SITE")  # set by the runner for each site; a recipe may not override them
 _ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -70,10 +77,11 @@ class Recipe:
     sites: tuple[SiteSpec, ...]
     federation: FederationSpec
     task: Any = None  # fl_plugins.hf.spec.TaskSpec when the recipe names a built-in task instead of a script
+    tracking: tuple[TrackerSpec, ...] = ()  # the trackers the run streams to (`tracking:`); () for none
 
 
 _KEYS = ("name", "script", "task", "sites", "rounds", "min_sites", "initial_model", "round_deadline", "args",
-         "site_args", "env")  # fmt: skip
+         "site_args", "env", "tracking")  # fmt: skip
 TASK_SCRIPT = Path(__file__).resolve().parent / "hf" / "task.py"
 
 
@@ -208,7 +216,9 @@ def parse_recipe(data: Any, source: str | Path) -> Recipe:
                                    or deadline_v <= 0):  # fmt: skip
         raise c.fail("round_deadline", "must be a number of seconds > 0, or null for no deadline", deadline_v)
     deadline = None if deadline_v is None else float(deadline_v)
-    return Recipe(name.strip(), source, script, sites, FederationSpec(rounds, min_sites, initial, deadline), task)
+    tracking = parse_tracking(data.get("tracking"), where=f"{source}: ")
+    return Recipe(name.strip(), source, script, sites, FederationSpec(rounds, min_sites, initial, deadline), task,
+                  tracking)  # fmt: skip
 
 
 _EXAMPLES = {"script": "`script: train.py`", "sites": "`sites: 3`", "rounds": "`rounds: 5`"}

@@ -8,6 +8,8 @@ Starts the aggregator in this process on 127.0.0.1 (a free port), then one proce
     RUN_DIR/metrics.jsonl       the aggregator's records ("update" per accepted update, "round" per round)
     RUN_DIR/global/round-NNNNN  the global checkpoints (safetensors)
     RUN_DIR/summary.json        per-round metrics, written at the end
+    RUN_DIR/report/*.png        the plots of `fl-plugins report` (report.py), written at the end
+    RUN_DIR/mlruns, tensorboard, wandb   the recipe's `tracking:` trackers (tracking.py), streamed as the run goes
 
 It stops everything (sites first: SIGTERM to each site's process group, SIGKILL after a grace period; then the
 aggregator) when the last round is done, on Ctrl-C, and when a site exits non-zero before the job is finished, in
@@ -98,6 +100,10 @@ def run(recipe: Recipe, run_dir: Path, *, live: bool | None = None, tls: bool = 
     err = Console(stderr=True, soft_wrap=True)
     live = console.is_terminal if live is None else live
     run_dir = Path(run_dir)
+    if recipe.tracking:
+        from fl_plugins.tracking import check_installed
+
+        check_installed(recipe.tracking)  # before anything starts: the error names the install command
     (run_dir / "sites").mkdir(parents=True, exist_ok=True)
     fed = recipe.federation
     config = AggregatorConfig(run_dir=run_dir, rounds=fed.rounds, min_sites=fed.min_sites,
@@ -113,6 +119,7 @@ def run(recipe: Recipe, run_dir: Path, *, live: bool | None = None, tls: bool = 
 
     sites: list[_Site] = []
     server = None
+    tracking = None
     metrics = _Metrics(run_dir / "metrics.jsonl")
     t0 = time.monotonic()
     code = 1
@@ -122,6 +129,11 @@ def run(recipe: Recipe, run_dir: Path, *, live: bool | None = None, tls: bool = 
             from fl_plugins.security.provision import provision_local
 
             kits = provision_local(run_dir / "kits", [s.name for s in recipe.sites], name=recipe.name)
+        if recipe.tracking:
+            from fl_plugins.tracking import Tracking
+
+            tracking = Tracking(run_dir, recipe.tracking, name=recipe.name, params=_tracking_params(recipe)).start()
+            console.print(f"tracking: {tracking.describe()}", highlight=False)
         server = AggregatorServer(config, "127.0.0.1:0", kit=kits.server if kits else None).start()
         console.print(f"[bold]{recipe.name}[/]: aggregator on {server.address}{' (mTLS)' if kits else ''}, "
                       f"{len(recipe.sites)} sites, {fed.rounds} rounds; run dir {run_dir}",
@@ -145,6 +157,8 @@ def run(recipe: Recipe, run_dir: Path, *, live: bool | None = None, tls: bool = 
         _stop_sites(sites)
         if server is not None:
             server.stop(0)
+        if tracking is not None:
+            tracking.close(code)
         pkg_log.removeHandler(handler)
         handler.close()
         pkg_log.setLevel(saved[0])
@@ -163,6 +177,7 @@ def run(recipe: Recipe, run_dir: Path, *, live: bool | None = None, tls: bool = 
         console.print(_summary_table(summary))
     if baselines is not None:
         console.print(_baselines_table(recipe, baselines))
+    _write_report(run_dir, console, err)
     state = "finished" if code == 0 else "FAILED" if code == 1 else "interrupted"
     console.print(f"{recipe.name} {state} in {summary['seconds']:.1f} s; run dir {run_dir}", highlight=False)
     return code
@@ -183,6 +198,30 @@ def _run_baselines(recipe: Recipe, run_dir: Path, console, err) -> dict[str, Any
         err.print(f"baselines failed (exit {rc}); the last lines of {log_path}:\n{_tail(log_path)}", highlight=False)
         return None
     return json.loads((run_dir / "baselines.json").read_text())
+
+
+def _tracking_params(recipe: Recipe) -> dict[str, Any]:
+    fed = recipe.federation
+    return {"recipe": str(recipe.source), "rounds": fed.rounds, "sites": ",".join(s.name for s in recipe.sites),
+            "min_sites": fed.min_sites, "initial_model": str(fed.initial_model or ""),
+            "round_deadline": fed.round_deadline or "", "script": str(recipe.script.path)}  # fmt: skip
+
+
+def _write_report(run_dir: Path, console, err) -> None:
+    """RUN_DIR/report/*.png (report.py); a failure to plot is a warning on stderr, never a failed run."""
+    if not (run_dir / "metrics.jsonl").is_file():
+        return  # no update ever arrived: nothing to plot
+    try:
+        from fl_plugins.report import load_run, write_plots
+
+        written, _ = write_plots(load_run(run_dir))
+    except Exception as e:  # noqa: BLE001 - the plots are a convenience; the run's outcome stands
+        log.debug("report: the plots were not written", exc_info=True)
+        err.print(f"report: the plots were not written ({type(e).__name__}: {e})", highlight=False)
+        return
+    if written:
+        console.print(f"report: {', '.join(p.name for p in written)} in {written[0].parent} (fl-plugins report "
+                      f"{run_dir} prints it again)", highlight=False)  # fmt: skip
 
 
 def _baselines_table(recipe: Recipe, b: dict[str, Any]):

@@ -1,0 +1,418 @@
+"""`fl-plugins report RUN_DIR`: what a run did, as a table and PNG plots.
+
+Reads the run directory only (the aggregator's RUN_DIR/metrics.jsonl, the sites' RUN_DIR/logs.jsonl, and when
+present `fl-plugins run`'s summary.json and a built-in task's baselines.json), prints the per-round table and
+writes into RUN_DIR/report/:
+
+    validation.png   the global model's validation loss and accuracy per round (every metric whose name holds
+                     "loss" or "acc"; weighted over the sites, each site's own value thin), beside each site's
+                     local-only baseline and the final global model on the pooled validation set (baselines.json)
+    train_loss.png   each site's training loss per step across rounds (logs.jsonl, from `flare.log` or the
+                     trainers' forwarded logs), round boundaries marked
+    bytes.png        bytes of the updates uploaded per round, per site
+
+A run still going, stopped or crashed is reported as far as it got, with a note that says so; a directory
+that is not a run directory is a ConfigError naming what is missing. `fl-plugins run` writes the plots at its end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fl_plugins.errors import ConfigError, MissingDependencyError
+
+log = logging.getLogger(__name__)
+
+PLOTS = ("validation.png", "train_loss.png", "bytes.png")
+_EVAL_WORDS = ("val", "eval", "test")  # a logged loss with one of these in its name is not a training loss
+
+
+@dataclass
+class RunData:
+    """What a run directory holds, read once."""
+
+    run_dir: Path
+    name: str
+    updates: list[dict]  # the "update" records, in order
+    rounds: dict[int, dict]  # round -> its latest "round" record
+    logs: list[dict]  # logs.jsonl records (flare.log), in order
+    summary: dict[str, Any] | None = None  # summary.json (`fl-plugins run`), None when absent
+    baselines: dict[str, Any] | None = None  # baselines.json (a built-in task with `baselines: true`)
+    notes: list[str] = field(default_factory=list)  # why the report may be incomplete
+
+    @property
+    def finished(self) -> bool:
+        return not self.notes
+
+
+def _read_jsonl(path: Path) -> tuple[list[dict], int]:
+    """The records of a JSON-lines file (whole lines; a line being written is skipped) and the bad-line count."""
+    data = path.read_bytes()
+    recs, bad = [], 0
+    lines = data.split(b"\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except ValueError:
+            bad += i < len(lines) - 1  # the last line may be half-written by a running aggregator
+            continue
+        if isinstance(rec, dict):
+            recs.append(rec)
+        else:
+            bad += 1
+    return recs, bad
+
+
+def _read_json(path: Path, notes: list[str]) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        v = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        notes.append(f"{path.name} cannot be read ({e}); left out")
+        return None
+    return v if isinstance(v, dict) else None
+
+
+def load_run(run_dir: str | Path) -> RunData:
+    """Read RUN_DIR; ConfigError when it is not a run directory (no metrics.jsonl, or one without fl-plugins
+    records)."""
+    run_dir = Path(run_dir)
+    hint = "give the run directory of `fl-plugins run` (its --run-dir) or of `fl-plugins server --run-dir`"
+    if not run_dir.exists():
+        raise ConfigError(f"{run_dir}: no such run directory; {hint}")
+    if not run_dir.is_dir():
+        raise ConfigError(f"{run_dir} is not a directory; {hint}")
+    metrics = run_dir / "metrics.jsonl"
+    if not metrics.is_file():
+        raise ConfigError(f"{run_dir} is not a run directory: it has no metrics.jsonl (the aggregator writes it "
+                          f"as updates arrive); {hint}")  # fmt: skip
+    recs, _ = _read_jsonl(metrics)
+    ours = [r for r in recs if r.get("event") in ("update", "round") and isinstance(r.get("round"), int)]
+    if recs and not ours:
+        raise ConfigError(f"{metrics} holds no fl-plugins records (\"update\" and \"round\" events): {run_dir} is "
+                          f"not a run directory; {hint}")  # fmt: skip
+    updates = [r for r in ours if r["event"] == "update"]
+    rounds: dict[int, dict] = {}
+    for r in ours:
+        if r["event"] == "round":
+            rounds[r["round"]] = r
+    logs: list[dict] = []
+    if (run_dir / "logs.jsonl").is_file():
+        logs = [r for r in _read_jsonl(run_dir / "logs.jsonl")[0] if isinstance(r.get("site"), str)]
+    notes: list[str] = []
+    summary = _read_json(run_dir / "summary.json", notes)
+    baselines = _read_json(run_dir / "baselines.json", notes)
+    done = f"finished rounds: {_ranges(sorted(rounds))}" if rounds else "no round has finished yet"
+    if summary is None:
+        notes.insert(0, f"no summary.json: the run is unfinished (still running, stopped or crashed) or was run by "
+                        f"`fl-plugins server`; {done}")  # fmt: skip
+    else:
+        planned = summary.get("rounds_planned")
+        if isinstance(planned, int):
+            missing = [r for r in range(planned) if r not in rounds]
+            if missing:
+                notes.append(f"unfinished: rounds {_ranges(missing)} of 0..{planned - 1} are missing")
+        code = summary.get("exit_code")
+        if code not in (0, None):
+            notes.append("the run was interrupted" if code == 130 else f"the run failed (exit code {code})")
+    name = (summary or {}).get("name") or run_dir.resolve().name
+    return RunData(run_dir, str(name), updates, rounds, logs, summary, baselines, notes)
+
+
+def _ranges(xs: list[int]) -> str:
+    out, i = [], 0
+    while i < len(xs):
+        j = i
+        while j + 1 < len(xs) and xs[j + 1] == xs[j] + 1:
+            j += 1
+        out.append(str(xs[i]) if i == j else f"{xs[i]}..{xs[j]}")
+        i = j + 1
+    return ", ".join(out)
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB"):
+        if n < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+def _num(v: Any) -> float | None:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return float(v) if v == v and abs(v) != float("inf") else None
+
+
+# -- the table -------------------------------------------------------------------------------------------------
+
+
+def round_rows(run: RunData) -> list[dict[str, Any]]:
+    """One row per finished round: updates, seconds, bytes uploaded, GB/s over the uploads, metrics."""
+    rows = []
+    for r, rec in sorted(run.rounds.items()):
+        ups = [u for u in run.updates if u["round"] == r and u.get("attempt", 0) == rec.get("attempt", 0)]
+        size = sum(_num(u.get("bytes")) or 0.0 for u in ups)
+        secs = sum(_num(u.get("seconds")) or 0.0 for u in ups)
+        rows.append({"round": r, "updates": rec.get("updates", len(ups)), "seconds": _num(rec.get("seconds")),
+                     "bytes": size, "gbps": size / secs / 1e9 if secs > 0 else None,
+                     "metrics": rec.get("metrics") or {}})  # fmt: skip
+    return rows
+
+
+def round_table(run: RunData):
+    from rich.table import Table
+
+    rows = round_rows(run)
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row["metrics"] if k not in keys]
+    title = f"{run.name}: per-round metrics ({run.run_dir})"
+    t = Table(title=title, min_width=len(title))
+    for col in ("round", "updates", "seconds", "uploaded", "upload GB/s", *keys):
+        t.add_column(col, justify="right")
+    for row in rows:
+        vals = [_num(row["metrics"].get(k)) for k in keys]
+        t.add_row(str(row["round"]), str(row["updates"]), "" if row["seconds"] is None else f"{row['seconds']:.2f}",
+                  human_bytes(row["bytes"]), "" if row["gbps"] is None else f"{row['gbps']:.3g}",
+                  *("" if v is None else f"{v:.4g}" for v in vals))  # fmt: skip
+    return t
+
+
+def baselines_table(run: RunData):
+    from rich.table import Table
+
+    b = run.baselines or {}
+    keys = list(b.get("global") or {})
+    title = f"{run.name}: on the pooled validation set ({b.get('pooled_validation_rows', '?')} rows)"
+    t = Table(title=title, min_width=len(title))
+    for col in ("model", *keys):
+        t.add_column(col, justify="right")
+    t.add_row(f"global (round {b.get('round', '?')})", *(_fmt(b["global"].get(k)) for k in keys))
+    for site, m in (b.get("local_only") or {}).items():
+        t.add_row(f"{site} alone", *(_fmt(m.get(k)) for k in keys))
+    return t
+
+
+def _fmt(v: Any) -> str:
+    f = _num(v)
+    return "" if f is None else f"{f:.4g}"
+
+
+# -- the plots -------------------------------------------------------------------------------------------------
+
+
+def _figure(**kw):
+    try:
+        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend; savefig uses Agg
+    except ImportError as e:
+        raise MissingDependencyError("the report's plots need matplotlib, which is not installed; install it with: "
+                                     "pip install 'fl-plugins[tracking]' (or: pip install matplotlib)") from e
+    return Figure(layout="constrained", **kw)
+
+
+def _colors(sites: list[str]) -> dict[str, Any]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10"]
+    return {s: cmap(i % 10) for i, s in enumerate(sites)}
+
+
+def _sites(run: RunData) -> list[str]:
+    names = {u["site"] for u in run.updates if isinstance(u.get("site"), str)} | {r["site"] for r in run.logs}
+    names |= set((run.baselines or {}).get("local_only") or {})
+    return sorted(names)
+
+
+def write_plots(run: RunData, out_dir: str | Path | None = None) -> tuple[list[Path], list[str]]:
+    """Write the PNGs into `out_dir` (default RUN_DIR/report); the paths written and a note for each plot left out
+    (no data for it)."""
+    out = Path(out_dir) if out_dir is not None else run.run_dir / "report"
+    out.mkdir(parents=True, exist_ok=True)
+    colors = _colors(_sites(run))
+    written: list[Path] = []
+    skipped: list[str] = []
+    for name, plot in (("validation.png", _validation), ("train_loss.png", _train_loss), ("bytes.png", _bytes)):
+        fig = plot(run, colors)
+        if isinstance(fig, str):
+            skipped.append(f"{name}: {fig}")
+            (out / name).unlink(missing_ok=True)  # a stale plot from an earlier report would mislead
+            continue
+        fig.savefig(out / name, dpi=110)
+        written.append(out / name)
+    return written, skipped
+
+
+def _validation(run: RunData, colors: dict[str, Any]):
+    keys: list[str] = []
+    for rec in [*(run.rounds[r] for r in sorted(run.rounds)), *run.updates]:
+        keys += [k for k in (rec.get("metrics") or {}) if k not in keys]
+    base = run.baselines or {}
+    panels = []
+    for title, word in (("validation loss", "loss"), ("validation accuracy", "acc")):
+        ks = [k for k in keys if word in k.lower()]
+        if ks or any(word in k.lower() for k in base.get("global") or {}):
+            panels.append((title, ks, word))
+    if not panels:
+        return "no metric with 'loss' or 'acc' in its name in the rounds, and no baselines.json"
+    fig = _figure(figsize=(6.2 * len(panels), 5.6))
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    # each site's latest update per round (a round run again after a failure counts once)
+    latest: dict[tuple[str, int], dict] = {}
+    for u in run.updates:
+        latest[(u["site"], u["round"])] = u
+    for ax, (title, ks, word) in zip(axes, panels, strict=True):
+        for k in ks:
+            rs = [r for r in sorted(run.rounds) if _num((run.rounds[r].get("metrics") or {}).get(k)) is not None]
+            ax.plot(rs, [run.rounds[r]["metrics"][k] for r in rs], marker="o", lw=2.2, color="black",
+                    label=f"global model, {k} (weighted over the sites)")  # fmt: skip
+            if len(ks) == 1:
+                for site, c in colors.items():
+                    pts = sorted((r, _num((u.get("metrics") or {}).get(k))) for (s, r), u in latest.items()
+                                 if s == site)  # fmt: skip
+                    pts = [(r, v) for r, v in pts if v is not None]
+                    if pts:
+                        ax.plot(*zip(*pts, strict=True), lw=1, ls=":", marker=".", color=c,
+                                label=f"global model at {site}")  # fmt: skip
+        gkey = next((k for k in base.get("global") or {} if word in k.lower()), None)
+        if gkey is not None:
+            for site, m in (base.get("local_only") or {}).items():
+                v = _num(m.get(gkey))
+                if v is not None:
+                    ax.axhline(v, ls="--", lw=1.3, color=colors.get(site, "grey"), label=f"{site} alone (pooled val.)")
+            v = _num(base["global"].get(gkey))
+            if v is not None:
+                ax.plot([base.get("round", max(run.rounds, default=0) + 1)], [v], marker="*", ms=14, ls="",
+                        color="black", label="final global model (pooled val.)")  # fmt: skip
+        ax.set_title(title)
+        ax.set_xlabel("round (the global model it starts from)")
+        ax.grid(alpha=0.3)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)  # below: hides no line
+    fig.suptitle(f"{run.name}: the global model per round" + ("" if run.finished else " (unfinished run)"))
+    return fig
+
+
+def _is_train_loss(key: str) -> bool:
+    k = key.lower()
+    return "loss" in k and not any(w in k for w in _EVAL_WORDS)
+
+
+def _train_loss(run: RunData, colors: dict[str, Any]):
+    series: dict[str, dict[str, list[tuple[float, float, int]]]] = {}  # key -> site -> [(step, value, round)]
+    count: dict[tuple[str, str], int] = {}
+    for rec in run.logs:
+        key, v = rec.get("key"), _num(rec.get("value"))
+        if not isinstance(key, str) or v is None or not _is_train_loss(key):
+            continue
+        site = rec["site"]
+        step = _num(rec.get("step", rec.get("global_step")))
+        n = count[(key, site)] = count.get((key, site), 0) + 1
+        rnd = rec.get("round") if isinstance(rec.get("round"), int) else 0
+        series.setdefault(key, {}).setdefault(site, []).append((step if step is not None else n, v, rnd))
+    if not series:
+        return ("no training loss in logs.jsonl (a site sends it with flare.log(\"train_loss\", loss, "
+                "step=global_step); the Lightning and HF integrations forward the trainer's)")
+    # the most-logged first (HF's per-step "loss"); a key logged once per site (HF's end-of-training "train_loss"
+    # summary) is no curve: left out when there is one
+    keys = sorted(series, key=lambda k: (-sum(len(v) for v in series[k].values()), k))
+    keys = ([k for k in keys if any(len(v) > 1 for v in series[k].values())] or keys)[:2]
+    fig = _figure(figsize=(9.5, 3.8 * len(keys)))
+    axes = fig.subplots(len(keys), 1, squeeze=False)[:, 0]
+    for ax, key in zip(axes, keys, strict=True):
+        first: dict[int, float] = {}  # round -> its first and last step over the sites
+        last: dict[int, float] = {}
+        for site, pts in sorted(series[key].items()):
+            pts.sort()
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2, color=colors.get(site), label=site,
+                    marker="." if len(pts) <= 40 else None)  # fmt: skip
+            for s, _, r in pts:
+                first[r] = min(first.get(r, s), s)
+                last[r] = max(last.get(r, s), s)
+        lo, hi = ax.get_ylim()
+        every = max(1, len(first) // 20)
+        for i, r in enumerate(sorted(first)):
+            if r == min(first):
+                continue
+            before = max((last[q] for q in last if q < r), default=first[r] - 1)
+            x = (before + first[r]) / 2 if before < first[r] else first[r] - 0.5
+            ax.axvline(x, color="grey", lw=0.8, ls="--", alpha=0.7)
+            if i % every == 0:
+                ax.text(x, hi, f" round {r}", fontsize=7, va="top", ha="left", color="dimgrey")
+        ax.set_ylabel(key)
+        ax.set_xlabel("step (each site's global training step)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.suptitle(f"{run.name}: training loss per step, round boundaries dashed"
+                 + ("" if run.finished else " (unfinished run)"))  # fmt: skip
+    return fig
+
+
+def _bytes(run: RunData, colors: dict[str, Any]):
+    per: dict[int, dict[str, float]] = {}
+    for u in run.updates:
+        per.setdefault(u["round"], {})
+        per[u["round"]][u["site"]] = per[u["round"]].get(u["site"], 0.0) + (_num(u.get("bytes")) or 0.0)
+    if not per:
+        return "no update has arrived yet"
+    rounds = sorted(per)
+    peak = max(sum(v.values()) for v in per.values())
+    unit, scale = next(((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)) if peak >= s), ("B", 1.0))
+    fig = _figure(figsize=(max(6.0, 0.45 * len(rounds) + 3), 4.0))
+    ax = fig.subplots()
+    bottom = [0.0] * len(rounds)
+    for site, c in colors.items():
+        vals = [per[r].get(site, 0.0) / scale for r in rounds]
+        if any(vals):
+            ax.bar(rounds, vals, bottom=bottom, color=c, label=site)
+            bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
+    ax.set_xlabel("round")
+    ax.set_ylabel(f"uploaded ({unit})")
+    ax.xaxis.get_major_locator().set_params(integer=True)
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8)
+    total = sum(sum(v.values()) for v in per.values())
+    fig.suptitle(f"{run.name}: bytes uploaded per round ({human_bytes(total)} in all)\n"
+                 "(the updates; each site also downloads the global model every round)", fontsize=10)  # fmt: skip
+    return fig
+
+
+# -- the command -----------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Report:
+    run: RunData
+    plots: list[Path]  # the PNGs written
+    skipped: list[str]  # plots left out, and why
+
+
+def report(run_dir: str | Path, *, console=None, plots: bool = True) -> Report:
+    """`fl-plugins report RUN_DIR`: print the per-round table (and the baselines), write the plots, say what is
+    missing. ConfigError for a directory that is not a run directory."""
+    from rich.console import Console
+
+    console = console or Console(soft_wrap=True)
+    run = load_run(run_dir)
+    if run.rounds:
+        console.print(round_table(run))
+    if run.baselines and isinstance(run.baselines.get("global"), dict):
+        console.print(baselines_table(run))
+    written: list[Path] = []
+    skipped: list[str] = []
+    if plots:
+        written, skipped = write_plots(run)
+    for note in run.notes:
+        console.print(f"[yellow]note:[/] {note}", highlight=False)
+    for s in skipped:
+        console.print(f"[yellow]plot left out:[/] {s}", highlight=False)
+    if written:
+        console.print(f"plots: {', '.join(p.name for p in written)} in {written[0].parent}", highlight=False)
+    return Report(run, written, skipped)
