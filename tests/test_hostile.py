@@ -423,13 +423,15 @@ def test_out_of_order_chunks_are_refused_and_the_upload_goes_on(server_factory):
     st = evil.begin(task, m.to_json())
     code, details = refused(evil.send, st.upload_id, [fs[0], fs[2]])  # skips chunk 1
     assert code == grpc.StatusCode.INVALID_ARGUMENT and f"chunk at offset {2 * CHUNK} out of order" in details
-    code, details = refused(evil.send, st.upload_id, [fs[0]])  # one the aggregator has
+    evil.send(st.upload_id, [fs[0]])  # an exact repeat of one the aggregator has: skipped, not folded twice
+    forged = frames.encode(0, [bytes(CHUNK)])  # another chunk at that offset is no repeat
+    code, details = refused(evil.send, st.upload_id, [forged])
     assert code == grpc.StatusCode.INVALID_ARGUMENT and f"out of order (expected {CHUNK})" in details
     resumed = evil.begin(task, m.to_json())  # same nonce: where to go on from
     assert list(resumed.offsets) == [CHUNK]
     evil.send(st.upload_id, fs[1:])
     assert evil.commit(st.upload_id, [shard_digest(m, fs)]).message == "update accepted"
-    status = fed.finish([(plus(2), 4)], evil_counted=1)
+    status = fed.finish([(plus(2), 4)], evil_counted=1)  # exact: the repeated chunk counted once
     assert status["corrupted_chunks"] == 2
     (rec,) = [u for u in metrics(fed.srv, "update") if u["site"] == "evil"]
     assert rec["bytes_received"] == m.shards[0].size and rec["corrupted_chunks"] == 2

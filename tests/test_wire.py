@@ -82,8 +82,17 @@ def test_resume_from_a_chunk_boundary_and_reject_out_of_order():
         rx.accept(f)
     with pytest.raises(ProtocolError, match="out of order"):
         rx.accept(all_frames[7])
-    with pytest.raises(ProtocolError, match="out of order"):
-        rx.accept(all_frames[2])  # a duplicate
+    used = {k: bytes(v) for k, v in rx.sink.got.items()}
+    rx.sink.data = lambda *a: pytest.fail("a repeated chunk reached the sink")
+    assert rx.accept(all_frames[2]) == 0  # an exact repeat (a resend racing its old stream): skipped, not used
+    assert rx.offset == 5 * m.chunk_bytes and {k: bytes(v) for k, v in rx.sink.got.items()} == used
+    del rx.sink.data
+    from fl_plugins.wire import frames
+
+    _, payload, _ = frames.decode(all_frames[2])
+    other = bytes(payload[:-1]) + bytes([payload[-1] ^ 1])
+    with pytest.raises(ProtocolError, match="out of order"):  # another chunk at a used offset is no repeat
+        rx.accept(frames.encode(2 * m.chunk_bytes, [other]))
     for f in ShardSender(m, 0, TensorSource(m, ByteViews(params).get)).frames(rx.offset):
         rx.accept(f)
     rx.finish(sender.shard_digest())

@@ -417,6 +417,8 @@ class Aggregator:
                 with self._cond:
                     self.stats["corrupted_chunks"] += 1
                 raise
+            if chunk is None:  # an exact repeat of a chunk already folded (a resend racing its old stream)
+                return
             try:
                 with self._fold_gate.shared():
                     if u.dead:

@@ -46,15 +46,23 @@ class ShardReceiver:
         return self.offset == self.size
 
     def accept(self, frame: bytes) -> int:
-        """Verify and use one frame; returns the payload length. Raises ProtocolError/IntegrityError."""
-        return self.use(*self.verify(frame))
+        """Verify and use one frame; returns the payload length (0 for a repeat of a chunk already used).
+        Raises ProtocolError/IntegrityError."""
+        chunk = self.verify(frame)
+        return 0 if chunk is None else self.use(*chunk)
 
-    def verify(self, frame: bytes) -> tuple[int, memoryview, bytes]:
-        """(offset, payload, digest) of a frame that is intact and the chunk expected next; uses nothing.
-        What fails here is the transport's doing (a damaged, repeated or misplaced chunk): the chunk is refused,
-        and the stream may go on from the offset this receiver has."""
+    def verify(self, frame: bytes) -> tuple[int, memoryview, bytes] | None:
+        """(offset, payload, digest) of a frame that is intact and the chunk expected next; uses nothing. None
+        for an exact repeat of a chunk already used (same offset, same digest): a resend after a cut can race the
+        stream it replaces, and the bytes are the same, so it is skipped rather than failing the transfer.
+        What fails here is the transport's doing (a damaged or misplaced chunk): the chunk is refused, and the
+        stream may go on from the offset this receiver has."""
         offset, payload, digest = frames.decode(frame)
         if offset != self.offset:
+            chunk = self.manifest.chunk_bytes
+            done = self.digest.digests
+            if offset < self.offset and offset % chunk == 0 and done[offset // chunk] == digest:
+                return None
             raise ProtocolError(
                 f"shard {self.layout.name!r}: chunk at offset {offset} out of order (expected {self.offset})"
             )
