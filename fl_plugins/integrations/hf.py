@@ -194,11 +194,11 @@ class FLTrainerCallback(TrainerCallback):
         if self.local_steps is not None:
             args.max_steps = rounds * int(self.local_steps)
         else:
-            args.max_steps = -1
-            args.num_train_epochs = rounds * float(self.local_epochs)
-            if float(self.local_epochs) != int(self.local_epochs):
+            if float(self.local_epochs) != int(self.local_epochs):  # checked before the trainer's args change
                 raise ConfigError(f"local_epochs must be a whole number of epochs (got {self.local_epochs}); "
                                   "use local_steps for fractions of an epoch")  # fmt: skip
+            args.max_steps = -1
+            args.num_train_epochs = rounds * float(self.local_epochs)
         self._eval = self.evaluate if self.evaluate is not None else args.eval_strategy != "no"
         if self._eval:
             args.eval_on_start = True  # round 0's global model, before its first step
