@@ -13,7 +13,7 @@ import threading
 from pathlib import Path
 
 from fl_plugins._version import __version__
-from fl_plugins.errors import FLError
+from fl_plugins.errors import ConfigError, FLError
 
 
 def _positive_float(s: str) -> float:
@@ -32,9 +32,14 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--address", help="HOST:PORT to listen on (default: the kit's address, else 127.0.0.1:8443)")
     s.add_argument("--kit", type=Path, help="the aggregator's startup kit (kits/server from `fl-plugins provision`): "
                                             "serve mTLS only, and know each site by its certificate")  # fmt: skip
-    s.add_argument("--run-dir", required=True, type=Path, help="checkpoints, metrics and logs go here")
-    s.add_argument("--rounds", required=True, type=int, help="number of rounds")
-    s.add_argument("--min-sites", type=int, default=1, help="sites needed to start a round (default 1)")
+    s.add_argument("recipe", nargs="?", type=Path,
+                   help="a recipe YAML: its rounds, min_sites, initial_model, round_deadline, name (as the job id) "
+                        "and tracking, for what the flags leave out; the sites run its script or task "
+                        "(`fl-plugins client --kit K -- python -m fl_plugins.hf.task --recipe RECIPE`)")  # fmt: skip
+    s.add_argument("--run-dir", type=Path, help="checkpoints, metrics and logs go here (default with a recipe: "
+                                                "runs/NAME)")  # fmt: skip
+    s.add_argument("--rounds", type=int, help="number of rounds (required without a recipe)")
+    s.add_argument("--min-sites", type=int, help="sites needed to start a round (default 1, or the recipe's)")
     s.add_argument("--initial-model", type=Path, help="a .safetensors file or a Hugging Face model folder")
     s.add_argument("--round-deadline", type=_positive_float, help="seconds; close a round with the updates it has")
     s.add_argument("--min-updates", type=int, default=1, help="updates a round needs at its deadline (default 1)")
@@ -85,10 +90,35 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _from_recipe(args: argparse.Namespace) -> None:
+    """`server RECIPE`: the recipe's federation settings fill in what the flags leave out."""
+    if args.recipe is None:
+        missing = [f for f, v in (("--rounds", args.rounds), ("--run-dir", args.run_dir)) if v is None]
+        if missing:
+            raise ConfigError(f"fl-plugins server needs {' and '.join(missing)}, or a recipe that gives them "
+                              "(fl-plugins server RECIPE.yaml)")  # fmt: skip
+        args.min_sites = 1 if args.min_sites is None else args.min_sites
+        return
+    from fl_plugins.recipe import load_recipe
+
+    recipe = load_recipe(args.recipe)
+    fed = recipe.federation
+    args.rounds = fed.rounds if args.rounds is None else args.rounds
+    args.min_sites = fed.min_sites if args.min_sites is None else args.min_sites
+    args.initial_model = args.initial_model or fed.initial_model
+    args.round_deadline = args.round_deadline or fed.round_deadline
+    args.job_id = args.job_id or recipe.name
+    args.run_dir = args.run_dir or Path("runs") / recipe.name
+    if not args.tracking and recipe.tracking:
+        args.tracking_specs = recipe.tracking  # with their options
+
+
 def _server(args: argparse.Namespace) -> int:
     from fl_plugins.aggregator.core import AggregatorConfig
     from fl_plugins.aggregator.service import AggregatorServer
     from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES
+
+    _from_recipe(args)
 
     config = AggregatorConfig(run_dir=args.run_dir, rounds=args.rounds, min_sites=args.min_sites,
                               initial_model=args.initial_model, round_deadline=args.round_deadline,
@@ -122,11 +152,12 @@ def _server(args: argparse.Namespace) -> int:
 
 def _tracking(args: argparse.Namespace):
     """`server --tracking mlflow,tensorboard`: a Tracking of RUN_DIR (tracking.py) to start, or None."""
-    if not args.tracking:
+    specs = getattr(args, "tracking_specs", None)
+    if not args.tracking and not specs:
         return None
     from fl_plugins.tracking import Tracking, check_installed, parse_tracking
 
-    specs = parse_tracking(args.tracking, key="--tracking")
+    specs = specs or parse_tracking(args.tracking, key="--tracking")
     check_installed(specs)
     return Tracking(args.run_dir, specs, name=args.job_id or args.run_dir.resolve().name,
                     params={"rounds": args.rounds, "min_sites": args.min_sites})  # fmt: skip

@@ -382,3 +382,54 @@ def test_fl_plugins_provision_command(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "fl_plugins.cli", "provision", "bad.yaml"], capture_output=True,
                          text=True, timeout=60, cwd=tmp_path)  # fmt: skip
     assert bad.returncode == 2 and "unknown key `validity`; did you mean `validity_days`?" in bad.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_a_deployment_server_with_a_recipe_and_three_clients_over_mtls(tmp_path):
+    """DESIGN.md's deployment: `fl-plugins server --kit kits/server RECIPE` takes rounds, sites, the initial model
+    and the job name from the recipe; each site is `fl-plugins client --kit kits/<site> -- python SCRIPT`."""
+    import subprocess
+    import sys
+
+    names = ["site-1", "site-2", "site-3"]
+    kits = provision_local(tmp_path / "kits", names)
+    address = f"127.0.0.1:{_free_port()}"
+    cli = [sys.executable, "-m", "fl_plugins.cli"]
+    server = subprocess.Popen([*cli, "server", str(ROOT / "recipes" / "quickstart.yaml"), "--kit", str(kits.server),
+                               "--address", address, "--run-dir", str(tmp_path / "run")], cwd=tmp_path,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    try:
+        sites = [subprocess.Popen([*cli, "client", "--kit", str(kits.sites[n]), "--server", address, "--",
+                                   sys.executable, str(ROOT / "examples" / "client_api_train.py")], cwd=tmp_path,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+                 for n in names]
+        for p in sites:
+            out, _ = p.communicate(timeout=120)
+            assert p.returncode == 0, out[-3000:]
+        out, _ = server.communicate(timeout=60)
+        assert server.returncode == 0, out[-3000:]
+    finally:
+        for p in [server, *locals().get("sites", [])]:
+            if p.poll() is None:
+                p.kill()
+    assert _updates(tmp_path / "run") == sorted((r, n) for r in range(3) for n in names)  # the recipe's 3 rounds
+    log = (tmp_path / "run" / "aggregator.log").read_text()
+    assert "job quickstart" in log and "(mTLS" in out
+
+
+def test_server_without_a_recipe_needs_rounds_and_a_run_dir(tmp_path):
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "fl_plugins.cli", "server", "--rounds", "2"], capture_output=True,
+                         text=True, cwd=tmp_path, timeout=60)  # fmt: skip
+    assert out.returncode == 2 and "needs --run-dir, or a recipe that gives them" in out.stderr
