@@ -180,7 +180,32 @@ def test_patch_form_keeps_one_optimizer_and_schedule_and_sends_evaluate_metrics(
     assert all(math.isfinite(u["metrics"]["eval_loss"]) for u in updates)
 
 
+@pytest.mark.integration
+def test_fedprox_with_lr_times_mu_one_pins_the_site_to_the_global_model(server_factory, site, tmp_path):
+    """proximal_mu pulls each step's weights toward the round's global model by lr * mu * (w - w_global): with
+    lr * mu = 1 every step lands back on the global model, so every loss is the global model's and the update
+    sent is the global model itself (without the pull, training moves it: the other tests)."""
+    start = tiny_bert(seed=0)
+    srv = server_factory(rounds=2, initial=state_np(start))
+    site(srv)
+    a = TrainingArguments(output_dir=str(tmp_path / "out"), per_device_train_batch_size=BATCH, learning_rate=5e-3,
+                          lr_scheduler_type="constant", max_steps=4, logging_steps=1, save_strategy="no",
+                          report_to=[], seed=0, use_cpu=True, disable_tqdm=True)  # fmt: skip
+    one_row = torch.utils.data.Subset(Rows(), [0] * N)
+    tr = Trainer(model=tiny_bert(seed=1), args=a, train_dataset=one_row,
+                 callbacks=[flare.FLTrainerCallback(proximal_mu=200.0)])  # fmt: skip
+    tr.train()
+    assert srv.wait() == 0
+    curve = losses(tr)
+    assert len(curve) == 8 and curve == pytest.approx([curve[0]] * 8, abs=1e-5), curve
+    final, initial = load_round(srv.aggregator.config.run_dir, 2), state_np(start)
+    for k, v in final.items():
+        np.testing.assert_allclose(v, initial[k], rtol=0, atol=1e-6, err_msg=k)
+
+
 def test_callback_arguments_are_checked():
+    with pytest.raises(ConfigError, match="proximal_mu must be >= 0"):
+        flare.FLTrainerCallback(proximal_mu=-1.0)
     with pytest.raises(ConfigError, match="local_steps or local_epochs, not both"):
         flare.FLTrainerCallback(local_steps=3, local_epochs=1)
     with pytest.raises(ConfigError, match="local_steps must be > 0"):

@@ -46,6 +46,8 @@ BASE = {"sites": 2, "rounds": 2, "task": {"type": "sequence-classification", "mo
     ({"precision": "fp8"}, "`task.precision` must be one of fp32, bf16, fp16"),
     ({"model": "./missing-model"}, "`task.model`: './missing-model' does not exist"),
     ({"baselines": "yes"}, "`task.baselines` must be true or false"),
+    ({"proximal_mu": -0.1}, "`task.proximal_mu` must be a number >= 0.0"),
+    ({"proximal_m": 0.1}, "did you mean `task.proximal_mu`?"),
 ])  # fmt: skip
 def test_task_errors_name_the_key_path(tmp_path, change, expected):
     data = json.loads(json.dumps(BASE))

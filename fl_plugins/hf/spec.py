@@ -11,6 +11,7 @@
       validation_fraction: 0.2             # held out of every site's share; their union is the pooled set
       local_steps: 20                      # one round's budget (or local_epochs: 1)
       learning_rate: 5.0e-4
+      proximal_mu: 0.0                     # FedProx (decoupled): pull each step toward the round's global model
       batch_size: 16
       max_length: 64
       baselines: true                      # after the run: each site trained alone, on the pooled validation set
@@ -74,11 +75,12 @@ class TaskSpec:
     precision: str = "fp32"
     seed: int = 0
     baselines: bool = False
+    proximal_mu: float = 0.0  # FedProx: each local step pulls toward the round's global model by lr * mu * (w - g)
 
 
 _TOP = ("type", "model", "peft", "data", "rows", "labels", "split", "validation_fraction", "local_steps",
         "local_epochs", "learning_rate", "batch_size", "max_length", "weight_decay", "warmup_ratio",
-        "gradient_accumulation_steps", "precision", "seed", "baselines")  # fmt: skip
+        "gradient_accumulation_steps", "precision", "seed", "baselines", "proximal_mu")  # fmt: skip
 _PEFT = ("method", "r", "alpha", "dropout", "target_modules", "virtual_tokens", "encoder_hidden_size")
 _SPLIT = ("method", "alpha", "seed")
 
@@ -190,6 +192,7 @@ def parse_task(data: Any, source: str | Path) -> TaskSpec:
                                               data.get("gradient_accumulation_steps", 1), 1),
         precision=c.choice("precision", data.get("precision", "fp32"), PRECISIONS),
         seed=c.integer("seed", data.get("seed", 0), 0), baselines=baselines,
+        proximal_mu=c.number("proximal_mu", data.get("proximal_mu", 0.0), 0.0),
     )  # fmt: skip
 
 

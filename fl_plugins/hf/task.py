@@ -318,7 +318,8 @@ def federate(recipe: Any, site: str) -> None:
     print(f"[{site}] {len(train)} training rows, {len(val)} validation rows"
           + (f"; labels {np.bincount([r['label'] for r in data.train[k]], minlength=len(data.labels)).tolist()}"
              if data.labels else ""), flush=True)  # fmt: skip
-    cb = flare.FLTrainerCallback(local_steps=spec.local_steps, local_epochs=spec.local_epochs, evaluate=True)
+    cb = flare.FLTrainerCallback(local_steps=spec.local_steps, local_epochs=spec.local_epochs, evaluate=True,
+                                 proximal_mu=spec.proximal_mu)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="fl-hf-") as out:
         trainer = make_trainer(spec, model, tok, train, val, out, callbacks=[cb, _print_evaluations(site)])
         print(f"[{site}] each round exchanges {_nbytes(model) / 1e6:.3f} MB "

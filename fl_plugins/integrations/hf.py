@@ -25,6 +25,11 @@ since peft's own state dict of those is the encoder's output, which cannot be tr
 trainable parameters (frozen ones stay local). Either way the tensors share storage with the model, so the
 global model is received in place, on the model's device.
 
+FedProx: `FLTrainerCallback(proximal_mu=mu)` moves the exchanged weights toward the round's global model by
+lr * mu * (w - w_global) after every optimizer step: the proximal term's gradient step, decoupled from the
+optimizer (as AdamW decouples weight decay), so it works the same under Adam or SGD and costs one copy of what
+travels (the adapter, for PEFT).
+
 The trainer's own resume logic (`train(resume_from_checkpoint=...)`) loads its checkpoint before
 `on_train_begin`; the global model is loaded at `on_train_begin`, so it wins.
 
@@ -131,10 +136,13 @@ class FLTrainerCallback(TrainerCallback):
     local_steps / local_epochs: one round's budget (default: the TrainingArguments' max_steps, or else
     num_train_epochs). evaluate: evaluate each round's global model before training on it (default: when the
     trainer evaluates at all, i.e. eval_strategy is not "no"). strict: the global model must match the
-    exchanged tensors key for key and shape for shape."""
+    exchanged tensors key for key and shape for shape. proximal_mu > 0: FedProx (decoupled), each step pulls
+    the exchanged weights toward the round's global model by lr * mu * (w - w_global)."""
 
     def __init__(self, local_steps: int | None = None, local_epochs: float | None = None,
-                 evaluate: bool | None = None, strict: bool = True) -> None:  # fmt: skip
+                 evaluate: bool | None = None, strict: bool = True, proximal_mu: float = 0.0) -> None:  # fmt: skip
+        if not proximal_mu >= 0:
+            raise ConfigError(f"FLTrainerCallback: proximal_mu must be >= 0 (got {proximal_mu!r}); 0 turns it off")
         if local_steps is not None and local_epochs is not None:
             raise ConfigError("FLTrainerCallback: give local_steps or local_epochs, not both")
         for name, v in (("local_steps", local_steps), ("local_epochs", local_epochs)):
@@ -144,6 +152,12 @@ class FLTrainerCallback(TrainerCallback):
         self.local_epochs = local_epochs
         self.evaluate = evaluate
         self.strict = strict
+        # FedProx, decoupled: after every optimizer step the exchanged weights move toward the round's global
+        # model by lr * mu * (w - w_global), the step the proximal term mu/2 |w - w_global|^2 adds (as AdamW
+        # decouples weight decay); it keeps label-skewed sites from drifting apart within a round
+        self.proximal_mu = float(proximal_mu)
+        self._anchor: dict[str, Any] | None = None  # the round's global model (a copy of what travels)
+        self._target: HFTarget | None = None
         self.per_call = False  # patch(): each train() call is one round
         self.driver: _driver.RoundDriver | None = None
         self.rank = 0
@@ -218,6 +232,9 @@ class FLTrainerCallback(TrainerCallback):
                 if self.rank != 0:
                     self.driver.follow(info, target)
         self._in_round, self._fresh, self._steps, self._epochs = ok, ok, 0, 0
+        if ok and self.proximal_mu > 0:
+            self._anchor = {k: v.detach().clone() for k, v in target.state().items()}
+            self._target = target
         if ok and not self.bytes_per_round:
             self.bytes_per_round = target.nbytes()
             logger.info("each round exchanges %d tensors, %.2f MB (%s)", len(target.state()),
@@ -247,10 +264,21 @@ class FLTrainerCallback(TrainerCallback):
         model = self.driver.model if self.driver is not None else None
         self._step_round = model.current_round if model is not None else None
 
-    def on_step_end(self, args, state, control, model=None, **kwargs):
+    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
         self._steps += 1
+        if self._anchor is not None and self._in_round and optimizer is not None:
+            self._proximal_step(float(optimizer.param_groups[0]["lr"]))
         if not self.per_call and self.local_steps is not None and self._steps >= self.local_steps:
             self._boundary(control, model)
+
+    def _proximal_step(self, lr: float) -> None:
+        import torch
+
+        with torch.no_grad():
+            for k, w in self._target.state().items():
+                g = self._anchor.get(k)
+                if g is not None and w.is_floating_point():
+                    w.sub_(w - g, alpha=lr * self.proximal_mu)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         self._epochs += 1
