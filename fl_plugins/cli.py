@@ -86,6 +86,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "per-round table and write PNG plots into RUN_DIR/report.")  # fmt: skip
     e.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory of `fl-plugins run` or `server`")
     e.add_argument("--no-plots", action="store_true", help="only print the table")
+    e.add_argument("--partial", action="store_true", help="report an unfinished run as far as it got")
     e.add_argument("--log-level", default="WARNING")
     return p
 
@@ -181,7 +182,7 @@ def _run(args: argparse.Namespace) -> int:
 def _report(args: argparse.Namespace) -> int:
     from fl_plugins.report import report
 
-    report(args.run_dir, plots=not args.no_plots)
+    report(args.run_dir, plots=not args.no_plots, partial=args.partial)
     return 0
 
 

@@ -11,8 +11,9 @@ writes into RUN_DIR/report/:
                      trainers' forwarded logs), round boundaries marked
     bytes.png        bytes of the updates uploaded per round, per site
 
-A run still going, stopped or crashed is reported as far as it got, with a note that says so; a directory
-that is not a run directory is a ConfigError naming what is missing. `fl-plugins run` writes the plots at its end.
+A run still going, stopped or crashed stops `fl-plugins report` with a ConfigError saying what is missing, unless
+`--partial`: then it is reported as far as it got, with notes; a directory that is not a run directory is a
+ConfigError naming what is missing. `fl-plugins run` writes the plots at its end.
 """
 
 from __future__ import annotations
@@ -394,13 +395,17 @@ class Report:
     skipped: list[str]  # plots left out, and why
 
 
-def report(run_dir: str | Path, *, console=None, plots: bool = True) -> Report:
+def report(run_dir: str | Path, *, console=None, plots: bool = True, partial: bool = False) -> Report:
     """`fl-plugins report RUN_DIR`: print the per-round table (and the baselines), write the plots, say what is
-    missing. ConfigError for a directory that is not a run directory."""
+    missing. ConfigError for a directory that is not a run directory, and for an unfinished run unless
+    `partial` (then it is reported as far as it got, with notes saying what is missing)."""
     from rich.console import Console
 
     console = console or Console(soft_wrap=True)
     run = load_run(run_dir)
+    if not partial and not run.finished:
+        raise ConfigError(f"{run.run_dir}: the run is not finished ({'; '.join(run.notes)}); wait for it to end, "
+                          "or pass --partial to report what is there")  # fmt: skip
     if run.rounds:
         console.print(round_table(run))
     if run.baselines and isinstance(run.baselines.get("global"), dict):

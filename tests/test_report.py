@@ -73,8 +73,10 @@ def test_an_unfinished_run_is_reported_as_far_as_it_got(finished_run, tmp_path):
     lines = (run_dir / "metrics.jsonl").read_text().splitlines(keepends=True)
     first_round = next(i for i, ln in enumerate(lines) if json.loads(ln)["event"] == "round")
     (run_dir / "metrics.jsonl").write_text("".join(lines[: first_round + 2]) + lines[first_round + 2][:25])
+    with pytest.raises(ConfigError, match="the run is not finished .*no summary.json.*pass --partial"):
+        report(run_dir)  # `fl-plugins report` stops with a clear error ...
     console, buf = _console()
-    rep = report(run_dir, console=console)
+    rep = report(run_dir, console=console, partial=True)  # ... or, with --partial, reports what is there
     text = buf.getvalue()
     assert sorted(rep.run.rounds) == [0] and not rep.run.finished
     assert "note: no summary.json: the run is unfinished (still running, stopped or crashed)" in text
@@ -158,7 +160,7 @@ def test_plots_without_data_are_left_out_with_the_reason(tmp_path):
     (tmp_path / "report").mkdir()
     (tmp_path / "report" / "train_loss.png").write_bytes(b"stale")
     console, buf = _console()
-    rep = report(tmp_path, console=console)
+    rep = report(tmp_path, console=console, partial=True)  # (the synthetic run has no summary.json)
     assert [p.name for p in rep.plots] == ["validation.png", "bytes.png"]
     assert "plot left out: train_loss.png: no training loss in logs.jsonl" in buf.getvalue()
     assert not (tmp_path / "report" / "train_loss.png").exists()
