@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import torch
@@ -38,10 +38,15 @@ def _same_storage(a: Any, b: Any) -> bool:
 def broadcast_state(module: torch.nn.Module, src: int = 0) -> None:
     """Overwrite every rank's module state with rank `src`'s, tensor by tensor and in place (collective: every
     rank of the default process group calls it, with the same architecture)."""
+    broadcast_tensors(module.state_dict().values(), src)
+
+
+def broadcast_tensors(tensors: Iterable[Any], src: int = 0) -> None:
+    """Overwrite each tensor with rank `src`'s, in place (collective: every rank passes the same tensors)."""
     import torch.distributed as dist
 
     with torch.no_grad():
-        for t in module.state_dict().values():
+        for t in tensors:
             if not isinstance(t, torch.Tensor):
                 continue
             if t.is_contiguous():

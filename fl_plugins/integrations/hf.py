@@ -156,8 +156,8 @@ class FLTrainerCallback(TrainerCallback):
         # model by lr * mu * (w - w_global), the step the proximal term mu/2 |w - w_global|^2 adds (as AdamW
         # decouples weight decay); it keeps label-skewed sites from drifting apart within a round
         self.proximal_mu = float(proximal_mu)
-        self._anchor: dict[str, Any] | None = None  # the round's global model (a copy of what travels)
-        self._target: HFTarget | None = None
+        # (live views of what travels, the round's global model: a copy of them)
+        self._anchor: tuple[list[Any], list[Any]] | None = None
         self.per_call = False  # patch(): each train() call is one round
         self.driver: _driver.RoundDriver | None = None
         self.rank = 0
@@ -227,14 +227,16 @@ class FLTrainerCallback(TrainerCallback):
         if self.world > 1:
             info = _broadcast(self.driver.round_info() if self.rank == 0 else None, self.world)
             ok = _broadcast(ok, self.world)
-            if ok:
-                _broadcast_tensors(target.state())
+            if ok and dist_ready():
+                from fl_plugins.integrations._torch import broadcast_tensors
+
+                broadcast_tensors(target.state().values())
                 if self.rank != 0:
                     self.driver.follow(info, target)
         self._in_round, self._fresh, self._steps, self._epochs = ok, ok, 0, 0
         if ok and self.proximal_mu > 0:
-            self._anchor = {k: v.detach().clone() for k, v in target.state().items()}
-            self._target = target
+            live = [w for w in target.state().values() if w.is_floating_point()]
+            self._anchor = (live, [w.detach().clone() for w in live])
         if ok and not self.bytes_per_round:
             self.bytes_per_round = target.nbytes()
             logger.info("each round exchanges %d tensors, %.2f MB (%s)", len(target.state()),
@@ -272,13 +274,12 @@ class FLTrainerCallback(TrainerCallback):
             self._boundary(control, model)
 
     def _proximal_step(self, lr: float) -> None:
+        """w <- w - lr * mu * (w - w_global) for every tensor that travels: one fused lerp, no temporaries."""
         import torch
 
+        live, anchor = self._anchor
         with torch.no_grad():
-            for k, w in self._target.state().items():
-                g = self._anchor.get(k)
-                if g is not None and w.is_floating_point():
-                    w.sub_(w - g, alpha=lr * self.proximal_mu)
+            torch._foreach_lerp_(live, anchor, lr * self.proximal_mu)
 
     def on_epoch_end(self, args, state, control, model=None, **kwargs):
         self._epochs += 1
@@ -318,30 +319,20 @@ class FLTrainerCallback(TrainerCallback):
 _TIMINGS = ("_runtime", "_per_second", "epoch")  # evaluate()'s timings are not the model's metrics
 
 
+def dist_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
+
+
 def _broadcast(value: Any, world: int) -> Any:
-    if world <= 1:
+    if world <= 1 or not dist_ready():
         return value
     import torch.distributed as dist
 
-    if not (dist.is_available() and dist.is_initialized()):
-        return value
     box = [value]
     dist.broadcast_object_list(box, src=0)
     return box[0]
-
-
-def _broadcast_tensors(state: Mapping[str, Any]) -> None:
-    import torch
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()):
-        return
-    with torch.no_grad():
-        for t in state.values():
-            buf = t if t.is_contiguous() else t.contiguous()
-            dist.broadcast(buf, src=0)
-            if buf is not t:
-                t.copy_(buf)
 
 
 # -- patch(): one train() per round ----------------------------------------------------------------------------
