@@ -23,38 +23,13 @@ Everything else is the client API (`fl_plugins.client`). Lightning is imported o
 
 from __future__ import annotations
 
-from fl_plugins.client.api import (
-    get_job_id,
-    get_site_name,
-    get_task_name,
-    init,
-    is_evaluate,
-    is_submit_model,
-    is_train,
-    log,
-    send,
-    system_info,
-)
-from fl_plugins.client.model import FLModel, MetaKey, ParamsType
-from fl_plugins.integrations.face import is_running, receive, shutdown
-from fl_plugins.integrations.lightning import patch
+from fl_plugins.client import *  # noqa: F403 - the client API, name for name
+from fl_plugins.client import __all__ as _client_api
 
-__all__ = [
-    "FLModel",
-    "MetaKey",
-    "ParamsType",
-    "get_job_id",
-    "get_site_name",
-    "get_task_name",
-    "init",
-    "is_evaluate",
-    "is_running",
-    "is_submit_model",
-    "is_train",
-    "log",
-    "patch",
-    "receive",
-    "send",
-    "shutdown",
-    "system_info",
-]
+# the client's is_running/receive/shutdown, routed through the round driver (re-exported: `x as x`)
+from fl_plugins.integrations.face import is_running as is_running
+from fl_plugins.integrations.face import receive as receive
+from fl_plugins.integrations.face import shutdown as shutdown
+from fl_plugins.integrations.lightning import patch as patch
+
+__all__ = sorted([*_client_api, "patch"])

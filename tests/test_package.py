@@ -62,3 +62,17 @@ def test_cli_help_and_bad_flags():
     bad = subprocess.run([sys.executable, "-m", "fl_plugins.cli", "server", "--run-dir", "x", "--rounds", "0"],
                          capture_output=True, text=True)  # fmt: skip
     assert bad.returncode == 2 and "`--rounds` must be >= 1 (got 0)" in bad.stderr
+
+
+def test_the_trainer_faces_are_the_client_api_plus_patch():
+    """`import fl_plugins.lightning as flare` / `fl_plugins.hf`: every client-API name, with receive, is_running
+    and shutdown routed through the round driver."""
+    pytest.importorskip("transformers")
+    import fl_plugins.hf
+    import fl_plugins.lightning
+    from fl_plugins.integrations import face
+
+    for mod, extra in ((fl_plugins.lightning, {"patch"}), (fl_plugins.hf, {"patch", "FLTrainerCallback",
+                                                                            "exchanged_state"})):  # fmt: skip
+        assert set(mod.__all__) == set(fl_plugins.client.__all__) | extra
+        assert all(getattr(mod, n) is getattr(face, n) for n in ("receive", "is_running", "shutdown"))

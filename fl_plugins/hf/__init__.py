@@ -19,40 +19,15 @@ fl_plugins/integrations/hf.py. The rest is the client API (`fl_plugins.client`).
 
 from __future__ import annotations
 
-from fl_plugins.client.api import (
-    get_job_id,
-    get_site_name,
-    get_task_name,
-    init,
-    is_evaluate,
-    is_submit_model,
-    is_train,
-    log,
-    send,
-    system_info,
-)
-from fl_plugins.client.model import FLModel, MetaKey, ParamsType
-from fl_plugins.integrations.face import is_running, receive, shutdown
-from fl_plugins.integrations.hf import FLTrainerCallback, exchanged_state, patch
+from fl_plugins.client import *  # noqa: F403 - the client API, name for name
+from fl_plugins.client import __all__ as _client_api
 
-__all__ = [
-    "FLModel",
-    "FLTrainerCallback",
-    "MetaKey",
-    "ParamsType",
-    "exchanged_state",
-    "get_job_id",
-    "get_site_name",
-    "get_task_name",
-    "init",
-    "is_evaluate",
-    "is_running",
-    "is_submit_model",
-    "is_train",
-    "log",
-    "patch",
-    "receive",
-    "send",
-    "shutdown",
-    "system_info",
-]
+# the client's is_running/receive/shutdown, routed through the round driver (re-exported: `x as x`)
+from fl_plugins.integrations.face import is_running as is_running
+from fl_plugins.integrations.face import receive as receive
+from fl_plugins.integrations.face import shutdown as shutdown
+from fl_plugins.integrations.hf import FLTrainerCallback as FLTrainerCallback
+from fl_plugins.integrations.hf import exchanged_state as exchanged_state
+from fl_plugins.integrations.hf import patch as patch
+
+__all__ = sorted([*_client_api, "FLTrainerCallback", "exchanged_state", "patch"])
