@@ -120,3 +120,17 @@ def run_sites(address: str, steps: dict[str, Step], timeout: float = 120, **clie
     sites = [SiteThread(address, name, step, **client_kw) for name, step in steps.items()]
     join_sites(*sites, timeout=timeout)
     return {s.site: s.stats for s in sites}
+
+
+@pytest.fixture
+def site(monkeypatch):
+    """For the trainer integrations: point the launcher's environment (FL_SERVER, FL_SITE) at an aggregator, as
+    `fl-plugins run` does; shut the flare module (and its round driver) down afterwards."""
+    from fl_plugins.integrations import face
+
+    def connect_to(srv, name: str = "site-1") -> None:
+        monkeypatch.setenv("FL_SERVER", srv.address)
+        monkeypatch.setenv("FL_SITE", name)
+
+    yield connect_to
+    face.shutdown()

@@ -59,16 +59,6 @@ def state_np(model) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().copy() for k, v in model.state_dict().items()}
 
 
-@pytest.fixture
-def site(monkeypatch):
-    def connect_to(srv, name: str = "site-1") -> None:
-        monkeypatch.setenv("FL_SERVER", srv.address)
-        monkeypatch.setenv("FL_SITE", name)
-
-    yield connect_to
-    flare.shutdown()
-
-
 @pytest.mark.integration
 def test_callback_rounds_track_plain_training(server_factory, site, tmp_path):
     """One site, 3 rounds x 1 epoch in one train() == 3 epochs of plain Trainer training: the same loss curve

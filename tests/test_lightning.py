@@ -70,18 +70,6 @@ def numpy_state(module) -> dict[str, np.ndarray]:
     return {k: v.detach().cpu().numpy().copy() for k, v in module.state_dict().items()}
 
 
-@pytest.fixture
-def site(monkeypatch):
-    """Point the launcher's environment at an aggregator; shut the flare module down afterwards."""
-
-    def connect_to(srv, name: str = "site-1") -> None:
-        monkeypatch.setenv("FL_SERVER", srv.address)
-        monkeypatch.setenv("FL_SITE", name)
-
-    yield connect_to
-    flare.shutdown()
-
-
 def federate(module, tr, val=None) -> tuple[list[int], list[bool]]:
     """The three-line FLARE loop; returns the rounds seen, and per round whether the global model was received
     straight into the module's own parameters."""
