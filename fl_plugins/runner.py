@@ -58,28 +58,21 @@ class _Metrics:
     """Incremental reader of RUN_DIR/metrics.jsonl."""
 
     path: Path
-    offset: int = 0
     updates: list[dict] = field(default_factory=list)
     rounds: dict[int, dict] = field(default_factory=dict)  # round -> its latest "round" record
 
+    def __post_init__(self) -> None:
+        from fl_plugins.tracking import JsonlTail
+
+        self._tail = JsonlTail(self.path)
+
     def poll(self) -> list[dict]:
-        try:
-            with self.path.open("rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        end = data.rfind(b"\n") + 1  # only whole lines
-        self.offset += end
-        new = []
-        for line in data[:end].splitlines():
-            with contextlib.suppress(ValueError):
-                rec = json.loads(line)
-                new.append(rec)
-                if rec.get("event") == "update":
-                    self.updates.append(rec)
-                elif rec.get("event") == "round":
-                    self.rounds[rec["round"]] = rec
+        new = [rec for _, rec in self._tail.read()]
+        for rec in new:
+            if rec.get("event") == "update":
+                self.updates.append(rec)
+            elif rec.get("event") == "round":
+                self.rounds[rec["round"]] = rec
         return new
 
 

@@ -430,7 +430,7 @@ class _Wandb(_Tracker):
 
 
 @dataclass
-class _Tail:
+class JsonlTail:
     """Incremental reader of a JSON-lines file: only whole lines, from where the last read stopped."""
 
     path: Path
@@ -496,8 +496,8 @@ class Tracking:
         self.params = dict(params or {})
         self.interval = interval
         self.trackers: list[_Tracker] = []
-        self._metrics = _Tail(self.run_dir / "metrics.jsonl")
-        self._logs = _Tail(self.run_dir / "logs.jsonl")
+        self._metrics = JsonlTail(self.run_dir / "metrics.jsonl")
+        self._logs = JsonlTail(self.run_dir / "logs.jsonl")
         self._conv = Converter()
         self._live_from = 0
         self._stop = threading.Event()
