@@ -27,12 +27,12 @@ Every error names the file, the key path, what must hold and what was got, e.g.
 
 from __future__ import annotations
 
-import difflib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fl_plugins._config import Checker, load_yaml
 from fl_plugins.errors import ConfigError
 from fl_plugins.tracking import TrackerSpec, parse_tracking
 
@@ -85,25 +85,7 @@ _KEYS = ("name", "script", "task", "sites", "rounds", "min_sites", "initial_mode
 TASK_SCRIPT = Path(__file__).resolve().parent / "hf" / "task.py"
 
 
-class _Checker:
-    def __init__(self, source: Path) -> None:
-        self.source = source
-
-    def fail(self, key: str, must: str, got: Any) -> ConfigError:
-        return ConfigError(f"{self.source}: `{key}` {must} (got {got!r})")
-
-    def unknown(self, key: str, known: list[str], where: str = "") -> ConfigError:
-        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
-        hint = f"; did you mean `{where}{close[0]}`?" if close else f"; known keys: {', '.join(known)}"
-        return ConfigError(f"{self.source}: unknown key `{where}{key}`{hint}")
-
-    def integer(self, key: str, v: Any, lo: int, hi: int | None = None) -> int:
-        ok = isinstance(v, int) and not isinstance(v, bool) and v >= lo and (hi is None or v <= hi)
-        if not ok:
-            bound = f">= {lo}" if hi is None else f"in {lo}..{hi}"
-            raise self.fail(key, f"must be an integer {bound}", v)
-        return v
-
+class _Checker(Checker):
     def strings(self, key: str, v: Any) -> tuple[str, ...]:
         if not isinstance(v, list):
             raise self.fail(key, 'must be a list of strings, e.g. ["--epochs", "1"]', v)
@@ -227,17 +209,4 @@ _OR_TASK = ", or a built-in `task:` section (fl_plugins/hf/spec.py)"
 
 def load_recipe(path: str | Path) -> Recipe:
     """Read and validate the recipe YAML at `path`; raise ConfigError naming the key path and the fix."""
-    import yaml
-
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"recipe {path} does not exist (looked for {path.resolve()})") from None
-    except OSError as e:
-        raise ConfigError(f"recipe {path} cannot be read: {e}") from e
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    return parse_recipe(data, path)
+    return parse_recipe(load_yaml(path, "recipe"), Path(path))

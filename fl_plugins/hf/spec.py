@@ -21,11 +21,11 @@ Every key is checked on load; an error names the key path (`task.peft.r`) and th
 
 from __future__ import annotations
 
-import difflib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fl_plugins._config import Checker
 from fl_plugins.errors import ConfigError
 
 TASK_TYPES = ("sequence-classification", "causal-lm")
@@ -85,49 +85,13 @@ _PEFT = ("method", "r", "alpha", "dropout", "target_modules", "virtual_tokens", 
 _SPLIT = ("method", "alpha", "seed")
 
 
-class _C:
-    def __init__(self, source: Path) -> None:
-        self.source = source
-
-    def fail(self, key: str, must: str, got: Any) -> ConfigError:
-        return ConfigError(f"{self.source}: `task.{key}` {must} (got {got!r})")
-
-    def keys(self, d: dict, known: tuple[str, ...], where: str) -> None:
-        for k in d:
-            if k not in known:
-                close = difflib.get_close_matches(str(k), known, n=1, cutoff=0.6)
-                hint = f"; did you mean `task.{where}{close[0]}`?" if close else f"; known keys: {', '.join(known)}"
-                raise ConfigError(f"{self.source}: unknown key `task.{where}{k}`{hint}")
-
-    def integer(self, key: str, v: Any, lo: int) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise self.fail(key, f"must be an integer >= {lo}", v)
-        return v
-
-    def number(self, key: str, v: Any, lo: float, hi: float | None = None, *, open_lo: bool = False) -> float:
-        bad = isinstance(v, bool) or not isinstance(v, (int, float))
-        if not bad:
-            bad = (v <= lo if open_lo else v < lo) or (hi is not None and v > hi)
-        if bad:
-            rng = f"> {lo}" if open_lo else f">= {lo}"
-            raise self.fail(key, f"must be a number {rng}" + (f" and <= {hi}" if hi is not None else ""), v)
-        return float(v)
-
-    def choice(self, key: str, v: Any, options: tuple[str, ...]) -> str:
-        if v not in options:
-            close = difflib.get_close_matches(str(v), options, n=1, cutoff=0.5)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
-            raise self.fail(key, f"must be one of {', '.join(options)}{hint}", v)
-        return v
-
-
 def parse_task(data: Any, source: str | Path) -> TaskSpec:
     """Validate a recipe's `task:` mapping (paths resolve against the recipe's folder)."""
     source = Path(source)
-    c = _C(source)
+    c = Checker(source, "task.")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: `task` must be a mapping (type, model, data, ...); got {type(data).__name__}")
-    c.keys(data, _TOP, "")
+    c.keys(data, _TOP)
     for k in ("type", "model", "data"):
         if data.get(k) is None:
             raise ConfigError(f"{source}: `task.{k}` is required (see fl_plugins/hf/spec.py for an example)")
@@ -196,7 +160,7 @@ def parse_task(data: Any, source: str | Path) -> TaskSpec:
     )  # fmt: skip
 
 
-def _model(c: _C, v: Any, source: Path) -> ModelSpec:
+def _model(c: Checker, v: Any, source: Path) -> ModelSpec:
     if isinstance(v, dict):
         if "package" in v:
             c.keys(v, ("package",), "model.")
@@ -222,7 +186,7 @@ def _model(c: _C, v: Any, source: Path) -> ModelSpec:
     return ModelSpec("hub", v)
 
 
-def _peft(c: _C, v: Any, ttype: str) -> PeftSpec:
+def _peft(c: Checker, v: Any, ttype: str) -> PeftSpec:
     if v is None or v == "none":
         return PeftSpec("none")
     if isinstance(v, str):

@@ -24,7 +24,6 @@ certificate is still valid. Every project-file error names the file, the key pat
 from __future__ import annotations
 
 import datetime as dt
-import difflib
 import ipaddress
 import logging
 import os
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from fl_plugins._config import Checker, load_yaml
 from fl_plugins._version import __version__
 from fl_plugins.errors import ConfigError, require
 from fl_plugins.security.tls import CA_CERT, CLIENT_CERT, CLIENT_KEY, KIT_FILE, SERVER_CERT, SERVER_KEY
@@ -98,23 +98,7 @@ _KEYS = ("name", "server", "sites", "validity_days")
 _SERVER_KEYS = ("host", "port", "address", "alt_names")
 
 
-class _Checker:
-    def __init__(self, source: Path) -> None:
-        self.source = source
-
-    def fail(self, key: str, must: str, got: Any) -> ConfigError:
-        return ConfigError(f"{self.source}: `{key}` {must} (got {got!r})")
-
-    def unknown(self, key: Any, known: tuple[str, ...], where: str = "") -> ConfigError:
-        close = difflib.get_close_matches(str(key), known, n=1, cutoff=0.6)
-        hint = f"; did you mean `{where}{close[0]}`?" if close else f"; known keys: {', '.join(known)}"
-        return ConfigError(f"{self.source}: unknown key `{where}{key}`{hint}")
-
-    def integer(self, key: str, v: Any, lo: int, hi: int) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
-            raise self.fail(key, f"must be an integer in {lo}..{hi}", v)
-        return v
-
+class _Checker(Checker):
     def host(self, key: str, v: Any) -> str:
         if not isinstance(v, str) or not _host_ok(v):
             raise self.fail(key, "must be a host name or an IP address, e.g. aggregator.example.org or 10.0.0.5", v)
@@ -197,20 +181,7 @@ def parse_project(data: Any, source: str | Path) -> Project:
 
 def load_project(path: str | Path) -> Project:
     """Read and validate the project YAML at `path`; raise ConfigError naming the key path and the fix."""
-    import yaml
-
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"project file {path} does not exist (looked for {path.resolve()})") from None
-    except OSError as e:
-        raise ConfigError(f"project file {path} cannot be read: {e}") from e
-    try:
-        data = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {e}") from e
-    return parse_project(data, path)
+    return parse_project(load_yaml(path, "project file"), Path(path))
 
 
 # -- certificates -------------------------------------------------------------------------------------------------
