@@ -42,10 +42,10 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--min-sites", type=int, help="sites needed to start a round (default 1, or the recipe's)")
     s.add_argument("--initial-model", type=Path, help="a .safetensors file or a Hugging Face model folder")
     s.add_argument("--round-deadline", type=_positive_float, help="seconds; close a round with the updates it has")
-    s.add_argument("--min-updates", type=int, default=1, help="updates a round needs at its deadline (default 1)")
-    s.add_argument("--idle-timeout", type=_positive_float, default=60.0,
+    s.add_argument("--min-updates", type=int, help="updates a round needs at its deadline (default 1)")
+    s.add_argument("--idle-timeout", type=_positive_float,
                    help="cancel a transfer that moves no bytes for this many seconds (default 60)")
-    s.add_argument("--site-timeout", type=_positive_float, default=60.0,
+    s.add_argument("--site-timeout", type=_positive_float,
                    help="a site silent this long has left the round (default 60)")
     s.add_argument("--chunk-bytes", type=int, default=None, help="bytes per chunk message (default 4 MiB)")
     s.add_argument("--allow-nonfinite", action="store_true",
@@ -98,20 +98,28 @@ def _from_recipe(args: argparse.Namespace) -> None:
         if missing:
             raise ConfigError(f"fl-plugins server needs {' and '.join(missing)}, or a recipe that gives them "
                               "(fl-plugins server RECIPE.yaml)")  # fmt: skip
-        args.min_sites = 1 if args.min_sites is None else args.min_sites
-        return
-    from fl_plugins.recipe import load_recipe
+        from fl_plugins.recipe import FederationSpec
 
-    recipe = load_recipe(args.recipe)
-    fed = recipe.federation
+        fed = FederationSpec(args.rounds, 1)  # the defaults
+    else:
+        from fl_plugins.recipe import load_recipe
+
+        recipe = load_recipe(args.recipe)
+        fed = recipe.federation
+        args.job_id = args.job_id or recipe.name
+        args.run_dir = args.run_dir or Path("runs") / recipe.name
+        if not args.tracking and recipe.tracking:
+            args.tracking_specs = recipe.tracking  # with their options
+    # the flags win; what they leave out comes from the recipe (its aggregation: and transfer: too)
+    args.min_updates = fed.min_updates if args.min_updates is None else args.min_updates
+    args.site_timeout = args.site_timeout or fed.site_timeout
+    args.idle_timeout = args.idle_timeout or fed.idle_timeout
+    args.chunk_bytes = args.chunk_bytes or fed.chunk_bytes
+    args.allow_nonfinite = args.allow_nonfinite or not fed.reject_nonfinite
     args.rounds = fed.rounds if args.rounds is None else args.rounds
     args.min_sites = fed.min_sites if args.min_sites is None else args.min_sites
     args.initial_model = args.initial_model or fed.initial_model
     args.round_deadline = args.round_deadline or fed.round_deadline
-    args.job_id = args.job_id or recipe.name
-    args.run_dir = args.run_dir or Path("runs") / recipe.name
-    if not args.tracking and recipe.tracking:
-        args.tracking_specs = recipe.tracking  # with their options
 
 
 def _server(args: argparse.Namespace) -> int:

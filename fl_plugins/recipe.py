@@ -11,6 +11,8 @@
     site_args: {site-1: ["--shard", "0"]}     # extra arguments for one site, after `args`
     env: {}                                   # extra environment variables for every site
     tracking: [mlflow, tensorboard]           # stream the run to trackers; default: none (fl_plugins/tracking.py)
+    aggregation: {min_updates: 1, reject_nonfinite: true, site_timeout: 60}   # FedAvg's round rules
+    transfer: {chunk_mib: 4, idle_timeout: 60}                                 # how weights travel
 
 Instead of `script:`, a recipe may name a built-in Hugging Face task (SFT / PEFT), `task: {type: ..., model: ...,
 data: ...}`: every site then runs `python -m fl_plugins.hf.task RECIPE`; the section is validated by
@@ -65,6 +67,22 @@ class FederationSpec:
     min_sites: int  # sites that must be connected before a round starts, 1..number of sites
     initial_model: Path | None = None  # round 0's global model; None: a site must offer its weights
     round_deadline: float | None = None  # seconds; None: a round waits for every site that took its task
+    min_updates: int = 1  # `aggregation.min_updates`: updates a round needs to close at its deadline
+    reject_nonfinite: bool = True  # `aggregation.reject_nonfinite`: refuse an update holding NaN or Inf
+    site_timeout: float = 60.0  # `aggregation.site_timeout`: seconds of silence after which a site has left
+    chunk_bytes: int | None = None  # `transfer.chunk_mib`: bytes per chunk message (None: the default, 4 MiB)
+    idle_timeout: float = 60.0  # `transfer.idle_timeout`: cancel a transfer that moves no bytes this long
+
+    def aggregator_config(self, run_dir: Path, **kw: Any):
+        """The AggregatorConfig these settings make (for `fl-plugins run` and `fl-plugins server RECIPE`)."""
+        from fl_plugins.aggregator.core import AggregatorConfig
+
+        extra = {"chunk_bytes": self.chunk_bytes} if self.chunk_bytes else {}
+        return AggregatorConfig(run_dir=run_dir, rounds=self.rounds, min_sites=self.min_sites,
+                                initial_model=self.initial_model, round_deadline=self.round_deadline,
+                                min_updates=self.min_updates, reject_nonfinite=self.reject_nonfinite,
+                                site_timeout=self.site_timeout, idle_timeout=self.idle_timeout,
+                                **extra, **kw)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -81,7 +99,7 @@ class Recipe:
 
 
 _KEYS = ("name", "script", "task", "sites", "rounds", "min_sites", "initial_model", "round_deadline", "args",
-         "site_args", "env", "tracking")  # fmt: skip
+         "site_args", "env", "tracking", "aggregation", "transfer")  # fmt: skip
 TASK_SCRIPT = Path(__file__).resolve().parent / "hf" / "task.py"
 
 
@@ -199,8 +217,32 @@ def parse_recipe(data: Any, source: str | Path) -> Recipe:
         raise c.fail("round_deadline", "must be a number of seconds > 0, or null for no deadline", deadline_v)
     deadline = None if deadline_v is None else float(deadline_v)
     tracking = parse_tracking(data.get("tracking"), where=f"{source}: ")
-    return Recipe(name.strip(), source, script, sites, FederationSpec(rounds, min_sites, initial, deadline), task,
-                  tracking)  # fmt: skip
+    agg, tr = _section(c, data, "aggregation", _AGGREGATION), _section(c, data, "transfer", _TRANSFER)
+    nonfinite = agg.get("reject_nonfinite", True)
+    if not isinstance(nonfinite, bool):
+        raise c.fail("aggregation.reject_nonfinite", "must be true or false", nonfinite)
+    chunk = tr.get("chunk_mib")
+    fed = FederationSpec(
+        rounds, min_sites, initial, deadline,
+        min_updates=c.integer("aggregation.min_updates", agg.get("min_updates", 1), 1, len(names)),
+        reject_nonfinite=nonfinite,
+        site_timeout=c.number("aggregation.site_timeout", agg.get("site_timeout", 60.0), 0.0, open_lo=True),
+        chunk_bytes=None if chunk is None else int(c.number("transfer.chunk_mib", chunk, 1 / 16, 64) * (1 << 20)),
+        idle_timeout=c.number("transfer.idle_timeout", tr.get("idle_timeout", 60.0), 0.0, open_lo=True),
+    )  # fmt: skip
+    return Recipe(name.strip(), source, script, sites, fed, task, tracking)
+
+
+_AGGREGATION = ("min_updates", "reject_nonfinite", "site_timeout")
+_TRANSFER = ("chunk_mib", "idle_timeout")
+
+
+def _section(c: Checker, data: dict, key: str, known: tuple[str, ...]) -> dict:
+    v = data.get(key) or {}
+    if not isinstance(v, dict):
+        raise c.fail(key, f"must be a mapping of {', '.join(known)}", v)
+    c.keys(v, known, f"{key}.")
+    return v
 
 
 _EXAMPLES = {"script": "`script: train.py`", "sites": "`sites: 3`", "rounds": "`rounds: 5`"}

@@ -86,7 +86,6 @@ def run(recipe: Recipe, run_dir: Path, *, live: bool | None = None, tls: bool = 
     and kits into RUN_DIR/kits (kept on resume) and speak mTLS; each site gets FL_KIT."""
     from rich.console import Console
 
-    from fl_plugins.aggregator.core import AggregatorConfig
     from fl_plugins.aggregator.service import AggregatorServer
 
     console = Console(soft_wrap=True)
@@ -99,8 +98,7 @@ def run(recipe: Recipe, run_dir: Path, *, live: bool | None = None, tls: bool = 
         check_installed(recipe.tracking)  # before anything starts: the error names the install command
     (run_dir / "sites").mkdir(parents=True, exist_ok=True)
     fed = recipe.federation
-    config = AggregatorConfig(run_dir=run_dir, rounds=fed.rounds, min_sites=fed.min_sites,
-                              initial_model=fed.initial_model, round_deadline=fed.round_deadline)  # fmt: skip
+    config = fed.aggregator_config(run_dir)
 
     pkg_log = logging.getLogger("fl_plugins")
     handler = logging.FileHandler(run_dir / "aggregator.log")

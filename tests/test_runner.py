@@ -55,6 +55,12 @@ def test_defaults_and_site_args(tmp_path):
     ("script: train.py\nsites: 3\nrounds: 3\nmin_site: 2\n", "did you mean `min_sites`?"),
     ("script: train.py\nsites: 2\nrounds: 3\nsite_args: {site_1: []}\n",
      "unknown key `site_args.site_1`; did you mean `site_args.site-1`?"),
+    ("script: train.py\nsites: 3\nrounds: 3\ntransfer: {chunk_mb: 1}\n",
+     "unknown key `transfer.chunk_mb`; did you mean `transfer.chunk_mib`?"),
+    ("script: train.py\nsites: 3\nrounds: 3\naggregation: {min_updates: 4}\n",
+     "`aggregation.min_updates` must be an integer in 1..3 (got 4)"),
+    ("script: train.py\nsites: 3\nrounds: 3\naggregation: {reject_nonfinite: maybe}\n",
+     "`aggregation.reject_nonfinite` must be true or false"),
     ("script: train.py\nsites: 3\nrounds: three\n", "`rounds` must be an integer >= 1 (got 'three')"),
     ("script: train.py\nsites: 3\nrounds: 0\n", "`rounds` must be an integer >= 1 (got 0)"),
     ("script: train.py\nsites: 3\nrounds: true\n", "`rounds` must be an integer >= 1 (got True)"),
@@ -73,6 +79,19 @@ def test_validation_errors_name_the_file_and_key(tmp_path, text, expected):
         load_recipe(p)
     assert str(e.value).startswith(f"{p}: ")
     assert expected in str(e.value)
+
+
+def test_aggregation_and_transfer_settings_reach_the_aggregator(tmp_path):
+    p = _recipe(tmp_path, "script: train.py\nsites: 3\nrounds: 2\nround_deadline: 30\n"
+                          "aggregation: {min_updates: 2, reject_nonfinite: false, site_timeout: 20}\n"
+                          "transfer: {chunk_mib: 0.5, idle_timeout: 15}\n")  # fmt: skip
+    cfg = load_recipe(p).federation.aggregator_config(tmp_path / "run")
+    assert (cfg.rounds, cfg.min_sites, cfg.round_deadline, cfg.min_updates) == (2, 3, 30.0, 2)
+    assert (cfg.reject_nonfinite, cfg.site_timeout, cfg.chunk_bytes, cfg.idle_timeout) == (False, 20.0, 1 << 19, 15.0)
+    default = load_recipe(_recipe(tmp_path, "script: train.py\nsites: 2\nrounds: 1\n")).federation
+    from fl_plugins.aggregator.core import AggregatorConfig
+
+    assert default.aggregator_config(tmp_path) == AggregatorConfig(run_dir=tmp_path, rounds=1, min_sites=2)
 
 
 def test_missing_script_says_where_it_looked(tmp_path):
