@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import json
 import logging
+import math
+import ssl
 import threading
 import time
+from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
 
@@ -16,24 +20,110 @@ from fl_plugins._version import __version__
 from fl_plugins.aggregator.core import TASK_NAME, Aggregator, AggregatorConfig
 from fl_plugins.errors import ConfigError, ProtocolError
 from fl_plugins.security.tls import ServerKit, SiteAuth, load_server_kit
-from fl_plugins.wire import rpc
+from fl_plugins.wire import limits, rpc
 from fl_plugins.wire.layout import Manifest
+from fl_plugins.wire.limits import BusyError
 from fl_plugins.wire.proto import fl_pb2 as pb
 from fl_plugins.wire.stream import ShardSender
 
 log = logging.getLogger(__name__)
 
-_KIND = {"WAIT": pb.Task.WAIT, "TRAIN": pb.Task.TRAIN, "END": pb.Task.END, "OFFER_INITIAL": pb.Task.OFFER_INITIAL}
+_KIND = {"WAIT": pb.Task.WAIT, "TRAIN": pb.Task.TRAIN, "END": pb.Task.END, "OFFER_INITIAL": pb.Task.OFFER_INITIAL,
+         "RESEND": pb.Task.RESEND}  # fmt: skip
+SITE_METADATA = "fl-site"  # Status: the site a plaintext caller speaks for (SiteClient.status() should send it)
+
+
+class CallSlots:
+    """Who holds the calls that keep a worker thread for long: GetTask long polls, Upload and Download streams.
+
+    Bounds (limits.py): per site one long poll whose caller is still connected (an extra one is refused; one whose
+    caller left gives way to a newer one and ends within a poll slice) and MAX_TRANSFERS_PER_SITE streams; all
+    sites together at most `max_workers - reserved_workers(max_workers)` long calls, so the reserved workers are
+    always there for Hello, Heartbeat and the other short calls: one site's calls cannot starve the others'
+    heartbeats. A call over a bound is refused at once with BusyError (RESOURCE_EXHAUSTED), which clients retry."""
+
+    def __init__(self, max_workers: int) -> None:
+        self.check(max_workers)
+        reserved = limits.reserved_workers(max_workers)
+        self.max_workers, self.max_long = max_workers, max_workers - reserved
+        self._lock = threading.Lock()
+        self._long = 0
+        self._polls: dict[str, list] = {}  # site -> contexts of its open GetTask calls
+        self._transfers: dict[str, int] = {}
+
+    @staticmethod
+    def check(max_workers: int) -> None:
+        if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 4:
+            raise ConfigError(f"max_workers must be an integer >= 4 (got {max_workers!r}): at least "
+                              f"{limits.reserved_workers(4)} are kept for heartbeats and the rest serve long polls and "
+                              "transfers; pass a larger max_workers (default 128)")  # fmt: skip
+
+    def _take_long(self, site: str, what: str) -> None:
+        """Lock held."""
+        if self._long >= self.max_long:
+            raise BusyError(f"{what} of site {site!r} refused: the aggregator already serves {self._long} long calls "
+                            f"(long polls and transfers), its most ({self.max_workers} workers, "
+                            f"{self.max_workers - self.max_long} kept for heartbeats); the client retries")  # fmt: skip
+        self._long += 1
+
+    @contextlib.contextmanager
+    def poll(self, site: str, context) -> Iterator[None]:
+        with self._lock:
+            mine = self._polls.get(site, [])
+            live = sum(1 for c in mine if c.is_active())
+            if live >= limits.MAX_POLLS_PER_SITE:
+                raise BusyError(f"site {site!r} already has {live} GetTask call waiting for a task, the most a site "
+                                f"may (limits.MAX_POLLS_PER_SITE = {limits.MAX_POLLS_PER_SITE}): wait for its answer "
+                                "before asking again")  # fmt: skip
+            if len(mine) >= limits.POLL_THREADS_PER_SITE:
+                raise BusyError(f"site {site!r}: {len(mine)} earlier GetTask calls whose callers left are still "
+                                f"ending (at most {limits.POLL_THREADS_PER_SITE} per site, "
+                                f"limits.POLL_THREADS_PER_SITE); ask again in a moment")  # fmt: skip
+            self._take_long(site, "GetTask")
+            self._polls.setdefault(site, []).append(context)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._long -= 1
+                self._polls[site].remove(context)
+                if not self._polls[site]:
+                    del self._polls[site]
+
+    @contextlib.contextmanager
+    def transfer(self, site: str, what: str) -> Iterator[None]:
+        with self._lock:
+            n = self._transfers.get(site, 0)
+            if n >= limits.MAX_TRANSFERS_PER_SITE:
+                raise BusyError(f"{what} refused: site {site!r} already has {n} Upload/Download streams open, the most "
+                                f"a site may (limits.MAX_TRANSFERS_PER_SITE = {limits.MAX_TRANSFERS_PER_SITE}): wait "
+                                "for one to end")  # fmt: skip
+            self._take_long(site, what)
+            self._transfers[site] = n + 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._long -= 1
+                self._transfers[site] -= 1
+                if not self._transfers[site]:
+                    del self._transfers[site]
 
 
 class Servicer:
     """Decode, call `Aggregator`, encode. With `auth` (mTLS), the site of every call is its certificate's
     common name: a request that claims another name, or a certificate of a site not in the project, is refused
-    (AuthError -> PERMISSION_DENIED)."""
+    (AuthError -> PERMISSION_DENIED). `operator_cert`: the server kit's certificate (PEM); a caller presenting it
+    is the aggregator's operator (Status shows it everything). `max_workers`: the server's worker threads, which
+    `CallSlots` shares out."""
 
-    def __init__(self, agg: Aggregator, auth: SiteAuth | None = None) -> None:
+    def __init__(self, agg: Aggregator, auth: SiteAuth | None = None, *, operator_cert: bytes | None = None,
+                 max_workers: int = 128) -> None:  # fmt: skip
         self.agg = agg
         self.auth = auth
+        self.slots = CallSlots(max_workers)
+        self.log_budget = limits.LogBudget()
+        self._operator = _der(operator_cert) if operator_cert else None
 
     def _site(self, claimed: str, context) -> str:
         return claimed if self.auth is None else self.auth.site_of(context, claimed)
@@ -51,16 +141,30 @@ class Servicer:
         return pb.Empty()
 
     def GetTask(self, req: pb.TaskRequest, context) -> pb.Task:
-        t = self.agg.get_task(self._site(req.site, context), req.wait_seconds, req.can_offer_initial)
+        site = self._site(req.site, context)
+        with self.slots.poll(site, context):
+            t = self._poll(site, req, context)
         task = pb.Task(kind=_KIND[t["kind"]], round=t.get("round", 0), attempt=t.get("attempt", 0),
                        total_rounds=self.agg.config.rounds, start_round=0, task_name=TASK_NAME,
-                       job_id=self.agg.job_id, message=t.get("message", ""))  # fmt: skip
+                       job_id=self.agg.job_id, message=t.get("message", ""), nonce=t.get("nonce", ""))  # fmt: skip
         manifest: Manifest | None = t.get("manifest")
         if manifest is not None:
             env = dict(manifest.envelope, current_round=task.round, total_rounds=task.total_rounds, start_round=0,
                        attempt=task.attempt, params_type="FULL")  # fmt: skip
             task.manifest_json = Manifest(manifest.shards, manifest.chunk_bytes, env).to_json()
         return task
+
+    def _poll(self, site: str, req: pb.TaskRequest, context) -> dict:
+        """Aggregator.get_task in slices of POLL_SLICE_SECONDS: a poll whose caller has gone (cancelled, timed out,
+        its process restarted) ends within a slice instead of holding its worker for the whole wait."""
+        wait = req.wait_seconds if not math.isnan(req.wait_seconds) else 0.0
+        deadline = time.monotonic() + max(0.0, min(wait, limits.MAX_POLL_SECONDS))
+        while True:
+            left = deadline - time.monotonic()
+            t = self.agg.get_task(site, max(0.0, min(left, limits.POLL_SLICE_SECONDS)), req.can_offer_initial,
+                                  req.holds_update)  # fmt: skip
+            if t["kind"] != "WAIT" or left <= limits.POLL_SLICE_SECONDS or not context.is_active():
+                return t
 
     def BeginUpload(self, req: pb.UploadBegin, context) -> pb.UploadState:
         site = self._site(req.site, context)
@@ -74,12 +178,13 @@ class Servicer:
         except (KeyError, ValueError):
             raise ProtocolError("Upload needs `fl-upload-id` and `fl-shard` metadata") from None
         u, rx = self.agg.upload(upload_id, shard, site=self._caller(context))
-        self.agg.watch(u, context)
-        try:
-            for frame in request_iterator:
-                self.agg.accept_chunk(u, rx, frame)
-        finally:
-            self.agg.unwatch(u, context)
+        with self.slots.transfer(u.site, "Upload"):
+            self.agg.watch(u, context)
+            try:
+                for frame in request_iterator:
+                    self.agg.accept_chunk(u, rx, frame)
+            finally:
+                self.agg.unwatch(u, context)
         return pb.UploadAck(offset=rx.offset)
 
     def CommitUpload(self, req: pb.UploadCommit, context) -> pb.CommitReply:
@@ -87,31 +192,70 @@ class Servicer:
         return pb.CommitReply(**r)
 
     def Download(self, req: pb.DownloadRequest, context):
-        self._site(req.site, context)
-        manifest, source, digests = self.agg.global_source(req.round)
-        try:
-            if not 0 <= req.shard < len(manifest.shards):
-                raise ProtocolError(f"round {req.round}'s global model has no shard {req.shard}")
-            for frame in ShardSender(manifest, req.shard, source, digests[req.shard]).frames(req.offset):
-                self.agg.count_sent(len(frame))
-                yield frame
-        finally:
-            source.close()
+        site = self._site(req.site, context)
+        with self.slots.transfer(site, "Download"):
+            manifest, source, digests = self.agg.global_source(req.round)
+            try:
+                if not 0 <= req.shard < len(manifest.shards):
+                    raise ProtocolError(f"round {req.round}'s global model has no shard {req.shard}")
+                for frame in ShardSender(manifest, req.shard, source, digests[req.shard]).frames(req.offset):
+                    self.agg.count_sent(len(frame))
+                    yield frame
+            finally:
+                source.close()
 
     def Log(self, req: pb.LogRequest, context) -> pb.Empty:
+        """flare.log records: bounded per call, per second and per round (limits.py) before they are parsed;
+        their content is checked by Aggregator.log_records."""
         site = self._site(req.site, context)
-        try:
-            records = json.loads(req.records_json)
-        except json.JSONDecodeError as e:
-            raise ProtocolError(f"log records are not valid JSON ({e})") from None
-        if not isinstance(records, list) or not all(isinstance(r, dict) for r in records):
-            raise ProtocolError("log records must be a JSON list of objects")
+        text = req.records_json
+        limits.check_log_size(f"site {site!r}", text)
+        self.log_budget.charge(site, self.agg.round, len(text))
+        records = limits.parse_log_records(f"site {site!r}", text)
         self.agg.log_records(site, req.round, records)
         return pb.Empty()
 
     def Status(self, req: pb.StatusRequest, context) -> pb.StatusReply:
-        self._caller(context)
-        return pb.StatusReply(status_json=json.dumps(self.agg.status()))
+        """The job's progress, for whom the caller is (Aggregator.status):
+
+        * mTLS: a caller presenting the server kit's own certificate is the operator and sees everything; a site
+          (its certificate) sees the job and round and its own entries only;
+        * plaintext (loopback only, unless --insecure): the aggregator cannot tell who calls. A caller that names
+          itself with `fl-site` metadata sees that site's view; one that names nobody is taken for the operator's
+          own tools on this machine (the local demo's progress, tests) and sees everything when it calls from a
+          loopback address, and the job and round only from elsewhere (--insecure). Plaintext hides nothing from
+          a process that lies about itself: that is what mTLS is for."""
+        named = dict(context.invocation_metadata()).get(SITE_METADATA, "")
+        if not isinstance(named, str):
+            raise ProtocolError(f"`{SITE_METADATA}` metadata must be text (a site's name)")
+        if self.auth is not None:
+            view = None if self._is_operator(context) else self.auth.site_of(context, named)
+        elif named:
+            view = named
+        else:
+            view = None if _peer_is_loopback(context.peer()) else ""
+        return pb.StatusReply(status_json=json.dumps(self.agg.status(view)))
+
+    def _is_operator(self, context) -> bool:
+        pem = ((context.auth_context() or {}).get("x509_pem_cert") or [b""])[0]
+        return self._operator is not None and bool(pem) and _der(pem) == self._operator
+
+
+def _der(pem: bytes) -> bytes | None:
+    """A PEM certificate's DER bytes (so formatting differences do not matter), or None if it is not one."""
+    try:
+        return ssl.PEM_cert_to_DER_cert(pem.decode("ascii", "replace"))
+    except ValueError:
+        return None
+
+
+def _peer_is_loopback(peer: str) -> bool:
+    """gRPC's peer string ("ipv4:127.0.0.1:5000", "ipv6:[::1]:5000", "unix:...") names a loopback caller."""
+    scheme, _, rest = peer.partition(":")
+    if scheme in ("unix", "unix-abstract"):
+        return True
+    host = rest.rpartition(":")[0] if scheme in ("ipv4", "ipv6") else ""
+    return bool(host) and is_loopback(host)
 
 
 def is_loopback(host: str) -> bool:
@@ -139,6 +283,7 @@ class AggregatorServer:
 
     def __init__(self, config: AggregatorConfig, address: str | None = None, *, insecure: bool = False,
                  kit: ServerKit | str | Path | None = None, max_workers: int = 128) -> None:  # fmt: skip
+        CallSlots.check(max_workers)
         kit = kit if kit is None or isinstance(kit, ServerKit) else load_server_kit(kit)
         if kit is not None and insecure:
             raise ConfigError("--insecure and --kit do not go together: with a kit the aggregator serves mTLS only; "
@@ -155,19 +300,33 @@ class AggregatorServer:
             log.warning("INSECURE: plaintext gRPC on non-loopback address %s: anyone on the network can read "
                         "and send weights", address)  # fmt: skip
         self.kit: ServerKit | None = kit
-        self.aggregator = Aggregator(config)
+        # The port first, the run directory second: a start that fails (a busy port, a bad kit, a bad initial
+        # model, a run directory of another job) leaves no state behind (Aggregator._resume undoes its own).
         self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fl-rpc"),
-                                   options=rpc.SERVER_OPTIONS, maximum_concurrent_rpcs=max_workers)  # fmt: skip
-        servicer = Servicer(self.aggregator, kit.auth() if kit is not None else None)
-        self._server.add_generic_rpc_handlers([rpc.generic_handler(servicer)])
-        if kit is not None:
-            self.port = self._server.add_secure_port(f"{host}:{port}", kit.credentials())
-        else:
-            self.port = self._server.add_insecure_port(f"{host}:{port}")
+                                   options=rpc.server_options(config.chunk_bytes),
+                                   maximum_concurrent_rpcs=2 * max_workers)  # fmt: skip
+        # Twice the workers: a burst of short calls waits for a worker (the reserved ones, see CallSlots) instead
+        # of being refused; long polls and transfers never take more than their share.
+        try:
+            if kit is not None:
+                self.port = self._server.add_secure_port(f"{host}:{port}", kit.credentials())
+            else:
+                self.port = self._server.add_insecure_port(f"{host}:{port}")
+        except RuntimeError:  # grpcio >= 1.60 raises where older versions returned 0
+            self.port = 0
         if self.port == 0:
             hint = " (the kit's address by default; --address 0.0.0.0:PORT listens on every interface)" if kit else ""
             raise ConfigError(f"could not bind {address}{hint}: is the port in use, or the host not this machine's?")
         self.address = f"{host}:{self.port}"
+        try:
+            self.aggregator = Aggregator(config)
+        except BaseException:
+            self._server.stop(None)  # never started: frees the port
+            raise
+        servicer = Servicer(self.aggregator, kit.auth() if kit is not None else None,
+                            operator_cert=kit.cert if kit is not None else None, max_workers=max_workers)  # fmt: skip
+        self.servicer = servicer  # its call slots and log budget (limits.py) are the server's, per run
+        self._server.add_generic_rpc_handlers([rpc.generic_handler(servicer)])
 
     def start(self) -> AggregatorServer:
         self._server.start()

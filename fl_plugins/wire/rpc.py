@@ -7,12 +7,16 @@ turn our errors into status codes (`STATUS_OF`); the client side turns status co
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 import grpc
 
 from fl_plugins import errors
+from fl_plugins.wire.limits import BusyError
 from fl_plugins.wire.proto import fl_pb2 as pb
+
+log = logging.getLogger(__name__)
 
 SERVICE = "flplugins.v1.Aggregator"
 MAX_MESSAGE_BYTES = 96 << 20  # chunks are at most 64 MiB + header; manifests at most 64 MiB
@@ -42,6 +46,19 @@ SERVER_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.so_reuseport", 0),
 ]
 
+MAX_CONTROL_BYTES = 16 << 20  # the largest control message a site may send (a manifest: ~150 bytes per tensor)
+
+
+def server_options(chunk_bytes: int) -> list[tuple[str, int | str]]:
+    """SERVER_OPTIONS with the receive limit cut to what this aggregator needs: a chunk frame of its own
+    `chunk_bytes` or a control message of MAX_CONTROL_BYTES. gRPC buffers a message whole before our code sees
+    it, so this limit, times the calls a site may hold (limits.py), bounds what one site can make it buffer."""
+    from fl_plugins.wire.frames import HEADER_SIZE
+
+    limit = max(chunk_bytes + HEADER_SIZE, MAX_CONTROL_BYTES)
+    return [(k, limit if k == "grpc.max_receive_message_length" else v) for k, v in SERVER_OPTIONS]
+
+
 _identity: Callable[[bytes], bytes] = lambda b: b  # noqa: E731
 RAW = None  # marker: identity-serialized frames
 
@@ -59,6 +76,7 @@ METHODS = {
 }
 
 STATUS_OF = [  # most specific first
+    (BusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # over a call limit (limits.py): the client retries
     (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),
     (errors.ProtocolError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.ModelMismatchError, grpc.StatusCode.INVALID_ARGUMENT),
@@ -113,13 +131,27 @@ def generic_handler(servicer) -> grpc.GenericRpcHandler:
 
 
 def _guard(fn, kind: str):
-    """Map our errors to status codes with the error's message (context.abort raises to end the call)."""
+    """Map our errors to status codes with the error's message (context.abort raises to end the call). Anything
+    else a handler raises is a bug, never a site's fault to be shown as ours: it is logged here with its traceback
+    and the call ends with INTERNAL and a message; the aggregator goes on serving."""
+    method = getattr(fn, "__name__", "?")
 
     def abort(context, e: Exception):
-        for cls, code in STATUS_OF:
-            if isinstance(e, cls):
-                context.abort(code, f"{type(e).__name__}: {e}")
-        raise e
+        if isinstance(e, errors.FLError):
+            for cls, code in STATUS_OF:
+                if isinstance(e, cls):
+                    context.abort(code, f"{type(e).__name__}: {e}")
+            code = grpc.StatusCode.FAILED_PRECONDITION  # an FLError without a code of its own
+            context.abort(code, f"{type(e).__name__}: {e}")
+        log.error("%s failed with an unexpected %s (a bug in fl-plugins; the call ends with INTERNAL)", method,
+                  type(e).__name__, exc_info=e)  # fmt: skip
+        context.abort(grpc.StatusCode.INTERNAL, f"InternalError: the aggregator failed handling {method}: "
+                      f"{type(e).__name__}: {str(e)[:200]}; this is a bug in fl-plugins, please report it with the "
+                      "aggregator's log (it has the traceback)")  # fmt: skip
+
+    def unexpected(context, e: Exception) -> bool:
+        """False for what only looks unexpected: the call ended (a site went away; context.abort's own raise)."""
+        return not isinstance(e, grpc.RpcError) and context.is_active() and not _aborted(context)
 
     if kind == "unary_stream":
 
@@ -127,6 +159,10 @@ def _guard(fn, kind: str):
             try:
                 yield from fn(request, context)
             except errors.FLError as e:
+                abort(context, e)
+            except Exception as e:
+                if not unexpected(context, e):
+                    raise
                 abort(context, e)
 
         return stream_handler
@@ -136,14 +172,27 @@ def _guard(fn, kind: str):
             return fn(request, context)
         except errors.FLError as e:
             abort(context, e)
+        except Exception as e:
+            if not unexpected(context, e):
+                raise
+            abort(context, e)
 
     return handler
 
 
+def _aborted(context) -> bool:
+    """Whether the handler already ended the call with context.abort (grpc then raises a bare Exception)."""
+    code = getattr(context, "code", None)
+    return callable(code) and code() is not None
+
+
 def error_from_rpc(e: grpc.RpcError, what: str) -> Exception:
     """Our error for a failed call whose status the aggregator set on purpose (its details start with the
-    error's class name, see `_guard`), else the RpcError itself."""
+    error's class name, see `_guard`), else the RpcError itself. RESOURCE_EXHAUSTED (a call limit, BusyError)
+    stays the RpcError: it is retryable, and the caller retries it after a pause."""
     code = e.code() if hasattr(e, "code") else None
+    if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return e
     details = (e.details() if hasattr(e, "details") else "") or ""
     name, sep, message = details.partition(": ")
     cls = getattr(errors, name, None) if sep else None
