@@ -16,9 +16,11 @@ from conftest import SiteThread, join_sites, save_numpy  # noqa: E402
 
 from fl_plugins.aggregator.core import AggregatorConfig  # noqa: E402
 from fl_plugins.aggregator.service import AggregatorServer  # noqa: E402
+from fl_plugins.client._site import SiteClient  # noqa: E402
 from fl_plugins.errors import ConfigError, PolicyError  # noqa: E402
 from fl_plugins.security.policy import load_policy, parse_policy  # noqa: E402
 from fl_plugins.security.provision import provision_local  # noqa: E402
+from fl_plugins.wire.proto import fl_pb2 as pb  # noqa: E402
 
 INITIAL = {"w": np.arange(4, dtype=np.float32)}
 
@@ -107,3 +109,40 @@ def test_no_policy_file_allows_everything_and_patterns_match(tmp_path):
     p.check_task("submit_model")
     with pytest.raises(PolicyError):
         p.check_job("exactly")
+
+
+def _restart(tmp_path: Path, kits, address: str, job_id: str) -> AggregatorServer:
+    """Another aggregator on the same address under `job_id`, as after `fl-plugins server --job-id` again."""
+    cfg = AggregatorConfig(run_dir=tmp_path / f"run-{job_id}", rounds=1, min_sites=1, job_id=job_id, linger=0.5,
+                           initial_model=save_numpy(tmp_path / "init.safetensors", INITIAL))  # fmt: skip
+    return AggregatorServer(cfg, address, kit=kits.server).start()
+
+
+@pytest.mark.integration
+def test_an_aggregator_restarted_under_a_job_the_policy_does_not_list_is_refused_at_the_next_task(
+        kits, tmp_path, caplog):  # fmt: skip
+    kit = _with_policy(kits, "site-1", "jobs: ['demo-*']\n", tmp_path)
+    srv = _server(tmp_path, kits, job_id="demo-1")
+    address = srv.address
+    site = SiteClient(address, kit=kit, heartbeat=0, retry_timeout=30)
+    try:
+        site.connect()
+        assert site.job_id == "demo-1"
+        srv.stop(0)
+        srv = _restart(tmp_path, kits, address, "demo-2")  # another job the policy lists: the site goes on
+        with caplog.at_level("WARNING"):
+            assert site.next_task(poll=2).kind == pb.Task.TRAIN
+        assert site.job_id == "demo-2"
+        assert "now runs job 'demo-2' (this site connected to job 'demo-1')" in caplog.text
+        srv.stop(0)
+        srv = _restart(tmp_path, kits, address, "fraud-detection")  # one it does not list: refused at the site
+        with pytest.raises(PolicyError, match=r"policy \(.*policy.yaml\) does not accept job 'fraud-detection': it "
+                                              r"accepts demo-\*; add the job to `jobs:`"):  # fmt: skip
+            site.next_task(poll=2)
+        assert "site 'site-1' refuses: this site's policy" in caplog.text
+    finally:
+        site.close()
+        srv.stop(0)
+    notes = [json.loads(x) for x in (tmp_path / "run-fraud-detection" / "logs.jsonl").read_text().splitlines()]
+    assert [(r["key"], r["site"]) for r in notes] == [("policy_refused", "site-1")]  # the aggregator was told
+    assert "does not accept job 'fraud-detection'" in notes[0]["value"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -103,10 +104,10 @@ def test_provision_writes_the_ca_and_one_kit_each_with_private_keys(kits):
     assert sorted(p.name for p in kits.root.iterdir()) == ["ca", "server", "site-1", "site-2"]
     files = {p.relative_to(kits.root).as_posix(): stat.S_IMODE(p.stat().st_mode)
              for p in kits.root.rglob("*") if p.is_file()}  # fmt: skip
-    assert sorted(files) == ["ca/ca.crt", "ca/ca.key", "server/ca.crt", "server/kit.yaml", "server/server.crt",
-                             "server/server.key", "site-1/ca.crt", "site-1/client.crt", "site-1/client.key",
-                             "site-1/kit.yaml", "site-2/ca.crt", "site-2/client.crt", "site-2/client.key",
-                             "site-2/kit.yaml"]  # fmt: skip
+    assert sorted(files) == ["ca/ca.crt", "ca/ca.key", "ca/issued.jsonl", "server/ca.crt", "server/kit.yaml",
+                             "server/server.crt", "server/server.key", "site-1/ca.crt", "site-1/client.crt",
+                             "site-1/client.key", "site-1/kit.yaml", "site-2/ca.crt", "site-2/client.crt",
+                             "site-2/client.key", "site-2/kit.yaml"]  # fmt: skip
     keys = ["ca/ca.key", "server/server.key", "site-1/client.key", "site-2/client.key"]
     assert {f: m for f, m in files.items() if f.endswith(".key")} == dict.fromkeys(keys, 0o600)
     assert all(m & 0o077 == 0o044 for f, m in files.items() if not f.endswith(".key"))  # certificates: readable
@@ -123,6 +124,10 @@ def test_provision_writes_the_ca_and_one_kit_each_with_private_keys(kits):
     assert client.subject.get_attributes_for_oid(NameOID.COMMON_NAME)[0].value == "site-1"
     assert client.issuer == x509.load_pem_x509_certificate(site.ca).subject
     assert (client.not_valid_after_utc - client.not_valid_before_utc).days == 30
+    issued = {r["serial"]: (r["kind"], r["common_name"])
+              for r in map(json.loads, (kits.ca / "issued.jsonl").read_text().splitlines())}  # fmt: skip
+    assert issued[f"{client.serial_number:x}"] == ("site", "site-1")  # the CA's record of what it signed
+    assert issued[f"{cert.serial_number:x}"] == ("server", "test-project aggregator")
 
 
 def test_provisioning_again_keeps_the_ca_and_tightens_key_permissions(tmp_path, caplog):
@@ -433,3 +438,188 @@ def test_server_without_a_recipe_needs_rounds_and_a_run_dir(tmp_path):
     out = subprocess.run([sys.executable, "-m", "fl_plugins.cli", "server", "--rounds", "2"], capture_output=True,
                          text=True, cwd=tmp_path, timeout=60)  # fmt: skip
     assert out.returncode == 2 and "needs --run-dir, or a recipe that gives them" in out.stderr
+
+
+# -- revocation: a leaked site key cut off without a new CA -----------------------------------------------------
+
+
+def _serial(kit: Path) -> str:
+    from cryptography import x509
+
+    return f"{x509.load_pem_x509_certificate((kit / 'client.crt').read_bytes()).serial_number:x}"
+
+
+@pytest.mark.integration
+def test_a_revoked_site_is_refused_at_its_next_call_and_its_new_kit_works(tmp_path, capsys, caplog):
+    from fl_plugins.cli import main
+
+    (tmp_path / "project.yaml").write_text(PROJECT_YAML)
+    project = load_project(tmp_path / "project.yaml")
+    kits = provision(project, tmp_path / "kits")
+    leaked = shutil.copytree(kits.sites["site-1"], tmp_path / "leaked")  # the kit handed out, whose key got out
+    provision(project, kits.root)  # provisioned again (say, to add a site): kits/site-1 holds a newer certificate
+    newer = shutil.copytree(kits.sites["site-1"], tmp_path / "newer")
+    assert _serial(leaked) != _serial(newer)
+    srv = _server(tmp_path, kits.server)
+    try:
+        online = SiteClient(srv.address, kit=leaked, heartbeat=0)
+        online.connect()  # a site connected before the revocation
+        argv = ["provision", str(tmp_path / "project.yaml"), "-o", str(kits.root), "--revoke", "site-1"]
+        assert main(argv) == 0
+        assert "site 'site-1': revoked 2 certificate(s)" in capsys.readouterr().out
+        listed = json.loads((kits.server / "revoked.json").read_text())["revoked"]
+        assert sorted((r["site"], r["serial"]) for r in listed) == sorted(
+            [("site-1", _serial(leaked)), ("site-1", _serial(newer))])  # every certificate the CA issued to it
+        assert main(argv) == 0 and "its certificates were already revoked" in capsys.readouterr().out
+
+        # the running aggregator re-reads the list: the open connection is refused at its next call, a new one too
+        with pytest.raises(AuthError) as e:
+            online.next_task(poll=1)
+        online.close()
+        assert (f"site 'site-1': its certificate (serial {_serial(leaked)}) was revoked by the admin of project "
+                "'test-project' on ") in str(e.value)  # fmt: skip
+        assert "ask the admin for a new kit (`fl-plugins provision PROJECT.yaml -o kits` issues site-1 a new" in str(
+            e.value)
+        got = {k: _connect(srv.address, kit=kit) for k, kit in [("leaked", leaked), ("newer", newer),
+                                                                 ("site-2", kits.sites["site-2"])]}  # fmt: skip
+        assert isinstance(got["leaked"], AuthError) and isinstance(got["newer"], AuthError), got
+        assert got["site-2"] is None  # the other sites go on
+
+        # a list broken while the aggregator serves: it says so and keeps refusing what it had read
+        good = (kits.server / "revoked.json").read_text()
+        (kits.server / "revoked.json").write_text("{not json")
+        with caplog.at_level("ERROR"):
+            assert isinstance(_connect(srv.address, kit=leaked), AuthError)
+        assert "revoked.json cannot be read" in caplog.text and "keeps refusing the 2 certificate(s)" in caplog.text
+        (kits.server / "revoked.json").write_text(good)
+
+        # provisioning again issues site-1 a new certificate, which the same running aggregator admits
+        kits = provision(project, kits.root)
+        assert _connect(srv.address, kit=kits.sites["site-1"]) is None
+        assert isinstance(_connect(srv.address, kit=leaked), AuthError)
+    finally:
+        srv.stop(0)
+
+    (tmp_path / "restart").mkdir()
+    srv = _server(tmp_path / "restart", kits.server)  # an aggregator started with the kit refuses from the start
+    try:
+        assert isinstance(_connect(srv.address, kit=newer), AuthError)
+        join_sites(SiteThread(srv.address, "site-1", _step(1), kit=kits.sites["site-1"]),
+                   SiteThread(srv.address, "site-2", _step(2), kit=kits.sites["site-2"]), timeout=60)  # fmt: skip
+        assert srv.wait() == 0
+    finally:
+        srv.stop(0)
+
+
+def test_revoke_errors_name_the_site_the_folder_and_the_fix(kits, project, tmp_path):
+    from fl_plugins.security.provision import revoke
+
+    with pytest.raises(ConfigError, match=r"--revoke site-9: no certificate of site 'site-9' is known here: .*"
+                                          r"issued.jsonl lists none .* \(sites with a kit in .*: site-1, site-2\)"):
+        revoke(project, kits.root, "site-9")
+    with pytest.raises(ConfigError, match=r"--revoke: a site name must be 1-64 letters.* \(got '\.\./x'\)"):
+        revoke(project, kits.root, "../x")
+    with pytest.raises(ConfigError, match=r"is the aggregator's kit of project 'test-project', not of 'other'"):
+        revoke(replace(project, name="other"), kits.root, "site-1")
+    with pytest.raises(ConfigError, match=r"startup kit .*nowhere.* does not exist.*--revoke writes the aggregator"):
+        revoke(project, tmp_path / "nowhere", "site-1")
+    bad = shutil.copytree(kits.server, tmp_path / "server")
+    (bad / "revoked.json").write_text('{"revoked": [{"serial": "xyz", "site": "site-1"}]}')
+    with pytest.raises(ConfigError, match=r"revoked.json: `revoked\[0\]` must be \{serial: HEX, site: NAME"):
+        load_server_kit(bad)  # an aggregator does not start with a list it cannot read
+
+
+# -- a site without a kit speaks plaintext to loopback only ------------------------------------------------------
+
+REMOTE = "10.255.255.1:1"  # not this machine: every use below is refused, or built without a call, before dialling
+
+
+@pytest.fixture
+def channels(monkeypatch):
+    """The targets of every gRPC channel made during the test (grpc's own functions, recorded). A channel to one of
+    the remote hosts below fails the test before it exists, unless the test allows it: nothing is dialled."""
+    import grpc
+
+    remote = ("10.255.255.1", "2001:db8::1", "example.invalid")
+    made: list[str] = []
+    allowed: set[str] = set()
+
+    def recorded(real):
+        def make(target, *a, **kw):
+            made.append(target)
+            assert target in allowed or not any(r in target for r in remote), f"a channel to {target} was made"
+            return real(target, *a, **kw)
+
+        return make
+
+    for name in ("insecure_channel", "secure_channel"):
+        monkeypatch.setattr(grpc, name, recorded(getattr(grpc, name)))
+    return made, allowed
+
+
+@pytest.mark.parametrize("address", [REMOTE, "dns:///10.255.255.1:1", "ipv4:127.0.0.1:1,10.255.255.1:1",
+                                     "[2001:db8::1]:1", "aggregator.example.invalid:1"])  # fmt: skip
+def test_a_site_without_a_kit_refuses_plaintext_to_another_machine(address, channels, api, monkeypatch):
+    made, _ = channels
+    with pytest.raises(ConfigError) as e:
+        SiteClient(address, "site-1")
+    msg = str(e.value)
+    assert msg.startswith(f"aggregator address {address}: without a startup kit this site would connect in "
+                          "plaintext, and that is not a loopback address")  # fmt: skip
+    assert "connect with this site's kit (`fl-plugins client --kit kits/SITE`, FL_KIT or init(kit=...)" in msg
+    assert "opt out explicitly with insecure=True (init(insecure=True), FL_INSECURE=1" in msg
+    monkeypatch.delenv("FL_INSECURE", raising=False)
+    with pytest.raises(ConfigError, match="without a startup kit this site would connect in plaintext"):
+        api.init(address, "site-1", connect_timeout=0.5)
+    monkeypatch.setenv("FL_SERVER", address)  # the launcher's environment
+    monkeypatch.setenv("FL_SITE", "site-1")
+    with pytest.raises(ConfigError, match="opt out explicitly with insecure=True"):
+        api.init(connect_timeout=0.5)
+    assert made == []  # refused before any channel, so before any connection
+
+
+def test_the_explicit_opt_out_warns_and_loopback_needs_none(kits, channels, api, monkeypatch, caplog):
+    made, allowed = channels
+    allowed.add(REMOTE)
+    with caplog.at_level("WARNING"):
+        SiteClient(REMOTE, "site-1", insecure=True, heartbeat=0).close()  # built, never called: nothing is dialled
+    assert f"INSECURE: plaintext gRPC to non-loopback address {REMOTE}" in caplog.text
+    assert made == [REMOTE]
+    caplog.clear()
+    for local in ("127.0.0.1:1", "localhost:1", "[::1]:1", "ipv4:127.0.0.2:1", "dns:///localhost:1", "unix:/tmp/x"):
+        SiteClient(local, "site-1", heartbeat=0).close()
+    assert "INSECURE" not in caplog.text
+    with pytest.raises(ConfigError, match="insecure=True and a kit do not go together: with a kit the site speaks "
+                                          "mTLS only"):  # fmt: skip
+        SiteClient("127.0.0.1:1", kit=kits.sites["site-1"], insecure=True)
+    monkeypatch.setenv("FL_INSECURE", "1")  # the launcher's opt-out reaches the site's client
+    with pytest.raises(ConfigError, match="insecure=True and a kit do not go together"):
+        api.init("127.0.0.1:1", kit=kits.sites["site-1"], connect_timeout=0.5)
+    monkeypatch.setenv("FL_INSECURE", "maybe")
+    with pytest.raises(ConfigError, match=r"\$FL_INSECURE must be 1 .* or 0 \(got 'maybe'\)"):
+        api.init("127.0.0.1:1", "site-1", connect_timeout=0.5)
+
+
+def test_fl_plugins_client_without_a_kit_refuses_a_remote_aggregator_unless_insecure(kits, tmp_path, capsys):
+    from fl_plugins.cli import main
+
+    marker = tmp_path / "ran"
+    cmd = ["--", sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
+    assert main(["client", "--server", REMOTE, "--site", "site-1", *cmd]) == 2
+    err = capsys.readouterr().err
+    assert f"fl-plugins client: error: aggregator address {REMOTE}: without a startup kit" in err
+    assert "opt out explicitly with --insecure" in err
+    assert main(["client", "--kit", str(kits.sites["site-1"]), "--insecure", *cmd]) == 2
+    assert "--insecure and --kit do not go together" in capsys.readouterr().err
+    assert main(["client", "--server", REMOTE, *cmd]) == 2
+    assert "needs --kit kits/SITE (mTLS), or --server HOST:PORT and --site NAME" in capsys.readouterr().err
+    assert not marker.exists()  # the script never ran
+
+    show = "import os; print('ENV', os.environ['FL_SERVER'], os.environ['FL_SITE'], os.environ['FL_INSECURE'], " \
+           "'FL_KIT' in os.environ)"  # fmt: skip
+    out = subprocess.run([sys.executable, "-m", "fl_plugins.cli", "client", "--server", REMOTE, "--site", "site-1",
+                          "--insecure", "--", sys.executable, "-c", show], capture_output=True, text=True,
+                         timeout=60, cwd=ROOT, env={**os.environ, "FL_KIT": str(kits.sites["site-2"])})  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert f"ENV {REMOTE} site-1 1 False" in out.stdout  # the opt-out travels to the script as FL_INSECURE=1
+    assert f"INSECURE: plaintext gRPC to non-loopback address {REMOTE} (--insecure)" in out.stderr

@@ -11,20 +11,31 @@
 
 writes
 
-    kits/ca/       ca.crt ca.key                          the CA: keep it here, never ship it (it signs new kits)
+    kits/ca/       ca.crt ca.key issued.jsonl             the CA: keep it here, never ship it (it signs new kits);
+                                                          issued.jsonl: every certificate it signed (serial, name)
     kits/server/   ca.crt server.crt server.key kit.yaml  the aggregator's kit (kit.yaml lists the project's sites)
+                   [revoked.json]                         certificates the aggregator refuses (--revoke)
     kits/site-1/   ca.crt client.crt client.key kit.yaml  one per site: the certificate's common name is the site
 
 Keys are EC P-256, written with mode 0600. Provisioning again into the same folder reuses the CA in kits/ca, so
 kits already handed out stay valid: to add a site, list it and provision again, then restart the aggregator with
 the new server kit (its site list is what admits a name). A site removed from the list is refused even though its
 certificate is still valid. Every project-file error names the file, the key path, what must hold and what was got.
+
+`fl-plugins provision PROJECT.yaml -o kits --revoke SITE` (`revoke`) cuts off a leaked site key without a new
+CA: it adds every certificate the CA issued to SITE to kits/server/revoked.json (revocation.py), which the
+aggregator checks at every call and re-reads when it changes. Every provisioning run issues each site a new
+certificate while the earlier ones stay valid, so the leaked key may belong to any of them: the CA's record of
+what it signed (issued.jsonl, as `openssl ca` keeps index.txt) is what names them all; for kits made before that
+record existed, the certificate in kits/SITE is revoked. Provisioning again afterwards issues SITE a new
+certificate, which is admitted.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import ipaddress
+import json
 import logging
 import os
 import re
@@ -35,12 +46,14 @@ from typing import Any
 from fl_plugins._config import Checker, load_yaml
 from fl_plugins._version import __version__
 from fl_plugins.errors import ConfigError, require
-from fl_plugins.security.tls import CA_CERT, CLIENT_CERT, CLIENT_KEY, KIT_FILE, SERVER_CERT, SERVER_KEY
+from fl_plugins.security.revocation import REVOKED_FILE, Revoked, read_revocations, write_revocations
+from fl_plugins.security.tls import CA_CERT, CLIENT_CERT, CLIENT_KEY, KIT_FILE, SERVER_CERT, SERVER_KEY, read_kit_file
 
 log = logging.getLogger(__name__)
 
 CA_DIR, SERVER_DIR = "ca", "server"  # reserved: site kits live beside them, in folders named after the sites
 CA_KEY = "ca.key"
+ISSUED_FILE = "issued.jsonl"  # in the CA's folder: one JSON line per certificate it signed
 CA_MIN_DAYS = 3650  # the CA outlives many rounds of re-provisioning; kits are re-issued, the CA is kept
 CLOCK_SKEW = dt.timedelta(minutes=5)  # certificates start a little in the past: clocks of sites differ
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a folder name and an X.509 common name (<= 64)
@@ -197,6 +210,7 @@ class CertificateAuthority:
 
     cert: Any  # cryptography.x509.Certificate
     key: Any  # its EC private key
+    directory: Path | None = None  # where it is saved (load/save set it): what it signs is recorded in ISSUED_FILE
 
     @classmethod
     def create(cls, name: str, *, days: int = CA_MIN_DAYS, now: dt.datetime | None = None) -> CertificateAuthority:
@@ -237,13 +251,14 @@ class CertificateAuthority:
             ) from None
         if cert.public_key() != key.public_key():
             raise ConfigError(f"{directory}: {CA_KEY} is not the key of {CA_CERT}; restore the pair written together")
-        return cls(cert, key)
+        return cls(cert, key, directory)
 
     def save(self, directory: str | Path) -> None:
         directory = Path(directory)
         _mkdir_private(directory)
         _write(directory / CA_CERT, self.cert_pem)
         _write(directory / CA_KEY, _key_pem(self.key), secret=True)
+        self.directory = directory
 
     @property
     def cert_pem(self) -> bytes:
@@ -286,12 +301,50 @@ class CertificateAuthority:
         if server_names:
             alt = [_general_name(n) for n in server_names]
             b = b.add_extension(x509.SubjectAlternativeName(alt), critical=False)
-            b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+            # clientAuth too: the aggregator's operator presents the server kit's certificate to see the full Status
+            eku = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+            b = b.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
         else:
             b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
         from cryptography.hazmat.primitives.serialization import Encoding
 
-        return b.sign(self.key, hashes.SHA256()).public_bytes(Encoding.PEM), _key_pem(key)
+        cert = b.sign(self.key, hashes.SHA256())
+        if self.directory is not None:
+            _record_issued(self.directory, cert, common_name, "server" if server_names else "site")
+        return cert.public_bytes(Encoding.PEM), _key_pem(key)
+
+
+def _record_issued(ca_dir: Path, cert: Any, common_name: str, kind: str) -> None:
+    """Append a certificate the CA signed to its record (ca_dir/ISSUED_FILE), which `revoke` reads."""
+    line = json.dumps({"serial": f"{cert.serial_number:x}", "common_name": common_name, "kind": kind,
+                       "not_before": _iso(cert.not_valid_before_utc),
+                       "not_after": _iso(cert.not_valid_after_utc)})  # fmt: skip
+    fd = os.open(ca_dir / ISSUED_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(line + "\n")
+
+
+def _issued_to(ca_dir: Path, site: str) -> dict[int, str]:
+    """Serial -> expiry of every site certificate with common name `site` in the CA's record."""
+    path = ca_dir / ISSUED_FILE
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except FileNotFoundError:
+        return {}
+    out: dict[int, str] = {}
+    for i, line in enumerate(lines, 1):
+        try:
+            rec = json.loads(line) if line.strip() else {}
+            if rec and rec.get("kind") == "site" and rec.get("common_name") == site:
+                out[int(rec["serial"], 16)] = str(rec.get("not_after", ""))
+        except (ValueError, KeyError, TypeError, AttributeError) as e:
+            raise ConfigError(f"{path}:{i} is not a record of an issued certificate ({e}); restore the file (it "
+                              "lists what the CA signed) or remove the broken line") from None  # fmt: skip
+    return out
+
+
+def _iso(t: dt.datetime) -> str:
+    return f"{t.astimezone(dt.timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
 
 
 def _crypto():
@@ -405,6 +458,52 @@ def provision(project: Project, out_dir: str | Path, *, now: dt.datetime | None 
         log.warning("%s holds kits of sites no longer in the project (%s): the aggregator refuses them; delete "
                     "those folders", out, ", ".join(stale))  # fmt: skip
     return kits
+
+
+def revoke(project: Project, out_dir: str | Path, site: str, *, now: dt.datetime | None = None) -> list[Revoked]:
+    """Revoke every certificate of `site` that the CA in OUT/ca issued (its record, issued.jsonl) and the one in
+    OUT/SITE/client.crt: add them to the aggregator's list OUT/server/revoked.json, which it checks at every call.
+    Returns the certificates newly revoked (none when all of them already were). Nothing else is written:
+    `provision` afterwards issues the site a new certificate, and that one is admitted."""
+    x509, _, _ = _crypto()
+    if not isinstance(site, str) or not _SITE_NAME.match(site) or site in (CA_DIR, SERVER_DIR):
+        raise ConfigError(f"--revoke: a site name {_SITE_RULE} (got {site!r})")
+    out = Path(out_dir)
+    server_dir, ca_dir = out / SERVER_DIR, out / CA_DIR
+    need = "--revoke writes the aggregator's list of revoked certificates into its kit: pass -o the kits' folder"
+    info = read_kit_file(server_dir, "server", need)
+    if info.get("project") != project.name:
+        raise ConfigError(f"{server_dir} is the aggregator's kit of project {info.get('project')!r}, not of "
+                          f"{project.name!r}: pass -o the folder this project file was provisioned into")  # fmt: skip
+    serials = _issued_to(ca_dir, site)
+    kit_cert = out / site / CLIENT_CERT
+    if kit_cert.is_file():
+        try:
+            cert = x509.load_pem_x509_certificate(kit_cert.read_bytes())
+        except ValueError as e:
+            raise ConfigError(f"{kit_cert} is not a PEM certificate ({e}); revoke needs the serial number it "
+                              "holds: restore the file, or remove it to revoke what the CA's record lists"
+                              ) from None  # fmt: skip
+        from cryptography.x509.oid import NameOID
+
+        names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        if names != [site]:
+            raise ConfigError(f"{kit_cert} is a certificate of {names[0] if names else 'no site'!r}, not of site "
+                              f"{site!r}: restore the folder written by `fl-plugins provision`")  # fmt: skip
+        serials.setdefault(cert.serial_number, _iso(cert.not_valid_after_utc))
+    if not serials:
+        known = sorted(p.name for p in out.iterdir() if (p / CLIENT_CERT).is_file())
+        raise ConfigError(f"--revoke {site}: no certificate of site {site!r} is known here: {ca_dir / ISSUED_FILE} "
+                          f"lists none and {kit_cert} does not exist (sites with a kit in {out}: "
+                          f"{', '.join(known) or 'none'}); check the site's name and -o")  # fmt: skip
+    path = server_dir / REVOKED_FILE
+    entries = read_revocations(path)
+    when = _iso(_now(now))
+    added = [Revoked(s, site, when, na) for s, na in sorted(serials.items()) if s not in entries]
+    if added:
+        write_revocations(path, [*entries.values(), *added])
+        log.warning("revoked %d certificate(s) of site %r in %s", len(added), site, path)
+    return added
 
 
 def provision_local(out_dir: str | Path, sites: list[str] | tuple[str, ...], *, name: str = "local",

@@ -3,18 +3,25 @@
 A kit is a folder written by `fl-plugins provision` (provision.py):
 
     kits/server/   ca.crt  server.crt  server.key  kit.yaml   (role: server; project, address, sites)
+                   [revoked.json]                             (certificates refused: `provision --revoke`)
     kits/site-1/   ca.crt  client.crt  client.key  kit.yaml   (role: site; project, site, server)
 
 With a kit the aggregator serves mTLS only: the TLS handshake refuses a caller without a certificate signed by
 the project's CA (or with an expired one), and `SiteAuth` takes the site a call speaks for from the
 certificate's common name, never from what the request claims. A certificate of a site that is not in the
-project, or a request that claims another site's name, is refused with PERMISSION_DENIED (AuthError on the
-client). This module needs only grpc; `cryptography`, when installed, lets a kit's expired certificate be
-named on load instead of surfacing as a failed handshake.
+project, a revoked certificate (kits/server/revoked.json, revocation.py), or a request that claims another
+site's name, is refused with PERMISSION_DENIED (AuthError on the client). This module needs only grpc;
+`cryptography`, when installed, lets a kit's expired certificate be named on load instead of surfacing as a
+failed handshake (the aggregator needs it to check a non-empty revocation list).
+
+Without a kit a site speaks plaintext, so, like the aggregator, it only dials loopback addresses unless told
+otherwise (`check_plaintext_target`): the explicit opt-out is init(insecure=True), FL_INSECURE=1 or
+`fl-plugins client --insecure`, and it logs a warning.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import stat
@@ -26,6 +33,7 @@ from typing import Any
 import grpc
 
 from fl_plugins.errors import AuthError, ConfigError
+from fl_plugins.security.revocation import REVOKED_FILE, RevocationList
 
 log = logging.getLogger(__name__)
 
@@ -41,14 +49,26 @@ class SiteAuth:
 
     project: str  # the project's name, for messages
     sites: frozenset[str]  # the site names in the project: a certificate of any other name is refused
+    revoked: RevocationList | None = field(default=None, compare=False)  # certificates refused by serial number
 
     def site_of(self, context: grpc.ServicerContext, claimed: str = "") -> str:
         """The site the call speaks for: its certificate's common name. `claimed` is the site name the request
-        carries; a different one is refused, so a site cannot speak for another."""
-        cn = peer_common_name(context)
+        carries; a different one is refused, so a site cannot speak for another. A revoked certificate is
+        refused at every call, also on a connection made before it was revoked."""
+        auth = context.auth_context() or {}
+        cn = _first(auth.get("x509_common_name"))
         if cn is None:
             raise AuthError("the call carries no client certificate; the aggregator serves with mTLS: connect with "
                             "this site's startup kit (`fl-plugins client --kit`, FL_KIT or init(kit=...))")  # fmt: skip
+        pem = (auth.get("x509_pem_cert") or [b""])[0]
+        gone = self.revoked.lookup(pem) if self.revoked is not None and pem else None
+        if gone is not None:
+            raise AuthError(
+                f"site {cn!r}: its certificate (serial {gone.serial:x}) was revoked by the admin of project "
+                f"{self.project!r}{f' on {gone.revoked_at}' if gone.revoked_at else ''}, so the aggregator refuses "
+                f"it for good; ask the admin for a new kit (`fl-plugins provision PROJECT.yaml -o kits` issues "
+                f"{cn} a new certificate) and replace this site's kit folder with it"
+            )
         if cn not in self.sites:
             listed = ", ".join(sorted(self.sites)[:10]) + (", ..." if len(self.sites) > 10 else "")
             raise AuthError(
@@ -66,8 +86,63 @@ class SiteAuth:
 
 def peer_common_name(context: grpc.ServicerContext) -> str | None:
     """The common name of the caller's verified client certificate, or None (no certificate, plaintext)."""
-    names = (context.auth_context() or {}).get("x509_common_name") or []
-    return names[0].decode("utf-8", "replace") if names else None
+    return _first((context.auth_context() or {}).get("x509_common_name"))
+
+
+def _first(values: list[bytes] | None) -> str | None:
+    return values[0].decode("utf-8", "replace") if values else None
+
+
+# -- plaintext: loopback only, unless told otherwise --------------------------------------------------------------
+
+
+def is_loopback(host: str) -> bool:
+    """`localhost` or a loopback IP (127.0.0.0/8, ::1); brackets around an IPv6 address are allowed."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def is_local_target(address: str) -> bool:
+    """Whether the gRPC target `address` reaches only this machine: HOST:PORT (or ipv4:/ipv6:/dns: targets) whose
+    hosts are all loopback, or a unix socket. Anything it cannot read counts as remote."""
+    scheme, sep, rest = address.partition(":")
+    if sep and scheme in ("unix", "unix-abstract"):
+        return True
+    if sep and scheme in ("ipv4", "ipv6"):
+        targets = rest.split(",")
+    elif sep and scheme == "dns":
+        targets = [rest[2:].partition("/")[2] if rest.startswith("//") else rest]  # dns://[authority]/host:port
+    else:
+        targets = [address]
+    return all(is_loopback(_host_of(t)) for t in targets)
+
+
+def _host_of(target: str) -> str:
+    if target.startswith("["):
+        return target[1 : target.find("]")] if "]" in target else target
+    if target.count(":") > 1:  # a bare IPv6 address, no port
+        return target
+    return target.rpartition(":")[0] if ":" in target else target
+
+
+def check_plaintext_target(address: str, *, insecure: bool, opt_out: str) -> None:
+    """Refuse plaintext to a host that is not this machine unless `insecure` (the explicit opt-out, named in the
+    message as `opt_out`); with the opt-out, log a warning. Called before any channel exists."""
+    if is_local_target(address):
+        return
+    if not insecure:
+        raise ConfigError(
+            f"aggregator address {address}: without a startup kit this site would connect in plaintext, and that is "
+            "not a loopback address, so anyone on the network could read and alter the weights; connect with this "
+            "site's kit (`fl-plugins client --kit kits/SITE`, FL_KIT or init(kit=...), written by `fl-plugins "
+            f"provision`), or opt out explicitly with {opt_out}"
+        )
+    log.warning("INSECURE: plaintext gRPC to non-loopback address %s (%s): anyone on the network can read and alter "
+                "the weights; use a startup kit (mTLS) outside a trusted network", address, opt_out)  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -81,6 +156,7 @@ class ServerKit:
     ca: bytes = field(repr=False)
     cert: bytes = field(repr=False)
     key: bytes = field(repr=False)
+    revoked: RevocationList | None = field(default=None, repr=False, compare=False)  # PATH/revoked.json
 
     def credentials(self) -> grpc.ServerCredentials:
         """TLS that requires a client certificate signed by the project's CA."""
@@ -88,7 +164,7 @@ class ServerKit:
                                            require_client_auth=True)  # fmt: skip
 
     def auth(self) -> SiteAuth:
-        return SiteAuth(self.project, frozenset(self.sites))
+        return SiteAuth(self.project, frozenset(self.sites), self.revoked)
 
 
 @dataclass(frozen=True)
@@ -113,7 +189,7 @@ class SiteKit:
 def load_server_kit(path: str | Path) -> ServerKit:
     """Read the aggregator's kit folder (kits/server); ConfigError saying what is wrong and how to fix it."""
     path = Path(path)
-    info = _read_kit_file(path, "server", "the aggregator needs the server kit (e.g. kits/server)")
+    info = read_kit_file(path, "server", "the aggregator needs the server kit (e.g. kits/server)")
     address = _str(path, info, "address")
     sites = info.get("sites")
     if not isinstance(sites, list) or not sites or not all(isinstance(s, str) and s for s in sites):
@@ -121,13 +197,14 @@ def load_server_kit(path: str | Path) -> ServerKit:
                           "run `fl-plugins provision` again")  # fmt: skip
     ca, cert = _read(path, CA_CERT), _read(path, SERVER_CERT)
     _check_validity(path / SERVER_CERT, cert)
-    return ServerKit(path, _str(path, info, "project"), address, tuple(sites), ca, cert, _read(path, SERVER_KEY))
+    return ServerKit(path, _str(path, info, "project"), address, tuple(sites), ca, cert, _read(path, SERVER_KEY),
+                     RevocationList(path / REVOKED_FILE))  # fmt: skip
 
 
 def load_site_kit(path: str | Path) -> SiteKit:
     """Read a site's kit folder (kits/site-1); ConfigError saying what is wrong and how to fix it."""
     path = Path(path)
-    info = _read_kit_file(path, "site", "a site needs its own kit (e.g. kits/site-1)")
+    info = read_kit_file(path, "site", "a site needs its own kit (e.g. kits/site-1)")
     server = info.get("server")
     if server is not None and not isinstance(server, str):
         raise ConfigError(f"{path / KIT_FILE}: `server` must be HOST:PORT (got {server!r})")
@@ -137,7 +214,7 @@ def load_site_kit(path: str | Path) -> SiteKit:
                    _read(path, CLIENT_KEY))  # fmt: skip
 
 
-def _read_kit_file(path: Path, role: str, need: str) -> dict[str, Any]:
+def read_kit_file(path: Path, role: str, need: str) -> dict[str, Any]:
     import yaml
 
     f = path / KIT_FILE
