@@ -11,7 +11,8 @@
     site_args: {site-1: ["--shard", "0"]}     # extra arguments for one site, after `args`
     env: {}                                   # extra environment variables for every site
     tracking: [mlflow, tensorboard]           # stream the run to trackers; default: none (fl_plugins/tracking.py)
-    aggregation: {min_updates: 1, reject_nonfinite: true, site_timeout: 60}   # FedAvg's round rules
+    aggregation: {min_updates: 1, reject_nonfinite: true, site_timeout: 60,   # FedAvg's round rules
+                  max_attempts: 3, on_attempts_exhausted: fail}
     transfer: {chunk_mib: 4, idle_timeout: 60}                                 # how weights travel
 
 Instead of `script:`, a recipe may name a built-in Hugging Face task (SFT / PEFT), `task: {type: ..., model: ...,
@@ -29,6 +30,9 @@ Every error names the file, the key path, what must hold and what was got, e.g.
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -72,6 +76,8 @@ class FederationSpec:
     site_timeout: float = 60.0  # `aggregation.site_timeout`: seconds of silence after which a site has left
     chunk_bytes: int | None = None  # `transfer.chunk_mib`: bytes per chunk message (None: the default, 4 MiB)
     idle_timeout: float = 60.0  # `transfer.idle_timeout`: cancel a transfer that moves no bytes this long
+    max_attempts: int = 3  # `aggregation.max_attempts`: attempts a round may take to collect its updates
+    on_attempts_exhausted: str = "fail"  # `aggregation.on_attempts_exhausted`: then "fail" the job or "close"
 
     def aggregator_config(self, run_dir: Path, **kw: Any):
         """The AggregatorConfig these settings make (for `fl-plugins run` and `fl-plugins server RECIPE`)."""
@@ -82,6 +88,7 @@ class FederationSpec:
                                 initial_model=self.initial_model, round_deadline=self.round_deadline,
                                 min_updates=self.min_updates, reject_nonfinite=self.reject_nonfinite,
                                 site_timeout=self.site_timeout, idle_timeout=self.idle_timeout,
+                                max_attempts=self.max_attempts, on_attempts_exhausted=self.on_attempts_exhausted,
                                 **extra, **kw)  # fmt: skip
 
 
@@ -96,6 +103,22 @@ class Recipe:
     federation: FederationSpec
     task: Any = None  # fl_plugins.hf.spec.TaskSpec when the recipe names a built-in task instead of a script
     tracking: tuple[TrackerSpec, ...] = ()  # the trackers the run streams to (`tracking:`); () for none
+
+    def identity(self) -> dict[str, Any]:
+        """What makes this recipe's job this job, kept in the run directory's run.json (store.py): its name,
+        what the sites run (`script` and `args`, or `task`), `env`, and the sites with their `site_args`. A
+        restart whose recipe differs there is refused; `rounds`, `min_sites`, `round_deadline`, `aggregation`,
+        `transfer` and `tracking` may change between restarts, and `initial_model` is compared by content."""
+        job: dict[str, Any] = {"name": self.name}
+        if self.task is None:
+            job["script"] = os.path.relpath(self.script.path, self.source.resolve().parent)
+            job["args"] = list(self.script.args)
+        else:
+            job["task"] = json.loads(json.dumps(dataclasses.asdict(self.task), default=str))
+        job["env"] = dict(sorted(self.script.env.items()))
+        job["sites"] = [s.name for s in self.sites]
+        job["site_args"] = {s.name: list(s.args) for s in self.sites if s.args}
+        return {"path": str(self.source), "job": job}
 
 
 _KEYS = ("name", "script", "task", "sites", "rounds", "min_sites", "initial_model", "round_deadline", "args",
@@ -222,6 +245,9 @@ def parse_recipe(data: Any, source: str | Path) -> Recipe:
     if not isinstance(nonfinite, bool):
         raise c.fail("aggregation.reject_nonfinite", "must be true or false", nonfinite)
     chunk = tr.get("chunk_mib")
+    exhausted = agg.get("on_attempts_exhausted", "fail")
+    if exhausted not in ("fail", "close"):
+        raise c.fail("aggregation.on_attempts_exhausted", "must be 'fail' or 'close'", exhausted)
     fed = FederationSpec(
         rounds, min_sites, initial, deadline,
         min_updates=c.integer("aggregation.min_updates", agg.get("min_updates", 1), 1, len(names)),
@@ -229,11 +255,13 @@ def parse_recipe(data: Any, source: str | Path) -> Recipe:
         site_timeout=c.number("aggregation.site_timeout", agg.get("site_timeout", 60.0), 0.0, open_lo=True),
         chunk_bytes=None if chunk is None else int(c.number("transfer.chunk_mib", chunk, 1 / 16, 64) * (1 << 20)),
         idle_timeout=c.number("transfer.idle_timeout", tr.get("idle_timeout", 60.0), 0.0, open_lo=True),
+        max_attempts=c.integer("aggregation.max_attempts", agg.get("max_attempts", 3), 1),
+        on_attempts_exhausted=exhausted,
     )  # fmt: skip
     return Recipe(name.strip(), source, script, sites, fed, task, tracking)
 
 
-_AGGREGATION = ("min_updates", "reject_nonfinite", "site_timeout")
+_AGGREGATION = ("min_updates", "reject_nonfinite", "site_timeout", "max_attempts", "on_attempts_exhausted")
 _TRANSFER = ("chunk_mib", "idle_timeout")
 
 

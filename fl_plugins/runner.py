@@ -13,7 +13,10 @@ Starts the aggregator in this process on 127.0.0.1 (a free port), then one proce
 
 It stops everything (sites first: SIGTERM to each site's process group, SIGKILL after a grace period; then the
 aggregator) when the last round is done, on Ctrl-C, and when a site exits non-zero before the job is finished, in
-which case it prints the tail of that site's log and returns 1. Running again with the same run dir resumes.
+which case it prints the tail of that site's log and returns 1. Running the same recipe again with the same run
+dir resumes (RUN_DIR/run.json, store.py, says which recipe and job the run dir belongs to; another recipe is
+refused before anything starts). A start that fails leaves no state behind. The run dir, its folders and the files
+written here are private to the user (0700 / 0600), as the startup kits are.
 """
 
 from __future__ import annotations
@@ -87,6 +90,7 @@ def run(recipe: Recipe, run_dir: Path, *, live: bool | None = None, tls: bool = 
     from rich.console import Console
 
     from fl_plugins.aggregator.service import AggregatorServer
+    from fl_plugins.aggregator.store import RunStore, private_dir, private_file, undo_failed_start, write_private
 
     console = Console(soft_wrap=True)
     err = Console(stderr=True, soft_wrap=True)
@@ -96,39 +100,65 @@ def run(recipe: Recipe, run_dir: Path, *, live: bool | None = None, tls: bool = 
         from fl_plugins.tracking import check_installed
 
         check_installed(recipe.tracking)  # before anything starts: the error names the install command
-    (run_dir / "sites").mkdir(parents=True, exist_ok=True)
     fed = recipe.federation
-    config = fed.aggregator_config(run_dir)
+    config = fed.aggregator_config(run_dir, recipe=recipe.identity())
+    # a run directory of another job is refused before anything is made there (the aggregator checks again)
+    RunStore(run_dir).open_run(job_id=config.job_id, recipe=config.recipe, initial_model=config.initial_model,
+                               check_only=True)  # fmt: skip
 
     pkg_log = logging.getLogger("fl_plugins")
-    handler = logging.FileHandler(run_dir / "aggregator.log")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     saved = pkg_log.level, pkg_log.propagate
-    pkg_log.addHandler(handler)
-    pkg_log.setLevel(logging.INFO)
-    pkg_log.propagate = False  # the terminal shows the live view; the log goes to the file
-
+    handler: logging.Handler | None = None
     sites: list[_Site] = []
     server = None
     tracking = None
     metrics = _Metrics(run_dir / "metrics.jsonl")
     t0 = time.monotonic()
     code = 1
+
+    def teardown() -> None:  # stop whatever is running; safe to call twice
+        nonlocal server, tracking, handler
+        _stop_sites(sites)
+        if server is not None:
+            server.stop(0)
+        if tracking is not None:
+            tracking.close(code)
+        if handler is not None:
+            pkg_log.removeHandler(handler)
+            handler.close()
+            pkg_log.setLevel(saved[0])
+            pkg_log.propagate = saved[1]
+        server = tracking = handler = None
+
     try:
-        kits = None
-        if tls:
-            from fl_plugins.security.provision import provision_local
+        with undo_failed_start(run_dir):  # a start that fails (a bad kit or initial model) leaves no state behind
+            try:
+                private_dir(run_dir)
+                private_dir(run_dir / "sites")
+                private_file(run_dir / "aggregator.log").close()  # 0600 before the handler appends to it
+                handler = logging.FileHandler(run_dir / "aggregator.log")
+                handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+                pkg_log.addHandler(handler)
+                pkg_log.setLevel(logging.INFO)
+                pkg_log.propagate = False  # the terminal shows the live view; the log goes to the file
+                kits = None
+                if tls:
+                    from fl_plugins.security.provision import provision_local
 
-            kits = provision_local(run_dir / "kits", [s.name for s in recipe.sites], name=recipe.name)
-        if recipe.tracking:
-            from fl_plugins.tracking import Tracking
+                    kits = provision_local(run_dir / "kits", [s.name for s in recipe.sites], name=recipe.name)
+                if recipe.tracking:
+                    from fl_plugins.tracking import Tracking
 
-            tracking = Tracking(run_dir, recipe.tracking, name=recipe.name, params=_tracking_params(recipe)).start()
-            console.print(f"tracking: {tracking.describe()}", highlight=False)
-        server = AggregatorServer(config, "127.0.0.1:0", kit=kits.server if kits else None).start()
+                    tracking = Tracking(run_dir, recipe.tracking, name=recipe.name,
+                                        params=_tracking_params(recipe)).start()  # fmt: skip
+                    console.print(f"tracking: {tracking.describe()}", highlight=False)
+                server = AggregatorServer(config, "127.0.0.1:0", kit=kits.server if kits else None).start()
+            except BaseException:
+                teardown()
+                raise
         console.print(f"[bold]{recipe.name}[/]: aggregator on {server.address}{' (mTLS)' if kits else ''}, "
-                      f"{len(recipe.sites)} sites, {fed.rounds} rounds; run dir {run_dir}",
-                      highlight=False)  # fmt: skip
+                      f"{len(recipe.sites)} sites, {fed.rounds} rounds; job {server.aggregator.job_id}, run dir "
+                      f"{run_dir}", highlight=False)  # fmt: skip
         for spec in recipe.sites:
             kit = kits.sites[spec.name] if kits else None
             sites.append(_start_site(recipe, spec.name, spec.args, server.address, run_dir, kit))
@@ -141,19 +171,14 @@ def run(recipe: Recipe, run_dir: Path, *, live: bool | None = None, tls: bool = 
         else:
             code = _watch(server, sites, metrics, recipe, view.print_progress, err)
     except KeyboardInterrupt:
+        code = 130
+        if not run_dir.is_dir():  # interrupted while starting: nothing to resume
+            err.print("interrupted while starting; nothing was left in the run directory", highlight=False)
+            return code
         err.print(f"interrupted: stopping the sites and the aggregator; run the same command with --run-dir "
                   f"{run_dir} to resume", highlight=False)  # fmt: skip
-        code = 130
     finally:
-        _stop_sites(sites)
-        if server is not None:
-            server.stop(0)
-        if tracking is not None:
-            tracking.close(code)
-        pkg_log.removeHandler(handler)
-        handler.close()
-        pkg_log.setLevel(saved[0])
-        pkg_log.propagate = saved[1]
+        teardown()
     metrics.poll()
     baselines = None
     if code == 0 and recipe.task is not None and recipe.task.baselines:
@@ -163,7 +188,7 @@ def run(recipe: Recipe, run_dir: Path, *, live: bool | None = None, tls: bool = 
     summary = _summary(recipe, metrics, sites, code, time.monotonic() - t0)
     if baselines is not None:
         summary["baselines"] = baselines
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_private(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
     if summary["rounds"]:
         console.print(_summary_table(summary))
     if baselines is not None:
@@ -177,13 +202,15 @@ def run(recipe: Recipe, run_dir: Path, *, live: bool | None = None, tls: bool = 
 def _run_baselines(recipe: Recipe, run_dir: Path, console, err) -> dict[str, Any] | None:
     """A built-in task's `baselines: true`: score the final global model and each site's local-only model on the
     pooled validation set (one process, after the federation; RUN_DIR/baselines.log)."""
+    from fl_plugins.aggregator.store import private_file
+
     log_path = run_dir / "baselines.log"
     console.print("baselines: the global model and each site alone, on the pooled validation set ...",
                   highlight=False)  # fmt: skip
     cmd = [sys.executable, str(recipe.script.path), "--recipe", str(recipe.source.resolve()), "--baselines",
            str(run_dir)]  # fmt: skip
     env = {**os.environ, **recipe.script.env, "PYTHONUNBUFFERED": "1"}
-    with log_path.open("wb") as f:
+    with private_file(log_path, "wb") as f:
         rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
     if rc != 0:
         err.print(f"baselines failed (exit {rc}); the last lines of {log_path}:\n{_tail(log_path)}", highlight=False)
@@ -230,8 +257,10 @@ def _baselines_table(recipe: Recipe, b: dict[str, Any]):
 
 def _start_site(recipe: Recipe, name: str, site_args: tuple[str, ...], address: str, run_dir: Path,
                 kit: Path | None = None) -> _Site:  # fmt: skip
+    from fl_plugins.aggregator.store import private_file
+
     log_path = run_dir / "sites" / f"{name}.log"
-    f = log_path.open("ab")
+    f = private_file(log_path, "ab")  # 0600: a site's log can hold its data
     cmd = [sys.executable, str(recipe.script.path), *recipe.script.args, *site_args]
     env = {**os.environ, **recipe.script.env, "FL_SERVER": address, "FL_SITE": name, "PYTHONUNBUFFERED": "1"}
     if kit is not None:

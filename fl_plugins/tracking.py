@@ -311,7 +311,7 @@ class _MLflow(_Tracker):
             artifacts = None
             if uri is None:
                 store = (run_dir / "mlruns").resolve()
-                store.mkdir(parents=True, exist_ok=True)
+                store.mkdir(mode=0o700, parents=True, exist_ok=True)  # private, as the run directory is
                 uri = f"sqlite:///{store / 'mlflow.db'}"
                 artifacts = (store / "artifacts").as_uri()
             self.uri = uri
@@ -359,7 +359,7 @@ class _TensorBoard(_Tracker):
     name = "tensorboard"
 
     def __init__(self, log_dir: Path) -> None:
-        log_dir.mkdir(parents=True, exist_ok=True)
+        log_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.log_dir = log_dir
         if _has("tensorboard"):  # tensorboard's own event writer: protobuf only, no torch, no TensorFlow
             from tensorboard.compat.proto.event_pb2 import Event
@@ -400,7 +400,7 @@ class _Wandb(_Tracker):
         wanted = {"silent": True, "console": "off", "x_disable_stats": True, "x_disable_update_check": True,
                   "save_code": False}  # fmt: skip
         settings = wandb.Settings(**{k: v for k, v in wanted.items() if k in wandb.Settings.model_fields})
-        run_dir.mkdir(parents=True, exist_ok=True)
+        run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         self.run = wandb.init(project=options.get("project") or job, entity=options.get("entity"),
                               name=options.get("name") or run_dir.resolve().name, group=options.get("group"),
                               tags=list(options.get("tags") or ()), config=params, dir=str(run_dir), mode="offline",
@@ -506,7 +506,7 @@ class Tracking:
 
     def start(self) -> Tracking:
         check_installed(self.specs)
-        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.run_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
         with contextlib.suppress(OSError):
             self._live_from = self._metrics.path.stat().st_size
         try:
