@@ -249,7 +249,7 @@ def test_other_ranks_do_not_talk_to_the_aggregator(api):
     api.init(rank=1)  # no address needed: rank 1 never connects
     assert api.receive() is None
     api.send(api.FLModel(params={}))  # a no-op
-    assert api.is_running() is False
+    assert api.is_running() is True  # as FLARE's: other ranks never learn the job's end; the script syncs them
 
 
 def test_non_loopback_address_needs_insecure(tmp_path):

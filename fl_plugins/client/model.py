@@ -28,8 +28,12 @@ class MetaKey:
     SITE_NAME = "site_name"
 
 
-@dataclass
+@dataclass(repr=False)
 class FLModel:
+    """A model (or an update) with its round and metrics: NVIDIA FLARE's FLModel, field for field.
+
+    params_type defaults to FULL when params are given (FLARE's rule); "FULL"/"DIFF" strings are accepted."""
+
     params_type: ParamsType | str | None = None
     params: dict[str, Any] | None = None
     optimizer_params: dict[str, Any] | None = None
@@ -40,6 +44,8 @@ class FLModel:
     meta: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if self.params_type is None and self.params is not None:
+            self.params_type = ParamsType.FULL
         if self.params_type is not None:
             try:
                 self.params_type = ParamsType(str(self.params_type).upper())
@@ -51,21 +57,25 @@ class FLModel:
             self.meta = {}
 
     def summary(self) -> dict[str, Any]:
-        """A short description: shapes instead of values, like FLARE's."""
-        def shapes(d):
-            return None if d is None else {k: tuple(getattr(v, "shape", ())) for k, v in d.items()}
-
-        return {
-            "params_type": str(self.params_type) if self.params_type else None,
-            "params": shapes(self.params) if self.params is not None else None,
-            "num_params": None if self.params is None else len(self.params),
-            "optimizer_params": shapes(self.optimizer_params),
-            "metrics": self.metrics,
-            "start_round": self.start_round,
-            "current_round": self.current_round,
-            "total_rounds": self.total_rounds,
-            "meta": self.meta,
-        }
+        """FLARE's summary, key for key: each field that holds a value (FLARE tests truthiness, so 0, {} and ""
+        are left out too) maps to the length of a dict (`params` -> the number of tensors), the value itself for
+        an int or a ParamsType, and the value's type for anything else. Never the tensors themselves."""
+        fields = {"params": self.params, "optimizer_params": self.optimizer_params, "metrics": self.metrics,
+                  "meta": self.meta, "params_type": self.params_type, "start_round": self.start_round,
+                  "current_round": self.current_round, "total_rounds": self.total_rounds}  # fmt: skip
+        out: dict[str, Any] = {}
+        for key, value in fields.items():
+            if not value:
+                continue
+            if isinstance(value, dict):
+                out[key] = len(value)
+            elif isinstance(value, ParamsType | int):
+                out[key] = value
+            else:
+                out[key] = type(value)
+        return out
 
     def __str__(self) -> str:
         return f"FLModel({self.summary()})"
+
+    __repr__ = __str__  # the summary, not every tensor of the model

@@ -5,16 +5,20 @@
     trainer = Trainer(model, args, train_dataset=..., eval_dataset=..., callbacks=[flare.FLTrainerCallback()])
     trainer.train()                          # every round: receive, (evaluate), train one round's budget, send
 
-or FLARE's loop, one train() per round:
+or FLARE's loop, one train() per round, with NVIDIA FLARE's `patch()` signature and meaning:
 
-    flare.patch(trainer)
+    flare.patch(trainer)                     # restore_state=True, load_state_dict_strict=True, params_scope="auto",
+                                             # server_key_prefix=None, local_epochs=None, local_steps=None,
+                                             # stream_metrics=False
     while flare.is_running():
         input_model = flare.receive()        # loaded into trainer.model
         trainer.evaluate()                   # the global model's metrics go with the update
         trainer.train()
 
-PEFT models exchange only their adapter weights; other models their trainable parameters. Details:
-fl_plugins/integrations/hf.py. The rest is the client API (`fl_plugins.client`).
+What travels: patch()'s params_scope="auto" sends a PEFT model's adapter, any other model's whole state_dict; the
+callback's default ("trainable") sends the adapter, or a plain model's trainable parameters. Details, and what
+patch() refuses (DeepSpeed, FSDP, load_best_model_at_end=True): fl_plugins/integrations/hf.py. The rest is the
+client API (`fl_plugins.client`).
 """
 
 from __future__ import annotations

@@ -16,7 +16,8 @@ ranks take them with `follow()`, so their `is_running()` and `receive()` agree w
 talking to the aggregator or needing a process group outside fit/validate.
 
 A model target is anything with `state() -> Mapping[str, tensor]` (the live state, sharing storage) and
-`load(params, strict)`: see `_torch.ModuleTarget`.
+`load(params, strict)`: see `_torch.ModuleTarget`. `PrefixedTarget` puts a prefix on every name that travels
+(FLARE's `server_key_prefix`), so the global model's names can differ from the model's own by that prefix.
 
 Round 0 without an initial model: `receive()` returns an FLModel with `current_round=0` and `params=None`;
 when the first fit/validate starts, the target's weights are uploaded as round 0's global model, received
@@ -42,6 +43,25 @@ class ModelTarget(Protocol):
     def state(self) -> Mapping[str, Any]: ...
 
     def load(self, params: Mapping[str, Any], strict: bool) -> None: ...
+
+
+class PrefixedTarget:
+    """A model target whose tensor names carry `prefix` on the wire (FLARE's `server_key_prefix`): the server's
+    model wraps the site's one level down (`model.` + the site's names). `state()` adds the prefix, so the driver
+    checks, receives into, offers and sends the wire names; `load()` strips it before the inner target loads."""
+
+    def __init__(self, inner: ModelTarget, prefix: str) -> None:
+        self.inner, self.prefix = inner, prefix
+
+    def state(self) -> dict[str, Any]:
+        return {self.prefix + k: v for k, v in self.inner.state().items()}
+
+    def load(self, params: Mapping[str, Any], strict: bool) -> None:
+        n = len(self.prefix)
+        self.inner.load({k[n:] if k.startswith(self.prefix) else k: v for k, v in params.items()}, strict)
+
+    def __getattr__(self, name: str) -> Any:  # the inner target's other attributes (kind, nbytes, ...)
+        return getattr(self.inner, name)
 
 
 def check_params(received: Mapping[str, Any], local: Mapping[str, Any], what: str = "the global model") -> None:
