@@ -96,7 +96,7 @@ def test_a_fixed_global_model_makes_every_round_start_from_the_same_loss(server_
     one row repeated, so the shuffle order cannot make the rounds' first batches differ."""
     start = tiny_bert(seed=0)
     srv = server_factory(rounds=3, min_sites=2, initial=state_np(start))
-    anchor = SiteThread(srv.address, "anchor", lambda r, p: (p, "FULL", 1e20))
+    anchor = SiteThread(srv.address, "anchor", lambda r, p: (p, "FULL", 1e11))
     anchor.start()
     site(srv, "hf")
     model = tiny_bert(seed=1)  # other weights: only loading the global model makes round 0 start from it

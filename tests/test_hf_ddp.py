@@ -72,7 +72,7 @@ def test_torchrun_two_processes_only_the_main_one_talks(server_factory, tmp_path
     # with an overwhelming weight, so round 1's global model differs from what the DDP site trained in round 0:
     # only if process 1 receives it too do the two processes start round 1 (and end it) with equal weights.
     srv = server_factory(rounds=2, min_sites=2)
-    anchor = SiteThread(srv.address, "anchor", lambda r, p: (p, "FULL", 1e20))
+    anchor = SiteThread(srv.address, "anchor", lambda r, p: (p, "FULL", 1e11))
     anchor.start()
     script = tmp_path / "site.py"
     script.write_text(SCRIPT)

@@ -91,7 +91,7 @@ def assert_run_dir_intact(tmp_path: Path, rounds: int) -> None:
     digests, their chunk digests), round 0 still the initial model, and nothing written anywhere else."""
     run = tmp_path / "run"
     assert {p.name for p in tmp_path.iterdir()} <= {"run", "initial.safetensors"}
-    assert {p.name for p in run.iterdir()} <= {"global", "metrics.jsonl", "logs.jsonl"}
+    assert {p.name for p in run.iterdir()} <= {"global", "metrics.jsonl", "logs.jsonl", "run.json"}
     assert sorted(p.name for p in (run / "global").iterdir()) == [f"round-{r:05d}" for r in range(rounds + 1)]
     store = RunStore(run)
     for r in range(rounds + 1):
@@ -198,7 +198,7 @@ class Federation:
     def release(self) -> None:
         self.go.set()
 
-    def finish(self, extra: list[tuple[Step, float]] = (), *, restarts: int = 0, evil_counted: int = 0) -> dict:
+    def finish(self, extra: list[tuple[Step, float]] = (), *, refolds: int = 0, evil_counted: int = 0) -> dict:
         """Release the good sites, wait for the job's end, and check: the aggregator ran to the end, the result
         is FedAvg of the good sites' updates (plus `extra`), the evil site's update counted `evil_counted`
         times, and the run directory is intact."""
@@ -210,9 +210,9 @@ class Federation:
                 raise s.error
         assert self.srv.wait() == 0, f"the aggregator stopped: {self.srv.aggregator.error!r}"
         status = self.srv.aggregator.status()
-        assert status["round_restarts"] == restarts, status
+        assert (status["round_restarts"], status["refolds"]) == (0, refolds), status
         updates = metrics(self.srv, "update")
-        assert sorted(u["site"] for u in updates if u["attempt"] == restarts) == sorted(
+        assert sorted(u["site"] for u in updates) == sorted(
             ["good-1", "good-2"] + ["evil"] * evil_counted)  # fmt: skip
         want = fedavg(INITIAL, [(step, w) for _, step, w in GOOD] + list(extra))
         assert_params_equal(load_round(self.srv.aggregator.config.run_dir, 1), want)
@@ -281,10 +281,10 @@ def test_a_shard_whose_header_disagrees_with_the_manifest_is_refused(server_fact
     st = evil.begin(task, m.to_json())
     code, details = refused(evil.send, st.upload_id, fs)
     assert code == grpc.StatusCode.INVALID_ARGUMENT, details
-    assert f"header disagrees with the manifest for [{W!r}]" in details and "sits round 0 out" in details
+    assert f"header disagrees with the manifest for [{W!r}]" in details and "sits attempt 0 of round 0 out" in details
     assert evil.task(wait=0.2).kind == pb.Task.WAIT  # no task for the rest of round 0
     code, details = refused(evil.begin, task, m.to_json(), nonce="n2")
-    assert code == grpc.StatusCode.FAILED_PRECONDITION and "sits this round out" in details, details
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "sits attempt 0 of the round out" in details, details
     evil.close()
     fed.finish()
 
@@ -308,7 +308,7 @@ def test_a_shard_larger_than_declared_is_refused(server_factory, how):
     code, details = refused(evil.commit, st.upload_id, [shard_digest(m, fs[:3])])
     assert code == grpc.StatusCode.FAILED_PRECONDITION, details
     evil.close()
-    fed.finish(restarts=1)  # its first chunks were folded: round 0 runs again, without it
+    fed.finish(refolds=1)  # its first chunks were folded: the good sites' updates are refolded without it
 
 
 # -- updates that disagree with the global model ------------------------------------------------------------
@@ -328,12 +328,12 @@ def test_tensors_of_the_wrong_dtype_are_refused(server_factory):
     fed.finish()
 
 
-@pytest.mark.parametrize("where, tensor, index, value, restarts", [
+@pytest.mark.parametrize("where, tensor, index, value, refolds", [
     ("first chunk", W, (0, 0), np.nan, 0),
     ("a later chunk", B, (255,), np.inf, 1),
     ("a bf16 tensor, last chunk", N, (5,), -np.inf, 1),
 ])  # fmt: skip
-def test_nan_and_inf_in_an_update_are_refused(server_factory, where, tensor, index, value, restarts):
+def test_nan_and_inf_in_an_update_are_refused(server_factory, where, tensor, index, value, refolds):
     fed = Federation(server_factory)
     c = SiteClient(fed.address, "evil", retry_timeout=10)
     try:
@@ -343,13 +343,13 @@ def test_nan_and_inf_in_an_update_are_refused(server_factory, where, tensor, ind
         bad[tensor][index] = value
         flat = int(np.ravel_multi_index(index, bad[tensor].shape))
         with pytest.raises(ModelMismatchError, match=rf"tensor '{tensor}' holds {value} at element {flat} .*"
-                                                     r"--allow-nonfinite.*sits round 0 out"):  # fmt: skip
+                                                     r"--allow-nonfinite.*sits attempt 0 of round 0 out"):  # fmt: skip
             c.upload(task.round, task.attempt, bad, {})
-        with pytest.raises(RoundError, match="sits this round out"):
+        with pytest.raises(RoundError, match="sits attempt 0 of the round out"):
             c.upload(task.round, task.attempt, plus(2)(INITIAL), {})
     finally:
         c.close()
-    fed.finish(restarts=restarts)  # folded chunks of it (all but the first chunk case): the round runs again
+    fed.finish(refolds=refolds)  # folded chunks of it (all but the first chunk case): the round is refolded
 
 
 def test_nan_is_averaged_when_reject_nonfinite_is_off(server_factory):
@@ -488,7 +488,7 @@ def test_a_site_that_stalls_mid_upload_is_dropped_and_the_round_goes_on(server_f
     code, details = refused(evil.commit, st.upload_id, [shard_digest(m, fs)])
     assert code == grpc.StatusCode.FAILED_PRECONDITION, details
     evil.close()
-    fed.finish(restarts=1)  # its first chunk was folded: round 0 runs again without it
+    fed.finish(refolds=1)  # its first chunk was folded: the round is refolded without it
 
 
 # -- logs ---------------------------------------------------------------------------------------------------

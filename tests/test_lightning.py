@@ -115,7 +115,7 @@ def test_every_round_starts_from_the_global_model(server_factory, site):
     Lightning site's own weights and optimizer moved on in each round."""
     start = Tiny(seed=0)
     srv = server_factory(rounds=3, min_sites=2, initial=numpy_state(start))
-    anchor = SiteThread(srv.address, "anchor", lambda r, p: (p, "FULL", 1e20))
+    anchor = SiteThread(srv.address, "anchor", lambda r, p: (p, "FULL", 1e11))
     anchor.start()
     site(srv, "lightning")
     module = Tiny(seed=1)

@@ -61,7 +61,7 @@ def test_cli_help_and_bad_flags():
     assert out.returncode == 0 and "--initial-model" in out.stdout
     bad = subprocess.run([sys.executable, "-m", "fl_plugins.cli", "server", "--run-dir", "x", "--rounds", "0"],
                          capture_output=True, text=True)  # fmt: skip
-    assert bad.returncode == 2 and "`--rounds` must be >= 1 (got 0)" in bad.stderr
+    assert bad.returncode == 2 and "`rounds` (--rounds) must be an integer >= 1 (got 0)" in bad.stderr
 
 
 def test_the_trainer_faces_are_the_client_api_plus_patch():

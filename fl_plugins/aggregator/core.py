@@ -1,39 +1,67 @@
 """The aggregator's rounds, sites and uploads: a state machine with no gRPC in it.
 
-Round R, attempt A:
-  * starts once `min_sites` sites are connected; every site that asks gets the TRAIN task for (R, A);
-  * each update's chunks are folded into the accumulator as they arrive (fedavg.py); a commit checks that
-    every shard is complete and its digest matches, then adds the update's weight: only then does it count;
-  * closes when every site that took the task has committed (and at least `min_sites` have), or, with a
-    round deadline, when the deadline passes and at least `min_updates` have committed;
-  * a site that vanished (no heartbeat for `site_timeout`) no longer holds the round up;
-  * if bytes of an update that never committed were folded (a site died mid-upload), the accumulator holds a
-    partial update: the round is run again from the same global model as attempt A+1, so no partial update
-    ever reaches the global model (the rare, slow path; the common path folds at wire speed);
-  * an update is refused, with an error that names what was wrong, when its manifest or envelope is malformed,
-    its tensors disagree with the global model, or (as its chunks arrive) a shard's header disagrees with the
-    manifest, a shard holds more bytes than declared, or a value is NaN or infinite (`reject_nonfinite`). A
-    refused update does not hold the round up; one refused mid-stream also keeps its site out of the rest of
-    the round (its folded chunks, if any, make the round run again, and the site must not make it run again
-    and again).
-A closed round is finalised on the background thread: the new global model is written to `global/round-R+1`
-(store.py), then round R+1 opens. Updates for a closed round or an old attempt, and duplicates, are refused.
+The promise: the global model written for round R+1 is the weighted average of the updates *counted* in round
+R, and of nothing else, whatever closes the round and whenever a site fails. The rules that keep it:
+
+Round R runs in attempts (A = 0, 1, ...); an attempt is a window in which each site may have one update counted.
+  * Round R starts once `min_sites` sites are connected; every site that asks gets the TRAIN task (R, A) unless
+    its update is counted already or it sits out the attempt. Only a site that took round R's task may begin
+    an upload for it (after an aggregator restart: once `min_sites` are connected again, for attempt 0).
+  * Each chunk of an update is verified, then folded into the accumulator at once (fedavg.py). A commit checks
+    every shard's digest; only then is the update *counted* (its weight added). A counted update is kept as a
+    `Counted` record: its weight, its manifest's hash and its chunk digests (16 bytes per chunk), not its bytes.
+  * An upload that ends without being counted after some of its chunks were folded (dropped for
+    `idle_timeout`, its site gone for `site_timeout` or refused by its policy, replaced by a new send(), a wrong
+    shard digest, content refused mid-stream, late at the round's close) leaves a *partial update* in the
+    accumulator. Its site is the culprit: it sits out the rest of the attempt (later sends are refused, saying
+    so), so one site cannot make the round refold again and again.
+  * The round *closes* when (a) every participant still alive is counted and at least `min_sites` are, or
+    (b) no participant is left to wait for and fewer than `min_sites` sites could still be counted (sites left or
+    sit out): the round closes with the updates it has (at least one), or (c) the round deadline passed with at
+    least `min_updates` counted. Closing refuses uploads that are not counted yet (late).
+  * At the close, with folds excluded (the fold gate), the aggregator checks the accumulator: if any upload that
+    is not counted folded a byte in this accumulator's *epoch*, the accumulator is *refolded*: it is zeroed (a
+    new epoch), every counted update becomes *owed*, and its site is asked (task RESEND) to send the same update
+    again; each resent chunk must match the committed chunk digest *before* it is folded, and the commit must
+    match the committed shard digests. A site that cannot resend (its process no longer holds the update, it
+    left, or it did not begin within `site_timeout`) loses its update for the round. When nothing is owed, the
+    check runs again; the round then closes if it still has what its reason needed, else it goes back to
+    collecting. Refolds are bounded: each one has a culprit, who sits out.
+  * A new attempt starts when the deadline passed with fewer than `min_updates` counted, or when no site is left
+    that could send an update and none is counted: counted updates stay counted, sit-outs end, the deadline
+    starts again, and every other site gets the task (R, A+1). After `max_attempts` attempts the round closes
+    with what it has (`on_attempts_exhausted="close"`, at least one update) or the job fails with an error
+    that says why (`"fail"`, the default).
+  * An update is refused, with an error that names what was wrong, when its manifest or envelope is malformed,
+    its tensors or shard plan disagree with the global model, its chunk size is not the aggregator's, its weight
+    is not in (0, MAX_WEIGHT], or (as its chunks arrive) a shard's header disagrees with the manifest, a shard
+    holds more bytes than declared, or a value is NaN or infinite (`reject_nonfinite`).
+A closed round is finalised on the background thread: the new global model is checked for NaN/Inf (unless
+`reject_nonfinite` is off) and written to `global/round-R+1` (store.py), then round R+1 opens. Updates for a
+closed round and duplicates are refused. tests/test_rounds.py drives these rules as a hypothesis state machine.
 """
 
 from __future__ import annotations
 
 import contextlib
+import enum
+import hashlib
 import logging
 import math
 import threading
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fl_plugins.aggregator.fedavg import Accumulator
-from fl_plugins.aggregator.store import GlobalReader, RunStore, same_tensors, write_chunk_digests
+from fl_plugins.aggregator.fedavg import MAX_WEIGHT, Accumulator, check_averageable
+from fl_plugins.aggregator.store import (
+    GlobalReader,
+    RunStore,
+    same_tensors,
+    undo_failed_start,
+    write_chunk_digests,
+)
 from fl_plugins.errors import (
     AuthError,
     ConfigError,
@@ -49,6 +77,18 @@ from fl_plugins.wire.stream import FileSource, ShardReceiver
 log = logging.getLogger(__name__)
 
 TASK_NAME = "train"
+MAX_HEADER_SLACK = 64 << 10  # an update's shard header may exceed the one we would build by this much (metadata)
+
+
+def _check_number(name: str, value: Any, *, low: float, integer: bool = False, strict: bool = False) -> None:
+    """`value` must be a number >= low (> low when `strict`), an int when `integer`: else a ConfigError naming
+    the setting (and its flag), the rule and the value."""
+    kind = "an integer" if integer else "a number"
+    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
+    ok = ok and not isinstance(value, bool) and (integer or math.isfinite(value))
+    if not ok or (value <= low if strict else value < low):
+        rule = f"{'>' if strict else '>='} {low:g}"
+        raise ConfigError(f"`{name}` (--{name.replace('_', '-')}) must be {kind} {rule} (got {short_repr(value)})")
 
 
 @dataclass
@@ -62,20 +102,53 @@ class AggregatorConfig:
     idle_timeout: float = 60.0  # a transfer that moves no bytes for this long is cancelled
     site_timeout: float = 60.0  # a site silent (no heartbeat, no call) for this long has left the round
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    job_id: str = ""
+    job_id: str = ""  # "": the run's (run.json), else the recipe's name, else a new random id; kept on restart
     linger: float = 5.0  # after the last round, keep answering END this long so sites learn the job is over
     reject_nonfinite: bool = True  # refuse an update holding NaN or Inf (checked on each chunk as it arrives)
+    max_attempts: int = 3  # attempts a round may take to collect its updates (see the module docstring)
+    on_attempts_exhausted: str = "fail"  # then: "fail" the job, or "close" the round with the updates it has
+    # the recipe the job runs ({"path", "job"}: fl_plugins.recipe.Recipe.identity()), kept in RUN_DIR/run.json: a
+    # restart with another recipe is refused; None: no recipe (then `job_id`, else a random id, names the job)
+    recipe: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)
-        if self.rounds < 1:
-            raise ConfigError(f"`--rounds` must be >= 1 (got {self.rounds})")
-        if self.min_sites < 1:
-            raise ConfigError(f"`--min-sites` must be >= 1 (got {self.min_sites})")
-        if self.round_deadline is not None and self.round_deadline <= 0:
-            raise ConfigError(f"`--round-deadline` must be > 0 seconds (got {self.round_deadline})")
+        _check_number("rounds", self.rounds, low=1, integer=True)
+        _check_number("min_sites", self.min_sites, low=1, integer=True)
+        _check_number("min_updates", self.min_updates, low=1, integer=True)
+        _check_number("max_attempts", self.max_attempts, low=1, integer=True)
+        if self.round_deadline is not None:
+            _check_number("round_deadline", self.round_deadline, low=0, strict=True)
+        _check_number("idle_timeout", self.idle_timeout, low=0, strict=True)
+        _check_number("site_timeout", self.site_timeout, low=0, strict=True)
+        _check_number("linger", self.linger, low=0)
+        _check_number("chunk_bytes", self.chunk_bytes, low=64 << 10, integer=True)
         if self.chunk_bytes % 8 or not 64 << 10 <= self.chunk_bytes <= 64 << 20:
             raise ConfigError(f"`chunk_bytes` must be a multiple of 8 in 64 KiB..64 MiB (got {self.chunk_bytes})")
+        if self.on_attempts_exhausted not in ("fail", "close"):
+            raise ConfigError("`on_attempts_exhausted` must be 'fail' or 'close' (got "
+                              f"{short_repr(self.on_attempts_exhausted)})")  # fmt: skip
+        if not isinstance(self.reject_nonfinite, bool):
+            raise ConfigError(f"`reject_nonfinite` must be true or false (got {short_repr(self.reject_nonfinite)})")
+        if not isinstance(self.job_id, str) or len(self.job_id) > 128:
+            raise ConfigError(f"`job_id` (--job-id) must be a string of at most 128 characters "
+                              f"(got {short_repr(self.job_id)})")  # fmt: skip
+
+
+class Close(enum.Enum):
+    """Why a round closes, and how many counted updates that reason needs."""
+
+    ALL_IN = "every participant is counted"
+    SITES_LEFT = "no other site can still send an update"
+    DEADLINE = "the round deadline passed"
+    EXHAUSTED = "the round used its attempts"
+
+
+class Step(enum.Enum):
+    """What the background thread does next (`Aggregator._tick`)."""
+
+    CLOSE = "close"
+    NEW_ATTEMPT = "new attempt"
 
 
 @dataclass
@@ -83,24 +156,40 @@ class SiteState:
     name: str
     last_seen: float
     can_offer: bool = False
-    took: tuple[int, int] | None = None  # (round, attempt) of the task it was given
-    committed: tuple[int, int] | None = None
+    took: tuple[int, int] | None = None  # (round, attempt) of the task it was given last
     asked: bool = False  # has asked for a task (and so said whether it can offer round 0's weights)
-    sits_out: int | None = None  # a round whose update from this site was refused mid-stream
+    sits_out: tuple[int, int] | None = None  # (round, attempt) it sits out: it left a partial update behind
+    not_waited: int | None = None  # a round whose update from it was invalid: it may send another, unwaited for
+
+
+@dataclass
+class Counted:
+    """A committed update: what a refold needs to take it again and to check that a resend is the same update
+    (the chunk digests are 16 bytes per chunk: 4 KiB per GiB at 4 MiB chunks). Owed while a refold waits for it."""
+
+    site: str
+    nonce: str
+    manifest_sha: bytes
+    weight: float
+    params_type: str
+    shard_digests: list[str]
+    chunk_digests: list[list[bytes]]
+    record: dict[str, Any]
+    asked: float = 0.0  # when a refold asked for it again
 
 
 class _FoldSink:
     def __init__(self, acc: Accumulator, weight: float, session: Upload, check_finite: bool) -> None:
         self.acc, self.weight, self.session, self.check_finite = acc, weight, session, check_finite
+        self.diff = session.params_type == "DIFF"
 
     def header(self, shard: int, prefix: bytes) -> None:
         pass
 
     def data(self, shard: int, tensor: TensorInfo, lo: int, payload: memoryview) -> None:
-        if self.check_finite:
-            self.acc.check_finite(tensor, lo, payload)  # before any of it is folded
-        self.session.folded = True
-        self.acc.fold(tensor, lo, payload, self.weight)
+        self.acc.check(tensor, lo, payload, finite=self.check_finite, weight=self.weight)  # before it is folded
+        self.session.folded = True  # before the fold, under the fold gate: the close's check sees it
+        self.acc.fold(tensor, lo, payload, self.weight, diff=self.diff)
 
 
 class _FileSink:
@@ -136,8 +225,12 @@ class Upload:
     weight: float
     params_type: str
     initial: bool
+    nonce: str = ""
+    manifest_sha: bytes = b""
+    epoch: int = 0  # the accumulator epoch its chunks fold into
+    resend_of: Counted | None = None  # a refold's resend of this counted update
     receivers: list[ShardReceiver] = field(default_factory=list)
-    folded: bool = False
+    folded: bool = False  # some of its bytes reached the accumulator (set before the fold, under the fold gate)
     committed: bool = False
     dead: bool = False  # its round attempt ended: any further chunk is refused
     bytes_received: int = 0
@@ -153,7 +246,7 @@ class Aggregator:
     def __init__(self, config: AggregatorConfig) -> None:
         self.config = config
         self.store = RunStore(config.run_dir)
-        self.job_id = config.job_id or uuid.uuid4().hex[:12]
+        self.job_id = config.job_id  # _resume sets the run's: run.json's, else this one, else a new one
         self._cond = threading.Condition()
         self.sites: dict[str, SiteState] = {}
         self.uploads: dict[str, Upload] = {}
@@ -169,28 +262,42 @@ class Aggregator:
         self.done = False
         self.done_at: float | None = None
         self.error: BaseException | None = None
-        self._closing = False
-        self._dirty = False
+        self._closing: Close | None = None  # why the round is closing; None while it collects updates
+        self._finalizing = False
+        self.epoch = 0  # the accumulator's epoch: a refold starts a new one
+        self._epoch_uploads: list[Upload] = []  # every update upload that could fold into this epoch
+        self.counted: dict[str, Counted] = {}  # site -> its update, counted in this round (folded in this epoch)
+        self.owed: dict[str, Counted] = {}  # site -> its counted update, zeroed by a refold, to be sent again
+        self._round_began: float | None = None
+        self._refolds_before = 0
         self._stop = threading.Event()
         self.stats: dict[str, Any] = {"bytes_received": 0, "bytes_sent": 0, "corrupted_chunks": 0,
                                       "updates_accepted": 0, "updates_refused": 0, "invalid_updates": 0,
-                                      "round_restarts": 0}  # fmt: skip
+                                      "round_restarts": 0, "refolds": 0, "updates_lost": 0}  # fmt: skip
         self._fold_gate = _Gate()
-        self._round_metrics: list[dict] = []
         self._resume()
         self._thread = threading.Thread(target=self._loop, name="fl-aggregator", daemon=True)
 
     # -- lifecycle ---------------------------------------------------------------------------------------
     def _resume(self) -> None:
-        latest = self.store.latest_round()
-        if latest is None and self.config.initial_model is not None:
-            log.info("importing initial model %s", self.config.initial_model)
-            self.store.import_initial(self.config.initial_model, self.config.chunk_bytes)
-            latest = 0
-        if latest is not None:
-            if latest > 0 or self.config.initial_model is None:
-                log.info("resuming run %s from global/round-%05d", self.config.run_dir, latest)
-            self._open_round(min(latest, self.config.rounds), self.store.load(latest))
+        """Open the run directory: a new run (its run.json is written with round 0), or the run it holds if
+        this start's inputs are the run's (store.RunStore.open_run: another job id, recipe or initial model is
+        a ConfigError). A start that fails here leaves no state behind."""
+        cfg = self.config
+        with undo_failed_start(cfg.run_dir):
+            ident = self.store.open_run(job_id=cfg.job_id, recipe=cfg.recipe, initial_model=cfg.initial_model)
+            self.job_id = ident.job_id
+            latest = self.store.latest_round()
+            if latest is not None:
+                log.info("resuming run %s (job %s) from global/round-%05d", cfg.run_dir, self.job_id, latest)
+            elif cfg.initial_model is not None:
+                log.info("importing initial model %s", cfg.initial_model)
+                self.store.import_initial(cfg.initial_model, cfg.chunk_bytes)
+                latest = 0
+            if latest is not None:
+                manifest = self.store.load(latest)
+                self.store.check_tensors(manifest, latest)
+                self._open_round(min(latest, cfg.rounds), manifest)
 
     def _open_round(self, r: int, manifest: Manifest, directory: Path | None = None) -> None:
         """Called with the lock held (or before the thread starts). `directory`: where the shards are, if not
@@ -199,7 +306,12 @@ class Aggregator:
         self._serving = directory or self.store.round_dir(r)
         self._digests = self.store.chunk_digests(manifest, self._serving)
         self.round, self.attempt = r, 0
-        self._round_started = None
+        self._round_started = self._round_began = None
+        self._closing = None
+        self.counted, self.owed = {}, {}
+        self._epoch_uploads = []
+        self.epoch += 1
+        self._refolds_before = self.stats["refolds"]
         if r >= self.config.rounds:
             self.done, self.done_at = True, time.monotonic()
             log.info("all %d rounds done; final model in %s", self.config.rounds, self.store.round_dir(r))
@@ -233,6 +345,8 @@ class Aggregator:
     def _touch(self, site: str, can_offer: bool = False) -> SiteState:
         s = self.sites.get(site)
         if s is None:
+            if not isinstance(site, str) or not site or len(site) > 128 or any(c in site for c in "/\\\0"):
+                raise ConfigError(f"site name {short_repr(site)} must be 1-128 characters without path separators")
             s = self.sites[site] = SiteState(site, time.monotonic(), can_offer)
             log.info("site %r connected (%d connected)", site, len(self.sites))
         s.last_seen = time.monotonic()
@@ -255,7 +369,9 @@ class Aggregator:
         now = time.monotonic()
         return sum(1 for s in self.sites.values() if now - s.last_seen < self.config.site_timeout)
 
-    def get_task(self, site: str, wait: float, can_offer: bool = False) -> dict[str, Any]:
+    def get_task(self, site: str, wait: float, can_offer: bool = False, holds: str = "") -> dict[str, Any]:
+        """The site's next task. `holds`: the nonce of the counted update the site's process still holds (it can
+        send it again for a refold); a site owing a resend that does not hold it loses that update."""
         deadline = time.monotonic() + max(0.0, min(wait, 30.0))
         with self._cond:
             while True:
@@ -264,6 +380,13 @@ class Aggregator:
                     raise RoundError(f"the aggregator stopped: {self.error}")
                 if self.done:
                     return {"kind": "END", "round": self.round, "message": "the job is finished"}
+                owed = self.owed.get(site)
+                if owed is not None and not any(u.resend_of is owed for u in self.uploads.values()):
+                    if holds and holds == owed.nonce:
+                        return {"kind": "RESEND", "round": self.round, "attempt": self.attempt, "nonce": owed.nonce,
+                                "message": "send the same update again: the round is refolded without another "
+                                           "site's partial update"}  # fmt: skip
+                    self._lose(owed, "its process no longer holds the update (it restarted or sent another one)")
                 if self.global_manifest is None:
                     offerer = self.sites.get(self._offering or "")
                     if offerer is not None and time.monotonic() - offerer.last_seen > self.config.site_timeout:
@@ -284,9 +407,10 @@ class Aggregator:
                             "`fl-plugins server ... --initial-model PATH` (a .safetensors file or a Hugging Face "
                             "model folder), or use the Lightning/HF integrations, which offer the site's weights"
                         )
-                elif not self._closing and s.committed != (self.round, self.attempt) and s.sits_out != self.round:
+                elif self._closing is None and self._may_train(s):
                     if self._round_started is None and self._alive() >= self.config.min_sites:
                         self._round_started = time.monotonic()
+                        self._round_began = self._round_began or self._round_started
                         log.info("round %d attempt %d started with %d sites", self.round, self.attempt, self._alive())
                     if self._round_started is not None:
                         s.took = (self.round, self.attempt)
@@ -296,6 +420,10 @@ class Aggregator:
                 if left <= 0:
                     return {"kind": "WAIT", "round": self.round}
                 self._cond.wait(min(left, 1.0))
+
+    def _may_train(self, s: SiteState) -> bool:
+        """Lock held. The site may get (or has) this attempt's task: not counted, not owing, not sitting out."""
+        return s.name not in self.counted and s.name not in self.owed and s.sits_out != (self.round, self.attempt)
 
     def global_source(self, round_: int) -> tuple[Manifest, FileSource, list[list[bytes] | None]]:
         """The round's global model: manifest, its shard files opened (the caller closes them; opened under
@@ -326,64 +454,130 @@ class Aggregator:
                      nonce: str) -> Upload:  # fmt: skip
         try:
             manifest, params_type, weight = _parse_update(site, manifest_json)
+            if manifest.chunk_bytes != self.config.chunk_bytes:
+                raise ProtocolError(f"site {site!r}: the manifest's chunk_bytes is {manifest.chunk_bytes}, the "
+                                    f"aggregator's is {self.config.chunk_bytes}: chunk with the size Hello "
+                                    "returned")  # fmt: skip
+            if not initial and not 0 < weight <= MAX_WEIGHT:
+                raise ProtocolError(f"site {site!r}: NUM_STEPS_CURRENT_ROUND must be at most {MAX_WEIGHT:g} "
+                                    f"(got {weight:g}); send a step or sample count")  # fmt: skip
         except FLError as e:
             with self._cond:
                 self._invalid(site, round_, attempt, initial, e)
             raise
+        sha = hashlib.sha256(manifest_json.encode() if isinstance(manifest_json, str) else manifest_json).digest()
+        if not isinstance(nonce, str) or not 1 <= len(nonce) <= 64:
+            raise ProtocolError(f"site {site!r}: an upload's nonce must be 1-64 characters (got {short_repr(nonce)})")
         upload_id = f"{site}:{round_}:{attempt}:{'init' if initial else 'upd'}:{nonce}"
         with self._cond:
             s = self._touch(site)
             existing = self.uploads.get(upload_id)
             if existing is not None and not existing.dead:
+                if existing.manifest_sha != sha:
+                    raise ProtocolError(f"site {site!r}: upload {upload_id!r} resumed with another manifest; "
+                                        "a new send() needs a new nonce")  # fmt: skip
                 return existing  # a resume: same site, same send() call
             if initial:
                 if self.global_manifest is not None or self._offering != site:
                     raise RoundError(f"site {site!r}: the aggregator did not ask this site for an initial model")
+                try:
+                    check_averageable([t for s_ in manifest.shards for t in s_.tensors], f"site {site!r}'s initial "
+                                      "model")  # fmt: skip
+                except FLError as e:
+                    self._invalid(site, round_, attempt, initial, e)
+                    raise
                 for old in [u for u in self.uploads.values() if u.initial]:
                     self._kill(old)
-                u = Upload(upload_id, site, 0, 0, manifest, 1.0, "FULL", True)
+                u = Upload(upload_id, site, 0, 0, manifest, 1.0, "FULL", True, nonce, sha)
                 staging = self.store.begin(0)
                 u.file_sink = _FileSink(staging, manifest)
                 u.receivers = [ShardReceiver(manifest, i, u.file_sink) for i in range(len(manifest.shards))]
             else:
-                if self.done or self.global_manifest is None:
-                    raise RoundError(f"site {site!r}: no round is open for updates")
-                if s.sits_out == round_ == self.round:
-                    self.stats["updates_refused"] += 1
-                    raise RoundError(f"site {site!r}: its update for round {round_} was refused while it was "
-                                     f"being sent; the site sits this round out and gets round {round_ + 1}'s "
-                                     "task")  # fmt: skip
-                if (round_, attempt) != (self.round, self.attempt) or self._closing:
-                    self.stats["updates_refused"] += 1
-                    raise RoundError(
-                        f"site {site!r}: the update for round {round_} (attempt {attempt}) is late: the aggregator "
-                        f"is on round {self.round} attempt {self.attempt}{' (closing)' if self._closing else ''}"
-                    )
-                if s.committed == (round_, attempt):
-                    self.stats["updates_refused"] += 1
-                    raise RoundError(f"site {site!r} already sent its update for round {round_}: duplicate refused")
-                try:
-                    same_tensors({t.name: t for s_ in self.global_manifest.shards for t in s_.tensors},
-                                 {t.name: t for s_ in manifest.shards for t in s_.tensors},
-                                 f"the update from site {site!r}")  # fmt: skip
-                except ModelMismatchError as e:
-                    self._invalid(site, round_, attempt, initial, e)
-                    raise
-                for old in [u for u in self.uploads.values() if u.site == site and not u.initial]:
-                    self._kill(old)  # a new send() from the same site replaces an unfinished one
-                if self._round_started is None:
-                    # the site holds this round's task from before an aggregator restart: the round is under way
-                    self._round_started = time.monotonic()
-                    log.info("round %d attempt %d resumed by site %r's update", self.round, self.attempt, site)
-                s.took = (round_, attempt)
-                u = Upload(upload_id, site, round_, attempt, manifest, weight, params_type, False)
-                sink = _FoldSink(self.acc, weight, u, self.config.reject_nonfinite)  # type: ignore[arg-type]
-                u.receivers = [ShardReceiver(manifest, i, sink) for i in range(len(manifest.shards))]
+                u = self._begin_update(s, round_, attempt, manifest, params_type, weight, nonce, sha, upload_id)
             self.uploads[upload_id] = u
             log.info("site %r uploading %s for round %d (%.1f MB, weight %g, %s)", site,
-                     "its initial model" if initial else "an update", round_, manifest.total_bytes / 1e6,
-                     u.weight, u.params_type)  # fmt: skip
+                     "its initial model" if initial else "a resend" if u.resend_of else "an update", round_,
+                     manifest.total_bytes / 1e6, u.weight, u.params_type)  # fmt: skip
             return u
+
+    def _begin_update(self, s: SiteState, round_: int, attempt: int, manifest: Manifest, params_type: str,
+                      weight: float, nonce: str, sha: bytes, upload_id: str) -> Upload:  # fmt: skip
+        """Lock held. The checks an update passes before its first byte, in the order a site can act on."""
+        site = s.name
+        if self.done or self.global_manifest is None:
+            raise RoundError(f"site {site!r}: no round is open for updates")
+        if round_ != self.round or attempt > self.attempt:
+            self.stats["updates_refused"] += 1
+            raise RoundError(f"site {site!r}: the update for round {round_} (attempt {attempt}) is late: the "
+                             f"aggregator is on round {self.round} attempt {self.attempt}")  # fmt: skip
+        owed = self.owed.get(site)
+        if owed is not None and owed.nonce == nonce:
+            if owed.manifest_sha != sha:
+                self._lose(owed, "its resend's manifest differs from the committed one")
+                raise ProtocolError(f"site {site!r}: the update resent for round {round_}'s refold has another "
+                                    "manifest than the one committed; it is no longer counted")  # fmt: skip
+            u = Upload(upload_id, site, round_, attempt, manifest, owed.weight, owed.params_type, False, nonce, sha,
+                       self.epoch, resend_of=owed)  # fmt: skip
+            self._epoch_uploads.append(u)
+            sink = _FoldSink(self.acc, owed.weight, u, self.config.reject_nonfinite)  # type: ignore[arg-type]
+            u.receivers = [ShardReceiver(manifest, i, sink) for i in range(len(manifest.shards))]
+            return u
+        if s.sits_out == (self.round, self.attempt):
+            self.stats["updates_refused"] += 1
+            raise RoundError(f"site {site!r}: an update of this site for round {round_} was dropped after part of "
+                             f"it was folded; the site sits attempt {self.attempt} of the round out and gets the "
+                             "next round's (or attempt's) task")  # fmt: skip
+        if self._closing is not None:
+            self.stats["updates_refused"] += 1
+            raise RoundError(f"site {site!r}: the update for round {round_} is late: the round is closing "
+                             f"({self._closing.value})")  # fmt: skip
+        if site in self.counted or site in self.owed:
+            self.stats["updates_refused"] += 1
+            raise RoundError(f"site {site!r} already sent its update for round {round_}: duplicate refused")
+        if s.took is None or s.took[0] != round_:
+            if self._round_started is None and attempt == 0 and self._alive() >= self.config.min_sites:
+                # the site holds this round's task from before an aggregator restart: the round is under way
+                self._round_started = self._round_began = time.monotonic()
+                log.info("round %d attempt %d resumed by site %r's update", self.round, self.attempt, site)
+            else:
+                self.stats["updates_refused"] += 1
+                raise RoundError(f"site {site!r} was not given round {round_}'s task: only a site that received "
+                                 "the round's TRAIN task may send an update for it (ask for a task first; the "
+                                 f"round starts once {self.config.min_sites} sites are connected)")  # fmt: skip
+        try:
+            self._check_plan(manifest, f"the update from site {site!r}")
+        except FLError as e:
+            self._invalid(site, round_, attempt, False, e)
+            raise
+        for old in [u for u in self.uploads.values() if u.site == site and not u.initial]:
+            self._kill(old)  # a new send() from the same site replaces an unfinished one
+            if old.folded:
+                raise RoundError(f"site {site!r}: a new update replaced one whose chunks were already folded; the "
+                                 f"site sits attempt {self.attempt} of round {round_} out (the round is refolded "
+                                 "without its partial update)")  # fmt: skip
+        s.took = (round_, s.took[1] if s.took else attempt)
+        s.not_waited = None
+        u = Upload(upload_id, site, round_, attempt, manifest, weight, params_type, False, nonce, sha, self.epoch)
+        self._epoch_uploads.append(u)
+        sink = _FoldSink(self.acc, weight, u, self.config.reject_nonfinite)  # type: ignore[arg-type]
+        u.receivers = [ShardReceiver(manifest, i, sink) for i in range(len(manifest.shards))]
+        return u
+
+    def _check_plan(self, manifest: Manifest, what: str) -> None:
+        """An update's tensors must be the global model's, in at most as many shards as it has tensors (no empty
+        shards), with headers no larger than the ones we would build plus MAX_HEADER_SLACK."""
+        from fl_plugins.wire.layout import build_header
+
+        assert self.global_manifest is not None
+        same_tensors({t.name: t for s_ in self.global_manifest.shards for t in s_.tensors},
+                     {t.name: t for s_ in manifest.shards for t in s_.tensors}, what)  # fmt: skip
+        for shard in manifest.shards:
+            if not shard.tensors:
+                raise ProtocolError(f"{what}: shard {shard.name!r} holds no tensor; every shard must hold one")
+            bound = len(build_header(shard.tensors)) + MAX_HEADER_SLACK
+            if shard.data_start > bound:
+                raise ProtocolError(f"{what}: shard {shard.name!r} declares a {shard.data_start}-byte header, over "
+                                    f"the {bound} bytes its tensor table needs (+{MAX_HEADER_SLACK} for metadata)")
 
     def upload(self, upload_id: str, shard: int, *, site: str | None = None) -> tuple[Upload, ShardReceiver]:
         """The upload and the receiver of its shard. `site`: the caller's site, known from its certificate with
@@ -404,7 +598,8 @@ class Aggregator:
 
         A damaged, repeated or misplaced chunk is refused and the upload goes on (the site resends from the
         offset the aggregator has). A chunk whose content disagrees with the manifest (its length, the shard's
-        header), or that holds NaN or Inf (`reject_nonfinite`), refuses the whole update (`_refuse`)."""
+        header), that holds NaN or Inf (`reject_nonfinite`), or that differs from the committed update it
+        resends, refuses the whole update (`_refuse`)."""
         with u.lock:  # one stream per upload at a time
             if u.dead:
                 raise RoundError(f"upload {u.id!r}: its round ended, or it was refused; the chunk is refused")
@@ -419,9 +614,19 @@ class Aggregator:
                 raise
             if chunk is None:  # an exact repeat of a chunk already folded (a resend racing its old stream)
                 return
+            if u.resend_of is not None:
+                k = chunk[0] // self.config.chunk_bytes
+                want = u.resend_of.chunk_digests[rx.index]
+                if k >= len(want) or want[k] != chunk[2]:
+                    with self._cond:
+                        self._lose(u.resend_of, f"chunk {k} of shard {rx.index} differs from the committed one")
+                        raise self._refuse(u, IntegrityError(
+                            f"the update resent for round {u.round}'s refold differs from the one committed (chunk "
+                            f"{k} of shard {rx.layout.name!r}): the tensors changed after send(); it no longer "
+                            "counts")) from None  # fmt: skip
             try:
                 with self._fold_gate.shared():
-                    if u.dead:
+                    if u.dead or u.epoch != self.epoch:
                         raise RoundError(f"upload {u.id!r}: its round ended; the chunk is refused")
                     n = rx.use(*chunk)
             except (ProtocolError, ModelMismatchError) as e:
@@ -447,47 +652,68 @@ class Aggregator:
             try:
                 for rx, d in zip(u.receivers, digests, strict=True):
                     rx.finish(d)
+                if u.resend_of is not None and list(digests) != u.resend_of.shard_digests:
+                    raise IntegrityError("the resent update's shard digests differ from the committed ones")
             except IntegrityError as e:
                 with self._cond:
-                    self._kill(u)  # its folded bytes make the accumulator dirty: the round runs again
-                raise IntegrityError(f"{e}; the update was not counted" +
-                                     ("" if u.initial else f" and round {u.round} will run again")) from None
+                    if u.resend_of is not None:
+                        self._lose(u.resend_of, str(e))
+                    self._kill(u)  # its folded bytes are a partial update: its site sits out, the round refolds
+                    sits = "" if u.initial else f" and site {u.site!r} sits attempt {u.attempt} of round {u.round} out"
+                raise IntegrityError(f"{e}; the update was not counted{sits}") from None
         with self._cond:
             if u.dead:
                 raise RoundError(f"upload {upload_id!r}: its round ended while it was committing; not counted")
             u.committed = True
-            s = self._touch(u.site)
+            self._touch(u.site)
             if u.initial:
-                u.file_sink.close()  # type: ignore[union-attr]
-                sink = u.file_sink
-                shards = [ShardLayout(s_.name, sink.headers[i], s_.tensors, d)  # type: ignore[union-attr]
-                          for i, (s_, d) in enumerate(zip(u.manifest.shards, digests, strict=True))]  # fmt: skip
-                manifest = Manifest(shards, u.manifest.chunk_bytes, {"current_round": 0})
-                for shard, rx in zip(shards, u.receivers, strict=True):
-                    write_chunk_digests(sink.directory / shard.name, rx.digest.digests)  # type: ignore[union-attr]
-                self.store.commit(0, sink.directory, manifest)  # type: ignore[union-attr]
-                del self.uploads[upload_id]
-                self._offering = None
-                log.info("round 0's global model set from site %r's weights", u.site)
-                self._open_round(0, self.store.load(0))
+                return self._commit_initial(u, digests)
+            if u.resend_of is not None:
+                c = self.owed.pop(u.site)
+                self.counted[u.site] = c
+                self.acc.add_weight(c.weight, c.params_type)  # type: ignore[union-attr]
+                log.info("round %d: update from %r resent and refolded (%d owed)", u.round, u.site, len(self.owed))
                 self._cond.notify_all()
-                return {"round": 0, "message": "initial model accepted"}
+                return {"round": u.round, "message": "update accepted (resent for a refold)"}
             self.acc.add_weight(u.weight, u.params_type)  # type: ignore[union-attr]
-            s.committed = (u.round, u.attempt)
             self.stats["updates_accepted"] += 1
             env = u.manifest.envelope
             rec = {"event": "update", "round": u.round, "attempt": u.attempt, "site": u.site, "weight": u.weight,
                    "params_type": u.params_type, "bytes": u.manifest.total_bytes,
                    "bytes_received": u.bytes_received, "corrupted_chunks": u.corrupted_chunks,
                    "seconds": round(time.monotonic() - u.started, 3), "metrics": env.get("metrics") or {}}  # fmt: skip
-            self._round_metrics.append(rec)
+            self.counted[u.site] = Counted(u.site, u.nonce, u.manifest_sha, u.weight, u.params_type, list(digests),
+                                           [list(rx.digest.digests) for rx in u.receivers], rec)  # fmt: skip
             self.store.append("metrics.jsonl", [rec])
-            log.info("round %d: update from %r accepted (%d/%d)", u.round, u.site, self._n_committed(),
+            log.info("round %d: update from %r accepted (%d/%d)", u.round, u.site, len(self.counted),
                      len(self._participants()))  # fmt: skip
             self._cond.notify_all()
             return {"round": u.round, "message": "update accepted"}
 
+    def _commit_initial(self, u: Upload, digests: list[str]) -> dict[str, Any]:
+        """Lock held. An offered initial model arrived whole: it becomes round 0's global model."""
+        sink = u.file_sink
+        assert sink is not None
+        sink.close()
+        shards = [ShardLayout(s_.name, sink.headers[i], s_.tensors, d)
+                  for i, (s_, d) in enumerate(zip(u.manifest.shards, digests, strict=True))]  # fmt: skip
+        manifest = Manifest(shards, u.manifest.chunk_bytes, {"current_round": 0})
+        for shard, rx in zip(shards, u.receivers, strict=True):
+            write_chunk_digests(sink.directory / shard.name, rx.digest.digests)
+        self.store.commit(0, sink.directory, manifest)
+        del self.uploads[u.id]
+        self._offering = None
+        log.info("round 0's global model set from site %r's weights", u.site)
+        self._open_round(0, self.store.load(0))
+        self._cond.notify_all()
+        return {"round": 0, "message": "initial model accepted"}
+
     def log_records(self, site: str, round_: int, records: list[dict]) -> None:
+        """A site's flare.log records, appended to logs.jsonl; their shape and size are checked first
+        (limits.check_log_records: ProtocolError naming the limit)."""
+        from fl_plugins.wire import limits  # (here while others rewrite this module; belongs with the imports)
+
+        records = limits.check_log_records(f"site {site!r}", records)
         with self._cond:
             self._touch(site)
         # the caller's site last: a record cannot pass itself off as another site's
@@ -503,12 +729,7 @@ class Aggregator:
 
     # -- round closing -----------------------------------------------------------------------------------
     def _participants(self) -> list[SiteState]:
-        key = (self.round, self.attempt)
-        return [s for s in self.sites.values() if s.took == key]
-
-    def _n_committed(self) -> int:
-        key = (self.round, self.attempt)
-        return sum(1 for s in self.sites.values() if s.committed == key)
+        return [s for s in self.sites.values() if s.took is not None and s.took[0] == self.round]
 
     def _invalid(self, site: str, round_: int, attempt: int, initial: bool, e: FLError) -> None:
         """Lock held. An upload refused before it began for what it holds (malformed manifest or envelope,
@@ -521,39 +742,41 @@ class Aggregator:
         if initial:
             if self._offering == site:
                 self._offering = None  # another site (or this one, again) may offer round 0's model
-        elif s is not None and s.took == (round_, attempt) == (self.round, self.attempt):
-            s.took = None
+        elif s is not None and round_ == self.round:
+            s.not_waited = round_
         self._cond.notify_all()
 
     def _refuse(self, u: Upload, e: FLError) -> FLError:
-        """Lock held. An update refused mid-stream for its content: dropped (if chunks of it were folded, the
-        round runs again), and its site sits out the rest of the round so it cannot make the round run again and
-        again. Returns the error for the site, of the same class, saying all that."""
-        restart = u.folded and not u.initial and (u.round, u.attempt) == (self.round, self.attempt)
+        """Lock held. An update refused mid-stream for its content: dropped, and its site sits out the rest of
+        the attempt (its folded chunks, if any, make the round refold at its close, and the site must not make it
+        refold again and again). Returns the error for the site, of the same class, saying all that."""
         self.stats["invalid_updates"] += 1
         what = "its initial model" if u.initial else f"its update for round {u.round}"
         s = self.sites.get(u.site)
         if u.initial:
             if self._offering == u.site:
                 self._offering = None
-        elif s is not None:
-            s.sits_out = u.round
-            if s.took == (u.round, u.attempt):
-                s.took = None
+        elif s is not None and u.round == self.round:
+            s.sits_out = (self.round, self.attempt)
+            s.took = None
         u.streams = []  # the caller's stream ends with this error, not a cancellation
         self._kill(u)
         self._cond.notify_all()
         msg = f"{e}; site {u.site!r}: {what} was refused"
         if not u.initial:
-            msg += f" and the site sits round {u.round} out"
-        if restart:
-            msg += " (the round runs again without it: part of the update was already folded in)"
+            msg += f" and the site sits attempt {self.attempt} of round {u.round} out"
+        if u.folded and not u.initial:
+            msg += " (part of it was already folded: the round is refolded without it)"
         log.warning("%s", msg)
         return type(e)(msg)
 
     def _kill(self, u: Upload) -> None:
-        if u.folded and not u.committed and (u.round, u.attempt) == (self.round, self.attempt):
-            self._dirty = True  # part of an update that will never count is in the accumulator
+        """Lock held. Drop an upload. One that folded bytes and will not count leaves a partial update: its site
+        sits out the attempt (the close's check under the fold gate finds the bytes and refolds)."""
+        if not u.initial and u.folded and not u.committed and u.round == self.round and not u.dead:
+            s = self.sites.get(u.site)
+            if s is not None:
+                s.sits_out = (self.round, self.attempt)
         u.dead = True
         for ctx in u.streams:
             ctx.cancel()
@@ -561,18 +784,29 @@ class Aggregator:
             u.file_sink.close()
         self.uploads.pop(u.id, None)
 
+    def _lose(self, c: Counted, why: str) -> None:
+        """Lock held. A counted (or owed) update is no longer counted: its site could not send it again."""
+        self.owed.pop(c.site, None)
+        if self.counted.get(c.site) is c:  # pragma: no cover - only owed updates are lost
+            del self.counted[c.site]
+        self.stats["updates_lost"] += 1
+        log.warning("round %d: site %r's update no longer counts: %s", self.round, c.site, why)
+        self.store.append("metrics.jsonl", [{"event": "update_lost", "round": self.round, "attempt": self.attempt,
+                                             "site": c.site, "reason": why}])  # fmt: skip
+        self._cond.notify_all()
+
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
                 with self._cond:
-                    action = self._tick()
-                    if action is None:
+                    step = self._tick()
+                    if step is None:
                         self._cond.wait(0.2)
                         continue
-                if action == "close":
+                if step is Step.CLOSE:
                     self._finalize()
-                elif action == "restart":
-                    self._restart()
+                elif step is Step.NEW_ATTEMPT:
+                    self._new_attempt()
             except BaseException as e:  # a failed checkpoint write: stop serving, say why
                 log.exception("aggregator failed")
                 with self._cond:
@@ -580,102 +814,187 @@ class Aggregator:
                     self._cond.notify_all()
                 return
 
-    def _tick(self) -> str | None:
-        if self.done or self.global_manifest is None or self._round_started is None or self._closing:
+    def _alive_site(self, s: SiteState, now: float) -> bool:
+        return now - s.last_seen < self.config.site_timeout
+
+    def _tick(self) -> Step | None:
+        """Lock held. Apply the timeouts, then decide what the round does next (the module docstring's rules)."""
+        if self.done or self.global_manifest is None or self._round_started is None or self._finalizing:
             return None
         now = time.monotonic()
-        key = (self.round, self.attempt)
         for u in list(self.uploads.values()):  # cancel stalled uploads: a site that is alive begins again
             if not u.committed and now - u.last_progress > self.config.idle_timeout:
                 log.warning("site %r: upload moved no bytes for %.0f s; dropped", u.site, self.config.idle_timeout)
+                if u.resend_of is not None:
+                    self._lose(u.resend_of, f"its resend moved no bytes for {self.config.idle_timeout:.0f} s")
                 self._kill(u)
-        committed = [s for s in self.sites.values() if s.committed == key]
-        alive = self.config.site_timeout
-        waiting = [s for s in self.sites.values() if s.took == key and s.committed != key and now - s.last_seen < alive]
-        if self._dirty:
-            return "restart"
-        if not waiting and len(committed) >= self.config.min_sites:
-            return "close"
-        if not waiting and committed and self._alive() < self.config.min_sites:
-            # sites left for good after others committed; without a deadline the round would stall
-            if any(s.took == key and s.committed != key for s in self.sites.values()):
-                log.warning("round %d: sites left without an update; closing with %d updates", self.round,
-                            len(committed))  # fmt: skip
-                return "close"
-        if self.config.round_deadline is not None and now - self._round_started >= self.config.round_deadline:
-            missing = sorted(s.name for s in self.sites.values() if s.took == key and s.committed != key)
-            if len(committed) >= self.config.min_updates:
-                log.warning("round %d: deadline passed; closing with %d updates (missing: %s)", self.round,
-                            len(committed), missing)  # fmt: skip
-                return "close"
-            log.warning("round %d: deadline passed with %d updates; running the round again", self.round,
-                        len(committed))  # fmt: skip
-            return "restart"
+        for c in list(self.owed.values()):
+            s = self.sites[c.site]
+            if not self._alive_site(s, now):
+                self._lose(c, f"the site was silent for {self.config.site_timeout:.0f} s")
+            elif now - c.asked > self.config.site_timeout and not any(u.resend_of is c for u in self.uploads.values()):
+                self._lose(c, f"the site did not send it again within {self.config.site_timeout:.0f} s")
+        for u in list(self.uploads.values()):  # uploads of sites that left (silent, or refused by their policy)
+            if not u.committed and not self._alive_site(self.sites[u.site], now):
+                log.warning("site %r left mid-upload; its upload is dropped", u.site)
+                if u.resend_of is not None:
+                    self._lose(u.resend_of, "the site left while sending it again")
+                self._kill(u)
+        if self._closing is not None:
+            return None if self.owed else Step.CLOSE
+        r, a = self.round, self.attempt
+        counted = len(self.counted)
+        could = [s for s in self.sites.values() if self._alive_site(s, now) and self._may_train(s)]
+        waiting = [s for s in could if s.took is not None and s.took[0] == r and s.not_waited != r]
+        deadline = self.config.round_deadline
+        if not waiting and counted >= self.config.min_sites:
+            return self._close(Close.ALL_IN)
+        if not waiting and counted and counted + len(could) < self.config.min_sites:
+            log.warning("round %d: sites left or sit out; closing with %d updates", r, counted)
+            return self._close(Close.SITES_LEFT)
+        if deadline is not None and now - self._round_started >= deadline:
+            if counted >= self.config.min_updates:
+                missing = sorted(s.name for s in waiting)
+                log.warning("round %d: deadline passed; closing with %d updates (missing: %s)", r, counted, missing)
+                return self._close(Close.DEADLINE)
+            log.warning("round %d attempt %d: deadline passed with %d of %d updates", r, a, counted,
+                        self.config.min_updates)  # fmt: skip
+            return Step.NEW_ATTEMPT
+        if not could and counted == 0 and any(self._alive_site(s, now) for s in self.sites.values()):
+            log.warning("round %d attempt %d: every site still connected sits out", r, a)
+            return Step.NEW_ATTEMPT
         return None
 
-    def _restart(self) -> None:
+    def _close(self, reason: Close) -> Step:
+        """Lock held. The round closes: uploads not counted yet are late and dropped."""
+        self._closing = reason
+        for u in list(self.uploads.values()):
+            if not u.committed and u.resend_of is None:
+                self._kill(u)
+        self._cond.notify_all()
+        return Step.CLOSE if not self.owed else None  # type: ignore[return-value]
+
+    def _needed(self, reason: Close) -> int:
+        return {Close.ALL_IN: self.config.min_sites, Close.DEADLINE: self.config.min_updates}.get(reason, 1)
+
+    def _new_attempt(self) -> None:
+        """Another window for the round: counted updates stay, sit-outs end, the deadline starts again, and the
+        other sites get the task (R, A+1). After `max_attempts`: close with what it has, or fail."""
         with self._cond:
-            self._closing = True
-        with self._fold_gate.exclusive():
-            with self._cond:
-                for u in list(self.uploads.values()):
-                    self._kill(u)
-                self.acc.reset()  # type: ignore[union-attr]
-                self.attempt += 1
-                self._dirty = False
-                self.stats["round_restarts"] += 1
-                self._round_started = None
-                self._round_metrics = []
-                self._closing = False
-                log.warning("round %d restarted as attempt %d", self.round, self.attempt)
-                self._cond.notify_all()
+            if self.attempt + 1 >= self.config.max_attempts:
+                if self.config.on_attempts_exhausted == "close" and self.counted:
+                    log.warning("round %d used its %d attempts; closing with %d updates", self.round,
+                                self.config.max_attempts, len(self.counted))  # fmt: skip
+                    self._close(Close.EXHAUSTED)
+                    return
+                raise RoundError(
+                    f"round {self.round} used its {self.config.max_attempts} attempts with {len(self.counted)} "
+                    f"updates counted ({self._needed(Close.DEADLINE)} needed at the deadline, {self.config.min_sites}"
+                    " sites to close without one): sites left, were too slow or sent updates that were refused (the "
+                    "aggregator's log names them); raise --max-attempts or --round-deadline, lower --min-updates, "
+                    "or set on_attempts_exhausted: close to go on with the updates a round has"
+                )
+            self.attempt += 1
+            self.stats["round_restarts"] += 1
+            self._round_started = None
+            self.store.append("metrics.jsonl", [{"event": "attempt", "round": self.round, "attempt": self.attempt,
+                                                 "counted": sorted(self.counted)}])  # fmt: skip
+            log.warning("round %d: attempt %d (%d updates kept)", self.round, self.attempt, len(self.counted))
+            self._cond.notify_all()
+
+    def _refold(self, partial: list[Upload]) -> None:
+        """Lock and fold gate held. The accumulator holds bytes of `partial` uploads that will never count: zero
+        it and ask every counted update's site to send it again."""
+        culprits = sorted({u.site for u in partial})
+        for name in culprits:
+            s = self.sites.get(name)
+            if s is not None:
+                s.sits_out = (self.round, self.attempt)
+        self.acc.reset()  # type: ignore[union-attr]
+        self.epoch += 1
+        self._epoch_uploads = []
+        now = time.monotonic()
+        for c in self.counted.values():
+            c.asked = now
+        self.owed, self.counted = self.counted, {}
+        for u in list(self.uploads.values()):
+            self._kill(u)
+        self.stats["refolds"] += 1
+        log.warning("round %d: partial updates of %s were folded; refolding from %d counted updates", self.round,
+                    culprits, len(self.owed))  # fmt: skip
+        self.store.append("metrics.jsonl", [{"event": "refold", "round": self.round, "attempt": self.attempt,
+                                             "partial": culprits, "owed": sorted(self.owed)}])  # fmt: skip
+        self._cond.notify_all()
 
     def _finalize(self) -> None:
         with self._cond:
-            self._closing = True
-            for u in list(self.uploads.values()):
-                if not u.committed:
-                    self._kill(u)  # late: refused from now on
-        if self._durable is not None:
-            self._durable.join()  # the previous checkpoint is published before this one is written
-        with self._fold_gate.exclusive():
-            acc, r = self.acc, self.round
-            assert acc is not None and self.global_manifest is not None
-            t0 = time.monotonic()
+            self._finalizing = True
+        try:
+            if self._durable is not None:
+                self._durable.join()  # the previous checkpoint is published before this one is written
+            with self._fold_gate.exclusive():
+                with self._cond:  # no fold runs now: what the accumulator holds is settled
+                    reason = self._closing
+                    assert reason is not None
+                    partial = [u for u in self._epoch_uploads if u.folded and not u.committed]
+                    if partial:
+                        self._refold(partial)
+                        return
+                    if len(self.counted) < self._needed(reason):
+                        log.warning("round %d: %d updates after the refold, %d needed (%s); collecting again",
+                                    self.round, len(self.counted), self._needed(reason), reason.value)  # fmt: skip
+                        self._closing = None
+                        self._cond.notify_all()
+                        return
+                    records = [c.record for c in self.counted.values()]
+                self._write_round(records)
+        finally:
             with self._cond:
-                reader = GlobalReader(self.store.shard_paths(r, self.global_manifest, self._serving),
-                                      self.global_manifest)  # fmt: skip
-            try:
-                def blocks_of(t: TensorInfo):
-                    return acc.finalize(t, reader.reader(t.name) if acc.weight_diff else None)
-
-                metrics = _mean_metrics(self._round_metrics)
-                env = {"current_round": r + 1, "metrics": metrics}
-                tmp, manifest = self.store.write_round(r + 1, self.global_manifest, blocks_of, env)
-            finally:
-                reader.close()
-            last = r + 1 >= self.config.rounds
-            if last:  # the job ends only once the final model is durable
-                self.store.commit(r + 1, tmp, manifest)
-            with self._cond:
-                rec = {"event": "round", "round": r, "attempt": self.attempt, "updates": len(self._round_metrics),
-                       "weight": acc.weight, "metrics": metrics,
-                       "checkpoint_seconds": round(time.monotonic() - t0, 3),
-                       "seconds": round(time.monotonic() - (self._round_started or t0), 3)}  # fmt: skip
-                self.store.append("metrics.jsonl", [rec])
-                log.info("round %d done: %d updates, checkpoint %s", r, len(self._round_metrics),
-                         self.store.round_dir(r + 1))  # fmt: skip
-                self.uploads.clear()
-                self._round_metrics = []
-                self._closing = False
-                # Round r+1 opens at once, served from the written (page-cached) files; fsync and the rename to
-                # global/round-R+1 finish in the background. A crash before the rename redoes round r.
-                self._open_round(r + 1, manifest, None if last else tmp)
-                if not last:
-                    self._durable = threading.Thread(target=self._make_durable, args=(r + 1, tmp, manifest),
-                                                     name="fl-checkpoint", daemon=True)  # fmt: skip
-                    self._durable.start()
+                self._finalizing = False
                 self._cond.notify_all()
+
+    def _write_round(self, records: list[dict]) -> None:
+        """Fold gate held. Write the average of the counted updates as round R+1's global model; open R+1."""
+        acc, r = self.acc, self.round
+        assert acc is not None and self.global_manifest is not None
+        t0 = time.monotonic()
+        with self._cond:
+            reader = GlobalReader(self.store.shard_paths(r, self.global_manifest, self._serving),
+                                  self.global_manifest)  # fmt: skip
+        try:
+            def blocks_of(t: TensorInfo):
+                blocks = acc.finalize(t, reader.reader(t.name))
+                return acc.checked(t, blocks, r) if self.config.reject_nonfinite else blocks
+
+            metrics = _mean_metrics(records)
+            env = {"current_round": r + 1, "metrics": metrics}
+            tmp, manifest = self.store.write_round(r + 1, self.global_manifest, blocks_of, env)
+        finally:
+            reader.close()
+        last = r + 1 >= self.config.rounds
+        if last:  # the job ends only once the final model is durable
+            self.store.commit(r + 1, tmp, manifest)
+        with self._cond:
+            rec = {"event": "round", "round": r, "attempt": self.attempt, "updates": len(records),
+                   "sites": sorted(rec["site"] for rec in records),
+                   "weight": acc.weight, "metrics": metrics, "refolds": self._round_refolds(),
+                   "checkpoint_seconds": round(time.monotonic() - t0, 3),
+                   "seconds": round(time.monotonic() - (self._round_began or t0), 3)}  # fmt: skip
+            self.store.append("metrics.jsonl", [rec])
+            log.info("round %d done: %d updates, checkpoint %s", r, len(records), self.store.round_dir(r + 1))
+            for u in list(self.uploads.values()):
+                self._kill(u)
+            # Round r+1 opens at once, served from the written (page-cached) files; fsync and the rename to
+            # global/round-R+1 finish in the background. A crash before the rename redoes round r.
+            self._open_round(r + 1, manifest, None if last else tmp)
+            if not last:
+                self._durable = threading.Thread(target=self._make_durable, args=(r + 1, tmp, manifest),
+                                                 name="fl-checkpoint", daemon=True)  # fmt: skip
+                self._durable.start()
+            self._cond.notify_all()
+
+    def _round_refolds(self) -> int:
+        return self.stats["refolds"] - self._refolds_before
 
     def _make_durable(self, r: int, tmp: Path, manifest: Manifest) -> None:
         try:
@@ -690,15 +1009,21 @@ class Aggregator:
                 self.error = e
                 self._cond.notify_all()
 
-    def status(self) -> dict[str, Any]:
+    def status(self, site: str | None = None) -> dict[str, Any]:
+        """The job's progress. `site` None: everything (the operator's view: in-process callers, and over the
+        Status RPC the server kit's certificate); a site's name: the job and round and that site's own entries
+        only (`sites` lists at most itself, `uploads` only its own; no totals over all sites); "": the job and
+        round only. service.py's Status decides which view a caller gets."""
         with self._cond:
-            return {
-                "job_id": self.job_id, "round": self.round, "attempt": self.attempt, "done": self.done,
-                "total_rounds": self.config.rounds, "sites": sorted(self.sites),
-                "uploads": {u.id: {"bytes_received": u.bytes_received, "corrupted_chunks": u.corrupted_chunks,
-                                   "offsets": [rx.offset for rx in u.receivers]} for u in self.uploads.values()},
-                **self.stats,
-            }  # fmt: skip
+            job = {"job_id": self.job_id, "round": self.round, "attempt": self.attempt, "done": self.done,
+                   "total_rounds": self.config.rounds}  # fmt: skip
+            uploads = [u for u in self.uploads.values() if site is None or u.site == site]
+            mine = {"sites": sorted(self.sites) if site is None else [site] if site in self.sites else [],
+                    "uploads": {u.id: {"bytes_received": u.bytes_received, "corrupted_chunks": u.corrupted_chunks,
+                                       "offsets": [rx.offset for rx in u.receivers]} for u in uploads}}  # fmt: skip
+            if site is None:
+                return {**job, **mine, **self.stats}
+            return {**job, "site": site, **mine} if site else job
 
 
 def _parse_update(site: str, manifest_json: str) -> tuple[Manifest, str, float]:
@@ -708,9 +1033,13 @@ def _parse_update(site: str, manifest_json: str) -> tuple[Manifest, str, float]:
     params_type = str(env.get("params_type", "FULL")).upper()
     if params_type not in ("FULL", "DIFF"):
         raise ProtocolError(f"site {site!r}: params_type must be FULL or DIFF (got {short_repr(params_type)})")
+    from fl_plugins.wire import limits  # (here while others rewrite this module; belongs with the imports)
+
     for key in ("meta", "metrics"):
         if env.get(key) is not None and not isinstance(env[key], dict):
             raise ProtocolError(f"site {site!r}: envelope `{key}` must be an object (got {short_repr(env[key])})")
+        if env.get(key) is not None:  # bounded: the round's metrics go into the next global model's manifest
+            limits.check_envelope_dict(f"site {site!r}", key, env[key])
     weight = (env.get("meta") or {}).get("NUM_STEPS_CURRENT_ROUND", 1)
     w = _finite(weight)
     if w is None or not w > 0:
@@ -737,16 +1066,12 @@ def _check_owner(u: Upload, site: str | None) -> None:
 
 
 def _mean_metrics(records: list[dict]) -> dict[str, float]:
-    """Weighted mean of each numeric metric over the round's updates."""
-    sums: dict[str, float] = {}
-    weights: dict[str, float] = {}
-    for rec in records:
-        for k, v in (rec.get("metrics") or {}).items():
-            f = _finite(v)  # a site's metrics are informative: unusable values are left out, not fatal
-            if f is not None:
-                sums[k] = sums.get(k, 0.0) + rec["weight"] * f
-                weights[k] = weights.get(k, 0.0) + rec["weight"]
-    return {k: sums[k] / weights[k] for k in sums}
+    """Weighted mean of each numeric metric over the round's updates: unusable values are left out (a site's
+    metrics are informative, never fatal), at most limits.MAX_DICT_KEYS keys, rounded to METRIC_DIGITS
+    significant digits (limits.mean_metrics), so the next global model's manifest stays small."""
+    from fl_plugins.wire import limits  # (here while others rewrite this module; belongs with the imports)
+
+    return limits.mean_metrics(records)
 
 
 class _Gate:

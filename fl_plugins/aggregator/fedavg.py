@@ -11,11 +11,25 @@ FULL and DIFF updates share the one accumulator. With weights w_i, FULL values x
     new = (sum_full w_i x_i + sum_diff w_i (g + d_i)) / W  =  (acc + W_diff * g) / W
 
 so a DIFF update needs the global model g only once, at the end (read back from its checkpoint in blocks).
+
+Per dtype (tests/test_fedavg.py pins each rule):
+  * float tensors: a float32 accumulator (float64 for F64 tensors: a float32 sum would drop their precision);
+    weights are at most MAX_WEIGHT and the totals W are float64. The finished average is checked for NaN/Inf
+    before it is written (`checked`): a float32 sum can overflow even when every update was finite.
+  * integer tensors (BatchNorm's `num_batches_tracked` is I64): a float64 accumulator, the average rounded to
+    the nearest integer and clipped to the dtype's range. float64 holds integers exactly up to 2^53, so an I64 or
+    U64 update holding a value beyond +-2^53 is refused (`check`), not silently rounded. In a DIFF update an
+    unsigned tensor holds `local - global` wrapped around (what uint8 subtraction gives): it is read as the
+    signed integer of the same width, so 3 - 5 = 254 counts as -2.
+  * BOOL tensors (attention and causal masks registered as buffers): not averaged: the new global model keeps
+    the current global model's values, and the sites' values are verified but ignored.
+  * anything else (complex, unknown) is refused when the initial model arrives (`check_averageable`).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import threading
 from collections.abc import Callable, Iterator
@@ -34,19 +48,33 @@ SCRATCH_KEPT = 8  # scratch buffers the pool keeps; more folds at once allocate 
 _NONFINITE_BITS = {"F64": (np.uint64, 0x7FF0_0000_0000_0000), "F32": (np.uint32, 0x7F80_0000),
                    "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F8_E5M2": (np.uint8, 0x7C),
                    "F8_E4M3": (np.uint8, 0x7F)}  # fmt: skip
+MAX_WEIGHT = 1e12  # an update's weight (NUM_STEPS_CURRENT_ROUND): step and sample counts stay far below it
+# dtype: (the exponent field's shift, its bias, the largest log2 of weight * |value| folded): a float32
+# accumulator holds sums below 2^128, so products up to 2^100 leave room for 2^27 sites. F16 and float8 values
+# times MAX_WEIGHT stay far below it, and need no check.
+_EXPONENT = {"F32": (23, 127, 100), "BF16": (7, 127, 100), "F64": (52, 1023, 1000)}
+_EXACT_INT = 1 << 53  # float64 holds every integer of magnitude up to this exactly
 _LOCK_SPAN = 1 << 22  # elements guarded by one lock: concurrent sites fold into different spans in parallel
 _N_LOCKS = 256
 
 
+def check_averageable(tensors: list[TensorInfo], what: str) -> None:
+    """Raise ModelMismatchError unless every tensor's dtype has a FedAvg rule (the module docstring)."""
+    bad = sorted(f"{t.name} ({t.dtype})" for t in tensors if t.dtype not in FLOAT_DTYPES | INT_DTYPES | {"BOOL"})
+    if bad:
+        raise ModelMismatchError(f"{what} holds tensors FedAvg cannot average: {bad[:10]}; cast them to a float "
+                                 "or integer dtype, or leave them out of the model's state dict")  # fmt: skip
+
+
+def _acc_dtype(dtype: str) -> type:
+    return np.float32 if dtype in FLOAT_DTYPES and dtype != "F64" else np.float64
+
+
 class Accumulator:
     def __init__(self, tensors: list[TensorInfo]) -> None:
-        for t in tensors:
-            if t.dtype not in FLOAT_DTYPES | INT_DTYPES:
-                raise ModelMismatchError(f"tensor {t.name!r} has dtype {t.dtype}, which FedAvg cannot average")
+        check_averageable(tensors, "the global model")
         self.tensors = {t.name: t for t in tensors}
-        self.arrays = {
-            t.name: np.empty(t.numel, np.float32 if t.dtype in FLOAT_DTYPES else np.float64) for t in tensors
-        }
+        self.arrays = {t.name: np.empty(t.numel if t.dtype != "BOOL" else 0, _acc_dtype(t.dtype)) for t in tensors}
         self.weight_full = 0.0
         self.weight_diff = 0.0
         self._locks = [threading.Lock() for _ in range(_N_LOCKS)]
@@ -100,23 +128,55 @@ class Accumulator:
                 if len(self._pool) < SCRATCH_KEPT:
                     self._pool.append(raw)
 
-    def check_finite(self, tensor: TensorInfo, lo: int, payload: memoryview) -> None:
+    def check(self, tensor: TensorInfo, lo: int, payload: memoryview, *, finite: bool = True,
+              weight: float = 1.0) -> None:  # fmt: skip
+        """Raise ModelMismatchError if `payload` (bytes [lo, lo + len) of `tensor`) holds what must not be
+        folded: a NaN or an infinity, or a value so large that `weight` times it could overflow the accumulator
+        (both when `finite`), an I64/U64 value beyond +-2^53."""
+        if tensor.dtype in ("I64", "U64"):
+            src = np.frombuffer(payload, numpy_dtype(tensor.dtype))
+            if len(src) and (int(src.max()) > _EXACT_INT or (tensor.dtype == "I64" and int(src.min()) < -_EXACT_INT)):
+                i = int(np.flatnonzero((src > _EXACT_INT) | (src < -_EXACT_INT) if tensor.dtype == "I64"
+                                       else src > _EXACT_INT)[0])  # fmt: skip
+                raise ModelMismatchError(
+                    f"tensor {tensor.name!r} holds {src[i]} at element {lo // 8 + i} (flat index): FedAvg averages "
+                    "integers in float64, exact only up to 2^53; leave such counters out of the state dict sent "
+                    "or keep them below 2^53")  # fmt: skip
+        elif finite:
+            top = self.check_finite(tensor, lo, payload)
+            spec = _EXPONENT.get(tensor.dtype)
+            if spec is not None and top:
+                shift, bias, limit = spec
+                bound = (top >> shift) - bias + 1  # every |value| in the chunk is below 2^bound
+                if bound + math.log2(weight) > limit:
+                    raise ModelMismatchError(
+                        f"tensor {tensor.name!r} holds values up to about 2^{bound}; times the update's weight "
+                        f"{weight:g} that is over 2^{limit}, where the running sum could overflow the accumulator: "
+                        "check the site's training for divergence, or send a smaller NUM_STEPS_CURRENT_ROUND"
+                    )  # fmt: skip
+
+    def check_finite(self, tensor: TensorInfo, lo: int, payload: memoryview) -> int:
         """Raise ModelMismatchError if `payload` (bytes [lo, lo + len) of `tensor`) holds a NaN or an infinity.
-        Runs on the chunk as received, block by block through a reused scratch buffer: nothing model-sized."""
+        Runs on the chunk as received, block by block through a reused scratch buffer: nothing model-sized.
+        Returns the largest exponent field seen (the bits under the mask), which bounds the chunk's magnitudes
+        for free (`check`)."""
         spec = _NONFINITE_BITS.get(tensor.dtype)
-        if spec is None:  # integer tensors
-            return
+        if spec is None:  # integer and bool tensors
+            return 0
         utype, mask = spec
         bits = np.frombuffer(payload, utype)
         bad = None
+        top = 0
         with self._scratch(utype) as scratch:
             for b in range(0, len(bits), BLOCK):
                 n = min(BLOCK, len(bits) - b)
                 s = scratch[:n]
                 np.bitwise_and(bits[b : b + n], mask, out=s)
-                if s.max() == mask:
+                m = int(s.max()) if n else 0
+                if m == mask:
                     bad = b + int(np.flatnonzero(s == mask)[0])
                     break
+                top = max(top, m)
         if bad is not None:
             i = bad
             value = np.frombuffer(payload, numpy_dtype(tensor.dtype))[i]
@@ -125,11 +185,17 @@ class Accumulator:
                 "updates must be finite: check the site's training for divergence (a lower learning rate, "
                 "gradient clipping), or start the aggregator with --allow-nonfinite to average them anyway"
             )
+        return top
 
-    def fold(self, tensor: TensorInfo, lo: int, payload: memoryview, weight: float) -> None:
-        """acc[tensor][elements of payload] += weight * payload. `lo` is the byte offset within the tensor."""
+    def fold(self, tensor: TensorInfo, lo: int, payload: memoryview, weight: float, *, diff: bool = False) -> None:
+        """acc[tensor][elements of payload] += weight * payload. `lo` is the byte offset within the tensor;
+        `diff`: the payload is a DIFF update's (unsigned integers are then read as signed: wrapped differences)."""
+        if tensor.dtype == "BOOL":
+            return  # carried from the global model
         self._ready[tensor.name].wait()
         src_dtype = numpy_dtype(tensor.dtype)
+        if diff and src_dtype.kind == "u":
+            src_dtype = np.dtype(f"<i{src_dtype.itemsize}")
         item = src_dtype.itemsize
         if lo % item or len(payload) % item:
             raise ModelMismatchError(f"tensor {tensor.name!r}: chunk splits an element (offset {lo})")
@@ -168,10 +234,17 @@ class Accumulator:
 
         `read_global(e0, n)` returns elements [e0, e0+n) of the current global tensor (needed only when DIFF
         updates were folded)."""
+        out_dtype = numpy_dtype(tensor.dtype)
+        if tensor.dtype == "BOOL":  # carried unchanged from the global model
+            if read_global is None:
+                raise RuntimeError("a BOOL tensor is carried from the global model, which is not readable")
+            for b in range(0, tensor.numel, BLOCK):
+                yield np.array(read_global(b, min(BLOCK, tensor.numel - b)), copy=True)
+            return
         self._ready[tensor.name].wait()
         acc = self.arrays[tensor.name]
-        out_dtype = numpy_dtype(tensor.dtype)
         inv = acc.dtype.type(1.0 / self.weight)
+        lo_hi = (np.iinfo(out_dtype).min, np.iinfo(out_dtype).max) if tensor.dtype in INT_DTYPES else None
         with self._scratch(acc.dtype) as scratch:
             for b in range(0, len(acc), BLOCK):
                 n = min(BLOCK, len(acc) - b)
@@ -184,6 +257,25 @@ class Accumulator:
                 else:
                     np.copyto(s, acc[b : b + n])
                 s *= inv
-                if tensor.dtype in INT_DTYPES:
+                if lo_hi is not None:
                     np.rint(s, out=s)
+                    np.clip(s, lo_hi[0], lo_hi[1], out=s)
                 yield s.astype(out_dtype, copy=False) if out_dtype != s.dtype else s
+
+    def checked(self, tensor: TensorInfo, blocks: Iterator[np.ndarray], round_: int) -> Iterator[np.ndarray]:
+        """`blocks` of the finished average of `tensor`, each checked for NaN/Inf before it is written."""
+        pos = 0
+        for block in blocks:
+            if tensor.dtype in _NONFINITE_BITS:
+                f = block.astype(np.float32, copy=False) if block.dtype.kind == "V" or block.itemsize == 1 else block
+                ok = np.isfinite(f)
+                if not ok.all():
+                    i = int(np.flatnonzero(~ok)[0])
+                    raise ModelMismatchError(
+                        f"round {round_}'s average of tensor {tensor.name!r} holds {f[i]} at element {pos + i} "
+                        f"(flat index) although every update was finite: the weighted sum overflowed "
+                        f"{self.arrays[tensor.name].dtype} (values near the dtype's limit); the round is not "
+                        "written. Check the sites' training for divergence"
+                    )  # fmt: skip
+            pos += len(block)
+            yield block

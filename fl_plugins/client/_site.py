@@ -24,9 +24,17 @@ import grpc
 
 from fl_plugins import tensors
 from fl_plugins._version import __version__
-from fl_plugins.errors import ConfigError, FLError, IntegrityError, PolicyError, ProtocolError, TransportError
+from fl_plugins.errors import (
+    ConfigError,
+    FLError,
+    IntegrityError,
+    PolicyError,
+    ProtocolError,
+    RoundError,
+    TransportError,
+)
 from fl_plugins.security.policy import load_policy
-from fl_plugins.security.tls import SiteKit, load_site_kit
+from fl_plugins.security.tls import SiteKit, check_plaintext_target, load_site_kit
 from fl_plugins.wire import rpc
 from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, DEFAULT_MAX_SHARD_BYTES, Manifest, TensorInfo, plan_shards
 from fl_plugins.wire.proto import fl_pb2 as pb
@@ -73,16 +81,21 @@ class _Idle:
 
 class SiteClient:
     """One site's connection. With `kit` (a site's startup kit: a folder or a loaded SiteKit) it speaks mTLS: the
-    site's name and, unless `address` is given, the aggregator's address come from the kit."""
+    site's name and, unless `address` is given, the aggregator's address come from the kit. Without a kit it speaks
+    plaintext, so it dials loopback addresses only unless `insecure` (the explicit opt-out, logged as a warning),
+    as the aggregator binds them only without --insecure."""
 
     def __init__(self, address: str | None, site: str | None = None, *, kit: SiteKit | str | Path | None = None,
                  connect_timeout: float = 60.0, retry_timeout: float = 120.0, idle_timeout: float = 60.0,
                  heartbeat: float = 5.0, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
-                 can_offer_initial: bool = False) -> None:  # fmt: skip
+                 can_offer_initial: bool = False, insecure: bool = False) -> None:  # fmt: skip
         from fl_plugins._sys import limit_malloc_arenas
 
         limit_malloc_arenas()
         if kit is not None:
+            if insecure:
+                raise ConfigError("insecure=True and a kit do not go together: with a kit the site speaks mTLS only; "
+                                  "drop insecure (FL_INSECURE, `fl-plugins client --insecure`)")  # fmt: skip
             kit = kit if isinstance(kit, SiteKit) else load_site_kit(kit)
             if site and site != kit.site:
                 raise ConfigError(f"site name {site!r} differs from the kit's site {kit.site!r} ({kit.path}); the "
@@ -95,6 +108,9 @@ class SiteClient:
             raise ConfigError("no aggregator address: pass HOST:PORT (FL_SERVER)")
         if not site:
             raise ConfigError("no site name: pass one (FL_SITE) or a site's kit (FL_KIT)")
+        if kit is None:  # before any channel exists: a refused address is never dialled
+            check_plaintext_target(address, insecure=insecure, opt_out="insecure=True (init(insecure=True), "
+                                   "FL_INSECURE=1 in the environment, `fl-plugins client --insecure`)")  # fmt: skip
         self.address, self.site, self.kit = address, site, kit
         self.policy = load_policy(kit.path) if kit is not None else None  # what this site agrees to run
         self.connect_timeout, self.retry_timeout, self.idle_timeout = connect_timeout, retry_timeout, idle_timeout
@@ -109,10 +125,11 @@ class SiteClient:
         self._closed = threading.Event()
         self._hb_period = heartbeat
         self._hb: threading.Thread | None = None
+        self._kept: _Kept | None = None  # the last committed update, for a refold's RESEND
 
     # -- plumbing ----------------------------------------------------------------------------------------
     def _call(self, method: str, request: Any, what: str, *, per_call: float = 60.0,
-              timeout: float | None = None) -> Any:  # fmt: skip
+              timeout: float | None = None, metadata: tuple[tuple[str, str], ...] = ()) -> Any:  # fmt: skip
         """Call `method`, retrying transient failures until `timeout` (default retry_timeout) has passed.
 
         Calls wait for a connection that is not ready yet (an aggregator restarting), but never past the
@@ -123,7 +140,7 @@ class SiteClient:
         while True:
             try:
                 left = max(0.05, min(per_call, deadline - time.monotonic()))
-                return fn(request, timeout=left, wait_for_ready=True)
+                return fn(request, timeout=left, wait_for_ready=True, metadata=metadata or None)
             except grpc.RpcError as e:
                 err = rpc.error_from_rpc(e, what)
                 if err is not e or e.code() not in rpc.RETRYABLE:
@@ -189,10 +206,27 @@ class SiteClient:
 
     # -- tasks -------------------------------------------------------------------------------------------
     def next_task(self, poll: float = 10.0, give_up_after: float | None = None) -> pb.Task:
-        """Block until the aggregator hands out a task (TRAIN, OFFER_INITIAL or END)."""
-        req = pb.TaskRequest(site=self.site, wait_seconds=poll, can_offer_initial=self.can_offer_initial)
+        """Block until the aggregator hands out a task (TRAIN, OFFER_INITIAL or END).
+
+        Every task's job id goes through the site's policy, not only the one seen at connect: an aggregator
+        restarted under another job id is refused here (PolicyError) when the policy does not list it."""
         while True:
+            kept = self._kept
+            req = pb.TaskRequest(site=self.site, wait_seconds=poll, can_offer_initial=self.can_offer_initial,
+                                 holds_update=kept.nonce if kept is not None else "")  # fmt: skip
             task = self._call("GetTask", req, "waiting for a task", per_call=poll + 30, timeout=give_up_after)
+            if self.policy is not None:
+                self._within_policy(self.policy.check_job, task.job_id, task.round)
+            if task.job_id != self.job_id and self.job_id:
+                log.warning("site %r: the aggregator at %s now runs job %r (this site connected to job %r): it was "
+                            "restarted under another job id", self.site, self.address, task.job_id,
+                            self.job_id)  # fmt: skip
+            self.job_id = task.job_id
+            if task.kind == pb.Task.RESEND:
+                self._resend(task)
+                continue
+            if task.kind != pb.Task.WAIT:
+                self._kept = None  # the round of the update kept for a refold is over
             if task.kind != pb.Task.WAIT:
                 if self.policy is not None and task.kind in (pb.Task.TRAIN, pb.Task.OFFER_INITIAL):
                     # offering round 0's weights is part of taking part in training
@@ -210,7 +244,8 @@ class SiteClient:
             raise
 
     def status(self) -> dict[str, Any]:
-        return json.loads(self._call("Status", pb.StatusRequest(), "status", per_call=10).status_json)
+        reply = self._call("Status", pb.StatusRequest(), "status", per_call=10, metadata=(("fl-site", self.site),))
+        return json.loads(reply.status_json)
 
     def log(self, round_: int, records: list[dict]) -> None:
         req = pb.LogRequest(site=self.site, round=round_, records_json=json.dumps(records, default=float))
@@ -280,27 +315,63 @@ class SiteClient:
     # -- upload ------------------------------------------------------------------------------------------
     def upload(self, round_: int, attempt: int, params: Mapping[str, Any], envelope: dict[str, Any],
                initial: bool = False) -> pb.CommitReply:  # fmt: skip
-        """Stream an update and commit it; returns once the aggregator has verified and counted it."""
+        """Stream an update and commit it; returns once the aggregator has verified and counted it.
+
+        An update's tensors stay referenced (not copied) until the next task arrives: if the aggregator has to
+        refold the round (another site left part of an update in it), it asks for the same update again (task
+        RESEND), and `next_task` sends it without the caller knowing. Tensors changed in place meanwhile are
+        refused by the aggregator chunk by chunk (their digests differ) and the update no longer counts."""
         shards = plan_shards(tensors.describe(params), max_shard_bytes=self.max_shard_bytes)
         manifest = Manifest(shards, self.chunk_bytes or DEFAULT_CHUNK_BYTES, envelope)
+        manifest_json = manifest.to_json()
         source = TensorSource(manifest, tensors.ByteViews(params).get)
-        senders = [ShardSender(manifest, i, source) for i in range(len(shards))]
+        self._kept = None
         # A shard digest that fails at commit: an initial model is sent again under a new nonce; an update's
-        # bytes were already folded, so the aggregator runs the round again and the error goes to the caller.
+        # bytes were already folded, so its site sits the attempt out and the error goes to the caller.
         for _ in range(3 if initial else 1):
-            upload = _Upload(self, pb.UploadBegin(site=self.site, round=round_, attempt=attempt, initial=initial,
-                                                  manifest_json=manifest.to_json(), nonce=uuid.uuid4().hex))
-            for sender in senders:
-                self._resumable(functools.partial(upload.send_shard, sender), f"upload {shards[sender.index].name}",
-                                progress=functools.partial(upload.offset, sender.index))  # fmt: skip
-            commit = pb.UploadCommit(upload_id=upload.id, shard_digests=[s.shard_digest() for s in senders])
+            nonce = uuid.uuid4().hex
+            begin = pb.UploadBegin(site=self.site, round=round_, attempt=attempt, initial=initial,
+                                   manifest_json=manifest_json, nonce=nonce)  # fmt: skip
             try:
-                return self._call("CommitUpload", commit, "commit", per_call=120)
+                reply = self._send(manifest, source, begin)
             except IntegrityError as e:
                 if not initial:
                     raise
                 log.warning("upload failed its final check (%s); sending it again", e)
+                continue
+            if not initial:
+                self._kept = _Kept(round_, attempt, nonce, manifest, manifest_json, source)
+            return reply
         raise IntegrityError("the initial model failed its integrity check three times")
+
+    def _send(self, manifest: Manifest, source: TensorSource, begin: pb.UploadBegin) -> pb.CommitReply:
+        """One upload: begin (or resume), stream every shard from the offset the aggregator has, commit."""
+        senders = [ShardSender(manifest, i, source) for i in range(len(manifest.shards))]
+        upload = _Upload(self, begin)
+        for sender in senders:
+            name = manifest.shards[sender.index].name
+            self._resumable(functools.partial(upload.send_shard, sender), f"upload {name}",
+                            progress=functools.partial(upload.offset, sender.index))  # fmt: skip
+        commit = pb.UploadCommit(upload_id=upload.id, shard_digests=[s.shard_digest() for s in senders])
+        return self._call("CommitUpload", commit, "commit", per_call=120)
+
+    def _resend(self, task: pb.Task) -> None:
+        """RESEND: send the kept update again, unchanged (fresh senders: each chunk is hashed from the tensors as
+        they are now, so a change since send() is caught by the aggregator before it is folded)."""
+        k = self._kept
+        if k is None or task.nonce != k.nonce or (task.round, task.attempt) != (k.round, k.attempt):
+            log.warning("site %r: asked to resend an update it no longer holds (round %d); the aggregator drops it",
+                        self.site, task.round)  # fmt: skip
+            self._kept = None
+            return
+        log.info("round %d: resending this site's update (the aggregator refolds the round)", k.round)
+        begin = pb.UploadBegin(site=self.site, round=k.round, attempt=k.attempt, manifest_json=k.manifest_json,
+                               nonce=k.nonce)  # fmt: skip
+        try:
+            self._send(k.manifest, k.source, begin)
+        except (RoundError, IntegrityError, ProtocolError) as e:
+            log.warning("round %d: the resent update was refused: %s", k.round, e)
+            self._kept = None
 
     def _upload_stream(self, upload_id: str, shard: int, sender: ShardSender, offset: int) -> None:
         holder: dict[str, Any] = {}
@@ -319,6 +390,15 @@ class SiteClient:
             future.result()
         finally:
             holder["idle"].stop()
+
+
+class _Kept:
+    """The last update this site's process committed, kept (by reference) for a refold's RESEND."""
+
+    def __init__(self, round_: int, attempt: int, nonce: str, manifest: Manifest, manifest_json: str,
+                 source: TensorSource) -> None:  # fmt: skip
+        self.round, self.attempt, self.nonce = round_, attempt, nonce
+        self.manifest, self.manifest_json, self.source = manifest, manifest_json, source
 
 
 class _Upload:

@@ -10,8 +10,9 @@
 acknowledged the verified update (it does not wait for other sites). After the last round `is_running()`
 is False and `receive()` returns None, also when the aggregator has already exited.
 On ranks other than 0 (init(rank=...) or torchrun's RANK) nothing talks to the aggregator: `receive()`
-returns None and `send()` does nothing; `is_running()` follows rank 0 through torch.distributed when a
-process group is initialised.
+returns None, `send()` does nothing and `is_running()` stays True, as in NVIDIA FLARE: the client API runs no
+collective of its own, so a script that broadcasts rank 0's `is_running()` itself keeps its collectives paired
+(the Lightning and HF integrations sync their ranks explicitly).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ _ENV_KIT = "FL_KIT"
 
 class _Runtime:
     def __init__(self, server: str, site: str, rank: int, params_format: str, connect_timeout: float,
-                 retry_timeout: float, kit: Any = None) -> None:  # fmt: skip
+                 retry_timeout: float, kit: Any = None, insecure: bool = False) -> None:  # fmt: skip
         from fl_plugins.client._site import SiteClient
 
         self.rank = rank
@@ -50,7 +51,7 @@ class _Runtime:
         self.offer_pending = False  # the aggregator asked this site for round 0's weights
         self.lock = threading.RLock()
         self.client = SiteClient(server or None, site, kit=kit, connect_timeout=connect_timeout,
-                                 retry_timeout=retry_timeout) if rank == 0 else None  # fmt: skip
+                                 retry_timeout=retry_timeout, insecure=insecure) if rank == 0 else None  # fmt: skip
         if self.client is not None:
             self.client.connect()
 
@@ -98,12 +99,15 @@ def _runtime() -> _Runtime:
 
 def init(server: str | None = None, site: str | None = None, *, kit: str | os.PathLike | None = None,
          rank: int | str | None = None, params_format: str | None = None, connect_timeout: float = 60.0,
-         retry_timeout: float = 120.0, config_file: str | None = None) -> None:  # fmt: skip
+         retry_timeout: float = 120.0, config_file: str | None = None,
+         insecure: bool | None = None) -> None:  # fmt: skip
     """Connect this site to the aggregator.
 
     server: "host:port" (default: $FL_SERVER, else the kit's). site: this site's name (default: $FL_SITE, else
     the kit's). kit: this site's startup kit folder from `fl-plugins provision` (default: $FL_KIT): connect with
     mTLS; the site is the one the kit's certificate names, and a different `site` is an error.
+    insecure: without a kit the site speaks plaintext, to loopback addresses only; True (default: $FL_INSECURE=1)
+    allows a non-loopback aggregator anyway, with a warning.
     rank: this process's rank (default: $RANK, else 0); only rank 0 talks to the aggregator.
     params_format: "torch" or "numpy" for received params (default: $FL_PARAMS_FORMAT, else torch when the
     script imported torch). connect_timeout: how long to wait for an aggregator that is still starting.
@@ -122,6 +126,13 @@ def init(server: str | None = None, site: str | None = None, *, kit: str | os.Pa
             rank = int(rank)
         except ValueError:
             raise ConfigError(f"rank must be an integer (got {rank!r})") from None
+        if insecure is None:
+            raw = os.environ.get("FL_INSECURE", "")
+            flag = raw.strip().lower()
+            if flag not in ("", "0", "false", "no", "1", "true", "yes"):
+                raise ConfigError(f"$FL_INSECURE must be 1 (allow plaintext to a non-loopback aggregator) or 0 (got "
+                                  f"{raw!r}); set it to 1 or unset it")  # fmt: skip
+            insecure = flag in ("1", "true", "yes")
         kit_path = kit or os.environ.get(_ENV_KIT) or None
         site_kit = None
         if rank == 0 and kit_path:
@@ -139,31 +150,26 @@ def init(server: str | None = None, site: str | None = None, *, kit: str | os.Pa
         if rank == 0 and not site:
             raise ConfigError(f"no site name: pass init(site='site-1') or set ${_ENV_SITE} (or ${_ENV_KIT})")
         _rt = _Runtime(server or "", site or f"rank-{rank}", rank, tensors.resolve_params_format(params_format),
-                       connect_timeout, retry_timeout, site_kit)  # fmt: skip
+                       connect_timeout, retry_timeout, site_kit, insecure=insecure)  # fmt: skip
 
 
 def is_running() -> bool:
-    return _broadcast_from_rank0(_is_running_local())
+    """True while the job runs: rank 0 asks the aggregator (and fetches the next task). Like NVIDIA FLARE's, it
+    issues no torch.distributed collective: on ranks other than 0 it is always True, since they never talk to
+    the aggregator; the script tells them when to stop (rank 0's answer through
+    `dist.broadcast_object_list`), as FLARE's multi-GPU example does. The Lightning and HF integrations sync
+    their ranks themselves."""
+    return _is_running_local()
 
 
 def _is_running_local() -> bool:
-    """is_running() without the torch.distributed broadcast (the integrations sync ranks themselves)."""
+    """is_running() of this process alone (no collective): rank 0's answer from the aggregator, True elsewhere."""
     rt = _runtime()
     with rt.lock:
-        if rt.client is not None:
-            rt._fetch()
-        return not rt.finished and (rt.client is not None or rt.rank == 0)
-
-
-def _broadcast_from_rank0(value: bool) -> bool:
-    import sys
-
-    dist = sys.modules.get("torch.distributed")
-    if dist is None or not dist.is_available() or not dist.is_initialized() or dist.get_world_size() == 1:
-        return value
-    obj = [value]
-    dist.broadcast_object_list(obj, src=0)
-    return bool(obj[0])
+        if rt.client is None:
+            return True
+        rt._fetch()
+        return not rt.finished
 
 
 def receive(timeout: float | None = None, *, into: dict[str, Any] | None = None) -> FLModel | None:
@@ -322,13 +328,20 @@ def is_submit_model() -> bool:
 
 
 def log(key: str, value: Any, data_type: Any = "SCALAR", **kwargs: Any) -> None:
-    """Send a metric to the aggregator (lands in RUN_DIR/logs.jsonl with site and round)."""
+    """Send a metric to the aggregator (lands in RUN_DIR/logs.jsonl with site and round). The record must keep
+    within the aggregator's bounds (fl_plugins/wire/limits.py: a `key` of up to 128 characters, a number, a string
+    of up to 4096 characters or a flat dict/list of up to 64 of those, at most 16 fields): checked here first, so
+    a record it would refuse raises ProtocolError in the script at once, on every rank."""
+    from fl_plugins.wire import limits
+
     rt = _runtime()
+    dt = getattr(data_type, "name", str(data_type))
+    record = _jsonable({"key": key, "value": value, "data_type": dt, **kwargs})
+    limits.check_log_records(f"flare.log({key!r:.60})", [record])
     if rt.client is None:
         return
     rnd = rt.task.round if rt.task is not None else rt.last_round
-    dt = getattr(data_type, "name", str(data_type))
-    rt.client.log(rnd, [_jsonable({"key": key, "value": value, "data_type": dt, **kwargs})])
+    rt.client.log(rnd, [record])
 
 
 def _log_scalars(values: dict[str, float], step: int, round_: int | None = None) -> None:

@@ -100,13 +100,14 @@ class ShardLayout:
     """One shard: its file name, its header prefix (length + JSON) and its tensors in data order."""
 
     name: str
-    header: bytes  # the full prefix: 8-byte length + JSON; the data section starts at len(header)
+    header: bytes  # the full prefix: 8-byte length + JSON; b"" until known (a manifest read from JSON)
     tensors: list[TensorInfo]
     digest: str = ""  # filled in once known (global model: always; upload: at commit)
+    header_size: int = -1  # the prefix's length when `header` is not known yet (-1: len(header))
 
     @property
     def data_start(self) -> int:
-        return len(self.header)
+        return len(self.header) if self.header or self.header_size < 0 else self.header_size
 
     @property
     def size(self) -> int:
@@ -322,7 +323,8 @@ class Manifest:
                 if t.name in seen:
                     raise ProtocolError(f"{w}: tensor {t.name!r} appears in more than one shard")
                 seen.add(t.name)
-            layout = ShardLayout(name, b"\0" * hsize, tensors, digest)  # header bytes arrive with the data
+            # the header bytes arrive with the data: nothing of the declared size is allocated here
+            layout = ShardLayout(name, b"", tensors, digest, header_size=hsize)
             if size != layout.size:
                 raise ProtocolError(f"{w}: `size` {short_repr(size)} disagrees with its tensors ({layout.size} bytes)")
             shards.append(layout)

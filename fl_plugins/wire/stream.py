@@ -86,8 +86,9 @@ class ShardReceiver:
             take = min(hsize - pos, len(mv))
             self._hdr += mv[:take]
             pos, mv = pos + take, mv[take:]
-            if len(self._hdr) == hsize:
+            if pos == hsize:
                 prefix = bytes(self._hdr)
+                self._hdr = bytearray()  # checked: not kept for the rest of the upload
                 self.manifest.check_header(self.index, prefix)
                 self.sink.header(self.index, prefix)
         if len(mv):

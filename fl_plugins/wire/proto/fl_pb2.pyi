@@ -30,27 +30,31 @@ class HelloReply(_message.Message):
     def __init__(self, job_id: _Optional[str] = ..., total_rounds: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., version: _Optional[str] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
-    __slots__ = ("site", "wait_seconds", "can_offer_initial")
+    __slots__ = ("site", "wait_seconds", "can_offer_initial", "holds_update")
     SITE_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CAN_OFFER_INITIAL_FIELD_NUMBER: _ClassVar[int]
+    HOLDS_UPDATE_FIELD_NUMBER: _ClassVar[int]
     site: str
     wait_seconds: float
     can_offer_initial: bool
-    def __init__(self, site: _Optional[str] = ..., wait_seconds: _Optional[float] = ..., can_offer_initial: _Optional[bool] = ...) -> None: ...
+    holds_update: str
+    def __init__(self, site: _Optional[str] = ..., wait_seconds: _Optional[float] = ..., can_offer_initial: _Optional[bool] = ..., holds_update: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("kind", "round", "attempt", "total_rounds", "start_round", "task_name", "manifest_json", "job_id", "message")
+    __slots__ = ("kind", "round", "attempt", "total_rounds", "start_round", "task_name", "manifest_json", "job_id", "message", "nonce")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         WAIT: _ClassVar[Task.Kind]
         TRAIN: _ClassVar[Task.Kind]
         END: _ClassVar[Task.Kind]
         OFFER_INITIAL: _ClassVar[Task.Kind]
+        RESEND: _ClassVar[Task.Kind]
     WAIT: Task.Kind
     TRAIN: Task.Kind
     END: Task.Kind
     OFFER_INITIAL: Task.Kind
+    RESEND: Task.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
@@ -60,6 +64,7 @@ class Task(_message.Message):
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    NONCE_FIELD_NUMBER: _ClassVar[int]
     kind: Task.Kind
     round: int
     attempt: int
@@ -69,7 +74,8 @@ class Task(_message.Message):
     manifest_json: str
     job_id: str
     message: str
-    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., total_rounds: _Optional[int] = ..., start_round: _Optional[int] = ..., task_name: _Optional[str] = ..., manifest_json: _Optional[str] = ..., job_id: _Optional[str] = ..., message: _Optional[str] = ...) -> None: ...
+    nonce: str
+    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., total_rounds: _Optional[int] = ..., start_round: _Optional[int] = ..., task_name: _Optional[str] = ..., manifest_json: _Optional[str] = ..., job_id: _Optional[str] = ..., message: _Optional[str] = ..., nonce: _Optional[str] = ...) -> None: ...
 
 class UploadBegin(_message.Message):
     __slots__ = ("site", "round", "attempt", "initial", "manifest_json", "nonce")
