@@ -75,6 +75,10 @@ class ByteViews:
         self._cache = (name, mv)
         return mv
 
+    def clear(self) -> None:
+        """Drop the cached conversion (a CPU or contiguous copy of a GPU or strided tensor)."""
+        self._cache = None
+
 
 def byte_view(x: Any) -> memoryview:
     if _is_torch(x):

@@ -122,8 +122,8 @@ def test_the_round_after_a_refold_does_not_run_again(server_factory):
     go.set()
     wait_for(lambda: srv.aggregator.round >= 1, "round 0 to close")
     stalled.release()
-    join_sites(good, timeout=60) if good.is_alive() else None
     good.join(60)
+    assert not good.is_alive() and good.error is None, good.error
     assert srv.wait() == 0, srv.aggregator.error
     assert_params_equal(load_round(srv.aggregator.config.run_dir, 2), plus(2)(INITIAL))
     rounds = metrics(srv, "round")

@@ -71,6 +71,7 @@ from fl_plugins.errors import (
     ProtocolError,
     RoundError,
 )
+from fl_plugins.wire import limits
 from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, Manifest, ShardLayout, TensorInfo, short_repr
 from fl_plugins.wire.stream import FileSource, ShardReceiver
 
@@ -168,6 +169,7 @@ class Counted:
     (the chunk digests are 16 bytes per chunk: 4 KiB per GiB at 4 MiB chunks). Owed while a refold waits for it."""
 
     site: str
+    attempt: int  # the attempt it was sent in (a resend names it)
     nonce: str
     manifest_sha: bytes
     weight: float
@@ -383,7 +385,7 @@ class Aggregator:
                 owed = self.owed.get(site)
                 if owed is not None and not any(u.resend_of is owed for u in self.uploads.values()):
                     if holds and holds == owed.nonce:
-                        return {"kind": "RESEND", "round": self.round, "attempt": self.attempt, "nonce": owed.nonce,
+                        return {"kind": "RESEND", "round": self.round, "attempt": owed.attempt, "nonce": owed.nonce,
                                 "message": "send the same update again: the round is refolded without another "
                                            "site's partial update"}  # fmt: skip
                     self._lose(owed, "its process no longer holds the update (it restarted or sent another one)")
@@ -440,8 +442,7 @@ class Aggregator:
 
     def watch(self, u: Upload, context) -> None:
         """Register a live upload stream so an idle one (no bytes for `idle_timeout`) can be cancelled."""
-        with self._cond:
-            u.last_progress = time.monotonic()
+        with self._cond:  # (progress is bytes arriving: opening streams again and again keeps nothing alive)
             u.streams.append(context)
 
     def unwatch(self, u: Upload, context) -> None:
@@ -506,12 +507,17 @@ class Aggregator:
         site = s.name
         if self.done or self.global_manifest is None:
             raise RoundError(f"site {site!r}: no round is open for updates")
+        if attempt < 0:
+            raise ProtocolError(f"site {site!r}: attempt must be >= 0 (got {attempt})")
         if round_ != self.round or attempt > self.attempt:
             self.stats["updates_refused"] += 1
             raise RoundError(f"site {site!r}: the update for round {round_} (attempt {attempt}) is late: the "
                              f"aggregator is on round {self.round} attempt {self.attempt}")  # fmt: skip
         owed = self.owed.get(site)
         if owed is not None and owed.nonce == nonce:
+            if attempt != owed.attempt or any(x.resend_of is owed for x in self.uploads.values()):
+                raise RoundError(f"site {site!r}: a resend of its update for round {round_} must name attempt "
+                                 f"{owed.attempt}, and only one may run at a time")  # fmt: skip
             if owed.manifest_sha != sha:
                 self._lose(owed, "its resend's manifest differs from the committed one")
                 raise ProtocolError(f"site {site!r}: the update resent for round {round_}'s refold has another "
@@ -535,7 +541,8 @@ class Aggregator:
             self.stats["updates_refused"] += 1
             raise RoundError(f"site {site!r} already sent its update for round {round_}: duplicate refused")
         if s.took is None or s.took[0] != round_:
-            if self._round_started is None and attempt == 0 and self._alive() >= self.config.min_sites:
+            if (self._round_started is None and attempt == 0 == self.attempt
+                    and self._alive() >= self.config.min_sites):  # fmt: skip
                 # the site holds this round's task from before an aggregator restart: the round is under way
                 self._round_started = self._round_began = time.monotonic()
                 log.info("round %d attempt %d resumed by site %r's update", self.round, self.attempt, site)
@@ -587,7 +594,6 @@ class Aggregator:
             if u is None or u.dead:
                 raise RoundError(f"upload {upload_id!r} is unknown or its round ended; begin the upload again")
             _check_owner(u, site)
-            u.last_progress = time.monotonic()
             if not 0 <= shard < len(u.receivers):
                 raise ProtocolError(f"upload {upload_id!r} has no shard {shard}")
             self._touch(u.site)
@@ -669,6 +675,10 @@ class Aggregator:
             if u.initial:
                 return self._commit_initial(u, digests)
             if u.resend_of is not None:
+                if self.owed.get(u.site) is not u.resend_of:
+                    u.committed = False
+                    self._kill(u)  # its bytes were folded for an update that is no longer owed: refold
+                    raise RoundError(f"upload {upload_id!r}: the update it resends no longer counts; not counted")
                 c = self.owed.pop(u.site)
                 self.counted[u.site] = c
                 self.acc.add_weight(c.weight, c.params_type)  # type: ignore[union-attr]
@@ -682,8 +692,9 @@ class Aggregator:
                    "params_type": u.params_type, "bytes": u.manifest.total_bytes,
                    "bytes_received": u.bytes_received, "corrupted_chunks": u.corrupted_chunks,
                    "seconds": round(time.monotonic() - u.started, 3), "metrics": env.get("metrics") or {}}  # fmt: skip
-            self.counted[u.site] = Counted(u.site, u.nonce, u.manifest_sha, u.weight, u.params_type, list(digests),
-                                           [list(rx.digest.digests) for rx in u.receivers], rec)  # fmt: skip
+            self.counted[u.site] = Counted(u.site, u.attempt, u.nonce, u.manifest_sha, u.weight, u.params_type,
+                                           list(digests), [list(rx.digest.digests) for rx in u.receivers],
+                                           rec)  # fmt: skip
             self.store.append("metrics.jsonl", [rec])
             log.info("round %d: update from %r accepted (%d/%d)", u.round, u.site, len(self.counted),
                      len(self._participants()))  # fmt: skip
@@ -711,7 +722,6 @@ class Aggregator:
     def log_records(self, site: str, round_: int, records: list[dict]) -> None:
         """A site's flare.log records, appended to logs.jsonl; their shape and size are checked first
         (limits.check_log_records: ProtocolError naming the limit)."""
-        from fl_plugins.wire import limits  # (here while others rewrite this module; belongs with the imports)
 
         records = limits.check_log_records(f"site {site!r}", records)
         with self._cond:
@@ -785,7 +795,9 @@ class Aggregator:
         self.uploads.pop(u.id, None)
 
     def _lose(self, c: Counted, why: str) -> None:
-        """Lock held. A counted (or owed) update is no longer counted: its site could not send it again."""
+        """Lock held. An owed update is no longer counted: its site could not send it again."""
+        if self.owed.get(c.site) is not c:
+            return  # lost already
         self.owed.pop(c.site, None)
         if self.counted.get(c.site) is c:  # pragma: no cover - only owed updates are lost
             del self.counted[c.site]
@@ -834,6 +846,8 @@ class Aggregator:
                 self._lose(c, f"the site was silent for {self.config.site_timeout:.0f} s")
             elif now - c.asked > self.config.site_timeout and not any(u.resend_of is c for u in self.uploads.values()):
                 self._lose(c, f"the site did not send it again within {self.config.site_timeout:.0f} s")
+            elif self.config.round_deadline is not None and now - c.asked > self.config.round_deadline:
+                self._lose(c, f"its resend took longer than the round deadline ({self.config.round_deadline:g} s)")
         for u in list(self.uploads.values()):  # uploads of sites that left (silent, or refused by their policy)
             if not u.committed and not self._alive_site(self.sites[u.site], now):
                 log.warning("site %r left mid-upload; its upload is dropped", u.site)
@@ -896,7 +910,7 @@ class Aggregator:
                 )
             self.attempt += 1
             self.stats["round_restarts"] += 1
-            self._round_started = None
+            self._round_started = time.monotonic()  # the new window: deadline, timeouts and closes apply at once
             self.store.append("metrics.jsonl", [{"event": "attempt", "round": self.round, "attempt": self.attempt,
                                                  "counted": sorted(self.counted)}])  # fmt: skip
             log.warning("round %d: attempt %d (%d updates kept)", self.round, self.attempt, len(self.counted))
@@ -1033,7 +1047,6 @@ def _parse_update(site: str, manifest_json: str) -> tuple[Manifest, str, float]:
     params_type = str(env.get("params_type", "FULL")).upper()
     if params_type not in ("FULL", "DIFF"):
         raise ProtocolError(f"site {site!r}: params_type must be FULL or DIFF (got {short_repr(params_type)})")
-    from fl_plugins.wire import limits  # (here while others rewrite this module; belongs with the imports)
 
     for key in ("meta", "metrics"):
         if env.get(key) is not None and not isinstance(env[key], dict):
@@ -1041,22 +1054,11 @@ def _parse_update(site: str, manifest_json: str) -> tuple[Manifest, str, float]:
         if env.get(key) is not None:  # bounded: the round's metrics go into the next global model's manifest
             limits.check_envelope_dict(f"site {site!r}", key, env[key])
     weight = (env.get("meta") or {}).get("NUM_STEPS_CURRENT_ROUND", 1)
-    w = _finite(weight)
+    w = limits.finite_float(weight)
     if w is None or not w > 0:
         raise ProtocolError(f"site {site!r}: NUM_STEPS_CURRENT_ROUND must be a finite number > 0 "
                             f"(got {short_repr(weight)})")  # fmt: skip
     return manifest, params_type, w
-
-
-def _finite(x: Any) -> float | None:
-    """x as a finite float, or None (not a number, a bool, NaN, infinite, or an int too big for a float)."""
-    if isinstance(x, bool) or not isinstance(x, (int, float)):
-        return None
-    try:
-        f = float(x)
-    except OverflowError:
-        return None
-    return f if math.isfinite(f) else None
 
 
 def _check_owner(u: Upload, site: str | None) -> None:
@@ -1069,7 +1071,6 @@ def _mean_metrics(records: list[dict]) -> dict[str, float]:
     """Weighted mean of each numeric metric over the round's updates: unusable values are left out (a site's
     metrics are informative, never fatal), at most limits.MAX_DICT_KEYS keys, rounded to METRIC_DIGITS
     significant digits (limits.mean_metrics), so the next global model's manifest stays small."""
-    from fl_plugins.wire import limits  # (here while others rewrite this module; belongs with the imports)
 
     return limits.mean_metrics(records)
 

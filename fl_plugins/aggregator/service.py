@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import ipaddress
 import json
 import logging
 import math
@@ -19,7 +18,7 @@ import grpc
 from fl_plugins._version import __version__
 from fl_plugins.aggregator.core import TASK_NAME, Aggregator, AggregatorConfig
 from fl_plugins.errors import ConfigError, ProtocolError
-from fl_plugins.security.tls import ServerKit, SiteAuth, load_server_kit
+from fl_plugins.security.tls import ServerKit, SiteAuth, is_loopback, load_server_kit
 from fl_plugins.wire import limits, rpc
 from fl_plugins.wire.layout import Manifest
 from fl_plugins.wire.limits import BusyError
@@ -256,15 +255,6 @@ def _peer_is_loopback(peer: str) -> bool:
         return True
     host = rest.rpartition(":")[0] if scheme in ("ipv4", "ipv6") else ""
     return bool(host) and is_loopback(host)
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.strip("[]")).is_loopback
-    except ValueError:
-        return False
 
 
 def split_address(address: str) -> tuple[str, int]:

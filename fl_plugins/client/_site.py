@@ -30,7 +30,6 @@ from fl_plugins.errors import (
     IntegrityError,
     PolicyError,
     ProtocolError,
-    RoundError,
     TransportError,
 )
 from fl_plugins.security.policy import load_policy
@@ -324,7 +323,8 @@ class SiteClient:
         shards = plan_shards(tensors.describe(params), max_shard_bytes=self.max_shard_bytes)
         manifest = Manifest(shards, self.chunk_bytes or DEFAULT_CHUNK_BYTES, envelope)
         manifest_json = manifest.to_json()
-        source = TensorSource(manifest, tensors.ByteViews(params).get)
+        views = tensors.ByteViews(params)
+        source = TensorSource(manifest, views.get)
         self._kept = None
         # A shard digest that fails at commit: an initial model is sent again under a new nonce; an update's
         # bytes were already folded, so its site sits the attempt out and the error goes to the caller.
@@ -341,6 +341,7 @@ class SiteClient:
                 continue
             if not initial:
                 self._kept = _Kept(round_, attempt, nonce, manifest, manifest_json, source)
+                views.clear()  # a converted (CPU, contiguous) copy of the last tensor is not kept
             return reply
         raise IntegrityError("the initial model failed its integrity check three times")
 
@@ -369,8 +370,8 @@ class SiteClient:
                                nonce=k.nonce)  # fmt: skip
         try:
             self._send(k.manifest, k.source, begin)
-        except (RoundError, IntegrityError, ProtocolError) as e:
-            log.warning("round %d: the resent update was refused: %s", k.round, e)
+        except FLError as e:  # refused, or the aggregator unreachable: the update no longer counts; poll on
+            log.warning("round %d: the resent update did not arrive: %s", k.round, e)
             self._kept = None
 
     def _upload_stream(self, upload_id: str, shard: int, sender: ShardSender, offset: int) -> None:

@@ -158,7 +158,8 @@ def round_metric(x: float) -> float:
     return float(f"{x:.{METRIC_DIGITS}g}")
 
 
-def _finite(x: Any) -> float | None:
+def finite_float(x: Any) -> float | None:
+    """x as a finite float, or None (not a number, a bool, NaN, infinite, or an int too big for a float)."""
     if isinstance(x, bool) or not isinstance(x, (int, float)):
         return None
     try:
@@ -176,12 +177,12 @@ def mean_metrics(records: list[dict]) -> dict[str, float]:
     weights: dict[str, float] = {}
     counts: dict[str, int] = {}
     for rec in records:
-        w = _finite(rec.get("weight"))
+        w = finite_float(rec.get("weight"))
         metrics = rec.get("metrics")
         if w is None or w <= 0 or not isinstance(metrics, dict):
             continue
         for k, v in metrics.items():
-            f = _finite(v)
+            f = finite_float(v)
             if f is not None and isinstance(k, str):
                 sums[k] = sums.get(k, 0.0) + w * f
                 weights[k] = weights.get(k, 0.0) + w
