@@ -399,12 +399,14 @@ def test_a_frame_larger_than_the_aggregators_chunks_is_not_buffered(server_facto
     fed = Federation(server_factory)
     evil = RawSite(fed.address)
     task = evil.train_task()
-    m, fs = update(plus(2)(INITIAL))
+    m, fs = update(plus(2)(INITIAL), weight=4)  # the weights sum to 8: the average stays exact
     st = evil.begin(task, m.to_json())
     huge = frames.encode(0, [bytes(MAX_CONTROL_BYTES + 1)])
     code, details = refused(evil.send, st.upload_id, [huge])
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
     code, details = refused(evil.begin, task, "x" * (MAX_CONTROL_BYTES + 1), "n2")
     assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
-    fed.finish()
+    evil.send(st.upload_id, fs)  # nothing of the refused frames was used: the upload goes on from offset 0
+    assert evil.commit(st.upload_id, [shard_digest(m, fs)]).message == "update accepted"
+    fed.finish([(plus(2), 4)], evil_counted=1)
     evil.close()
