@@ -226,7 +226,6 @@ class SiteClient:
                 continue
             if task.kind != pb.Task.WAIT:
                 self._kept = None  # the round of the update kept for a refold is over
-            if task.kind != pb.Task.WAIT:
                 if self.policy is not None and task.kind in (pb.Task.TRAIN, pb.Task.OFFER_INITIAL):
                     # offering round 0's weights is part of taking part in training
                     self._within_policy(self.policy.check_task, task.task_name or "train", task.round)
