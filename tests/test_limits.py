@@ -557,3 +557,24 @@ def test_status_over_mtls_shows_a_site_its_own_entries_and_the_operator_everythi
         for s in (a, b, op):
             s.close()
         srv.stop(0)
+
+
+def test_a_long_poll_whose_caller_left_frees_its_worker_at_once(tmp_path):
+    """A GetTask whose caller gave up (its deadline passed, its process died) ends when gRPC says the call is
+    over, not when its 30 s wait would: the worker and the site's poll slot are free again at once."""
+    import time
+
+    srv = server(tmp_path, min_sites=2)  # no round can start: the poll would wait its whole 30 s
+    evil = RawSite(srv.address, "evil")
+    try:
+        with pytest.raises(grpc.RpcError) as e:
+            evil.stub.GetTask(pb.TaskRequest(site="evil", wait_seconds=30), timeout=0.5)
+        assert e.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        stop = time.monotonic() + 10
+        while srv.servicer.slots._polls:
+            assert time.monotonic() < stop, "the abandoned poll still holds its worker"
+            time.sleep(0.02)
+        assert evil.task(wait=0.2).kind == pb.Task.WAIT  # and the site may poll again
+    finally:
+        evil.close()
+        srv.stop(0)

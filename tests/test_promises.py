@@ -410,3 +410,15 @@ def test_a_frame_larger_than_the_aggregators_chunks_is_not_buffered(server_facto
     assert evil.commit(st.upload_id, [shard_digest(m, fs)]).message == "update accepted"
     fed.finish([(plus(2), 4)], evil_counted=1)
     evil.close()
+
+
+def test_an_upload_before_any_task_was_given_is_refused_in_a_new_run(server_factory):
+    """Two sites connected, none has asked for a task yet: an upload is no 'resume after a restart' (this run has
+    never been restarted), so it is refused. Before, the first upload of a run could start its round."""
+    srv = server_factory(rounds=1, min_sites=2, initial=INITIAL, chunk_bytes=CHUNK)
+    other, evil = RawSite(srv.address, "other"), RawSite(srv.address, "evil")
+    m, _ = update(plus(2)(INITIAL))
+    code, details = refused(evil.begin, pb.Task(round=0, attempt=0), m.to_json())
+    assert code == grpc.StatusCode.FAILED_PRECONDITION and "was not given round 0's task" in details, details
+    other.close()
+    evil.close()

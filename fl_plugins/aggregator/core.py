@@ -50,6 +50,7 @@ import logging
 import math
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -277,6 +278,9 @@ class Aggregator:
                                       "updates_accepted": 0, "updates_refused": 0, "invalid_updates": 0,
                                       "round_restarts": 0, "refolds": 0, "updates_lost": 0}  # fmt: skip
         self._fold_gate = _Gate()
+        # the round this process found checkpointed when it started (None: a new run): its sites may hold that
+        # round's task from the process before, and may resume their uploads before asking again
+        self._restarted_at: int | None = self.store.latest_round()
         self._resume()
         self._thread = threading.Thread(target=self._loop, name="fl-aggregator", daemon=True)
 
@@ -371,9 +375,11 @@ class Aggregator:
         now = time.monotonic()
         return sum(1 for s in self.sites.values() if now - s.last_seen < self.config.site_timeout)
 
-    def get_task(self, site: str, wait: float, can_offer: bool = False, holds: str = "") -> dict[str, Any]:
+    def get_task(self, site: str, wait: float, can_offer: bool = False, holds: str = "",
+                 gone: Callable[[], bool] | None = None) -> dict[str, Any]:  # fmt: skip
         """The site's next task. `holds`: the nonce of the counted update the site's process still holds (it can
-        send it again for a refold); a site owing a resend that does not hold it loses that update."""
+        send it again for a refold); a site owing a resend that does not hold it loses that update. `gone`: true
+        once the caller has gone away (the wait then ends with WAIT; `wake()` makes it look at once)."""
         deadline = time.monotonic() + max(0.0, min(wait, 30.0))
         with self._cond:
             while True:
@@ -419,9 +425,14 @@ class Aggregator:
                         return {"kind": "TRAIN", "round": self.round, "attempt": self.attempt,
                                 "manifest": self.global_manifest}  # fmt: skip
                 left = deadline - time.monotonic()
-                if left <= 0:
+                if left <= 0 or (gone is not None and gone()):
                     return {"kind": "WAIT", "round": self.round}
                 self._cond.wait(min(left, 1.0))
+
+    def wake(self) -> None:
+        """Wake every waiting call so it looks at its state again (a long poll whose caller went away)."""
+        with self._cond:
+            self._cond.notify_all()
 
     def _may_train(self, s: SiteState) -> bool:
         """Lock held. The site may get (or has) this attempt's task: not counted, not owing, not sitting out."""
@@ -541,7 +552,7 @@ class Aggregator:
             self.stats["updates_refused"] += 1
             raise RoundError(f"site {site!r} already sent its update for round {round_}: duplicate refused")
         if s.took is None or s.took[0] != round_:
-            if (self._round_started is None and attempt == 0 == self.attempt
+            if (self._round_started is None and attempt == 0 == self.attempt and self.round == self._restarted_at
                     and self._alive() >= self.config.min_sites):  # fmt: skip
                 # the site holds this round's task from before an aggregator restart: the round is under way
                 self._round_started = self._round_began = time.monotonic()

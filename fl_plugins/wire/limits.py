@@ -33,9 +33,8 @@ An update's `metrics` and `meta` (the FLModel envelope), each:
 Calls that hold one of the aggregator's worker threads for long (service.py `CallSlots`):
 
     MAX_POLL_SECONDS          30         the longest a GetTask long poll waits
-    POLL_SLICE_SECONDS        0.25       a long poll checks this often whether its caller is still there
     MAX_POLLS_PER_SITE        1          GetTask calls waiting per site whose callers are still connected
-    POLL_THREADS_PER_SITE     2          ... plus ones whose callers left and that are ending (within a slice)
+    POLL_THREADS_PER_SITE     2          ... plus ones whose callers left and that are ending (woken at once)
     MAX_TRANSFERS_PER_SITE    4          Upload and Download streams open per site (a site sends one at a time)
     reserved_workers(n)       n // 8, at least 2: workers long calls never take, so Hello, Heartbeat, Log,
                                          Status, BeginUpload and CommitUpload always find one
@@ -69,7 +68,6 @@ LOG_CALL_BURST = 500
 MAX_LOG_CHARS_PER_ROUND = 32 << 20
 
 MAX_POLL_SECONDS = 30.0
-POLL_SLICE_SECONDS = 0.25
 MAX_POLLS_PER_SITE = 1
 POLL_THREADS_PER_SITE = 2
 MAX_TRANSFERS_PER_SITE = 4
