@@ -8,6 +8,7 @@
     ├── RoundError(FLError, RuntimeError)     an update for a closed round, a duplicate, an unknown upload
     ├── TransportError(FLError, ConnectionError)  the aggregator cannot be reached (after retries)
     ├── AuthError(FLError, PermissionError)   mTLS: a certificate not in the project, or a site claiming another's name
+    ├── BusyError(FLError, RuntimeError)      a site over a call or rate limit (wire/limits.py); the client retries
     └── MissingDependencyError(FLError, ImportError)  an optional extra is not installed
 
 Errors subclass the stdlib type they resemble, so `except ValueError` keeps working for callers that do
@@ -35,6 +36,11 @@ class IntegrityError(ProtocolError):
 
 class ModelMismatchError(FLError, ValueError):
     """An update's tensors disagree with the global model (names, shapes or dtypes)."""
+
+
+class BusyError(FLError, RuntimeError):
+    """A call refused because its site (or all sites together) already hold as many calls of its kind as the
+    aggregator allows, or log faster than it allows (RESOURCE_EXHAUSTED; the client retries it)."""
 
 
 class RoundError(FLError, RuntimeError):

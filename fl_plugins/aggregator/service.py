@@ -17,11 +17,10 @@ import grpc
 
 from fl_plugins._version import __version__
 from fl_plugins.aggregator.core import TASK_NAME, Aggregator, AggregatorConfig
-from fl_plugins.errors import ConfigError, ProtocolError
+from fl_plugins.errors import BusyError, ConfigError, ProtocolError
 from fl_plugins.security.tls import ServerKit, SiteAuth, is_loopback, load_server_kit
 from fl_plugins.wire import limits, rpc
 from fl_plugins.wire.layout import Manifest
-from fl_plugins.wire.limits import BusyError
 from fl_plugins.wire.proto import fl_pb2 as pb
 from fl_plugins.wire.stream import ShardSender
 

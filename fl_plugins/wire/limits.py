@@ -50,7 +50,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fl_plugins.errors import FLError, ProtocolError
+from fl_plugins.errors import BusyError, ProtocolError
 
 MAX_DICT_KEYS = 256
 MAX_KEY_CHARS = 128
@@ -78,9 +78,6 @@ def reserved_workers(max_workers: int) -> int:
     return max(2, max_workers // 8)
 
 
-class BusyError(FLError, RuntimeError):
-    """A call refused because its site (or all sites together) already hold as many calls of its kind as the
-    aggregator allows (RESOURCE_EXHAUSTED; the client retries it). Belongs in errors.py."""
 
 
 # -- values -------------------------------------------------------------------------------------------------------

@@ -13,7 +13,6 @@ from collections.abc import Callable
 import grpc
 
 from fl_plugins import errors
-from fl_plugins.wire.limits import BusyError
 from fl_plugins.wire.proto import fl_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -76,7 +75,7 @@ METHODS = {
 }
 
 STATUS_OF = [  # most specific first
-    (BusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # over a call limit (limits.py): the client retries
+    (errors.BusyError, grpc.StatusCode.RESOURCE_EXHAUSTED),  # over a call limit (limits.py): the client retries
     (errors.IntegrityError, grpc.StatusCode.DATA_LOSS),
     (errors.ProtocolError, grpc.StatusCode.INVALID_ARGUMENT),
     (errors.ModelMismatchError, grpc.StatusCode.INVALID_ARGUMENT),
