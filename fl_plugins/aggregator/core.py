@@ -73,7 +73,7 @@ from fl_plugins.errors import (
     RoundError,
 )
 from fl_plugins.wire import limits
-from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, Manifest, ShardLayout, TensorInfo, short_repr
+from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, Manifest, ShardLayout, TensorInfo, build_header, short_repr
 from fl_plugins.wire.stream import FileSource, ShardReceiver
 
 log = logging.getLogger(__name__)
@@ -266,7 +266,6 @@ class Aggregator:
         self.done_at: float | None = None
         self.error: BaseException | None = None
         self._closing: Close | None = None  # why the round is closing; None while it collects updates
-        self._finalizing = False
         self.epoch = 0  # the accumulator's epoch: a refold starts a new one
         self._epoch_uploads: list[Upload] = []  # every update upload that could fold into this epoch
         self.counted: dict[str, Counted] = {}  # site -> its update, counted in this round (folded in this epoch)
@@ -360,9 +359,7 @@ class Aggregator:
         return s
 
     def hello(self, site: str, can_offer: bool) -> dict[str, Any]:
-        if not site or len(site) > 128 or any(c in site for c in "/\\\0"):
-            raise ConfigError(f"site name {site!r} must be 1-128 characters without path separators")
-        with self._cond:
+        with self._cond:  # (_touch checks the site's name)
             self._touch(site, can_offer)
             self._cond.notify_all()
             return {"job_id": self.job_id, "total_rounds": self.config.rounds, "chunk_bytes": self.config.chunk_bytes}
@@ -584,8 +581,6 @@ class Aggregator:
     def _check_plan(self, manifest: Manifest, what: str) -> None:
         """An update's tensors must be the global model's, in at most as many shards as it has tensors (no empty
         shards), with headers no larger than the ones we would build plus MAX_HEADER_SLACK."""
-        from fl_plugins.wire.layout import build_header
-
         assert self.global_manifest is not None
         same_tensors({t.name: t for s_ in self.global_manifest.shards for t in s_.tensors},
                      {t.name: t for s_ in manifest.shards for t in s_.tensors}, what)  # fmt: skip
@@ -842,7 +837,7 @@ class Aggregator:
 
     def _tick(self) -> Step | None:
         """Lock held. Apply the timeouts, then decide what the round does next (the module docstring's rules)."""
-        if self.done or self.global_manifest is None or self._round_started is None or self._finalizing:
+        if self.done or self.global_manifest is None or self._round_started is None:
             return None
         now = time.monotonic()
         for u in list(self.uploads.values()):  # cancel stalled uploads: a site that is alive begins again
@@ -952,31 +947,25 @@ class Aggregator:
         self._cond.notify_all()
 
     def _finalize(self) -> None:
-        with self._cond:
-            self._finalizing = True
-        try:
-            if self._durable is not None:
-                self._durable.join()  # the previous checkpoint is published before this one is written
-            with self._fold_gate.exclusive():
-                with self._cond:  # no fold runs now: what the accumulator holds is settled
-                    reason = self._closing
-                    assert reason is not None
-                    partial = [u for u in self._epoch_uploads if u.folded and not u.committed]
-                    if partial:
-                        self._refold(partial)
-                        return
-                    if len(self.counted) < self._needed(reason):
-                        log.warning("round %d: %d updates after the refold, %d needed (%s); collecting again",
-                                    self.round, len(self.counted), self._needed(reason), reason.value)  # fmt: skip
-                        self._closing = None
-                        self._cond.notify_all()
-                        return
-                    records = [c.record for c in self.counted.values()]
-                self._write_round(records)
-        finally:
-            with self._cond:
-                self._finalizing = False
-                self._cond.notify_all()
+        """On the background thread (the one that runs `_tick`, so no second close can start meanwhile)."""
+        if self._durable is not None:
+            self._durable.join()  # the previous checkpoint is published before this one is written
+        with self._fold_gate.exclusive():
+            with self._cond:  # no fold runs now: what the accumulator holds is settled
+                reason = self._closing
+                assert reason is not None
+                partial = [u for u in self._epoch_uploads if u.folded and not u.committed]
+                if partial:
+                    self._refold(partial)
+                    return
+                if len(self.counted) < self._needed(reason):
+                    log.warning("round %d: %d updates after the refold, %d needed (%s); collecting again",
+                                self.round, len(self.counted), self._needed(reason), reason.value)  # fmt: skip
+                    self._closing = None
+                    self._cond.notify_all()
+                    return
+                records = [c.record for c in self.counted.values()]
+            self._write_round(records)
 
     def _write_round(self, records: list[dict]) -> None:
         """Fold gate held. Write the average of the counted updates as round R+1's global model; open R+1."""
