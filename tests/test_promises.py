@@ -84,8 +84,8 @@ class Stalled:
 
 def folded_chunks(srv, site: str) -> bool:
     """The site's upload has folded at least one chunk into the accumulator."""
-    with srv.aggregator._cond:
-        return any(u.site == site and u.folded for u in srv.aggregator.uploads.values())
+    with srv.aggregator.lock:
+        return any(u.site == site and u.folded for u in srv.aggregator.uploads.live.values())
 
 
 # -- 1. whatever closes the round, no partial update reaches the global model --------------------------------
@@ -139,7 +139,7 @@ def test_a_site_dropped_for_silence_mid_upload_leaves_nothing_behind(server_fact
     silent = RawSite(fed.address, "silent")  # no heartbeat: silent once its chunks stop
     stalled = Stalled(silent, silent.train_task())
     wait_for(lambda: folded_chunks(fed.srv, "silent"), "the silent site's chunks to be folded")
-    wait_for(lambda: "silent" not in {u.site for u in fed.srv.aggregator.uploads.values()}, "the drop")
+    wait_for(lambda: "silent" not in {u.site for u in fed.srv.aggregator.uploads.live.values()}, "the drop")
     fed.finish(refolds=1)
     stalled.release()
     silent.close()
@@ -160,24 +160,24 @@ def test_a_site_whose_policy_refuses_mid_upload_leaves_nothing_behind(server_fac
 def test_a_chunk_folded_after_its_upload_was_dropped_is_caught(server_factory, monkeypatch):
     """The race: a chunk passes the 'is the upload alive' check, the round closes (dropping the upload while
     none of its bytes are folded yet), then the chunk is folded. The window is held open here by the test."""
-    from fl_plugins.aggregator import core
+    from fl_plugins.aggregator import uploads
 
     entered, proceed = threading.Event(), threading.Event()
-    real = core._FoldSink.data
+    real = uploads.FoldSink.data
 
     def slow_data(self, shard, tensor, lo, payload):
-        if self.session.site == "racer" and not entered.is_set():
+        if self.upload.site == "racer" and not entered.is_set():
             entered.set()
             assert proceed.wait(60)
         return real(self, shard, tensor, lo, payload)
 
-    monkeypatch.setattr(core._FoldSink, "data", slow_data)
+    monkeypatch.setattr(uploads.FoldSink, "data", slow_data)
     fed = Federation(server_factory, round_deadline=2.0, min_updates=1)
     racer = RawSite(fed.address, "racer")
     stalled = Stalled(racer, racer.train_task(), chunks=1)
     assert entered.wait(30)
     fed.release()
-    wait_for(lambda: fed.srv.aggregator._closing is not None, "the round to close")
+    wait_for(lambda: fed.srv.aggregator.rounds.closing is not None, "the round to close")
     assert not folded_chunks(fed.srv, "racer")  # the upload was dropped with nothing folded ...
     proceed.set()  # ... and now its chunk is folded
     fed.finish(refolds=1)

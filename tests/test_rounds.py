@@ -1,4 +1,4 @@
-"""The round rules of aggregator/core.py (its docstring) as a hypothesis state machine, in-process.
+"""The round rules of aggregator/rounds.py (its docstring) as a hypothesis state machine, in-process.
 
 Four sites with fixed updates (site i sends FULL i+1 with weight i+1) and one hostile value (100.0) for partial
 uploads, under a fake clock. Hypothesis interleaves: connecting, asking for tasks (a well-behaved site resends
@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import types
 
 import numpy as np
 import pytest
@@ -21,9 +20,8 @@ from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from fl_plugins.aggregator import core
-from fl_plugins.aggregator.core import Aggregator, AggregatorConfig, Step
-from fl_plugins.errors import FLError
+from fl_plugins.aggregator.core import Aggregator, AggregatorConfig, Decision, TaskKind
+from fl_plugins.errors import FLError, RoundError
 from fl_plugins.tensors import ByteViews, describe
 from fl_plugins.wire import frames
 from fl_plugins.wire.layout import Manifest, plan_shards
@@ -81,12 +79,10 @@ class Rounds(RuleBasedStateMachine):
         root = Path(self.tmp.name)
         init = save_numpy(root / "initial.safetensors", {"w": np.zeros(N, np.float32)})
         self.clock = Clock(time.monotonic())
-        self._real_time = core.time
-        core.time = types.SimpleNamespace(monotonic=self.clock.monotonic)  # the rules' clock only
         cfg = AggregatorConfig(run_dir=root / "run", rounds=ROUNDS, min_sites=min_sites, initial_model=init,
                                chunk_bytes=CHUNK, round_deadline=deadline, idle_timeout=1000.0, site_timeout=30.0,
                                max_attempts=50, linger=0.0)  # fmt: skip
-        self.agg = Aggregator(cfg)
+        self.agg = Aggregator(cfg, clock=self.clock.monotonic)  # the rules' clock only
         self.uploads: dict[str, tuple[str, int, list[bytes], str, bool]] = {}  # site -> (id, sent, frames, dig, good)
         self.kept: dict[str, str] = {}  # site -> nonce of its committed update (for RESEND)
         self.silent: set[str] = set()
@@ -96,7 +92,6 @@ class Rounds(RuleBasedStateMachine):
     def teardown(self) -> None:
         if self.agg is not None:
             self.agg.stop()
-            core.time = self._real_time
             self.tmp.cleanup()
 
     # -- sites ------------------------------------------------------------------------------------------------
@@ -114,15 +109,15 @@ class Rounds(RuleBasedStateMachine):
         t = self._call(self.agg.get_task, site, 0.0, False, self.kept.get(site, ""))
         if t is None:
             return
-        if t["kind"] == "RESEND":  # a well-behaved site sends the same update again, whole
+        if t.kind is TaskKind.RESEND:  # a well-behaved site sends the same update again, whole
             js, fs, dig = UPDATES[site]
-            u = self._call(self.agg.begin_upload, site, t["round"], t["attempt"], js, False, t["nonce"])
+            u = self._call(self.agg.begin_upload, site, t.round, t.attempt, js, False, t.nonce)
             if u is not None:
                 for f in fs:
                     if self._call(self.agg.accept_chunk, u, u.receivers[0], f) is None and u.dead:
                         return
                 self._call(self.agg.commit, u.id, [dig])
-        elif t["kind"] == "TRAIN":
+        elif t.kind is TaskKind.TRAIN:
             self.kept.pop(site, None)
             self.uploads.pop(site, None)
             self._task = t
@@ -208,7 +203,7 @@ class Rounds(RuleBasedStateMachine):
     @rule(dt=st.sampled_from([1.0, 5.0, 11.0, 31.0]))
     def advance(self, dt):
         self.clock.t += dt
-        with self.agg._cond:
+        with self.agg.lock:
             for s in self.agg.sites.values():
                 if s.name not in self.silent:
                     s.last_seen = self.clock.t  # heartbeats
@@ -216,16 +211,10 @@ class Rounds(RuleBasedStateMachine):
     @precondition(lambda self: self.agg is not None)
     @rule()
     def background_step(self):
-        with self.agg._cond:
-            step = self.agg._tick()
-
-        if step is Step.CLOSE:
-            self.agg._finalize()
-        elif step is Step.NEW_ATTEMPT:
-            try:
-                self.agg._new_attempt()
-            except FLError:
-                pass
+        try:
+            self.agg.step()
+        except RoundError as e:  # a new attempt past max_attempts (the job fails)
+            assert "attempts" in str(e)
 
     # -- the promise ------------------------------------------------------------------------------------------
     @invariant()
@@ -301,13 +290,7 @@ def _send(agg, site, round_, attempt, params, nonce, *, weight=1, commit=True, c
 
 
 def _step(agg):
-    with agg._cond:
-        step = agg._tick()
-    if step is Step.CLOSE:
-        agg._finalize()
-    elif step is Step.NEW_ATTEMPT:
-        agg._new_attempt()
-    return step
+    return agg.step()
 
 
 def _refold_after_a_new_attempt(tmp_path):
@@ -322,15 +305,15 @@ def _refold_after_a_new_attempt(tmp_path):
     for s in "ABC":
         agg.hello(s, False)
     for s in "ABC":
-        assert agg.get_task(s, 0)["kind"] == "TRAIN"
+        assert agg.get_task(s, 0).kind is TaskKind.TRAIN
     _send(agg, "A", 0, 0, plus(1)(H_INITIAL), "nA")
     _time.sleep(0.35)  # the real clock: the deadline passes with one update of the two needed
-    assert _step(agg) is Step.NEW_ATTEMPT and agg.attempt == 1
+    assert _step(agg) is Decision.NEW_ATTEMPT and agg.attempt == 1
     c = _send(agg, "C", 0, 0, plus(100)(H_INITIAL), "nC", commit=False, chunks=1)
-    with agg._cond:
-        agg._kill(c)
+    with agg.lock:
+        agg.uploads.kill(c, agg.rounds)
     _send(agg, "B", 0, 1, plus(3)(H_INITIAL), "nB", weight=3)
-    assert _step(agg) is Step.CLOSE and sorted(agg.owed) == ["A", "B"]
+    assert _step(agg) is Decision.CLOSE and sorted(agg.owed) == ["A", "B"]
     return agg
 
 
@@ -341,10 +324,10 @@ def test_a_refold_asks_for_the_attempt_each_update_was_sent_in(tmp_path):
     agg = _refold_after_a_new_attempt(tmp_path)
     try:
         ta, tb = agg.get_task("A", 0, holds="nA"), agg.get_task("B", 0, holds="nB")
-        assert (ta["kind"], ta["attempt"], tb["kind"], tb["attempt"]) == ("RESEND", 0, "RESEND", 1)
+        assert (ta.kind, ta.attempt, tb.kind, tb.attempt) == (TaskKind.RESEND, 0, TaskKind.RESEND, 1)
         _send(agg, "A", 0, 0, plus(1)(H_INITIAL), "nA")
         _send(agg, "B", 0, 1, plus(3)(H_INITIAL), "nB", weight=3)
-        assert _step(agg) is Step.CLOSE and agg.round == 1
+        assert _step(agg) is Decision.CLOSE and agg.round == 1
         assert_params_equal(load_round(agg.config.run_dir, 1), fedavg(H_INITIAL, [(plus(1), 1), (plus(3), 3)]))
     finally:
         agg.stop()
@@ -371,7 +354,7 @@ def test_a_resend_is_counted_once(tmp_path):
         m, fs = update(plus(1)(H_INITIAL))
         agg.commit(first.id, [shard_digest(m, fs)])
         _send(agg, "B", 0, 1, plus(3)(H_INITIAL), "nB", weight=3)
-        assert _step(agg) is Step.CLOSE and agg.round == 1
+        assert _step(agg) is Decision.CLOSE and agg.round == 1
         assert_params_equal(load_round(agg.config.run_dir, 1), fedavg(H_INITIAL, [(plus(1), 1), (plus(3), 3)]))
     finally:
         agg.stop()
@@ -395,7 +378,7 @@ def test_streams_that_move_no_bytes_do_not_hold_a_refold_open(tmp_path):
         _send(agg, "C", 0, 0, plus(9)(H_INITIAL), "nC", commit=False, chunks=1)
         _send(agg, "B", 0, 0, plus(3)(H_INITIAL), "nB", weight=3)
         _time.sleep(0.35)
-        assert _step(agg) is Step.CLOSE and sorted(agg.owed) == ["A", "B"]
+        assert _step(agg) is Decision.CLOSE and sorted(agg.owed) == ["A", "B"]
         agg.get_task("B", 0, holds="nB")
         _send(agg, "B", 0, 0, plus(3)(H_INITIAL), "nB", weight=3)
         agg.get_task("A", 0, holds="nA")
@@ -431,9 +414,9 @@ def test_a_later_attempt_closes_when_the_other_sites_leave(tmp_path):
             agg.get_task(s, 0)
         _send(agg, "A", 0, 0, plus(1)(H_INITIAL), "nA")
         _time.sleep(0.35)
-        assert _step(agg) is Step.NEW_ATTEMPT
-        with agg._cond:
+        assert _step(agg) is Decision.NEW_ATTEMPT
+        with agg.lock:
             agg.sites["B"].last_seen = float("-inf")  # B crashed
-        assert _step(agg) is Step.CLOSE and agg.round == 1
+        assert _step(agg) is Decision.CLOSE and agg.round == 1
     finally:
         agg.stop()

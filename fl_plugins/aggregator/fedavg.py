@@ -45,9 +45,14 @@ SCRATCH_KEPT = 8  # scratch buffers the pool keeps; more folds at once allocate 
 # The bits that are all set in a NaN or an infinity, and only then (the exponent; F8_E4M3 has no infinity and
 # one NaN pattern, S.1111.111): checked on the raw bits, so bf16 needs no conversion (ml_dtypes' isfinite runs
 # at ~3 GB/s, the bit test at ~30 GB/s).
-_NONFINITE_BITS = {"F64": (np.uint64, 0x7FF0_0000_0000_0000), "F32": (np.uint32, 0x7F80_0000),
-                   "F16": (np.uint16, 0x7C00), "BF16": (np.uint16, 0x7F80), "F8_E5M2": (np.uint8, 0x7C),
-                   "F8_E4M3": (np.uint8, 0x7F)}  # fmt: skip
+_NONFINITE_BITS = {
+    "F64": (np.uint64, 0x7FF0_0000_0000_0000),
+    "F32": (np.uint32, 0x7F80_0000),
+    "F16": (np.uint16, 0x7C00),
+    "BF16": (np.uint16, 0x7F80),
+    "F8_E5M2": (np.uint8, 0x7C),
+    "F8_E4M3": (np.uint8, 0x7F),
+}
 MAX_WEIGHT = 1e12  # an update's weight (NUM_STEPS_CURRENT_ROUND): step and sample counts stay far below it
 # dtype: (the exponent field's shift, its bias, the largest log2 of weight * |value| folded): a float32
 # accumulator holds sums below 2^128, so products up to 2^100 leave room for 2^27 sites. F16 and float8 values
@@ -62,8 +67,10 @@ def check_averageable(tensors: list[TensorInfo], what: str) -> None:
     """Raise ModelMismatchError unless every tensor's dtype has a FedAvg rule (the module docstring)."""
     bad = sorted(f"{t.name} ({t.dtype})" for t in tensors if t.dtype not in FLOAT_DTYPES | INT_DTYPES | {"BOOL"})
     if bad:
-        raise ModelMismatchError(f"{what} holds tensors FedAvg cannot average: {bad[:10]}; cast them to a float "
-                                 "or integer dtype, or leave them out of the model's state dict")  # fmt: skip
+        raise ModelMismatchError(
+            f"{what} holds tensors FedAvg cannot average: {bad[:10]}; cast them to a float "
+            "or integer dtype, or leave them out of the model's state dict"
+        )
 
 
 def _acc_dtype(dtype: str) -> type:
@@ -128,20 +135,25 @@ class Accumulator:
                 if len(self._pool) < SCRATCH_KEPT:
                     self._pool.append(raw)
 
-    def check(self, tensor: TensorInfo, lo: int, payload: memoryview, *, finite: bool = True,
-              weight: float = 1.0) -> None:  # fmt: skip
+    def check(
+        self, tensor: TensorInfo, lo: int, payload: memoryview, *, finite: bool = True, weight: float = 1.0
+    ) -> None:
         """Raise ModelMismatchError if `payload` (bytes [lo, lo + len) of `tensor`) holds what must not be
         folded: a NaN or an infinity, or a value so large that `weight` times it could overflow the accumulator
         (both when `finite`), an I64/U64 value beyond +-2^53."""
         if tensor.dtype in ("I64", "U64"):
             src = np.frombuffer(payload, numpy_dtype(tensor.dtype))
             if len(src) and (int(src.max()) > _EXACT_INT or (tensor.dtype == "I64" and int(src.min()) < -_EXACT_INT)):
-                i = int(np.flatnonzero((src > _EXACT_INT) | (src < -_EXACT_INT) if tensor.dtype == "I64"
-                                       else src > _EXACT_INT)[0])  # fmt: skip
+                i = int(
+                    np.flatnonzero(
+                        (src > _EXACT_INT) | (src < -_EXACT_INT) if tensor.dtype == "I64" else src > _EXACT_INT
+                    )[0]
+                )
                 raise ModelMismatchError(
                     f"tensor {tensor.name!r} holds {src[i]} at element {lo // 8 + i} (flat index): FedAvg averages "
                     "integers in float64, exact only up to 2^53; leave such counters out of the state dict sent "
-                    "or keep them below 2^53")  # fmt: skip
+                    "or keep them below 2^53"
+                )
         elif finite:
             top = self.check_finite(tensor, lo, payload)
             spec = _EXPONENT.get(tensor.dtype)
@@ -153,7 +165,7 @@ class Accumulator:
                         f"tensor {tensor.name!r} holds values up to about 2^{bound}; times the update's weight "
                         f"{weight:g} that is over 2^{limit}, where the running sum could overflow the accumulator: "
                         "check the site's training for divergence, or send a smaller NUM_STEPS_CURRENT_ROUND"
-                    )  # fmt: skip
+                    )
 
     def check_finite(self, tensor: TensorInfo, lo: int, payload: memoryview) -> int:
         """Raise ModelMismatchError if `payload` (bytes [lo, lo + len) of `tensor`) holds a NaN or an infinity.
@@ -276,6 +288,6 @@ class Accumulator:
                         f"(flat index) although every update was finite: the weighted sum overflowed "
                         f"{self.arrays[tensor.name].dtype} (values near the dtype's limit); the round is not "
                         "written. Check the sites' training for divergence"
-                    )  # fmt: skip
+                    )
             pos += len(block)
             yield block

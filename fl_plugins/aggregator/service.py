@@ -16,7 +16,9 @@ from pathlib import Path
 import grpc
 
 from fl_plugins._version import __version__
-from fl_plugins.aggregator.core import TASK_NAME, Aggregator, AggregatorConfig
+from fl_plugins.aggregator.core import Aggregator
+from fl_plugins.aggregator.workflow import Task, TaskKind
+from fl_plugins.config import AggregatorConfig
 from fl_plugins.errors import BusyError, ConfigError, ProtocolError
 from fl_plugins.security.tls import ServerKit, SiteAuth, is_loopback, load_server_kit
 from fl_plugins.wire import limits, rpc
@@ -26,8 +28,13 @@ from fl_plugins.wire.stream import ShardSender
 
 log = logging.getLogger(__name__)
 
-_KIND = {"WAIT": pb.Task.WAIT, "TRAIN": pb.Task.TRAIN, "END": pb.Task.END, "OFFER_INITIAL": pb.Task.OFFER_INITIAL,
-         "RESEND": pb.Task.RESEND}  # fmt: skip
+KINDS = {
+    TaskKind.WAIT: pb.Task.WAIT,
+    TaskKind.TRAIN: pb.Task.TRAIN,
+    TaskKind.END: pb.Task.END,
+    TaskKind.OFFER_INITIAL: pb.Task.OFFER_INITIAL,
+    TaskKind.RESEND: pb.Task.RESEND,
+}  # every TaskKind's protobuf value (tests/test_wire.py checks none is missing)
 SITE_METADATA = "fl-site"  # Status: the site a plaintext caller speaks for (SiteClient.status() should send it)
 
 
@@ -52,16 +59,20 @@ class CallSlots:
     @staticmethod
     def check(max_workers: int) -> None:
         if isinstance(max_workers, bool) or not isinstance(max_workers, int) or max_workers < 4:
-            raise ConfigError(f"max_workers must be an integer >= 4 (got {max_workers!r}): at least "
-                              f"{limits.reserved_workers(4)} are kept for heartbeats and the rest serve long polls and "
-                              "transfers; pass a larger max_workers (default 128)")  # fmt: skip
+            raise ConfigError(
+                f"max_workers must be an integer >= 4 (got {max_workers!r}): at least "
+                f"{limits.reserved_workers(4)} are kept for heartbeats and the rest serve long polls and "
+                "transfers; pass a larger max_workers (default 128)"
+            )
 
     def _take_long(self, site: str, what: str) -> None:
         """Lock held."""
         if self._long >= self.max_long:
-            raise BusyError(f"{what} of site {site!r} refused: the aggregator already serves {self._long} long calls "
-                            f"(long polls and transfers), its most ({self.max_workers} workers, "
-                            f"{self.max_workers - self.max_long} kept for heartbeats); the client retries")  # fmt: skip
+            raise BusyError(
+                f"{what} of site {site!r} refused: the aggregator already serves {self._long} long calls "
+                f"(long polls and transfers), its most ({self.max_workers} workers, "
+                f"{self.max_workers - self.max_long} kept for heartbeats); the client retries"
+            )
         self._long += 1
 
     @contextlib.contextmanager
@@ -70,13 +81,17 @@ class CallSlots:
             mine = self._polls.get(site, [])
             live = sum(1 for c in mine if c.is_active())
             if live >= limits.MAX_POLLS_PER_SITE:
-                raise BusyError(f"site {site!r} already has {live} GetTask call waiting for a task, the most a site "
-                                f"may (limits.MAX_POLLS_PER_SITE = {limits.MAX_POLLS_PER_SITE}): wait for its answer "
-                                "before asking again")  # fmt: skip
+                raise BusyError(
+                    f"site {site!r} already has {live} GetTask call waiting for a task, the most a site "
+                    f"may (limits.MAX_POLLS_PER_SITE = {limits.MAX_POLLS_PER_SITE}): wait for its answer "
+                    "before asking again"
+                )
             if len(mine) >= limits.POLL_THREADS_PER_SITE:
-                raise BusyError(f"site {site!r}: {len(mine)} earlier GetTask calls whose callers left are still "
-                                f"ending (at most {limits.POLL_THREADS_PER_SITE} per site, "
-                                f"limits.POLL_THREADS_PER_SITE); ask again in a moment")  # fmt: skip
+                raise BusyError(
+                    f"site {site!r}: {len(mine)} earlier GetTask calls whose callers left are still "
+                    f"ending (at most {limits.POLL_THREADS_PER_SITE} per site, "
+                    f"limits.POLL_THREADS_PER_SITE); ask again in a moment"
+                )
             self._take_long(site, "GetTask")
             self._polls.setdefault(site, []).append(context)
         try:
@@ -93,9 +108,11 @@ class CallSlots:
         with self._lock:
             n = self._transfers.get(site, 0)
             if n >= limits.MAX_TRANSFERS_PER_SITE:
-                raise BusyError(f"{what} refused: site {site!r} already has {n} Upload/Download streams open, the most "
-                                f"a site may (limits.MAX_TRANSFERS_PER_SITE = {limits.MAX_TRANSFERS_PER_SITE}): wait "
-                                "for one to end")  # fmt: skip
+                raise BusyError(
+                    f"{what} refused: site {site!r} already has {n} Upload/Download streams open, the most "
+                    f"a site may (limits.MAX_TRANSFERS_PER_SITE = {limits.MAX_TRANSFERS_PER_SITE}): wait "
+                    "for one to end"
+                )
             self._take_long(site, what)
             self._transfers[site] = n + 1
         try:
@@ -115,8 +132,14 @@ class Servicer:
     is the aggregator's operator (Status shows it everything). `max_workers`: the server's worker threads, which
     `CallSlots` shares out."""
 
-    def __init__(self, agg: Aggregator, auth: SiteAuth | None = None, *, operator_cert: bytes | None = None,
-                 max_workers: int = 128) -> None:  # fmt: skip
+    def __init__(
+        self,
+        agg: Aggregator,
+        auth: SiteAuth | None = None,
+        *,
+        operator_cert: bytes | None = None,
+        max_workers: int = 128,
+    ) -> None:
         self.agg = agg
         self.auth = auth
         self.slots = CallSlots(max_workers)
@@ -142,17 +165,19 @@ class Servicer:
         site = self._site(req.site, context)
         with self.slots.poll(site, context):
             t = self._poll(site, req, context)
-        task = pb.Task(kind=_KIND[t["kind"]], round=t.get("round", 0), attempt=t.get("attempt", 0),
-                       total_rounds=self.agg.config.rounds, start_round=0, task_name=TASK_NAME,
-                       job_id=self.agg.job_id, message=t.get("message", ""), nonce=t.get("nonce", ""))  # fmt: skip
-        manifest: Manifest | None = t.get("manifest")
-        if manifest is not None:
-            env = dict(manifest.envelope, current_round=task.round, total_rounds=task.total_rounds, start_round=0,
-                       attempt=task.attempt, params_type="FULL")  # fmt: skip
-            task.manifest_json = Manifest(manifest.shards, manifest.chunk_bytes, env).to_json()
+        return self._task(t)
+
+    def _task(self, t: Task) -> pb.Task:
+        task = pb.Task(kind=KINDS[t.kind], round=t.round, attempt=t.attempt, total_rounds=self.agg.config.rounds)
+        task.start_round, task.task_name, task.job_id = 0, t.name, self.agg.job_id
+        task.message, task.nonce = t.message, t.nonce
+        if t.manifest is not None:
+            env = dict(t.manifest.envelope, current_round=task.round, total_rounds=task.total_rounds)
+            env.update(start_round=0, attempt=task.attempt, params_type="FULL")
+            task.manifest_json = Manifest(t.manifest.shards, t.manifest.chunk_bytes, env).to_json()
         return task
 
-    def _poll(self, site: str, req: pb.TaskRequest, context) -> dict:
+    def _poll(self, site: str, req: pb.TaskRequest, context) -> Task:
         """Aggregator.get_task, ended as soon as its caller goes away (cancelled, timed out, its process
         restarted): gRPC's termination callback wakes the wait, so a poll nobody listens to frees its worker at
         once, without periodic wake-ups in between (polling in 0.25 s slices cost 3-5% of benchmarks/load.py)."""
@@ -165,8 +190,13 @@ class Servicer:
 
         if not context.add_callback(on_end):
             gone.set()  # the call has ended already
-        return self.agg.get_task(site, max(0.0, min(wait, limits.MAX_POLL_SECONDS)), req.can_offer_initial,
-                                 req.holds_update, gone=gone.is_set)  # fmt: skip
+        return self.agg.get_task(
+            site,
+            max(0.0, min(wait, limits.MAX_POLL_SECONDS)),
+            req.can_offer_initial,
+            req.holds_update,
+            gone=gone.is_set,
+        )
 
     def BeginUpload(self, req: pb.UploadBegin, context) -> pb.UploadState:
         site = self._site(req.site, context)
@@ -267,6 +297,20 @@ def split_address(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
+def _plaintext_elsewhere(address: str, insecure: bool) -> None:
+    """Without a kit, a non-loopback address is refused unless `insecure` (then a warning says what it means)."""
+    if not insecure:
+        raise ConfigError(
+            f"--address {address}: without a certificate kit the aggregator speaks plaintext, so it only "
+            "binds loopback addresses (127.0.0.1, ::1, localhost); serve with --kit kits/server (written by "
+            "`fl-plugins provision`), or pass --insecure to bind another address anyway"
+        )
+    log.warning(
+        "INSECURE: plaintext gRPC on non-loopback address %s: anyone on the network can read and send weights",
+        address,
+    )
+
+
 class AggregatorServer:
     """The aggregator and its gRPC server. `port` is the bound port (useful with port 0).
 
@@ -274,30 +318,33 @@ class AggregatorServer:
     mTLS only, on `address` or else the kit's address, and takes each call's site from the caller's certificate.
     Without a kit it speaks plaintext, so it binds loopback addresses only unless `insecure`."""
 
-    def __init__(self, config: AggregatorConfig, address: str | None = None, *, insecure: bool = False,
-                 kit: ServerKit | str | Path | None = None, max_workers: int = 128) -> None:  # fmt: skip
+    def __init__(
+        self,
+        config: AggregatorConfig,
+        address: str | None = None,
+        *,
+        insecure: bool = False,
+        kit: ServerKit | str | Path | None = None,
+        max_workers: int = 128,
+    ) -> None:
         CallSlots.check(max_workers)
         kit = kit if kit is None or isinstance(kit, ServerKit) else load_server_kit(kit)
         if kit is not None and insecure:
-            raise ConfigError("--insecure and --kit do not go together: with a kit the aggregator serves mTLS only; "
-                              "drop --insecure")  # fmt: skip
+            raise ConfigError(
+                "--insecure and --kit do not go together: with a kit the aggregator serves mTLS only; drop --insecure"
+            )
         address = address or (kit.address if kit is not None else "127.0.0.1:0")
         host, port = split_address(address)
         if kit is None and not is_loopback(host):
-            if not insecure:
-                raise ConfigError(
-                    f"--address {address}: without a certificate kit the aggregator speaks plaintext, so it only "
-                    "binds loopback addresses (127.0.0.1, ::1, localhost); serve with --kit kits/server (written by "
-                    "`fl-plugins provision`), or pass --insecure to bind another address anyway"
-                )
-            log.warning("INSECURE: plaintext gRPC on non-loopback address %s: anyone on the network can read "
-                        "and send weights", address)  # fmt: skip
+            _plaintext_elsewhere(address, insecure)
         self.kit: ServerKit | None = kit
         # The port first, the run directory second: a start that fails (a busy port, a bad kit, a bad initial
         # model, a run directory of another job) leaves no state behind (Aggregator._resume undoes its own).
-        self._server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fl-rpc"),
-                                   options=rpc.server_options(config.chunk_bytes),
-                                   maximum_concurrent_rpcs=2 * max_workers)  # fmt: skip
+        self._server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="fl-rpc"),
+            options=rpc.server_options(config.chunk_bytes),
+            maximum_concurrent_rpcs=2 * max_workers,
+        )
         # Twice the workers: a burst of short calls waits for a worker (the reserved ones, see CallSlots) instead
         # of being refused; long polls and transfers never take more than their share.
         try:
@@ -316,17 +363,25 @@ class AggregatorServer:
         except BaseException:
             self._server.stop(None)  # never started: frees the port
             raise
-        servicer = Servicer(self.aggregator, kit.auth() if kit is not None else None,
-                            operator_cert=kit.cert if kit is not None else None, max_workers=max_workers)  # fmt: skip
+        servicer = Servicer(
+            self.aggregator,
+            kit.auth() if kit is not None else None,
+            operator_cert=kit.cert if kit is not None else None,
+            max_workers=max_workers,
+        )
         self.servicer = servicer  # its call slots and log budget (limits.py) are the server's, per run
         self._server.add_generic_rpc_handlers([rpc.generic_handler(servicer)])
 
     def start(self) -> AggregatorServer:
         self._server.start()
         self.aggregator.start()
-        log.info("aggregator listening on %s (%s, job %s, run dir %s)", self.address,
-                 f"mTLS, project {self.kit.project!r}, {len(self.kit.sites)} sites" if self.kit else "plaintext",
-                 self.aggregator.job_id, self.aggregator.config.run_dir)  # fmt: skip
+        log.info(
+            "aggregator listening on %s (%s, job %s, run dir %s)",
+            self.address,
+            f"mTLS, project {self.kit.project!r}, {len(self.kit.sites)} sites" if self.kit else "plaintext",
+            self.aggregator.job_id,
+            self.aggregator.config.run_dir,
+        )
         return self
 
     def wait(self, poll: float = 0.2, stop_event: threading.Event | None = None) -> int:
