@@ -19,8 +19,9 @@ from fl_plugins.errors import ConfigError
 MAX_DRAWS = 1000
 
 
-def split_indices(labels, n_sites: int, alpha: float | None = None, *, seed: int = 0,
-                  min_per_site: int = 1) -> list[np.ndarray]:  # fmt: skip
+def split_indices(
+    labels, n_sites: int, alpha: float | None = None, *, seed: int = 0, min_per_site: int = 1
+) -> list[np.ndarray]:
     """Row indices of each site's part, sorted; together they are a partition of range(len(labels)).
     `alpha=None`: IID (a seeded shuffle dealt into near-equal parts)."""
     labels = np.asarray(labels)
@@ -29,8 +30,10 @@ def split_indices(labels, n_sites: int, alpha: float | None = None, *, seed: int
     if n_sites < 1:
         raise ConfigError(f"split_indices: n_sites must be >= 1 (got {n_sites})")
     if len(labels) < n_sites * min_per_site:
-        raise ConfigError(f"split_indices: {len(labels)} rows cannot give {n_sites} sites {min_per_site} row(s) "
-                          f"each; use fewer sites or more data")  # fmt: skip
+        raise ConfigError(
+            f"split_indices: {len(labels)} rows cannot give {n_sites} sites {min_per_site} row(s) "
+            f"each; use fewer sites or more data"
+        )
     rng = np.random.default_rng(seed)
     if alpha is None:
         return [np.sort(p) for p in np.array_split(rng.permutation(len(labels)), n_sites)]
@@ -47,8 +50,10 @@ def split_indices(labels, n_sites: int, alpha: float | None = None, *, seed: int
         out = [np.sort(np.concatenate(p)) for p in parts]
         if min(len(p) for p in out) >= min_per_site:
             return out
-    raise ConfigError(f"split_indices: no Dirichlet(alpha={alpha}) draw in {MAX_DRAWS} gave every one of {n_sites} "
-                      f"sites {min_per_site} row(s); raise alpha or lower min_per_site")  # fmt: skip
+    raise ConfigError(
+        f"split_indices: no Dirichlet(alpha={alpha}) draw in {MAX_DRAWS} gave every one of {n_sites} "
+        f"sites {min_per_site} row(s); raise alpha or lower min_per_site"
+    )
 
 
 def label_counts(labels, parts: list[np.ndarray]) -> np.ndarray:

@@ -20,9 +20,23 @@ from fl_plugins.wire.layout import TensorInfo, dtype_of_numpy, numpy_dtype
 
 PARAMS_FORMATS = ("torch", "numpy")
 
-_TORCH_OF = {"F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "I64": "int64",
-             "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16",
-             "U32": "uint32", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}  # fmt: skip
+_TORCH_OF = {
+    "F64": "float64",
+    "F32": "float32",
+    "F16": "float16",
+    "BF16": "bfloat16",
+    "I64": "int64",
+    "I32": "int32",
+    "I16": "int16",
+    "I8": "int8",
+    "U8": "uint8",
+    "BOOL": "bool",
+    "U16": "uint16",
+    "U32": "uint32",
+    "U64": "uint64",
+    "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2",
+}
 
 
 def resolve_params_format(fmt: str | None) -> str:
@@ -94,8 +108,9 @@ def byte_view(x: Any) -> memoryview:
     return memoryview(a.reshape(-1).view(np.uint8)).cast("B")
 
 
-def allocate(tensors: list[TensorInfo], fmt: str,
-             into: Mapping[str, Any] | None = None) -> tuple[dict[str, Any], dict[str, memoryview]]:  # fmt: skip
+def allocate(
+    tensors: list[TensorInfo], fmt: str, into: Mapping[str, Any] | None = None
+) -> tuple[dict[str, Any], dict[str, memoryview]]:
     """Tensors (torch or numpy) for `tensors`, and a writable byte view of each.
 
     A tensor of `into` with the same name, dtype and shape (CPU, contiguous, of the requested format) is

@@ -42,8 +42,10 @@ __all__ = ["Aggregator", "AggregatorConfig", "Decision", "Task", "TaskKind"]
 
 log = logging.getLogger(__name__)
 
-STATS = ("bytes_received", "bytes_sent", "corrupted_chunks", "updates_accepted", "updates_refused")
-STATS += ("invalid_updates", "round_restarts", "refolds", "updates_lost")
+STATS = (
+    *("bytes_received", "bytes_sent", "corrupted_chunks", "updates_accepted", "updates_refused"),
+    *("invalid_updates", "round_restarts", "refolds", "updates_lost"),
+)
 
 
 class Aggregator:

@@ -81,7 +81,9 @@ class Accumulator:
     def __init__(self, tensors: list[TensorInfo]) -> None:
         check_averageable(tensors, "the global model")
         self.tensors = {t.name: t for t in tensors}
-        self.arrays = {t.name: np.empty(t.numel if t.dtype != "BOOL" else 0, _acc_dtype(t.dtype)) for t in tensors}
+        self.arrays: dict[str, np.ndarray] = {
+            t.name: np.empty(t.numel if t.dtype != "BOOL" else 0, _acc_dtype(t.dtype)) for t in tensors
+        }
         self.weight_full = 0.0
         self.weight_diff = 0.0
         self._locks = [threading.Lock() for _ in range(_N_LOCKS)]

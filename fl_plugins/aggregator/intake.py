@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from fl_plugins.aggregator.fedavg import MAX_WEIGHT, check_averageable
 from fl_plugins.aggregator.rounds import Counted, SiteState
+from fl_plugins.aggregator.strategy import Strategy
 from fl_plugins.aggregator.uploads import FoldSink, Stream, Upload, check_owner, check_plan, parse_update
 from fl_plugins.errors import FLError, IntegrityError, ModelMismatchError, ProtocolError, RoundError
 from fl_plugins.wire.layout import Manifest, short_repr
@@ -142,7 +143,12 @@ class Intake:
 
     def _fold_into(self, u: Upload) -> None:
         u.epoch = self.uploads.epoch
-        u.receive_into(FoldSink(self.agg.strategy, u.weight, u, self.config.reject_nonfinite))
+        u.receive_into(FoldSink(self._strategy(), u.weight, u, self.config.reject_nonfinite))
+
+    def _strategy(self) -> Strategy:
+        strategy = self.agg.strategy
+        assert strategy is not None  # made when round 0 opens, before any update may begin
+        return strategy
 
     # -- chunks -------------------------------------------------------------------------------------------------
     def upload(self, upload_id: str, shard: int, *, site: str | None = None) -> tuple[Upload, ShardReceiver]:
@@ -269,13 +275,13 @@ class Intake:
             u.committed = False
             self.uploads.kill(u, self.rounds)  # its bytes were folded for an update that is no longer owed: refold
             raise RoundError(f"upload {u.id!r}: the update it resends no longer counts; not counted")
-        self.agg.strategy.add_weight(u.resend_of.weight, u.resend_of.params_type)
+        self._strategy().add_weight(u.resend_of.weight, u.resend_of.params_type)
         log.info("round %d: update from %r resent and refolded (%d owed)", u.round, u.site, len(self.rounds.owed))
         return {"round": u.round, "message": "update accepted (resent for a refold)"}
 
     def _count(self, u: Upload, digests: list[str]) -> dict[str, Any]:
         """Lock held. An update arrived whole: counted, and recorded in RUN_DIR/metrics.jsonl."""
-        self.agg.strategy.add_weight(u.weight, u.params_type)
+        self._strategy().add_weight(u.weight, u.params_type)
         rec = {
             "event": "update",
             "round": u.round,

@@ -30,9 +30,15 @@ class ModuleTarget:
 
 
 def _same_storage(a: Any, b: Any) -> bool:
-    return (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.device == b.device
-            and a.dtype == b.dtype and a.shape == b.shape and a.data_ptr() == b.data_ptr()
-            and a.stride() == b.stride())  # fmt: skip
+    return (
+        isinstance(a, torch.Tensor)
+        and isinstance(b, torch.Tensor)
+        and a.device == b.device
+        and a.dtype == b.dtype
+        and a.shape == b.shape
+        and a.data_ptr() == b.data_ptr()
+        and a.stride() == b.stride()
+    )
 
 
 def broadcast_state(module: torch.nn.Module, src: int = 0) -> None:

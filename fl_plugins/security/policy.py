@@ -34,21 +34,26 @@ class SitePolicy:
 
     def check_job(self, job_id: str) -> None:
         if not any(fnmatch.fnmatchcase(job_id, p) for p in self.jobs):
-            raise PolicyError(f"this site's policy ({self.source}) does not accept job {job_id!r}: it accepts "
-                              f"{', '.join(self.jobs)}; add the job to `jobs:` to take part")  # fmt: skip
+            raise PolicyError(
+                f"this site's policy ({self.source}) does not accept job {job_id!r}: it accepts "
+                f"{', '.join(self.jobs)}; add the job to `jobs:` to take part"
+            )
 
     def check_task(self, task: str) -> None:
         if task not in self.tasks:
-            raise PolicyError(f"this site's policy ({self.source}) does not run {task!r} tasks: it runs "
-                              f"{', '.join(sorted(self.tasks))}; add it to `tasks:` to allow it")  # fmt: skip
+            raise PolicyError(
+                f"this site's policy ({self.source}) does not run {task!r} tasks: it runs "
+                f"{', '.join(sorted(self.tasks))}; add it to `tasks:` to allow it"
+            )
 
 
 def parse_policy(data: Any, source: Path) -> SitePolicy:
     if data is None:
         return SitePolicy(source)
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: a site policy is a mapping with `tasks:` and/or `jobs:` (got "
-                          f"{type(data).__name__})")  # fmt: skip
+        raise ConfigError(
+            f"{source}: a site policy is a mapping with `tasks:` and/or `jobs:` (got {type(data).__name__})"
+        )
     for k in data:
         if k not in _KEYS:
             close = difflib.get_close_matches(str(k), _KEYS, n=1, cutoff=0.5)

@@ -60,8 +60,12 @@ class Revoked:
     not_after: str = ""
 
     def to_json(self) -> dict[str, str]:
-        return {"serial": f"{self.serial:x}", "site": self.site, "revoked_at": self.revoked_at,
-                "not_after": self.not_after}  # fmt: skip
+        return {
+            "serial": f"{self.serial:x}",
+            "site": self.site,
+            "revoked_at": self.revoked_at,
+            "not_after": self.not_after,
+        }
 
 
 def read_revocations(path: str | Path) -> dict[int, Revoked]:
@@ -72,28 +76,39 @@ def read_revocations(path: str | Path) -> dict[int, Revoked]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} cannot be read ({e}); restore it, or revoke again with `fl-plugins provision "
-                          "PROJECT.yaml -o kits --revoke SITE`") from None  # fmt: skip
+        raise ConfigError(
+            f"{path} cannot be read ({e}); restore it, or revoke again with `fl-plugins provision "
+            "PROJECT.yaml -o kits --revoke SITE`"
+        ) from None
     items = data.get("revoked") if isinstance(data, dict) else None
     if not isinstance(items, list):
-        raise ConfigError(f"{path}: must be a mapping with a `revoked` list (got {_short(data)}); revoke again with "
-                          "`fl-plugins provision PROJECT.yaml -o kits --revoke SITE`")  # fmt: skip
+        raise ConfigError(
+            f"{path}: must be a mapping with a `revoked` list (got {_short(data)}); revoke again with "
+            "`fl-plugins provision PROJECT.yaml -o kits --revoke SITE`"
+        )
     out: dict[int, Revoked] = {}
     for i, item in enumerate(items):
         serial = _parse_serial(item.get("serial") if isinstance(item, dict) else None)
         if serial is None or not isinstance(item.get("site", ""), str):
-            raise ConfigError(f"{path}: `revoked[{i}]` must be {{serial: HEX, site: NAME, ...}} with the "
-                              f"certificate's serial number in hex (got {_short(item)})")  # fmt: skip
-        out[serial] = Revoked(serial, item.get("site", ""), str(item.get("revoked_at", "")),
-                              str(item.get("not_after", "")))  # fmt: skip
+            raise ConfigError(
+                f"{path}: `revoked[{i}]` must be {{serial: HEX, site: NAME, ...}} with the "
+                f"certificate's serial number in hex (got {_short(item)})"
+            )
+        out[serial] = Revoked(
+            serial, item.get("site", ""), str(item.get("revoked_at", "")), str(item.get("not_after", ""))
+        )
     return out
 
 
 def write_revocations(path: str | Path, entries: Iterable[Revoked]) -> None:
     """Replace the list at `path` atomically (a reader sees the old list or the new one, never a mix)."""
     path = Path(path)
-    text = json.dumps({"revoked": [e.to_json() for e in sorted(entries, key=lambda e: (e.revoked_at, e.serial))]},
-                      indent=1) + "\n"  # fmt: skip
+    text = (
+        json.dumps(
+            {"revoked": [e.to_json() for e in sorted(entries, key=lambda e: (e.revoked_at, e.serial))]}, indent=1
+        )
+        + "\n"
+    )
     tmp = path.with_name(f".{path.name}.tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     with os.fdopen(fd, "w", encoding="utf-8") as f:
@@ -157,11 +172,16 @@ class RevocationList:
                 if entries:
                     require("cryptography", "server")
             except Exception as e:  # noqa: BLE001 - logged; the last list read stays in force
-                log.error("%s; the aggregator keeps refusing the %d certificate(s) it read before", e,
-                          len(self._entries))  # fmt: skip
+                log.error(
+                    "%s; the aggregator keeps refusing the %d certificate(s) it read before", e, len(self._entries)
+                )
             else:
-                log.warning("%s changed: %d revoked certificate(s) are refused from now on (was %d)", self.path,
-                            len(entries), len(self._entries))  # fmt: skip
+                log.warning(
+                    "%s changed: %d revoked certificate(s) are refused from now on (was %d)",
+                    self.path,
+                    len(entries),
+                    len(self._entries),
+                )
                 self._entries = entries
             self._stamp = stamp
 

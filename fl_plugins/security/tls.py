@@ -58,8 +58,10 @@ class SiteAuth:
         auth = context.auth_context() or {}
         cn = _first(auth.get("x509_common_name"))
         if cn is None:
-            raise AuthError("the call carries no client certificate; the aggregator serves with mTLS: connect with "
-                            "this site's startup kit (`fl-plugins client --kit`, FL_KIT or init(kit=...))")  # fmt: skip
+            raise AuthError(
+                "the call carries no client certificate; the aggregator serves with mTLS: connect with "
+                "this site's startup kit (`fl-plugins client --kit`, FL_KIT or init(kit=...))"
+            )
         pem = (auth.get("x509_pem_cert") or [b""])[0]
         gone = self.revoked.lookup(pem) if self.revoked is not None and pem else None
         if gone is not None:
@@ -141,8 +143,12 @@ def check_plaintext_target(address: str, *, insecure: bool, opt_out: str) -> Non
             "site's kit (`fl-plugins client --kit kits/SITE`, FL_KIT or init(kit=...), written by `fl-plugins "
             f"provision`), or opt out explicitly with {opt_out}"
         )
-    log.warning("INSECURE: plaintext gRPC to non-loopback address %s (%s): anyone on the network can read and alter "
-                "the weights; use a startup kit (mTLS) outside a trusted network", address, opt_out)  # fmt: skip
+    log.warning(
+        "INSECURE: plaintext gRPC to non-loopback address %s (%s): anyone on the network can read and alter "
+        "the weights; use a startup kit (mTLS) outside a trusted network",
+        address,
+        opt_out,
+    )
 
 
 @dataclass(frozen=True)
@@ -160,8 +166,7 @@ class ServerKit:
 
     def credentials(self) -> grpc.ServerCredentials:
         """TLS that requires a client certificate signed by the project's CA."""
-        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca,
-                                           require_client_auth=True)  # fmt: skip
+        return grpc.ssl_server_credentials([(self.key, self.cert)], root_certificates=self.ca, require_client_auth=True)
 
     def auth(self) -> SiteAuth:
         return SiteAuth(self.project, frozenset(self.sites), self.revoked)
@@ -182,8 +187,9 @@ class SiteKit:
 
     def credentials(self) -> grpc.ChannelCredentials:
         """TLS that checks the aggregator's certificate against the project's CA and presents the site's."""
-        return grpc.ssl_channel_credentials(root_certificates=self.ca, private_key=self.key,
-                                            certificate_chain=self.cert)  # fmt: skip
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )
 
 
 def load_server_kit(path: str | Path) -> ServerKit:
@@ -193,12 +199,22 @@ def load_server_kit(path: str | Path) -> ServerKit:
     address = _str(path, info, "address")
     sites = info.get("sites")
     if not isinstance(sites, list) or not sites or not all(isinstance(s, str) and s for s in sites):
-        raise ConfigError(f"{path / KIT_FILE}: `sites` must be the project's list of site names (got {sites!r}); "
-                          "run `fl-plugins provision` again")  # fmt: skip
+        raise ConfigError(
+            f"{path / KIT_FILE}: `sites` must be the project's list of site names (got {sites!r}); "
+            "run `fl-plugins provision` again"
+        )
     ca, cert = _read(path, CA_CERT), _read(path, SERVER_CERT)
     _check_validity(path / SERVER_CERT, cert)
-    return ServerKit(path, _str(path, info, "project"), address, tuple(sites), ca, cert, _read(path, SERVER_KEY),
-                     RevocationList(path / REVOKED_FILE))  # fmt: skip
+    return ServerKit(
+        path,
+        _str(path, info, "project"),
+        address,
+        tuple(sites),
+        ca,
+        cert,
+        _read(path, SERVER_KEY),
+        RevocationList(path / REVOKED_FILE),
+    )
 
 
 def load_site_kit(path: str | Path) -> SiteKit:
@@ -210,8 +226,9 @@ def load_site_kit(path: str | Path) -> SiteKit:
         raise ConfigError(f"{path / KIT_FILE}: `server` must be HOST:PORT (got {server!r})")
     ca, cert = _read(path, CA_CERT), _read(path, CLIENT_CERT)
     _check_validity(path / CLIENT_CERT, cert)
-    return SiteKit(path, _str(path, info, "project"), _str(path, info, "site"), server or None, ca, cert,
-                   _read(path, CLIENT_KEY))  # fmt: skip
+    return SiteKit(
+        path, _str(path, info, "project"), _str(path, info, "site"), server or None, ca, cert, _read(path, CLIENT_KEY)
+    )
 
 
 def read_kit_file(path: Path, role: str, need: str) -> dict[str, Any]:
@@ -219,13 +236,16 @@ def read_kit_file(path: Path, role: str, need: str) -> dict[str, Any]:
 
     f = path / KIT_FILE
     if not path.is_dir():
-        raise ConfigError(f"startup kit {path} does not exist or is not a folder (looked for {path.resolve()}); "
-                          f"{need}, written by `fl-plugins provision PROJECT.yaml -o kits/`")  # fmt: skip
+        raise ConfigError(
+            f"startup kit {path} does not exist or is not a folder (looked for {path.resolve()}); "
+            f"{need}, written by `fl-plugins provision PROJECT.yaml -o kits/`"
+        )
     try:
         info = yaml.safe_load(f.read_text(encoding="utf-8"))
     except FileNotFoundError:
-        raise ConfigError(f"{path} is not a startup kit: it has no {KIT_FILE}; {need}, written by "
-                          "`fl-plugins provision`") from None  # fmt: skip
+        raise ConfigError(
+            f"{path} is not a startup kit: it has no {KIT_FILE}; {need}, written by `fl-plugins provision`"
+        ) from None
     except (OSError, yaml.YAMLError) as e:
         raise ConfigError(f"{f} cannot be read: {e}") from None
     if not isinstance(info, dict):
@@ -239,8 +259,9 @@ def read_kit_file(path: Path, role: str, need: str) -> dict[str, Any]:
 def _str(path: Path, info: dict[str, Any], key: str) -> str:
     v = info.get(key)
     if not isinstance(v, str) or not v:
-        raise ConfigError(f"{path / KIT_FILE}: `{key}` must be a non-empty string (got {v!r}); run "
-                          "`fl-plugins provision` again")  # fmt: skip
+        raise ConfigError(
+            f"{path / KIT_FILE}: `{key}` must be a non-empty string (got {v!r}); run `fl-plugins provision` again"
+        )
     return v
 
 
@@ -249,13 +270,13 @@ def _read(path: Path, name: str) -> bytes:
     try:
         data = f.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"startup kit {path} is missing {name}; copy the whole kit folder written by "
-                          "`fl-plugins provision`") from None  # fmt: skip
+        raise ConfigError(
+            f"startup kit {path} is missing {name}; copy the whole kit folder written by `fl-plugins provision`"
+        ) from None
     except OSError as e:
         raise ConfigError(f"{f} cannot be read: {e}") from None
     if name.endswith(".key") and os.name == "posix" and stat.S_IMODE(f.stat().st_mode) & 0o077:
-        log.warning("%s can be read by other users (mode %o): run `chmod 600 %s`", f, stat.S_IMODE(f.stat().st_mode),
-                    f)  # fmt: skip
+        log.warning("%s can be read by other users (mode %o): run `chmod 600 %s`", f, stat.S_IMODE(f.stat().st_mode), f)
     return data
 
 
@@ -271,8 +292,12 @@ def _check_validity(path: Path, pem: bytes) -> None:
         raise ConfigError(f"{path} is not a PEM certificate ({e}); run `fl-plugins provision` again") from None
     now = datetime.now(timezone.utc)
     if now > cert.not_valid_after_utc:
-        raise ConfigError(f"{path}: the certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; ask "
-                          "the project's admin for a new kit (`fl-plugins provision` again)")  # fmt: skip
+        raise ConfigError(
+            f"{path}: the certificate expired on {cert.not_valid_after_utc:%Y-%m-%d %H:%M} UTC; ask "
+            "the project's admin for a new kit (`fl-plugins provision` again)"
+        )
     if now < cert.not_valid_before_utc:
-        raise ConfigError(f"{path}: the certificate is valid only from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} "
-                          "UTC; check this machine's clock")  # fmt: skip
+        raise ConfigError(
+            f"{path}: the certificate is valid only from {cert.not_valid_before_utc:%Y-%m-%d %H:%M} "
+            "UTC; check this machine's clock"
+        )

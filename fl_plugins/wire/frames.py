@@ -56,9 +56,7 @@ def decode(frame: bytes) -> tuple[int, memoryview, bytes]:
     if magic != MAGIC:
         raise ProtocolError(f"chunk frame has magic {magic!r}, expected {MAGIC!r}")
     if length != len(frame) - HEADER_SIZE:
-        raise IntegrityError(
-            f"chunk at offset {offset} declares {length} bytes but carries {len(frame) - HEADER_SIZE}"
-        )
+        raise IntegrityError(f"chunk at offset {offset} declares {length} bytes but carries {len(frame) - HEADER_SIZE}")
     payload = memoryview(frame)[HEADER_SIZE:]
     if xxhash.xxh3_128_digest(payload) != digest:
         raise IntegrityError(f"chunk at offset {offset} ({length} bytes) failed its xxh3-128 check")

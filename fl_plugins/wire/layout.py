@@ -44,19 +44,42 @@ def _bf16():
 
 # safetensors dtype string -> item size in bytes
 ITEMSIZE = {
-    "F64": 8, "I64": 8, "U64": 8,
-    "F32": 4, "I32": 4, "U32": 4,
-    "F16": 2, "BF16": 2, "I16": 2, "U16": 2,
-    "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-}  # fmt: skip
+    "F64": 8,
+    "I64": 8,
+    "U64": 8,
+    "F32": 4,
+    "I32": 4,
+    "U32": 4,
+    "F16": 2,
+    "BF16": 2,
+    "I16": 2,
+    "U16": 2,
+    "I8": 1,
+    "U8": 1,
+    "BOOL": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+}
 FLOAT_DTYPES = {"F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2"}
 INT_DTYPES = {"I64", "U64", "I32", "U32", "I16", "U16", "I8", "U8"}
 
 
 def numpy_dtype(dtype: str) -> np.dtype:
     """The numpy dtype for a safetensors dtype string (bfloat16 and float8 through ml_dtypes)."""
-    simple = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "U64": "<u8", "I32": "<i4",
-              "U32": "<u4", "I16": "<i2", "U16": "<u2", "I8": "i1", "U8": "u1", "BOOL": "?"}  # fmt: skip
+    simple = {
+        "F64": "<f8",
+        "F32": "<f4",
+        "F16": "<f2",
+        "I64": "<i8",
+        "U64": "<u8",
+        "I32": "<i4",
+        "U32": "<u4",
+        "I16": "<i2",
+        "U16": "<u2",
+        "I8": "i1",
+        "U8": "u1",
+        "BOOL": "?",
+    }
     if dtype in simple:
         return np.dtype(simple[dtype])
     import ml_dtypes
@@ -119,9 +142,11 @@ class ShardLayout:
             "size": self.size,
             "header_size": self.data_start,
             "digest": self.digest,
-            "tensors": {t.name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [t.start, t.end]}
-                        for t in self.tensors},
-        }  # fmt: skip
+            "tensors": {
+                t.name: {"dtype": t.dtype, "shape": list(t.shape), "data_offsets": [t.start, t.end]}
+                for t in self.tensors
+            },
+        }
 
 
 def _is_int(x: Any) -> bool:
@@ -165,8 +190,10 @@ def _tensor_table(obj: Any, where: str) -> list[TensorInfo]:
                 f"{where}: tensor {short_repr(name)} has unknown dtype {short_repr(dtype)}; known: {sorted(ITEMSIZE)}"
             )
         if not (isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_is_int(d) and d >= 0 for d in shape)):
-            raise ProtocolError(f"{where}: tensor {short_repr(name)} has a bad shape {short_repr(shape)} (at most "
-                                f"{MAX_NDIM} non-negative integers)")  # fmt: skip
+            raise ProtocolError(
+                f"{where}: tensor {short_repr(name)} has a bad shape {short_repr(shape)} (at most "
+                f"{MAX_NDIM} non-negative integers)"
+            )
         if not (isinstance(offs, list) and len(offs) == 2 and all(_is_int(o) for o in offs)):
             raise ProtocolError(f"{where}: tensor {short_repr(name)} has bad data_offsets {short_repr(offs)}")
         start, end = offs
@@ -245,9 +272,14 @@ def plan_shards(
 def _plain_file_name(name: Any) -> bool:
     """A shard's file name that stays inside the directory it is written to: `x.safetensors`, no separators
     or NUL, no leading dot (so no `..`), no control characters, at most 255 bytes (a file name's limit)."""
-    return (isinstance(name, str) and name.endswith(".safetensors") and not name.startswith(".")
-            and not any(c in name for c in "/\\") and name.isprintable()
-            and len(name.encode("utf-8", "replace")) <= 255)  # fmt: skip
+    return (
+        isinstance(name, str)
+        and name.endswith(".safetensors")
+        and not name.startswith(".")
+        and not any(c in name for c in "/\\")
+        and name.isprintable()
+        and len(name.encode("utf-8", "replace")) <= 255
+    )
 
 
 _ENVELOPE_KEYS = {"params_type", "current_round", "total_rounds", "start_round", "metrics", "meta", "attempt"}
@@ -269,11 +301,17 @@ class Manifest:
         return sum(s.size for s in self.shards)
 
     def to_json(self) -> str:
-        return json.dumps({
-            "format": MANIFEST_FORMAT, "version": MANIFEST_VERSION,
-            "chunk_bytes": self.chunk_bytes, "chunk_hash": CHUNK_HASH, "shard_hash": SHARD_HASH,
-            "shards": [s.to_json() for s in self.shards], "envelope": self.envelope,
-        })  # fmt: skip
+        return json.dumps(
+            {
+                "format": MANIFEST_FORMAT,
+                "version": MANIFEST_VERSION,
+                "chunk_bytes": self.chunk_bytes,
+                "chunk_hash": CHUNK_HASH,
+                "shard_hash": SHARD_HASH,
+                "shards": [s.to_json() for s in self.shards],
+                "envelope": self.envelope,
+            }
+        )
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str = "manifest") -> Manifest:

@@ -78,8 +78,6 @@ def reserved_workers(max_workers: int) -> int:
     return max(2, max_workers // 8)
 
 
-
-
 # -- values -------------------------------------------------------------------------------------------------------
 def _show(x: Any, limit: int = 60) -> str:
     """repr of a value from a peer, cut short (a message must not echo megabytes back)."""
@@ -103,8 +101,10 @@ def _scalar_size(v: Any, max_str: int, where: Callable[[], str]) -> int:
         return 24
     if isinstance(v, str):
         if len(v) > max_str:
-            raise ProtocolError(f"{where()}: a string of {len(v)} characters, over the limit of {max_str}: "
-                                "send a shorter value (long text goes to a file, not to metrics)")  # fmt: skip
+            raise ProtocolError(
+                f"{where()}: a string of {len(v)} characters, over the limit of {max_str}: "
+                "send a shorter value (long text goes to a file, not to metrics)"
+            )
         return len(v) + 2
     raise ProtocolError(f"{where()} must be a number, a boolean, null or a string (got {type(v).__name__})")
 
@@ -113,17 +113,21 @@ def _value_size(v: Any, max_str: int, where: Callable[[], str]) -> int:
     """A metrics / meta / log value: a scalar, or a flat list or object of at most MAX_ITEMS scalars."""
     if isinstance(v, (list, dict)):
         if len(v) > MAX_ITEMS:
-            raise ProtocolError(f"{where()}: a {type(v).__name__} of {len(v)} items, over the limit of {MAX_ITEMS} "
-                                "(limits.MAX_ITEMS): send a summary, or log the values one by one")  # fmt: skip
+            raise ProtocolError(
+                f"{where()}: a {type(v).__name__} of {len(v)} items, over the limit of {MAX_ITEMS} "
+                "(limits.MAX_ITEMS): send a summary, or log the values one by one"
+            )
         size = 2
         items = v.items() if isinstance(v, dict) else enumerate(v)
         for k, x in items:
             if isinstance(k, str) and len(k) > MAX_KEY_CHARS:
                 raise ProtocolError(f"{where()}: a key of {len(k)} characters, over the limit of {MAX_KEY_CHARS}")
             if isinstance(x, (list, dict)):
-                raise ProtocolError(f"{where()} nests a {type(x).__name__} in a {type(v).__name__}: values may be "
-                                    "numbers, booleans, null, short strings, or one flat list or object of those; "
-                                    "flatten it (e.g. 'val/acc' keys)")  # fmt: skip
+                raise ProtocolError(
+                    f"{where()} nests a {type(x).__name__} in a {type(v).__name__}: values may be "
+                    "numbers, booleans, null, short strings, or one flat list or object of those; "
+                    "flatten it (e.g. 'val/acc' keys)"
+                )
             size += _scalar_size(x, max_str, where) + (len(k) + 4 if isinstance(k, str) else 1)
         return size
     return _scalar_size(v, max_str, where)
@@ -135,17 +139,23 @@ def check_envelope_dict(who: str, name: str, d: Any) -> None:
     if not isinstance(d, dict):
         raise ProtocolError(f"{who}: envelope `{name}` must be an object (got {_show(d)})")
     if len(d) > MAX_DICT_KEYS:
-        raise ProtocolError(f"{who}: `{name}` has {len(d)} keys, over the limit of {MAX_DICT_KEYS} "
-                            f"(limits.MAX_DICT_KEYS): send fewer {name}; per-step values go to flare.log")  # fmt: skip
+        raise ProtocolError(
+            f"{who}: `{name}` has {len(d)} keys, over the limit of {MAX_DICT_KEYS} "
+            f"(limits.MAX_DICT_KEYS): send fewer {name}; per-step values go to flare.log"
+        )
     size = 2
     for k, v in d.items():
         if not isinstance(k, str) or len(k) > MAX_KEY_CHARS:
-            raise ProtocolError(f"{who}: `{name}` key {_show(k)} is {len(str(k))} characters, over the limit of "
-                                f"{MAX_KEY_CHARS} (limits.MAX_KEY_CHARS): use a shorter name")  # fmt: skip
+            raise ProtocolError(
+                f"{who}: `{name}` key {_show(k)} is {len(str(k))} characters, over the limit of "
+                f"{MAX_KEY_CHARS} (limits.MAX_KEY_CHARS): use a shorter name"
+            )
         size += len(k) + 4 + _value_size(v, MAX_STR_CHARS, lambda k=k: f"{who}: `{name}[{_show(k)}]`")
     if size > MAX_DICT_BYTES:
-        raise ProtocolError(f"{who}: `{name}` is about {size} bytes as JSON, over the limit of {MAX_DICT_BYTES} "
-                            f"(limits.MAX_DICT_BYTES): send fewer or shorter {name}")  # fmt: skip
+        raise ProtocolError(
+            f"{who}: `{name}` is about {size} bytes as JSON, over the limit of {MAX_DICT_BYTES} "
+            f"(limits.MAX_DICT_BYTES): send fewer or shorter {name}"
+        )
 
 
 def round_metric(x: float) -> float:
@@ -195,32 +205,43 @@ def check_log_records(who: str, records: Any) -> list[dict]:
     if not isinstance(records, list):
         raise ProtocolError(f"{who}: log records must be a JSON list of objects (got {_show(records)})")
     if len(records) > MAX_LOG_RECORDS:
-        raise ProtocolError(f"{who}: {len(records)} log records in one call, over the limit of {MAX_LOG_RECORDS} "
-                            "(limits.MAX_LOG_RECORDS): send them in several calls")  # fmt: skip
+        raise ProtocolError(
+            f"{who}: {len(records)} log records in one call, over the limit of {MAX_LOG_RECORDS} "
+            "(limits.MAX_LOG_RECORDS): send them in several calls"
+        )
     for i, r in enumerate(records):
         if not isinstance(r, dict):
             raise ProtocolError(f"{who}: log records must be a JSON list of objects (record {i} is {_show(r)})")
         if len(r) > MAX_RECORD_FIELDS:
-            raise ProtocolError(f"{who}: log record {i} has {len(r)} fields, over the limit of {MAX_RECORD_FIELDS} "
-                                "(limits.MAX_RECORD_FIELDS): pass fewer keyword arguments to flare.log")  # fmt: skip
+            raise ProtocolError(
+                f"{who}: log record {i} has {len(r)} fields, over the limit of {MAX_RECORD_FIELDS} "
+                "(limits.MAX_RECORD_FIELDS): pass fewer keyword arguments to flare.log"
+            )
         key = r.get("key")
         if not isinstance(key, str) or not 0 < len(key) <= MAX_KEY_CHARS:
-            raise ProtocolError(f"{who}: log record {i}: `key` must be a name of 1 to {MAX_KEY_CHARS} characters "
-                                f"(got {_show(key)})")  # fmt: skip
+            raise ProtocolError(
+                f"{who}: log record {i}: `key` must be a name of 1 to {MAX_KEY_CHARS} characters (got {_show(key)})"
+            )
         for f, v in r.items():
             if len(f) > MAX_KEY_CHARS:
-                raise ProtocolError(f"{who}: log record {i}: a field name of {len(f)} characters, over the limit of "
-                                    f"{MAX_KEY_CHARS}")  # fmt: skip
-            _value_size(v, MAX_LOG_TEXT_CHARS if f == "value" else MAX_STR_CHARS,
-                        lambda i=i, f=f, k=key: f"{who}: log record {i} ({_show(k)}) `{_show(f, 40)}`")  # fmt: skip
+                raise ProtocolError(
+                    f"{who}: log record {i}: a field name of {len(f)} characters, over the limit of {MAX_KEY_CHARS}"
+                )
+            _value_size(
+                v,
+                MAX_LOG_TEXT_CHARS if f == "value" else MAX_STR_CHARS,
+                lambda i=i, f=f, k=key: f"{who}: log record {i} ({_show(k)}) `{_show(f, 40)}`",
+            )
     return records
 
 
 def check_log_size(who: str, text: str) -> None:
     """One Log call's records JSON is at most MAX_LOG_CALL_CHARS characters."""
     if len(text) > MAX_LOG_CALL_CHARS:
-        raise ProtocolError(f"{who}: one Log call of {len(text)} characters, over the limit of {MAX_LOG_CALL_CHARS} "
-                            "(limits.MAX_LOG_CALL_CHARS): send fewer records per call")  # fmt: skip
+        raise ProtocolError(
+            f"{who}: one Log call of {len(text)} characters, over the limit of {MAX_LOG_CALL_CHARS} "
+            "(limits.MAX_LOG_CALL_CHARS): send fewer records per call"
+        )
 
 
 def parse_log_records(who: str, text: str) -> list[dict]:
@@ -242,9 +263,14 @@ class LogBudget:
     """Per site: a token bucket of Log calls (LOG_CALLS_PER_SECOND, bursts of LOG_CALL_BURST) and the characters
     logged in the aggregator's current round (MAX_LOG_CHARS_PER_ROUND). Thread-safe; `clock` for tests."""
 
-    def __init__(self, *, rate: float = LOG_CALLS_PER_SECOND, burst: int = LOG_CALL_BURST,
-                 per_round: int = MAX_LOG_CHARS_PER_ROUND,
-                 clock: Callable[[], float] = time.monotonic) -> None:  # fmt: skip
+    def __init__(
+        self,
+        *,
+        rate: float = LOG_CALLS_PER_SECOND,
+        burst: int = LOG_CALL_BURST,
+        per_round: int = MAX_LOG_CHARS_PER_ROUND,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.rate, self.burst, self.per_round, self.clock = rate, burst, per_round, clock
         self._lock = threading.Lock()
         self._sites: dict[str, list[float]] = {}  # site -> [tokens, time, round, chars this round]
@@ -266,12 +292,16 @@ class LogBudget:
                 st[2], st[3] = round_, 0
             if tokens < 1:
                 st[0] = tokens
-                raise BusyError(f"site {site!r} sends more than {self.rate:g} Log calls a second (bursts of "
-                                f"{self.burst}; limits.LOG_CALLS_PER_SECOND): slow down, or send several records "
-                                "per call; the client retries")  # fmt: skip
+                raise BusyError(
+                    f"site {site!r} sends more than {self.rate:g} Log calls a second (bursts of "
+                    f"{self.burst}; limits.LOG_CALLS_PER_SECOND): slow down, or send several records "
+                    "per call; the client retries"
+                )
             if st[3] + chars > self.per_round:
                 st[0] = tokens
-                raise ProtocolError(f"site {site!r} has logged {st[3]} characters of records in round {round_}; "
-                                    f"{chars} more would pass the limit of {self.per_round} per site per round "
-                                    "(limits.MAX_LOG_CHARS_PER_ROUND): log less often, e.g. every N steps")  # fmt: skip
+                raise ProtocolError(
+                    f"site {site!r} has logged {st[3]} characters of records in round {round_}; "
+                    f"{chars} more would pass the limit of {self.per_round} per site per round "
+                    "(limits.MAX_LOG_CHARS_PER_ROUND): log less often, e.g. every N steps"
+                )
             st[0], st[3] = tokens - 1, st[3] + chars

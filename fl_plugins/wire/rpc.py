@@ -115,8 +115,9 @@ class Stub:
     def __init__(self, channel: grpc.Channel) -> None:
         for name, (kind, req, resp) in METHODS.items():
             factory = getattr(channel, kind)
-            setattr(self, name, factory(f"/{SERVICE}/{name}", request_serializer=_ser(req),
-                                        response_deserializer=_de(resp)))  # fmt: skip
+            setattr(
+                self, name, factory(f"/{SERVICE}/{name}", request_serializer=_ser(req), response_deserializer=_de(resp))
+            )
 
 
 def generic_handler(servicer) -> grpc.GenericRpcHandler:
@@ -124,8 +125,9 @@ def generic_handler(servicer) -> grpc.GenericRpcHandler:
     handlers = {}
     for name, (kind, req, resp) in METHODS.items():
         make = getattr(grpc, f"{kind}_rpc_method_handler")
-        handlers[name] = make(_guard(getattr(servicer, name), kind), request_deserializer=_de(req),
-                              response_serializer=_ser(resp))  # fmt: skip
+        handlers[name] = make(
+            _guard(getattr(servicer, name), kind), request_deserializer=_de(req), response_serializer=_ser(resp)
+        )
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
@@ -142,11 +144,18 @@ def _guard(fn, kind: str):
                     context.abort(code, f"{type(e).__name__}: {e}")
             code = grpc.StatusCode.FAILED_PRECONDITION  # an FLError without a code of its own
             context.abort(code, f"{type(e).__name__}: {e}")
-        log.error("%s failed with an unexpected %s (a bug in fl-plugins; the call ends with INTERNAL)", method,
-                  type(e).__name__, exc_info=e)  # fmt: skip
-        context.abort(grpc.StatusCode.INTERNAL, f"InternalError: the aggregator failed handling {method}: "
-                      f"{type(e).__name__}: {str(e)[:200]}; this is a bug in fl-plugins, please report it with the "
-                      "aggregator's log (it has the traceback)")  # fmt: skip
+        log.error(
+            "%s failed with an unexpected %s (a bug in fl-plugins; the call ends with INTERNAL)",
+            method,
+            type(e).__name__,
+            exc_info=e,
+        )
+        context.abort(
+            grpc.StatusCode.INTERNAL,
+            f"InternalError: the aggregator failed handling {method}: "
+            f"{type(e).__name__}: {str(e)[:200]}; this is a bug in fl-plugins, please report it with the "
+            "aggregator's log (it has the traceback)",
+        )
 
     def unexpected(context, e: Exception) -> bool:
         """False for what only looks unexpected: the call ended (a site went away; context.abort's own raise)."""
@@ -202,6 +211,12 @@ def error_from_rpc(e: grpc.RpcError, what: str) -> Exception:
     return e
 
 
-RETRYABLE = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.CANCELLED,
-             grpc.StatusCode.DATA_LOSS, grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN,
-             grpc.StatusCode.RESOURCE_EXHAUSTED}  # fmt: skip
+RETRYABLE = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.DATA_LOSS,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Protocol
 
 from fl_plugins.errors import IntegrityError, ProtocolError
@@ -156,7 +156,7 @@ class TensorSource:
 class FileSource:
     """Shard bytes read from files with pread (no mmap: mapped pages would count in the server's RSS)."""
 
-    def __init__(self, paths: list[str | os.PathLike]) -> None:
+    def __init__(self, paths: Sequence[str | os.PathLike]) -> None:
         self._fds = [os.open(p, os.O_RDONLY) for p in paths]
 
     def pieces(self, shard: int, offset: int, n: int) -> list[memoryview | bytes]:
