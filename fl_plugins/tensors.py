@@ -103,9 +103,9 @@ def byte_view(x: Any) -> memoryview:
             t = t.cpu()
         if not t.is_contiguous():
             t = t.contiguous()
-        return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+        return t.reshape(-1).view(torch.uint8).numpy().data.cast("B")
     a = np.ascontiguousarray(x)
-    return memoryview(a.reshape(-1).view(np.uint8)).cast("B")
+    return a.reshape(-1).view(np.uint8).data.cast("B")
 
 
 def allocate(

@@ -19,7 +19,7 @@ import math
 import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeGuard
 
 import numpy as np
 
@@ -269,7 +269,7 @@ def plan_shards(
     return shards
 
 
-def _plain_file_name(name: Any) -> bool:
+def _plain_file_name(name: Any) -> TypeGuard[str]:
     """A shard's file name that stays inside the directory it is written to: `x.safetensors`, no separators
     or NUL, no leading dot (so no `..`), no control characters, at most 255 bytes (a file name's limit)."""
     return (

@@ -44,6 +44,7 @@ A site over a call limit is refused with RESOURCE_EXHAUSTED (`BusyError`), which
 
 from __future__ import annotations
 
+import functools
 import math
 import threading
 import time
@@ -109,6 +110,14 @@ def _scalar_size(v: Any, max_str: int, where: Callable[[], str]) -> int:
     raise ProtocolError(f"{where()} must be a number, a boolean, null or a string (got {type(v).__name__})")
 
 
+def _item(who: str, name: str, key: str) -> str:
+    return f"{who}: `{name}[{_show(key)}]`"
+
+
+def _log_field(who: str, i: int, key: Any, field: str) -> str:
+    return f"{who}: log record {i} ({_show(key)}) `{_show(field, 40)}`"
+
+
 def _value_size(v: Any, max_str: int, where: Callable[[], str]) -> int:
     """A metrics / meta / log value: a scalar, or a flat list or object of at most MAX_ITEMS scalars."""
     if isinstance(v, (list, dict)):
@@ -150,7 +159,7 @@ def check_envelope_dict(who: str, name: str, d: Any) -> None:
                 f"{who}: `{name}` key {_show(k)} is {len(str(k))} characters, over the limit of "
                 f"{MAX_KEY_CHARS} (limits.MAX_KEY_CHARS): use a shorter name"
             )
-        size += len(k) + 4 + _value_size(v, MAX_STR_CHARS, lambda k=k: f"{who}: `{name}[{_show(k)}]`")
+        size += len(k) + 4 + _value_size(v, MAX_STR_CHARS, functools.partial(_item, who, name, k))
     if size > MAX_DICT_BYTES:
         raise ProtocolError(
             f"{who}: `{name}` is about {size} bytes as JSON, over the limit of {MAX_DICT_BYTES} "
@@ -230,7 +239,7 @@ def check_log_records(who: str, records: Any) -> list[dict]:
             _value_size(
                 v,
                 MAX_LOG_TEXT_CHARS if f == "value" else MAX_STR_CHARS,
-                lambda i=i, f=f, k=key: f"{who}: log record {i} ({_show(k)}) `{_show(f, 40)}`",
+                functools.partial(_log_field, who, i, key, f),
             )
     return records
 
