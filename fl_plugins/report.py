@@ -18,13 +18,22 @@ ConfigError naming what is missing. `fl-plugins run` writes the plots at its end
 
 from __future__ import annotations
 
-import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
+from fl_plugins import records
+from fl_plugins._text import baselines_table as _baselines_table
+from fl_plugins._text import human_bytes, metrics_table
 from fl_plugins.errors import ConfigError, MissingDependencyError
+from fl_plugins.records import Baselines, LogRecord, RoundRecord, RunMetrics, RunSummary, UpdateRecord
+from fl_plugins.wire.limits import finite_float
+
+if TYPE_CHECKING:
+    from rich.console import Console
+    from rich.table import Table
 
 log = logging.getLogger(__name__)
 
@@ -38,11 +47,11 @@ class RunData:
 
     run_dir: Path
     name: str
-    updates: list[dict]  # the "update" records, in order
-    rounds: dict[int, dict]  # round -> its latest "round" record
-    logs: list[dict]  # logs.jsonl records (flare.log), in order
-    summary: dict[str, Any] | None = None  # summary.json (`fl-plugins run`), None when absent
-    baselines: dict[str, Any] | None = None  # baselines.json (a built-in task with `baselines: true`)
+    updates: list[UpdateRecord]  # in order
+    rounds: dict[int, RoundRecord]  # round -> its latest "round" record
+    logs: list[LogRecord]  # logs.jsonl (flare.log), in order
+    summary: RunSummary | None = None  # summary.json (`fl-plugins run`), None when absent
+    baselines: Baselines | None = None  # baselines.json (a built-in task with `baselines: true`)
     notes: list[str] = field(default_factory=list)  # why the report may be incomplete
 
     @property
@@ -50,35 +59,16 @@ class RunData:
         return not self.notes
 
 
-def _read_jsonl(path: Path) -> tuple[list[dict], int]:
-    """The records of a JSON-lines file (whole lines; a line being written is skipped) and the bad-line count."""
-    data = path.read_bytes()
-    recs, bad = [], 0
-    lines = data.split(b"\n")
-    for i, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except ValueError:
-            bad += i < len(lines) - 1  # the last line may be half-written by a running aggregator
-            continue
-        if isinstance(rec, dict):
-            recs.append(rec)
-        else:
-            bad += 1
-    return recs, bad
+T = TypeVar("T")
 
 
-def _read_json(path: Path, notes: list[str]) -> dict | None:
-    if not path.is_file():
-        return None
+def _read_json(path: Path, notes: list[str], parse: Callable[[dict[str, Any]], T]) -> T | None:
     try:
-        v = json.loads(path.read_text())
+        obj = records.read_object(path)
     except (OSError, ValueError) as e:
         notes.append(f"{path.name} cannot be read ({e}); left out")
         return None
-    return v if isinstance(v, dict) else None
+    return None if obj is None else parse(obj)
 
 
 def load_run(run_dir: str | Path) -> RunData:
@@ -90,41 +80,47 @@ def load_run(run_dir: str | Path) -> RunData:
         raise ConfigError(f"{run_dir}: no such run directory; {hint}")
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is not a directory; {hint}")
-    metrics = run_dir / "metrics.jsonl"
+    metrics = run_dir / records.METRICS
     if not metrics.is_file():
-        raise ConfigError(f"{run_dir} is not a run directory: it has no metrics.jsonl (the aggregator writes it "
-                          f"as updates arrive); {hint}")  # fmt: skip
-    recs, _ = _read_jsonl(metrics)
-    ours = [r for r in recs if r.get("event") in ("update", "round") and isinstance(r.get("round"), int)]
-    if recs and not ours:
-        raise ConfigError(f"{metrics} holds no fl-plugins records (\"update\" and \"round\" events): {run_dir} is "
-                          f"not a run directory; {hint}")  # fmt: skip
-    updates = [r for r in ours if r["event"] == "update"]
-    rounds: dict[int, dict] = {}
-    for r in ours:
-        if r["event"] == "round":
-            rounds[r["round"]] = r
-    logs: list[dict] = []
-    if (run_dir / "logs.jsonl").is_file():
-        logs = [r for r in _read_jsonl(run_dir / "logs.jsonl")[0] if isinstance(r.get("site"), str)]
+        raise ConfigError(
+            f"{run_dir} is not a run directory: it has no metrics.jsonl (the aggregator writes it "
+            f"as updates arrive); {hint}"
+        )
+    recs = records.read_records(metrics)
+    ours = RunMetrics()
+    ours.add(recs)
+    if recs and not (ours.updates or ours.rounds):
+        raise ConfigError(
+            f'{metrics} holds no fl-plugins records ("update" and "round" events): {run_dir} is '
+            f"not a run directory; {hint}"
+        )
+    logs = [r for r in records.read_records(run_dir / records.LOGS, records.parse_log) if isinstance(r, LogRecord)]
     notes: list[str] = []
-    summary = _read_json(run_dir / "summary.json", notes)
-    baselines = _read_json(run_dir / "baselines.json", notes)
-    done = f"finished rounds: {_ranges(sorted(rounds))}" if rounds else "no round has finished yet"
+    summary = _read_json(run_dir / records.SUMMARY, notes, RunSummary.from_json)
+    baselines = _read_json(run_dir / records.BASELINES, notes, Baselines.from_json)
+    status = _unfinished(summary, ours.rounds)  # first when there is no summary.json, else after what was unreadable
+    notes = status + notes if summary is None else notes + status
+    name = (summary.name if summary else None) or run_dir.resolve().name
+    return RunData(run_dir, name, ours.updates, ours.rounds, logs, summary, baselines, notes)
+
+
+def _unfinished(summary: RunSummary | None, rounds: dict[int, RoundRecord]) -> list[str]:
+    """Notes on what the run lacks, by summary.json."""
     if summary is None:
-        notes.insert(0, f"no summary.json: the run is unfinished (still running, stopped or crashed) or was run by "
-                        f"`fl-plugins server`; {done}")  # fmt: skip
-    else:
-        planned = summary.get("rounds_planned")
-        if isinstance(planned, int):
-            missing = [r for r in range(planned) if r not in rounds]
-            if missing:
-                notes.append(f"unfinished: rounds {_ranges(missing)} of 0..{planned - 1} are missing")
-        code = summary.get("exit_code")
-        if code not in (0, None):
-            notes.append("the run was interrupted" if code == 130 else f"the run failed (exit code {code})")
-    name = (summary or {}).get("name") or run_dir.resolve().name
-    return RunData(run_dir, str(name), updates, rounds, logs, summary, baselines, notes)
+        done = f"finished rounds: {_ranges(sorted(rounds))}" if rounds else "no round has finished yet"
+        return [
+            f"no summary.json: the run is unfinished (still running, stopped or crashed) or was run by "
+            f"`fl-plugins server`; {done}"
+        ]
+    notes = []
+    if summary.rounds_planned is not None:
+        missing = [r for r in range(summary.rounds_planned) if r not in rounds]
+        if missing:
+            notes.append(f"unfinished: rounds {_ranges(missing)} of 0..{summary.rounds_planned - 1} are missing")
+    if summary.exit_code not in (0, None):
+        code = summary.exit_code
+        notes.append("the run was interrupted" if code == 130 else f"the run failed (exit code {code})")
+    return notes
 
 
 def _ranges(xs: list[int]) -> str:
@@ -138,73 +134,53 @@ def _ranges(xs: list[int]) -> str:
     return ", ".join(out)
 
 
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
-def _num(v: Any) -> float | None:
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return None
-    return float(v) if v == v and abs(v) != float("inf") else None
+def _or_zero(v: float | None) -> float:
+    return 0.0 if v is None else float(v)
 
 
 # -- the table -------------------------------------------------------------------------------------------------
 
 
-def round_rows(run: RunData) -> list[dict[str, Any]]:
+@dataclass(frozen=True)
+class RoundRow:
+    """One finished round of the table: its updates, seconds, the bytes of its updates (the attempt that closed
+    it), their GB/s (None without upload time) and the round's metrics."""
+
+    round: int
+    updates: int
+    seconds: float | None
+    bytes: float
+    gbps: float | None
+    metrics: dict[str, Any]
+
+    def cells(self) -> tuple[str, ...]:
+        """round, updates, seconds, uploaded and upload GB/s, as the table shows them."""
+        seconds = "" if self.seconds is None else f"{self.seconds:.2f}"
+        gbps = "" if self.gbps is None else f"{self.gbps:.3g}"
+        return str(self.round), str(self.updates), seconds, human_bytes(self.bytes), gbps
+
+
+def round_rows(run: RunData) -> list[RoundRow]:
     """One row per finished round: updates, seconds, bytes uploaded, GB/s over the uploads, metrics."""
     rows = []
     for r, rec in sorted(run.rounds.items()):
-        ups = [u for u in run.updates if u["round"] == r and u.get("attempt", 0) == rec.get("attempt", 0)]
-        size = sum(_num(u.get("bytes")) or 0.0 for u in ups)
-        secs = sum(_num(u.get("seconds")) or 0.0 for u in ups)
-        rows.append({"round": r, "updates": rec.get("updates", len(ups)), "seconds": _num(rec.get("seconds")),
-                     "bytes": size, "gbps": size / secs / 1e9 if secs > 0 else None,
-                     "metrics": rec.get("metrics") or {}})  # fmt: skip
+        ups = [u for u in run.updates if u.round == r and u.attempt == rec.attempt]
+        size = sum(_or_zero(u.bytes) for u in ups)
+        secs = sum(_or_zero(u.seconds) for u in ups)
+        seconds = None if rec.seconds is None else float(rec.seconds)
+        updates = len(ups) if rec.updates is None else rec.updates
+        rows.append(RoundRow(r, updates, seconds, size, size / secs / 1e9 if secs > 0 else None, rec.metrics))
     return rows
 
 
-def round_table(run: RunData):
-    from rich.table import Table
-
-    rows = round_rows(run)
-    keys: list[str] = []
-    for row in rows:
-        keys += [k for k in row["metrics"] if k not in keys]
+def round_table(run: RunData) -> Table:
     title = f"{run.name}: per-round metrics ({run.run_dir})"
-    t = Table(title=title, min_width=len(title))
-    for col in ("round", "updates", "seconds", "uploaded", "upload GB/s", *keys):
-        t.add_column(col, justify="right")
-    for row in rows:
-        vals = [_num(row["metrics"].get(k)) for k in keys]
-        t.add_row(str(row["round"]), str(row["updates"]), "" if row["seconds"] is None else f"{row['seconds']:.2f}",
-                  human_bytes(row["bytes"]), "" if row["gbps"] is None else f"{row['gbps']:.3g}",
-                  *("" if v is None else f"{v:.4g}" for v in vals))  # fmt: skip
-    return t
+    columns = ("round", "updates", "seconds", "uploaded", "upload GB/s")
+    return metrics_table(title, columns, [(row.cells(), row.metrics) for row in round_rows(run)], min_width=len(title))
 
 
-def baselines_table(run: RunData):
-    from rich.table import Table
-
-    b = run.baselines or {}
-    keys = list(b.get("global") or {})
-    title = f"{run.name}: on the pooled validation set ({b.get('pooled_validation_rows', '?')} rows)"
-    t = Table(title=title, min_width=len(title))
-    for col in ("model", *keys):
-        t.add_column(col, justify="right")
-    t.add_row(f"global (round {b.get('round', '?')})", *(_fmt(b["global"].get(k)) for k in keys))
-    for site, m in (b.get("local_only") or {}).items():
-        t.add_row(f"{site} alone", *(_fmt(m.get(k)) for k in keys))
-    return t
-
-
-def _fmt(v: Any) -> str:
-    f = _num(v)
-    return "" if f is None else f"{f:.4g}"
+def baselines_table(run: RunData) -> Table:
+    return _baselines_table(run.name, run.baselines or Baselines())
 
 
 # -- the plots -------------------------------------------------------------------------------------------------
@@ -214,8 +190,10 @@ def _figure(**kw):
     try:
         from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend; savefig uses Agg
     except ImportError as e:
-        raise MissingDependencyError("the report's plots need matplotlib, which is not installed; install it with: "
-                                     "pip install 'fl-plugins[tracking]' (or: pip install matplotlib)") from e
+        raise MissingDependencyError(
+            "the report's plots need matplotlib, which is not installed; install it with: "
+            "pip install 'fl-plugins[tracking]' (or: pip install matplotlib)"
+        ) from e
     return Figure(layout="constrained", **kw)
 
 
@@ -227,8 +205,8 @@ def _colors(sites: list[str]) -> dict[str, Any]:
 
 
 def _sites(run: RunData) -> list[str]:
-    names = {u["site"] for u in run.updates if isinstance(u.get("site"), str)} | {r["site"] for r in run.logs}
-    names |= set((run.baselines or {}).get("local_only") or {})
+    names = {u.site for u in run.updates} | {r.site for r in run.logs}
+    names |= set(run.baselines.local_only if run.baselines else {})
     return sorted(names)
 
 
@@ -254,12 +232,13 @@ def write_plots(run: RunData, out_dir: str | Path | None = None) -> tuple[list[P
 def _validation(run: RunData, colors: dict[str, Any]):
     keys: list[str] = []
     for rec in [*(run.rounds[r] for r in sorted(run.rounds)), *run.updates]:
-        keys += [k for k in (rec.get("metrics") or {}) if k not in keys]
-    base = run.baselines or {}
+        keys += [k for k in rec.metrics if k not in keys]
+    base = run.baselines or Baselines()
+    final = base.global_metrics or {}
     panels = []
     for title, word in (("validation loss", "loss"), ("validation accuracy", "acc")):
         ks = [k for k in keys if word in k.lower()]
-        if ks or any(word in k.lower() for k in base.get("global") or {}):
+        if ks or any(word in k.lower() for k in final):
             panels.append((title, ks, word))
     if not panels:
         return "no metric with 'loss' or 'acc' in its name in the rounds, and no baselines.json"
@@ -268,30 +247,36 @@ def _validation(run: RunData, colors: dict[str, Any]):
     # each site's latest update per round (a round run again after a failure counts once)
     latest: dict[tuple[str, int], dict] = {}
     for u in run.updates:
-        latest[(u["site"], u["round"])] = u
+        latest[(u.site, u.round)] = u
     for ax, (title, ks, word) in zip(axes, panels, strict=True):
         for k in ks:
-            rs = [r for r in sorted(run.rounds) if _num((run.rounds[r].get("metrics") or {}).get(k)) is not None]
-            ax.plot(rs, [run.rounds[r]["metrics"][k] for r in rs], marker="o", lw=2.2, color="black",
-                    label=f"global model, {k} (weighted over the sites)")  # fmt: skip
+            rs = [r for r in sorted(run.rounds) if finite_float(run.rounds[r].metrics.get(k)) is not None]
+            ax.plot(
+                rs,
+                [run.rounds[r].metrics[k] for r in rs],
+                marker="o",
+                lw=2.2,
+                color="black",
+                label=f"global model, {k} (weighted over the sites)",
+            )
             if len(ks) == 1:
                 for site, c in colors.items():
-                    pts = sorted((r, _num((u.get("metrics") or {}).get(k))) for (s, r), u in latest.items()
-                                 if s == site)  # fmt: skip
+                    pts = sorted((r, finite_float(u.metrics.get(k))) for (s, r), u in latest.items() if s == site)
                     pts = [(r, v) for r, v in pts if v is not None]
                     if pts:
-                        ax.plot(*zip(*pts, strict=True), lw=1, ls=":", marker=".", color=c,
-                                label=f"global model at {site}")  # fmt: skip
-        gkey = next((k for k in base.get("global") or {} if word in k.lower()), None)
+                        ax.plot(
+                            *zip(*pts, strict=True), lw=1, ls=":", marker=".", color=c, label=f"global model at {site}"
+                        )
+        gkey = next((k for k in final if word in k.lower()), None)
         if gkey is not None:
-            for site, m in (base.get("local_only") or {}).items():
-                v = _num(m.get(gkey))
+            for site, m in base.local_only.items():
+                v = finite_float(m.get(gkey))
                 if v is not None:
                     ax.axhline(v, ls="--", lw=1.3, color=colors.get(site, "grey"), label=f"{site} alone (pooled val.)")
-            v = _num(base["global"].get(gkey))
+            v = finite_float(final.get(gkey))
             if v is not None:
-                ax.plot([base.get("round", max(run.rounds, default=0) + 1)], [v], marker="*", ms=14, ls="",
-                        color="black", label="final global model (pooled val.)")  # fmt: skip
+                x = base.round if base.round is not None else max(run.rounds, default=0) + 1
+                ax.plot([x], [v], marker="*", ms=14, ls="", color="black", label="final global model (pooled val.)")
         ax.set_title(title)
         ax.set_xlabel("round (the global model it starts from)")
         ax.grid(alpha=0.3)
@@ -310,17 +295,18 @@ def _train_loss(run: RunData, colors: dict[str, Any]):
     series: dict[str, dict[str, list[tuple[float, float, int]]]] = {}  # key -> site -> [(step, value, round)]
     count: dict[tuple[str, str], int] = {}
     for rec in run.logs:
-        key, v = rec.get("key"), _num(rec.get("value"))
-        if not isinstance(key, str) or v is None or not _is_train_loss(key):
+        key, site, v = rec.key, rec.site, finite_float(rec.value)
+        if v is None or not _is_train_loss(key):
             continue
-        site = rec["site"]
-        step = _num(rec.get("step", rec.get("global_step")))
+        step = finite_float(rec.step)
         n = count[(key, site)] = count.get((key, site), 0) + 1
-        rnd = rec.get("round") if isinstance(rec.get("round"), int) else 0
+        rnd = rec.round if rec.round is not None else 0
         series.setdefault(key, {}).setdefault(site, []).append((step if step is not None else n, v, rnd))
     if not series:
-        return ("no training loss in logs.jsonl (a site sends it with flare.log(\"train_loss\", loss, "
-                "step=global_step); the Lightning and HF integrations forward the trainer's)")
+        return (
+            'no training loss in logs.jsonl (a site sends it with flare.log("train_loss", loss, '
+            "step=global_step); the Lightning and HF integrations forward the trainer's)"
+        )
     # the most-logged first (HF's per-step "loss"); a key logged once per site (HF's end-of-training "train_loss"
     # summary) is no curve: left out when there is one
     keys = sorted(series, key=lambda k: (-sum(len(v) for v in series[k].values()), k))
@@ -332,8 +318,14 @@ def _train_loss(run: RunData, colors: dict[str, Any]):
         last: dict[int, float] = {}
         for site, pts in sorted(series[key].items()):
             pts.sort()
-            ax.plot([p[0] for p in pts], [p[1] for p in pts], lw=1.2, color=colors.get(site), label=site,
-                    marker="." if len(pts) <= 40 else None)  # fmt: skip
+            ax.plot(
+                [p[0] for p in pts],
+                [p[1] for p in pts],
+                lw=1.2,
+                color=colors.get(site),
+                label=site,
+                marker="." if len(pts) <= 40 else None,
+            )
             for s, _, r in pts:
                 first[r] = min(first.get(r, s), s)
                 last[r] = max(last.get(r, s), s)
@@ -351,16 +343,17 @@ def _train_loss(run: RunData, colors: dict[str, Any]):
         ax.set_xlabel("step (each site's global training step)")
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle(f"{run.name}: training loss per step, round boundaries dashed"
-                 + ("" if run.finished else " (unfinished run)"))  # fmt: skip
+    fig.suptitle(
+        f"{run.name}: training loss per step, round boundaries dashed" + ("" if run.finished else " (unfinished run)")
+    )
     return fig
 
 
 def _bytes(run: RunData, colors: dict[str, Any]):
     per: dict[int, dict[str, float]] = {}
     for u in run.updates:
-        per.setdefault(u["round"], {})
-        per[u["round"]][u["site"]] = per[u["round"]].get(u["site"], 0.0) + (_num(u.get("bytes")) or 0.0)
+        per.setdefault(u.round, {})
+        per[u.round][u.site] = per[u.round].get(u.site, 0.0) + _or_zero(u.bytes)
     if not per:
         return "no update has arrived yet"
     rounds = sorted(per)
@@ -380,8 +373,11 @@ def _bytes(run: RunData, colors: dict[str, Any]):
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8)
     total = sum(sum(v.values()) for v in per.values())
-    fig.suptitle(f"{run.name}: bytes uploaded per round ({human_bytes(total)} in all)\n"
-                 "(the updates; each site also downloads the global model every round)", fontsize=10)  # fmt: skip
+    fig.suptitle(
+        f"{run.name}: bytes uploaded per round ({human_bytes(total)} in all)\n"
+        "(the updates; each site also downloads the global model every round)",
+        fontsize=10,
+    )
     return fig
 
 
@@ -395,7 +391,7 @@ class Report:
     skipped: list[str]  # plots left out, and why
 
 
-def report(run_dir: str | Path, *, console=None, plots: bool = True, partial: bool = False) -> Report:
+def report(run_dir: str | Path, *, console: Console | None = None, plots: bool = True, partial: bool = False) -> Report:
     """`fl-plugins report RUN_DIR`: print the per-round table (and the baselines), write the plots, say what is
     missing. ConfigError for a directory that is not a run directory, and for an unfinished run unless
     `partial` (then it is reported as far as it got, with notes saying what is missing)."""
@@ -404,11 +400,13 @@ def report(run_dir: str | Path, *, console=None, plots: bool = True, partial: bo
     console = console or Console(soft_wrap=True)
     run = load_run(run_dir)
     if not partial and not run.finished:
-        raise ConfigError(f"{run.run_dir}: the run is not finished ({'; '.join(run.notes)}); wait for it to end, "
-                          "or pass --partial to report what is there")  # fmt: skip
+        raise ConfigError(
+            f"{run.run_dir}: the run is not finished ({'; '.join(run.notes)}); wait for it to end, "
+            "or pass --partial to report what is there"
+        )
     if run.rounds:
         console.print(round_table(run))
-    if run.baselines and isinstance(run.baselines.get("global"), dict):
+    if run.baselines is not None and run.baselines.global_metrics is not None:
         console.print(baselines_table(run))
     written: list[Path] = []
     skipped: list[str] = []

@@ -29,10 +29,14 @@ import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
 
+from fl_plugins import records
+from fl_plugins._run_view import View as _View
+from fl_plugins._run_view import summarize, summary_table
+from fl_plugins._text import baselines_table
 from fl_plugins.recipe import Recipe
 
 log = logging.getLogger(__name__)
@@ -56,26 +60,16 @@ class _Site:
     rc: int | None = None
 
 
-@dataclass
-class _Metrics:
-    """Incremental reader of RUN_DIR/metrics.jsonl."""
+class _Metrics(records.RunMetrics):
+    """RUN_DIR/metrics.jsonl's updates and rounds, kept up to date: `poll` reads what was appended."""
 
-    path: Path
-    updates: list[dict] = field(default_factory=list)
-    rounds: dict[int, dict] = field(default_factory=dict)  # round -> its latest "round" record
+    def __init__(self, path: Path) -> None:
+        super().__init__()
+        self._tail = records.JsonlTail(path)
 
-    def __post_init__(self) -> None:
-        from fl_plugins.tracking import JsonlTail
-
-        self._tail = JsonlTail(self.path)
-
-    def poll(self) -> list[dict]:
-        new = [rec for _, rec in self._tail.read()]
-        for rec in new:
-            if rec.get("event") == "update":
-                self.updates.append(rec)
-            elif rec.get("event") == "round":
-                self.rounds[rec["round"]] = rec
+    def poll(self) -> list[records.Record]:
+        new = self._tail.read()
+        self.add(new)
         return new
 
 
@@ -89,113 +83,161 @@ def run(recipe: Recipe, run_dir: Path, *, live: bool | None = None, tls: bool = 
     and kits into RUN_DIR/kits (kept on resume) and speak mTLS; each site gets FL_KIT."""
     from rich.console import Console
 
-    from fl_plugins.aggregator.service import AggregatorServer
-    from fl_plugins.aggregator.store import RunStore, private_dir, private_file, undo_failed_start, write_private
-
     console = Console(soft_wrap=True)
     err = Console(stderr=True, soft_wrap=True)
     live = console.is_terminal if live is None else live
     run_dir = Path(run_dir)
-    if recipe.tracking:
-        from fl_plugins.tracking import check_installed
-
-        check_installed(recipe.tracking)  # before anything starts: the error names the install command
-    fed = recipe.federation
-    config = fed.aggregator_config(run_dir, recipe=recipe.identity())
-    # a run directory of another job is refused before anything is made there (the aggregator checks again)
-    RunStore(run_dir).open_run(job_id=config.job_id, recipe=config.recipe, initial_model=config.initial_model,
-                               check_only=True)  # fmt: skip
-
-    pkg_log = logging.getLogger("fl_plugins")
-    saved = pkg_log.level, pkg_log.propagate
-    handler: logging.Handler | None = None
-    sites: list[_Site] = []
-    server = None
-    tracking = None
-    metrics = _Metrics(run_dir / "metrics.jsonl")
+    config = _check(recipe, run_dir)
+    fed = _Federation(recipe, run_dir)
+    metrics = _Metrics(run_dir / records.METRICS)
     t0 = time.monotonic()
     code = 1
-
-    def teardown() -> None:  # stop whatever is running; safe to call twice
-        nonlocal server, tracking, handler
-        _stop_sites(sites)
-        if server is not None:
-            server.stop(0)
-        if tracking is not None:
-            tracking.close(code)
-        if handler is not None:
-            pkg_log.removeHandler(handler)
-            handler.close()
-            pkg_log.setLevel(saved[0])
-            pkg_log.propagate = saved[1]
-        server = tracking = handler = None
-
     try:
-        with undo_failed_start(run_dir):  # a start that fails (a bad kit or initial model) leaves no state behind
-            try:
-                private_dir(run_dir)
-                private_dir(run_dir / "sites")
-                private_file(run_dir / "aggregator.log").close()  # 0600 before the handler appends to it
-                handler = logging.FileHandler(run_dir / "aggregator.log")
-                handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-                pkg_log.addHandler(handler)
-                pkg_log.setLevel(logging.INFO)
-                pkg_log.propagate = False  # the terminal shows the live view; the log goes to the file
-                kits = None
-                if tls:
-                    from fl_plugins.security.provision import provision_local
-
-                    kits = provision_local(run_dir / "kits", [s.name for s in recipe.sites], name=recipe.name)
-                if recipe.tracking:
-                    from fl_plugins.tracking import Tracking
-
-                    tracking = Tracking(run_dir, recipe.tracking, name=recipe.name,
-                                        params=_tracking_params(recipe)).start()  # fmt: skip
-                    console.print(f"tracking: {tracking.describe()}", highlight=False)
-                server = AggregatorServer(config, "127.0.0.1:0", kit=kits.server if kits else None).start()
-            except BaseException:
-                teardown()
-                raise
-        console.print(f"[bold]{recipe.name}[/]: aggregator on {server.address}{' (mTLS)' if kits else ''}, "
-                      f"{len(recipe.sites)} sites, {fed.rounds} rounds; job {server.aggregator.job_id}, run dir "
-                      f"{run_dir}", highlight=False)  # fmt: skip
-        for spec in recipe.sites:
-            kit = kits.sites[spec.name] if kits else None
-            sites.append(_start_site(recipe, spec.name, spec.args, server.address, run_dir, kit))
-        view = _View(recipe, server, sites, metrics, t0)
-        if live:
-            from rich.live import Live
-
-            with Live(view.render(), console=console, refresh_per_second=2, transient=False) as lv:
-                code = _watch(server, sites, metrics, recipe, lambda: lv.update(view.render()), err)
-        else:
-            code = _watch(server, sites, metrics, recipe, view.print_progress, err)
+        fed.start(config, console, tls)
+        code = _supervise(fed, metrics, t0, console, err, live=live)
     except KeyboardInterrupt:
         code = 130
         if not run_dir.is_dir():  # interrupted while starting: nothing to resume
             err.print("interrupted while starting; nothing was left in the run directory", highlight=False)
             return code
-        err.print(f"interrupted: stopping the sites and the aggregator; run the same command with --run-dir "
-                  f"{run_dir} to resume", highlight=False)  # fmt: skip
+        err.print(
+            f"interrupted: stopping the sites and the aggregator; run the same command with --run-dir "
+            f"{run_dir} to resume",
+            highlight=False,
+        )
     finally:
-        teardown()
+        fed.stop(code)
+    return _conclude(fed, metrics, code, t0, console, err)
+
+
+def _check(recipe: Recipe, run_dir: Path) -> Any:
+    """Before anything starts: the trackers' libraries (the error names the install command), and that the run
+    directory is not another job's (the aggregator checks again). The aggregator's configuration."""
+    from fl_plugins.aggregator.store import RunStore
+
+    if recipe.tracking:
+        from fl_plugins.tracking import check_installed
+
+        check_installed(recipe.tracking)
+    config = recipe.federation.aggregator_config(run_dir, recipe=recipe.identity())
+    RunStore(run_dir).open_run(
+        job_id=config.job_id, recipe=config.recipe, initial_model=config.initial_model, check_only=True
+    )
+    return config
+
+
+class _Federation:
+    """What `run` starts: the aggregator's log file, the kits, the trackers, the aggregator and the sites; `stop`
+    ends them in order (sites first)."""
+
+    def __init__(self, recipe: Recipe, run_dir: Path) -> None:
+        self.recipe, self.run_dir = recipe, run_dir
+        self.sites: list[_Site] = []
+        self.server: Any = None
+        self.tracking: Any = None
+        self.kits: Any = None
+        self.handler: logging.Handler | None = None
+        self._pkg_log = logging.getLogger("fl_plugins")
+        self._saved = self._pkg_log.level, self._pkg_log.propagate
+
+    def start(self, config: Any, console: Any, tls: bool) -> None:
+        """Everything but the sites; a start that fails (a bad kit or initial model) stops what it started and
+        leaves no state behind."""
+        from fl_plugins.aggregator.service import AggregatorServer
+        from fl_plugins.aggregator.store import undo_failed_start
+
+        recipe, run_dir = self.recipe, self.run_dir
+        with undo_failed_start(run_dir):
+            try:
+                self._open_log()
+                if tls:
+                    from fl_plugins.security.provision import provision_local
+
+                    self.kits = provision_local(run_dir / "kits", [s.name for s in recipe.sites], name=recipe.name)
+                if recipe.tracking:
+                    from fl_plugins.tracking import Tracking
+
+                    self.tracking = Tracking(
+                        run_dir, recipe.tracking, name=recipe.name, params=_tracking_params(recipe)
+                    ).start()
+                    console.print(f"tracking: {self.tracking.describe()}", highlight=False)
+                kit = self.kits.server if self.kits else None
+                self.server = AggregatorServer(config, "127.0.0.1:0", kit=kit).start()
+            except BaseException:
+                self.stop(1)
+                raise
+
+    def _open_log(self) -> None:
+        from fl_plugins.aggregator.store import private_dir, private_file
+
+        private_dir(self.run_dir)
+        private_dir(self.run_dir / "sites")
+        private_file(self.run_dir / "aggregator.log").close()  # 0600 before the handler appends to it
+        self.handler = logging.FileHandler(self.run_dir / "aggregator.log")
+        self.handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        self._pkg_log.addHandler(self.handler)
+        self._pkg_log.setLevel(logging.INFO)
+        self._pkg_log.propagate = False  # the terminal shows the live view; the log goes to the file
+
+    def start_sites(self) -> None:
+        for spec in self.recipe.sites:
+            kit = self.kits.sites[spec.name] if self.kits else None
+            self.sites.append(_start_site(self.recipe, spec.name, spec.args, self.server.address, self.run_dir, kit))
+
+    def stop(self, code: int) -> None:
+        """Stop whatever is running (the trackers close with `code`); safe to call twice."""
+        _stop_sites(self.sites)
+        if self.server is not None:
+            self.server.stop(0)
+        if self.tracking is not None:
+            self.tracking.close(code)
+        if self.handler is not None:
+            self._pkg_log.removeHandler(self.handler)
+            self.handler.close()
+            self._pkg_log.setLevel(self._saved[0])
+            self._pkg_log.propagate = self._saved[1]
+        self.server = self.tracking = self.handler = None
+
+
+def _supervise(fed: _Federation, metrics: _Metrics, t0: float, console: Any, err: Any, *, live: bool) -> int:
+    """Start the sites and watch the federation to its end (with the live view, or a line per round)."""
+    recipe, server = fed.recipe, fed.server
+    console.print(
+        f"[bold]{recipe.name}[/]: aggregator on {server.address}{' (mTLS)' if fed.kits else ''}, "
+        f"{len(recipe.sites)} sites, {recipe.federation.rounds} rounds; job {server.aggregator.job_id}, "
+        f"run dir {fed.run_dir}",
+        highlight=False,
+    )
+    fed.start_sites()
+    view = _View(recipe, server, fed.sites, metrics, t0)
+    if not live:
+        return _watch(server, fed.sites, metrics, recipe, view.print_progress, err)
+    from rich.live import Live
+
+    with Live(view.render(), console=console, refresh_per_second=2, transient=False) as lv:
+        return _watch(server, fed.sites, metrics, recipe, lambda: lv.update(view.render()), err)
+
+
+def _conclude(fed: _Federation, metrics: _Metrics, code: int, t0: float, console: Any, err: Any) -> int:
+    """After the federation: the baselines (a built-in task's), summary.json, the tables, the report's plots."""
+    from fl_plugins.aggregator.store import write_private
+
+    recipe, run_dir = fed.recipe, fed.run_dir
     metrics.poll()
     baselines = None
     if code == 0 and recipe.task is not None and recipe.task.baselines:
         baselines = _run_baselines(recipe, run_dir, console, err)
         if baselines is None:
             code = 1
-    summary = _summary(recipe, metrics, sites, code, time.monotonic() - t0)
+    summary = summarize(recipe, metrics, fed.sites, code, time.monotonic() - t0, baselines)
+    write_private(run_dir / records.SUMMARY, json.dumps(summary.to_json(), indent=2) + "\n")
+    if summary.rounds:
+        console.print(summary_table(summary))
     if baselines is not None:
-        summary["baselines"] = baselines
-    write_private(run_dir / "summary.json", json.dumps(summary, indent=2) + "\n")
-    if summary["rounds"]:
-        console.print(_summary_table(summary))
-    if baselines is not None:
-        console.print(_baselines_table(recipe, baselines))
+        console.print(baselines_table(recipe.name, records.Baselines.from_json(baselines)))
     _write_report(run_dir, console, err)
     state = "finished" if code == 0 else "FAILED" if code == 1 else "interrupted"
-    console.print(f"{recipe.name} {state} in {summary['seconds']:.1f} s; run dir {run_dir}", highlight=False)
+    console.print(f"{recipe.name} {state} in {summary.seconds:.1f} s; run dir {run_dir}", highlight=False)
     return code
 
 
@@ -205,29 +247,37 @@ def _run_baselines(recipe: Recipe, run_dir: Path, console, err) -> dict[str, Any
     from fl_plugins.aggregator.store import private_file
 
     log_path = run_dir / "baselines.log"
-    console.print("baselines: the global model and each site alone, on the pooled validation set ...",
-                  highlight=False)  # fmt: skip
-    cmd = [sys.executable, str(recipe.script.path), "--recipe", str(recipe.source.resolve()), "--baselines",
-           str(run_dir)]  # fmt: skip
+    console.print("baselines: the global model and each site alone, on the pooled validation set ...", highlight=False)
+    script, source = str(recipe.script.path), str(recipe.source.resolve())
+    cmd = [sys.executable, script, "--recipe", source, "--baselines", str(run_dir)]
     env = {**os.environ, **recipe.script.env, "PYTHONUNBUFFERED": "1"}
     with private_file(log_path, "wb") as f:
         rc = subprocess.run(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL).returncode
     if rc != 0:
         err.print(f"baselines failed (exit {rc}); the last lines of {log_path}:\n{_tail(log_path)}", highlight=False)
         return None
-    return json.loads((run_dir / "baselines.json").read_text())
+    baselines = records.read_object(run_dir / records.BASELINES)
+    if baselines is None:
+        err.print(f"baselines: the task exited 0 but wrote no {run_dir / records.BASELINES}", highlight=False)
+    return baselines
 
 
 def _tracking_params(recipe: Recipe) -> dict[str, Any]:
     fed = recipe.federation
-    return {"recipe": str(recipe.source), "rounds": fed.rounds, "sites": ",".join(s.name for s in recipe.sites),
-            "min_sites": fed.min_sites, "initial_model": str(fed.initial_model or ""),
-            "round_deadline": fed.round_deadline or "", "script": str(recipe.script.path)}  # fmt: skip
+    return {
+        "recipe": str(recipe.source),
+        "rounds": fed.rounds,
+        "sites": ",".join(s.name for s in recipe.sites),
+        "min_sites": fed.min_sites,
+        "initial_model": str(fed.initial_model or ""),
+        "round_deadline": fed.round_deadline or "",
+        "script": str(recipe.script.path),
+    }
 
 
 def _write_report(run_dir: Path, console, err) -> None:
     """RUN_DIR/report/*.png (report.py); a failure to plot is a warning on stderr, never a failed run."""
-    if not (run_dir / "metrics.jsonl").is_file():
+    if not (run_dir / records.METRICS).is_file():
         return  # no update ever arrived: nothing to plot
     try:
         from fl_plugins.report import load_run, write_plots
@@ -238,25 +288,16 @@ def _write_report(run_dir: Path, console, err) -> None:
         err.print(f"report: the plots were not written ({type(e).__name__}: {e})", highlight=False)
         return
     if written:
-        console.print(f"report: {', '.join(p.name for p in written)} in {written[0].parent} (fl-plugins report "
-                      f"{run_dir} prints it again)", highlight=False)  # fmt: skip
+        console.print(
+            f"report: {', '.join(p.name for p in written)} in {written[0].parent} (fl-plugins report "
+            f"{run_dir} prints it again)",
+            highlight=False,
+        )
 
 
-def _baselines_table(recipe: Recipe, b: dict[str, Any]):
-    from rich.table import Table
-
-    keys = list(b["global"])
-    t = Table(title=f"{recipe.name}: on the pooled validation set ({b['pooled_validation_rows']} rows)")
-    for col in ("model", *keys):
-        t.add_column(col, justify="right")
-    t.add_row(f"global (round {b['round']})", *(f"{b['global'][k]:.4g}" for k in keys))
-    for site, m in b["local_only"].items():
-        t.add_row(f"{site} alone", *(f"{m.get(k, float('nan')):.4g}" for k in keys))
-    return t
-
-
-def _start_site(recipe: Recipe, name: str, site_args: tuple[str, ...], address: str, run_dir: Path,
-                kit: Path | None = None) -> _Site:  # fmt: skip
+def _start_site(
+    recipe: Recipe, name: str, site_args: tuple[str, ...], address: str, run_dir: Path, kit: Path | None = None
+) -> _Site:
     from fl_plugins.aggregator.store import private_file
 
     log_path = run_dir / "sites" / f"{name}.log"
@@ -270,8 +311,9 @@ def _start_site(recipe: Recipe, name: str, site_args: tuple[str, ...], address: 
     f.write(f"# fl-plugins run: {' '.join(cmd)}  (FL_SITE={name} FL_SERVER={address})\n".encode())
     f.flush()
     # its own session: the terminal's Ctrl-C reaches only the runner, which stops the sites in order
-    proc = subprocess.Popen(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                            start_new_session=True)  # fmt: skip
+    proc = subprocess.Popen(
+        cmd, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
+    )
     return _Site(name, proc, log_path, f)
 
 
@@ -285,15 +327,20 @@ def _watch(server, sites: list[_Site], metrics: _Metrics, recipe: Recipe, refres
                 s.rc = s.proc.poll()
         refresh()
         if agg.error is not None:
-            err.print(f"[red]the aggregator failed:[/] {agg.error} (see {agg.config.run_dir / 'aggregator.log'})",
-                      highlight=False)  # fmt: skip
+            err.print(
+                f"[red]the aggregator failed:[/] {agg.error} (see {agg.config.run_dir / 'aggregator.log'})",
+                highlight=False,
+            )
             return 1
         crashed = [s for s in sites if s.rc not in (None, 0)]
         if crashed and not agg.done:
             s = crashed[0]
             _stop_sites(sites)
-            err.print(f"[red]site {s.name} exited with code {s.rc} before the job finished[/]; stopped the other "
-                      f"sites and the aggregator. Last lines of {s.log_path}:", highlight=False)  # fmt: skip
+            err.print(
+                f"[red]site {s.name} exited with code {s.rc} before the job finished[/]; stopped the other "
+                f"sites and the aggregator. Last lines of {s.log_path}:",
+                highlight=False,
+            )
             err.print(_tail(s.log_path), markup=False, highlight=False)
             return 1
         running = [s for s in sites if s.rc is None]
@@ -302,17 +349,24 @@ def _watch(server, sites: list[_Site], metrics: _Metrics, recipe: Recipe, refres
             if not running:
                 bad = [s for s in sites if s.rc != 0]
                 for s in bad:
-                    err.print(f"site {s.name} exited with code {s.rc} after the last round; see {s.log_path}",
-                              highlight=False)  # fmt: skip
+                    err.print(
+                        f"site {s.name} exited with code {s.rc} after the last round; see {s.log_path}", highlight=False
+                    )
                 return 1 if bad else 0
             if time.monotonic() - done_at > END_GRACE:
-                err.print(f"the last round is done but {', '.join(s.name for s in running)} did not exit within "
-                          f"{END_GRACE:.0f} s; stopping them", highlight=False)  # fmt: skip
+                err.print(
+                    f"the last round is done but {', '.join(s.name for s in running)} did not exit within "
+                    f"{END_GRACE:.0f} s; stopping them",
+                    highlight=False,
+                )
                 return 0
         elif len(running) < recipe.federation.min_sites:
             gone = ", ".join(s.name for s in sites if s.rc is not None)
-            err.print(f"sites {gone} exited before the last round and fewer than min_sites="
-                      f"{recipe.federation.min_sites} are left; stopping", highlight=False)  # fmt: skip
+            err.print(
+                f"sites {gone} exited before the last round and fewer than min_sites="
+                f"{recipe.federation.min_sites} are left; stopping",
+                highlight=False,
+            )
             return 1
         time.sleep(POLL)
 
@@ -346,118 +400,3 @@ def _tail(path: Path, n: int = TAIL_LINES) -> str:
     except OSError as e:
         return f"(cannot read {path}: {e})"
     return "\n".join("    " + ln for ln in lines[-n:])
-
-
-def _human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
-
-
-class _View:
-    """The live view (rich) or, without a terminal, one plain line per finished round."""
-
-    def __init__(self, recipe: Recipe, server, sites: list[_Site], metrics: _Metrics, t0: float) -> None:
-        self.recipe, self.server, self.sites, self.metrics, self.t0 = recipe, server, sites, metrics, t0
-        self._printed: set[int] = set()
-        self._last = (time.monotonic(), 0)
-        self.rate = 0.0
-
-    def site_states(self, st: dict[str, Any]) -> dict[str, str]:
-        rnd, attempt = st["round"], st["attempt"]
-        committed = {u["site"] for u in self.metrics.updates if (u["round"], u["attempt"]) == (rnd, attempt)}
-        uploading: dict[str, int] = {}
-        for uid, u in st["uploads"].items():
-            site, r, a, kind = uid.split(":")[:4]
-            if kind == "upd" and (int(r), int(a)) == (rnd, attempt) and site not in committed:
-                uploading[site] = uploading.get(site, 0) + u["bytes_received"]
-        connected = set(st["sites"])
-        out = {}
-        for s in self.sites:
-            if s.rc is not None:
-                out[s.name] = "done" if s.rc == 0 else f"crashed (exit {s.rc})"
-            elif st["done"]:
-                out[s.name] = "done"
-            elif s.name not in connected:
-                out[s.name] = "starting"
-            elif s.name in uploading:
-                out[s.name] = f"uploading ({_human_bytes(uploading[s.name])})"
-            elif s.name in committed or len(connected) < self.recipe.federation.min_sites:
-                out[s.name] = "waiting"
-            else:
-                out[s.name] = "training"
-        return out
-
-    def _bytes(self, st: dict[str, Any]) -> int:
-        moved = st["bytes_received"] + st["bytes_sent"]
-        now = time.monotonic()
-        t, b = self._last
-        if now - t >= 0.4:
-            self.rate = (moved - b) / (now - t)
-            self._last = (now, moved)
-        return moved
-
-    def render(self):
-        from rich.console import Group
-        from rich.table import Table
-
-        st = self.server.aggregator.status()
-        moved = self._bytes(st)
-        total = st["total_rounds"]
-        head = (f"[bold]{self.recipe.name}[/]  round {min(st['round'], total - 1)} of 0..{total - 1}"
-                f"{' (done)' if st['done'] else ''}  attempt {st['attempt']}  "
-                f"moved {_human_bytes(moved)} ({self.rate / 1e9:.3f} GB/s)  "
-                f"{time.monotonic() - self.t0:.0f} s")  # fmt: skip
-        t = Table(show_header=True, header_style="bold", box=None)
-        t.add_column("site")
-        t.add_column("state")
-        for name, state in self.site_states(st).items():
-            t.add_row(name, state)
-        parts: list[Any] = [head, t]
-        if self.metrics.rounds:
-            last = self.metrics.rounds[max(self.metrics.rounds)]
-            ms = "  ".join(f"{k}={v:.4g}" for k, v in (last.get("metrics") or {}).items())
-            parts.append(f"last round {last['round']}: {last['updates']} updates, {last['seconds']:.1f} s  {ms}")
-        return Group(*parts)
-
-    def print_progress(self) -> None:
-        for r in sorted(self.metrics.rounds):
-            if r in self._printed:
-                continue
-            self._printed.add(r)
-            rec = self.metrics.rounds[r]
-            ms = " ".join(f"{k}={v:.4g}" for k, v in (rec.get("metrics") or {}).items())
-            st = self.server.aggregator.status()
-            line = (f"round {r} (of 0..{st['total_rounds'] - 1}) done: {rec['updates']} updates in "
-                    f"{rec['seconds']:.1f} s, moved {_human_bytes(self._bytes(st))} {ms}")  # fmt: skip
-            print(line.rstrip(), flush=True)
-
-
-def _summary(recipe: Recipe, metrics: _Metrics, sites: list[_Site], code: int, seconds: float) -> dict[str, Any]:
-    sent: dict[int, int] = {}
-    for u in metrics.updates:  # bytes the sites uploaded per round (each also downloaded the global model once)
-        sent[u["round"]] = sent.get(u["round"], 0) + int(u.get("bytes", 0))
-    rounds = [{"round": r, "updates": rec["updates"], "attempt": rec.get("attempt", 0),
-               "seconds": rec["seconds"], "uploaded_bytes": sent.get(r, 0), "metrics": rec.get("metrics") or {}}
-              for r, rec in sorted(metrics.rounds.items())]  # fmt: skip
-    return {"name": recipe.name, "recipe": str(recipe.source), "exit_code": code, "seconds": round(seconds, 3),
-            "rounds_planned": recipe.federation.rounds, "rounds": rounds,
-            "sites": {s.name: {"exit_code": s.rc, "log": str(s.log_path)} for s in sites}}  # fmt: skip
-
-
-def _summary_table(summary: dict[str, Any]):
-    from rich.table import Table
-
-    keys: list[str] = []
-    for r in summary["rounds"]:
-        keys += [k for k in r["metrics"] if k not in keys]
-    t = Table(title=f"{summary['name']}: per-round metrics")
-    for col in ("round", "updates", "seconds", "uploaded", *keys):
-        t.add_column(col, justify="right")
-    for r in summary["rounds"]:
-        vals = [r["metrics"].get(k) for k in keys]
-        t.add_row(str(r["round"]), str(r["updates"]), f"{r['seconds']:.2f}", _human_bytes(r["uploaded_bytes"]),
-                  *("" if v is None else f"{v:.4g}" for v in vals))  # fmt: skip
-    return t

@@ -266,7 +266,7 @@ def test_the_model_is_no_tautology():
     m.commit("a")
     m.commit("b")
     m.step()  # every participant still able is counted: close, and c's bytes make it refold
-    assert sorted(m.rs.owed) == ["a", "b"] and m.records[-1]["event"] == "refold"
+    assert sorted(m.rs.owed) == ["a", "b"] and m.records[-1].to_json()["event"] == "refold"
     m.resend("a", True)
     m.resend("b", True)
     m.step()  # close again: settled

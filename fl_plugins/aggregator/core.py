@@ -34,6 +34,7 @@ from fl_plugins.aggregator.uploads import Gate, Stream, Upload, Uploads
 from fl_plugins.aggregator.workflow import FedAvgWorkflow, Task, TaskKind
 from fl_plugins.config import AggregatorConfig
 from fl_plugins.errors import RoundError
+from fl_plugins.records import LogRecord, MetricsRecord, RoundRecord
 from fl_plugins.wire import limits
 from fl_plugins.wire.layout import Manifest, TensorInfo
 from fl_plugins.wire.stream import FileSource, ShardReceiver
@@ -139,9 +140,9 @@ class Aggregator:
                 return True
             return self.done and time.monotonic() - (self.done_at or 0) >= self.config.linger
 
-    def record(self, rec: dict[str, Any]) -> None:
+    def record(self, rec: MetricsRecord) -> None:
         """Lock held. Append a record to RUN_DIR/metrics.jsonl; waiting calls look again (something changed)."""
-        self.store.append("metrics.jsonl", [rec])
+        self.store.append("metrics.jsonl", [rec.to_json()])
         self.lock.notify_all()
 
     # -- site calls ---------------------------------------------------------------------------------------------
@@ -217,7 +218,7 @@ class Aggregator:
         with self.lock:
             self._touch(site)
         # the caller's site last: a record cannot pass itself off as another site's
-        self.store.append("logs.jsonl", [{"round": round_, **r, "site": site} for r in records])
+        self.store.append("logs.jsonl", [LogRecord.from_site(site, round_, r).to_json() for r in records])
         refusal = next((r for r in records if r.get("key") == "policy_refused"), None)
         if refusal is not None:  # the site's own policy refused the job or the task: it is gone, do not wait for it
             with self.lock:
@@ -362,20 +363,19 @@ class Aggregator:
                 self._durable.start()
             self.lock.notify_all()
 
-    def _round_record(self, records: list[dict], weight: float, metrics: dict, t0: float) -> dict[str, Any]:
+    def _round_record(self, records: list[dict], weight: float, metrics: dict, t0: float) -> RoundRecord:
         now = time.monotonic()
-        return {
-            "event": "round",
-            "round": self.rounds.round,
-            "attempt": self.rounds.attempt,
-            "updates": len(records),
-            "sites": sorted(rec["site"] for rec in records),
-            "weight": weight,
-            "metrics": metrics,
-            "refolds": self.rounds.refolds(),
-            "checkpoint_seconds": round(now - t0, 3),
-            "seconds": round(now - (self.rounds.began or t0), 3),
-        }
+        return RoundRecord(
+            round=self.rounds.round,
+            attempt=self.rounds.attempt,
+            updates=len(records),
+            sites=tuple(sorted(rec["site"] for rec in records)),
+            weight=weight,
+            metrics=metrics,
+            refolds=self.rounds.refolds(),
+            checkpoint_seconds=round(now - t0, 3),
+            seconds=round(now - (self.rounds.began or t0), 3),
+        )
 
     def _make_durable(self, r: int, tmp: Path, manifest: Manifest) -> None:
         try:

@@ -17,6 +17,7 @@ from fl_plugins.aggregator.rounds import Counted, SiteState
 from fl_plugins.aggregator.strategy import Strategy
 from fl_plugins.aggregator.uploads import FoldSink, Stream, Upload, check_owner, check_plan, parse_update
 from fl_plugins.errors import FLError, IntegrityError, ModelMismatchError, ProtocolError, RoundError
+from fl_plugins.records import UpdateRecord
 from fl_plugins.wire.layout import Manifest, short_repr
 from fl_plugins.wire.stream import ShardReceiver
 
@@ -282,22 +283,29 @@ class Intake:
     def _count(self, u: Upload, digests: list[str]) -> dict[str, Any]:
         """Lock held. An update arrived whole: counted, and recorded in RUN_DIR/metrics.jsonl."""
         self._strategy().add_weight(u.weight, u.params_type)
-        rec = {
-            "event": "update",
-            "round": u.round,
-            "attempt": u.attempt,
-            "site": u.site,
-            "weight": u.weight,
-            "params_type": u.params_type,
-            "bytes": u.manifest.total_bytes,
-            "bytes_received": u.bytes_received,
-            "corrupted_chunks": u.corrupted_chunks,
-            "seconds": round(self.agg.clock() - u.started, 3),
-            "metrics": u.manifest.envelope.get("metrics") or {},
-        }
+        rec = UpdateRecord(
+            round=u.round,
+            attempt=u.attempt,
+            site=u.site,
+            weight=u.weight,
+            params_type=u.params_type,
+            bytes=u.manifest.total_bytes,
+            bytes_received=u.bytes_received,
+            corrupted_chunks=u.corrupted_chunks,
+            seconds=round(self.agg.clock() - u.started, 3),
+            metrics=u.manifest.envelope.get("metrics") or {},
+        )
         chunk_digests = [list(rx.digest.digests) for rx in u.receivers]
         c = Counted(
-            u.site, u.attempt, u.nonce, u.manifest_sha, u.weight, u.params_type, list(digests), chunk_digests, rec
+            u.site,
+            u.attempt,
+            u.nonce,
+            u.manifest_sha,
+            u.weight,
+            u.params_type,
+            list(digests),
+            chunk_digests,
+            rec.to_json(),
         )
         self.rounds.count(c)
         self.agg.record(rec)

@@ -56,6 +56,7 @@ from typing import Any
 
 from fl_plugins.config import AggregatorConfig
 from fl_plugins.errors import ConfigError, RoundError
+from fl_plugins.records import AttemptRecord, MetricsRecord, RefoldRecord, UpdateLostRecord
 from fl_plugins.wire.layout import short_repr
 
 log = logging.getLogger(__name__)
@@ -112,7 +113,7 @@ class RoundState:
         self,
         rules: AggregatorConfig,
         stats: dict[str, Any],
-        emit: Callable[[dict[str, Any]], None],
+        emit: Callable[[MetricsRecord], None],
         restarted_at: int | None = None,
     ) -> None:
         self.rules = rules
@@ -264,7 +265,7 @@ class RoundState:
         del self.owed[c.site]
         self.stats["updates_lost"] += 1
         log.warning("round %d: site %r's update no longer counts: %s", self.round, c.site, why)
-        self.emit({"event": "update_lost", "round": self.round, "attempt": self.attempt, "site": c.site, "reason": why})
+        self.emit(UpdateLostRecord(round=self.round, attempt=self.attempt, site=c.site, reason=why))
 
     def expire_owed(self, now: float, resending: Callable[[Counted], bool]) -> None:
         """Owed updates whose sites left, did not begin their resend within `site_timeout`, or took longer than
@@ -338,7 +339,7 @@ class RoundState:
         self.attempt += 1
         self.stats["round_restarts"] += 1
         self.started = now  # the new window: deadline, timeouts and closes apply at once
-        self.emit({"event": "attempt", "round": self.round, "attempt": self.attempt, "counted": sorted(self.counted)})
+        self.emit(AttemptRecord(round=self.round, attempt=self.attempt, counted=tuple(sorted(self.counted))))
         log.warning("round %d: attempt %d (%d updates kept)", self.round, self.attempt, len(self.counted))
         return True
 
@@ -357,15 +358,8 @@ class RoundState:
             culprits,
             len(self.owed),
         )
-        self.emit(
-            {
-                "event": "refold",
-                "round": self.round,
-                "attempt": self.attempt,
-                "partial": culprits,
-                "owed": sorted(self.owed),
-            }
-        )
+        owed = tuple(sorted(self.owed))
+        self.emit(RefoldRecord(round=self.round, attempt=self.attempt, partial=tuple(culprits), owed=owed))
 
     def settle(self) -> bool:
         """After the close's check found no partial update: True if the round has what its close needed (write

@@ -1,0 +1,430 @@
+"""The run directory's records, typed, and the one way to read them back.
+
+The aggregator appends JSON lines to two files of the run directory; `fl-plugins run` and a built-in task write
+two JSON files beside them. runner.py, report.py and tracking/ read the run directory only through this module.
+
+    file                     class             keys, in the order written
+    metrics.jsonl  "update"  UpdateRecord      round attempt site weight params_type bytes bytes_received
+                                               corrupted_chunks seconds metrics       (an update was accepted)
+                   "round"   RoundRecord       round attempt updates sites weight metrics refolds
+                                               checkpoint_seconds seconds             (a round's model was written)
+                   "attempt" AttemptRecord     round attempt counted                  (a round started again)
+                   "refold"  RefoldRecord      round attempt partial owed             (partial updates were folded)
+                   "update_lost" UpdateLostRecord  round attempt site reason          (an owed update was lost)
+                   any other OtherRecord       the object as it is (a newer writer's record, or a damaged one)
+    logs.jsonl               LogRecord         round, the site's flare.log record (key value data_type step ...),
+                                               site (last: a record cannot pass itself off as another site's)
+    summary.json             RunSummary        name recipe exit_code seconds rounds_planned rounds sites [baselines]
+    baselines.json           Baselines         round pooled_validation_rows local_only global
+
+A metrics.jsonl record's `event` comes first after `time`, which the store puts in front of every line
+(`RunStore.append`); `to_json()` gives exactly the object written (with `time` when the record has one) and
+`from_json()` reads one back: keys it does not know (a newer writer's) are ignored, keys a record lacks (an older
+writer's) leave their field None, and `to_json()` leaves None fields out. A value of the wrong type counts as
+absent; a record without its required fields (an int `round`; the `site` of an update or a log record) is not
+of its kind: `parse_record` keeps it as an OtherRecord, never raises.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar, cast
+
+from fl_plugins.wire.limits import finite_float
+
+METRICS = "metrics.jsonl"
+LOGS = "logs.jsonl"
+SUMMARY = "summary.json"
+BASELINES = "baselines.json"
+
+
+# -- what a value must be to count (anything else counts as absent) -----------------------------------------------
+def _int(v: Any) -> int | None:
+    return v if isinstance(v, int) and not isinstance(v, bool) else None
+
+
+def _number(v: Any) -> float | None:
+    """A finite number, as written (an int stays an int)."""
+    return v if finite_float(v) is not None else None
+
+
+def _str(v: Any) -> str | None:
+    return v if isinstance(v, str) else None
+
+
+def _names(v: Any) -> tuple[str, ...] | None:
+    return tuple(v) if isinstance(v, list) and all(isinstance(x, str) for x in v) else None
+
+
+def _object(v: Any) -> dict[str, Any] | None:
+    return dict(v) if isinstance(v, dict) else None
+
+
+def _value(check: Callable[[Any], Any], *, key: str | None = None, default: Any = MISSING, factory: Any = MISSING):
+    """A field read by `check` from the JSON key `key` (default: the field's name); without a default it is
+    required."""
+    return field(default=default, default_factory=factory, metadata={"check": check, "key": key})
+
+
+J = TypeVar("J", bound="_Json")
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Json:
+    """to_json / from_json from the fields, in their order: each field's metadata says how a value read is checked
+    and under which key it is written (default: the field's name). Lists given for tuple fields become tuples."""
+
+    EVENT: ClassVar[str | None] = None
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            if isinstance(getattr(self, f.name), list):
+                object.__setattr__(self, f.name, tuple(getattr(self, f.name)))
+
+    def to_json(self) -> dict[str, Any]:
+        """The object as written: `time` first (when set), then `event` (a metrics.jsonl record), then the fields
+        that are not None."""
+        time = getattr(self, "time", None)
+        out: dict[str, Any] = {} if time is None else {"time": time}
+        if self.EVENT is not None:
+            out["event"] = self.EVENT
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if f.name != "time" and v is not None:
+                out[f.metadata["key"] or f.name] = _jsonable(v)
+        return out
+
+    @classmethod
+    def from_json(cls: type[J], data: Mapping[str, Any]) -> J:
+        """The record `data` holds; ValueError when a required field is missing or of the wrong type."""
+        if not isinstance(data, Mapping):
+            raise ValueError(f"a {cls.__name__} is a JSON object (got {data!r:.60})")
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            key = f.metadata["key"] or f.name
+            v = f.metadata["check"](data.get(key))
+            if v is not None:
+                values[f.name] = v
+            elif f.default is MISSING and f.default_factory is MISSING:
+                raise ValueError(f"a {cls.__name__} needs `{key}` (got {data.get(key)!r:.60})")
+        return cls(**values)
+
+
+@dataclass(frozen=True, kw_only=True)
+class _Line(_Json):
+    """A line of a .jsonl file: the store adds the wall-clock `time` (seconds since the epoch) to each."""
+
+    time: float | None = _value(_number, default=None)
+
+
+def _jsonable(v: Any) -> Any:
+    if isinstance(v, _Json):
+        return v.to_json()
+    if isinstance(v, tuple):
+        return [_jsonable(x) for x in v]
+    return dict(v) if isinstance(v, dict) else v
+
+
+# -- metrics.jsonl ------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class UpdateRecord(_Line):
+    """An accepted update (Aggregator.commit). `bytes`: the update's size; `metrics`: the global model's
+    metrics at the site (the update's envelope)."""
+
+    EVENT: ClassVar[str] = "update"
+    round: int = _value(_int)
+    attempt: int = _value(_int, default=0)
+    site: str = _value(_str)
+    weight: float | None = _value(_number, default=None)
+    params_type: str | None = _value(_str, default=None)
+    bytes: float | None = _value(_number, default=None)  # an int, as the aggregator writes it
+    bytes_received: float | None = _value(_number, default=None)
+    corrupted_chunks: int | None = _value(_int, default=None)
+    seconds: float | None = _value(_number, default=None)
+    metrics: dict[str, Any] = _value(_object, factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundRecord(_Line):
+    """A round closed: its global model was written (Aggregator._write_round). `metrics`: the weighted mean of
+    the updates' metrics; `seconds`: the round's time, `checkpoint_seconds` the part spent writing."""
+
+    EVENT: ClassVar[str] = "round"
+    round: int = _value(_int)
+    attempt: int = _value(_int, default=0)
+    updates: int | None = _value(_int, default=None)
+    sites: tuple[str, ...] | None = _value(_names, default=None)
+    weight: float | None = _value(_number, default=None)
+    metrics: dict[str, Any] = _value(_object, factory=dict)
+    refolds: int | None = _value(_int, default=None)
+    checkpoint_seconds: float | None = _value(_number, default=None)
+    seconds: float | None = _value(_number, default=None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class AttemptRecord(_Line):
+    """A round started again (attempt `attempt`), keeping the updates of the sites in `counted`."""
+
+    EVENT: ClassVar[str] = "attempt"
+    round: int = _value(_int)
+    attempt: int = _value(_int, default=0)
+    counted: tuple[str, ...] = _value(_names, factory=tuple)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RefoldRecord(_Line):
+    """Partial updates of the sites in `partial` were folded: the counted updates (`owed`) are sent again."""
+
+    EVENT: ClassVar[str] = "refold"
+    round: int = _value(_int)
+    attempt: int = _value(_int, default=0)
+    partial: tuple[str, ...] = _value(_names, factory=tuple)
+    owed: tuple[str, ...] = _value(_names, factory=tuple)
+
+
+@dataclass(frozen=True, kw_only=True)
+class UpdateLostRecord(_Line):
+    """An owed update no longer counts: its site could not send it again (`reason`)."""
+
+    EVENT: ClassVar[str] = "update_lost"
+    round: int = _value(_int)
+    attempt: int = _value(_int, default=0)
+    site: str | None = _value(_str, default=None)
+    reason: str | None = _value(_str, default=None)
+
+
+@dataclass(frozen=True)
+class OtherRecord:
+    """A line of another kind (a newer writer's event, or a damaged record), kept as it was."""
+
+    data: dict[str, Any]
+
+    @property
+    def event(self) -> Any:
+        return self.data.get("event")
+
+    def to_json(self) -> dict[str, Any]:
+        return dict(self.data)
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> OtherRecord:
+        return cls(dict(data))
+
+
+EVENTS: dict[str, type[_Json]] = {
+    c.EVENT: c for c in (UpdateRecord, RoundRecord, AttemptRecord, RefoldRecord, UpdateLostRecord) if c.EVENT
+}
+MetricsRecord = UpdateRecord | RoundRecord | AttemptRecord | RefoldRecord | UpdateLostRecord | OtherRecord
+
+
+def parse_record(data: Mapping[str, Any]) -> MetricsRecord:
+    """A metrics.jsonl object as its record class (by `event`); OtherRecord for another event or a damaged
+    record. Never raises."""
+    event = data.get("event")
+    kind = EVENTS.get(event) if isinstance(event, str) else None
+    if kind is not None:
+        try:
+            return cast(MetricsRecord, kind.from_json(data))
+        except ValueError:
+            pass
+    return OtherRecord(dict(data))
+
+
+# -- logs.jsonl ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True, kw_only=True)
+class LogRecord:
+    """A site's `flare.log` record as logs.jsonl holds it. `data`: the record's other fields as the site sent them
+    (value, data_type, step and any other keyword argument of flare.log; a `time` or `round` of the wrong type
+    too). `to_json()` writes `round` and `key` first: the aggregator's object for the records our client sends
+    (key first), the same content for another client's."""
+
+    site: str
+    round: int | None  # None: the line has no int round
+    key: str
+    data: dict[str, Any] = field(default_factory=dict)
+    time: float | None = None
+
+    @property
+    def value(self) -> Any:
+        return self.data.get("value")
+
+    @property
+    def step(self) -> float | None:
+        """The site's global step: the record's `step`, else its `global_step`; None when not a finite number."""
+        return _number(self.data["step"] if "step" in self.data else self.data.get("global_step"))
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {} if self.time is None else {"time": self.time}
+        if self.round is not None:
+            out["round"] = self.round
+        return {**out, "key": self.key, **self.data, "site": self.site}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> LogRecord:
+        """ValueError without a `site` or a non-empty `key`."""
+        site, key = data.get("site"), data.get("key")
+        if not isinstance(site, str) or not isinstance(key, str) or not key:
+            raise ValueError(f"a LogRecord needs a `site` and a `key` (got {site!r:.60} and {key!r:.60})")
+        rnd, time = _int(data.get("round")), _number(data.get("time"))
+        taken = {"key", "site", *(["round"] if rnd is not None else []), *(["time"] if time is not None else [])}
+        rest = {k: v for k, v in data.items() if k not in taken}
+        return cls(site=site, round=rnd, key=key, data=rest, time=time)
+
+    @classmethod
+    def from_site(cls, site: str, round_: int, record: Mapping[str, Any]) -> LogRecord:
+        """What the aggregator writes for a site's checked flare.log `record`: its round, the record, the site
+        last (a `round` of the record's own wins, as it did in the dict the aggregator wrote)."""
+        return cls.from_json({"round": round_, **record, "site": site})
+
+
+def parse_log(data: Mapping[str, Any]) -> LogRecord | OtherRecord:
+    """A logs.jsonl object as a LogRecord; OtherRecord when it has no site or key. Never raises."""
+    try:
+        return LogRecord.from_json(data)
+    except ValueError:
+        return OtherRecord(dict(data))
+
+
+Record = MetricsRecord | LogRecord
+
+
+# -- summary.json and baselines.json ------------------------------------------------------------------------------
+def _rows(v: Any) -> tuple[RoundSummary, ...] | None:
+    if not isinstance(v, list):
+        return None
+    rows = []
+    for x in v:
+        try:
+            rows.append(RoundSummary.from_json(x))
+        except ValueError:  # not a round's line: left out
+            continue
+    return tuple(rows)
+
+
+def _site_results(v: Any) -> dict[str, dict[str, Any]] | None:
+    return {k: dict(m) for k, m in v.items() if isinstance(m, dict)} if isinstance(v, dict) else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundSummary(_Json):
+    """summary.json's line for one round: `uploaded_bytes` counts every update of the round (all attempts)."""
+
+    round: int = _value(_int)
+    updates: int | None = _value(_int, default=None)
+    attempt: int = _value(_int, default=0)
+    seconds: float | None = _value(_number, default=None)
+    uploaded_bytes: float | None = _value(_number, default=None)
+    metrics: dict[str, Any] = _value(_object, factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunSummary(_Json):
+    """RUN_DIR/summary.json, written by `fl-plugins run` at its end. `sites`: site -> {exit_code, log};
+    `baselines`: baselines.json's object, as it was read."""
+
+    name: str | None = _value(_str, default=None)
+    recipe: str | None = _value(_str, default=None)
+    exit_code: int | None = _value(_int, default=None)
+    seconds: float | None = _value(_number, default=None)
+    rounds_planned: int | None = _value(_int, default=None)
+    rounds: tuple[RoundSummary, ...] = _value(_rows, factory=tuple)
+    sites: dict[str, dict[str, Any]] = _value(_site_results, factory=dict)
+    baselines: dict[str, Any] | None = _value(_object, default=None)
+
+
+@dataclass(frozen=True, kw_only=True)
+class Baselines(_Json):
+    """RUN_DIR/baselines.json (a built-in task's `baselines: true`): the final global model (`global_metrics`,
+    JSON key `global`) and each site's local-only model (`local_only`: site -> metrics), scored on the pooled
+    validation set."""
+
+    round: int | None = _value(_int, default=None)
+    pooled_validation_rows: int | None = _value(_int, default=None)
+    local_only: dict[str, dict[str, Any]] = _value(_site_results, factory=dict)
+    global_metrics: dict[str, Any] | None = _value(_object, key="global", default=None)
+
+
+# -- reading ------------------------------------------------------------------------------------------------------
+Parse = Callable[[Mapping[str, Any]], Record]
+
+
+def _parse_lines(lines: Iterable[bytes], start: int, parse: Parse) -> list[tuple[int, Record]]:
+    """Each line that holds a JSON object, parsed, with the offset where the line ends (`start`: where the first
+    begins; each line is followed by one newline)."""
+    out = []
+    pos = start
+    for line in lines:
+        pos += len(line) + 1
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError):  # not JSON (or not UTF-8): skipped
+            continue
+        if isinstance(obj, dict):
+            out.append((pos, parse(obj)))
+    return out
+
+
+@dataclass
+class JsonlTail:
+    """Incremental reader of a JSON-lines file: the whole lines appended since the last read, each parsed by
+    `parse` (parse_record for metrics.jsonl, parse_log for logs.jsonl); a line still being written is left for the
+    next read, a line that is not a JSON object is skipped. A missing file reads as empty."""
+
+    path: Path
+    parse: Parse = parse_record
+    offset: int = 0  # where the next read starts: the end of the last whole line read
+
+    def read(self) -> list[Record]:
+        """The new records."""
+        return [rec for _, rec in self.read_ends()]
+
+    def read_ends(self) -> list[tuple[int, Record]]:
+        """The new records, each with the file offset where its line ends."""
+        try:
+            with Path(self.path).open("rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except FileNotFoundError:
+            return []
+        end = data.rfind(b"\n") + 1
+        out = _parse_lines(data[:end].split(b"\n")[:-1], self.offset, self.parse)
+        self.offset += end
+        return out
+
+
+def read_records(path: str | Path, parse: Parse = parse_record) -> list[Record]:
+    """Every record of a JSON-lines file that is no longer written: as JsonlTail reads, but a last line without
+    its newline counts when it is a whole JSON object. A missing file reads as empty."""
+    try:
+        data = Path(path).read_bytes()
+    except FileNotFoundError:
+        return []
+    return [rec for _, rec in _parse_lines(data.split(b"\n"), 0, parse)]
+
+
+def read_object(path: str | Path) -> dict[str, Any] | None:
+    """The JSON object a file holds (summary.json, baselines.json); None when the file does not exist or holds
+    another JSON value. OSError or ValueError when it cannot be read or is not JSON."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    obj = json.loads(path.read_text())
+    return obj if isinstance(obj, dict) else None
+
+
+@dataclass
+class RunMetrics:
+    """metrics.jsonl's updates and rounds as far as read: `add` the records of each read."""
+
+    updates: list[UpdateRecord] = field(default_factory=list)  # in the order written
+    rounds: dict[int, RoundRecord] = field(default_factory=dict)  # round -> its latest "round" record
+
+    def add(self, records: Iterable[Record]) -> None:
+        for rec in records:
+            if isinstance(rec, UpdateRecord):
+                self.updates.append(rec)
+            elif isinstance(rec, RoundRecord):
+                self.rounds[rec.round] = rec
