@@ -30,9 +30,9 @@ class View:
         rnd, attempt = st["round"], st["attempt"]
         committed = {u.site for u in self.metrics.updates if (u.round, u.attempt) == (rnd, attempt)}
         uploading: dict[str, int] = {}
-        for uid, u in st["uploads"].items():
-            site, r, a, kind = uid.split(":")[:4]
-            if kind == "upd" and (int(r), int(a)) == (rnd, attempt) and site not in committed:
+        for u in st["uploads"].values():
+            site = u["site"]
+            if not u["initial"] and (u["round"], u["attempt"]) == (rnd, attempt) and site not in committed:
                 uploading[site] = uploading.get(site, 0) + u["bytes_received"]
         connected = set(st["sites"])
         out = {}

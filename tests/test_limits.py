@@ -486,7 +486,12 @@ def test_status_over_plaintext_shows_a_named_site_only_its_own_entries(tmp_path)
             "total_rounds": 1,
             "site": "site-a",
             "sites": ["site-a"],
-            "uploads": {ids["site-a"]: {"bytes_received": 0, "corrupted_chunks": 0, "offsets": [0]}},
+            "uploads": {
+                ids["site-a"]: {
+                    **{"site": "site-a", "round": 0, "attempt": 0, "initial": False},
+                    **{"bytes_received": 0, "corrupted_chunks": 0, "offsets": [0]},
+                }
+            },
         }
         assert b.status("nobody")["sites"] == [] and b.status("nobody")["uploads"] == {}
         full = a.status()  # no name, from this machine: the operator's own tools (the local demo, tests)

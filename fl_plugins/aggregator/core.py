@@ -403,6 +403,10 @@ class Aggregator:
             names = sorted(rounds.sites) if site is None else [site] if site in rounds.sites else []
             progress = {
                 u.id: {
+                    "site": u.site,
+                    "round": u.round,
+                    "attempt": u.attempt,
+                    "initial": u.initial,
                     "bytes_received": u.bytes_received,
                     "corrupted_chunks": u.corrupted_chunks,
                     "offsets": [rx.offset for rx in u.receivers],
