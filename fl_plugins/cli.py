@@ -10,186 +10,202 @@ import logging
 import signal
 import sys
 import threading
+from collections.abc import Mapping
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from fl_plugins._version import __version__
+from fl_plugins.config import SETTINGS, AggregatorConfig, Boolean, Setting, merge
 from fl_plugins.errors import ConfigError, FLError
 
-
-def _positive_float(s: str) -> float:
-    v = float(s)
-    if v <= 0:
-        raise argparse.ArgumentTypeError(f"must be > 0 (got {s})")
-    return v
+if TYPE_CHECKING:
+    from fl_plugins.aggregator.service import AggregatorServer
+    from fl_plugins.recipe import Recipe
+    from fl_plugins.tracking import TrackerSpec, Tracking
 
 
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fl-plugins", description="Federated fine-tuning: the aggregator and tools.")
     p.add_argument("--version", action="version", version=f"fl-plugins {__version__}")
     sub = p.add_subparsers(dest="command", required=True)
-    s = sub.add_parser("server", help="run the aggregator service",
-                       description="Run the aggregator: rounds of FedAvg over streamed safetensors updates.")
+    for add in (_add_server, _add_run, _add_provision, _add_client, _add_report):
+        add(sub)
+    return p
+
+
+def _add_server(sub: Any) -> None:
+    s = sub.add_parser(
+        "server",
+        help="run the aggregator service",
+        description="Run the aggregator: rounds of FedAvg over streamed safetensors updates. A flag wins over the "
+        "recipe's key for the same setting; a setting neither gives takes its default.",
+    )
     s.add_argument("--address", help="HOST:PORT to listen on (default: the kit's address, else 127.0.0.1:8443)")
-    s.add_argument("--kit", type=Path, help="the aggregator's startup kit (kits/server from `fl-plugins provision`): "
-                                            "serve mTLS only, and know each site by its certificate")  # fmt: skip
-    s.add_argument("recipe", nargs="?", type=Path,
-                   help="a recipe YAML: its rounds, min_sites, initial_model, round_deadline, name (as the job id) "
-                        "and tracking, for what the flags leave out; the sites run its script or task "
-                        "(`fl-plugins client --kit K -- python -m fl_plugins.hf.task --recipe RECIPE`)")  # fmt: skip
-    s.add_argument("--run-dir", type=Path, help="checkpoints, metrics and logs go here (default with a recipe: "
-                                                "runs/NAME); an existing run dir resumes its job, and a start "
-                                                "with another job id, recipe or initial model is refused")  # fmt: skip
-    s.add_argument("--rounds", type=int, help="number of rounds (required without a recipe)")
-    s.add_argument("--min-sites", type=int, help="sites needed to start a round (default 1, or the recipe's)")
-    s.add_argument("--initial-model", type=Path, help="a .safetensors file or a Hugging Face model folder")
-    s.add_argument("--round-deadline", type=_positive_float, help="seconds; close a round with the updates it has")
-    s.add_argument("--min-updates", type=int, help="updates a round needs at its deadline (default 1)")
-    s.add_argument("--max-attempts", type=int, help="attempts a round may take to collect its updates: a new "
-                                                    "attempt when the deadline passes with too few, or every site "
-                                                    "left sits out (default 3)")  # fmt: skip
-    s.add_argument("--on-attempts-exhausted", choices=("fail", "close"),
-                   help="after --max-attempts: fail the job (default) or close the round with the updates it has")
-    s.add_argument("--idle-timeout", type=_positive_float,
-                   help="cancel a transfer that moves no bytes for this many seconds (default 60)")
-    s.add_argument("--site-timeout", type=_positive_float,
-                   help="a site silent this long has left the round (default 60)")
-    s.add_argument("--chunk-bytes", type=int, default=None, help="bytes per chunk message (default 4 MiB)")
-    s.add_argument("--allow-nonfinite", action="store_true",
-                   help="average updates that hold NaN or Inf (default: refuse such an update)")  # fmt: skip
-    s.add_argument("--job-id", default="", help="a name for this job (default: the recipe's name, else random); kept "
-                                                "in RUN_DIR/run.json, so a restart serves the same job")  # fmt: skip
+    s.add_argument(
+        "--kit",
+        type=Path,
+        help="the aggregator's startup kit (kits/server from `fl-plugins provision`): serve mTLS only, and know "
+        "each site by its certificate",
+    )
+    s.add_argument(
+        "recipe",
+        nargs="?",
+        type=Path,
+        help="a recipe YAML: its aggregator settings (rounds, min_sites, initial_model, round_deadline, "
+        "aggregation, transfer), name (as the job id) and tracking, for what the flags leave out; the sites run its "
+        "script or task (`fl-plugins client --kit K -- python -m fl_plugins.tasks --recipe RECIPE`)",
+    )
+    for setting in SETTINGS.values():  # one flag per aggregator setting that has one (fl_plugins/config.py)
+        if setting.flag is not None:
+            s.add_argument(
+                setting.flag, dest=setting.name, default=None, help=_flag_help(setting), **_flag_kind(setting)
+            )
     s.add_argument("--insecure", action="store_true", help="without --kit: allow plaintext on a non-loopback address")
-    s.add_argument("--tracking", metavar="NAMES",
-                   help="stream the run's records to trackers in RUN_DIR: mlflow,tensorboard,wandb")  # fmt: skip
+    s.add_argument(
+        "--tracking",
+        metavar="NAMES",
+        help="stream the run's records to trackers in RUN_DIR: mlflow,tensorboard,wandb",
+    )
     s.add_argument("--log-level", default="INFO")
-    r = sub.add_parser("run", help="run a whole federation on this machine from a recipe",
-                       description="Start the aggregator and one process per site on 127.0.0.1, as the recipe "
-                                   "says; show progress; stop everything at the end, on Ctrl-C or when a site "
-                                   "crashes.")  # fmt: skip
+
+
+def _flag_kind(setting: Setting) -> dict[str, Any]:
+    """argparse's arguments for the flag of `setting`: a switch for a bool (it turns the default over), else the
+    value's type, and the choices of a choice. A flag left out is None: the recipe's value or the default."""
+    if isinstance(setting.check, Boolean):
+        return {"action": "store_const", "const": not setting.default}
+    return {"type": setting.check.parse, "choices": getattr(setting.check, "options", None)}
+
+
+def _flag_help(setting: Setting) -> str:
+    """What the flag does, its default, and the recipe key that sets the same setting."""
+    if setting.required:
+        default = setting.shown or "required without a recipe"
+    elif setting.shown:
+        default = f"default: {setting.shown}"
+    elif setting.unit is not None:
+        default = f"default: {setting.default} = {setting.default / setting.unit[1]:g} {setting.unit[0]}"
+    else:
+        default = (
+            f"default: {setting.default:g}" if isinstance(setting.default, float) else f"default: {setting.default}"
+        )
+    unit = f", in {setting.unit[0]}" if setting.unit is not None else ""
+    recipe = f"; recipe: {setting.key}{unit}" if setting.key is not None else ""
+    return f"{setting.flag_help or setting.doc} ({default}{recipe})"
+
+
+def _add_run(sub: Any) -> None:
+    r = sub.add_parser(
+        "run",
+        help="run a whole federation on this machine from a recipe",
+        description="Start the aggregator and one process per site on 127.0.0.1, as the recipe says; show "
+        "progress; stop everything at the end, on Ctrl-C or when a site crashes.",
+    )
     r.add_argument("recipe", type=Path, help="the recipe YAML (see recipes/quickstart.yaml)")
-    r.add_argument("--run-dir", type=Path, help="logs, metrics and checkpoints go here; an existing run dir of the "
-                                                "same recipe resumes, one of another is refused (default: "
-                                                "runs/NAME-TIMESTAMP)")  # fmt: skip
+    r.add_argument(
+        "--run-dir",
+        type=Path,
+        help="logs, metrics and checkpoints go here; an existing run dir of the same recipe resumes, one of "
+        "another is refused (default: runs/NAME-TIMESTAMP)",
+    )
     r.add_argument("--log-level", default="WARNING", help="console log level (the run dir's logs are INFO)")
-    r.add_argument("--tls", action="store_true", help="mTLS between the sites and the aggregator: provision a CA "
-                                                      "and startup kits into RUN_DIR/kits first")  # fmt: skip
-    v = sub.add_parser("provision", help="make the project's CA and a startup kit for the aggregator and each site",
-                       description="Read the project file (name, server host/port, sites, validity_days) and write "
-                                   "OUT/ca (the CA: keep it, do not ship it), OUT/server (the aggregator's kit) and "
-                                   "OUT/<site> for each site. An existing OUT/ca is reused, so kits handed out "
-                                   "earlier stay valid.")  # fmt: skip
+    r.add_argument(
+        "--tls",
+        action="store_true",
+        help="mTLS between the sites and the aggregator: provision a CA and startup kits into RUN_DIR/kits first",
+    )
+
+
+def _add_provision(sub: Any) -> None:
+    v = sub.add_parser(
+        "provision",
+        help="make the project's CA and a startup kit for the aggregator and each site",
+        description="Read the project file (name, server host/port, sites, validity_days) and write OUT/ca (the "
+        "CA: keep it, do not ship it), OUT/server (the aggregator's kit) and OUT/<site> for each site. An existing "
+        "OUT/ca is reused, so kits handed out earlier stay valid.",
+    )
     v.add_argument("project", type=Path, help="the project YAML")
     v.add_argument("-o", "--out", type=Path, default=Path("kits"), help="where the kits go (default %(default)s)")
-    v.add_argument("--revoke", action="append", metavar="SITE",
-                   help="instead of provisioning: revoke every certificate issued to SITE (repeatable); the "
-                        "aggregator refuses them from the next call (OUT/server/revoked.json); provision again to "
-                        "give SITE a new kit")  # fmt: skip
+    v.add_argument(
+        "--revoke",
+        action="append",
+        metavar="SITE",
+        help="instead of provisioning: revoke every certificate issued to SITE (repeatable); the aggregator "
+        "refuses them from the next call (OUT/server/revoked.json); provision again to give SITE a new kit",
+    )
     v.add_argument("--log-level", default="INFO")
-    c = sub.add_parser("client", help="run a site's training script with its startup kit",
-                       description="Run COMMAND (e.g. `python train.py --epochs 1`) as this site: FL_SERVER, "
-                                   "FL_SITE and FL_KIT are set from the kit, so the script connects with mTLS; the "
-                                   "exit code is the command's. Without --kit (--server and --site instead) the "
-                                   "site speaks plaintext, to a loopback address only unless --insecure.")  # fmt: skip
+
+
+def _add_client(sub: Any) -> None:
+    c = sub.add_parser(
+        "client",
+        help="run a site's training script with its startup kit",
+        description="Run COMMAND (e.g. `python train.py --epochs 1`) as this site: FL_SERVER, FL_SITE and FL_KIT "
+        "are set from the kit, so the script connects with mTLS; the exit code is the command's. Without --kit "
+        "(--server and --site instead) the site speaks plaintext, to a loopback address only unless --insecure.",
+    )
     c.add_argument("--kit", type=Path, help="this site's startup kit (kits/site-1)")
     c.add_argument("--server", help="HOST:PORT of the aggregator (default: the kit's)")
     c.add_argument("--site", help="without --kit: this site's name (with a kit, the kit's certificate names it)")
-    c.add_argument("--insecure", action="store_true",
-                   help="without --kit: allow plaintext to a non-loopback aggregator (sets FL_INSECURE=1)")  # fmt: skip
+    c.add_argument(
+        "--insecure",
+        action="store_true",
+        help="without --kit: allow plaintext to a non-loopback aggregator (sets FL_INSECURE=1)",
+    )
     c.add_argument("--log-level", default="WARNING")
     c.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="what to run as this site")
-    e = sub.add_parser("report", help="print a run's per-round table and write its plots",
-                       description="Read RUN_DIR (metrics.jsonl, logs.jsonl, summary.json, baselines.json), print the "
-                                   "per-round table and write PNG plots into RUN_DIR/report.")  # fmt: skip
+
+
+def _add_report(sub: Any) -> None:
+    e = sub.add_parser(
+        "report",
+        help="print a run's per-round table and write its plots",
+        description="Read RUN_DIR (metrics.jsonl, logs.jsonl, summary.json, baselines.json), print the per-round "
+        "table and write PNG plots into RUN_DIR/report.",
+    )
     e.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory of `fl-plugins run` or `server`")
     e.add_argument("--no-plots", action="store_true", help="only print the table")
     e.add_argument("--partial", action="store_true", help="report an unfinished run as far as it got")
     e.add_argument("--log-level", default="WARNING")
-    return p
 
 
-def _from_recipe(args: argparse.Namespace) -> None:
-    """`server RECIPE`: the recipe's federation settings fill in what the flags leave out."""
-    if args.recipe is None:
-        missing = [f for f, v in (("--rounds", args.rounds), ("--run-dir", args.run_dir)) if v is None]
+def server_config(flags: Mapping[str, Any], recipe: Recipe | None) -> AggregatorConfig:
+    """The AggregatorConfig of `fl-plugins server [RECIPE]`: each setting from its flag when given (`flags`, by
+    field name: {"min_updates": 2}), else from the recipe, else its default (fl_plugins/config.py). With a
+    recipe, RUN_DIR defaults to runs/NAME and the recipe (its identity) is kept in run.json."""
+    if recipe is None:
+        missing = [SETTINGS[name].flag for name in ("rounds", "run_dir") if name not in flags]
         if missing:
-            raise ConfigError(f"fl-plugins server needs {' and '.join(missing)}, or a recipe that gives them "
-                              "(fl-plugins server RECIPE.yaml)")  # fmt: skip
-        from fl_plugins.recipe import FederationSpec
+            raise ConfigError(
+                f"fl-plugins server needs {' and '.join(map(str, missing))}, or a recipe that gives them "
+                "(fl-plugins server RECIPE.yaml)"
+            )
+        return merge(flags)
+    given = {"run_dir": Path("runs") / recipe.name, **recipe.federation.values}
+    return merge(flags, given, recipe=recipe.identity())
 
-        fed = FederationSpec(args.rounds, 1)  # the defaults
-    else:
-        from fl_plugins.recipe import load_recipe
 
-        recipe = load_recipe(args.recipe)
-        fed = recipe.federation
-        args.recipe_identity = recipe.identity()  # in run.json; its name is the job id unless --job-id says
-        args.run_dir = args.run_dir or Path("runs") / recipe.name
-        if not args.tracking and recipe.tracking:
-            args.tracking_specs = recipe.tracking  # with their options
-    # the flags win; what they leave out comes from the recipe (its aggregation: and transfer: too)
-    args.min_updates = fed.min_updates if args.min_updates is None else args.min_updates
-    args.max_attempts = fed.max_attempts if args.max_attempts is None else args.max_attempts
-    args.on_attempts_exhausted = args.on_attempts_exhausted or fed.on_attempts_exhausted
-    args.site_timeout = args.site_timeout or fed.site_timeout
-    args.idle_timeout = args.idle_timeout or fed.idle_timeout
-    args.chunk_bytes = args.chunk_bytes or fed.chunk_bytes
-    args.allow_nonfinite = args.allow_nonfinite or not fed.reject_nonfinite
-    args.rounds = fed.rounds if args.rounds is None else args.rounds
-    args.min_sites = fed.min_sites if args.min_sites is None else args.min_sites
-    args.initial_model = args.initial_model or fed.initial_model
-    args.round_deadline = args.round_deadline or fed.round_deadline
+def _given_flags(args: argparse.Namespace) -> dict[str, Any]:
+    """The aggregator settings given on the command line, by field name (a flag left out is None)."""
+    return {name: getattr(args, name) for name, s in SETTINGS.items() if s.flag and getattr(args, name) is not None}
 
 
 def _server(args: argparse.Namespace) -> int:
-    from fl_plugins.aggregator.core import AggregatorConfig
-    from fl_plugins.aggregator.service import AggregatorServer
-    from fl_plugins.aggregator.store import RunStore, private_dir, private_file, undo_failed_start
-    from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES
+    from fl_plugins.aggregator.store import RunStore
 
-    _from_recipe(args)
+    recipe = None
+    if args.recipe is not None:
+        from fl_plugins.recipe import load_recipe
 
-    config = AggregatorConfig(run_dir=args.run_dir, rounds=args.rounds, min_sites=args.min_sites,
-                              initial_model=args.initial_model, round_deadline=args.round_deadline,
-                              min_updates=args.min_updates, idle_timeout=args.idle_timeout,
-                              site_timeout=args.site_timeout, chunk_bytes=args.chunk_bytes or DEFAULT_CHUNK_BYTES,
-                              job_id=args.job_id, reject_nonfinite=not args.allow_nonfinite,
-                              max_attempts=args.max_attempts, on_attempts_exhausted=args.on_attempts_exhausted,
-                              recipe=getattr(args, "recipe_identity", None))  # fmt: skip
-    specs = _tracking_specs(args)  # checked before anything is made: a bad name or a missing library stops here
+        recipe = load_recipe(args.recipe)
+    config = server_config(_given_flags(args), recipe)
+    specs = _tracking_specs(args.tracking, recipe)  # checked before anything is made: a bad name or library stops
     # a run directory of another job is refused before anything is made or bound (the aggregator checks again)
-    RunStore(config.run_dir).open_run(job_id=config.job_id, recipe=config.recipe,
-                                      initial_model=config.initial_model, check_only=True)  # fmt: skip
-    address = args.address or (None if args.kit else "127.0.0.1:8443")
-    tracking = None
-    with undo_failed_start(args.run_dir):  # a start that fails (busy port, bad kit or model) leaves nothing
-        private_dir(args.run_dir)
-        private_file(args.run_dir / "aggregator.log").close()  # 0600 before the handler appends to it
-        handler = logging.FileHandler(args.run_dir / "aggregator.log")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        logging.getLogger().addHandler(handler)
-        try:
-            server = AggregatorServer(config, address, insecure=args.insecure, kit=args.kit)
-        except BaseException:
-            logging.getLogger().removeHandler(handler)
-            handler.close()
-            raise
-        try:
-            if specs:
-                from fl_plugins.tracking import Tracking
-
-                recipe_name = (getattr(args, "recipe_identity", None) or {}).get("job", {}).get("name")
-                tracking = Tracking(args.run_dir, specs, name=args.job_id or recipe_name or args.run_dir.resolve().name,
-                                    params={"rounds": args.rounds, "min_sites": args.min_sites}).start()  # fmt: skip
-            server.start()
-        except BaseException:
-            server.stop(0)
-            if tracking is not None:
-                tracking.close(1)
-            logging.getLogger().removeHandler(handler)
-            handler.close()
-            raise
-    print(f"fl-plugins aggregator listening on {server.address}{' (mTLS)' if server.kit else ''} (job "
-          f"{server.aggregator.job_id})", flush=True)  # fmt: skip
+    RunStore(config.run_dir).open_run(
+        job_id=config.job_id, recipe=config.recipe, initial_model=config.initial_model, check_only=True
+    )
+    name = config.job_id or (recipe.name if recipe else "") or config.run_dir.resolve().name
+    server, tracking = _start(config, args, specs, name)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -205,15 +221,59 @@ def _server(args: argparse.Namespace) -> int:
     return code
 
 
-def _tracking_specs(args: argparse.Namespace):
-    """`server --tracking mlflow,tensorboard` (or the recipe's `tracking:`): the trackers' specs, checked and
-    installed, or None."""
-    specs = getattr(args, "tracking_specs", None)
-    if not args.tracking and not specs:
-        return None
-    from fl_plugins.tracking import check_installed, parse_tracking
+def _start(
+    config: AggregatorConfig, args: argparse.Namespace, specs: tuple[TrackerSpec, ...] | None, name: str
+) -> tuple[AggregatorServer, Tracking | None]:
+    """The started AggregatorServer, and the Tracking (named `name`) when `specs`; a start that fails (busy
+    port, bad kit or model) leaves nothing in the run directory."""
+    from fl_plugins.aggregator.service import AggregatorServer
+    from fl_plugins.aggregator.store import private_dir, private_file, undo_failed_start
 
-    specs = specs or parse_tracking(args.tracking, key="--tracking")
+    address = args.address or (None if args.kit else "127.0.0.1:8443")
+    tracking = None
+    with undo_failed_start(config.run_dir):
+        private_dir(config.run_dir)
+        private_file(config.run_dir / "aggregator.log").close()  # 0600 before the handler appends to it
+        handler = logging.FileHandler(config.run_dir / "aggregator.log")
+        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        logging.getLogger().addHandler(handler)
+        try:
+            server = AggregatorServer(config, address, insecure=args.insecure, kit=args.kit)
+        except BaseException:
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+            raise
+        try:
+            if specs:
+                from fl_plugins.tracking import Tracking
+
+                params = {"rounds": config.rounds, "min_sites": config.min_sites}
+                tracking = Tracking(config.run_dir, specs, name=name, params=params).start()
+            server.start()
+        except BaseException:
+            server.stop(0)
+            if tracking is not None:
+                tracking.close(1)
+            logging.getLogger().removeHandler(handler)
+            handler.close()
+            raise
+    mtls = " (mTLS)" if server.kit else ""
+    print(f"fl-plugins aggregator listening on {server.address}{mtls} (job {server.aggregator.job_id})", flush=True)
+    return server, tracking
+
+
+def _tracking_specs(flag: str | None, recipe: Recipe | None) -> tuple[TrackerSpec, ...] | None:
+    """`server --tracking mlflow,tensorboard`, else the recipe's `tracking:` (with their options): the trackers'
+    specs, checked and installed, or None."""
+    specs = recipe.tracking if recipe is not None else ()
+    if flag:
+        from fl_plugins.tracking import parse_tracking
+
+        specs = parse_tracking(flag, key="--tracking")
+    if not specs:
+        return None
+    from fl_plugins.tracking import check_installed
+
     check_installed(specs)
     return specs
 
@@ -249,16 +309,23 @@ def _provision(args: argparse.Namespace) -> int:
         listed = args.out / "server" / "revoked.json"
         for site, added in revoked.items():
             serials = ", ".join(f"{r.serial:x}" for r in added)
-            print(f"site {site!r}: revoked {len(added)} certificate(s) ({serials})" if added else
-                  f"site {site!r}: its certificates were already revoked", flush=True)  # fmt: skip
-        print(f"the aggregator refuses them from its next call once its kit holds {listed} (copy the file there if "
-              f"it runs from a copy of {args.out / 'server'}); to give a site a new kit: fl-plugins provision "
-              f"{args.project} -o {args.out}, then ship {args.out / 'SITE'} to that site only", flush=True)  # fmt: skip
+            if added:
+                print(f"site {site!r}: revoked {len(added)} certificate(s) ({serials})", flush=True)
+            else:
+                print(f"site {site!r}: its certificates were already revoked", flush=True)
+        print(
+            f"the aggregator refuses them from its next call once its kit holds {listed} (copy the file there if "
+            f"it runs from a copy of {args.out / 'server'}); to give a site a new kit: fl-plugins provision "
+            f"{args.project} -o {args.out}, then ship {args.out / 'SITE'} to that site only",
+            flush=True,
+        )
         return 0
     kits = provision(project, args.out)
-    rows = [(kits.ca, "the CA: keep it here, never ship it (provisioning again reuses it)"),
-            (kits.server, f"the aggregator's: fl-plugins server --kit {kits.server} --run-dir RUN_DIR --rounds N"),
-            *((p, f"site {s}'s: fl-plugins client --kit {p} -- python train.py") for s, p in kits.sites.items())]
+    rows = [
+        (kits.ca, "the CA: keep it here, never ship it (provisioning again reuses it)"),
+        (kits.server, f"the aggregator's: fl-plugins server --kit {kits.server} --run-dir RUN_DIR --rounds N"),
+        *((p, f"site {s}'s: fl-plugins client --kit {p} -- python train.py") for s, p in kits.sites.items()),
+    ]
     width = max(len(str(p)) for p, _ in rows)
     print(f"project {project.name!r}: startup kits written to {kits.root}", flush=True)
     for path, what in rows:
@@ -270,7 +337,6 @@ def _client(args: argparse.Namespace) -> int:
     import os
     import subprocess
 
-    from fl_plugins.errors import ConfigError
     from fl_plugins.security.tls import check_plaintext_target, load_site_kit
 
     command = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
@@ -280,21 +346,25 @@ def _client(args: argparse.Namespace) -> int:
     env.pop("FL_INSECURE", None)  # the flag decides, not what this shell happens to hold
     if args.kit is not None:
         if args.insecure:
-            raise ConfigError("--insecure and --kit do not go together: with a kit the site speaks mTLS only; "
-                              "drop --insecure")  # fmt: skip
+            raise ConfigError(
+                "--insecure and --kit do not go together: with a kit the site speaks mTLS only; drop --insecure"
+            )
         kit = load_site_kit(args.kit)
         if args.site and args.site != kit.site:
-            raise ConfigError(f"--site {args.site} differs from the site of the kit {kit.path} ({kit.site!r}); the "
-                              "aggregator knows a site by its certificate: drop --site, or use that site's "
-                              "kit")  # fmt: skip
+            raise ConfigError(
+                f"--site {args.site} differs from the site of the kit {kit.path} ({kit.site!r}); the aggregator "
+                "knows a site by its certificate: drop --site, or use that site's kit"
+            )
         server = args.server or kit.server
         if not server:
             raise ConfigError(f"the kit {kit.path} names no aggregator address: pass --server HOST:PORT")
         env.update(FL_SERVER=server, FL_SITE=kit.site, FL_KIT=str(kit.path.resolve()))
     else:
         if not args.server or not args.site:
-            raise ConfigError("fl-plugins client needs --kit kits/SITE (mTLS), or --server HOST:PORT and --site NAME "
-                              "(plaintext: a loopback address, or another with --insecure)")  # fmt: skip
+            raise ConfigError(
+                "fl-plugins client needs --kit kits/SITE (mTLS), or --server HOST:PORT and --site NAME "
+                "(plaintext: a loopback address, or another with --insecure)"
+            )
         check_plaintext_target(args.server, insecure=args.insecure, opt_out="--insecure")
         env.pop("FL_KIT", None)
         env.update(FL_SERVER=args.server, FL_SITE=args.site, **({"FL_INSECURE": "1"} if args.insecure else {}))
@@ -315,8 +385,9 @@ def main(argv: list[str] | None = None) -> int:
 
     limit_malloc_arenas()
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "INFO").upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")  # fmt: skip
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         if args.command == "server":
             return _server(args)

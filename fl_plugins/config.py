@@ -1,67 +1,345 @@
-"""The aggregator's settings: one frozen-in-spirit dataclass whose fields the CLI flags and the recipe keys map
-onto (fl_plugins/cli.py, fl_plugins/recipe.py). Torch-free and gRPC-free."""
+"""The aggregator's settings, each declared once: a field of `AggregatorConfig` whose metadata (a `Setting`) holds
+its documentation, its check, its `fl-plugins server` flag and its recipe key. The command line (fl_plugins/cli.py)
+and the recipe (fl_plugins/recipe.py) derive theirs from here, so a setting has one default and one check:
+
+    setting                flag                      recipe key                         default
+    run_dir                --run-dir                 -                                  (runs/NAME with a recipe)
+    rounds                 --rounds                  rounds                             (required)
+    min_sites              --min-sites               min_sites                          1 (a recipe: all its sites)
+    initial_model          --initial-model           initial_model                      None: a site offers its own
+    round_deadline         --round-deadline          round_deadline                     None: no deadline
+    min_updates            --min-updates             aggregation.min_updates            1
+    idle_timeout           --idle-timeout            transfer.idle_timeout              60
+    site_timeout           --site-timeout            aggregation.site_timeout           60
+    chunk_bytes            --chunk-bytes             transfer.chunk_mib (in MiB)        4 MiB
+    job_id                 --job-id                  - (the recipe's `name`)            ""
+    linger                 -                         -                                  5
+    reject_nonfinite       --allow-nonfinite (off)   aggregation.reject_nonfinite       true
+    max_attempts           --max-attempts            aggregation.max_attempts           3
+    on_attempts_exhausted  --on-attempts-exhausted   aggregation.on_attempts_exhausted  "fail"
+
+A value that breaks a check is a ConfigError naming the key as the user wrote it: ``recipes/x.yaml:
+`aggregation.min_updates` must be an integer in 1..3 (got 4)`` from a recipe, ```min_updates` (--min-updates) must
+be an integer >= 1 (got 0)`` from the command line or a keyword. Torch-free and gRPC-free."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import dataclass
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from fl_plugins.errors import ConfigError
 from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, short_repr
 
 
-def _check_number(name: str, value: Any, *, low: float, integer: bool = False, strict: bool = False) -> None:
-    """`value` must be a number >= low (> low when `strict`), an int when `integer`: else a ConfigError naming
-    the setting (and its flag), the rule and the value."""
-    kind = "an integer" if integer else "a number"
-    ok = isinstance(value, int) if integer else isinstance(value, (int, float))
-    ok = ok and not isinstance(value, bool) and (integer or math.isfinite(value))
-    if not ok or (value <= low if strict else value < low):
-        rule = f"{'>' if strict else '>='} {low:g}"
-        raise ConfigError(f"`{name}` (--{name.replace('_', '-')}) must be {kind} {rule} (got {short_repr(value)})")
+class _Required:
+    def __repr__(self) -> str:
+        return "REQUIRED"
 
 
-@dataclass
+REQUIRED: Any = _Required()  # the default of a setting that has none (`rounds`, `run_dir`)
+
+
+class Invalid(ValueError):
+    """A value breaks a check; the message says what must hold ("must be an integer >= 1")."""
+
+
+class Check(Protocol):
+    """A setting's rule: `check(value)` returns the value (a number from a recipe as float) or raises Invalid;
+    `parse` turns the flag's text into the value's type (argparse's `type=`)."""
+
+    def check(self, value: Any) -> Any: ...
+
+    def parse(self, text: str) -> Any: ...
+
+
+def _number_ok(v: Any) -> bool:
+    """A finite int or float (not a bool), one a float can hold."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+@dataclass(frozen=True)
+class Integer:
+    """An int (not a bool) in low..high."""
+
+    low: int
+    high: int | None = None
+
+    def check(self, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v < self.low or (self.high is not None and v > self.high):
+            span = f">= {self.low}" if self.high is None else f"in {self.low}..{self.high}"
+            raise Invalid(f"must be an integer {span}")
+        return v
+
+    def parse(self, text: str) -> int:
+        return int(text)
+
+
+@dataclass(frozen=True)
+class Number:
+    """A finite int or float above `low` (or at it, unless `strict`)."""
+
+    low: float
+    strict: bool = False  # > low, else >= low
+
+    def check(self, v: Any) -> float:
+        if not _number_ok(v) or (v <= self.low if self.strict else v < self.low):
+            raise Invalid(f"must be a number {'>' if self.strict else '>='} {self.low:g}")
+        return float(v)
+
+    def parse(self, text: str) -> float:
+        return float(text)
+
+
+@dataclass(frozen=True)
+class ChunkSize:
+    """Bytes per chunk message: a whole number of float64 values, 64 KiB..64 MiB (gRPC's message cap)."""
+
+    def check(self, v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int) or v % 8 or not 64 << 10 <= v <= 64 << 20:
+            raise Invalid("must be a multiple of 8 bytes in 64 KiB..64 MiB")
+        return v
+
+    def parse(self, text: str) -> int:
+        return int(text)
+
+
+@dataclass(frozen=True)
+class Choice:
+    """One of `options` (on the command line, argparse's `choices`)."""
+
+    options: tuple[str, ...]
+
+    def check(self, v: Any) -> str:
+        if v not in self.options:
+            quoted = [repr(o) for o in self.options]
+            either = " or ".join(quoted) if len(quoted) == 2 else f"one of {', '.join(quoted)}"
+            raise Invalid(f"must be {either}")
+        return v
+
+    def parse(self, text: str) -> str:
+        return text
+
+
+@dataclass(frozen=True)
+class Boolean:
+    """True or false (on the command line, a switch that turns the default over: fl_plugins/cli.py)."""
+
+    def check(self, v: Any) -> bool:
+        if not isinstance(v, bool):
+            raise Invalid("must be true or false")
+        return v
+
+    def parse(self, text: str) -> bool:
+        if text.lower() not in ("true", "false"):
+            raise ValueError(f"not true or false: {text!r}")
+        return text.lower() == "true"
+
+
+@dataclass(frozen=True)
+class Text:
+    """A string of at most `max_len` characters."""
+
+    max_len: int
+
+    def check(self, v: Any) -> str:
+        if not isinstance(v, str) or len(v) > self.max_len:
+            raise Invalid(f"must be a string of at most {self.max_len} characters")
+        return v
+
+    def parse(self, text: str) -> str:
+        return text
+
+
+@dataclass(frozen=True)
+class PathValue:
+    """A file or folder (a recipe's is relative to the recipe's folder and must exist: fl_plugins/recipe.py)."""
+
+    def check(self, v: Any) -> Any:
+        if not isinstance(v, (str, os.PathLike)):
+            raise Invalid("must be a path")
+        return v
+
+    def parse(self, text: str) -> Path:
+        return Path(text)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """How one setting is documented, checked, and given on the command line and in a recipe."""
+
+    doc: str  # what it does: the flag's help, before the default
+    check: Check
+    flag: str | None = None  # the `fl-plugins server` flag; None: no flag
+    key: str | None = None  # the recipe key path (`aggregation.min_updates`); None: no recipe key
+    shown: str = ""  # how the default reads where its value does not say (None, "", a switch)
+    unit: tuple[str, int] | None = None  # the recipe key's unit, ("MiB", 1 << 20): the value is key * scale
+    flag_help: str = ""  # a switch's help (the flag does the opposite of the default)
+    name: str = ""  # AggregatorConfig's field (set from the field)
+    default: Any = REQUIRED  # (set from the field)
+
+    @property
+    def required(self) -> bool:
+        return self.default is REQUIRED
+
+    def checked(self, value: Any, label: str) -> Any:
+        """`value` as the check returns it, else a ConfigError: ``{label} must be ... (got value)``."""
+        if value is None and self.default is None:
+            return None
+        try:
+            return self.check.check(value)
+        except Invalid as e:
+            raise ConfigError(f"{label} {e} (got {short_repr(value)})") from None
+
+    def flag_label(self) -> str:
+        """How a message names a value from the command line: ```min_updates` (--min-updates)``."""
+        return f"`{self.name}` ({self.flag})"
+
+    def keyword_label(self) -> str:
+        """How a message names a value passed as AggregatorConfig's keyword: the field, and its flag if it has one."""
+        return f"`{self.name}` ({self.flag})" if self.flag else f"`{self.name}`"
+
+
+def _setting(default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    return field(default=default, metadata={"setting": Setting(**kw)})
+
+
+_POSITIVE = Number(0, strict=True)
+
+
+@dataclass(frozen=True)
 class AggregatorConfig:
-    run_dir: Path
-    rounds: int
-    min_sites: int = 1
-    initial_model: Path | None = None
-    round_deadline: float | None = None  # seconds; None: wait for every site that took the task
-    min_updates: int = 1  # at the deadline, close the round only with at least this many updates
-    idle_timeout: float = 60.0  # a transfer that moves no bytes for this long is cancelled
-    site_timeout: float = 60.0  # a site silent (no heartbeat, no call) for this long has left the round
-    chunk_bytes: int = DEFAULT_CHUNK_BYTES
-    job_id: str = ""  # "": the run's (run.json), else the recipe's name, else a new random id; kept on restart
-    linger: float = 5.0  # after the last round, keep answering END this long so sites learn the job is over
-    reject_nonfinite: bool = True  # refuse an update holding NaN or Inf (checked on each chunk as it arrives)
-    max_attempts: int = 3  # attempts a round may take to collect its updates (see the module docstring)
-    on_attempts_exhausted: str = "fail"  # then: "fail" the job, or "close" the round with the updates it has
+    """Everything the aggregator is told at start; checked on construction (ConfigError)."""
+
+    run_dir: Path = _setting(
+        doc="checkpoints, metrics and logs go here; an existing run dir resumes its job, and a start with another "
+        "job id, recipe or initial model is refused",
+        check=PathValue(),
+        flag="--run-dir",
+        shown="required without a recipe; with one, default: runs/NAME",
+    )
+    rounds: int = _setting(doc="number of rounds", check=Integer(1), flag="--rounds", key="rounds")
+    min_sites: int = _setting(
+        1,
+        doc="sites needed to start a round",
+        check=Integer(1),
+        flag="--min-sites",
+        key="min_sites",
+        shown="1, or all the recipe's sites",
+    )
+    initial_model: Path | None = _setting(
+        None,
+        doc="round 0's global model: a .safetensors file or a Hugging Face model folder",
+        check=PathValue(),
+        flag="--initial-model",
+        key="initial_model",
+        shown="none, a site offers its weights",
+    )
+    round_deadline: float | None = _setting(
+        None,
+        doc="seconds; close a round with the updates it has",
+        check=_POSITIVE,
+        flag="--round-deadline",
+        key="round_deadline",
+        shown="none, wait for every site that took the task",
+    )
+    min_updates: int = _setting(
+        1,
+        doc="updates a round needs to close at its deadline",
+        check=Integer(1),
+        flag="--min-updates",
+        key="aggregation.min_updates",
+    )
+    idle_timeout: float = _setting(
+        60.0,
+        doc="cancel a transfer that moves no bytes for this many seconds",
+        check=_POSITIVE,
+        flag="--idle-timeout",
+        key="transfer.idle_timeout",
+    )
+    site_timeout: float = _setting(
+        60.0,
+        doc="a site silent (no heartbeat, no call) this many seconds has left the round",
+        check=_POSITIVE,
+        flag="--site-timeout",
+        key="aggregation.site_timeout",
+    )
+    chunk_bytes: int = _setting(
+        DEFAULT_CHUNK_BYTES,
+        doc="bytes per chunk message",
+        check=ChunkSize(),
+        flag="--chunk-bytes",
+        key="transfer.chunk_mib",
+        unit=("MiB", 1 << 20),
+    )
+    job_id: str = _setting(
+        "",
+        doc="a name for this job, kept in RUN_DIR/run.json, so a restart serves the same job",
+        check=Text(128),
+        flag="--job-id",
+        shown="the run's, else the recipe's name, else a random id",
+    )
+    linger: float = _setting(
+        5.0, doc="seconds after the last round to keep answering END, so sites learn the job is over", check=Number(0)
+    )
+    reject_nonfinite: bool = _setting(
+        True,
+        doc="refuse an update holding NaN or Inf (checked on each chunk as it arrives)",
+        check=Boolean(),
+        flag="--allow-nonfinite",
+        key="aggregation.reject_nonfinite",
+        flag_help="average updates that hold NaN or Inf",
+        shown="refuse such an update",
+    )
+    max_attempts: int = _setting(
+        3,
+        doc="attempts a round may take to collect its updates: a new attempt when the deadline passes with too few, "
+        "or every site left sits out",
+        check=Integer(1),
+        flag="--max-attempts",
+        key="aggregation.max_attempts",
+    )
+    on_attempts_exhausted: str = _setting(
+        "fail",
+        doc="after the last attempt: fail the job, or close the round with the updates it has",
+        check=Choice(("fail", "close")),
+        flag="--on-attempts-exhausted",
+        key="aggregation.on_attempts_exhausted",
+    )
     # the recipe the job runs ({"path", "job"}: fl_plugins.recipe.Recipe.identity()), kept in RUN_DIR/run.json: a
     # restart with another recipe is refused; None: no recipe (then `job_id`, else a random id, names the job)
     recipe: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        self.run_dir = Path(self.run_dir)
-        _check_number("rounds", self.rounds, low=1, integer=True)
-        _check_number("min_sites", self.min_sites, low=1, integer=True)
-        _check_number("min_updates", self.min_updates, low=1, integer=True)
-        _check_number("max_attempts", self.max_attempts, low=1, integer=True)
-        if self.round_deadline is not None:
-            _check_number("round_deadline", self.round_deadline, low=0, strict=True)
-        _check_number("idle_timeout", self.idle_timeout, low=0, strict=True)
-        _check_number("site_timeout", self.site_timeout, low=0, strict=True)
-        _check_number("linger", self.linger, low=0)
-        _check_number("chunk_bytes", self.chunk_bytes, low=64 << 10, integer=True)
-        if self.chunk_bytes % 8 or not 64 << 10 <= self.chunk_bytes <= 64 << 20:
-            raise ConfigError(f"`chunk_bytes` must be a multiple of 8 in 64 KiB..64 MiB (got {self.chunk_bytes})")
-        if self.on_attempts_exhausted not in ("fail", "close"):
-            raise ConfigError("`on_attempts_exhausted` must be 'fail' or 'close' (got "
-                              f"{short_repr(self.on_attempts_exhausted)})")  # fmt: skip
-        if not isinstance(self.reject_nonfinite, bool):
-            raise ConfigError(f"`reject_nonfinite` must be true or false (got {short_repr(self.reject_nonfinite)})")
-        if not isinstance(self.job_id, str) or len(self.job_id) > 128:
-            raise ConfigError(f"`job_id` (--job-id) must be a string of at most 128 characters "
-                              f"(got {short_repr(self.job_id)})")  # fmt: skip
+        object.__setattr__(self, "run_dir", Path(self.run_dir))
+        for s in SETTINGS.values():
+            s.checked(getattr(self, s.name), s.keyword_label())
+
+
+SETTINGS: dict[str, Setting] = {
+    f.name: dataclasses.replace(
+        f.metadata["setting"], name=f.name, default=REQUIRED if f.default is dataclasses.MISSING else f.default
+    )
+    for f in dataclasses.fields(AggregatorConfig)
+    if "setting" in f.metadata
+}
+
+
+def merge(
+    flags: Mapping[str, Any], recipe_values: Mapping[str, Any] | None = None, /, **fixed: Any
+) -> AggregatorConfig:
+    """The AggregatorConfig whose settings come from `flags` (given on the command line, by field name; checked
+    here, so an error names the flag), else from `recipe_values` (a recipe's, checked when it was read, so an
+    error names its key), else their defaults; `fixed` are fields no flag sets (`recipe`)."""
+    for name, value in flags.items():
+        SETTINGS[name].checked(value, SETTINGS[name].flag_label())
+    return AggregatorConfig(**{**(recipe_values or {}), **flags, **fixed})

@@ -15,9 +15,13 @@
                   max_attempts: 3, on_attempts_exhausted: fail}
     transfer: {chunk_mib: 4, idle_timeout: 60}                                 # how weights travel
 
+The aggregator's keys (`rounds` ... `transfer`) are declared, with their defaults and checks, next to the
+settings they set in fl_plugins/config.py; `min_sites` and `aggregation.min_updates` may not exceed the sites, and
+an explicit `null` is the same as leaving a key out.
+
 Instead of `script:`, a recipe may name a built-in Hugging Face task (SFT / PEFT), `task: {type: ..., model: ...,
-data: ...}`: every site then runs `python -m fl_plugins.hf.task RECIPE`; the section is validated by
-fl_plugins/hf/spec.py (torch-free).
+data: ...}`: every site then runs `python -m fl_plugins.tasks RECIPE`; the section is validated by
+fl_plugins/tasks/spec.py (torch-free).
 
 `tracking:` names the experiment trackers the run's records stream to, in the run directory: `mlflow`,
 `tensorboard`, `wandb` (offline), as a list or as a mapping of name to options
@@ -34,11 +38,13 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fl_plugins._config import Checker, load_yaml
+from fl_plugins.config import SETTINGS, AggregatorConfig, Integer, Invalid, PathValue, Setting
 from fl_plugins.errors import ConfigError
 from fl_plugins.tracking import TrackerSpec, parse_tracking
 
@@ -65,31 +71,21 @@ class SiteSpec:
 
 @dataclass(frozen=True)
 class FederationSpec:
-    """The aggregator's side of the job (maps onto AggregatorConfig)."""
+    """The aggregator's side of the job: the settings the recipe gives, checked, by AggregatorConfig's field names.
+    An attribute reads the recipe's value, else the setting's default (`fed.min_updates`: the recipe's
+    `aggregation.min_updates`, else 1); `min_sites` is always there (default: all the recipe's sites)."""
 
-    rounds: int  # rounds of FedAvg, >= 1
-    min_sites: int  # sites that must be connected before a round starts, 1..number of sites
-    initial_model: Path | None = None  # round 0's global model; None: a site must offer its weights
-    round_deadline: float | None = None  # seconds; None: a round waits for every site that took its task
-    min_updates: int = 1  # `aggregation.min_updates`: updates a round needs to close at its deadline
-    reject_nonfinite: bool = True  # `aggregation.reject_nonfinite`: refuse an update holding NaN or Inf
-    site_timeout: float = 60.0  # `aggregation.site_timeout`: seconds of silence after which a site has left
-    chunk_bytes: int | None = None  # `transfer.chunk_mib`: bytes per chunk message (None: the default, 4 MiB)
-    idle_timeout: float = 60.0  # `transfer.idle_timeout`: cancel a transfer that moves no bytes this long
-    max_attempts: int = 3  # `aggregation.max_attempts`: attempts a round may take to collect its updates
-    on_attempts_exhausted: str = "fail"  # `aggregation.on_attempts_exhausted`: then "fail" the job or "close"
+    values: Mapping[str, Any]  # e.g. {"rounds": 5, "min_sites": 3, "chunk_bytes": 1 << 19}
 
-    def aggregator_config(self, run_dir: Path, **kw: Any):
-        """The AggregatorConfig these settings make (for `fl-plugins run` and `fl-plugins server RECIPE`)."""
-        from fl_plugins.aggregator.core import AggregatorConfig
+    def __getattr__(self, name: str) -> Any:
+        setting = SETTINGS.get(name)
+        if setting is None or setting.key is None:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        return self.values.get(name, setting.default)
 
-        extra = {"chunk_bytes": self.chunk_bytes} if self.chunk_bytes else {}
-        return AggregatorConfig(run_dir=run_dir, rounds=self.rounds, min_sites=self.min_sites,
-                                initial_model=self.initial_model, round_deadline=self.round_deadline,
-                                min_updates=self.min_updates, reject_nonfinite=self.reject_nonfinite,
-                                site_timeout=self.site_timeout, idle_timeout=self.idle_timeout,
-                                max_attempts=self.max_attempts, on_attempts_exhausted=self.on_attempts_exhausted,
-                                **extra, **kw)  # fmt: skip
+    def aggregator_config(self, run_dir: Path, **kw: Any) -> AggregatorConfig:
+        """The AggregatorConfig these settings make (`fl-plugins run`); `kw` sets fields no recipe key sets."""
+        return AggregatorConfig(run_dir=run_dir, **{**self.values, **kw})
 
 
 @dataclass(frozen=True)
@@ -101,7 +97,7 @@ class Recipe:
     script: ScriptSpec
     sites: tuple[SiteSpec, ...]
     federation: FederationSpec
-    task: Any = None  # fl_plugins.hf.spec.TaskSpec when the recipe names a built-in task instead of a script
+    task: Any = None  # fl_plugins.tasks.spec.TaskSpec when the recipe names a built-in task instead of a script
     tracking: tuple[TrackerSpec, ...] = ()  # the trackers the run streams to (`tracking:`); () for none
 
     def identity(self) -> dict[str, Any]:
@@ -121,9 +117,16 @@ class Recipe:
         return {"path": str(self.source), "job": job}
 
 
-_KEYS = ("name", "script", "task", "sites", "rounds", "min_sites", "initial_model", "round_deadline", "args",
-         "site_args", "env", "tracking", "aggregation", "transfer")  # fmt: skip
-TASK_SCRIPT = Path(__file__).resolve().parent / "hf" / "task.py"
+# the aggregator's keys, declared in config.py: {"rounds": its Setting, ..., "aggregation.min_updates": ...}
+_RECIPE_KEYS = {s.key: s for s in SETTINGS.values() if s.key is not None}
+_SECTIONS = {  # {"aggregation": ("min_updates", ...), "transfer": ("idle_timeout", "chunk_mib")}
+    section: tuple(k.removeprefix(f"{section}.") for k in _RECIPE_KEYS if k.startswith(f"{section}."))
+    for section in ("aggregation", "transfer")
+}
+_FEDERATION_KEYS = tuple(dict.fromkeys(k.split(".")[0] for k in _RECIPE_KEYS))  # rounds, ..., aggregation, transfer
+_KEYS = ("name", "script", "task", "sites", *_FEDERATION_KEYS, "args", "site_args", "env", "tracking")
+_AT_MOST_SITES = ("min_sites", "min_updates")  # a recipe knows its sites: these may not exceed them
+TASK_SCRIPT = Path(__file__).resolve().parent / "tasks" / "__main__.py"
 
 
 class _Checker(Checker):
@@ -143,8 +146,10 @@ class _Checker(Checker):
         p = Path(v).expanduser()
         p = (p if p.is_absolute() else self.source.resolve().parent / p).resolve()
         if not p.exists():
-            raise ConfigError(f"{self.source}: `{key}`: {v!r} does not exist (looked for {p}); the path is "
-                              "relative to the recipe file's folder")  # fmt: skip
+            raise ConfigError(
+                f"{self.source}: `{key}`: {v!r} does not exist (looked for {p}); the path is relative to the "
+                "recipe file's folder"
+            )
         if file and not p.is_file():
             raise ConfigError(f"{self.source}: `{key}`: {p} is not a file")
         return p
@@ -158,52 +163,82 @@ def parse_recipe(data: Any, source: str | Path) -> Recipe:
     """Validate the parsed YAML `data` of the recipe at `source` (paths resolve against its folder)."""
     source = Path(source)
     c = _Checker(source)
+    _check_keys(c, data)
+    name = data.get("name", source.stem)
+    if not isinstance(name, str) or not name.strip():
+        raise c.fail("name", "must be a non-empty string", name)
+    sites = _sites(c, data)
+    env = _env(c, data)
+    task = None
+    if data.get("task") is not None:
+        from fl_plugins.tasks.spec import parse_task
+
+        task = parse_task(data["task"], source)
+        script = ScriptSpec(TASK_SCRIPT, ("--recipe", str(source.resolve())), env)
+    else:
+        args = c.strings("args", data.get("args") or [])
+        script = ScriptSpec(c.path("script", data["script"], file=True), args, env)
+    federation = _federation(c, data, len(sites))
+    tracking = parse_tracking(data.get("tracking"), where=f"{source}: ")
+    return Recipe(name.strip(), source, script, sites, federation, task, tracking)
+
+
+def _check_keys(c: _Checker, data: Any) -> None:
+    """`data` is a mapping of known keys, with a `script` or a `task` (not both), `sites` and `rounds`."""
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: a recipe must be a mapping of keys (name, script, sites, rounds, ...); got "
-                          f"{type(data).__name__}")  # fmt: skip
+        raise ConfigError(
+            f"{c.source}: a recipe must be a mapping of keys (name, script, sites, rounds, ...); got "
+            f"{type(data).__name__}"
+        )
     for k in data:
         if k not in _KEYS:
             raise c.unknown(k, list(_KEYS))
     if data.get("script") is not None and data.get("task") is not None:
-        raise ConfigError(f"{source}: give `script` (your own training script) or `task` (a built-in one), not both")
+        raise ConfigError(f"{c.source}: give `script` (your own training script) or `task` (a built-in one), not both")
     if data.get("task") is not None:
         for k in ("args", "site_args"):
             if data.get(k):
-                raise ConfigError(f"{source}: `{k}` applies to a `script`; a built-in `task` takes its settings "
-                                  "from the `task` section")  # fmt: skip
+                raise ConfigError(
+                    f"{c.source}: `{k}` applies to a `script`; a built-in `task` takes its settings from the `task` "
+                    "section"
+                )
     for k in ("script", "sites", "rounds"):
         if data.get(k) is None and not (k == "script" and data.get("task") is not None):
-            raise ConfigError(f"{source}: `{k}` is required (e.g. {_EXAMPLES[k]}){_OR_TASK if k == 'script' else ''}")
+            or_task = _OR_TASK if k == "script" else ""
+            raise ConfigError(f"{c.source}: `{k}` is required (e.g. {_EXAMPLES[k]}){or_task}")
 
-    name = data.get("name", source.stem)
-    if not isinstance(name, str) or not name.strip():
-        raise c.fail("name", "must be a non-empty string", name)
 
-    sites_v = data["sites"]
-    if isinstance(sites_v, list):
-        if not sites_v:
-            raise c.fail("sites", "must be a count >= 1 or a non-empty list of site names", sites_v)
-        for i, s in enumerate(sites_v):
+def _site_names(c: _Checker, v: Any) -> list[str]:
+    """`sites:`, a count (site-1..site-N) or a list of names."""
+    if isinstance(v, list):
+        if not v:
+            raise c.fail("sites", "must be a count >= 1 or a non-empty list of site names", v)
+        for i, s in enumerate(v):
             if not _site_name_ok(s):
                 raise c.fail(f"sites[{i}]", "must be a name of 1-128 characters without path separators", s)
-        dup = sorted({s for s in sites_v if sites_v.count(s) > 1})
+        dup = sorted({s for s in v if v.count(s) > 1})
         if dup:
-            raise c.fail("sites", f"must not repeat a name ({', '.join(dup)} appears twice)", sites_v)
-        names = list(sites_v)
-    elif isinstance(sites_v, int) and not isinstance(sites_v, bool):
-        names = [f"site-{i}" for i in range(1, c.integer("sites", sites_v, 1) + 1)]
-    else:
-        raise c.fail("sites", "must be a count >= 1 or a list of site names", sites_v)
+            raise c.fail("sites", f"must not repeat a name ({', '.join(dup)} appears twice)", v)
+        return list(v)
+    if isinstance(v, int) and not isinstance(v, bool):
+        return [f"site-{i}" for i in range(1, c.integer("sites", v, 1) + 1)]
+    raise c.fail("sites", "must be a count >= 1 or a list of site names", v)
 
-    site_args_v = data.get("site_args") or {}
-    if not isinstance(site_args_v, dict):
-        raise c.fail("site_args", "must be a mapping of site name to a list of arguments", site_args_v)
-    for s in site_args_v:
+
+def _sites(c: _Checker, data: dict) -> tuple[SiteSpec, ...]:
+    """The sites, each with its `site_args`."""
+    names = _site_names(c, data["sites"])
+    site_args = data.get("site_args") or {}
+    if not isinstance(site_args, dict):
+        raise c.fail("site_args", "must be a mapping of site name to a list of arguments", site_args)
+    for s in site_args:
         if s not in names:
             raise c.unknown(s, names, "site_args.")
-    sites = tuple(SiteSpec(n, c.strings(f"site_args.{n}", site_args_v[n]) if n in site_args_v else ())
-                  for n in names)  # fmt: skip
+    return tuple(SiteSpec(n, c.strings(f"site_args.{n}", site_args[n]) if n in site_args else ()) for n in names)
 
+
+def _env(c: _Checker, data: dict) -> dict[str, str]:
+    """`env:`, every value as a string (true/false as 1/0); the runner's own variables may not be set."""
     env_v = data.get("env") or {}
     if not isinstance(env_v, dict):
         raise c.fail("env", "must be a mapping of variable name to value", env_v)
@@ -212,57 +247,45 @@ def parse_recipe(data: Any, source: str | Path) -> Recipe:
         if not isinstance(k, str) or not _ENV_NAME.match(k):
             raise c.fail(f"env.{k}", "must be a variable name (letters, digits, underscore)", k)
         if k in RUNNER_ENV:
-            raise ConfigError(f"{source}: `env.{k}` is set by the runner for each site; remove it from the recipe")
+            raise ConfigError(f"{c.source}: `env.{k}` is set by the runner for each site; remove it from the recipe")
         if isinstance(v, bool):
             v = "1" if v else "0"
         if not isinstance(v, (str, int, float)):
             raise c.fail(f"env.{k}", "must be a string or a number", v)
         env[k] = str(v)
-
-    task = None
-    if data.get("task") is not None:
-        from fl_plugins.hf.spec import parse_task
-
-        task = parse_task(data["task"], source)
-        script = ScriptSpec(TASK_SCRIPT, ("--recipe", str(source.resolve())), env)
-    else:
-        script = ScriptSpec(c.path("script", data["script"], file=True), c.strings("args", data.get("args") or []),
-                            env)  # fmt: skip
-
-    rounds = c.integer("rounds", data["rounds"], 1)
-    min_sites_v = data.get("min_sites")
-    min_sites = len(names) if min_sites_v is None else c.integer("min_sites", min_sites_v, 1, len(names))
-    init_v = data.get("initial_model")
-    initial = None if init_v is None else c.path("initial_model", init_v, file=False)
-    deadline_v = data.get("round_deadline")
-    if deadline_v is not None and (isinstance(deadline_v, bool) or not isinstance(deadline_v, (int, float))
-                                   or deadline_v <= 0):  # fmt: skip
-        raise c.fail("round_deadline", "must be a number of seconds > 0, or null for no deadline", deadline_v)
-    deadline = None if deadline_v is None else float(deadline_v)
-    tracking = parse_tracking(data.get("tracking"), where=f"{source}: ")
-    agg, tr = _section(c, data, "aggregation", _AGGREGATION), _section(c, data, "transfer", _TRANSFER)
-    nonfinite = agg.get("reject_nonfinite", True)
-    if not isinstance(nonfinite, bool):
-        raise c.fail("aggregation.reject_nonfinite", "must be true or false", nonfinite)
-    chunk = tr.get("chunk_mib")
-    exhausted = agg.get("on_attempts_exhausted", "fail")
-    if exhausted not in ("fail", "close"):
-        raise c.fail("aggregation.on_attempts_exhausted", "must be 'fail' or 'close'", exhausted)
-    fed = FederationSpec(
-        rounds, min_sites, initial, deadline,
-        min_updates=c.integer("aggregation.min_updates", agg.get("min_updates", 1), 1, len(names)),
-        reject_nonfinite=nonfinite,
-        site_timeout=c.number("aggregation.site_timeout", agg.get("site_timeout", 60.0), 0.0, open_lo=True),
-        chunk_bytes=None if chunk is None else int(c.number("transfer.chunk_mib", chunk, 1 / 16, 64) * (1 << 20)),
-        idle_timeout=c.number("transfer.idle_timeout", tr.get("idle_timeout", 60.0), 0.0, open_lo=True),
-        max_attempts=c.integer("aggregation.max_attempts", agg.get("max_attempts", 3), 1),
-        on_attempts_exhausted=exhausted,
-    )  # fmt: skip
-    return Recipe(name.strip(), source, script, sites, fed, task, tracking)
+    return env
 
 
-_AGGREGATION = ("min_updates", "reject_nonfinite", "site_timeout", "max_attempts", "on_attempts_exhausted")
-_TRANSFER = ("chunk_mib", "idle_timeout")
+def _federation(c: _Checker, data: dict, sites: int) -> FederationSpec:
+    """The aggregator's settings the recipe gives, each checked by config.py's check (a null: left out)."""
+    sections = {section: _section(c, data, section, known) for section, known in _SECTIONS.items()}
+    values: dict[str, Any] = {"min_sites": sites}  # the default: all the sites
+    for key, s in _RECIPE_KEYS.items():
+        section, _, leaf = key.rpartition(".")
+        v = (sections[section] if section else data).get(leaf)
+        if v is not None:
+            values[s.name] = _setting_value(c, key, s, v, sites)
+    return FederationSpec(values)
+
+
+def _setting_value(c: _Checker, key: str, s: Setting, v: Any, sites: int) -> Any:
+    """The value `v` given at `key` for setting `s`, checked: a path resolves against the recipe's folder, a value
+    in a unit (`transfer.chunk_mib`) is scaled to the setting's, a count of sites is at most the recipe's sites."""
+    if isinstance(s.check, PathValue):
+        return c.path(key, v, file=False)
+    check = s.check
+    if s.name in _AT_MOST_SITES and isinstance(check, Integer):
+        check = Integer(check.low, high=sites)
+    value, unit = v, ""
+    if s.unit is not None:
+        unit = f"a number of {s.unit[0]} that is "
+        ok = isinstance(v, (int, float)) and not isinstance(v, bool) and abs(v) < 1 << 20
+        value = int(v * s.unit[1]) if ok else None  # whole bytes, rounded down
+    try:
+        return check.check(value)
+    except Invalid as e:
+        must = str(e).replace("must be ", f"must be {unit}", 1) + (", or null" if s.default is None else "")
+        raise c.fail(key, must, v) from None
 
 
 def _section(c: Checker, data: dict, key: str, known: tuple[str, ...]) -> dict:
@@ -274,7 +297,7 @@ def _section(c: Checker, data: dict, key: str, known: tuple[str, ...]) -> dict:
 
 
 _EXAMPLES = {"script": "`script: train.py`", "sites": "`sites: 3`", "rounds": "`rounds: 5`"}
-_OR_TASK = ", or a built-in `task:` section (fl_plugins/hf/spec.py)"
+_OR_TASK = ", or a built-in `task:` section (fl_plugins/tasks/spec.py)"
 
 
 def load_recipe(path: str | Path) -> Recipe:

@@ -1,4 +1,4 @@
-"""fl_plugins.hf.demo_data: deterministic, balanced, varied demo data, learnable but not trivial; jsonl/csv reading."""
+"""fl_plugins.tasks.demo_data: deterministic, balanced, varied demo data, learnable, not trivial; jsonl/csv reading."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from fl_plugins.errors import ConfigError
-from fl_plugins.hf.demo_data import (
+from fl_plugins.tasks.demo_data import (
     CAPITALS,
     INSTRUCTION_CATEGORIES,
     SENTIMENT_LABELS,

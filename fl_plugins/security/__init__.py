@@ -2,6 +2,7 @@
 
     provision.py   `fl-plugins provision PROJECT.yaml -o kits/`: the CA, the aggregator's kit, one kit per site
                    (needs `cryptography`: pip install 'fl-plugins[server]')
+    ca.py          the project's root CA, the certificates it issues and its record of them (for provision.py)
     tls.py         reading a kit into gRPC credentials, the aggregator's check of who is calling, and a kit-less
                    site's refusal of plaintext to another machine
     revocation.py  the server kit's list of revoked certificates (`provision --revoke`), re-read when it changes

@@ -17,10 +17,11 @@ writes
                    [revoked.json]                         certificates the aggregator refuses (--revoke)
     kits/site-1/   ca.crt client.crt client.key kit.yaml  one per site: the certificate's common name is the site
 
-Keys are EC P-256, written with mode 0600. Provisioning again into the same folder reuses the CA in kits/ca, so
-kits already handed out stay valid: to add a site, list it and provision again, then restart the aggregator with
-the new server kit (its site list is what admits a name). A site removed from the list is refused even though its
-certificate is still valid. Every project-file error names the file, the key path, what must hold and what was got.
+Keys are EC P-256, written with mode 0600 (the CA and the certificates it issues: ca.py). Provisioning again
+into the same folder reuses the CA in kits/ca, so kits already handed out stay valid: to add a site, list it and
+provision again, then restart the aggregator with the new server kit (its site list is what admits a name). A
+site removed from the list is refused even though its certificate is still valid. Every project-file error names
+the file, the key path, what must hold and what was got.
 
 `fl-plugins provision PROJECT.yaml -o kits --revoke SITE` (`revoke`) cuts off a leaked site key without a new
 CA: it adds every certificate the CA issued to SITE to kits/server/revoked.json (revocation.py), which the
@@ -35,9 +36,7 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import json
 import logging
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -45,17 +44,46 @@ from typing import Any
 
 from fl_plugins._config import Checker, load_yaml
 from fl_plugins._version import __version__
-from fl_plugins.errors import ConfigError, require
+from fl_plugins.errors import ConfigError
+from fl_plugins.security.ca import (
+    CA_KEY,
+    CA_MIN_DAYS,
+    CLOCK_SKEW,
+    ISSUED_FILE,
+    CertificateAuthority,
+    iso_utc,
+    issued_to,
+    load_crypto,
+    make_private_dir,
+    now_utc,
+    write_file,
+)
 from fl_plugins.security.revocation import REVOKED_FILE, Revoked, read_revocations, write_revocations
 from fl_plugins.security.tls import CA_CERT, CLIENT_CERT, CLIENT_KEY, KIT_FILE, SERVER_CERT, SERVER_KEY, read_kit_file
+
+__all__ = [  # CertificateAuthority and the CA's constants live in ca.py, and are importable from here too
+    "CA_DIR",
+    "CA_KEY",
+    "CA_MIN_DAYS",
+    "CLOCK_SKEW",
+    "ISSUED_FILE",
+    "SERVER_DIR",
+    "CertificateAuthority",
+    "Kits",
+    "Project",
+    "ServerSpec",
+    "load_project",
+    "parse_project",
+    "provision",
+    "provision_local",
+    "revoke",
+    "write_server_kit",
+    "write_site_kit",
+]
 
 log = logging.getLogger(__name__)
 
 CA_DIR, SERVER_DIR = "ca", "server"  # reserved: site kits live beside them, in folders named after the sites
-CA_KEY = "ca.key"
-ISSUED_FILE = "issued.jsonl"  # in the CA's folder: one JSON line per certificate it signed
-CA_MIN_DAYS = 3650  # the CA outlives many rounds of re-provisioning; kits are re-issued, the CA is kept
-CLOCK_SKEW = dt.timedelta(minutes=5)  # certificates start a little in the past: clocks of sites differ
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a folder name and an X.509 common name (<= 64)
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
@@ -87,12 +115,15 @@ class Project:
             if not isinstance(s, str) or not _SITE_NAME.match(s) or s in (CA_DIR, SERVER_DIR):
                 raise ConfigError(f"project {self.name!r}: `sites[{i}]` {_SITE_RULE} (got {s!r})")
         if len(set(self.sites)) != len(self.sites) or not self.sites:
-            raise ConfigError(f"project {self.name!r}: `sites` must list distinct names, at least one "
-                              f"(got {list(self.sites)})")  # fmt: skip
+            raise ConfigError(
+                f"project {self.name!r}: `sites` must list distinct names, at least one (got {list(self.sites)})"
+            )
 
 
-_SITE_RULE = ("must be 1-64 letters, digits, '.', '_' or '-' starting with a letter or digit, and not 'ca' or "
-              "'server' (it names the site's kit folder and its certificate)")  # fmt: skip
+_SITE_RULE = (
+    "must be 1-64 letters, digits, '.', '_' or '-' starting with a letter or digit, and not 'ca' or "
+    "'server' (it names the site's kit folder and its certificate)"
+)
 
 
 @dataclass(frozen=True)
@@ -116,8 +147,12 @@ class _Checker(Checker):
         if not isinstance(v, str) or not _host_ok(v):
             raise self.fail(key, "must be a host name or an IP address, e.g. aggregator.example.org or 10.0.0.5", v)
         if v.strip("[]") in ("0.0.0.0", "::"):
-            raise self.fail(key, "must be the address sites connect to, not a wildcard (to listen on every "
-                                 "interface, start the aggregator with --address 0.0.0.0:PORT)", v)  # fmt: skip
+            raise self.fail(
+                key,
+                "must be the address sites connect to, not a wildcard (to listen on every "
+                "interface, start the aggregator with --address 0.0.0.0:PORT)",
+                v,
+            )
         return v.strip("[]")
 
 
@@ -135,8 +170,10 @@ def parse_project(data: Any, source: str | Path) -> Project:
     source = Path(source)
     c = _Checker(source)
     if not isinstance(data, dict):
-        raise ConfigError(f"{source}: a project file must be a mapping of keys (name, server, sites, "
-                          f"validity_days); got {type(data).__name__}")  # fmt: skip
+        raise ConfigError(
+            f"{source}: a project file must be a mapping of keys (name, server, sites, "
+            f"validity_days); got {type(data).__name__}"
+        )
     for k in data:
         if k not in _KEYS:
             raise c.unknown(k, _KEYS)
@@ -147,7 +184,14 @@ def parse_project(data: Any, source: str | Path) -> Project:
     if not isinstance(name, str) or not name.strip() or len(name.strip()) > 60:
         raise c.fail("name", "must be a non-empty string of at most 60 characters", name)
 
-    srv = data["server"]
+    server = _server(c, data["server"], source)
+    sites = _sites(c, data["sites"])
+    days = c.integer("validity_days", data.get("validity_days", 365), 1, 36500)
+    return Project(name.strip(), server, sites, days)
+
+
+def _server(c: _Checker, srv: Any, source: Path) -> ServerSpec:
+    """`server:`: a mapping of host, port (or address) and alt_names, or a bare HOST:PORT string."""
     if isinstance(srv, str):
         srv = {"address": srv}
     if not isinstance(srv, dict):
@@ -174,8 +218,11 @@ def parse_project(data: Any, source: str | Path) -> Project:
     if not isinstance(alt, list):
         raise c.fail("server.alt_names", "must be a list of host names or IPs", alt)
     alt_names = tuple(c.host(f"server.alt_names[{i}]", a) for i, a in enumerate(alt))
+    return ServerSpec(host, port_n, alt_names)
 
-    sites_v = data["sites"]
+
+def _sites(c: _Checker, sites_v: Any) -> tuple[str, ...]:
+    """`sites:`: a list of distinct site names, or a count (site-1..site-N)."""
     if isinstance(sites_v, int) and not isinstance(sites_v, bool):
         sites = tuple(f"site-{i}" for i in range(1, c.integer("sites", sites_v, 1, 10_000) + 1))
     elif isinstance(sites_v, list) and sites_v:
@@ -188,8 +235,7 @@ def parse_project(data: Any, source: str | Path) -> Project:
         sites = tuple(sites_v)
     else:
         raise c.fail("sites", "must be a non-empty list of site names, or a count >= 1", sites_v)
-    days = c.integer("validity_days", data.get("validity_days", 365), 1, 36500)
-    return Project(name.strip(), ServerSpec(host, port_n, alt_names), sites, days)
+    return sites
 
 
 def load_project(path: str | Path) -> Project:
@@ -197,253 +243,77 @@ def load_project(path: str | Path) -> Project:
     return parse_project(load_yaml(path, "project file"), Path(path))
 
 
-# -- certificates -------------------------------------------------------------------------------------------------
-
-
-def _now(now: dt.datetime | None) -> dt.datetime:
-    return (now or dt.datetime.now(dt.timezone.utc)).astimezone(dt.timezone.utc)
-
-
-@dataclass
-class CertificateAuthority:
-    """The project's root CA: it signs the aggregator's and every site's certificate."""
-
-    cert: Any  # cryptography.x509.Certificate
-    key: Any  # its EC private key
-    directory: Path | None = None  # where it is saved (load/save set it): what it signs is recorded in ISSUED_FILE
-
-    @classmethod
-    def create(cls, name: str, *, days: int = CA_MIN_DAYS, now: dt.datetime | None = None) -> CertificateAuthority:
-        x509, hashes, ec = _crypto()
-        from cryptography.x509.oid import NameOID
-
-        key = ec.generate_private_key(ec.SECP256R1())
-        subject = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "fl-plugins"),
-                             x509.NameAttribute(NameOID.COMMON_NAME, f"{name} CA"[:64])])  # fmt: skip
-        start = _now(now) - CLOCK_SKEW
-        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
-        cert = (x509.CertificateBuilder().subject_name(subject).issuer_name(subject).public_key(key.public_key())
-                .serial_number(x509.random_serial_number()).not_valid_before(start)
-                .not_valid_after(start + dt.timedelta(days=days))
-                .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-                .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
-                                             key_encipherment=False, data_encipherment=False, key_agreement=False,
-                                             key_cert_sign=True, crl_sign=True, encipher_only=False,
-                                             decipher_only=False), critical=True)
-                .add_extension(ski, critical=False)
-                .sign(key, hashes.SHA256()))  # fmt: skip
-        return cls(cert, key)
-
-    @classmethod
-    def load(cls, directory: str | Path) -> CertificateAuthority:
-        """The CA saved in `directory` (ca.crt, ca.key)."""
-        x509, _, _ = _crypto()
-        from cryptography.hazmat.primitives import serialization
-
-        directory = Path(directory)
-        try:
-            cert = x509.load_pem_x509_certificate((directory / CA_CERT).read_bytes())
-            key = serialization.load_pem_private_key((directory / CA_KEY).read_bytes(), password=None)
-        except (OSError, ValueError, TypeError) as e:
-            raise ConfigError(
-                f"the CA in {directory} cannot be read ({e}); restore {CA_CERT} and {CA_KEY}, or move "
-                f"{directory} aside to make a new CA (every site then needs its new kit)"
-            ) from None
-        if cert.public_key() != key.public_key():
-            raise ConfigError(f"{directory}: {CA_KEY} is not the key of {CA_CERT}; restore the pair written together")
-        return cls(cert, key, directory)
-
-    def save(self, directory: str | Path) -> None:
-        directory = Path(directory)
-        _mkdir_private(directory)
-        _write(directory / CA_CERT, self.cert_pem)
-        _write(directory / CA_KEY, _key_pem(self.key), secret=True)
-        self.directory = directory
-
-    @property
-    def cert_pem(self) -> bytes:
-        from cryptography.hazmat.primitives.serialization import Encoding
-
-        return self.cert.public_bytes(Encoding.PEM)
-
-    @property
-    def expires(self) -> dt.datetime:
-        return self.cert.not_valid_after_utc
-
-    def issue(self, common_name: str, *, days: int, server_names: tuple[str, ...] = (),
-              now: dt.datetime | None = None) -> tuple[bytes, bytes]:  # fmt: skip
-        """A new key and a certificate for it signed by this CA: (certificate PEM, key PEM).
-
-        With `server_names`, a server certificate valid for those host names / IPs; else a client certificate
-        whose common name is the site's name (the aggregator reads the site from it). `now` sets the start of
-        the validity (tests issue certificates that have already expired)."""
-        x509, hashes, ec = _crypto()
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
-
-        start = _now(now) - CLOCK_SKEW
-        end = start + dt.timedelta(days=days)
-        if end > self.expires:
-            raise ConfigError(f"the CA expires on {self.expires:%Y-%m-%d}, before a certificate valid for {days} days "
-                              "would: lower `validity_days`, or move the kits' `ca` folder aside to make a new CA "
-                              "(every site then needs its new kit)")  # fmt: skip
-        key = ec.generate_private_key(ec.SECP256R1())
-        b = (x509.CertificateBuilder()
-             .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
-             .issuer_name(self.cert.subject).public_key(key.public_key())
-             .serial_number(x509.random_serial_number()).not_valid_before(start).not_valid_after(end)
-             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-             .add_extension(x509.KeyUsage(digital_signature=True, content_commitment=False, key_encipherment=False,
-                                          data_encipherment=False, key_agreement=False, key_cert_sign=False,
-                                          crl_sign=False, encipher_only=False, decipher_only=False), critical=True)
-             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()),
-                            critical=False))  # fmt: skip
-        if server_names:
-            alt = [_general_name(n) for n in server_names]
-            b = b.add_extension(x509.SubjectAlternativeName(alt), critical=False)
-            # clientAuth too: the aggregator's operator presents the server kit's certificate to see the full Status
-            eku = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            b = b.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
-        else:
-            b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        from cryptography.hazmat.primitives.serialization import Encoding
-
-        cert = b.sign(self.key, hashes.SHA256())
-        if self.directory is not None:
-            _record_issued(self.directory, cert, common_name, "server" if server_names else "site")
-        return cert.public_bytes(Encoding.PEM), _key_pem(key)
-
-
-def _record_issued(ca_dir: Path, cert: Any, common_name: str, kind: str) -> None:
-    """Append a certificate the CA signed to its record (ca_dir/ISSUED_FILE), which `revoke` reads."""
-    line = json.dumps({"serial": f"{cert.serial_number:x}", "common_name": common_name, "kind": kind,
-                       "not_before": _iso(cert.not_valid_before_utc),
-                       "not_after": _iso(cert.not_valid_after_utc)})  # fmt: skip
-    fd = os.open(ca_dir / ISSUED_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-    with os.fdopen(fd, "a", encoding="utf-8") as f:
-        f.write(line + "\n")
-
-
-def _issued_to(ca_dir: Path, site: str) -> dict[int, str]:
-    """Serial -> expiry of every site certificate with common name `site` in the CA's record."""
-    path = ca_dir / ISSUED_FILE
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        return {}
-    out: dict[int, str] = {}
-    for i, line in enumerate(lines, 1):
-        try:
-            rec = json.loads(line) if line.strip() else {}
-            if rec and rec.get("kind") == "site" and rec.get("common_name") == site:
-                out[int(rec["serial"], 16)] = str(rec.get("not_after", ""))
-        except (ValueError, KeyError, TypeError, AttributeError) as e:
-            raise ConfigError(f"{path}:{i} is not a record of an issued certificate ({e}); restore the file (it "
-                              "lists what the CA signed) or remove the broken line") from None  # fmt: skip
-    return out
-
-
-def _iso(t: dt.datetime) -> str:
-    return f"{t.astimezone(dt.timezone.utc):%Y-%m-%dT%H:%M:%SZ}"
-
-
-def _crypto():
-    require("cryptography", "server")
-    from cryptography import x509
-    from cryptography.hazmat.primitives import hashes
-    from cryptography.hazmat.primitives.asymmetric import ec
-
-    return x509, hashes, ec
-
-
-def _general_name(host: str):
-    from cryptography import x509
-
-    try:
-        return x509.IPAddress(ipaddress.ip_address(host))
-    except ValueError:
-        return x509.DNSName(host)
-
-
-def _key_pem(key) -> bytes:
-    from cryptography.hazmat.primitives import serialization
-
-    return key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                             serialization.NoEncryption())  # fmt: skip
-
-
-def _mkdir_private(directory: Path) -> None:
-    directory.mkdir(parents=True, exist_ok=True)
-    if os.name == "posix":
-        os.chmod(directory, 0o700)
-
-
-def _write(path: Path, data: bytes, *, secret: bool = False) -> None:
-    """Write `data`; a key gets mode 0600 from the moment it exists (also when the file was there before)."""
-    mode = 0o600 if secret else 0o644
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "wb") as f:
-        if os.name == "posix":
-            os.fchmod(f.fileno(), mode)
-        f.write(data)
+# -- kits ---------------------------------------------------------------------------------------------------------
 
 
 def _write_kit_file(path: Path, header: str, info: dict[str, Any]) -> None:
     import yaml
 
     info = {**info, "fl_plugins_version": __version__}
-    _write(path / KIT_FILE, (header + yaml.safe_dump(info, sort_keys=False)).encode())
+    write_file(path / KIT_FILE, (header + yaml.safe_dump(info, sort_keys=False)).encode())
 
 
-# -- kits ---------------------------------------------------------------------------------------------------------
-
-
-def write_server_kit(ca: CertificateAuthority, directory: str | Path, project: Project, *,
-                     now: dt.datetime | None = None) -> Path:  # fmt: skip
+def write_server_kit(
+    ca: CertificateAuthority, directory: str | Path, project: Project, *, now: dt.datetime | None = None
+) -> Path:
     """The aggregator's kit: its certificate (valid for the project's server host and alt_names), the CA that
     signs the sites, and the project's site list."""
     directory = Path(directory)
     names = tuple(dict.fromkeys((project.server.host, *project.server.alt_names)))
     cert, key = ca.issue(f"{project.name} aggregator"[:64], days=project.validity_days, server_names=names, now=now)
-    _mkdir_private(directory)
-    _write(directory / CA_CERT, ca.cert_pem)
-    _write(directory / SERVER_CERT, cert)
-    _write(directory / SERVER_KEY, key, secret=True)
-    _write_kit_file(directory, f"# The aggregator's startup kit for project {project.name!r} (fl-plugins provision).\n"
-                               f"# Serve with: fl-plugins server --kit {directory} --run-dir RUN_DIR --rounds N\n",
-                    {"role": "server", "project": project.name, "address": project.server.address,
-                     "sites": list(project.sites)})  # fmt: skip
+    make_private_dir(directory)
+    write_file(directory / CA_CERT, ca.cert_pem)
+    write_file(directory / SERVER_CERT, cert)
+    write_file(directory / SERVER_KEY, key, secret=True)
+    _write_kit_file(
+        directory,
+        f"# The aggregator's startup kit for project {project.name!r} (fl-plugins provision).\n"
+        f"# Serve with: fl-plugins server --kit {directory} --run-dir RUN_DIR --rounds N\n",
+        {"role": "server", "project": project.name, "address": project.server.address, "sites": list(project.sites)},
+    )
     return directory
 
 
-def write_site_kit(ca: CertificateAuthority, directory: str | Path, site: str, project: Project, *,
-                   now: dt.datetime | None = None, days: int | None = None) -> Path:  # fmt: skip
+def write_site_kit(
+    ca: CertificateAuthority,
+    directory: str | Path,
+    site: str,
+    project: Project,
+    *,
+    now: dt.datetime | None = None,
+    days: int | None = None,
+) -> Path:
     """A site's kit: its certificate (common name = `site`), its key, the CA, and the aggregator's address.
 
     The CA signs any name here; only the aggregator's site list decides whether the name is admitted."""
     directory = Path(directory)
     cert, key = ca.issue(site, days=project.validity_days if days is None else days, now=now)
-    _mkdir_private(directory)
-    _write(directory / CA_CERT, ca.cert_pem)
-    _write(directory / CLIENT_CERT, cert)
-    _write(directory / CLIENT_KEY, key, secret=True)
+    make_private_dir(directory)
+    write_file(directory / CA_CERT, ca.cert_pem)
+    write_file(directory / CLIENT_CERT, cert)
+    write_file(directory / CLIENT_KEY, key, secret=True)
     server = project.server.address if project.server.port else None
-    _write_kit_file(directory, f"# The startup kit of site {site!r}, project {project.name!r} (fl-plugins provision).\n"
-                               f"# Run the site with: fl-plugins client --kit {directory} -- python train.py\n",
-                    {"role": "site", "project": project.name, "site": site, "server": server})  # fmt: skip
+    _write_kit_file(
+        directory,
+        f"# The startup kit of site {site!r}, project {project.name!r} (fl-plugins provision).\n"
+        f"# Run the site with: fl-plugins client --kit {directory} -- python train.py\n",
+        {"role": "site", "project": project.name, "site": site, "server": server},
+    )
     return directory
 
 
 def provision(project: Project, out_dir: str | Path, *, now: dt.datetime | None = None) -> Kits:
     """Write the CA (or reuse the one in OUT/ca), the aggregator's kit and one kit per site under `out_dir`."""
     out = Path(out_dir)
-    _mkdir_private(out)
+    make_private_dir(out)
     ca_dir = out / CA_DIR
     if (ca_dir / CA_CERT).exists() or (ca_dir / CA_KEY).exists():
         ca = CertificateAuthority.load(ca_dir)
-        if _now(now) >= ca.expires:
-            raise ConfigError(f"the CA in {ca_dir} expired on {ca.expires:%Y-%m-%d}; move {ca_dir} aside to make a "
-                              "new CA (every site then needs its new kit)")  # fmt: skip
+        if now_utc(now) >= ca.expires:
+            raise ConfigError(
+                f"the CA in {ca_dir} expired on {ca.expires:%Y-%m-%d}; move {ca_dir} aside to make a "
+                "new CA (every site then needs its new kit)"
+            )
         log.info("reusing the CA in %s: kits already handed out stay valid", ca_dir)
     else:
         ca = CertificateAuthority.create(project.name, days=max(CA_MIN_DAYS, project.validity_days + 1), now=now)
@@ -452,11 +322,17 @@ def provision(project: Project, out_dir: str | Path, *, now: dt.datetime | None 
     kits = Kits(out, ca_dir, write_server_kit(ca, out / SERVER_DIR, project, now=now))
     for site in project.sites:
         kits.sites[site] = write_site_kit(ca, out / site, site, project, now=now)
-    stale = sorted(p.name for p in out.iterdir() if p.is_dir() and p.name not in (CA_DIR, SERVER_DIR, *project.sites)
-                   and (p / CLIENT_CERT).exists())  # fmt: skip
+    stale = sorted(
+        p.name
+        for p in out.iterdir()
+        if p.is_dir() and p.name not in (CA_DIR, SERVER_DIR, *project.sites) and (p / CLIENT_CERT).exists()
+    )
     if stale:
-        log.warning("%s holds kits of sites no longer in the project (%s): the aggregator refuses them; delete "
-                    "those folders", out, ", ".join(stale))  # fmt: skip
+        log.warning(
+            "%s holds kits of sites no longer in the project (%s): the aggregator refuses them; delete those folders",
+            out,
+            ", ".join(stale),
+        )
     return kits
 
 
@@ -465,7 +341,7 @@ def revoke(project: Project, out_dir: str | Path, site: str, *, now: dt.datetime
     OUT/SITE/client.crt: add them to the aggregator's list OUT/server/revoked.json, which it checks at every call.
     Returns the certificates newly revoked (none when all of them already were). Nothing else is written:
     `provision` afterwards issues the site a new certificate, and that one is admitted."""
-    x509, _, _ = _crypto()
+    x509, _, _ = load_crypto()
     if not isinstance(site, str) or not _SITE_NAME.match(site) or site in (CA_DIR, SERVER_DIR):
         raise ConfigError(f"--revoke: a site name {_SITE_RULE} (got {site!r})")
     out = Path(out_dir)
@@ -473,32 +349,39 @@ def revoke(project: Project, out_dir: str | Path, site: str, *, now: dt.datetime
     need = "--revoke writes the aggregator's list of revoked certificates into its kit: pass -o the kits' folder"
     info = read_kit_file(server_dir, "server", need)
     if info.get("project") != project.name:
-        raise ConfigError(f"{server_dir} is the aggregator's kit of project {info.get('project')!r}, not of "
-                          f"{project.name!r}: pass -o the folder this project file was provisioned into")  # fmt: skip
-    serials = _issued_to(ca_dir, site)
+        raise ConfigError(
+            f"{server_dir} is the aggregator's kit of project {info.get('project')!r}, not of "
+            f"{project.name!r}: pass -o the folder this project file was provisioned into"
+        )
+    serials = issued_to(ca_dir, site)
     kit_cert = out / site / CLIENT_CERT
     if kit_cert.is_file():
         try:
             cert = x509.load_pem_x509_certificate(kit_cert.read_bytes())
         except ValueError as e:
-            raise ConfigError(f"{kit_cert} is not a PEM certificate ({e}); revoke needs the serial number it "
-                              "holds: restore the file, or remove it to revoke what the CA's record lists"
-                              ) from None  # fmt: skip
+            raise ConfigError(
+                f"{kit_cert} is not a PEM certificate ({e}); revoke needs the serial number it "
+                "holds: restore the file, or remove it to revoke what the CA's record lists"
+            ) from None
         from cryptography.x509.oid import NameOID
 
         names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
         if names != [site]:
-            raise ConfigError(f"{kit_cert} is a certificate of {names[0] if names else 'no site'!r}, not of site "
-                              f"{site!r}: restore the folder written by `fl-plugins provision`")  # fmt: skip
-        serials.setdefault(cert.serial_number, _iso(cert.not_valid_after_utc))
+            raise ConfigError(
+                f"{kit_cert} is a certificate of {names[0] if names else 'no site'!r}, not of site "
+                f"{site!r}: restore the folder written by `fl-plugins provision`"
+            )
+        serials.setdefault(cert.serial_number, iso_utc(cert.not_valid_after_utc))
     if not serials:
         known = sorted(p.name for p in out.iterdir() if (p / CLIENT_CERT).is_file())
-        raise ConfigError(f"--revoke {site}: no certificate of site {site!r} is known here: {ca_dir / ISSUED_FILE} "
-                          f"lists none and {kit_cert} does not exist (sites with a kit in {out}: "
-                          f"{', '.join(known) or 'none'}); check the site's name and -o")  # fmt: skip
+        raise ConfigError(
+            f"--revoke {site}: no certificate of site {site!r} is known here: {ca_dir / ISSUED_FILE} "
+            f"lists none and {kit_cert} does not exist (sites with a kit in {out}: "
+            f"{', '.join(known) or 'none'}); check the site's name and -o"
+        )
     path = server_dir / REVOKED_FILE
     entries = read_revocations(path)
-    when = _iso(_now(now))
+    when = iso_utc(now_utc(now))
     added = [Revoked(s, site, when, na) for s, na in sorted(serials.items()) if s not in entries]
     if added:
         write_revocations(path, [*entries.values(), *added])
@@ -506,9 +389,14 @@ def revoke(project: Project, out_dir: str | Path, site: str, *, now: dt.datetime
     return added
 
 
-def provision_local(out_dir: str | Path, sites: list[str] | tuple[str, ...], *, name: str = "local",
-                    port: int = 0, validity_days: int = 30) -> Kits:  # fmt: skip
+def provision_local(
+    out_dir: str | Path,
+    sites: list[str] | tuple[str, ...],
+    *,
+    name: str = "local",
+    port: int = 0,
+    validity_days: int = 30,
+) -> Kits:
     """Kits for a federation on this machine: the aggregator on 127.0.0.1 (and localhost). With port 0 the
     sites' kits name no port: the launcher gives them the address through FL_SERVER."""
-    return provision(Project(name, ServerSpec("127.0.0.1", port, ("localhost",)), tuple(sites), validity_days),
-                     out_dir)  # fmt: skip
+    return provision(Project(name, ServerSpec("127.0.0.1", port, ("localhost",)), tuple(sites), validity_days), out_dir)

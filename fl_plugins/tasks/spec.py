@@ -78,9 +78,28 @@ class TaskSpec:
     proximal_mu: float = 0.0  # FedProx: each local step pulls toward the round's global model by lr * mu * (w - g)
 
 
-_TOP = ("type", "model", "peft", "data", "rows", "labels", "split", "validation_fraction", "local_steps",
-        "local_epochs", "learning_rate", "batch_size", "max_length", "weight_decay", "warmup_ratio",
-        "gradient_accumulation_steps", "precision", "seed", "baselines", "proximal_mu")  # fmt: skip
+_TOP = (
+    "type",
+    "model",
+    "peft",
+    "data",
+    "rows",
+    "labels",
+    "split",
+    "validation_fraction",
+    "local_steps",
+    "local_epochs",
+    "learning_rate",
+    "batch_size",
+    "max_length",
+    "weight_decay",
+    "warmup_ratio",
+    "gradient_accumulation_steps",
+    "precision",
+    "seed",
+    "baselines",
+    "proximal_mu",
+)
 _PEFT = ("method", "r", "alpha", "dropout", "target_modules", "virtual_tokens", "encoder_hidden_size")
 _SPLIT = ("method", "alpha", "seed")
 
@@ -94,43 +113,16 @@ def parse_task(data: Any, source: str | Path) -> TaskSpec:
     c.keys(data, _TOP)
     for k in ("type", "model", "data"):
         if data.get(k) is None:
-            raise ConfigError(f"{source}: `task.{k}` is required (see fl_plugins/hf/spec.py for an example)")
+            raise ConfigError(f"{source}: `task.{k}` is required (see fl_plugins/tasks/spec.py for an example)")
     ttype = c.choice("type", data["type"], TASK_TYPES)
     model = _model(c, data["model"], source)
     peft = _peft(c, data.get("peft", "none"), ttype)
-    dsrc = data["data"]
-    if not isinstance(dsrc, str) or not dsrc:
-        raise c.fail("data", "must be demo:financial-sentiment, demo:instructions or a .jsonl/.csv path", dsrc)
-    if dsrc.startswith("demo:"):
-        c.choice("data", dsrc, tuple(DEMO_DATA))
-        if DEMO_DATA[dsrc] != ttype:
-            raise c.fail("data", f"is a {DEMO_DATA[dsrc]} data set; this task is {ttype}", dsrc)
-    else:
-        p = Path(dsrc).expanduser()
-        p = (p if p.is_absolute() else source.resolve().parent / p).resolve()
-        if not p.is_file():
-            raise ConfigError(f"{source}: `task.data`: {dsrc!r} does not exist (looked for {p}); the path is "
-                              "relative to the recipe file's folder")  # fmt: skip
-        if p.suffix not in (".jsonl", ".csv"):
-            raise c.fail("data", "must be a .jsonl or .csv file", dsrc)
-        dsrc = str(p)
-    labels = data.get("labels")
-    if labels is not None:
-        if ttype != "sequence-classification":
-            raise c.fail("labels", "applies to sequence-classification only; remove it", labels)
-        if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
-            raise c.fail("labels", "must be a list of at least 2 label names", labels)
-        labels = tuple(labels)
+    dsrc = _data(c, data["data"], ttype, source)
+    labels = _labels(c, data.get("labels"), ttype)
     split = data.get("split", {"method": "dirichlet"})
     if isinstance(split, str):
         split = {"method": split}
-    if not isinstance(split, dict):
-        raise c.fail("split", "must be iid, or a mapping like {method: dirichlet, alpha: 0.5}", split)
-    c.keys(split, _SPLIT, "split.")
-    method = c.choice("split.method", split.get("method", "dirichlet"), ("iid", "dirichlet"))
-    alpha = c.number("split.alpha", split.get("alpha", 0.5), 0.0, open_lo=True)
-    if method == "iid" and "alpha" in split:
-        raise c.fail("split.alpha", "applies to the dirichlet split only; remove it", split["alpha"])
+    method, alpha = _split(c, split)
     if "local_steps" in data and "local_epochs" in data:
         raise ConfigError(f"{source}: give `task.local_steps` or `task.local_epochs`, not both")
     steps = c.integer("local_steps", data["local_steps"], 1) if "local_steps" in data else None
@@ -141,23 +133,77 @@ def parse_task(data: Any, source: str | Path) -> TaskSpec:
     if not isinstance(baselines, bool):
         raise c.fail("baselines", "must be true or false", baselines)
     return TaskSpec(
-        type=ttype, model=model, peft=peft, data=dsrc,
-        rows=c.integer("rows", data.get("rows", 3000), 10), labels=labels,
-        split=method, alpha=alpha, split_seed=c.integer("split.seed", split.get("seed", 0), 0),
-        validation_fraction=c.number("validation_fraction", data.get("validation_fraction", 0.2), 0.0, 0.9,
-                                     open_lo=True),
-        local_steps=steps, local_epochs=epochs,
+        type=ttype,
+        model=model,
+        peft=peft,
+        data=dsrc,
+        rows=c.integer("rows", data.get("rows", 3000), 10),
+        labels=labels,
+        split=method,
+        alpha=alpha,
+        split_seed=c.integer("split.seed", split.get("seed", 0), 0),
+        validation_fraction=c.number(
+            "validation_fraction", data.get("validation_fraction", 0.2), 0.0, 0.9, open_lo=True
+        ),
+        local_steps=steps,
+        local_epochs=epochs,
         learning_rate=c.number("learning_rate", data.get("learning_rate", 5e-4), 0.0, open_lo=True),
         batch_size=c.integer("batch_size", data.get("batch_size", 16), 1),
         max_length=c.integer("max_length", data.get("max_length", 64), 8),
         weight_decay=c.number("weight_decay", data.get("weight_decay", 0.0), 0.0),
         warmup_ratio=c.number("warmup_ratio", data.get("warmup_ratio", 0.0), 0.0, 1.0),
-        gradient_accumulation_steps=c.integer("gradient_accumulation_steps",
-                                              data.get("gradient_accumulation_steps", 1), 1),
+        gradient_accumulation_steps=c.integer(
+            "gradient_accumulation_steps", data.get("gradient_accumulation_steps", 1), 1
+        ),
         precision=c.choice("precision", data.get("precision", "fp32"), PRECISIONS),
-        seed=c.integer("seed", data.get("seed", 0), 0), baselines=baselines,
+        seed=c.integer("seed", data.get("seed", 0), 0),
+        baselines=baselines,
         proximal_mu=c.number("proximal_mu", data.get("proximal_mu", 0.0), 0.0),
-    )  # fmt: skip
+    )
+
+
+def _data(c: Checker, dsrc: Any, ttype: str, source: Path) -> str:
+    """`task.data`: a demo data set that fits the task type, or a .jsonl/.csv file (made absolute)."""
+    if not isinstance(dsrc, str) or not dsrc:
+        raise c.fail("data", "must be demo:financial-sentiment, demo:instructions or a .jsonl/.csv path", dsrc)
+    if dsrc.startswith("demo:"):
+        c.choice("data", dsrc, tuple(DEMO_DATA))
+        if DEMO_DATA[dsrc] != ttype:
+            raise c.fail("data", f"is a {DEMO_DATA[dsrc]} data set; this task is {ttype}", dsrc)
+        return dsrc
+    p = Path(dsrc).expanduser()
+    p = (p if p.is_absolute() else source.resolve().parent / p).resolve()
+    if not p.is_file():
+        raise ConfigError(
+            f"{source}: `task.data`: {dsrc!r} does not exist (looked for {p}); the path is "
+            "relative to the recipe file's folder"
+        )
+    if p.suffix not in (".jsonl", ".csv"):
+        raise c.fail("data", "must be a .jsonl or .csv file", dsrc)
+    return str(p)
+
+
+def _labels(c: Checker, labels: Any, ttype: str) -> tuple[str, ...] | None:
+    if labels is None:
+        return None
+    if ttype != "sequence-classification":
+        raise c.fail("labels", "applies to sequence-classification only; remove it", labels)
+    if not isinstance(labels, list) or len(labels) < 2 or not all(isinstance(x, str) for x in labels):
+        raise c.fail("labels", "must be a list of at least 2 label names", labels)
+    return tuple(labels)
+
+
+def _split(c: Checker, split: Any) -> tuple[str, float]:
+    """`task.split` (a mapping; a bare method name already wrapped): (method, alpha). `split.seed` is read by the
+    caller, in its place among the other numbers."""
+    if not isinstance(split, dict):
+        raise c.fail("split", "must be iid, or a mapping like {method: dirichlet, alpha: 0.5}", split)
+    c.keys(split, _SPLIT, "split.")
+    method = c.choice("split.method", split.get("method", "dirichlet"), ("iid", "dirichlet"))
+    alpha = c.number("split.alpha", split.get("alpha", 0.5), 0.0, open_lo=True)
+    if method == "iid" and "alpha" in split:
+        raise c.fail("split.alpha", "applies to the dirichlet split only; remove it", split["alpha"])
+    return method, alpha
 
 
 def _model(c: Checker, v: Any, source: Path) -> ModelSpec:
@@ -197,8 +243,11 @@ def _peft(c: Checker, v: Any, ttype: str) -> PeftSpec:
     method = c.choice("peft.method", v.get("method", "lora"), PEFT_METHODS)
     if method == "p-tuning" and ttype != "causal-lm":
         raise c.fail("peft.method", "p-tuning is supported for causal-lm tasks here; use lora", method)
-    own = {"lora": ("r", "alpha", "dropout", "target_modules"), "p-tuning": ("virtual_tokens", "encoder_hidden_size"),
-           "none": ()}[method]  # fmt: skip
+    own = {
+        "lora": ("r", "alpha", "dropout", "target_modules"),
+        "p-tuning": ("virtual_tokens", "encoder_hidden_size"),
+        "none": (),
+    }[method]
     for k in v:
         if k != "method" and k not in own:
             raise c.fail(f"peft.{k}", f"does not apply to {method}; remove it", v[k])
@@ -206,9 +255,11 @@ def _peft(c: Checker, v: Any, ttype: str) -> PeftSpec:
     if tm is not None and (not isinstance(tm, list) or not tm or not all(isinstance(x, str) for x in tm)):
         raise c.fail("peft.target_modules", "must be a list of module names, e.g. [q_proj, v_proj]", tm)
     return PeftSpec(
-        method=method, r=c.integer("peft.r", v.get("r", 8), 1), alpha=c.integer("peft.alpha", v.get("alpha", 16), 1),
+        method=method,
+        r=c.integer("peft.r", v.get("r", 8), 1),
+        alpha=c.integer("peft.alpha", v.get("alpha", 16), 1),
         dropout=c.number("peft.dropout", v.get("dropout", 0.0), 0.0, 1.0),
         target_modules=tuple(tm) if tm else None,
         virtual_tokens=c.integer("peft.virtual_tokens", v.get("virtual_tokens", 16), 1),
         encoder_hidden_size=c.integer("peft.encoder_hidden_size", v.get("encoder_hidden_size", 64), 1),
-    )  # fmt: skip
+    )

@@ -1,0 +1,162 @@
+"""The built-in SFT / PEFT task a recipe's `task:` section names; `fl-plugins run` starts it on every site.
+
+    python -m fl_plugins.tasks --recipe RECIPE.yaml                  # one site (FL_SERVER, FL_SITE from the runner)
+    python -m fl_plugins.tasks --recipe RECIPE.yaml --baselines RUN  # after a run: the pooled validation set
+
+A site builds the model (the same seed everywhere: round 0's global model is whichever site offers first, and
+every site loads it), wraps it with PEFT as the recipe says, takes its share of the data (every site computes the
+same seeded split and keeps its own part), and runs one `Trainer.train()` with `FLTrainerCallback`: each round
+evaluates the global model on the site's validation share, trains `local_steps` (or `local_epochs`), and sends
+the adapter (or the trainable weights).
+
+`--baselines RUN_DIR` evaluates the run's final global model on the pooled validation set (every site's share)
+and trains each site's local-only model for as many steps as it trained in the federation, then scores it on the
+same set; it writes RUN_DIR/baselines.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fl_plugins.errors import ConfigError, FLError
+from fl_plugins.tasks.shares import shares
+from fl_plugins.tasks.spec import TaskSpec
+from fl_plugins.tasks.training import build_model, encode, make_trainer
+
+
+def federate(recipe: Any, site: str) -> None:
+    import fl_plugins.hf as flare
+
+    spec: TaskSpec = recipe.task
+    names = [s.name for s in recipe.sites]
+    if site not in names:
+        raise ConfigError(f"FL_SITE={site!r} is not one of the recipe's sites ({', '.join(names)})")
+    data = shares(spec, len(names))
+    k = names.index(site)
+    model, tok = build_model(spec, len(data.labels) if data.labels else None)
+    train, val = encode(spec, tok, data.train[k]), encode(spec, tok, data.val[k])
+    print(
+        f"[{site}] {len(train)} training rows, {len(val)} validation rows"
+        + (
+            f"; labels {np.bincount([r['label'] for r in data.train[k]], minlength=len(data.labels)).tolist()}"
+            if data.labels
+            else ""
+        ),
+        flush=True,
+    )
+    cb = flare.FLTrainerCallback(
+        local_steps=spec.local_steps, local_epochs=spec.local_epochs, evaluate=True, proximal_mu=spec.proximal_mu
+    )
+    with tempfile.TemporaryDirectory(prefix="fl-hf-") as out:
+        trainer = make_trainer(spec, model, tok, train, val, out, callbacks=[cb, _print_evaluations(site)])
+        print(
+            f"[{site}] each round exchanges {_nbytes(model) / 1e6:.3f} MB "
+            f"({'adapter' if spec.peft.method != 'none' else 'trainable weights'})",
+            flush=True,
+        )
+        trainer.train()
+    flare.shutdown()
+
+
+def _nbytes(model: Any) -> int:
+    from fl_plugins.integrations.hf import HFTarget
+
+    return HFTarget(model).nbytes()
+
+
+def _print_evaluations(site: str) -> Any:
+    """A callback printing each evaluation (the global model's, at the start of every round) to the site's log."""
+    from transformers import TrainerCallback
+
+    class PrintEvaluations(TrainerCallback):
+        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+            shown = {k: round(v, 4) for k, v in (metrics or {}).items() if k in ("eval_loss", "eval_accuracy")}
+            print(f"[{site}] step {state.global_step}: global model {shown}", flush=True)
+
+    return PrintEvaluations()
+
+
+def baselines(recipe: Any, run_dir: Path) -> dict[str, Any]:
+    """The final global model and every site's local-only model, on the pooled validation set."""
+    import torch
+
+    from fl_plugins.aggregator.store import RunStore
+    from fl_plugins.integrations.hf import HFTarget
+
+    spec: TaskSpec = recipe.task
+    names = [s.name for s in recipe.sites]
+    data = shares(spec, len(names))
+    num_labels = len(data.labels) if data.labels else None
+    store = RunStore(run_dir)
+    last = store.latest_round()
+    if last is None or last < 1:
+        raise ConfigError(f"{run_dir}: no aggregated global model yet (run the recipe first)")
+    from safetensors.torch import load_file
+
+    manifest = store.load(last)
+    params: dict[str, Any] = {}
+    for path in store.shard_paths(last, manifest):
+        params.update(load_file(str(path)))
+    out: dict[str, Any] = {"round": last, "pooled_validation_rows": len(data.pooled_val), "local_only": {}}
+    with tempfile.TemporaryDirectory(prefix="fl-hf-") as tmp:
+        model, tok = build_model(spec, num_labels)
+        HFTarget(model).load(params, strict=True)
+        pooled = encode(spec, tok, data.pooled_val)
+        out["global"] = _metrics(make_trainer(spec, model, tok, pooled, pooled, tmp).evaluate())
+        print(f"global model (round {last}): {out['global']}", flush=True)
+        budget = (
+            {"max_steps": spec.local_steps * recipe.federation.rounds}
+            if spec.local_steps
+            else {"num_train_epochs": spec.local_epochs * recipe.federation.rounds}
+        )
+        for k, name in enumerate(names):
+            torch.manual_seed(spec.seed)
+            model, tok = build_model(spec, num_labels)
+            tr = make_trainer(spec, model, tok, encode(spec, tok, data.train[k]), pooled, tmp, **budget)
+            tr.train()
+            out["local_only"][name] = _metrics(tr.evaluate())
+            print(f"{name} alone: {out['local_only'][name]}", flush=True)
+    (run_dir / "baselines.json").write_text(json.dumps(out, indent=2) + "\n")
+    return out
+
+
+def _metrics(m: dict[str, Any]) -> dict[str, float]:
+    return {k.removeprefix("eval_"): float(v) for k, v in m.items() if k in ("eval_loss", "eval_accuracy")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m fl_plugins.tasks", description=__doc__.split("\n\n")[0])
+    p.add_argument("--recipe", required=True, help="the recipe YAML with a `task:` section")
+    p.add_argument("--baselines", metavar="RUN_DIR", help="score the run's global model and local-only models")
+    a = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("fl_plugins").setLevel(logging.INFO)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()
+    from fl_plugins.recipe import load_recipe
+
+    try:
+        recipe = load_recipe(a.recipe)
+        if recipe.task is None:
+            raise ConfigError(f"{a.recipe}: has no `task:` section; run its script instead")
+        if a.baselines:
+            baselines(recipe, Path(a.baselines))
+        else:
+            site = os.environ.get("FL_SITE")
+            if not site:
+                raise ConfigError("FL_SITE is not set: fl-plugins run sets it for each site")
+            federate(recipe, site)
+    except FLError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
