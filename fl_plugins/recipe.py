@@ -10,7 +10,7 @@
     args: ["--epochs", "1"]                   # passed to every site's script
     site_args: {site-1: ["--shard", "0"]}     # extra arguments for one site, after `args`
     env: {}                                   # extra environment variables for every site
-    tracking: [mlflow, tensorboard]           # stream the run to trackers; default: none (fl_plugins/tracking.py)
+    tracking: [mlflow, tensorboard]           # stream the run to trackers; default: none (fl_plugins/tracking/)
     aggregation: {min_updates: 1, reject_nonfinite: true, site_timeout: 60,   # FedAvg's round rules
                   max_attempts: 3, on_attempts_exhausted: fail}
     transfer: {chunk_mib: 4, idle_timeout: 60}                                 # how weights travel
@@ -25,7 +25,7 @@ fl_plugins/tasks/spec.py (torch-free).
 
 `tracking:` names the experiment trackers the run's records stream to, in the run directory: `mlflow`,
 `tensorboard`, `wandb` (offline), as a list or as a mapping of name to options
-(`tracking: {mlflow: {experiment: x}, wandb: {project: y}}`; fl_plugins/tracking.py lists them). Default: none,
+(`tracking: {mlflow: {experiment: x}, wandb: {project: y}}`; fl_plugins/tracking/ lists them). Default: none,
 so a run starts without importing any tracker.
 
 Every error names the file, the key path, what must hold and what was got, e.g.

@@ -1,4 +1,4 @@
-"""Experiment tracking (fl_plugins/tracking.py): the `tracking:` key, records to points, the tailer, and a real
+"""Experiment tracking (fl_plugins/tracking/): the `tracking:` key, records to points, the tailer, and a real
 federation streamed to MLflow, TensorBoard and W&B (offline), each read back with the tracker's own reader."""
 
 from __future__ import annotations
