@@ -233,7 +233,7 @@ def site_client_main(conn, address: str, name: str, fmt: str, reuse_buffers: boo
     try:
         if fmt == "torch":
             import torch  # noqa: F401  (loaded before the clock starts, as in a training script)
-        from fl_plugins.client._site import SiteClient
+        from fl_plugins.client.site import SiteClient
         from fl_plugins.wire.proto import fl_pb2 as pb
 
         prev = None

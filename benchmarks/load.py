@@ -63,7 +63,7 @@ def sites_main(conn, address: str, n: int, add_constant: float) -> None:
     try:
         import numpy as np
 
-        from fl_plugins.client._site import SiteClient
+        from fl_plugins.client.site import SiteClient
         from fl_plugins.wire.proto import fl_pb2 as pb
 
         results: list[dict] = [{} for _ in range(n)]

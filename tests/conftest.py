@@ -78,7 +78,7 @@ class SiteThread(threading.Thread):
         self.refused: list[Exception] = []
 
     def run(self) -> None:
-        from fl_plugins.client._site import SiteClient
+        from fl_plugins.client.site import SiteClient
         from fl_plugins.wire.proto import fl_pb2 as pb
 
         c = SiteClient(self.address, self.site, **self.client_kw)

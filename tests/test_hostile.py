@@ -30,7 +30,7 @@ import pytest
 from conftest import SiteThread, load_round
 
 from fl_plugins.aggregator.store import RunStore
-from fl_plugins.client._site import SiteClient
+from fl_plugins.client.site import SiteClient
 from fl_plugins.errors import ModelMismatchError, RoundError
 from fl_plugins.tensors import ByteViews, describe
 from fl_plugins.wire import frames, rpc

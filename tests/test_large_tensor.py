@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fl_plugins.client._site import SiteClient
+from fl_plugins.client.site import SiteClient
 from fl_plugins.wire.proto import fl_pb2 as pb
 
 N = (2 << 30) // 4 + 4096  # float32 elements: 2 GiB + 16 KiB, past every 32-bit length

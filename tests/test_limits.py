@@ -29,7 +29,7 @@ from conftest import save_numpy
 from fl_plugins.aggregator.core import AggregatorConfig
 from fl_plugins.aggregator.service import AggregatorServer
 from fl_plugins.aggregator.store import RunStore
-from fl_plugins.client._site import SiteClient
+from fl_plugins.client.site import SiteClient
 from fl_plugins.errors import ProtocolError
 from fl_plugins.tensors import ByteViews, describe
 from fl_plugins.wire import frames, limits, rpc

@@ -16,7 +16,7 @@ from conftest import SiteThread, join_sites, save_numpy  # noqa: E402
 
 from fl_plugins.aggregator.core import AggregatorConfig  # noqa: E402
 from fl_plugins.aggregator.service import AggregatorServer  # noqa: E402
-from fl_plugins.client._site import SiteClient  # noqa: E402
+from fl_plugins.client.site import SiteClient  # noqa: E402
 from fl_plugins.errors import ConfigError, PolicyError  # noqa: E402
 from fl_plugins.security.policy import load_policy, parse_policy  # noqa: E402
 from fl_plugins.security.provision import provision_local  # noqa: E402

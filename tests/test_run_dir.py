@@ -46,7 +46,7 @@ def _model(tmp_path: Path, name: str, value: float) -> Path:
 
 def _job_id_seen_by_a_site(address: str) -> str:
     """The job id a site gets when it connects (what its policy.yaml is checked against)."""
-    from fl_plugins.client._site import SiteClient
+    from fl_plugins.client.site import SiteClient
 
     c = SiteClient(address, "probe", connect_timeout=30)
     try:
@@ -195,7 +195,7 @@ def test_the_python_api_keeps_the_job_and_refuses_another_model(tmp_path):
 
 @pytest.mark.integration
 def test_a_run_whose_round_0_a_site_offered_keeps_its_job_and_refuses_an_initial_model(tmp_path):
-    from fl_plugins.client._site import SiteClient
+    from fl_plugins.client.site import SiteClient
     from fl_plugins.wire.proto import fl_pb2 as pb
 
     run = tmp_path / "run"

@@ -27,7 +27,7 @@ from conftest import SiteThread, join_sites, load_round, save_numpy
 import fl_plugins.client as flare
 from fl_plugins.aggregator.core import AggregatorConfig
 from fl_plugins.aggregator.service import AggregatorServer
-from fl_plugins.client._site import SiteClient
+from fl_plugins.client.site import SiteClient
 from fl_plugins.errors import AuthError, ConfigError, TransportError
 from fl_plugins.security.provision import (
     CertificateAuthority,

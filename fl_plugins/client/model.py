@@ -60,9 +60,16 @@ class FLModel:
         """FLARE's summary, key for key: each field that holds a value (FLARE tests truthiness, so 0, {} and ""
         are left out too) maps to the length of a dict (`params` -> the number of tensors), the value itself for
         an int or a ParamsType, and the value's type for anything else. Never the tensors themselves."""
-        fields = {"params": self.params, "optimizer_params": self.optimizer_params, "metrics": self.metrics,
-                  "meta": self.meta, "params_type": self.params_type, "start_round": self.start_round,
-                  "current_round": self.current_round, "total_rounds": self.total_rounds}  # fmt: skip
+        fields = {
+            "params": self.params,
+            "optimizer_params": self.optimizer_params,
+            "metrics": self.metrics,
+            "meta": self.meta,
+            "params_type": self.params_type,
+            "start_round": self.start_round,
+            "current_round": self.current_round,
+            "total_rounds": self.total_rounds,
+        }
         out: dict[str, Any] = {}
         for key, value in fields.items():
             if not value:

@@ -1,6 +1,7 @@
 """The federation logic the trainer integrations share, free of any trainer (and of torch).
 
-One `RoundDriver` per process (`get()`), over the client API (`fl_plugins.client.api`):
+One `RoundDriver` per process (`get()`), over the client API (`fl_plugins.client.api` and its current session,
+`fl_plugins.client.session`):
 
     start()                      connect from the launcher's environment (FL_SERVER, FL_SITE) and allow
                                  offering the model's weights when the aggregator has no initial model
@@ -32,7 +33,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fl_plugins.client import api
+from fl_plugins.client import api, session
 from fl_plugins.client.model import FLModel, MetaKey, ParamsType
 from fl_plugins.errors import ConfigError, ModelMismatchError
 
@@ -68,11 +69,17 @@ def check_params(received: Mapping[str, Any], local: Mapping[str, Any], what: st
     """Raise ModelMismatchError listing missing, unexpected and mis-shaped keys of `received` vs `local`."""
     missing = [k for k in local if k not in received]
     unexpected = [k for k in received if k not in local]
-    shapes = [f"{k}: {tuple(received[k].shape)} vs local {tuple(local[k].shape)}" for k in local
-              if k in received and tuple(received[k].shape) != tuple(local[k].shape)]  # fmt: skip
+    shapes = [
+        f"{k}: {tuple(received[k].shape)} vs local {tuple(local[k].shape)}"
+        for k in local
+        if k in received and tuple(received[k].shape) != tuple(local[k].shape)
+    ]
     if missing or unexpected or shapes:
-        parts = [f"missing {missing}" if missing else "", f"unexpected {unexpected}" if unexpected else "",
-                 f"mis-shaped [{'; '.join(shapes)}]" if shapes else ""]  # fmt: skip
+        parts = [
+            f"missing {missing}" if missing else "",
+            f"unexpected {unexpected}" if unexpected else "",
+            f"mis-shaped [{'; '.join(shapes)}]" if shapes else "",
+        ]
         raise ModelMismatchError(
             f"{what} does not fit this site's model: {', '.join(p for p in parts if p)}. Build the same "
             "architecture on every site as the aggregator's initial model (or pass patch(..., "
@@ -84,8 +91,9 @@ def matching(received: Mapping[str, Any], local: Mapping[str, Any]) -> dict[str,
     """The received tensors whose name and shape match the local model (non-strict loading)."""
     out = {k: v for k, v in received.items() if k in local and tuple(v.shape) == tuple(local[k].shape)}
     if len(out) != len(received) or len(out) != len(local):
-        logger.warning("loading %d of %d received tensors into a model with %d (non-strict)", len(out),
-                       len(received), len(local))  # fmt: skip
+        logger.warning(
+            "loading %d of %d received tensors into a model with %d (non-strict)", len(out), len(received), len(local)
+        )
     return out
 
 
@@ -122,21 +130,21 @@ class RoundDriver:
     def start(self, rank: int = 0) -> None:
         """Connect (global rank 0 only; other ranks never talk to the aggregator)."""
         api.init(rank=rank)  # a no-op when the script called init() itself
-        if rank != 0 and api._runtime().rank == 0:
+        if rank != 0 and session.get().rank == 0:
             raise ConfigError(
                 f"this process is global rank {rank} of a multi-process run, but init() was called here as rank "
                 "0: let patch() connect (drop the init() call), or pass init(rank=...) on every rank"
             )
         self.rank = rank
         self.started = True
-        api._allow_offer_initial()
+        session.get().allow_offer_initial()
 
     # -- multi-process training: global rank 0 talks to the aggregator, the others follow it ------------------
     def is_running(self) -> bool:
         """Rank 0: asks the aggregator. Other ranks: what rank 0 said at the end of the last fit (True before)."""
         if self.rank != 0:
             return self.peer_running
-        return api._is_running_local()
+        return session.get().is_running()
 
     def round_info(self) -> dict[str, Any]:
         """Rank 0: what the other ranks learn of the round (sent with the strategy's broadcast)."""
@@ -148,9 +156,19 @@ class RoundDriver:
 
     def after_fit_info(self) -> dict[str, Any]:
         """Rank 0, when a fit has ended (its update sent): is the job still running, and which round is next."""
-        running = api._is_running_local()
-        nxt, total = api._pending_round() if running else (None, None)
+        sess = session.get()
+        running = sess.is_running()
+        nxt, total = sess.pending_round() if running else (None, None)
         return {"running": running, "round": nxt, "total_rounds": total}
+
+    def total_rounds(self) -> int:
+        """Rank 0: the job's rounds, as the aggregator said when this site connected."""
+        return session.get().total_rounds
+
+    def log_scalars(self, values: dict[str, float], step: int, round_: int | None = None) -> None:
+        """Rank 0: a training step's scalars (the trainer's own logs) go to the aggregator as flare.log records;
+        `round_`: the round the step belongs to (default: the one at hand)."""
+        session.get().log_scalars(values, step, round_)
 
     def follow(self, info: Mapping[str, Any], target: ModelTarget | None = None) -> None:
         """Rank != 0: take what rank 0 broadcast (round info at fit/validate start with the weights in `target`,
@@ -175,10 +193,13 @@ class RoundDriver:
         if not self.peer_running:
             return None
         if self.peer is None:
-            self.peer = FLModel(params_type=ParamsType.FULL, params=None, current_round=self.peer_round,
-                                total_rounds=self.peer_total,
-                                meta={"rank": self.rank, "current_round": self.peer_round,
-                                      "total_rounds": self.peer_total})  # fmt: skip
+            self.peer = FLModel(
+                params_type=ParamsType.FULL,
+                params=None,
+                current_round=self.peer_round,
+                total_rounds=self.peer_total,
+                meta={"rank": self.rank, "current_round": self.peer_round, "total_rounds": self.peer_total},
+            )
         return self.peer
 
     def receive(self, timeout: float | None = None, *, into: Mapping[str, Any] | None = None) -> FLModel | None:
@@ -203,7 +224,7 @@ class RoundDriver:
         with self.lock:
             self.target = target
             if self.model is None:
-                if self.rank != 0 or not api._is_running_local():
+                if self.rank != 0 or not session.get().is_running():
                     return False
                 if self.receive() is None:
                     return False
@@ -212,7 +233,7 @@ class RoundDriver:
                 return False
             if model.params is None:
                 state = dict(target.state())
-                api._offer_initial(state, into=state)
+                session.get().offer_initial(state, into=state)
                 if model.params is None:
                     return False
             if not self.loaded:
@@ -237,11 +258,15 @@ class RoundDriver:
             if self.rank != 0 or self.model is None or self.target is None or not self.loaded:
                 return
             if steps < 1:
-                logger.warning("round %s: no optimizer step was taken; sending the update with weight 1",
-                               self.model.current_round)  # fmt: skip
+                logger.warning(
+                    "round %s: no optimizer step was taken; sending the update with weight 1", self.model.current_round
+                )
             meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: max(1, int(steps))}
-            api.send(FLModel(params_type=ParamsType.FULL, params=dict(self.target.state()),
-                             metrics=dict(self.metrics), meta=meta))  # fmt: skip
+            api.send(
+                FLModel(
+                    params_type=ParamsType.FULL, params=dict(self.target.state()), metrics=dict(self.metrics), meta=meta
+                )
+            )
             self.model, self.loaded, self.metrics = None, False, {}
 
 

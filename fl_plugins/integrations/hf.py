@@ -262,9 +262,7 @@ class FLTrainerCallback(TrainerCallback):
 
     def _total_rounds(self) -> int:
         if self.rank == 0:
-            from fl_plugins.client import api
-
-            total = api._runtime().total_rounds
+            total = self.driver.total_rounds()
         else:
             total = 0
         return int(_broadcast(total, self.world))
@@ -408,10 +406,9 @@ class FLTrainerCallback(TrainerCallback):
         global step, so the run's tracker shows every site's training curve."""
         if not self.stream_metrics or self.rank != 0 or not logs or self.driver is None or not self.driver.started:
             return
-        from fl_plugins.client import api
-
-        api._log_scalars({k: v for k, v in logs.items() if isinstance(v, int | float) and not isinstance(v, bool)
-                          and not k.endswith(_TIMINGS)}, int(state.global_step), self._step_round)  # fmt: skip
+        scalars = {k: v for k, v in logs.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        scalars = {k: v for k, v in scalars.items() if not k.endswith(_TIMINGS)}
+        self.driver.log_scalars(scalars, int(state.global_step), self._step_round)
 
     def on_train_end(self, args, state, control, **kwargs):
         if self._in_round:  # patch(): the round ends with train(); callback form: a budget that did not divide

@@ -95,11 +95,9 @@ class _FLCallbackMixin:
         every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
         if trainer.global_step % every != 0:
             return
-        from fl_plugins.client import api
-
         values = {k: _scalar(v) for k, v in trainer.logged_metrics.items()}
-        api._log_scalars({k: v for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)},
-                         int(trainer.global_step))  # fmt: skip
+        scalars = {k: v for k, v in values.items() if isinstance(v, int | float) and not isinstance(v, bool)}
+        self.driver.log_scalars(scalars, int(trainer.global_step))
 
     # -- explicit validation -----------------------------------------------------------------------------
     def _explicit_validation(self, trainer: Any) -> bool:
