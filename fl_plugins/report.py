@@ -231,7 +231,8 @@ def write_plots(run: RunData, out_dir: str | Path | None = None) -> tuple[list[P
 
 def _validation(run: RunData, colors: dict[str, Any]):
     keys: list[str] = []
-    for rec in [*(run.rounds[r] for r in sorted(run.rounds)), *run.updates]:
+    recs: list[RoundRecord | UpdateRecord] = [*(run.rounds[r] for r in sorted(run.rounds)), *run.updates]
+    for rec in recs:
         keys += [k for k in rec.metrics if k not in keys]
     base = run.baselines or Baselines()
     final = base.global_metrics or {}
@@ -245,7 +246,7 @@ def _validation(run: RunData, colors: dict[str, Any]):
     fig = _figure(figsize=(6.2 * len(panels), 5.6))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     # each site's latest update per round (a round run again after a failure counts once)
-    latest: dict[tuple[str, int], dict] = {}
+    latest: dict[tuple[str, int], UpdateRecord] = {}
     for u in run.updates:
         latest[(u.site, u.round)] = u
     for ax, (title, ks, word) in zip(axes, panels, strict=True):

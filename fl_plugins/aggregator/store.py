@@ -190,7 +190,7 @@ class RunStore:
                 _write(f, hasher, s.header)
                 for t in s.tensors:
                     for block in blocks_of(t):
-                        _write(f, hasher, memoryview(np.ascontiguousarray(block).reshape(-1).view(np.uint8)))
+                        _write(f, hasher, np.ascontiguousarray(block).reshape(-1).view(np.uint8).data)
             if hasher.size != s.size:
                 raise IntegrityError(f"{s.name}: wrote {hasher.size} bytes, layout says {s.size}")
             shards.append(ShardLayout(s.name, s.header, s.tensors, hasher.hexdigest()))

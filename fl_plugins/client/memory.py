@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # transport.py imports this module: no cycle at run time
 log = logging.getLogger(__name__)
 
 PEER = "unix:in-memory"  # gRPC's peer string for a caller on this machine without a network address
-_REPLY = {name: resp for name, (_, _, resp) in rpc.METHODS.items()}
+_REPLY: dict[str, Any] = {name: resp for name, (_, _, resp) in rpc.METHODS.items()}
 
 
 class InMemoryRpcError(grpc.RpcError):

@@ -150,7 +150,7 @@ class ClientSession:
                 "meta": jsonable(model.meta or {}),
             }
             try:
-                self.client.upload(task.round, task.attempt, model.params, env)
+                self.client.upload(task.round, task.attempt, model.params or {}, env)
             except (RoundError, IntegrityError) as e:  # late, duplicate, or a round that will run again
                 logger.warning("round %d: the aggregator refused this update: %s", task.round, e)
             self.last_round = max(self.last_round, task.round)

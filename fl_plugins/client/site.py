@@ -145,7 +145,7 @@ class SiteClient:
             if not isinstance(e, grpc.RpcError):
                 return e
             err = rpc.error_from_rpc(e, what)
-            if err is not e or e.code() not in rpc.RETRYABLE:
+            if err is not e or e.code() not in rpc.RETRYABLE:  # type: ignore[attr-defined]  # a grpc.Call
                 return err  # the aggregator refused on purpose: retrying would not help
             return None
 

@@ -105,7 +105,7 @@ class Transfers:
         for i, shard in enumerate(manifest.shards):
             rx = ShardReceiver(manifest, i, sink)
             step = functools.partial(self._download_stream, task.round, i, rx)
-            self.resumable(step, f"download {shard.name}", progress=lambda rx=rx: rx.offset)
+            self.resumable(step, f"download {shard.name}", progress=functools.partial(_offset, rx))
             rx.finish(shard.digest)
         return manifest, params
 
@@ -140,7 +140,7 @@ class Transfers:
                 err = rpc.error_from_rpc(e, what)
                 if err is not e:
                     return None if isinstance(err, IntegrityError) else err
-                return None if e.code() in rpc.RETRYABLE else e
+                return None if e.code() in rpc.RETRYABLE else e  # type: ignore[attr-defined]  # a grpc.Call
             return None if isinstance(e, IntegrityError) else e
 
         def again(e: Exception) -> None:
@@ -279,3 +279,7 @@ def _short(e: BaseException) -> str:
     if isinstance(e, grpc.RpcError) and hasattr(e, "code"):
         return f"{e.code().name}: {e.details()}"
     return str(e)
+
+
+def _offset(rx: ShardReceiver) -> int:
+    return rx.offset

@@ -217,7 +217,7 @@ def load_server_kit(path: str | Path) -> ServerKit:
     )
 
 
-def load_site_kit(path: str | Path) -> SiteKit:
+def load_site_kit(path: str | os.PathLike) -> SiteKit:
     """Read a site's kit folder (kits/site-1); ConfigError saying what is wrong and how to fix it."""
     path = Path(path)
     info = read_kit_file(path, "site", "a site needs its own kit (e.g. kits/site-1)")

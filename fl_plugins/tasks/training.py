@@ -36,7 +36,7 @@ def model_folder(spec: TaskSpec) -> str:
             v = getattr(mod, attr, None)
             if v is not None:
                 return str(v() if callable(v) else v)
-        folder = Path(mod.__file__).parent / "model"
+        folder = Path(str(mod.__file__)).parent / "model"
         if folder.is_dir():
             return str(folder)
         raise ConfigError(
@@ -70,6 +70,8 @@ def build_model(spec: TaskSpec, num_labels: int | None) -> tuple[Any, Any]:
     import torch
 
     torch.manual_seed(spec.seed)
+    model: Any
+    tok: Any
     if spec.model.source == "build":
         from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -115,6 +117,7 @@ def _with_peft(spec: TaskSpec, model: Any) -> Any:
     import peft
 
     task_type = "SEQ_CLS" if spec.type == "sequence-classification" else "CAUSAL_LM"
+    cfg: Any
     if p.method == "lora":
         cfg = peft.LoraConfig(
             task_type=task_type,
@@ -209,7 +212,9 @@ def training_args(spec: TaskSpec, out_dir: str, **kw: Any) -> Any:
     import torch
     from transformers import TrainingArguments
 
-    budget = {"max_steps": spec.local_steps} if spec.local_steps else {"num_train_epochs": spec.local_epochs}
+    budget: dict[str, Any] = (
+        {"max_steps": spec.local_steps} if spec.local_steps else {"num_train_epochs": spec.local_epochs}
+    )
     budget.update(kw)
     # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio)
     names = {f.name for f in dataclasses.fields(TrainingArguments)}

@@ -7,7 +7,7 @@ from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from fl_plugins.records import LogRecord, MetricsRecord, RoundRecord, UpdateRecord, parse_log, parse_record
+from fl_plugins.records import LogRecord, Record, RoundRecord, UpdateRecord, parse_log, parse_record
 from fl_plugins.wire.limits import finite_float
 
 
@@ -70,7 +70,7 @@ class Converter:
         self._updates: dict[tuple[int, int], list[UpdateRecord]] = {}
         self._site_round: dict[str, int] = {}
 
-    def metrics_record(self, rec: MetricsRecord | Mapping[str, Any], *, peak_rss: float | None = None) -> list[Point]:
+    def metrics_record(self, rec: Record | Mapping[str, Any], *, peak_rss: float | None = None) -> list[Point]:
         if isinstance(rec, Mapping):
             rec = parse_record(rec)
         if isinstance(rec, UpdateRecord):
@@ -115,7 +115,7 @@ class Converter:
             pts.append(Point("aggregator/peak_rss_mb", peak_rss / 2**20, rnd, time=t))
         return pts
 
-    def log_record(self, rec: LogRecord | Mapping[str, Any]) -> list[Point]:
+    def log_record(self, rec: Record | Mapping[str, Any]) -> list[Point]:
         if isinstance(rec, Mapping):
             rec = parse_log(rec)
         if not isinstance(rec, LogRecord):

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import sys
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +21,11 @@ from fl_plugins.tracking._wandb import WandbTracker
 log = logging.getLogger("fl_plugins.tracking")
 
 POLL = 1.0  # seconds between reads of the run directory's files
-BACKENDS = {"mlflow": MLflowTracker, "tensorboard": TensorBoardTracker, "wandb": WandbTracker}
+BACKENDS: dict[str, Callable[..., Tracker]] = {
+    "mlflow": MLflowTracker,
+    "tensorboard": TensorBoardTracker,
+    "wandb": WandbTracker,
+}
 
 
 def peak_rss() -> float | None:

@@ -15,7 +15,7 @@ class WandbTracker:
     def __init__(self, run_dir: Path, options: dict[str, Any], job: str, params: dict[str, Any]) -> None:
         import wandb
 
-        wanted = {
+        wanted: dict[str, Any] = {
             "silent": True,
             "console": "off",
             "x_disable_stats": True,
