@@ -25,7 +25,6 @@ be an integer >= 1 (got 0)`` from the command line or a keyword. Torch-free and 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -34,6 +33,7 @@ from typing import Any, Protocol
 
 from fl_plugins.errors import ConfigError
 from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, short_repr
+from fl_plugins.wire.limits import finite_float
 
 
 class _Required:
@@ -55,16 +55,6 @@ class Check(Protocol):
     def check(self, value: Any) -> Any: ...
 
     def parse(self, text: str) -> Any: ...
-
-
-def _number_ok(v: Any) -> bool:
-    """A finite int or float (not a bool), one a float can hold."""
-    if isinstance(v, bool) or not isinstance(v, (int, float)):
-        return False
-    try:
-        return math.isfinite(v)
-    except OverflowError:  # an int too large for a float
-        return False
 
 
 @dataclass(frozen=True)
@@ -92,7 +82,7 @@ class Number:
     strict: bool = False  # > low, else >= low
 
     def check(self, v: Any) -> float:
-        if not _number_ok(v) or (v <= self.low if self.strict else v < self.low):
+        if finite_float(v) is None or (v <= self.low if self.strict else v < self.low):
             raise Invalid(f"must be a number {'>' if self.strict else '>='} {self.low:g}")
         return float(v)
 
