@@ -17,8 +17,8 @@ or FLARE's loop, one train() per round, with NVIDIA FLARE's `patch()` signature 
 
 What travels: patch()'s params_scope="auto" sends a PEFT model's adapter, any other model's whole state_dict; the
 callback's default ("trainable") sends the adapter, or a plain model's trainable parameters. Details, and what
-patch() refuses (DeepSpeed, FSDP, load_best_model_at_end=True): fl_plugins/integrations/hf.py. The rest is the
-client API (`fl_plugins.client`).
+patch() refuses (DeepSpeed, FSDP, load_best_model_at_end=True): fl_plugins/integrations/hf.py and hf_model.py. The
+rest is the client API (`fl_plugins.client`).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from fl_plugins.integrations.face import is_running as is_running
 from fl_plugins.integrations.face import receive as receive
 from fl_plugins.integrations.face import shutdown as shutdown
 from fl_plugins.integrations.hf import FLTrainerCallback as FLTrainerCallback
-from fl_plugins.integrations.hf import exchanged_state as exchanged_state
 from fl_plugins.integrations.hf import patch as patch
+from fl_plugins.integrations.hf_model import exchanged_state as exchanged_state
 
 __all__ = sorted([*_client_api, "FLTrainerCallback", "exchanged_state", "patch"])

@@ -348,7 +348,8 @@ def test_a_plan_the_aggregator_would_not_make_is_refused(server_factory):
     ("idle_timeout", 0, "`idle_timeout` (--idle-timeout) must be a number > 0 (got 0)"),
     ("site_timeout", float("nan"), "`site_timeout` (--site-timeout) must be a number > 0 (got nan)"),
     ("max_attempts", 0, "`max_attempts` (--max-attempts) must be an integer >= 1 (got 0)"),
-    ("on_attempts_exhausted", "retry", "`on_attempts_exhausted` (--on-attempts-exhausted) must be 'fail' or 'close' (got 'retry')"),
+    ("on_attempts_exhausted", "retry",
+     "`on_attempts_exhausted` (--on-attempts-exhausted) must be 'fail' or 'close' (got 'retry')"),
     ("linger", -1, "`linger` must be a number >= 0 (got -1)"),
 ])  # fmt: skip
 def test_every_setting_is_checked_wherever_it_comes_from(tmp_path, field, value, message):

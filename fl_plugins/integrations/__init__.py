@@ -1,6 +1,11 @@
 """Trainer integrations: thin translations of a trainer's hooks into the framework-neutral round driver.
 
-- driver.py: the federation logic (receive, load with a strict check, offer round 0, round budget, send)
-- _torch.py: a torch module as the driver's model target (state_dict in, load in place)
-- lightning.py: the Lightning callback over the driver (`lightning` and `pytorch_lightning` trainers)
+- driver.py: everything federated (receive, load with a strict check, offer round 0, round boundaries, send, FedProx)
+- budget.py: one round's budget and the round's progress, for every integration
+- targets.py: model targets (what travels, under which names) and the strict key and shape check
+- fedprox.py: FedProx's proximal term and its anchor, for any torch model
+- _torch.py: a torch module as the driver's model target; torch.distributed as its collective
+- lightning.py: the Lightning callback and patch() (`lightning` and `pytorch_lightning` trainers)
+- hf.py: the Hugging Face Trainer callback and patch(); hf_model.py: what of a transformers/PEFT model travels
+- face.py: receive / is_running / shutdown of the faces, routed through the driver
 """

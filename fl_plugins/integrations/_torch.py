@@ -1,4 +1,5 @@
-"""A torch module as the round driver's model target."""
+"""torch for the trainer integrations: a torch module as the round driver's model target, and torch.distributed as
+its `Collective` (rank 0's values and weights to every rank)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ class ModuleTarget:
         own storage are already there and are skipped."""
         local = self.module.state_dict()
         params = {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in params.items()}
-        todo = {k: v for k, v in params.items() if not _same_storage(v, local.get(k))}
+        todo = {k: v for k, v in params.items() if not same_storage(v, local.get(k))}
         if not todo:
             return
         if strict and len(todo) == len(local):
@@ -29,7 +30,8 @@ class ModuleTarget:
             self.module.load_state_dict(todo, strict=False)
 
 
-def _same_storage(a: Any, b: Any) -> bool:
+def same_storage(a: Any, b: Any) -> bool:
+    """Whether `a` and `b` are the same tensor memory (a tensor received in place into the model's own)."""
     return (
         isinstance(a, torch.Tensor)
         and isinstance(b, torch.Tensor)
@@ -41,10 +43,10 @@ def _same_storage(a: Any, b: Any) -> bool:
     )
 
 
-def broadcast_state(module: torch.nn.Module, src: int = 0) -> None:
-    """Overwrite every rank's module state with rank `src`'s, tensor by tensor and in place (collective: every
-    rank of the default process group calls it, with the same architecture)."""
-    broadcast_tensors(module.state_dict().values(), src)
+def dist_ready() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized()
 
 
 def broadcast_tensors(tensors: Iterable[Any], src: int = 0) -> None:
@@ -61,3 +63,21 @@ def broadcast_tensors(tensors: Iterable[Any], src: int = 0) -> None:
                 buf = t.contiguous()
                 dist.broadcast(buf, src=src)
                 t.copy_(buf)
+
+
+class TorchCollective:
+    """The round driver's `Collective` over torch.distributed's default process group, from rank 0. Until that
+    group exists, values and tensors stay as they are."""
+
+    def broadcast(self, value: Any) -> Any:
+        if not dist_ready():
+            return value
+        import torch.distributed as dist
+
+        box = [value]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def broadcast_tensors(self, tensors: Iterable[Any]) -> None:
+        if dist_ready():
+            broadcast_tensors(tensors, src=0)

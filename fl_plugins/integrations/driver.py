@@ -1,114 +1,76 @@
-"""The federation logic the trainer integrations share, free of any trainer (and of torch).
+"""Everything federated that the trainer integrations share, free of any trainer (and of torch).
 
-One `RoundDriver` per process (`get()`), over the client API (`fl_plugins.client.api` and its current session,
-`fl_plugins.client.session`):
+One `RoundDriver` per process (`get()`), over the client session (`fl_plugins.client.session`). The Lightning and
+HF integrations translate their trainer's hooks into these calls and keep no round state of their own:
 
-    start()                      connect from the launcher's environment (FL_SERVER, FL_SITE) and allow
-                                 offering the model's weights when the aggregator has no initial model
-    receive(into=...)            this round's FLModel at once; straight into the model's tensors when known
-    begin(target)                a fit/validate starts: offer round 0's weights if asked, then load the global
-                                 model into the target (strict key and shape check), once per round
-    record_metrics(metrics)      an explicit validation's metrics, sent with the update
-    finish_round(steps)          the update: the target's state, NUM_STEPS_CURRENT_ROUND, the metrics
+    start(rank)                connect from the launcher's environment (FL_SERVER, FL_SITE; global rank 0 only)
+                               and allow offering the model's weights when the aggregator has no initial model
+    plan(budget, whole_run=)   one round's budget (budget.py); whole_run: every round in one fit, rounds end where
+                               the budget is spent (the HF callback); else each fit is one round
+    use_fedprox(mu)            FedProx (fedprox.py), anchored at each round's global model
+    attach(target)             the model that receive() writes into, before the first fit
+    bind(trainer) / bound()    the trainer this process federates (one per process)
+    receive(into=...)          this round's FLModel at once; straight into the model's tensors when known
+    open_round(target, step=)  a fit or validate starts (or, in one fit, the next round): offer round 0's weights if
+                               the aggregator asked, load the global model into the target once per round (strict
+                               key and shape check), anchor FedProx. With a `Collective`, every rank then takes
+                               rank 0's round info and weights. Returns whether there is a round to train
+    step_began() / step_ended(lr) / epoch_ended()
+                               training progress: step_ended pulls the weights toward the global model (FedProx);
+                               both ..._ended say whether a round boundary is here (whole_run: the budget is spent)
+    record_metrics(metrics)    the global model's evaluation metrics, sent with the update (`fresh`: no step has
+                               begun on the round's global model yet)
+    end_round(step=)           the round's training is over: send the update (target state, NUM_STEPS_CURRENT_ROUND,
+                               metrics), if a round is open
+    agree_running(collective)  rank 0 asks the aggregator whether the job goes on; every rank gets the answer
+    next_round(target)         a round boundary inside one fit: end_round, agree_running, open_round
+    total_rounds(collective)   the job's rounds (rank 0's, on every rank)
+    log_scalars(values, step)  a training step's scalars to the aggregator as flare.log records
 
-Multi-process training (DDP): only global rank 0 connects and sends (`start(rank)`). The integration broadcasts
-rank 0's `round_info()` and weights when a fit/validate starts and `after_fit_info()` when a fit ends; the other
-ranks take them with `follow()`, so their `is_running()` and `receive()` agree with rank 0's without ever
-talking to the aggregator or needing a process group outside fit/validate.
+`open_round` and `end_round` are made of `begin(target)` and `finish_round(steps)`, the round's load and send.
 
-A model target is anything with `state() -> Mapping[str, tensor]` (the live state, sharing storage) and
-`load(params, strict)`: see `_torch.ModuleTarget`. `PrefixedTarget` puts a prefix on every name that travels
-(FLARE's `server_key_prefix`), so the global model's names can differ from the model's own by that prefix.
+Multi-process training (DDP): only global rank 0 connects and sends (`start(rank)`). The others learn the round
+from rank 0's `round_info()` when a round opens and from `after_fit_info()` when it ends (`follow()`), so their
+`is_running()` and `receive()` agree with rank 0's without ever talking to the aggregator or needing a process
+group outside fit/validate. The trainer's broadcast reaches the driver as a `Collective`.
 
-Round 0 without an initial model: `receive()` returns an FLModel with `current_round=0` and `params=None`;
-when the first fit/validate starts, the target's weights are uploaded as round 0's global model, received
-back (into the target's own tensors), and that same FLModel object gets its `params`.
+Model targets (`state()`, `load(params, strict)`), `PrefixedTarget` (FLARE's `server_key_prefix`) and the strict
+check: targets.py. Round 0 without an initial model: `receive()` returns an FLModel with `current_round=0` and
+`params=None`; when the first round opens, the target's weights are uploaded as round 0's global model, received
+back (into the target's own tensors), and that same FLModel gets its `params`.
 """
 
 from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Mapping
-from dataclasses import dataclass
-from typing import Any, Protocol
+import weakref
+from collections.abc import Iterable, Mapping
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fl_plugins.client import api, session
 from fl_plugins.client.model import FLModel, MetaKey, ParamsType
-from fl_plugins.errors import ConfigError, ModelMismatchError
+from fl_plugins.errors import ConfigError
+from fl_plugins.integrations.budget import RoundBudget as RoundBudget
+from fl_plugins.integrations.budget import RoundProgress
+from fl_plugins.integrations.targets import ModelTarget as ModelTarget
+from fl_plugins.integrations.targets import PrefixedTarget as PrefixedTarget
+from fl_plugins.integrations.targets import check_params as check_params
+from fl_plugins.integrations.targets import matching as matching
+
+if TYPE_CHECKING:
+    from fl_plugins.integrations.fedprox import Proximal
 
 logger = logging.getLogger(__name__)
 
 
-class ModelTarget(Protocol):
-    def state(self) -> Mapping[str, Any]: ...
+class Collective(Protocol):
+    """Rank 0's values to every rank of a multi-process run, through the trainer's own means (a strategy's
+    broadcast, torch.distributed); every rank calls each method, in the same order."""
 
-    def load(self, params: Mapping[str, Any], strict: bool) -> None: ...
+    def broadcast(self, value: Any) -> Any: ...
 
-
-class PrefixedTarget:
-    """A model target whose tensor names carry `prefix` on the wire (FLARE's `server_key_prefix`): the server's
-    model wraps the site's one level down (`model.` + the site's names). `state()` adds the prefix, so the driver
-    checks, receives into, offers and sends the wire names; `load()` strips it before the inner target loads."""
-
-    def __init__(self, inner: ModelTarget, prefix: str) -> None:
-        self.inner, self.prefix = inner, prefix
-
-    def state(self) -> dict[str, Any]:
-        return {self.prefix + k: v for k, v in self.inner.state().items()}
-
-    def load(self, params: Mapping[str, Any], strict: bool) -> None:
-        n = len(self.prefix)
-        self.inner.load({k[n:] if k.startswith(self.prefix) else k: v for k, v in params.items()}, strict)
-
-    def __getattr__(self, name: str) -> Any:  # the inner target's other attributes (kind, nbytes, ...)
-        return getattr(self.inner, name)
-
-
-def check_params(received: Mapping[str, Any], local: Mapping[str, Any], what: str = "the global model") -> None:
-    """Raise ModelMismatchError listing missing, unexpected and mis-shaped keys of `received` vs `local`."""
-    missing = [k for k in local if k not in received]
-    unexpected = [k for k in received if k not in local]
-    shapes = [
-        f"{k}: {tuple(received[k].shape)} vs local {tuple(local[k].shape)}"
-        for k in local
-        if k in received and tuple(received[k].shape) != tuple(local[k].shape)
-    ]
-    if missing or unexpected or shapes:
-        parts = [
-            f"missing {missing}" if missing else "",
-            f"unexpected {unexpected}" if unexpected else "",
-            f"mis-shaped [{'; '.join(shapes)}]" if shapes else "",
-        ]
-        raise ModelMismatchError(
-            f"{what} does not fit this site's model: {', '.join(p for p in parts if p)}. Build the same "
-            "architecture on every site as the aggregator's initial model (or pass patch(..., "
-            "load_state_dict_strict=False) to load only the tensors that match)"
-        )
-
-
-def matching(received: Mapping[str, Any], local: Mapping[str, Any]) -> dict[str, Any]:
-    """The received tensors whose name and shape match the local model (non-strict loading)."""
-    out = {k: v for k, v in received.items() if k in local and tuple(v.shape) == tuple(local[k].shape)}
-    if len(out) != len(received) or len(out) != len(local):
-        logger.warning(
-            "loading %d of %d received tensors into a model with %d (non-strict)", len(out), len(received), len(local)
-        )
-    return out
-
-
-@dataclass
-class RoundBudget:
-    """Each fit trains one round's budget: the trainer's own max_epochs / max_steps (None or -1: no limit)."""
-
-    epochs: int | None
-    steps: int | None
-
-    def limits(self, epochs_done: int, steps_done: int) -> tuple[int | None, int | None]:
-        """The absolute limits for the next fit, given what the trainer has done so far."""
-        e = self.epochs if self.epochs is None or self.epochs < 0 else epochs_done + self.epochs
-        s = self.steps if self.steps is None or self.steps < 0 else steps_done + self.steps
-        return e, s
+    def broadcast_tensors(self, tensors: Iterable[Any]) -> None: ...
 
 
 class RoundDriver:
@@ -121,12 +83,18 @@ class RoundDriver:
         self.lock = threading.RLock()
         self.rank = 0  # global rank of this process
         self.started = False
+        self.budget: RoundBudget | None = None
+        self.whole_run = False  # every round in one fit: rounds end where the budget is spent
+        self.proximal: Proximal | None = None
+        self.progress = RoundProgress()
+        self.owner: weakref.ref[Any] | None = None
         # ranks != 0 (multi-process training): what rank 0 broadcast
         self.peer_running = True
         self.peer_round: int | None = None
         self.peer_total: int | None = None
         self.peer: FLModel | None = None
 
+    # -- set-up --------------------------------------------------------------------------------------------
     def start(self, rank: int = 0) -> None:
         """Connect (global rank 0 only; other ranks never talk to the aggregator)."""
         api.init(rank=rank)  # a no-op when the script called init() itself
@@ -139,13 +107,128 @@ class RoundDriver:
         self.started = True
         session.get().allow_offer_initial()
 
-    # -- multi-process training: global rank 0 talks to the aggregator, the others follow it ------------------
+    def plan(self, budget: RoundBudget | None, *, whole_run: bool = False) -> None:
+        """One round's budget; `whole_run`: one fit trains every round, and a round ends where its budget is spent
+        (step_ended / epoch_ended say so). Otherwise each fit is one round, and the budget only sets its limits."""
+        self.budget, self.whole_run = budget, whole_run
+
+    def use_fedprox(self, mu: float) -> None:
+        """FedProx with weight `mu` (0: off): anchored when a round opens, pulled after each step (fedprox.py)."""
+        if mu > 0:
+            from fl_plugins.integrations.fedprox import Proximal
+
+            self.proximal = Proximal(mu)
+        else:
+            self.proximal = None
+
+    def attach(self, target: ModelTarget) -> None:
+        """The model that receive() writes into, before the first round opens."""
+        with self.lock:
+            self.target = target
+
+    def bind(self, trainer: Any) -> None:
+        """Remember (weakly) the trainer this process federates."""
+        self.owner = weakref.ref(trainer)
+
+    def bound(self) -> Any | None:
+        """The trainer this process federates, while it lives."""
+        return self.owner() if self.owner is not None else None
+
+    # -- the job -------------------------------------------------------------------------------------------
     def is_running(self) -> bool:
-        """Rank 0: asks the aggregator. Other ranks: what rank 0 said at the end of the last fit (True before)."""
+        """Rank 0: asks the aggregator. Other ranks: what rank 0 said at the end of the last round (True before)."""
         if self.rank != 0:
             return self.peer_running
         return session.get().is_running()
 
+    def total_rounds(self, collective: Collective | None = None) -> int:
+        """The job's rounds, as the aggregator said when this site connected: rank 0's, broadcast with
+        `collective` (0 on other ranks without one)."""
+        total = session.get().total_rounds if self.rank == 0 else 0
+        return int(collective.broadcast(total)) if collective is not None else total
+
+    def log_scalars(self, values: dict[str, float], step: int, round_: int | None = None) -> None:
+        """Rank 0: a training step's scalars (the trainer's own logs) go to the aggregator as flare.log records;
+        `round_`: the round the step belongs to (default: the one at hand)."""
+        session.get().log_scalars(values, step, round_)
+
+    # -- a round, as the trainer sees it -------------------------------------------------------------------
+    @property
+    def in_round(self) -> bool:
+        """A round's global model is loaded and its update not yet sent."""
+        return self.progress.open
+
+    @property
+    def fresh(self) -> bool:
+        """... and no training step has begun on it: an evaluation now scores the global model."""
+        return self.progress.open and self.progress.fresh
+
+    @property
+    def step_round(self) -> int | None:
+        """The round of the step being trained (its logs may come after a boundary moved on)."""
+        return self.progress.step_round
+
+    def open_round(self, target: ModelTarget, *, step: int = 0, collective: Collective | None = None) -> bool:
+        """A round's training or evaluation starts at the trainer's global `step`: load its global model into
+        `target` (rank 0: begin()), then with `collective` hand rank 0's round info and weights to every rank.
+        Returns whether there is a round (False: the job is over), the same on every rank."""
+        ok = self.begin(target) if self.rank == 0 else False
+        if collective is not None:
+            info = collective.broadcast(self.round_info() if self.rank == 0 else None) or {}
+            collective.broadcast_tensors(target.state().values())
+            if self.rank != 0:
+                self.follow(info, target)
+                ok = info.get("round") is not None
+        self.progress.restart(ok, step)
+        if ok and self.proximal is not None:
+            self.proximal.anchor(target.state())
+        return ok
+
+    def step_began(self) -> None:
+        self.progress.fresh = False
+        model = self.model
+        self.progress.step_round = model.current_round if model is not None else None
+
+    def step_ended(self, lr: float | None = None) -> bool:
+        """An optimizer step (at learning rate `lr`) is done: FedProx pulls the weights toward the round's global
+        model. Returns whether the round's budget is spent here (whole_run only)."""
+        p = self.progress
+        p.steps += 1
+        if self.proximal is not None and p.open and lr is not None:
+            self.proximal.pull(lr)
+        return self.whole_run and self.budget is not None and self.budget.spent(steps=p.steps)
+
+    def epoch_ended(self) -> bool:
+        """An epoch is done. Returns whether the round's budget is spent here (whole_run only)."""
+        self.progress.epochs += 1
+        return self.whole_run and self.budget is not None and self.budget.spent(epochs=self.progress.epochs)
+
+    def end_round(self, step: int | None = None) -> None:
+        """The round's training is over (at the trainer's global `step`, or after the step_ended() calls): rank 0
+        sends the update, if a round is open."""
+        p = self.progress
+        if not p.open:
+            return
+        p.open = False
+        self.finish_round(p.steps if step is None else step - p.start_step)
+
+    def agree_running(self, collective: Collective | None = None) -> bool:
+        """After a round: rank 0 asks whether the job goes on (and which round is next); with `collective`, every
+        rank gets its answer, which the other ranks' is_running() returns from then on."""
+        info = self.after_fit_info() if self.rank == 0 else None
+        if collective is not None:
+            info = collective.broadcast(info)
+        if self.rank != 0:
+            self.follow(info or {"running": False})
+        return bool(info and info["running"])
+
+    def next_round(self, target: ModelTarget, collective: Collective | None = None) -> bool:
+        """A round boundary inside one fit: send this round's update, and if the job goes on, open the next round.
+        Returns whether training goes on."""
+        self.end_round()
+        return self.agree_running(collective) and self.open_round(target, collective=collective)
+
+    # -- multi-process training: global rank 0 talks to the aggregator, the others follow it ----------------
     def round_info(self) -> dict[str, Any]:
         """Rank 0: what the other ranks learn of the round (sent with the strategy's broadcast)."""
         with self.lock:
@@ -160,15 +243,6 @@ class RoundDriver:
         running = sess.is_running()
         nxt, total = sess.pending_round() if running else (None, None)
         return {"running": running, "round": nxt, "total_rounds": total}
-
-    def total_rounds(self) -> int:
-        """Rank 0: the job's rounds, as the aggregator said when this site connected."""
-        return session.get().total_rounds
-
-    def log_scalars(self, values: dict[str, float], step: int, round_: int | None = None) -> None:
-        """Rank 0: a training step's scalars (the trainer's own logs) go to the aggregator as flare.log records;
-        `round_`: the round the step belongs to (default: the one at hand)."""
-        session.get().log_scalars(values, step, round_)
 
     def follow(self, info: Mapping[str, Any], target: ModelTarget | None = None) -> None:
         """Rank != 0: take what rank 0 broadcast (round info at fit/validate start with the weights in `target`,
@@ -202,22 +276,20 @@ class RoundDriver:
             )
         return self.peer
 
+    # -- receive, load, send -------------------------------------------------------------------------------
     def receive(self, timeout: float | None = None, *, into: Mapping[str, Any] | None = None) -> FLModel | None:
         with self.lock:
             if self.rank != 0:  # the round's weights reach this rank when validate/fit starts
                 return self._peer_model()
             if into is None and self.target is not None:
-                into = self._into()
+                into = dict(self.target.state())
             model = api.receive(timeout, into=into)  # type: ignore[arg-type]
             if model is not self.model:
                 self.model, self.loaded, self.metrics = model, False, {}
             return model
 
-    def _into(self) -> dict[str, Any] | None:
-        return dict(self.target.state()) if self.target is not None else None
-
     def begin(self, target: ModelTarget) -> bool:
-        """A fit or an explicit validate starts: make sure the round's global model is in `target`.
+        """Rank 0: make sure the round's global model is in `target`.
 
         Receives the round if the script has not, offers the target's weights as round 0's model if the
         aggregator asked. Returns False when there is no round to work on (the job is over, or rank != 0)."""
@@ -247,13 +319,13 @@ class RoundDriver:
             return True
 
     def record_metrics(self, metrics: Mapping[str, Any]) -> None:
-        """An explicit validation of the global model: its metrics travel with this round's update."""
+        """An evaluation of the global model: its metrics travel with this round's update."""
         with self.lock:
             if self.model is not None and self.loaded:
                 self.metrics.update(metrics)
 
     def finish_round(self, steps: int) -> None:
-        """Send the target's weights as this round's update."""
+        """Rank 0: send the target's weights as this round's update."""
         with self.lock:
             if self.rank != 0 or self.model is None or self.target is None or not self.loaded:
                 return
@@ -262,11 +334,8 @@ class RoundDriver:
                     "round %s: no optimizer step was taken; sending the update with weight 1", self.model.current_round
                 )
             meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: max(1, int(steps))}
-            api.send(
-                FLModel(
-                    params_type=ParamsType.FULL, params=dict(self.target.state()), metrics=dict(self.metrics), meta=meta
-                )
-            )
+            state = dict(self.target.state())
+            api.send(FLModel(params_type=ParamsType.FULL, params=state, metrics=dict(self.metrics), meta=meta))
             self.model, self.loaded, self.metrics = None, False, {}
 
 

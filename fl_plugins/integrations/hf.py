@@ -1,4 +1,4 @@
-"""The Hugging Face `Trainer` callback: translates trainer events into the round driver's calls.
+"""The Hugging Face `Trainer` callback: translates trainer events into the round driver's calls (driver.py).
 
 Two ways to use it, both with one LR schedule over all rounds and the optimizer's state carried over:
 
@@ -7,9 +7,9 @@ Two ways to use it, both with one LR schedule over all rounds and the optimizer'
   the number of rounds: each round is the TrainingArguments' `max_steps` (or `num_train_epochs`), unless
   `local_steps=` / `local_epochs=` say otherwise. One train() call means one optimizer, one scheduler (its
   warmup and decay span rounds x per-round steps) and one data order, exactly as in plain training. At each
-  round boundary (`on_step_end` / `on_epoch_end`) the update is sent, the next global model is received
-  straight into the model's tensors, and, when the trainer evaluates (`eval_strategy` is not "no"), the new
-  global model is evaluated before its first step; those metrics travel with the round's update.
+  round boundary (`on_step_end` / `on_epoch_end`: the driver says where) the update is sent, the next global
+  model is received straight into the model's tensors, and, when the trainer evaluates (`eval_strategy` is not
+  "no"), the new global model is evaluated before its first step; those metrics travel with the round's update.
 - `flare.patch(trainer)` then FLARE's loop, one `train()` per round:
       while flare.is_running():
           input_model = flare.receive()      # loaded into trainer.model
@@ -19,27 +19,21 @@ Two ways to use it, both with one LR schedule over all rounds and the optimizer'
   once for rounds x per-round steps. (Each train() call still starts a new TrainerState: step counters and
   the shuffling seed restart per call. Use the callback form when the data order must match plain training.)
 
-What is exchanged (`params_scope`): "adapter", a PEFT model's adapter weights only (peft's
-`get_peft_model_state_dict` / `set_peft_model_state_dict`; for prompt learning such as p-tuning, the prompt
-encoder's trainable parameters, since peft's own state dict of those is the encoder's output, which cannot be
-trained further); "model", the model's whole state_dict (frozen weights and persistent buffers too); "auto"
-(FLARE's default, and patch()'s), the adapter of a PEFT model and the whole model otherwise; "trainable" (the
-callback's default), the adapter of a PEFT model and a plain model's trainable parameters otherwise (frozen ones
-stay local). Either way the tensors share storage with the model, so the global model is received in place, on
-the model's device. `server_key_prefix` ("model." in FLARE's LLM example) is put before every name that travels
-and taken off what arrives: the global model's names are the site's with that prefix.
+What is exchanged (`params_scope`: "auto", "model", "adapter", "trainable"): hf_model.py. `server_key_prefix`
+("model." in FLARE's LLM example) is put before every name that travels and taken off what arrives.
 
 patch() takes NVIDIA FLARE's signature with its meaning: `restore_state` (one optimizer and one LR schedule
 over all rounds; False: the trainer re-creates its LR scheduler for each train() call, as a plain Trainer does),
 `load_state_dict_strict`, `params_scope`, `server_key_prefix`, `local_epochs` / `local_steps` (one round's
 budget, in place of the TrainingArguments'), `stream_metrics` (send the trainer's logs to the aggregator as
 flare.log records; the callback always does). It refuses what FLARE refuses: DeepSpeed and FSDP (not supported
-yet), `load_best_model_at_end=True`, and a second patched Trainer in one process.
+yet), `load_best_model_at_end=True`, and a second patched Trainer in one process. It changes the trainer only
+through public means: its callback list, its TrainingArguments, and wrappers of its `create_scheduler` and
+`evaluate` methods.
 
 FedProx: `FLTrainerCallback(proximal_mu=mu)` moves the exchanged weights toward the round's global model by
-lr * mu * (w - w_global) after every optimizer step: the proximal term's gradient step, decoupled from the
-optimizer (as AdamW decouples weight decay), so it works the same under Adam or SGD and costs one copy of what
-travels (the adapter, for PEFT).
+lr * mu * (w - w_global) after every optimizer step (fedprox.py, through the driver): the proximal term's gradient
+step, decoupled from the optimizer, so it works the same under Adam or SGD.
 
 The trainer's own resume logic (`train(resume_from_checkpoint=...)`) loads its checkpoint before
 `on_train_begin`; the global model is loaded at `on_train_begin`, so it wins.
@@ -52,15 +46,18 @@ and at each round end whether the job goes on.
 from __future__ import annotations
 
 import logging
-import math
-import weakref
-from collections.abc import Mapping
 from typing import Any
 
 from fl_plugins.errors import ConfigError, MissingDependencyError
 from fl_plugins.integrations import driver as _driver
+from fl_plugins.integrations.budget import RoundBudget
+from fl_plugins.integrations.hf_model import PARAMS_SCOPES, resolve_scope, unwrap
+from fl_plugins.integrations.hf_model import HFTarget as HFTarget  # fl_plugins.tasks uses it from here
 
 logger = logging.getLogger(__name__)
+
+_INSTALL = "transformers is not installed; install it with: pip install 'fl-plugins[hf]'"
+_TIMINGS = ("_runtime", "_per_second", "epoch")  # evaluate()'s timings are not the model's metrics
 
 try:
     from transformers import TrainerCallback
@@ -68,138 +65,7 @@ except ImportError:  # pragma: no cover - the face raises a clear error instead
 
     class TrainerCallback:  # type: ignore[no-redef]
         def __init__(self, *a: Any, **k: Any) -> None:
-            raise MissingDependencyError(
-                "transformers is not installed; install it with: pip install 'fl-plugins[hf]'"
-            )
-
-
-# -- what is exchanged ---------------------------------------------------------------------------------------
-
-
-def _is_peft(model: Any) -> bool:
-    try:
-        from peft import PeftModel
-    except ImportError:
-        return False
-    return isinstance(model, PeftModel)
-
-
-def _prompt_learning(model: Any) -> bool:
-    cfg = getattr(model, "active_peft_config", None)
-    return bool(getattr(cfg, "is_prompt_learning", False))
-
-
-PARAMS_SCOPES = ("auto", "model", "adapter", "trainable")
-
-
-def resolve_scope(model: Any, params_scope: Any, who: str) -> str:
-    """`params_scope` for `model`, resolved to "model", "adapter" or "trainable" (see the module docstring)."""
-    scope = params_scope.lower() if isinstance(params_scope, str) else params_scope
-    if scope not in PARAMS_SCOPES:
-        raise ConfigError(f"{who}: params_scope must be one of {', '.join(map(repr, PARAMS_SCOPES))} (got "
-                          f"{params_scope!r}); 'auto' exchanges a PEFT model's adapter and any other model's whole "
-                          "state_dict")  # fmt: skip
-    peft = _is_peft(model)
-    if scope == "adapter" and not peft:
-        raise ConfigError(f"{who}: params_scope='adapter' needs a PEFT model (got {type(model).__name__}); wrap the "
-                          "model with peft.get_peft_model(...), or use params_scope='auto' or 'model'")  # fmt: skip
-    if scope == "auto":
-        return "adapter" if peft else "model"
-    if scope == "model" and peft:
-        logger.warning("params_scope='model' on a PEFT model exchanges its whole state_dict, base weights included; "
-                       "params_scope='auto' exchanges only the adapter")  # fmt: skip
-    return scope
-
-
-class HFTarget:
-    """The part of a transformers (or PEFT) model that travels; `state()` shares storage with the model.
-
-    scope: "trainable" (default), "adapter" or "model", as `resolve_scope` returns it."""
-
-    def __init__(self, model: Any, scope: str = "trainable") -> None:
-        self.model = model
-        if scope == "model":
-            self.kind = "model"
-        elif _is_peft(model):
-            self.kind = "peft-prompt" if _prompt_learning(model) else "peft"
-        else:
-            self.kind = "trainable"
-
-    def state(self) -> dict[str, Any]:
-        if self.kind == "peft":
-            from peft import get_peft_model_state_dict
-
-            return dict(get_peft_model_state_dict(self.model))
-        if self.kind == "model":
-            return dict(self.model.state_dict())
-        return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
-
-    def load(self, params: Mapping[str, Any], strict: bool) -> None:
-        import torch
-
-        from fl_plugins.integrations._torch import _same_storage
-
-        local = self.state()
-        todo = {k: v for k, v in params.items() if not _same_storage(v, local.get(k))}
-        if not todo:
-            return
-        if self.kind == "peft":
-            from peft import set_peft_model_state_dict
-
-            result = set_peft_model_state_dict(self.model, {k: torch.as_tensor(v) for k, v in todo.items()})
-            bad = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k or "prompt" in k]
-            if strict and bad:
-                raise ConfigError(f"the global adapter has keys this model's adapter lacks: {bad[:5]}")
-            return
-        with torch.no_grad():
-            for k, v in todo.items():
-                if k in local:
-                    local[k].copy_(torch.as_tensor(v), non_blocking=True)
-
-    def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.state().values())
-
-
-def exchanged_state(model: Any, params_scope: str = "trainable") -> dict[str, Any]:
-    """What a round exchanges for `model` under `params_scope` (for reports and tests)."""
-    model = _unwrap(model)
-    return HFTarget(model, resolve_scope(model, params_scope, "exchanged_state()")).state()
-
-
-def _check_budget(who: str, local_steps: Any, local_epochs: Any) -> None:
-    if local_steps is not None and local_epochs is not None:
-        raise ConfigError(f"{who}: give local_steps or local_epochs, not both (got local_steps={local_steps!r}, "
-                          f"local_epochs={local_epochs!r}); one round trains either that many optimizer steps or "
-                          "that many epochs")  # fmt: skip
-    for name, v in (("local_steps", local_steps), ("local_epochs", local_epochs)):
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int | float) or not 0 < v < math.inf):
-            raise ConfigError(f"{who}: {name} must be > 0 and finite (got {v!r})")
-    if local_steps is not None and not float(local_steps).is_integer():
-        raise ConfigError(f"{who}: local_steps must be a whole number of optimizer steps (got {local_steps!r}); use "
-                          "local_epochs for fractions of an epoch")  # fmt: skip
-
-
-def _refuse_sharded(args: Any, trainer: Any, who: str) -> None:
-    """DeepSpeed and FSDP shard the weights across processes: what one process holds is not the model."""
-    deepspeed = getattr(args, "deepspeed", None)
-    if deepspeed or getattr(trainer, "is_deepspeed_enabled", False):
-        raise ConfigError(f"{who}: DeepSpeed is not supported yet (TrainingArguments.deepspeed={deepspeed!r}): each "
-                          "process holds only a shard of the weights. Train with DDP instead (torchrun, or "
-                          "accelerate without a DeepSpeed config) and drop the deepspeed argument")  # fmt: skip
-    fsdp = getattr(args, "fsdp", None)
-    if fsdp or getattr(trainer, "is_fsdp_enabled", False):
-        raise ConfigError(f"{who}: FSDP is not supported yet (TrainingArguments.fsdp={fsdp!r}): each process holds "
-                          "only a shard of the weights. Train with DDP instead (torchrun) and drop the fsdp "
-                          "argument")  # fmt: skip
-
-
-def _unwrap(model: Any) -> Any:
-    while hasattr(model, "module") and not _is_peft(model):  # DDP / DataParallel wrappers
-        model = model.module
-    return model
-
-
-# -- the callback --------------------------------------------------------------------------------------------
+            raise MissingDependencyError(_INSTALL)
 
 
 class FLTrainerCallback(TrainerCallback):
@@ -213,236 +79,205 @@ class FLTrainerCallback(TrainerCallback):
     ("trainable", "auto", "model", "adapter"); server_key_prefix: put before every name that travels, taken off
     what arrives. stream_metrics: send the trainer's logs to the aggregator as flare.log records."""
 
-    def __init__(self, local_steps: int | None = None, local_epochs: float | None = None,
-                 evaluate: bool | None = None, strict: bool = True, proximal_mu: float = 0.0,
-                 params_scope: str = "trainable", server_key_prefix: str | None = None,
-                 stream_metrics: bool = True) -> None:  # fmt: skip
+    def __init__(
+        self,
+        local_steps: int | None = None,
+        local_epochs: float | None = None,
+        evaluate: bool | None = None,
+        strict: bool = True,
+        proximal_mu: float = 0.0,
+        params_scope: str = "trainable",
+        server_key_prefix: str | None = None,
+        stream_metrics: bool = True,
+    ) -> None:
         if not proximal_mu >= 0:
             raise ConfigError(f"FLTrainerCallback: proximal_mu must be >= 0 (got {proximal_mu!r}); 0 turns it off")
-        _check_budget("FLTrainerCallback", local_steps, local_epochs)
+        self.budget = RoundBudget.checked("FLTrainerCallback", local_steps, local_epochs)
         if params_scope not in PARAMS_SCOPES:  # checked against the model when the trainer is built
             resolve_scope(None, params_scope, "FLTrainerCallback")
-        if server_key_prefix is not None and not (isinstance(server_key_prefix, str) and server_key_prefix):
-            raise ConfigError(f"FLTrainerCallback: server_key_prefix must be a non-empty string such as 'model.' "
-                              f"(got {server_key_prefix!r}); None sends the model's own names")  # fmt: skip
+        check_prefix("FLTrainerCallback", server_key_prefix)
+        self.local_steps, self.local_epochs = local_steps, local_epochs
+        self.evaluate = evaluate
+        self.strict = strict
+        self.proximal_mu = float(proximal_mu)
         self.params_scope = params_scope
         self.server_key_prefix = server_key_prefix
         self.stream_metrics = bool(stream_metrics)
-        self._scope: str | None = None  # params_scope resolved against the model
-        self.local_steps = local_steps
-        self.local_epochs = local_epochs
-        self.evaluate = evaluate
-        self.strict = strict
-        # FedProx, decoupled: after every optimizer step the exchanged weights move toward the round's global
-        # model by lr * mu * (w - w_global), the step the proximal term mu/2 |w - w_global|^2 adds (as AdamW
-        # decouples weight decay); it keeps label-skewed sites from drifting apart within a round
-        self.proximal_mu = float(proximal_mu)
-        # (live views of what travels, the round's global model: a copy of them)
-        self._anchor: tuple[list[Any], list[Any]] | None = None
+        self.scope: str | None = None  # params_scope resolved against the model
         self.per_call = False  # patch(): each train() call is one round
         self.settings: dict[str, Any] = {}  # patch()'s arguments, to compare with a second patch() call
+        self.run_budget: RoundBudget | None = None  # the callback form: the one train()'s budget, all rounds
+        self.evaluate_rounds = False  # the callback form: evaluate each new global model before its first step
         self.driver: _driver.RoundDriver | None = None
-        self.rank = 0
-        self.world = 1
-        self._configured = False
-        self._in_round = False  # a round's global model is loaded and not yet sent
-        self._fresh = False  # ... and no training step has run on it yet
-        self._steps = 0  # optimizer steps in the current round
-        self._epochs = 0  # epochs ended in the current round
-        self._eval = False
+        self.collective: _driver.Collective | None = None  # multi-process training: torch.distributed
         self.bytes_per_round = 0
-        self._step_round: int | None = None  # the round of the step being trained (for its log records)
 
     # -- set-up ----------------------------------------------------------------------------------------------
-    def _start(self, args: Any) -> None:
+    def start(self, args: Any) -> _driver.RoundDriver:
+        """The round driver, connected (main process) on first use."""
         if self.driver is None:
             self.driver = _driver.get(strict=self.strict)
-            self.rank, self.world = int(args.process_index), int(args.world_size)
-            self.driver.start(rank=self.rank)
+            if int(args.world_size) > 1:
+                from fl_plugins.integrations._torch import TorchCollective
 
-    def _total_rounds(self) -> int:
-        if self.rank == 0:
-            total = self.driver.total_rounds()
-        else:
-            total = 0
-        return int(_broadcast(total, self.world))
+                self.collective = TorchCollective()
+            self.driver.start(rank=int(args.process_index))
+            self.driver.use_fedprox(self.proximal_mu)
+            if self.per_call:
+                self.driver.plan(self.budget)
+        return self.driver
 
-    def _target(self, model: Any) -> Any:
+    def target(self, model: Any) -> Any:
         """What travels for `model` (the model's own tensors), under the wire names."""
-        model = _unwrap(model)
-        if self._scope is None:
-            self._scope = resolve_scope(model, self.params_scope, "FLTrainerCallback")
-        target = HFTarget(model, self._scope)
+        model = unwrap(model)
+        if self.scope is None:
+            self.scope = resolve_scope(model, self.params_scope, "FLTrainerCallback")
+        target = HFTarget(model, self.scope)
         return _driver.PrefixedTarget(target, self.server_key_prefix) if self.server_key_prefix else target
 
-    def on_init_end(self, args, state, control, model=None, **kwargs):
-        _refuse_sharded(args, None, "FLTrainerCallback")
-        if model is not None and self._scope is None:  # a wrong params_scope fails here, before connecting
-            self._scope = resolve_scope(_unwrap(model), self.params_scope, "FLTrainerCallback")
-        self._start(args)
-        if not self.per_call:
-            self._configure_whole_run(args)
+    def attach(self, trainer: Any) -> None:
+        """patch(): connect, let receive() write straight into the trainer's model, and remember that this process
+        federates `trainer`."""
+        driver = self.start(trainer.args)
+        if driver.rank == 0:
+            driver.attach(self.target(trainer.model))
+        driver.bind(trainer)
 
-    def _configure_per_call(self, args: Any) -> None:
-        """patch(): each train() call is one round of local_steps / local_epochs (if given) in the trainer's
-        TrainingArguments."""
-        if self.local_steps is not None:
-            args.max_steps = int(self.local_steps)
-        elif self.local_epochs is not None:
-            args.max_steps = -1  # max_steps > 0 would take precedence over the epochs
-            args.num_train_epochs = float(self.local_epochs)
+    def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        refuse_sharded(args, None, "FLTrainerCallback")
+        if model is not None and self.scope is None:  # a wrong params_scope fails here, before connecting
+            self.scope = resolve_scope(unwrap(model), self.params_scope, "FLTrainerCallback")
+        driver = self.start(args)
+        if not self.per_call and self.run_budget is None:
+            self._plan_whole_run(args, driver)
 
-    def _configure_whole_run(self, args: Any) -> None:
+    def _plan_whole_run(self, args: Any, driver: _driver.RoundDriver) -> None:
         """One train() for every round: the trainer's budget becomes rounds x one round's."""
-        if self._configured:
-            return
-        self._configured = True
-        rounds = self._total_rounds()
+        rounds = driver.total_rounds(self.collective)
         if rounds < 1:
             raise ConfigError("the aggregator reports no rounds to run")
-        if self.local_steps is None and self.local_epochs is None:
-            if args.max_steps and args.max_steps > 0:
-                self.local_steps = int(args.max_steps)
-            else:
-                self.local_epochs = float(args.num_train_epochs)
-        if self.local_steps is not None:
-            args.max_steps = rounds * int(self.local_steps)
-        else:
-            if float(self.local_epochs) != int(self.local_epochs):  # checked before the trainer's args change
-                raise ConfigError(f"local_epochs must be a whole number of epochs (got {self.local_epochs}); "
-                                  "use local_steps for fractions of an epoch")  # fmt: skip
-            args.max_steps = -1
-            args.num_train_epochs = rounds * float(self.local_epochs)
-        self._eval = self.evaluate if self.evaluate is not None else args.eval_strategy != "no"
-        if self._eval:
+        budget = self.budget or trainer_budget(args)
+        self.run_budget = budget.over(rounds)  # checked before the trainer's args change
+        set_budget(args, self.run_budget)
+        driver.plan(budget, whole_run=True)
+        self.evaluate_rounds = self.evaluate if self.evaluate is not None else args.eval_strategy != "no"
+        if self.evaluate_rounds:
             args.eval_on_start = True  # round 0's global model, before its first step
-        logger.info("federated training: %d rounds of %s", rounds,
-                    f"{self.local_steps} steps" if self.local_steps else f"{self.local_epochs:g} epochs")  # fmt: skip
+        logger.info("federated training: %d rounds of %s", rounds, budget)
 
     # -- rounds ----------------------------------------------------------------------------------------------
-    def _begin_round(self, model: Any) -> bool:
+    def open_round(self, args: Any, model: Any) -> bool:
         """Load the round's global model (main process; broadcast to the others). False: the job is over."""
-        target = self._target(model)
-        ok = self.driver.begin(target) if self.rank == 0 else True
-        if self.world > 1:
-            info = _broadcast(self.driver.round_info() if self.rank == 0 else None, self.world)
-            ok = _broadcast(ok, self.world)
-            if ok and dist_ready():
-                from fl_plugins.integrations._torch import broadcast_tensors
-
-                broadcast_tensors(target.state().values())
-                if self.rank != 0:
-                    self.driver.follow(info, target)
-        self._in_round, self._fresh, self._steps, self._epochs = ok, ok, 0, 0
-        if ok and self.proximal_mu > 0:
-            live = [w for w in target.state().values() if w.is_floating_point()]
-            self._anchor = (live, [w.detach().clone() for w in live])
+        target = self.target(model)
+        ok = self.start(args).open_round(target, collective=self.collective)
         if ok and not self.bytes_per_round:
             self.bytes_per_round = target.nbytes()
-            logger.info("each round exchanges %d tensors, %.2f MB (%s)", len(target.state()),
-                        self.bytes_per_round / 1e6, target.kind)  # fmt: skip
+            mb = self.bytes_per_round / 1e6
+            logger.info("each round exchanges %d tensors, %.2f MB (%s)", len(target.state()), mb, target.kind)
         return ok
 
-    def _end_round(self) -> bool:
-        """Send the update (main process). Returns whether the job goes on (agreed by every process)."""
-        if self._in_round:
-            self._in_round = False
-            if self.rank == 0:
-                self.driver.finish_round(self._steps)
-        running = self.driver.is_running() if self.rank == 0 else None
-        running = bool(_broadcast(running, self.world))
-        if self.rank != 0:
-            self.driver.follow({"running": running})
-        return running
-
-    def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self._start(args)
-        if not self._begin_round(model):
+    def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if not self.open_round(args, model):
             control.should_training_stop = True
 
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._fresh = False
-        # the trainer logs a step after on_step_end, where a round boundary may already have moved on
-        model = self.driver.model if self.driver is not None else None
-        self._step_round = model.current_round if model is not None else None
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self.start(args).step_began()
 
-    def on_step_end(self, args, state, control, model=None, optimizer=None, **kwargs):
-        self._steps += 1
-        if self._anchor is not None and self._in_round and optimizer is not None:
-            self._proximal_step(float(optimizer.param_groups[0]["lr"]))
-        if not self.per_call and self.local_steps is not None and self._steps >= self.local_steps:
-            self._boundary(control, model)
+    def on_step_end(
+        self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any
+    ) -> None:
+        lr = float(optimizer.param_groups[0]["lr"]) if optimizer is not None and self.proximal_mu > 0 else None
+        if self.start(args).step_ended(lr):
+            self._boundary(args, control, model)
 
-    def _proximal_step(self, lr: float) -> None:
-        """w <- w - lr * mu * (w - w_global) for every tensor that travels: one fused lerp, no temporaries."""
-        import torch
+    def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if self.start(args).epoch_ended():
+            self._boundary(args, control, model)
 
-        live, anchor = self._anchor
-        with torch.no_grad():
-            torch._foreach_lerp_(live, anchor, lr * self.proximal_mu)
-
-    def on_epoch_end(self, args, state, control, model=None, **kwargs):
-        self._epochs += 1
-        if not self.per_call and self.local_epochs is not None and self._epochs >= self.local_epochs:
-            self._boundary(control, model)
-
-    def _boundary(self, control: Any, model: Any) -> None:
-        if not self._end_round():
+    def _boundary(self, args: Any, control: Any, model: Any) -> None:
+        if not self.start(args).next_round(self.target(model), self.collective):
             control.should_training_stop = True
-            return
-        if self._begin_round(model):
-            if self._eval:
-                control.should_evaluate = True  # runs right after this event: the new global model's metrics
-        else:
-            control.should_training_stop = True
+        elif self.evaluate_rounds:
+            control.should_evaluate = True  # runs right after this event: the new global model's metrics
 
-    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if self._fresh and metrics and self.rank == 0:
-            self.driver.record_metrics({k: v for k, v in metrics.items() if isinstance(v, int | float)
-                                        and not k.endswith(_TIMINGS)})  # fmt: skip
+    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any) -> None:
+        driver = self.driver
+        if driver is not None and driver.fresh and metrics:
+            scores = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not k.endswith(_TIMINGS)}
+            driver.record_metrics(scores)
 
-    def on_log(self, args, state, control, logs=None, **kwargs):
+    def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
         """The trainer's own logs (loss, learning rate, ...) go to the aggregator as flare.log records, with the
-        global step, so the run's tracker shows every site's training curve."""
-        if not self.stream_metrics or self.rank != 0 or not logs or self.driver is None or not self.driver.started:
+        global step and the round the step was trained in, so the run's tracker shows every site's curve."""
+        driver = self.driver
+        if not self.stream_metrics or not logs or driver is None or driver.rank != 0 or not driver.started:
             return
         scalars = {k: v for k, v in logs.items() if isinstance(v, int | float) and not isinstance(v, bool)}
         scalars = {k: v for k, v in scalars.items() if not k.endswith(_TIMINGS)}
-        self.driver.log_scalars(scalars, int(state.global_step), self._step_round)
+        driver.log_scalars(scalars, int(state.global_step), driver.step_round)
 
-    def on_train_end(self, args, state, control, **kwargs):
-        if self._in_round:  # patch(): the round ends with train(); callback form: a budget that did not divide
-            self._end_round()
-
-
-_TIMINGS = ("_runtime", "_per_second", "epoch")  # evaluate()'s timings are not the model's metrics
-
-
-def dist_ready() -> bool:
-    import torch.distributed as dist
-
-    return dist.is_available() and dist.is_initialized()
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        # patch(): the round ends with train(); the callback form: a budget that did not divide the run's
+        driver = self.driver
+        if driver is not None and driver.in_round:
+            driver.end_round()
+            driver.agree_running(self.collective)
 
 
-def _broadcast(value: Any, world: int) -> Any:
-    if world <= 1 or not dist_ready():
-        return value
-    import torch.distributed as dist
+def trainer_budget(args: Any) -> RoundBudget:
+    """One round's budget from the TrainingArguments: their max_steps, or else num_train_epochs."""
+    if args.max_steps and args.max_steps > 0:
+        return RoundBudget(epochs=None, steps=int(args.max_steps))
+    return RoundBudget(epochs=float(args.num_train_epochs), steps=None)
 
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
+
+def set_budget(args: Any, budget: RoundBudget) -> None:
+    """Make `budget` the TrainingArguments' own (max_steps > 0 would take precedence over the epochs)."""
+    if budget.steps is not None:
+        args.max_steps = budget.steps
+    else:
+        args.max_steps = -1
+        args.num_train_epochs = budget.epochs
+
+
+def check_prefix(who: str, server_key_prefix: Any) -> None:
+    if server_key_prefix is not None and not (isinstance(server_key_prefix, str) and server_key_prefix):
+        raise ConfigError(
+            f"{who}: server_key_prefix must be a non-empty string such as 'model.' (got {server_key_prefix!r}); "
+            "None sends the model's own names"
+        )
+
+
+def refuse_sharded(args: Any, trainer: Any, who: str) -> None:
+    """DeepSpeed and FSDP shard the weights across processes: what one process holds is not the model."""
+    deepspeed = getattr(args, "deepspeed", None)
+    if deepspeed or getattr(trainer, "is_deepspeed_enabled", False):
+        raise ConfigError(
+            f"{who}: DeepSpeed is not supported yet (TrainingArguments.deepspeed={deepspeed!r}): each process "
+            "holds only a shard of the weights. Train with DDP instead (torchrun, or accelerate without a "
+            "DeepSpeed config) and drop the deepspeed argument"
+        )
+    fsdp = getattr(args, "fsdp", None)
+    if fsdp or getattr(trainer, "is_fsdp_enabled", False):
+        raise ConfigError(
+            f"{who}: FSDP is not supported yet (TrainingArguments.fsdp={fsdp!r}): each process holds only a shard "
+            "of the weights. Train with DDP instead (torchrun) and drop the fsdp argument"
+        )
 
 
 # -- patch(): one train() per round ----------------------------------------------------------------------------
 
 
-_patched: tuple[Any, Any] | None = None  # (weakref to the patched Trainer, the round driver it was patched under)
-
-
-def patch(trainer: Any, restore_state: bool = True, load_state_dict_strict: bool = True, params_scope: str = "auto",
-          server_key_prefix: str | None = None, local_epochs: float | None = None, local_steps: int | None = None,
-          stream_metrics: bool = False) -> Any:  # fmt: skip
+def patch(
+    trainer: Any,
+    restore_state: bool = True,
+    load_state_dict_strict: bool = True,
+    params_scope: str = "auto",
+    server_key_prefix: str | None = None,
+    local_epochs: float | None = None,
+    local_steps: int | None = None,
+    stream_metrics: bool = False,
+) -> Any:
     """Federate `trainer` for FLARE's loop (one `train()` per round); returns the trainer, as FLARE's does.
 
     restore_state: one optimizer and one LR schedule over all rounds (False: the trainer re-creates its LR
@@ -451,95 +286,125 @@ def patch(trainer: Any, restore_state: bool = True, load_state_dict_strict: bool
     "adapter", "trainable". server_key_prefix: put before every name sent, taken off every name received.
     local_epochs / local_steps (one or neither): one round's budget, set in the trainer's TrainingArguments
     (default: their max_steps, else num_train_epochs). stream_metrics: send the trainer's logs to the aggregator."""
-    global _patched
-    try:
-        from transformers import Trainer
-    except ImportError as e:
-        raise MissingDependencyError(
-            "transformers is not installed; install it with: pip install 'fl-plugins[hf]'"
-        ) from e
-    if not isinstance(trainer, Trainer):
-        raise ConfigError(f"patch() takes a transformers.Trainer (got {type(trainer).__name__}); for Lightning use "
-                          "fl_plugins.lightning.patch")  # fmt: skip
-    args = trainer.args
-    _check_budget("patch()", local_steps, local_epochs)
-    _refuse_sharded(args, trainer, "patch()")
-    if getattr(args, "load_best_model_at_end", False):
-        raise ConfigError("patch(): TrainingArguments.load_best_model_at_end=True cannot be federated: train() would "
-                          "reload its best checkpoint before the round's update is sent, so the aggregator would get "
-                          "that checkpoint instead of the round's training (choosing the best model is the "
-                          "aggregator's job). Set load_best_model_at_end=False")  # fmt: skip
-    if server_key_prefix is not None and not (isinstance(server_key_prefix, str) and server_key_prefix):
-        raise ConfigError(f"patch(): server_key_prefix must be a non-empty string such as 'model.' (got "
-                          f"{server_key_prefix!r}); None sends the model's own names")  # fmt: skip
-    scope = resolve_scope(_unwrap(trainer.model), params_scope, "patch()")
-    settings = {"restore_state": bool(restore_state), "load_state_dict_strict": bool(load_state_dict_strict),
-                "params_scope": scope, "server_key_prefix": server_key_prefix, "local_epochs": local_epochs,
-                "local_steps": local_steps, "stream_metrics": bool(stream_metrics)}  # fmt: skip
-    for cb in trainer.callback_handler.callbacks:
-        if isinstance(cb, FLTrainerCallback):
-            if not cb.per_call:
-                raise ConfigError("this trainer already has an FLTrainerCallback, which runs every round in one "
-                                  "train() call; use either the callback or patch(), not both")  # fmt: skip
-            if cb.settings != settings:
-                diff = {k: (cb.settings[k], v) for k, v in settings.items() if cb.settings[k] != v}
-                raise ConfigError("patch(): this trainer is already patched with other settings ("
-                                  + ", ".join(f"{k}={a!r}, now {b!r}" for k, (a, b) in diff.items())
-                                  + "); patch it once, with the settings you want")  # fmt: skip
-            if cb.driver is not _driver.current():  # patched again after flare.shutdown(): connect anew
-                cb.driver = None
-                cb._start(args)
-                if cb.rank == 0:
-                    cb.driver.target = cb._target(trainer.model)
-                _patched = (weakref.ref(trainer), cb.driver)
-            return trainer
-    if _patched is not None:
-        ref, drv = _patched
-        other = ref()
-        if other is not None and other is not trainer and drv is _driver.current():
-            raise ConfigError(f"patch(): another Trainer ({type(other).__name__} at {id(other):#x}) is already patched "
-                              "in this process, and one process federates one Trainer; patch that one only, or call "
-                              "flare.shutdown() before patching this one")  # fmt: skip
-    cb = FLTrainerCallback(strict=load_state_dict_strict, local_steps=local_steps, local_epochs=local_epochs,
-                           params_scope=scope, server_key_prefix=server_key_prefix,
-                           stream_metrics=stream_metrics)  # fmt: skip
-    cb.per_call = True
-    cb.settings = settings
-    cb._scope = scope
-    cb._start(args)
-    cb._configure_per_call(args)
+    settings: dict[str, Any] = {
+        "restore_state": bool(restore_state),
+        "load_state_dict_strict": bool(load_state_dict_strict),
+        "params_scope": params_scope,
+        "server_key_prefix": server_key_prefix,
+        "local_epochs": local_epochs,
+        "local_steps": local_steps,
+        "stream_metrics": bool(stream_metrics),
+    }
+    settings["params_scope"] = scope = _checked(trainer, settings)
+    existing = _patched_callback(trainer, settings)
+    if existing is not None:
+        if existing.driver is not _driver.current():  # patched again after flare.shutdown(): connect anew
+            existing.driver = None
+            existing.attach(trainer)
+        return trainer
+    driver = _driver.current()
+    other = driver.bound() if driver is not None else None
+    if other is not None and other is not trainer:
+        raise ConfigError(
+            f"patch(): another Trainer ({type(other).__name__} at {id(other):#x}) is already patched in this "
+            "process, and one process federates one Trainer; patch that one only, or call flare.shutdown() before "
+            "patching this one"
+        )
+    cb = FLTrainerCallback(
+        strict=load_state_dict_strict,
+        local_steps=local_steps,
+        local_epochs=local_epochs,
+        params_scope=scope,
+        server_key_prefix=server_key_prefix,
+        stream_metrics=stream_metrics,
+    )
+    cb.per_call, cb.settings, cb.scope = True, settings, scope
+    cb.start(trainer.args)
+    if cb.budget is not None:
+        set_budget(trainer.args, cb.budget)
     trainer.add_callback(cb)
     if restore_state:
-        _keep_scheduler(trainer, cb)
-    _load_before_evaluate(trainer, cb)
-    if cb.rank == 0:
-        cb.driver.target = cb._target(trainer.model)  # receive() writes straight into the model
-    _patched = (weakref.ref(trainer), cb.driver)
+        trainer.create_scheduler = KeptScheduler(trainer, cb)
+    trainer.evaluate = LoadingEvaluate(trainer, cb)
+    cb.attach(trainer)
     return trainer
 
 
-def _keep_scheduler(trainer: Any, cb: FLTrainerCallback) -> None:
-    """The first train() creates the LR scheduler for rounds x its steps; later calls keep it (the trainer
-    re-creates a scheduler it made itself on every call)."""
-    original = trainer.create_scheduler
+def _checked(trainer: Any, settings: dict[str, Any]) -> str:
+    """patch()'s refusals, before connecting; returns params_scope resolved against the trainer's model."""
+    try:
+        from transformers import Trainer
+    except ImportError as e:
+        raise MissingDependencyError(_INSTALL) from e
+    if not isinstance(trainer, Trainer):
+        raise ConfigError(
+            f"patch() takes a transformers.Trainer (got {type(trainer).__name__}); for Lightning use "
+            "fl_plugins.lightning.patch"
+        )
+    RoundBudget.checked("patch()", settings["local_steps"], settings["local_epochs"])
+    refuse_sharded(trainer.args, trainer, "patch()")
+    if getattr(trainer.args, "load_best_model_at_end", False):
+        raise ConfigError(
+            "patch(): TrainingArguments.load_best_model_at_end=True cannot be federated: train() would reload its "
+            "best checkpoint before the round's update is sent, so the aggregator would get that checkpoint "
+            "instead of the round's training (choosing the best model is the aggregator's job). Set "
+            "load_best_model_at_end=False"
+        )
+    check_prefix("patch()", settings["server_key_prefix"])
+    return resolve_scope(unwrap(trainer.model), settings["params_scope"], "patch()")
 
-    def create_scheduler(num_training_steps: int, optimizer: Any = None) -> Any:
-        if trainer.lr_scheduler is None:
-            rounds = max(1, cb._total_rounds())
-            original(num_training_steps=num_training_steps * rounds, optimizer=optimizer)
-        trainer._created_lr_scheduler = False  # ours: the trainer must not reset it on the next train()
-        return trainer.lr_scheduler
 
-    trainer.create_scheduler = create_scheduler
+def _patched_callback(trainer: Any, settings: dict[str, Any]) -> FLTrainerCallback | None:
+    """The callback of an earlier patch() of `trainer` with the same settings; ConfigError for other settings or
+    for the callback form."""
+    for cb in trainer.callback_handler.callbacks:
+        if not isinstance(cb, FLTrainerCallback):
+            continue
+        if not cb.per_call:
+            raise ConfigError(
+                "this trainer already has an FLTrainerCallback, which runs every round in one train() call; use "
+                "either the callback or patch(), not both"
+            )
+        if cb.settings != settings:
+            diff = ", ".join(f"{k}={cb.settings[k]!r}, now {v!r}" for k, v in settings.items() if cb.settings[k] != v)
+            raise ConfigError(
+                f"patch(): this trainer is already patched with other settings ({diff}); patch it once, with the "
+                "settings you want"
+            )
+        return cb
+    return None
 
 
-def _load_before_evaluate(trainer: Any, cb: FLTrainerCallback) -> None:
-    """An evaluate() between receive() and train() scores the round's global model: make sure it is loaded."""
-    original = trainer.evaluate
+class KeptScheduler:
+    """patch(restore_state=True) in place of the trainer's `create_scheduler`: the first train() creates the LR
+    scheduler for rounds x its steps; every later train() gets that same scheduler back (the trainer drops a
+    scheduler it created itself when a train() starts)."""
 
-    def evaluate(*args: Any, **kwargs: Any) -> Any:
-        if not cb._in_round and cb.driver.is_running():
-            cb._begin_round(trainer.model)
-        return original(*args, **kwargs)
+    def __init__(self, trainer: Any, cb: FLTrainerCallback) -> None:
+        self.trainer, self.cb = trainer, cb
+        self.create = trainer.create_scheduler
+        self.scheduler: Any = None
 
-    trainer.evaluate = evaluate
+    def __call__(self, num_training_steps: int, optimizer: Any = None) -> Any:
+        if self.scheduler is None:
+            if self.trainer.lr_scheduler is None:
+                rounds = max(1, self.cb.start(self.trainer.args).total_rounds(self.cb.collective))
+                self.create(num_training_steps=num_training_steps * rounds, optimizer=optimizer)
+            self.scheduler = self.trainer.lr_scheduler
+        self.trainer.lr_scheduler = self.scheduler
+        return self.scheduler
+
+
+class LoadingEvaluate:
+    """patch() in place of the trainer's `evaluate`: an evaluate() between receive() and train() scores the
+    round's global model, so the round opens (the model is loaded) first."""
+
+    def __init__(self, trainer: Any, cb: FLTrainerCallback) -> None:
+        self.trainer, self.cb = trainer, cb
+        self.evaluate = trainer.evaluate
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        driver = self.cb.start(self.trainer.args)
+        if not driver.in_round and driver.is_running():
+            self.cb.open_round(self.trainer.args, self.trainer.model)
+        return self.evaluate(*args, **kwargs)

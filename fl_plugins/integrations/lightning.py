@@ -25,10 +25,12 @@ import functools
 import importlib
 import logging
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from fl_plugins.errors import ConfigError, MissingDependencyError
 from fl_plugins.integrations import driver as _driver
+from fl_plugins.integrations.budget import RoundBudget
 
 logger = logging.getLogger(__name__)
 
@@ -43,10 +45,7 @@ class _FLCallbackMixin:
         self.driver = driver
         self.restore_state = restore_state
         self.update_fit_loop = update_fit_loop
-        self.budget: _driver.RoundBudget | None = None
-        self.carry: dict[str, Any] | None = None
-        self._active = False
-        self._steps_at_start = 0
+        self.carry: dict[str, Any] | None = None  # optimizer, LR scheduler and AMP scaler state between fits
 
     @property
     def state_key(self) -> str:
@@ -56,13 +55,13 @@ class _FLCallbackMixin:
     def on_fit_start(self, trainer: Any, pl_module: Any) -> None:
         loop = trainer.fit_loop
         if self.update_fit_loop:
-            if self.budget is None:  # the trainer's limits as constructed: one round's budget
-                self.budget = _driver.RoundBudget(loop.max_epochs, loop.epoch_loop.max_steps)
-            epochs, steps = self.budget.limits(loop.epoch_progress.current.processed, trainer.global_step)
+            budget = self.driver.budget
+            if budget is None:  # the trainer's limits as constructed: one round's budget
+                budget = RoundBudget(loop.max_epochs, loop.epoch_loop.max_steps)
+                self.driver.plan(budget)
+            epochs, steps = budget.limits(loop.epoch_progress.current.processed, trainer.global_step)
             loop.max_epochs, loop.epoch_loop.max_steps = epochs, steps
-        self._steps_at_start = trainer.global_step
-        self._active = trainer.global_rank == 0 and self.driver.begin(_target(pl_module))
-        self._sync_start(trainer, pl_module)
+        self.driver.open_round(_target(pl_module), step=trainer.global_step, collective=_collective(trainer))
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.restore_state and self.carry is not None:
@@ -71,26 +70,20 @@ class _FLCallbackMixin:
     def on_train_end(self, trainer: Any, pl_module: Any) -> None:
         if self.restore_state:
             self.carry = _save(trainer)
-        if self._active:
-            self._active = False
-            self.driver.finish_round(trainer.global_step - self._steps_at_start)
+        self.driver.end_round(step=trainer.global_step)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
         # Lightning skipped the training loop (its limits were already reached, or limit_train_batches=0): send
         # the round anyway, or the script's `while flare.is_running()` would never see the next round.
-        if self._active:
-            self._active = False
-            self.driver.finish_round(trainer.global_step - self._steps_at_start)
-        if _distributed(trainer):  # rank 0 tells the others whether the job goes on (their is_running())
-            info = self.driver.after_fit_info() if trainer.global_rank == 0 else None
-            info = trainer.strategy.broadcast(info, src=0)
-            if trainer.global_rank != 0:
-                self.driver.follow(info)
+        self.driver.end_round(step=trainer.global_step)
+        collective = _collective(trainer)
+        if collective is not None:  # rank 0 tells the others whether the job goes on (their is_running())
+            self.driver.agree_running(collective)
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         """What the module logs with self.log (train_loss, ...) goes to the aggregator as flare.log records, with
         the global step, at the trainer's log_every_n_steps."""
-        if not self._active or trainer.global_rank != 0:
+        if trainer.global_rank != 0 or not self.driver.in_round:
             return
         every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
         if trainer.global_step % every != 0:
@@ -105,35 +98,36 @@ class _FLCallbackMixin:
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if self._explicit_validation(trainer):
-            if trainer.global_rank == 0:
-                self.driver.begin(_target(pl_module))
-            self._sync_start(trainer, pl_module)
+            self.driver.open_round(_target(pl_module), collective=_collective(trainer))
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
         if self._explicit_validation(trainer) and trainer.global_rank == 0:
             self.driver.record_metrics({k: _scalar(v) for k, v in trainer.callback_metrics.items()})
 
-    # -- multi-process training --------------------------------------------------------------------------
-    def _sync_start(self, trainer: Any, pl_module: Any) -> None:
-        """Every rank: rank 0's round info through the strategy's broadcast, and rank 0's weights (the global
-        model it has just loaded) broadcast tensor by tensor into every rank's module, in place."""
-        if not _distributed(trainer):
-            return
-        info = self.driver.round_info() if trainer.global_rank == 0 else None
-        info = trainer.strategy.broadcast(info, src=0)
-        from fl_plugins.integrations._torch import broadcast_state
 
-        broadcast_state(pl_module, src=0)
-        if trainer.global_rank != 0:
-            self.driver.follow(info, _target(pl_module))
+class _StrategyCollective:
+    """The round driver's `Collective` through the trainer's strategy (its broadcast from rank 0) and
+    torch.distributed (the weights, tensor by tensor, in place)."""
+
+    def __init__(self, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def broadcast(self, value: Any) -> Any:
+        return self.trainer.strategy.broadcast(value, src=0)
+
+    def broadcast_tensors(self, tensors: Iterable[Any]) -> None:
+        from fl_plugins.integrations._torch import broadcast_tensors
+
+        broadcast_tensors(tensors, src=0)
 
 
-def _distributed(trainer: Any) -> bool:
+def _collective(trainer: Any) -> _StrategyCollective | None:
+    """Multi-process training with a process group: every rank takes rank 0's round info and weights."""
     if trainer.world_size <= 1:
-        return False
+        return None
     import torch.distributed as dist
 
-    return dist.is_available() and dist.is_initialized()
+    return _StrategyCollective(trainer) if dist.is_available() and dist.is_initialized() else None
 
 
 def _target(pl_module: Any) -> Any:
@@ -151,16 +145,20 @@ def _scalar(v: Any) -> Any:
 
 def _save(trainer: Any) -> dict[str, Any]:
     scaler = getattr(trainer.precision_plugin, "scaler", None)
-    return {"optimizers": [o.state_dict() for o in trainer.optimizers],
-            "schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
-            "scaler": scaler.state_dict() if scaler is not None else None}  # fmt: skip
+    return {
+        "optimizers": [o.state_dict() for o in trainer.optimizers],
+        "schedulers": [c.scheduler.state_dict() for c in trainer.lr_scheduler_configs],
+        "scaler": scaler.state_dict() if scaler is not None else None,
+    }
 
 
 def _restore(trainer: Any, carry: dict[str, Any]) -> None:
     opts, scheds = trainer.optimizers, trainer.lr_scheduler_configs
     if len(opts) != len(carry["optimizers"]) or len(scheds) != len(carry["schedulers"]):
-        logger.warning("configure_optimizers() returned another number of optimizers or schedulers than last "
-                       "round; their state starts afresh")  # fmt: skip
+        logger.warning(
+            "configure_optimizers() returned another number of optimizers or schedulers than last round; their "
+            "state starts afresh"
+        )
         return
     for opt, sd in zip(opts, carry["optimizers"], strict=True):
         opt.load_state_dict(sd)
@@ -212,8 +210,9 @@ def global_rank(trainer: Any) -> int:
     return int(getattr(trainer, "global_rank", 0) or 0)
 
 
-def patch(trainer: Any, restore_state: bool = True, load_state_dict_strict: bool = True,
-          update_fit_loop: bool = True) -> None:  # fmt: skip
+def patch(
+    trainer: Any, restore_state: bool = True, load_state_dict_strict: bool = True, update_fit_loop: bool = True
+) -> None:
     """Federate `trainer`: connect from the launcher's environment and add the federated callback.
 
     restore_state: carry optimizer, LR scheduler and AMP scaler state from round to round.

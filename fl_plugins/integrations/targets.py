@@ -1,0 +1,75 @@
+"""The round driver's model targets: what of a model travels, under which names, and whether a global model fits.
+
+A model target is anything with `state() -> Mapping[str, tensor]` (the live state, sharing storage with the model)
+and `load(params, strict)`: `_torch.ModuleTarget` (a torch module), `hf_model.HFTarget` (what a transformers or
+PEFT model exchanges), `PrefixedTarget` (another target's tensors under the aggregator's names: FLARE's
+`server_key_prefix`). `check_params` (strict loading) names every key that is missing, unexpected or mis-shaped;
+`matching` picks what fits (lenient loading).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from fl_plugins.errors import ModelMismatchError
+
+logger = logging.getLogger(__name__)
+
+
+class ModelTarget(Protocol):
+    def state(self) -> Mapping[str, Any]: ...
+
+    def load(self, params: Mapping[str, Any], strict: bool) -> None: ...
+
+
+class PrefixedTarget:
+    """A model target whose tensor names carry `prefix` on the wire (FLARE's `server_key_prefix`): the server's
+    model wraps the site's one level down (`model.` + the site's names). `state()` adds the prefix, so the driver
+    checks, receives into, offers and sends the wire names; `load()` strips it before the inner target loads."""
+
+    def __init__(self, inner: ModelTarget, prefix: str) -> None:
+        self.inner, self.prefix = inner, prefix
+
+    def state(self) -> dict[str, Any]:
+        return {self.prefix + k: v for k, v in self.inner.state().items()}
+
+    def load(self, params: Mapping[str, Any], strict: bool) -> None:
+        n = len(self.prefix)
+        self.inner.load({k[n:] if k.startswith(self.prefix) else k: v for k, v in params.items()}, strict)
+
+    def __getattr__(self, name: str) -> Any:  # the inner target's other attributes (kind, nbytes, ...)
+        return getattr(self.inner, name)
+
+
+def check_params(received: Mapping[str, Any], local: Mapping[str, Any], what: str = "the global model") -> None:
+    """Raise ModelMismatchError listing missing, unexpected and mis-shaped keys of `received` vs `local`."""
+    missing = [k for k in local if k not in received]
+    unexpected = [k for k in received if k not in local]
+    shapes = [
+        f"{k}: {tuple(received[k].shape)} vs local {tuple(local[k].shape)}"
+        for k in local
+        if k in received and tuple(received[k].shape) != tuple(local[k].shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = [
+            f"missing {missing}" if missing else "",
+            f"unexpected {unexpected}" if unexpected else "",
+            f"mis-shaped [{'; '.join(shapes)}]" if shapes else "",
+        ]
+        raise ModelMismatchError(
+            f"{what} does not fit this site's model: {', '.join(p for p in parts if p)}. Build the same "
+            "architecture on every site as the aggregator's initial model (or pass patch(..., "
+            "load_state_dict_strict=False) to load only the tensors that match)"
+        )
+
+
+def matching(received: Mapping[str, Any], local: Mapping[str, Any]) -> dict[str, Any]:
+    """The received tensors whose name and shape match the local model (non-strict loading)."""
+    out = {k: v for k, v in received.items() if k in local and tuple(v.shape) == tuple(local[k].shape)}
+    if len(out) != len(received) or len(out) != len(local):
+        logger.warning(
+            "loading %d of %d received tensors into a model with %d (non-strict)", len(out), len(received), len(local)
+        )
+    return out
