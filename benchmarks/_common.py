@@ -210,7 +210,7 @@ def aggregator_main(conn, cfg: dict) -> None:
         cfg = dict(cfg)
         rss_before = rss_now()
         srv = AggregatorServer(AggregatorConfig(**cfg), "127.0.0.1:0").start()
-        acc = srv.aggregator.acc
+        acc = srv.aggregator.strategy
         conn.send({"address": srv.address, "acc_bytes": acc.nbytes if acc is not None else 0,
                    "rss_at_start": rss_before, "rss_ready": rss_now(), "maxrss_ready": maxrss()})  # fmt: skip
         rc = srv.wait()

@@ -27,6 +27,11 @@ class Strategy(Protocol):
         """The total weight of the updates counted since `reset`."""
         ...
 
+    @property
+    def nbytes(self) -> int:
+        """The memory it holds for the round (its accumulators), in bytes."""
+        ...
+
     def check(self, tensor: TensorInfo, lo: int, payload: memoryview, *, finite: bool, weight: float) -> None:
         """Raise ModelMismatchError if bytes [lo, lo + len) of `tensor` must not be folded (NaN, overflow)."""
         ...
