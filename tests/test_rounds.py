@@ -420,3 +420,102 @@ def test_a_later_attempt_closes_when_the_other_sites_leave(tmp_path):
         assert _step(agg) is Decision.CLOSE and agg.round == 1
     finally:
         agg.stop()
+
+
+# -- what the refactor's review found (issue 11) ------------------------------------------------------------------
+def test_two_commits_of_one_upload_count_it_once(tmp_path, monkeypatch):
+    """A client retrying Commit while the first call still checks the digests: both passed the 'committed?' check
+    and both counted the update (its weight twice, the round's average halved). The window is held open here."""
+    import threading
+
+    from test_hostile import INITIAL as H_INITIAL
+    from test_hostile import assert_params_equal, plus
+
+    from fl_plugins.aggregator.intake import Intake
+
+    agg = _agg(tmp_path, min_sites=1)
+    try:
+        agg.hello("A", False)
+        assert agg.get_task("A", 0).kind is TaskKind.TRAIN
+        u = _send(agg, "A", 0, 0, plus(1)(H_INITIAL), "nA", commit=False)
+        both_checking = threading.Barrier(2, timeout=30)
+        real = Intake._check_digests
+
+        def check_digests(self, upload, digests):
+            both_checking.wait()  # both calls are past the first check before either counts
+            return real(self, upload, digests)
+
+        monkeypatch.setattr(Intake, "_check_digests", check_digests)
+        from test_hostile import shard_digest, update
+
+        m, fs = update(plus(1)(H_INITIAL))
+        replies = []
+        calls = [threading.Thread(target=lambda: replies.append(agg.commit(u.id, [shard_digest(m, fs)]))) for _ in "xy"]
+        for t in calls:
+            t.start()
+        for t in calls:
+            t.join(30)
+        assert sorted(r["message"] for r in replies) == ["already committed", "update accepted"]
+        assert agg.stats["updates_accepted"] == 1 and agg.strategy.weight == 1.0
+        assert _step(agg) is Decision.CLOSE and agg.round == 1
+        assert_params_equal(load_round(agg.config.run_dir, 1), plus(1)(H_INITIAL))
+    finally:
+        agg.stop()
+
+
+def test_an_offer_whose_checkpoint_fails_is_asked_for_again(tmp_path, monkeypatch):
+    """Writing an offered initial model failed (a full disk): the offer stayed assigned to the site, the upload
+    was gone, and every site waited for ever. Now the site is asked to offer again, and a second offer opens round
+    0."""
+    from test_hostile import CHUNK as H_CHUNK
+    from test_hostile import INITIAL as H_INITIAL
+    from test_hostile import assert_params_equal, shard_digest, update
+
+    agg = Aggregator(AggregatorConfig(run_dir=tmp_path / "run", rounds=1, chunk_bytes=H_CHUNK))
+    try:
+        agg.hello("A", True)
+
+        def offer(nonce):
+            t = agg.get_task("A", 0, can_offer=True)
+            assert t.kind is TaskKind.OFFER_INITIAL, t
+            m, fs = update(H_INITIAL)
+            u = agg.begin_upload("A", 0, 0, m.to_json(), True, nonce)
+            _, rx = agg.upload(u.id, 0)
+            for f in fs:
+                agg.accept_chunk(u, rx, f)
+            return agg.commit(u.id, [shard_digest(m, fs)])
+
+        real = agg.store.commit
+        monkeypatch.setattr(agg.store, "commit", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left")))
+        with pytest.raises(OSError):
+            offer("n1")
+        monkeypatch.setattr(agg.store, "commit", real)
+        assert offer("n2")["message"] == "initial model accepted"
+        assert agg.global_manifest is not None and agg.round == 0
+        assert_params_equal(load_round(agg.config.run_dir, 0), H_INITIAL)
+    finally:
+        agg.stop()
+
+
+def test_a_round_record_measures_its_seconds_on_the_rules_clock(tmp_path):
+    """With a clock passed in, the round record's `seconds` mixed it with time.monotonic (a negative duration)."""
+    from test_hostile import INITIAL as H_INITIAL
+    from test_hostile import plus
+
+    clock = Clock(1e6)  # far from time.monotonic()
+    init = save_numpy(tmp_path / "init.safetensors", H_INITIAL)
+    from test_hostile import CHUNK as H_CHUNK
+
+    cfg = AggregatorConfig(run_dir=tmp_path / "run", rounds=1, initial_model=init, chunk_bytes=H_CHUNK)
+    agg = Aggregator(cfg, clock=clock.monotonic)
+    try:
+        agg.hello("A", False)
+        assert agg.get_task("A", 0).kind is TaskKind.TRAIN
+        clock.t += 100.0
+        _send(agg, "A", 0, 0, plus(1)(H_INITIAL), "nA")
+        assert _step(agg) is Decision.CLOSE
+        recs = [json.loads(x) for x in (cfg.run_dir / "metrics.jsonl").read_text().splitlines()]
+        (rnd,) = [r for r in recs if r["event"] == "round"]
+        assert rnd["seconds"] == 100.0
+    finally:
+        agg.stop()

@@ -253,9 +253,12 @@ class Aggregator:
     def _loop(self) -> None:
         while not self._stop.is_set():
             try:
-                if self.step() is None:
-                    with self.lock:
+                with self.lock:  # decide and wait in one hold: a commit's wake-up cannot fall in between
+                    decision = self._decide()
+                    if decision is None:
                         self.lock.wait(0.2)
+                        continue
+                self._act(decision)
             except BaseException as e:  # a failed checkpoint write: stop serving, say why
                 log.exception("aggregator failed")
                 with self.lock:
@@ -268,11 +271,14 @@ class Aggregator:
         close, or a new attempt). Returns the decision (None: nothing to do now)."""
         with self.lock:
             decision = self._decide()
+        self._act(decision)
+        return decision
+
+    def _act(self, decision: Decision | None) -> None:
         if decision is Decision.CLOSE:
             self._finalize()
         elif decision is Decision.NEW_ATTEMPT:
             self._new_attempt()
-        return decision
 
     def _decide(self) -> Decision | None:
         """Lock held. Apply the timeouts, then ask the round's rules."""
@@ -330,7 +336,7 @@ class Aggregator:
         """Fold gate held. Write the average of the counted updates as round R+1's global model; open R+1."""
         strategy, r = self.strategy, self.rounds.round
         assert strategy is not None and self.global_manifest is not None
-        t0 = time.monotonic()
+        t0, began = time.monotonic(), self.rounds.began
         records = [c.record for c in counted]
         with self.lock:
             paths = self.store.shard_paths(r, self.global_manifest, self._serving)
@@ -350,7 +356,8 @@ class Aggregator:
         if last:  # the job ends only once the final model is durable
             self.store.commit(r + 1, tmp, manifest)
         with self.lock:
-            self.record(self._round_record(records, strategy.weight, metrics, t0))
+            seconds = self.clock() - began if began is not None else time.monotonic() - t0
+            self.record(self._round_record(records, strategy.weight, metrics, round(time.monotonic() - t0, 3), seconds))
             log.info("round %d done: %d updates, checkpoint %s", r, len(records), self.store.round_dir(r + 1))
             self.uploads.kill_all(self.rounds)
             # Round r+1 opens at once, served from the written (page-cached) files; fsync and the rename to
@@ -363,8 +370,10 @@ class Aggregator:
                 self._durable.start()
             self.lock.notify_all()
 
-    def _round_record(self, records: list[dict], weight: float, metrics: dict, t0: float) -> RoundRecord:
-        now = time.monotonic()
+    def _round_record(
+        self, records: list[dict], weight: float, metrics: dict, checkpoint_s: float, seconds: float
+    ) -> RoundRecord:
+        """The round's record: `seconds` from its first attempt's start (the rules' clock) to its checkpoint."""
         return RoundRecord(
             round=self.rounds.round,
             attempt=self.rounds.attempt,
@@ -373,8 +382,8 @@ class Aggregator:
             weight=weight,
             metrics=metrics,
             refolds=self.rounds.refolds(),
-            checkpoint_seconds=round(now - t0, 3),
-            seconds=round(now - (self.rounds.began or t0), 3),
+            checkpoint_seconds=checkpoint_s,
+            seconds=round(seconds, 3),
         )
 
     def _make_durable(self, r: int, tmp: Path, manifest: Manifest) -> None:

@@ -242,16 +242,31 @@ class Intake:
         with self.lock:
             if u.dead:
                 raise RoundError(f"upload {upload_id!r}: its round ended while it was committing; not counted")
+            if u.committed:  # a second Commit of the same upload (a client's retry) raced this one
+                return {"round": u.round, "message": "already committed"}
             u.committed = True
             self.rounds.touch(u.site, self.agg.clock())
             if u.initial:
-                del self.uploads.live[u.id]
-                self.agg.open_round(0, self.offer.commit(u, digests))
-                self.lock.notify_all()
-                return {"round": 0, "message": "initial model accepted"}
+                return self._commit_offer(u, digests)
             reply = self._count_resend(u) if u.resend_of is not None else self._count(u, digests)
             self.lock.notify_all()
             return reply
+
+    def _commit_offer(self, u: Upload, digests: list[str]) -> dict[str, Any]:
+        """Lock held. The offered weights arrived whole: round 0's global model. If writing them fails, the offer
+        is dropped, so the site (or another) is asked to offer again instead of every site waiting for it."""
+        try:
+            manifest = self.offer.commit(u, digests)
+        except BaseException:
+            u.committed = False
+            self.uploads.kill(u, self.rounds)
+            self.offer.refused(u.site)
+            self.lock.notify_all()
+            raise
+        del self.uploads.live[u.id]
+        self.agg.open_round(0, manifest)
+        self.lock.notify_all()
+        return {"round": 0, "message": "initial model accepted"}
 
     def _check_digests(self, u: Upload, digests: list[str]) -> None:
         with u.lock:
