@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import numpy as np
 import pytest
@@ -168,6 +169,73 @@ def test_patch_form_keeps_one_optimizer_and_schedule_and_sends_evaluate_metrics(
     updates = [u for u in rounds if u["event"] == "update"]
     assert len(updates) == 3 and all("eval_loss" in u["metrics"] for u in updates)
     assert all(math.isfinite(u["metrics"]["eval_loss"]) for u in updates)
+
+
+def finished(srv, timeout: float = 30.0) -> bool:
+    """Whether the aggregator's job ends (every round checkpointed) within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while not srv.aggregator.finished() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return srv.aggregator.finished() and srv.aggregator.error is None
+
+
+def inner(optimizer):
+    return getattr(optimizer, "optimizer", optimizer)  # under accelerate's AcceleratedOptimizer
+
+
+@pytest.mark.integration
+def test_a_callback_added_after_the_trainer_is_built_still_runs_every_round(server_factory, site, tmp_path):
+    """trainer.add_callback(FLTrainerCallback(local_steps=4)) never sees on_init_end: the round budget is planned
+    when train() begins, so the trainer's 12 steps are 3 rounds of 4."""
+    srv = server_factory(rounds=3, initial=None)
+    site(srv)
+    tr = Trainer(model=tiny_bert(), args=args(tmp_path, max_steps=12), train_dataset=Rows())
+    tr.add_callback(flare.FLTrainerCallback(local_steps=4))
+    tr.train()
+    assert tr.state.global_step == 12
+    assert finished(srv)
+    updates = [json.loads(x) for x in (srv.aggregator.config.run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [(u["round"], u["weight"]) for u in updates if u["event"] == "update"] == [(0, 4), (1, 4), (2, 4)]
+
+
+@pytest.mark.integration
+def test_patch_with_model_init_schedules_each_new_optimizer(server_factory, site, tmp_path):
+    """Trainer(model_init=...) builds a new model and optimizer in every train(): the scheduler of a round must
+    drive that round's optimizer (a kept one would step round 0's: the real learning rate would stay flat)."""
+    srv = server_factory(rounds=3, initial=state_np(tiny_bert()))
+    site(srv)
+    tr = Trainer(model_init=lambda: tiny_bert(), args=args(tmp_path, max_steps=4), train_dataset=Rows())
+    flare.patch(tr)
+    optimizers, lrs = [], []
+    while flare.is_running():
+        flare.receive()
+        tr.train()
+        optimizers.append(inner(tr.optimizer))
+        assert inner(tr.lr_scheduler.optimizer) is optimizers[-1]
+        lrs.append(optimizers[-1].param_groups[0]["lr"])
+    assert finished(srv)
+    assert len({id(o) for o in optimizers}) == 3
+    # each new optimizer gets a new schedule over 3 rounds x 4 steps, 2 of warmup: 5e-3 * (12 - 4) / 10 after 4
+    assert lrs == pytest.approx([4e-3] * 3)
+
+
+@pytest.mark.integration
+def test_patch_keeps_a_scheduler_assigned_between_rounds(server_factory, site, tmp_path):
+    srv = server_factory(rounds=3, initial=None)
+    site(srv)
+    tr = Trainer(model=tiny_bert(), args=args(tmp_path, max_steps=4), train_dataset=Rows())
+    flare.patch(tr)
+    mine, lrs = None, []
+    while flare.is_running():
+        flare.receive()
+        tr.train()
+        lrs.append(inner(tr.optimizer).param_groups[0]["lr"])
+        if mine is None:  # after round 0: a constant tenth of the base learning rate from now on
+            mine = tr.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(tr.optimizer, lambda step: 0.1)
+        else:
+            assert tr.lr_scheduler is mine
+    assert finished(srv)
+    assert lrs == pytest.approx([4e-3, 5e-4, 5e-4])
 
 
 @pytest.mark.integration

@@ -248,6 +248,61 @@ def test_a_refold_has_the_site_resend_its_update(federation, caplog):
     assert m.current_round == 0
 
 
+def test_init_checks_its_arguments_before_any_client_or_channel_exists():
+    """A bad params_format is reported as such, before a SiteClient (and its gRPC channel: a socket, which this
+    module's tests refuse) exists, also when the address would be refused too (plaintext to a remote host)."""
+    for server in ("127.0.0.1:1", "10.1.2.3:8443"):
+        with pytest.raises(ConfigError, match=r"params_format must be one of .* \(got 'jax'\)"):
+            flare.init(server, "s1", params_format="jax")
+        assert session.current() is None
+
+
+# -- retrying ------------------------------------------------------------------------------------------------
+class _Clock:
+    """time for fl_plugins.client.retry: sleep() only records the pause and moves monotonic() on."""
+
+    def __init__(self) -> None:
+        self.now, self.pauses = 0.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.pauses.append(seconds)
+        self.now += seconds
+
+
+def test_a_call_retries_after_0_1_s_and_a_transfer_after_0_05_s(monkeypatch):
+    """The pauses between attempts double up to 2 s; a call's start at 0.1 s, a transfer's (which restart after
+    progress) at 0.05 s."""
+    from fl_plugins.client import retry
+    from fl_plugins.client.site import SiteClient
+
+    class Unavailable:
+        def __getattr__(self, method):
+            def refuse(*args, **kwargs):
+                raise InMemoryRpcError(grpc.StatusCode.UNAVAILABLE, "connection refused")
+
+            return refuse
+
+        def close(self) -> None:
+            pass
+
+    clock = _Clock()
+    monkeypatch.setattr(retry, "time", clock)
+    client = SiteClient(None, "s1", transport=Unavailable(), retry_timeout=10.0, heartbeat=0)
+    with pytest.raises(ConnectionError, match="did not answer"):
+        client.status()
+    assert clock.pauses == [0.1, 0.2, 0.4, 0.8, 1.6, 2.0, 2.0, 2.0, 2.0]
+    assert client.stats["retries"] == len(clock.pauses)
+
+    clock.pauses.clear()
+    with pytest.raises(ConnectionError, match="no progress"):
+        client.transfers.resumable(Unavailable().Download, "download x", progress=lambda: 0)
+    assert clock.pauses[:6] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6]
+    client.close()
+
+
 # -- the in-memory transport maps errors and ends calls as gRPC does ------------------------------------------------
 def test_refusals_arrive_as_the_same_status_codes_and_errors(federation):
     fed = federation(rounds=1, initial={"w": np.zeros(4, np.float32)})

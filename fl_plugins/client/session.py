@@ -69,7 +69,9 @@ class ClientSession:
         kit: SiteKit | None = None,
         insecure: bool = False,
     ) -> ClientSession:
-        """A session over gRPC to `server` ("host:port"); on rank 0 only it connects (see SiteClient)."""
+        """A session over gRPC to `server` ("host:port"); on rank 0 only it connects (see SiteClient). The
+        arguments are checked before any client (and its channel) exists."""
+        params_format = tensors.resolve_params_format(params_format)
         client = None
         if rank == 0:
             from fl_plugins.client.site import SiteClient

@@ -19,7 +19,7 @@ from typing import Any
 import grpc
 
 from fl_plugins._version import __version__
-from fl_plugins.client.retry import retry
+from fl_plugins.client.retry import CALLS, retry
 from fl_plugins.client.transfers import Transfers
 from fl_plugins.client.transport import GrpcTransport, Metadata, Transport
 from fl_plugins.errors import ConfigError, FLError, PolicyError, TransportError
@@ -155,7 +155,10 @@ class SiteClient:
         def give_up(e: Exception) -> TransportError:
             return self._unreachable(what, e)
 
-        return retry(attempt, fatal=fatal, window=window, give_up=give_up, stopped=self._closed.is_set, on_retry=again)
+        closed = self._closed.is_set
+        return retry(
+            attempt, fatal=fatal, window=window, give_up=give_up, stopped=closed, on_retry=again, backoff=CALLS
+        )
 
     def _unreachable(self, what: str, e: Any) -> TransportError:
         """The error for an aggregator that never answered. Calls wait for a connection, so they end with a bare

@@ -6,6 +6,7 @@
 - fedprox.py: FedProx's proximal term and its anchor, for any torch model
 - _torch.py: a torch module as the driver's model target; torch.distributed as its collective
 - lightning.py: the Lightning callback and patch() (`lightning` and `pytorch_lightning` trainers)
-- hf.py: the Hugging Face Trainer callback and patch(); hf_model.py: what of a transformers/PEFT model travels
+- hf.py: the Hugging Face Trainer callback and patch(); hf_model.py: what of a transformers/PEFT model travels;
+  hf_wrappers.py: the Trainer methods patch() wraps (create_scheduler and train, evaluate)
 - face.py: receive / is_running / shutdown of the faces, routed through the driver
 """

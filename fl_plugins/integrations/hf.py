@@ -16,8 +16,10 @@ Two ways to use it, both with one LR schedule over all rounds and the optimizer'
           trainer.evaluate()                 # the global model's metrics go with the update
           trainer.train()                    # one round of the trainer's budget; the update is sent at its end
   The trainer keeps its optimizer between train() calls; `patch` makes it keep its LR scheduler too, created
-  once for rounds x per-round steps. (Each train() call still starts a new TrainerState: step counters and
-  the shuffling seed restart per call. Use the callback form when the data order must match plain training.)
+  once for rounds x per-round steps (again whenever the optimizer is new: `Trainer(model_init=...)` builds one
+  per train(); a scheduler assigned to `trainer.lr_scheduler` between rounds is kept from then on). Each
+  train() call still starts a new TrainerState: step counters and the shuffling seed restart per call. Use the
+  callback form when the data order must match plain training.
 
 What is exchanged (`params_scope`: "auto", "model", "adapter", "trainable"): hf_model.py. `server_key_prefix`
 ("model." in FLARE's LLM example) is put before every name that travels and taken off what arrives.
@@ -28,8 +30,8 @@ over all rounds; False: the trainer re-creates its LR scheduler for each train()
 budget, in place of the TrainingArguments'), `stream_metrics` (send the trainer's logs to the aggregator as
 flare.log records; the callback always does). It refuses what FLARE refuses: DeepSpeed and FSDP (not supported
 yet), `load_best_model_at_end=True`, and a second patched Trainer in one process. It changes the trainer only
-through public means: its callback list, its TrainingArguments, and wrappers of its `create_scheduler` and
-`evaluate` methods.
+through public means: its callback list, its TrainingArguments, its `lr_scheduler`, and wrappers of its
+`create_scheduler`, `train` and `evaluate` methods (hf_wrappers.py).
 
 FedProx: `FLTrainerCallback(proximal_mu=mu)` moves the exchanged weights toward the round's global model by
 lr * mu * (w - w_global) after every optimizer step (fedprox.py, through the driver): the proximal term's gradient
@@ -53,6 +55,7 @@ from fl_plugins.integrations import driver as _driver
 from fl_plugins.integrations.budget import RoundBudget
 from fl_plugins.integrations.hf_model import PARAMS_SCOPES, resolve_scope, unwrap
 from fl_plugins.integrations.hf_model import HFTarget as HFTarget  # fl_plugins.tasks uses it from here
+from fl_plugins.integrations.hf_wrappers import KeptScheduler, LoadingEvaluate
 
 logger = logging.getLogger(__name__)
 
@@ -144,21 +147,36 @@ class FLTrainerCallback(TrainerCallback):
         driver.bind(trainer)
 
     def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self.prepare(args, model)
+
+    def prepare(self, args: Any, model: Any, begun: Any = None) -> None:
+        """Check the trainer, connect and (the callback form) plan the whole run, once: when the trainer is built,
+        or, for a callback added later (trainer.add_callback), when train() begins with the state `begun`."""
         refuse_sharded(args, None, "FLTrainerCallback")
         if model is not None and self.scope is None:  # a wrong params_scope fails here, before connecting
             self.scope = resolve_scope(unwrap(model), self.params_scope, "FLTrainerCallback")
         driver = self.start(args)
         if not self.per_call and self.run_budget is None:
-            self._plan_whole_run(args, driver)
+            self._plan_whole_run(args, driver, begun)
 
-    def _plan_whole_run(self, args: Any, driver: _driver.RoundDriver) -> None:
-        """One train() for every round: the trainer's budget becomes rounds x one round's."""
+    def _plan_whole_run(self, args: Any, driver: _driver.RoundDriver, begun: Any = None) -> None:
+        """One train() for every round: the trainer's budget becomes rounds x one round's (unless train() has
+        begun: then its budget is fixed, and rounds end where one round's is spent all the same)."""
         rounds = driver.total_rounds(self.collective)
         if rounds < 1:
             raise ConfigError("the aggregator reports no rounds to run")
         budget = self.budget or trainer_budget(args)
         self.run_budget = budget.over(rounds)  # checked before the trainer's args change
-        set_budget(args, self.run_budget)
+        if begun is None:
+            set_budget(args, self.run_budget)
+        elif (fixed := begun_budget(begun, self.run_budget)) != self.run_budget:
+            logger.warning(
+                "FLTrainerCallback was added after the Trainer was built: this train() keeps its own budget (%s), "
+                "not %d rounds x %s; pass it in Trainer(callbacks=[...]) to have the budget set",
+                fixed,
+                rounds,
+                budget,
+            )
         driver.plan(budget, whole_run=True)
         self.evaluate_rounds = self.evaluate if self.evaluate is not None else args.eval_strategy != "no"
         if self.evaluate_rounds:
@@ -177,6 +195,7 @@ class FLTrainerCallback(TrainerCallback):
         return ok
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        self.prepare(args, model, state)  # a no-op after on_init_end
         if not self.open_round(args, model):
             control.should_training_stop = True
 
@@ -229,6 +248,13 @@ def trainer_budget(args: Any) -> RoundBudget:
     if args.max_steps and args.max_steps > 0:
         return RoundBudget(epochs=None, steps=int(args.max_steps))
     return RoundBudget(epochs=float(args.num_train_epochs), steps=None)
+
+
+def begun_budget(state: Any, like: RoundBudget) -> RoundBudget:
+    """The budget a train() that has begun (its TrainerState) runs, in `like`'s kind (steps or epochs)."""
+    if like.steps is not None:
+        return RoundBudget(epochs=None, steps=int(state.max_steps))
+    return RoundBudget(epochs=float(state.num_train_epochs), steps=None)
 
 
 def set_budget(args: Any, budget: RoundBudget) -> None:
@@ -324,7 +350,7 @@ def patch(
         set_budget(trainer.args, cb.budget)
     trainer.add_callback(cb)
     if restore_state:
-        trainer.create_scheduler = KeptScheduler(trainer, cb)
+        KeptScheduler(trainer, cb).install()
     trainer.evaluate = LoadingEvaluate(trainer, cb)
     cb.attach(trainer)
     return trainer
@@ -373,38 +399,3 @@ def _patched_callback(trainer: Any, settings: dict[str, Any]) -> FLTrainerCallba
             )
         return cb
     return None
-
-
-class KeptScheduler:
-    """patch(restore_state=True) in place of the trainer's `create_scheduler`: the first train() creates the LR
-    scheduler for rounds x its steps; every later train() gets that same scheduler back (the trainer drops a
-    scheduler it created itself when a train() starts)."""
-
-    def __init__(self, trainer: Any, cb: FLTrainerCallback) -> None:
-        self.trainer, self.cb = trainer, cb
-        self.create = trainer.create_scheduler
-        self.scheduler: Any = None
-
-    def __call__(self, num_training_steps: int, optimizer: Any = None) -> Any:
-        if self.scheduler is None:
-            if self.trainer.lr_scheduler is None:
-                rounds = max(1, self.cb.start(self.trainer.args).total_rounds(self.cb.collective))
-                self.create(num_training_steps=num_training_steps * rounds, optimizer=optimizer)
-            self.scheduler = self.trainer.lr_scheduler
-        self.trainer.lr_scheduler = self.scheduler
-        return self.scheduler
-
-
-class LoadingEvaluate:
-    """patch() in place of the trainer's `evaluate`: an evaluate() between receive() and train() scores the
-    round's global model, so the round opens (the model is loaded) first."""
-
-    def __init__(self, trainer: Any, cb: FLTrainerCallback) -> None:
-        self.trainer, self.cb = trainer, cb
-        self.evaluate = trainer.evaluate
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        driver = self.cb.start(self.trainer.args)
-        if not driver.in_round and driver.is_running():
-            self.cb.open_round(self.trainer.args, self.trainer.model)
-        return self.evaluate(*args, **kwargs)
