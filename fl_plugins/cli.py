@@ -12,7 +12,7 @@ import sys
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from fl_plugins._version import __version__
 from fl_plugins.config import SETTINGS, AggregatorConfig, Boolean, Setting, merge
@@ -284,7 +284,7 @@ def _run(args: argparse.Namespace) -> int:
 
     recipe = load_recipe(args.recipe)
 
-    def _term(*_):
+    def _term(*_: object) -> NoReturn:
         raise KeyboardInterrupt
 
     # SIGTERM (and SIGINT, even where a shell started us with it ignored) stop the sites and the aggregator

@@ -12,15 +12,20 @@ every site process computes the same split and keeps its own part, so no data mo
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import numpy as np
 
 from fl_plugins.errors import ConfigError
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 MAX_DRAWS = 1000
 
 
 def split_indices(
-    labels, n_sites: int, alpha: float | None = None, *, seed: int = 0, min_per_site: int = 1
+    labels: npt.ArrayLike, n_sites: int, alpha: float | None = None, *, seed: int = 0, min_per_site: int = 1
 ) -> list[np.ndarray]:
     """Row indices of each site's part, sorted; together they are a partition of range(len(labels)).
     `alpha=None`: IID (a seeded shuffle dealt into near-equal parts)."""
@@ -56,7 +61,7 @@ def split_indices(
     )
 
 
-def label_counts(labels, parts: list[np.ndarray]) -> np.ndarray:
+def label_counts(labels: npt.ArrayLike, parts: list[np.ndarray]) -> np.ndarray:
     """A (sites x classes) table of how many rows of each class each site holds, to print or check skew."""
     labels = np.asarray(labels)
     classes = np.unique(labels)

@@ -17,6 +17,8 @@ not know fl-plugins. Every message says what was wrong, the value involved, and 
 
 from __future__ import annotations
 
+from types import ModuleType
+
 
 class FLError(Exception):
     """Base class of every error fl-plugins raises on purpose."""
@@ -64,7 +66,7 @@ class MissingDependencyError(FLError, ImportError):
     """An optional dependency is missing; the message carries the exact install command."""
 
 
-def require(module: str, extra: str):
+def require(module: str, extra: str) -> ModuleType:
     """Import `module`, or raise MissingDependencyError naming `pip install 'fl-plugins[extra]'`."""
     import importlib
 

@@ -63,7 +63,9 @@ def _object(v: Any) -> dict[str, Any] | None:
     return dict(v) if isinstance(v, dict) else None
 
 
-def _value(check: Callable[[Any], Any], *, key: str | None = None, default: Any = MISSING, factory: Any = MISSING):
+def _value(
+    check: Callable[[Any], Any], *, key: str | None = None, default: Any = MISSING, factory: Any = MISSING
+) -> Any:
     """A field read by `check` from the JSON key `key` (default: the field's name); without a default it is
     required."""
     return field(default=default, default_factory=factory, metadata={"check": check, "key": key})

@@ -32,6 +32,7 @@ from fl_plugins.records import Baselines, LogRecord, RoundRecord, RunMetrics, Ru
 from fl_plugins.wire.limits import finite_float
 
 if TYPE_CHECKING:
+    from matplotlib.figure import Figure
     from rich.console import Console
     from rich.table import Table
 
@@ -186,7 +187,9 @@ def baselines_table(run: RunData) -> Table:
 # -- the plots -------------------------------------------------------------------------------------------------
 
 
-def _figure(**kw):
+def _figure(**kw: Any) -> Any:
+    # a matplotlib Figure, typed Any: its stubs' Locator.set_params takes no keywords, but the plots set
+    # `integer=True` on the axes' default (MaxNLocator) locator
     try:
         from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend; savefig uses Agg
     except ImportError as e:
@@ -229,7 +232,7 @@ def write_plots(run: RunData, out_dir: str | Path | None = None) -> tuple[list[P
     return written, skipped
 
 
-def _validation(run: RunData, colors: dict[str, Any]):
+def _validation(run: RunData, colors: dict[str, Any]) -> Figure | str:
     keys: list[str] = []
     recs: list[RoundRecord | UpdateRecord] = [*(run.rounds[r] for r in sorted(run.rounds)), *run.updates]
     for rec in recs:
@@ -292,7 +295,7 @@ def _is_train_loss(key: str) -> bool:
     return "loss" in k and not any(w in k for w in _EVAL_WORDS)
 
 
-def _train_loss(run: RunData, colors: dict[str, Any]):
+def _train_loss(run: RunData, colors: dict[str, Any]) -> Figure | str:
     series: dict[str, dict[str, list[tuple[float, float, int]]]] = {}  # key -> site -> [(step, value, round)]
     count: dict[tuple[str, str], int] = {}
     for rec in run.logs:
@@ -350,7 +353,7 @@ def _train_loss(run: RunData, colors: dict[str, Any]):
     return fig
 
 
-def _bytes(run: RunData, colors: dict[str, Any]):
+def _bytes(run: RunData, colors: dict[str, Any]) -> Figure | str:
     per: dict[int, dict[str, float]] = {}
     for u in run.updates:
         per.setdefault(u.round, {})

@@ -31,13 +31,20 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from fl_plugins import records
 from fl_plugins._run_view import View as _View
 from fl_plugins._run_view import summarize, summary_table
 from fl_plugins._text import baselines_table
 from fl_plugins.recipe import Recipe
+
+if TYPE_CHECKING:
+    from collections.abc import Callable
+
+    from rich.console import Console
+
+    from fl_plugins.aggregator.service import AggregatorServer
 
 log = logging.getLogger(__name__)
 
@@ -241,7 +248,7 @@ def _conclude(fed: _Federation, metrics: _Metrics, code: int, t0: float, console
     return code
 
 
-def _run_baselines(recipe: Recipe, run_dir: Path, console, err) -> dict[str, Any] | None:
+def _run_baselines(recipe: Recipe, run_dir: Path, console: Console, err: Console) -> dict[str, Any] | None:
     """A built-in task's `baselines: true`: score the final global model and each site's local-only model on the
     pooled validation set (one process, after the federation; RUN_DIR/baselines.log)."""
     from fl_plugins.aggregator.store import private_file
@@ -275,7 +282,7 @@ def _tracking_params(recipe: Recipe) -> dict[str, Any]:
     }
 
 
-def _write_report(run_dir: Path, console, err) -> None:
+def _write_report(run_dir: Path, console: Console, err: Console) -> None:
     """RUN_DIR/report/*.png (report.py); a failure to plot is a warning on stderr, never a failed run."""
     if not (run_dir / records.METRICS).is_file():
         return  # no update ever arrived: nothing to plot
@@ -317,7 +324,14 @@ def _start_site(
     return _Site(name, proc, log_path, f)
 
 
-def _watch(server, sites: list[_Site], metrics: _Metrics, recipe: Recipe, refresh, err) -> int:
+def _watch(
+    server: AggregatorServer,
+    sites: list[_Site],
+    metrics: _Metrics,
+    recipe: Recipe,
+    refresh: Callable[[], object],
+    err: Console,
+) -> int:
     agg = server.aggregator
     done_at: float | None = None
     while True:

@@ -21,9 +21,9 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fl_plugins.aggregator.intake import Intake
 from fl_plugins.aggregator.offer import Offer
@@ -38,6 +38,9 @@ from fl_plugins.records import LogRecord, MetricsRecord, RoundRecord
 from fl_plugins.wire import limits
 from fl_plugins.wire.layout import Manifest, TensorInfo
 from fl_plugins.wire.stream import FileSource, ShardReceiver
+
+if TYPE_CHECKING:
+    import numpy as np
 
 __all__ = ["Aggregator", "AggregatorConfig", "Decision", "Task", "TaskKind"]
 
@@ -343,7 +346,7 @@ class Aggregator:
             reader = GlobalReader(paths, self.global_manifest)
         try:
 
-            def blocks_of(t: TensorInfo):
+            def blocks_of(t: TensorInfo) -> Iterator[np.ndarray]:
                 blocks = strategy.finalize(t, reader.reader(t.name))
                 return strategy.checked(t, blocks, r) if self.config.reject_nonfinite else blocks
 

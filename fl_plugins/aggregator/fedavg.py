@@ -33,11 +33,15 @@ import math
 import os
 import threading
 from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from fl_plugins.errors import ModelMismatchError
 from fl_plugins.wire.layout import FLOAT_DTYPES, INT_DTYPES, TensorInfo, numpy_dtype
+
+if TYPE_CHECKING:
+    import numpy.typing as npt
 
 BLOCK = 1 << 18  # elements per fold step: a 1 MiB float32 scratch stays in cache
 SCRATCH_BYTES = BLOCK * 8  # a block of the widest element (float64 accumulators of integer tensors)
@@ -124,7 +128,7 @@ class Accumulator:
         self.weight_full = self.weight_diff = 0.0
 
     @contextlib.contextmanager
-    def _scratch(self, dtype) -> Iterator[np.ndarray]:
+    def _scratch(self, dtype: npt.DTypeLike) -> Iterator[np.ndarray]:
         """A scratch buffer of BLOCK elements of `dtype` (at least), taken from the pool and given back."""
         with self._pool_lock:
             raw = self._pool.pop() if self._pool else None

@@ -76,7 +76,7 @@ class CallSlots:
         self._long += 1
 
     @contextlib.contextmanager
-    def poll(self, site: str, context) -> Iterator[None]:
+    def poll(self, site: str, context: grpc.ServicerContext) -> Iterator[None]:
         with self._lock:
             mine = self._polls.get(site, [])
             live = sum(1 for c in mine if c.is_active())
@@ -146,22 +146,22 @@ class Servicer:
         self.log_budget = limits.LogBudget()
         self._operator = _der(operator_cert) if operator_cert else None
 
-    def _site(self, claimed: str, context) -> str:
+    def _site(self, claimed: str, context: grpc.ServicerContext) -> str:
         return claimed if self.auth is None else self.auth.site_of(context, claimed)
 
-    def _caller(self, context) -> str | None:
+    def _caller(self, context: grpc.ServicerContext) -> str | None:
         """The certificate's site with mTLS (calls that carry no site name: uploads, commits, status)."""
         return None if self.auth is None else self.auth.site_of(context)
 
-    def Hello(self, req: pb.HelloRequest, context) -> pb.HelloReply:
+    def Hello(self, req: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
         info = self.agg.hello(self._site(req.site, context), req.can_offer_initial)
         return pb.HelloReply(version=__version__, **info)
 
-    def Heartbeat(self, req: pb.HelloRequest, context) -> pb.Empty:
+    def Heartbeat(self, req: pb.HelloRequest, context: grpc.ServicerContext) -> pb.Empty:
         self.agg.heartbeat(self._site(req.site, context))
         return pb.Empty()
 
-    def GetTask(self, req: pb.TaskRequest, context) -> pb.Task:
+    def GetTask(self, req: pb.TaskRequest, context: grpc.ServicerContext) -> pb.Task:
         site = self._site(req.site, context)
         with self.slots.poll(site, context):
             t = self._poll(site, req, context)
@@ -177,7 +177,7 @@ class Servicer:
             task.manifest_json = Manifest(t.manifest.shards, t.manifest.chunk_bytes, env).to_json()
         return task
 
-    def _poll(self, site: str, req: pb.TaskRequest, context) -> Task:
+    def _poll(self, site: str, req: pb.TaskRequest, context: grpc.ServicerContext) -> Task:
         """Aggregator.get_task, ended as soon as its caller goes away (cancelled, timed out, its process
         restarted): gRPC's termination callback wakes the wait, so a poll nobody listens to frees its worker at
         once, without periodic wake-ups in between (polling in 0.25 s slices cost 3-5% of benchmarks/load.py)."""
@@ -198,12 +198,12 @@ class Servicer:
             gone=gone.is_set,
         )
 
-    def BeginUpload(self, req: pb.UploadBegin, context) -> pb.UploadState:
+    def BeginUpload(self, req: pb.UploadBegin, context: grpc.ServicerContext) -> pb.UploadState:
         site = self._site(req.site, context)
         u = self.agg.begin_upload(site, req.round, req.attempt, req.manifest_json, req.initial, req.nonce)
         return pb.UploadState(upload_id=u.id, offsets=[rx.offset for rx in u.receivers])
 
-    def Upload(self, request_iterator, context) -> pb.UploadAck:
+    def Upload(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.UploadAck:
         md = dict(context.invocation_metadata())
         try:
             upload_id, shard = md["fl-upload-id"], int(md["fl-shard"])
@@ -219,11 +219,11 @@ class Servicer:
                 self.agg.unwatch(u, context)
         return pb.UploadAck(offset=rx.offset)
 
-    def CommitUpload(self, req: pb.UploadCommit, context) -> pb.CommitReply:
+    def CommitUpload(self, req: pb.UploadCommit, context: grpc.ServicerContext) -> pb.CommitReply:
         r = self.agg.commit(req.upload_id, list(req.shard_digests), site=self._caller(context))
         return pb.CommitReply(**r)
 
-    def Download(self, req: pb.DownloadRequest, context):
+    def Download(self, req: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         site = self._site(req.site, context)
         with self.slots.transfer(site, "Download"):
             manifest, source, digests = self.agg.global_source(req.round)
@@ -236,7 +236,7 @@ class Servicer:
             finally:
                 source.close()
 
-    def Log(self, req: pb.LogRequest, context) -> pb.Empty:
+    def Log(self, req: pb.LogRequest, context: grpc.ServicerContext) -> pb.Empty:
         """flare.log records: bounded per call, per second and per round (limits.py) before they are parsed;
         their content is checked by Aggregator.log_records."""
         site = self._site(req.site, context)
@@ -247,7 +247,7 @@ class Servicer:
         self.agg.log_records(site, req.round, records)
         return pb.Empty()
 
-    def Status(self, req: pb.StatusRequest, context) -> pb.StatusReply:
+    def Status(self, req: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
         """The job's progress, for whom the caller is (Aggregator.status):
 
         * mTLS: a caller presenting the server kit's own certificate is the operator and sees everything; a site
@@ -268,7 +268,7 @@ class Servicer:
             view = None if _peer_is_loopback(context.peer()) else ""
         return pb.StatusReply(status_json=json.dumps(self.agg.status(view)))
 
-    def _is_operator(self, context) -> bool:
+    def _is_operator(self, context: grpc.ServicerContext) -> bool:
         pem = ((context.auth_context() or {}).get("x509_pem_cert") or [b""])[0]
         return self._operator is not None and bool(pem) and _der(pem) == self._operator
 
@@ -399,5 +399,5 @@ class AggregatorServer:
     def __enter__(self) -> AggregatorServer:
         return self.start()
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.stop(0)

@@ -33,7 +33,7 @@ import struct
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import xxhash
@@ -325,7 +325,7 @@ def undo_failed_start(run_dir: str | os.PathLike) -> Iterator[None]:
         raise
 
 
-def _write(f, hasher: ChunkHasher, data) -> None:
+def _write(f: BinaryIO, hasher: ChunkHasher, data: bytes | memoryview) -> None:
     mv = memoryview(data)
     hasher.update(mv)
     while len(mv):

@@ -222,7 +222,7 @@ def read_rows(path: str | Path) -> list[dict]:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from e
 
 
-def _read_jsonl(f, path: Path) -> list[dict]:
+def _read_jsonl(f: Iterable[str], path: Path) -> list[dict]:
     rows = []
     for lineno, line in enumerate(f, start=1):
         if not line.strip():
@@ -243,7 +243,7 @@ def _read_jsonl(f, path: Path) -> list[dict]:
     return rows
 
 
-def _read_csv(f, path: Path) -> list[dict]:
+def _read_csv(f: Iterable[str], path: Path) -> list[dict]:
     reader = csv.reader(f)
     header = next(reader, None)
     if not header:

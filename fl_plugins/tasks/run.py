@@ -23,7 +23,7 @@ import os
 import sys
 import tempfile
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -31,6 +31,9 @@ from fl_plugins.errors import ConfigError, FLError
 from fl_plugins.tasks.shares import shares
 from fl_plugins.tasks.spec import TaskSpec
 from fl_plugins.tasks.training import build_model, encode, make_trainer
+
+if TYPE_CHECKING:
+    from transformers import TrainerControl, TrainerState, TrainingArguments
 
 
 def federate(recipe: Any, site: str) -> None:
@@ -78,7 +81,14 @@ def _print_evaluations(site: str) -> Any:
     from transformers import TrainerCallback
 
     class PrintEvaluations(TrainerCallback):
-        def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        def on_evaluate(
+            self,
+            args: TrainingArguments,
+            state: TrainerState,
+            control: TrainerControl,
+            metrics: dict[str, float] | None = None,
+            **kwargs: Any,
+        ) -> None:
             shown = {k: round(v, 4) for k, v in (metrics or {}).items() if k in ("eval_loss", "eval_accuracy")}
             print(f"[{site}] step {state.global_step}: global model {shown}", flush=True)
 

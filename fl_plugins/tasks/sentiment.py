@@ -11,6 +11,8 @@ A template's `{slot}` is drawn once per sentence; a `{Slot}` is the `{slot}` val
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 
 _STEMS = (
@@ -255,7 +257,7 @@ class _Slots(dict):
         return self[key]
 
     @staticmethod
-    def _draw(key: str, r: np.random.Generator, pick) -> str:
+    def _draw(key: str, r: np.random.Generator, pick: Callable[[tuple[str, ...]], str]) -> str:
         if key == "company":
             return f"{pick(_STEMS)} {pick(_SUFFIXES)}"
         if key in ("amt", "amt2"):

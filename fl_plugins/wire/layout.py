@@ -36,7 +36,7 @@ MAX_MANIFEST_BYTES = 64 << 20
 MAX_NDIM = 64  # numpy's limit; also bounds the work of multiplying a shape out
 
 
-def _bf16():
+def _bf16() -> np.dtype:
     import ml_dtypes
 
     return np.dtype(ml_dtypes.bfloat16)

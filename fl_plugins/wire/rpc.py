@@ -8,12 +8,20 @@ turn our errors into status codes (`STATUS_OF`); the client side turns status co
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
 from fl_plugins import errors
 from fl_plugins.wire.proto import fl_pb2 as pb
+
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
+
+    # A servicer method: (request, context) -> reply, or an iterator of replies (Download). The request is a
+    # protobuf message, or an iterator of raw frames (Upload): Any, as the generated messages are untyped.
+    Handler = Callable[[Any, grpc.ServicerContext], Any]
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +99,11 @@ _ERROR_OF_CODE = {
 }
 
 
-def _ser(t):
+def _ser(t: type[Message] | None) -> Callable[[Any], bytes]:
     return _identity if t is RAW else t.SerializeToString
 
 
-def _de(t):
+def _de(t: type[Message] | None) -> Callable[[bytes], Any]:
     return _identity if t is RAW else t.FromString
 
 
@@ -120,7 +128,7 @@ class Stub:
             )
 
 
-def generic_handler(servicer) -> grpc.GenericRpcHandler:
+def generic_handler(servicer: object) -> grpc.GenericRpcHandler:
     """A handler that calls `servicer.<Method>(request, context)` for each method in METHODS."""
     handlers = {}
     for name, (kind, req, resp) in METHODS.items():
@@ -131,13 +139,13 @@ def generic_handler(servicer) -> grpc.GenericRpcHandler:
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
-def _guard(fn, kind: str):
+def _guard(fn: Handler, kind: str) -> Handler:
     """Map our errors to status codes with the error's message (context.abort raises to end the call). Anything
     else a handler raises is a bug, never a site's fault to be shown as ours: it is logged here with its traceback
     and the call ends with INTERNAL and a message; the aggregator goes on serving."""
     method = getattr(fn, "__name__", "?")
 
-    def abort(context, e: Exception):
+    def abort(context: grpc.ServicerContext, e: Exception) -> None:
         if isinstance(e, errors.FLError):
             for cls, code in STATUS_OF:
                 if isinstance(e, cls):
@@ -157,13 +165,13 @@ def _guard(fn, kind: str):
             "aggregator's log (it has the traceback)",
         )
 
-    def unexpected(context, e: Exception) -> bool:
+    def unexpected(context: grpc.ServicerContext, e: Exception) -> bool:
         """False for what only looks unexpected: the call ended (a site went away; context.abort's own raise)."""
         return not isinstance(e, grpc.RpcError) and context.is_active() and not _aborted(context)
 
     if kind == "unary_stream":
 
-        def stream_handler(request, context):
+        def stream_handler(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
             try:
                 yield from fn(request, context)
             except errors.FLError as e:
@@ -175,7 +183,7 @@ def _guard(fn, kind: str):
 
         return stream_handler
 
-    def handler(request, context):
+    def handler(request: Any, context: grpc.ServicerContext) -> Any:
         try:
             return fn(request, context)
         except errors.FLError as e:
@@ -188,7 +196,7 @@ def _guard(fn, kind: str):
     return handler
 
 
-def _aborted(context) -> bool:
+def _aborted(context: grpc.ServicerContext) -> bool:
     """Whether the handler already ended the call with context.abort (grpc then raises a bare Exception)."""
     code = getattr(context, "code", None)
     return callable(code) and code() is not None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import bisect
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 from fl_plugins.errors import IntegrityError, ProtocolError
@@ -123,7 +123,7 @@ class Source(Protocol):
 class TensorSource:
     """Shard bytes straight from tensor memory: `get_bytes(name)` returns a tensor's bytes as a memoryview."""
 
-    def __init__(self, manifest: Manifest, get_bytes) -> None:
+    def __init__(self, manifest: Manifest, get_bytes: Callable[[str], memoryview]) -> None:
         self.manifest = manifest
         self.get_bytes = get_bytes
         self._starts = [[t.start for t in s.tensors] for s in manifest.shards]
