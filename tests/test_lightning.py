@@ -107,6 +107,34 @@ def test_rounds_of_one_epoch_equal_plain_training(server_factory, site):
     assert [u["weight"] for u in updates if u["event"] == "update"] == [N // BATCH] * 3  # NUM_STEPS_CURRENT_ROUND
 
 
+class Sgd(Tiny):
+    """Tiny with plain SGD at a constant rate: lr * mu = 1 makes FedProx's pull land exactly on the global model."""
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.125)
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+@pytest.mark.parametrize("mu", [0.0, 8.0])
+def test_fedprox_pulls_a_lightning_site_to_the_global_model(server_factory, site, mu):
+    """patch(trainer, proximal_mu=mu): after each optimizer step the weights move by lr * mu toward the round's
+    global model. With lr * mu = 1 every step lands on it, so the site sends the global model back unchanged;
+    without FedProx (mu = 0) the same training moves it."""
+    initial = numpy_state(Sgd(seed=0))
+    srv = server_factory(rounds=2, initial=initial)
+    site(srv)
+    module, tr = Sgd(seed=1), trainer(max_epochs=1)
+    flare.patch(tr, proximal_mu=mu)
+    while flare.is_running():
+        flare.receive()
+        tr.fit(module, train_dataloaders=data())
+    assert srv.wait() == 0
+    final = load_round(srv.aggregator.config.run_dir, 2)
+    same = [np.array_equal(final[k], v) for k, v in initial.items()]
+    assert all(same) if mu else not any(same)
+
+
 @pytest.mark.integration
 @pytest.mark.slow
 def test_every_round_starts_from_the_global_model(server_factory, site):

@@ -121,6 +121,12 @@ class RoundDriver:
         else:
             self.proximal = None
 
+    def proximal_step(self, lr: float | None) -> None:
+        """FedProx after an optimizer step at learning rate `lr`: the weights move toward the round's global model
+        (fedprox.py `pull`), while a round is open."""
+        if self.proximal is not None and self.progress.open and lr is not None:
+            self.proximal.pull(lr)
+
     def attach(self, target: ModelTarget) -> None:
         """The model that receive() writes into, before the first round opens."""
         with self.lock:
@@ -194,8 +200,7 @@ class RoundDriver:
         model. Returns whether the round's budget is spent here (whole_run only)."""
         p = self.progress
         p.steps += 1
-        if self.proximal is not None and p.open and lr is not None:
-            self.proximal.pull(lr)
+        self.proximal_step(lr)
         return self.whole_run and self.budget is not None and self.budget.spent(steps=p.steps)
 
     def epoch_ended(self) -> bool:

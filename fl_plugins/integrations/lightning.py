@@ -46,6 +46,7 @@ class _FLCallbackMixin:
         self.restore_state = restore_state
         self.update_fit_loop = update_fit_loop
         self.carry: dict[str, Any] | None = None  # optimizer, LR scheduler and AMP scaler state between fits
+        self.stepped = -1  # the global step FedProx last pulled at (one pull per optimizer step)
 
     @property
     def state_key(self) -> str:
@@ -82,7 +83,12 @@ class _FLCallbackMixin:
 
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         """What the module logs with self.log (train_loss, ...) goes to the aggregator as flare.log records, with
-        the global step, at the trainer's log_every_n_steps."""
+        the global step, at the trainer's log_every_n_steps. With FedProx, every rank pulls its weights toward the
+        round's global model once per optimizer step."""
+        if trainer.global_step != self.stepped:
+            self.stepped = trainer.global_step
+            opts = trainer.optimizers
+            self.driver.proximal_step(opts[0].param_groups[0]["lr"] if opts else None)
         if trainer.global_rank != 0 or not self.driver.in_round:
             return
         every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))
@@ -211,15 +217,25 @@ def global_rank(trainer: Any) -> int:
 
 
 def patch(
-    trainer: Any, restore_state: bool = True, load_state_dict_strict: bool = True, update_fit_loop: bool = True
+    trainer: Any,
+    restore_state: bool = True,
+    load_state_dict_strict: bool = True,
+    update_fit_loop: bool = True,
+    *,
+    proximal_mu: float = 0.0,
 ) -> None:
     """Federate `trainer`: connect from the launcher's environment and add the federated callback.
 
     restore_state: carry optimizer, LR scheduler and AMP scaler state from round to round.
     load_state_dict_strict: the global model must match the module key for key and shape for shape.
-    update_fit_loop: each fit() trains the trainer's max_epochs / max_steps anew (one round's budget)."""
+    update_fit_loop: each fit() trains the trainer's max_epochs / max_steps anew (one round's budget).
+    proximal_mu (ours, keyword only; 0: off): FedProx, as FLTrainerCallback's: after each optimizer step the
+    weights move toward the round's global model by lr * mu * (w - w_global) (integrations/fedprox.py)."""
+    if not proximal_mu >= 0:
+        raise ConfigError(f"patch(): proximal_mu must be >= 0 (got {proximal_mu!r}); 0 turns FedProx off")
     cls = callback_class(trainer_package(trainer))
     drv = _driver.get(strict=load_state_dict_strict)
+    drv.use_fedprox(proximal_mu)
     drv.start(rank=global_rank(trainer))  # only global rank 0 connects
     if any(isinstance(c, _FLCallbackMixin) for c in trainer.callbacks):
         return
