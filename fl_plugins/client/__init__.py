@@ -15,12 +15,14 @@ from fl_plugins.client.api import (
     shutdown,
     system_info,
 )
+from fl_plugins.client.decorators import evaluate, train
 from fl_plugins.client.model import FLModel, MetaKey, ParamsType
 
 __all__ = [
     "FLModel",
     "MetaKey",
     "ParamsType",
+    "evaluate",
     "get_job_id",
     "get_site_name",
     "get_task_name",
@@ -34,4 +36,5 @@ __all__ = [
     "send",
     "shutdown",
     "system_info",
+    "train",
 ]
