@@ -134,3 +134,30 @@ def site(monkeypatch):
 
     yield connect_to
     face.shutdown()
+
+
+@pytest.fixture
+def no_sockets(monkeypatch):
+    """Opening a socket, a gRPC channel or a gRPC server fails the test (tests over the in-memory transport)."""
+    from _inmemory import forbid_sockets
+
+    forbid_sockets(monkeypatch)
+
+
+@pytest.fixture
+def in_memory(tmp_path):
+    """make(**config) -> an InMemoryFederation (tests/_inmemory.py); all are closed, and flare shut down, after."""
+    from _inmemory import InMemoryFederation
+
+    import fl_plugins.client as flare
+
+    feds: list[InMemoryFederation] = []
+
+    def make(**kw: Any) -> InMemoryFederation:
+        feds.append(InMemoryFederation(tmp_path, **kw))
+        return feds[-1]
+
+    yield make
+    flare.shutdown()
+    for f in feds:
+        f.close()

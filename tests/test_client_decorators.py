@@ -5,29 +5,16 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _inmemory import InMemoryFederation, forbid_sockets
 
 import fl_plugins.client as flare
 from fl_plugins.errors import ConfigError
 
-
-@pytest.fixture(autouse=True)
-def _no_sockets(monkeypatch):
-    forbid_sockets(monkeypatch)
+pytestmark = pytest.mark.usefixtures("no_sockets")
 
 
 @pytest.fixture
-def fed(tmp_path):
-    feds = []
-
-    def make(**kw):
-        feds.append(InMemoryFederation(tmp_path, initial={"w": np.zeros(3, np.float32)}, **kw))
-        return feds[-1]
-
-    yield make
-    flare.shutdown()
-    for f in feds:
-        f.close()
+def fed(in_memory):
+    return lambda **kw: in_memory(initial={"w": np.zeros(3, np.float32)}, **kw)
 
 
 def test_the_tutorial_loop_runs_with_the_import_swapped(fed):

@@ -6,25 +6,18 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from _inmemory import InMemoryFederation, forbid_sockets
 
 import fl_plugins.client as flare
 from fl_plugins.client.tracking import MLflowWriter, SummaryWriter, TBWriter, WandBWriter
 from fl_plugins.errors import ConfigError
 from fl_plugins.tracking import Converter
 
-
-@pytest.fixture(autouse=True)
-def _no_sockets(monkeypatch):
-    forbid_sockets(monkeypatch)
+pytestmark = pytest.mark.usefixtures("no_sockets")
 
 
 @pytest.fixture
-def fed(tmp_path):
-    f = InMemoryFederation(tmp_path, rounds=1, initial={"w": np.zeros(3, np.float32)})
-    yield f
-    flare.shutdown()
-    f.close()
+def fed(in_memory):
+    return in_memory(rounds=1, initial={"w": np.zeros(3, np.float32)})
 
 
 def test_a_flare_script_that_tracks_runs_with_the_import_swapped(fed):

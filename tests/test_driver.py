@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from _inmemory import InMemoryFederation, forbid_sockets
+from _inmemory import InMemoryFederation
 from conftest import load_round
 
 import fl_plugins.client as flare
@@ -43,24 +43,19 @@ class ArrayTarget:
             a += delta
 
 
-@pytest.fixture(autouse=True)
-def no_sockets(monkeypatch):
-    forbid_sockets(monkeypatch)
+pytestmark = pytest.mark.usefixtures("no_sockets")
 
 
 @pytest.fixture
-def federation(tmp_path):
-    feds: list[InMemoryFederation] = []
+def federation(in_memory):
+    """make(site, params_format, **config): a federation whose `site` is the current client session."""
 
     def make(site: str = "site-1", params_format: str = "numpy", **kw) -> InMemoryFederation:
-        feds.append(InMemoryFederation(tmp_path, **kw))
-        feds[-1].activate(site, params_format=params_format)
-        return feds[-1]
+        fed = in_memory(**kw)
+        fed.activate(site, params_format=params_format)
+        return fed
 
-    yield make
-    flare.shutdown()
-    for f in feds:
-        f.close()
+    return make
 
 
 def test_without_an_initial_model_the_driver_offers_the_targets_weights(federation):

@@ -86,6 +86,7 @@ class Rules(RuleBasedStateMachine):
         if s is None or site in self.silent:
             return
         try:
+            self.rs.check_current(site, self.rs.round, self.rs.attempt)
             self.rs.may_update(s, self.rs.round, self.rs.attempt, self.now)
         except RoundError:
             return

@@ -12,7 +12,6 @@ import time
 import grpc
 import numpy as np
 import pytest
-from _inmemory import InMemoryFederation, forbid_sockets
 from conftest import load_round
 
 import fl_plugins.client as flare
@@ -29,23 +28,12 @@ from fl_plugins.wire.stream import ShardSender, TensorSource
 CHUNK = 64 << 10
 
 
-@pytest.fixture(autouse=True)
-def no_sockets(monkeypatch):
-    forbid_sockets(monkeypatch)
+pytestmark = pytest.mark.usefixtures("no_sockets")
 
 
 @pytest.fixture
-def federation(tmp_path):
-    feds: list[InMemoryFederation] = []
-
-    def make(**kw) -> InMemoryFederation:
-        feds.append(InMemoryFederation(tmp_path, **kw))
-        return feds[-1]
-
-    yield make
-    flare.shutdown()
-    for f in feds:
-        f.close()
+def federation(in_memory):
+    return in_memory
 
 
 def test_these_tests_would_notice_a_socket(tmp_path):

@@ -103,8 +103,7 @@ class Intake:
             raise RoundError(f"site {site!r}: no round is open for updates")
         if attempt < 0:
             raise ProtocolError(f"site {site!r}: attempt must be >= 0 (got {attempt})")
-        if round_ != self.rounds.round or attempt > self.rounds.attempt:
-            self.rounds.may_update(s, round_, attempt, self.agg.clock())  # refused: late
+        self.rounds.check_current(site, round_, attempt)
         owed = self.rounds.owed.get(site)
         if owed is not None and owed.nonce == u.nonce:
             return self._begin_resend(u, owed)

@@ -186,15 +186,18 @@ class RoundState:
         s.took = (self.round, self.attempt)
         return True
 
-    def may_update(self, s: SiteState, round_: int, attempt: int, now: float) -> None:
-        """The rules an update passes before its first byte (after the resend check), in the order a site can
-        act on; a RoundError that says why otherwise."""
-        site = s.name
+    def check_current(self, site: str, round_: int, attempt: int) -> None:
+        """An upload must name this round and an attempt no later than this one (a RoundError: it is late)."""
         if round_ != self.round or attempt > self.attempt:
             raise self._refused(
                 f"site {site!r}: the update for round {round_} (attempt {attempt}) is late: the aggregator is on "
                 f"round {self.round} attempt {self.attempt}"
             )
+
+    def may_update(self, s: SiteState, round_: int, attempt: int, now: float) -> None:
+        """The rules a new update passes before its first byte (after `check_current` and the resend check), in
+        the order a site can act on; a RoundError that says why otherwise."""
+        site = s.name
         if s.sits_out == (self.round, self.attempt):
             raise self._refused(
                 f"site {site!r}: an update of this site for round {round_} was dropped after part of it was folded; "
