@@ -3,6 +3,7 @@
     python benchmarks/round.py                                  # 2 sites x 1 GiB x 3 rounds
     python benchmarks/round.py --gib 3 --sites 2 --rounds 2
     python benchmarks/round.py --json out.json
+    python benchmarks/round.py --gib 0.25 --rounds 3 --strategy fedadam   # a server optimizer (strategy.py)
 
 One aggregator process (AggregatorServer with --initial-model written beforehand) and `--sites` site
 processes written like a user script on the FLARE-style client API (`flare.init / is_running / receive /
@@ -10,7 +11,9 @@ send`, torch params) with a no-op local step (`--add-constant X` adds X in place
 come from the aggregator's RUN_DIR/metrics.jsonl "round" events (`seconds`: from the round's start to its
 checkpoint being written; also shown: the checkpoint's share, and the wall interval between consecutive
 round ends). Peak tree RSS is the peak of the sum of the aggregator's and all sites' RSS sampled together
-every 50 ms; each process's own ru_maxrss is shown too.
+every 50 ms; each process's own ru_maxrss is shown too. `--strategy` names the aggregator's strategy; its state
+(a server optimizer's one or two float32 buffers per float element, kept in files) is shown next to the
+accumulator, and the aggregator's peak RSS is checked against accumulator + state + 0.5 GiB.
 """
 
 from __future__ import annotations
@@ -41,20 +44,24 @@ from _common import (  # noqa: E402
     write_model,
 )
 
+from fl_plugins.checks import STRATEGIES as STRATEGY_NAMES  # noqa: E402
+
 
 def run(args) -> dict:
+    from fl_plugins.aggregator.strategy import STRATEGIES
+
     model_bytes = int(args.gib * GiB) // 4096 * 4096
     root = Path(tempfile.mkdtemp(prefix="flbench-round-", dir=args.run_dir or "/tmp"))
     out: dict = {"gib": args.gib, "sites": args.sites, "rounds": args.rounds, "dtype": args.dtype,
                  "tensors": args.tensors, "add_constant": args.add_constant, "chunk_mib": args.chunk_mib,
-                 "run_dir": str(root), "env": environment()}  # fmt: skip
+                 "strategy": args.strategy, "run_dir": str(root), "env": environment()}  # fmt: skip
     try:
         t0 = time.perf_counter()
         out["model_bytes"] = write_model(root / "init.safetensors", tensor_specs(model_bytes, args.dtype, args.tensors))
         out["write_model_s"] = time.perf_counter() - t0
         cfg = {"run_dir": root / "run", "rounds": args.rounds, "min_sites": args.sites,
                "initial_model": root / "init.safetensors", "chunk_bytes": args.chunk_mib * MiB,
-               "linger": 5.0}  # fmt: skip
+               "linger": 5.0, "strategy": args.strategy}  # fmt: skip
         with Children() as ch:
             sampler = RSSSampler().start()
             a_par, a_child = CTX.Pipe()
@@ -91,6 +98,8 @@ def run(args) -> dict:
         out["steady_interval_mean_s"] = (statistics.mean(r["interval_s"] for r in rounds if r["round"] > 0)
                                          if steady else None)  # fmt: skip
         out["acc_bytes"] = ready["acc_bytes"]
+        # every tensor here is a float one: the state has one float32 per element per buffer, as the accumulator
+        out["state_bytes"] = len(STRATEGIES[args.strategy].buffers) * ready["acc_bytes"]
         out["peak_tree_rss"] = sampler.peak_sum
         out["sampled_peak_rss"] = dict(sampler.peak)
         out["aggregator_maxrss"] = done["maxrss"]
@@ -107,7 +116,7 @@ def run(args) -> dict:
 
 def report(out: dict) -> list[str]:
     lines = [f"{out['sites']} sites x {out['model_bytes'] / GiB:.2f} GiB {out['dtype']} ({out['tensors']} tensors) "
-             f"x {out['rounds']} rounds, chunk {out['chunk_mib']} MiB, local step: "
+             f"x {out['rounds']} rounds, chunk {out['chunk_mib']} MiB, strategy {out['strategy']}, local step: "
              f"{'add ' + str(out['add_constant']) if out['add_constant'] else 'no-op'}"]  # fmt: skip
     env = out.get("env", {})
     dirty = " (+ local changes)" if env.get("fl_plugins_dirty") else ""
@@ -124,13 +133,17 @@ def report(out: dict) -> list[str]:
                  + ("" if sm is None else f" (wall interval {out['steady_interval_mean_s']:.2f} s)"))  # fmt: skip
     lines.append(f"peak tree RSS (sum, sampled): {out['peak_tree_rss'] / GiB:.2f} GiB of {out['mem_total'] / GiB:.1f} "
                  f"GiB; aggregator ru_maxrss {out['aggregator_maxrss'] / MiB:,.0f} MiB (accumulator "
-                 f"{out['acc_bytes'] / MiB:,.0f} MiB); sites ru_maxrss "
+                 f"{out['acc_bytes'] / MiB:,.0f} MiB, strategy state on disk {out['state_bytes'] / MiB:,.0f} MiB); "
+                 "sites ru_maxrss "
                  + ", ".join(f"{x / MiB:,.0f}" for x in out["site_maxrss"]) + " MiB")  # fmt: skip
     checks = []
     if abs(out["gib"] - 1) < 1e-9 and out["sites"] == 2 and sm is not None:
         checks.append(("1 GiB, 2 sites: steady round < 5 s", sm < 5.0, f"{sm:.2f} s"))
     checks.append(("completes within RAM", out["peak_tree_rss"] < out["mem_total"],
                    f"{out['peak_tree_rss'] / GiB:.2f} GiB < {out['mem_total'] / GiB:.1f} GiB"))  # fmt: skip
+    bound = out["acc_bytes"] + out["state_bytes"] + GiB // 2
+    checks.append(("aggregator memory <= accumulator + strategy state + 0.5 GiB", out["aggregator_maxrss"] <= bound,
+                   f"{out['aggregator_maxrss'] / MiB:,.0f} MiB <= {bound / MiB:,.0f} MiB"))  # fmt: skip
     lines.append("targets:")
     for what, ok, val in checks:
         lines.append(f"  [{'PASS' if ok else 'FAIL'}] {what}: {val}")
@@ -146,6 +159,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="F32", choices=["F32", "BF16", "F16"], help="tensor dtype (default F32)")
     p.add_argument("--tensors", type=int, default=8, help="number of tensors (default %(default)s)")
     p.add_argument("--chunk-mib", type=int, default=4, help="chunk size in MiB (default %(default)s)")
+    p.add_argument("--strategy", default="fedavg", choices=STRATEGY_NAMES,
+                   help="the aggregator's strategy (default %(default)s)")  # fmt: skip
     p.add_argument("--add-constant", type=float, default=0.0,
                    help="local step: add this constant to every parameter in place (default 0: no-op)")
     p.add_argument("--run-dir", type=Path, default=None, help="parent of the scratch run directory (default /tmp)")

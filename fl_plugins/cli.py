@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from fl_plugins._version import __version__
-from fl_plugins.config import SETTINGS, AggregatorConfig, Boolean, Setting, merge
+from fl_plugins.config import SETTINGS, AggregatorConfig, Boolean, Setting, merge, trains
 from fl_plugins.errors import ConfigError, FLError
 
 if TYPE_CHECKING:
@@ -174,7 +174,9 @@ def server_config(flags: Mapping[str, Any], recipe: Recipe | None) -> Aggregator
     field name: {"min_updates": 2}), else from the recipe, else its default (fl_plugins/config.py). With a
     recipe, RUN_DIR defaults to runs/NAME and the recipe (its identity) is kept in run.json."""
     if recipe is None:
-        missing = [SETTINGS[name].flag for name in ("rounds", "run_dir") if name not in flags]
+        needed = ("rounds", "run_dir") if trains(flags.get("workflow", "fedavg")) else ("run_dir",)
+        flags = flags if "rounds" in flags or "rounds" in needed else {**flags, "rounds": 1}
+        missing = [SETTINGS[name].flag for name in needed if name not in flags]
         if missing:
             raise ConfigError(
                 f"fl-plugins server needs {' and '.join(map(str, missing))}, or a recipe that gives them "

@@ -17,6 +17,17 @@ and the recipe (fl_plugins/recipe.py) derive theirs from here, so a setting has 
     reject_nonfinite       --allow-nonfinite (off)   aggregation.reject_nonfinite       true
     max_attempts           --max-attempts            aggregation.max_attempts           3
     on_attempts_exhausted  --on-attempts-exhausted   aggregation.on_attempts_exhausted  "fail"
+    workflow               --workflow                workflow.type                      "fedavg"
+    evaluate_every         --evaluate-every          workflow.evaluate_every            0: never
+    sample_sites           --sample-sites            workflow.sample_sites              None: every site
+    seed                   --seed                    workflow.seed                      0
+    cyclic_order           --cyclic-order            workflow.order                     "fixed"
+    evaluate_timeout       --evaluate-timeout        workflow.evaluate_timeout          None: wait
+    strategy               --strategy                strategy.type                      "fedavg"
+    server_lr              --server-lr               strategy.lr                        the strategy's
+    server_momentum        --server-momentum         strategy.momentum                  the strategy's
+    beta2                  --beta2                   strategy.beta2                     0.99
+    tau                    --tau                     strategy.tau                       0.001
 
 A value that breaks a check is a ConfigError naming the key as the user wrote it: ``recipes/x.yaml:
 `aggregation.min_updates` must be an integer in 1..3 (got 4)`` from a recipe, ```min_updates` (--min-updates) must
@@ -25,15 +36,27 @@ be an integer >= 1 (got 0)`` from the command line or a keyword. Torch-free and 
 from __future__ import annotations
 
 import dataclasses
-import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from fl_plugins.checks import (
+    STRATEGIES,
+    Boolean,
+    Check,
+    Choice,
+    ChunkSize,
+    Integer,
+    Invalid,
+    Number,
+    PathValue,
+    SampleSize,
+    Text,
+    Workflow,
+)
 from fl_plugins.errors import ConfigError
 from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, short_repr
-from fl_plugins.wire.limits import finite_float
 
 
 class _Required:
@@ -42,125 +65,6 @@ class _Required:
 
 
 REQUIRED: Any = _Required()  # the default of a setting that has none (`rounds`, `run_dir`)
-
-
-class Invalid(ValueError):
-    """A value breaks a check; the message says what must hold ("must be an integer >= 1")."""
-
-
-class Check(Protocol):
-    """A setting's rule: `check(value)` returns the value (a number from a recipe as float) or raises Invalid;
-    `parse` turns the flag's text into the value's type (argparse's `type=`)."""
-
-    def check(self, value: Any) -> Any: ...
-
-    def parse(self, text: str) -> Any: ...
-
-
-@dataclass(frozen=True)
-class Integer:
-    """An int (not a bool) in low..high."""
-
-    low: int
-    high: int | None = None
-
-    def check(self, v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or v < self.low or (self.high is not None and v > self.high):
-            span = f">= {self.low}" if self.high is None else f"in {self.low}..{self.high}"
-            raise Invalid(f"must be an integer {span}")
-        return v
-
-    def parse(self, text: str) -> int:
-        return int(text)
-
-
-@dataclass(frozen=True)
-class Number:
-    """A finite int or float above `low` (or at it, unless `strict`)."""
-
-    low: float
-    strict: bool = False  # > low, else >= low
-
-    def check(self, v: Any) -> float:
-        if finite_float(v) is None or (v <= self.low if self.strict else v < self.low):
-            raise Invalid(f"must be a number {'>' if self.strict else '>='} {self.low:g}")
-        return float(v)
-
-    def parse(self, text: str) -> float:
-        return float(text)
-
-
-@dataclass(frozen=True)
-class ChunkSize:
-    """Bytes per chunk message: a whole number of float64 values, 64 KiB..64 MiB (gRPC's message cap)."""
-
-    def check(self, v: Any) -> int:
-        if isinstance(v, bool) or not isinstance(v, int) or v % 8 or not 64 << 10 <= v <= 64 << 20:
-            raise Invalid("must be a multiple of 8 bytes in 64 KiB..64 MiB")
-        return v
-
-    def parse(self, text: str) -> int:
-        return int(text)
-
-
-@dataclass(frozen=True)
-class Choice:
-    """One of `options` (on the command line, argparse's `choices`)."""
-
-    options: tuple[str, ...]
-
-    def check(self, v: Any) -> str:
-        if v not in self.options:
-            quoted = [repr(o) for o in self.options]
-            either = " or ".join(quoted) if len(quoted) == 2 else f"one of {', '.join(quoted)}"
-            raise Invalid(f"must be {either}")
-        return v
-
-    def parse(self, text: str) -> str:
-        return text
-
-
-@dataclass(frozen=True)
-class Boolean:
-    """True or false (on the command line, a switch that turns the default over: fl_plugins/cli.py)."""
-
-    def check(self, v: Any) -> bool:
-        if not isinstance(v, bool):
-            raise Invalid("must be true or false")
-        return v
-
-    def parse(self, text: str) -> bool:
-        if text.lower() not in ("true", "false"):
-            raise ValueError(f"not true or false: {text!r}")
-        return text.lower() == "true"
-
-
-@dataclass(frozen=True)
-class Text:
-    """A string of at most `max_len` characters."""
-
-    max_len: int
-
-    def check(self, v: Any) -> str:
-        if not isinstance(v, str) or len(v) > self.max_len:
-            raise Invalid(f"must be a string of at most {self.max_len} characters")
-        return v
-
-    def parse(self, text: str) -> str:
-        return text
-
-
-@dataclass(frozen=True)
-class PathValue:
-    """A file or folder (a recipe's is relative to the recipe's folder and must exist: fl_plugins/recipe.py)."""
-
-    def check(self, v: Any) -> Any:
-        if not isinstance(v, (str, os.PathLike)):
-            raise Invalid("must be a path")
-        return v
-
-    def parse(self, text: str) -> Path:
-        return Path(text)
 
 
 @dataclass(frozen=True)
@@ -305,6 +209,85 @@ class AggregatorConfig:
         flag="--on-attempts-exhausted",
         key="aggregation.on_attempts_exhausted",
     )
+    workflow: str = _setting(
+        "fedavg",
+        doc="the job's workflows, in turn: fedavg or cyclic (training), then optionally cross-site-eval; or "
+        "evaluate (every site evaluates --initial-model) or cross-site-eval alone",
+        check=Workflow(),
+        flag="--workflow",
+        key="workflow.type",
+    )
+    evaluate_every: int = _setting(
+        0,
+        doc="every site evaluates the global model after every k-th round and after the last (0: never)",
+        check=Integer(0),
+        flag="--evaluate-every",
+        key="workflow.evaluate_every",
+        shown="0, never",
+    )
+    sample_sites: float | None = _setting(
+        None,
+        doc="sites that train each round: a fraction of the connected sites, or a number; a seeded choice",
+        check=SampleSize(),
+        flag="--sample-sites",
+        key="workflow.sample_sites",
+        shown="every site",
+    )
+    seed: int = _setting(
+        0,
+        doc="the seed of the site sampling and of the cyclic order's shuffle",
+        check=Integer(0),
+        flag="--seed",
+        key="workflow.seed",
+    )
+    cyclic_order: str = _setting(
+        "fixed",
+        doc="cyclic: the order the model visits the sites each round",
+        check=Choice(("fixed", "shuffle")),
+        flag="--cyclic-order",
+        key="workflow.order",
+    )
+    evaluate_timeout: float | None = _setting(
+        None,
+        doc="seconds an evaluation (or a model's submission) may take at a site before its cell is left empty",
+        check=_POSITIVE,
+        flag="--evaluate-timeout",
+        key="workflow.evaluate_timeout",
+        shown="none, wait while the site is alive",
+    )
+    strategy: str = _setting(
+        "fedavg",
+        doc="how the round's updates become the next global model: fedavg, or a server optimizer on their average",
+        check=Choice(STRATEGIES),
+        flag="--strategy",
+        key="strategy.type",
+    )
+    server_lr: float | None = _setting(
+        None,
+        doc="the server optimizer's learning rate",
+        check=_POSITIVE,
+        flag="--server-lr",
+        key="strategy.lr",
+        shown="1.0 for fedavgm, 0.01 for the adaptive ones",
+    )
+    server_momentum: float | None = _setting(
+        None,
+        doc="fedavgm's momentum, the adaptive ones' beta1",
+        check=Number(0),
+        flag="--server-momentum",
+        key="strategy.momentum",
+        shown="0.9",
+    )
+    beta2: float = _setting(
+        0.99, doc="the adaptive strategies' second-moment decay", check=Number(0), flag="--beta2", key="strategy.beta2"
+    )
+    tau: float = _setting(
+        1e-3,
+        doc="the adaptive strategies' degree of adaptivity (added to the root of the second moment)",
+        check=_POSITIVE,
+        flag="--tau",
+        key="strategy.tau",
+    )
     # the recipe the job runs ({"path", "job"}: fl_plugins.recipe.Recipe.identity()), kept in RUN_DIR/run.json: a
     # restart with another recipe is refused; None: no recipe (then `job_id`, else a random id, names the job)
     recipe: dict[str, Any] | None = None
@@ -312,7 +295,9 @@ class AggregatorConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", Path(self.run_dir))
         for s in SETTINGS.values():
-            s.checked(getattr(self, s.name), s.keyword_label())
+            value = s.checked(getattr(self, s.name), s.keyword_label())
+            if s.name == "workflow":  # normalised: "fedavg,cross-site-eval"
+                object.__setattr__(self, s.name, value)
 
 
 SETTINGS: dict[str, Setting] = {
@@ -322,6 +307,12 @@ SETTINGS: dict[str, Setting] = {
     for f in dataclasses.fields(AggregatorConfig)
     if "setting" in f.metadata
 }
+
+
+def trains(workflow: str | list[str]) -> bool:
+    """Whether the job's `workflow` trains (fedavg or cyclic): only then does it need `rounds`."""
+    names = workflow.split(",") if isinstance(workflow, str) else workflow
+    return names[0] in ("fedavg", "cyclic")
 
 
 def merge(

@@ -121,7 +121,7 @@ class Recipe:
 _RECIPE_KEYS = {s.key: s for s in SETTINGS.values() if s.key is not None}
 _SECTIONS = {  # {"aggregation": ("min_updates", ...), "transfer": ("idle_timeout", "chunk_mib")}
     section: tuple(k.removeprefix(f"{section}.") for k in _RECIPE_KEYS if k.startswith(f"{section}."))
-    for section in ("aggregation", "transfer")
+    for section in ("aggregation", "transfer", "workflow", "strategy")
 }
 _FEDERATION_KEYS = tuple(dict.fromkeys(k.split(".")[0] for k in _RECIPE_KEYS))  # rounds, ..., aggregation, transfer
 _KEYS = ("name", "script", "task", "sites", *_FEDERATION_KEYS, "args", "site_args", "env", "tracking")

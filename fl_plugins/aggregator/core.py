@@ -25,7 +25,11 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fl_plugins.aggregator import results, status
+from fl_plugins.aggregator.evaluation import GLOBAL
 from fl_plugins.aggregator.intake import Intake
+from fl_plugins.aggregator.job import Job
+from fl_plugins.aggregator.models import SubmittedModels
 from fl_plugins.aggregator.offer import Offer
 from fl_plugins.aggregator.rounds import Counted, Decision, RoundState, SiteState
 from fl_plugins.aggregator.store import GlobalReader, RunStore, undo_failed_start
@@ -34,7 +38,7 @@ from fl_plugins.aggregator.uploads import Gate, Stream, Upload, Uploads
 from fl_plugins.aggregator.workflow import FedAvgWorkflow, Task, TaskKind
 from fl_plugins.config import AggregatorConfig
 from fl_plugins.errors import RoundError
-from fl_plugins.records import LogRecord, MetricsRecord, RoundRecord
+from fl_plugins.records import LogRecord, MetricsRecord
 from fl_plugins.wire import limits
 from fl_plugins.wire.layout import Manifest, TensorInfo
 from fl_plugins.wire.stream import FileSource, ShardReceiver
@@ -63,7 +67,8 @@ class Aggregator:
         self.rounds = RoundState(config, self.stats, self.record, restarted_at=self.store.latest_round())
         self.uploads = Uploads()
         self.offer = Offer(self.store, config.min_sites, config.site_timeout)
-        self.workflow = FedAvgWorkflow(self.rounds, self.offer, self.uploads)
+        self.job = Job(config, self.rounds, FedAvgWorkflow(self.rounds, self.offer, self.uploads))
+        self.models = SubmittedModels(config.run_dir)
         self.intake = Intake(self)
         self.gate = Gate()
         self.strategy: Strategy | None = None  # made for the global model's tensors when round 0 opens
@@ -89,12 +94,17 @@ class Aggregator:
     def _resume(self) -> None:
         """Open the run directory: a new run (its run.json is written with round 0), or the run it holds if
         this start's inputs are the run's (store.RunStore.open_run: another job id, recipe or initial model is
-        a ConfigError). A start that fails here leaves no state behind."""
+        a ConfigError; so is another strategy's state to train on: strategy.check_resume). A start that fails
+        here leaves no state behind."""
+        from fl_plugins.aggregator.strategy import check_resume
+
         cfg = self.config
         with undo_failed_start(cfg.run_dir):
             ident = self.store.open_run(job_id=cfg.job_id, recipe=cfg.recipe, initial_model=cfg.initial_model)
             self.job_id = ident.job_id
             latest = self.store.latest_round()
+            resumed = latest is not None and 0 < latest < cfg.rounds and self.job.trains  # the strategy steps on
+            check_resume(cfg, self.store.round_dir(latest or 0) if resumed else None)
             if latest is not None:
                 log.info("resuming run %s (job %s) from global/round-%05d", cfg.run_dir, self.job_id, latest)
             elif cfg.initial_model is not None:
@@ -114,15 +124,26 @@ class Aggregator:
         self._digests = self.store.chunk_digests(manifest, self._serving)
         self.rounds.open(r)
         self.uploads.new_epoch()
-        if r >= self.config.rounds:
-            self.done, self.done_at = True, time.monotonic()
-            log.info("all %d rounds done; final model in %s", self.config.rounds, self.store.round_dir(r))
+        last = r >= self.config.rounds or not self.job.trains
+        self.job.opened(r, last, self.clock())
+        if self.job.complete:
+            self._complete()
+        if last:
+            if self.job.trains:
+                log.info("all %d rounds done; final model in %s", self.config.rounds, self.store.round_dir(r))
             return
         if self.strategy is None:
-            self.strategy = make_strategy("fedavg", [t for s in manifest.shards for t in s.tensors])
+            self.strategy = make_strategy(self.config, [t for s in manifest.shards for t in s.tensors])
         else:
             self.strategy.reset()
         log.info("round %d open (%d sites connected, %d needed)", r, self._alive(), self.config.min_sites)
+
+    def _complete(self) -> None:
+        """Lock held (or before the thread starts). The job has nothing left to do: sites get END."""
+        with self.lock:  # (re-entrant: held by every caller but the start's)
+            if not self.done:
+                self.done, self.done_at = True, time.monotonic()
+                self.lock.notify_all()
 
     def start(self) -> None:
         self._thread.start()
@@ -186,7 +207,7 @@ class Aggregator:
                     raise RoundError(f"the aggregator stopped: {self.error}")
                 if self.done:
                     return Task(TaskKind.END, self.rounds.round, message="the job is finished")
-                task = self.workflow.next_task(s, now, holds, self.global_manifest)
+                task = self.job.next_task(s, now, holds, self.global_manifest)
                 if task is not None:
                     return task
                 left = deadline - time.monotonic()
@@ -199,16 +220,27 @@ class Aggregator:
         with self.lock:
             self.lock.notify_all()
 
-    def global_source(self, round_: int) -> tuple[Manifest, FileSource, list[list[bytes] | None]]:
-        """The round's global model: manifest, its shard files opened (the caller closes them; opened under
-        the lock, so a checkpoint being renamed meanwhile does not matter) and chunk digests."""
+    def global_source(self, round_: int, model: str = "") -> tuple[Manifest, FileSource, list[list[bytes] | None]]:
+        """The round's global model (or, `model` naming a site, its submitted model being evaluated): manifest,
+        its shard files opened (the caller closes them; opened under the lock, so a checkpoint being renamed
+        meanwhile does not matter) and chunk digests."""
         with self.lock:
+            if model and model != GLOBAL:
+                return self.models.source(model)
             if self.global_manifest is None or round_ != self.rounds.round:
                 raise RoundError(
                     f"round {round_}'s global model is not being served (current round {self.rounds.round})"
                 )
             paths = self.store.shard_paths(round_, self.global_manifest, self._serving)
             return self.global_manifest, FileSource(paths), self._digests
+
+    def result(self, site: str, round_: int, task_id: str, envelope_json: str) -> dict[str, Any]:
+        """An EVALUATE task's answer: its metrics fill the site's cell (job.py, evaluation.py)."""
+        envelope = limits.parse_envelope(f"site {site!r}", envelope_json)
+        with self.lock:
+            self._touch(site)
+            self.lock.notify_all()
+            return {"round": round_, "message": self.job.answer(site, task_id, envelope, self.clock())}
 
     def count_sent(self, n: int) -> None:
         with self.lock:
@@ -228,14 +260,16 @@ class Aggregator:
                 s = self.rounds.sites.get(site)
                 if s is not None:
                     s.last_seen = float("-inf")
+                if self.job.sweep is not None:  # its open cells say why they stay empty
+                    self.job.sweep.refuse(site, f"refused by the site's policy: {refusal.get('value')}")
                 log.warning("site %r left: its policy refused: %s", site, refusal.get("value"))
                 self.lock.notify_all()
 
     # -- uploads (intake.py) ------------------------------------------------------------------------------------
     def begin_upload(
-        self, site: str, round_: int, attempt: int, manifest_json: str, initial: bool, nonce: str
+        self, site: str, round_: int, attempt: int, manifest_json: str, initial: bool, nonce: str, task_id: str = ""
     ) -> Upload:
-        return self.intake.begin(site, round_, attempt, manifest_json, initial, nonce)
+        return self.intake.begin(site, round_, attempt, manifest_json, initial, nonce, task_id)
 
     def upload(self, upload_id: str, shard: int, *, site: str | None = None) -> tuple[Upload, ShardReceiver]:
         return self.intake.upload(upload_id, shard, site=site)
@@ -286,6 +320,8 @@ class Aggregator:
     def _decide(self) -> Decision | None:
         """Lock held. Apply the timeouts, then ask the round's rules."""
         rounds = self.rounds
+        if not self.done and self.job.phase is not None:
+            self._step_job()
         if self.done or self.global_manifest is None or rounds.started is None:
             return None
         now = self.clock()
@@ -297,6 +333,17 @@ class Aggregator:
         if closing is None and rounds.closing is not None:
             self._drop_late()
         return decision
+
+    def _step_job(self) -> None:
+        """Lock held. The evaluation phase's timeouts; a phase that is over is recorded, and the next starts."""
+        self.job.step(self.clock())
+        done = self.job.drain()
+        for phase, sweep in done:
+            results.record(self, phase, sweep)
+        if self.job.complete:
+            self._complete()
+        if done:
+            self.lock.notify_all()
 
     def _drop_late(self) -> None:
         """Lock held. The round closes: uploads not counted yet are late (a refold's resends go on)."""
@@ -344,6 +391,7 @@ class Aggregator:
         with self.lock:
             paths = self.store.shard_paths(r, self.global_manifest, self._serving)
             reader = GlobalReader(paths, self.global_manifest)
+            serving = self._serving or self.store.round_dir(r)  # round r's model and the strategy's state with it
         try:
 
             def blocks_of(t: TensorInfo) -> Iterator[np.ndarray]:
@@ -352,7 +400,11 @@ class Aggregator:
 
             metrics = limits.mean_metrics(records)
             env = {"current_round": r + 1, "metrics": metrics}
-            tmp, manifest = self.store.write_round(r + 1, self.global_manifest, blocks_of, env)
+
+            def stage(staging: Path) -> None:  # the strategy's next state, into round r+1's staging directory
+                strategy.stage(serving, staging)
+
+            tmp, manifest = self.store.write_round(r + 1, self.global_manifest, blocks_of, env, on_begin=stage)
         finally:
             reader.close()
         last = r + 1 >= self.config.rounds
@@ -360,7 +412,8 @@ class Aggregator:
             self.store.commit(r + 1, tmp, manifest)
         with self.lock:
             seconds = self.clock() - began if began is not None else time.monotonic() - t0
-            self.record(self._round_record(records, strategy.weight, metrics, round(time.monotonic() - t0, 3), seconds))
+            checkpoint_s = round(time.monotonic() - t0, 3)
+            self.record(results.round_record(self.rounds, records, strategy.weight, metrics, checkpoint_s, seconds))
             log.info("round %d done: %d updates, checkpoint %s", r, len(records), self.store.round_dir(r + 1))
             self.uploads.kill_all(self.rounds)
             # Round r+1 opens at once, served from the written (page-cached) files; fsync and the rename to
@@ -372,22 +425,6 @@ class Aggregator:
                 self._durable.daemon = True
                 self._durable.start()
             self.lock.notify_all()
-
-    def _round_record(
-        self, records: list[dict], weight: float, metrics: dict, checkpoint_s: float, seconds: float
-    ) -> RoundRecord:
-        """The round's record: `seconds` from its first attempt's start (the rules' clock) to its checkpoint."""
-        return RoundRecord(
-            round=self.rounds.round,
-            attempt=self.rounds.attempt,
-            updates=len(records),
-            sites=tuple(sorted(rec["site"] for rec in records)),
-            weight=weight,
-            metrics=metrics,
-            refolds=self.rounds.refolds(),
-            checkpoint_seconds=checkpoint_s,
-            seconds=round(seconds, 3),
-        )
 
     def _make_durable(self, r: int, tmp: Path, manifest: Manifest) -> None:
         try:
@@ -403,29 +440,6 @@ class Aggregator:
                 self.lock.notify_all()
 
     def status(self, site: str | None = None) -> dict[str, Any]:
-        """The job's progress. `site` None: everything (the operator's view: in-process callers, and over the
-        Status RPC the server kit's certificate); a site's name: the job and round and that site's own entries
-        only (`sites` lists at most itself, `uploads` only its own; no totals over all sites); "": the job and
-        round only. service.py's Status decides which view a caller gets."""
+        """The job's progress (aggregator/status.py: which view `site` gets)."""
         with self.lock:
-            rounds = self.rounds
-            job = {"job_id": self.job_id, "round": rounds.round, "attempt": rounds.attempt, "done": self.done}
-            job["total_rounds"] = self.config.rounds
-            uploads = [u for u in self.uploads.live.values() if site is None or u.site == site]
-            names = sorted(rounds.sites) if site is None else [site] if site in rounds.sites else []
-            progress = {
-                u.id: {
-                    "site": u.site,
-                    "round": u.round,
-                    "attempt": u.attempt,
-                    "initial": u.initial,
-                    "bytes_received": u.bytes_received,
-                    "corrupted_chunks": u.corrupted_chunks,
-                    "offsets": [rx.offset for rx in u.receivers],
-                }
-                for u in uploads
-            }
-            mine = {"sites": names, "uploads": progress}
-            if site is None:
-                return {**job, **mine, **self.stats}
-            return {**job, "site": site, **mine} if site else job
+            return status.view(self, site)

@@ -34,7 +34,13 @@ class Intake:
         self.config, self.lock, self.stats = agg.config, agg.lock, agg.stats
 
     # -- begin ------------------------------------------------------------------------------------------------
-    def begin(self, site: str, round_: int, attempt: int, manifest_json: str, initial: bool, nonce: str) -> Upload:
+    def begin(
+        self, site: str, round_: int, attempt: int, manifest_json: str, initial: bool, nonce: str, task_id: str = ""
+    ) -> Upload:
+        """An upload begins: an update (or a resend), an offered initial model (`initial`), or a submitted local
+        model (`task_id`: the SUBMIT_MODEL task it answers)."""
+        if task_id:
+            return self._begin_submission(site, round_, manifest_json, nonce, task_id)
         manifest, params_type, weight = self._parsed(site, round_, attempt, initial, manifest_json)
         sha = hashlib.sha256(manifest_json.encode() if isinstance(manifest_json, str) else manifest_json).digest()
         if not isinstance(nonce, str) or not 1 <= len(nonce) <= 64:
@@ -64,6 +70,45 @@ class Intake:
                 "site %r uploading %s for round %d (%.1f MB, weight %g, %s)",
                 *(site, what, round_, mb, u.weight, u.params_type),
             )
+            return u
+
+    def _begin_submission(self, site: str, round_: int, manifest_json: str, nonce: str, task_id: str) -> Upload:
+        """A SUBMIT_MODEL task's answer: the site's local model, FULL params of the global model's tensors, kept
+        for cross-site evaluation (models.py). What is wrong with it fills the site's cell with the reason."""
+        sha = hashlib.sha256(manifest_json.encode() if isinstance(manifest_json, str) else manifest_json).digest()
+        if not isinstance(nonce, str) or not 1 <= len(nonce) <= 64:
+            raise ProtocolError(f"site {site!r}: an upload's nonce must be 1-64 characters (got {short_repr(nonce)})")
+        with self.lock:
+            s = self.rounds.touch(site, self.agg.clock())
+            sweep = self.agg.job.sweep
+            if sweep is None or sweep.kind != "submit_model":
+                raise RoundError(f"site {site!r}: no model submission is running; the model is not taken")
+            sweep.cell(s.name, task_id)
+            upload_id = f"{site}:{round_}:0:sub:{nonce}"
+            existing = self.uploads.get(upload_id)
+            if existing is not None and not existing.dead and existing.manifest_sha == sha:
+                return existing  # a resume
+            try:
+                manifest, params_type, _ = parse_update(site, manifest_json)
+                if params_type != "FULL":
+                    raise ProtocolError(
+                        f"site {site!r}: a submitted model must be FULL params (its best or last local model), got "
+                        "DIFF: send the model's weights, not their difference"
+                    )
+                assert self.agg.global_manifest is not None
+                check_plan(self.agg.global_manifest, manifest, f"the model submitted by site {site!r}")
+            except FLError as e:
+                sweep.fail(site, task_id, str(e))
+                self.lock.notify_all()
+                raise
+            for old in [x for x in self.uploads.live.values() if x.site == site and x.task_id]:
+                self.uploads.kill(old, self.rounds)
+            u = Upload(upload_id, site, round_, 0, manifest, 1.0, "FULL", False, nonce, sha, task_id=task_id)
+            u.started = u.last_progress = self.agg.clock()
+            u.epoch = self.uploads.epoch  # (its chunks are checked against the epoch, as an update's are)
+            self.agg.models.begin(u)
+            self.uploads.add(u)
+            log.info("site %r uploading its local model (%.1f MB)", site, manifest.total_bytes / 1e6)
             return u
 
     def _parsed(self, site: str, round_: int, attempt: int, initial: bool, js: str) -> tuple[Manifest, str, float]:
@@ -247,6 +292,8 @@ class Intake:
             self.rounds.touch(u.site, self.agg.clock())
             if u.initial:
                 return self._commit_offer(u, digests)
+            if u.task_id:
+                return self._commit_submission(u, digests)
             reply = self._count_resend(u) if u.resend_of is not None else self._count(u, digests)
             self.lock.notify_all()
             return reply
@@ -267,6 +314,27 @@ class Intake:
         self.lock.notify_all()
         return {"round": 0, "message": "initial model accepted"}
 
+    def _commit_submission(self, u: Upload, digests: list[str]) -> dict[str, Any]:
+        """Lock held. A submitted model arrived whole: served to the sites for cross-site evaluation."""
+        sweep = self.agg.job.sweep
+        if sweep is None or sweep.kind != "submit_model":
+            self.uploads.kill(u, self.rounds)
+            raise RoundError(f"site {u.site!r}: the model submission ended before this model arrived; not taken")
+        sweep.cell(u.site, u.task_id)
+        try:
+            manifest = self.agg.models.commit(u, digests)
+        except BaseException as e:
+            self.uploads.kill(u, self.rounds)
+            sweep.fail(u.site, u.task_id, f"the aggregator could not keep the model: {e}")
+            raise
+        finally:
+            self.lock.notify_all()
+        del self.uploads.live[u.id]
+        self.agg.job.submitted[u.site] = manifest
+        sweep.submitted(u.site, u.task_id, self.agg.clock())
+        log.info("site %r submitted its local model for cross-site evaluation", u.site)
+        return {"round": u.round, "message": "model accepted for cross-site evaluation"}
+
     def _check_digests(self, u: Upload, digests: list[str]) -> None:
         with u.lock:
             try:
@@ -280,7 +348,9 @@ class Intake:
                         self.rounds.lose(u.resend_of, str(e))
                     self.uploads.kill(u, self.rounds)  # its folded bytes are a partial update: the round refolds
                     self.lock.notify_all()
-                    sits = "" if u.initial else f" and site {u.site!r} sits attempt {u.attempt} of round {u.round} out"
+                    sits = ""
+                    if not u.initial and not u.task_id:
+                        sits = f" and site {u.site!r} sits attempt {u.attempt} of round {u.round} out"
                 raise IntegrityError(f"{e}; the update was not counted{sits}") from None
 
     def _count_resend(self, u: Upload) -> dict[str, Any]:
@@ -347,6 +417,13 @@ class Intake:
         refold again and again). Returns the error for the site, of the same class, saying all that."""
         self.stats["invalid_updates"] += 1
         what = "its initial model" if u.initial else f"its update for round {u.round}"
+        if u.task_id:
+            sweep = self.agg.job.sweep
+            if sweep is not None:
+                sweep.fail(u.site, u.task_id, str(e))
+            self.uploads.kill(u, self.rounds)
+            self.lock.notify_all()
+            return type(e)(f"{e}; site {u.site!r}: its submitted model was refused")
         if u.initial:
             self.offer.refused(u.site)
         else:

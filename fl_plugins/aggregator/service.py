@@ -34,6 +34,8 @@ KINDS = {
     TaskKind.END: pb.Task.END,
     TaskKind.OFFER_INITIAL: pb.Task.OFFER_INITIAL,
     TaskKind.RESEND: pb.Task.RESEND,
+    TaskKind.EVALUATE: pb.Task.EVALUATE,
+    TaskKind.SUBMIT_MODEL: pb.Task.SUBMIT_MODEL,
 }  # every TaskKind's protobuf value (tests/test_wire.py checks none is missing)
 SITE_METADATA = "fl-site"  # Status: the site a plaintext caller speaks for (SiteClient.status() should send it)
 
@@ -170,7 +172,7 @@ class Servicer:
     def _task(self, t: Task) -> pb.Task:
         task = pb.Task(kind=KINDS[t.kind], round=t.round, attempt=t.attempt, total_rounds=self.agg.config.rounds)
         task.start_round, task.task_name, task.job_id = 0, t.name, self.agg.job_id
-        task.message, task.nonce = t.message, t.nonce
+        task.message, task.nonce, task.task_id, task.model = t.message, t.nonce, t.task_id, t.model
         if t.manifest is not None:
             env = dict(t.manifest.envelope, current_round=task.round, total_rounds=task.total_rounds)
             env.update(start_round=0, attempt=task.attempt, params_type="FULL")
@@ -200,7 +202,7 @@ class Servicer:
 
     def BeginUpload(self, req: pb.UploadBegin, context: grpc.ServicerContext) -> pb.UploadState:
         site = self._site(req.site, context)
-        u = self.agg.begin_upload(site, req.round, req.attempt, req.manifest_json, req.initial, req.nonce)
+        u = self.agg.begin_upload(site, req.round, req.attempt, req.manifest_json, req.initial, req.nonce, req.task_id)
         return pb.UploadState(upload_id=u.id, offsets=[rx.offset for rx in u.receivers])
 
     def Upload(self, request_iterator: Iterator[bytes], context: grpc.ServicerContext) -> pb.UploadAck:
@@ -226,15 +228,21 @@ class Servicer:
     def Download(self, req: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         site = self._site(req.site, context)
         with self.slots.transfer(site, "Download"):
-            manifest, source, digests = self.agg.global_source(req.round)
+            manifest, source, digests = self.agg.global_source(req.round, req.model)
             try:
                 if not 0 <= req.shard < len(manifest.shards):
-                    raise ProtocolError(f"round {req.round}'s global model has no shard {req.shard}")
+                    what = f"site {req.model!r}'s model" if req.model else f"round {req.round}'s global model"
+                    raise ProtocolError(f"{what} has no shard {req.shard}")
                 for frame in ShardSender(manifest, req.shard, source, digests[req.shard]).frames(req.offset):
                     self.agg.count_sent(len(frame))
                     yield frame
             finally:
                 source.close()
+
+    def SendResult(self, req: pb.ResultRequest, context: grpc.ServicerContext) -> pb.CommitReply:
+        """An EVALUATE task's answer: metrics only (Aggregator.result)."""
+        site = self._site(req.site, context)
+        return pb.CommitReply(**self.agg.result(site, req.round, req.task_id, req.envelope_json))
 
     def Log(self, req: pb.LogRequest, context: grpc.ServicerContext) -> pb.Empty:
         """flare.log records: bounded per call, per second and per round (limits.py) before they are parsed;

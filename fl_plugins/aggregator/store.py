@@ -5,13 +5,15 @@
       global/round-00000/*.safetensors
       global/round-00000/*.safetensors.chunks   each shard's chunk digests (16 bytes each), served with the bytes
       global/round-00001/...               the model after round 0, i.e. round 1's global model
+      global/round-00001/strategy/         a server optimizer's state after making it (optimizers.py); FedAvg's none
       run.json                             what the run belongs to (runfile.py); written with round 0's checkpoint
       metrics.jsonl                        one line per accepted update and per completed round
       logs.jsonl                           records sites sent with flare.log()
 
 `global/round-R` holds the model *given to* round R; after the last round (R = total) it holds the final
-model. A checkpoint is written into `round-R.tmp`, fsynced, then renamed: a directory named `round-R` is
-always complete, so a restarted aggregator resumes from the highest one. Files are written through reused
+model. A checkpoint is written into `round-R.tmp` (the model, and the strategy's state with it), fsynced, then
+renamed: a directory named `round-R` is always complete, so a restarted aggregator resumes from the highest one
+with the state that belongs to its model. Files are written through reused
 buffers and read with pread, never mapped (mapped pages would count in the aggregator's RSS).
 
 The run directory is private to its owner, like a startup kit: folders are created 0700 and files 0600 (the
@@ -160,14 +162,10 @@ class RunStore:
         self.publish(r, tmp)
 
     def sync(self, tmp: Path, manifest: Manifest) -> None:
-        """Write the manifest and make everything in `tmp` durable (the slow part: the shards' fsync)."""
+        """Write the manifest and make everything in `tmp` durable (the slow part: the shards' fsync), the
+        files in its folders (the strategy's state) too."""
         write_private(tmp / "manifest.json", manifest.to_json())
-        for p in tmp.iterdir():
-            with open(p, "rb") as f:
-                if os.name == "posix":
-                    os.fchmod(f.fileno(), FILE_MODE)  # also the files others wrote here (an offered model's)
-                os.fsync(f.fileno())
-        fsync_dir(tmp)
+        _fsync_tree(tmp)
 
     def publish(self, r: int, tmp: Path) -> None:
         """Rename a synced `round-R.tmp` to `round-R`: from here on a restart resumes from it."""
@@ -178,11 +176,20 @@ class RunStore:
         fsync_dir(self.global_dir)
 
     def write_round(
-        self, r: int, layout: Manifest, blocks_of: Callable[[TensorInfo], Iterable[Any]], envelope: dict
+        self,
+        r: int,
+        layout: Manifest,
+        blocks_of: Callable[[TensorInfo], Iterable[Any]],
+        envelope: dict,
+        *,
+        on_begin: Callable[[Path], None] | None = None,
     ) -> tuple[Path, Manifest]:
         """Write round r's global model into `round-R.tmp` with `layout`'s shards (`blocks_of(tensor)` yields
-        its data blocks); `commit` (or `sync` + `publish`) makes it round r's checkpoint."""
+        its data blocks); `commit` (or `sync` + `publish`) makes it round r's checkpoint. `on_begin(tmp)` runs
+        once the folder exists, before the first block (the strategy stages its state there)."""
         tmp = self.begin(r)
+        if on_begin is not None:
+            on_begin(tmp)
         shards = []
         for s in layout.shards:
             hasher = ChunkHasher(layout.chunk_bytes)
@@ -323,6 +330,20 @@ def undo_failed_start(run_dir: str | os.PathLike) -> Iterator[None]:
                     else:
                         p.unlink(missing_ok=True)
         raise
+
+
+def _fsync_tree(folder: Path) -> None:
+    """fsync every file under `folder` (made 0600: also those others wrote, an offered model's), then the
+    folders themselves."""
+    for p in folder.iterdir():
+        if p.is_dir() and not p.is_symlink():
+            _fsync_tree(p)
+            continue
+        with open(p, "rb") as f:
+            if os.name == "posix":
+                os.fchmod(f.fileno(), FILE_MODE)
+            os.fsync(f.fileno())
+    fsync_dir(folder)
 
 
 def _write(f: BinaryIO, hasher: ChunkHasher, data: bytes | memoryview) -> None:

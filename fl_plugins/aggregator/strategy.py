@@ -1,24 +1,47 @@
-"""How the counted updates of a round become the next global model: the `Strategy` protocol.
+"""How the counted updates of a round become the next global model: the `Strategy` protocol and its registry.
 
 A strategy folds each verified chunk of an update as it arrives (`check` then `fold`, on the stream's thread,
 concurrently for different sites), learns an update's weight once it is counted (`add_weight`), and at the
-close yields the new global model tensor by tensor, in blocks (`finalize`, then `checked`). `reset` starts a
-round's (or a refold's) accumulation again; whatever the strategy keeps between rounds (a server optimizer's
-moments) lives on the object and survives `reset`. The coordinator (core.py) never looks inside: FedAvg
-(fedavg.py's `Accumulator`, folding in bounded memory) is the one strategy today, and server-side optimizers
-plug in here.
+close yields the new global model tensor by tensor, in blocks (`stage`, then `finalize` and `checked`). `reset`
+starts a round's (or a refold's) accumulation again. The coordinator (core.py) never looks inside.
+
+    name        class (module)                   state between rounds (global/round-R/strategy/)
+    fedavg      FedAvg (optimizers.py, over      none
+                fedavg.py's Accumulator)
+    fedavgm     FedAvgM (optimizers.py)          m.npy: server momentum
+    fedadam     FedAdam (optimizers.py)          m.npy, v.npy
+    fedyogi     FedYogi (optimizers.py)          m.npy, v.npy
+    fedadagrad  FedAdagrad (optimizers.py)       m.npy, v.npy
+
+config.py's `strategy` setting names one (checks.py's STRATEGIES lists the same names), `server_lr`,
+`server_momentum`, `beta2` and `tau` its hyper-parameters; optimizers.py's docstring has the rules.
+
+Memory: every strategy folds into fedavg.py's one float32 accumulator (resident, `nbytes`); a server
+optimizer's state, one or two float32 buffers of the model's floating-point elements (`state_nbytes`), is
+kept in files and read and written a block at a time through memmaps of that block (optimizers.py), so the
+aggregator's resident memory is the accumulator plus a few MiB whichever strategy runs. Only floating-point
+tensors get an optimizer; integer and BOOL tensors keep FedAvg's rules (fedavg.py).
+
+State that must survive a restart is not kept on the object: the state after producing round R's model is
+written with it into round R+1's staging directory (`stage`) and published with it (store.py), and the next
+close reads it from there. A start that will train on (`check_resume`) checks the state of the round it
+resumes was made by the configured strategy with the same hyper-parameters: another is a ConfigError.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Protocol
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol
 
 import numpy as np
 
-from fl_plugins.aggregator.fedavg import Accumulator
+from fl_plugins.aggregator.optimizers import OPTIMIZERS, FedAvg, check_made_by, read_state
 from fl_plugins.errors import ConfigError
 from fl_plugins.wire.layout import TensorInfo
+
+if TYPE_CHECKING:
+    from fl_plugins.config import AggregatorConfig
 
 
 class Strategy(Protocol):
@@ -30,6 +53,11 @@ class Strategy(Protocol):
     @property
     def nbytes(self) -> int:
         """The memory it holds for the round (its accumulators), in bytes."""
+        ...
+
+    @property
+    def state_nbytes(self) -> int:
+        """The bytes of its state between rounds, on disk (0 for FedAvg)."""
         ...
 
     def check(self, tensor: TensorInfo, lo: int, payload: memoryview, *, finite: bool, weight: float) -> None:
@@ -48,6 +76,11 @@ class Strategy(Protocol):
         """Forget what was folded since the last reset (a new round, or a refold)."""
         ...
 
+    def stage(self, previous: Path, staging: Path) -> None:
+        """Before the close's `finalize` calls: read the state checkpointed with `previous` (global/round-R, the
+        model being stepped from) and write the next into `staging` (round R+1's staging directory)."""
+        ...
+
     def finalize(
         self, tensor: TensorInfo, read_global: Callable[[int, int], np.ndarray] | None
     ) -> Iterator[np.ndarray]:
@@ -59,13 +92,27 @@ class Strategy(Protocol):
         ...
 
 
-STRATEGIES: dict[str, Callable[[list[TensorInfo]], Strategy]] = {"fedavg": Accumulator}
+STRATEGIES: dict[str, type[FedAvg]] = {FedAvg.name: FedAvg, **OPTIMIZERS}
 
 
-def make_strategy(name: str, tensors: list[TensorInfo]) -> Strategy:
-    """The strategy called `name`, for a global model of `tensors`."""
+def _strategy_class(config: AggregatorConfig) -> type[FedAvg]:
     try:
-        factory = STRATEGIES[name]
+        return STRATEGIES[config.strategy]
     except KeyError:
-        raise ConfigError(f"unknown aggregation strategy {name!r}; known: {', '.join(sorted(STRATEGIES))}") from None
-    return factory(tensors)
+        known = ", ".join(sorted(STRATEGIES))
+        raise ConfigError(f"unknown aggregation strategy {config.strategy!r}; known: {known}") from None
+
+
+def make_strategy(config: AggregatorConfig, tensors: list[TensorInfo]) -> Strategy:
+    """The strategy `config` names, with its hyper-parameters, for a global model of `tensors`."""
+    return _strategy_class(config).from_config(config, tensors)
+
+
+def check_resume(config: AggregatorConfig, checkpoint: Path | None) -> None:
+    """At a start: ConfigError if `config`'s strategy settings do not hold together (a momentum of 1), or if
+    `checkpoint` (global/round-R with R > 0, the round a start resumes and trains on; None: none) holds the state
+    of another strategy or other hyper-parameters than `config`'s (none there: FedAvg made it)."""
+    cls = _strategy_class(config)
+    hyper = cls.hyper_parameters(config)
+    if checkpoint is not None:
+        check_made_by(read_state(checkpoint), cls.name, hyper, checkpoint)

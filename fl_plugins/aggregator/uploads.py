@@ -66,7 +66,8 @@ class Upload:
     started: float = 0.0
     last_progress: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock)
-    sink: Sink | None = None  # where an offered initial model's bytes go (offer.py)
+    sink: Sink | None = None  # where an offered initial model's (or a submitted model's) bytes go
+    task_id: str = ""  # a SUBMIT_MODEL task's answer: the site's local model (models.py)
     streams: list[Stream] = field(default_factory=list)  # live streams, cancelled when the upload is dropped
 
     def receive_into(self, sink: Sink | FoldSink) -> None:

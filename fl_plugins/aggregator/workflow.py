@@ -30,6 +30,12 @@ class TaskKind(enum.Enum):
     END = "end"  # the job is over
     OFFER_INITIAL = "offer_initial"  # send your weights: they become round 0's global model
     RESEND = "resend"  # send the update committed with `nonce` again, unchanged (a refold)
+    EVALUATE = "evaluate"  # evaluate the model (`model`: whose) and send its metrics, no weights
+    SUBMIT_MODEL = "submit_model"  # send your local model's FULL params (cross-site evaluation)
+
+
+# FLARE's task names, which flare.get_task_name() returns and is_train / is_evaluate / is_submit_model test
+TASK_NAMES = {TaskKind.EVALUATE: "validate", TaskKind.SUBMIT_MODEL: "submit_model"}
 
 
 @dataclass(frozen=True)
@@ -41,6 +47,8 @@ class Task:
     nonce: str = ""  # the committed update to send again (RESEND)
     message: str = ""
     name: str = TASK_NAME  # FLARE's task name
+    task_id: str = ""  # EVALUATE, SUBMIT_MODEL: what the answer names
+    model: str = ""  # EVALUATE: whose model (evaluation.GLOBAL: the round's global model)
 
 
 class Workflow(Protocol):

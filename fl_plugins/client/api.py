@@ -170,7 +170,7 @@ def is_train() -> bool:
 
 
 def is_evaluate() -> bool:
-    return get_task_name() == "evaluate"
+    return get_task_name() == "validate"  # FLARE's evaluation task name
 
 
 def is_submit_model() -> bool:

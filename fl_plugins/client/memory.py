@@ -311,6 +311,7 @@ class InMemoryTransport:
         self.CommitUpload: UnaryCall[pb.UploadCommit, pb.CommitReply] = _Unary(self, "CommitUpload")
         self.Log: UnaryCall[pb.LogRequest, pb.Empty] = _Unary(self, "Log")
         self.Status: UnaryCall[pb.StatusRequest, pb.StatusReply] = _Unary(self, "Status")
+        self.SendResult: UnaryCall[pb.ResultRequest, pb.CommitReply] = _Unary(self, "SendResult")
 
     def start(self, name: str, metadata: Metadata | None, timeout: float | None) -> _Context:
         """A call of method `name` begins: its context (the transport ends it on close())."""

@@ -97,9 +97,21 @@ class ClientSession:
 
     @property
     def task_name(self) -> str:
-        """The task at hand's name (FLARE's get_task_name): "train" when none is."""
+        """The task at hand's name (FLARE's get_task_name): "train", "validate" or "submit_model"; "train" when
+        none is at hand."""
         task = self.task
-        return task.task_name if task is not None else "train"
+        return task.task_name or "train" if task is not None else "train"
+
+    @property
+    def kind(self) -> str:
+        """What the task at hand asks: "train", "evaluate" or "submit_model" ("train" when none is at hand), for
+        the integrations (FLARE scripts use is_train / is_evaluate / is_submit_model on task_name)."""
+        from fl_plugins.wire.proto import fl_pb2 as pb
+
+        task = self.task
+        if task is None:
+            return "train"
+        return {pb.Task.EVALUATE: "evaluate", pb.Task.SUBMIT_MODEL: "submit_model"}.get(task.kind, "train")
 
     def system_info(self) -> dict[str, Any]:
         return {"site_name": self.site, "job_id": self.job_id}
@@ -139,8 +151,10 @@ class ClientSession:
             return self.model
 
     def send(self, model: FLModel, clear_cache: bool = True) -> None:
-        """Upload this round's update; returns once the aggregator has verified and counted it. An update it
-        refuses (late, duplicate, a round that runs again) is logged as a warning, and the site goes on."""
+        """Answer the task at hand: a TRAIN task's update (returns once the aggregator has verified and counted
+        it), an EVALUATE task's metrics (params, if any, stay here), a SUBMIT_MODEL task's local model (FULL
+        params). An answer it refuses (late, duplicate, a round that runs again) is logged as a warning, and the
+        site goes on."""
         with self.lock:
             if self.client is None:
                 return
@@ -152,9 +166,9 @@ class ClientSession:
                 "meta": jsonable(model.meta or {}),
             }
             try:
-                self.client.upload(task.round, task.attempt, model.params or {}, env)
+                self._answer(self.client, task, model, env)
             except (RoundError, IntegrityError) as e:  # late, duplicate, or a round that will run again
-                logger.warning("round %d: the aggregator refused this update: %s", task.round, e)
+                logger.warning("round %d: the aggregator refused this %s: %s", task.round, self.kind, e)
             self.last_round = max(self.last_round, task.round)
             if clear_cache:
                 self.task = None
@@ -268,14 +282,20 @@ class ClientSession:
 
     def _download(self, client: SiteClient, task: pb.Task, into: dict[str, Any] | None) -> FLModel:
         """`task`'s global model, received (into `into` where its tensors fit)."""
+        from fl_plugins.wire.proto import fl_pb2 as pb
+
         manifest, params = client.download(task, self.params_format, into=into)
-        meta = {
+        meta: dict[str, Any] = {
             "job_id": task.job_id,
             "site_name": self.site,
             "attempt": task.attempt,
             "current_round": task.round,
             "total_rounds": task.total_rounds,
         }
+        if task.kind == pb.Task.EVALUATE:
+            meta["model_owner"] = task.model or "global"
+        elif task.kind == pb.Task.SUBMIT_MODEL:
+            meta["submit_model_name"] = "best_model"  # FLARE's ModelName.BEST_MODEL
         return FLModel(
             params_type=ParamsType.FULL,
             params=params,
@@ -285,6 +305,20 @@ class ClientSession:
             metrics=manifest.envelope.get("metrics") or None,
             meta=meta,
         )
+
+    def _answer(self, client: SiteClient, task: pb.Task, model: FLModel, env: dict[str, Any]) -> None:
+        from fl_plugins.wire.proto import fl_pb2 as pb
+
+        if task.kind == pb.Task.EVALUATE:
+            if model.params is not None:
+                logger.debug("an EVALUATE task's answer carries metrics only; its params stay at the site")
+            reply = client.send_result(task.round, task.task_id, {"metrics": env["metrics"], "meta": env["meta"]})
+            if reply.message != "result accepted":
+                logger.warning("the evaluation of model %r: %s", task.model or "global", reply.message)
+        elif task.kind == pb.Task.SUBMIT_MODEL:
+            client.upload(task.round, 0, model.params or {}, env, task_id=task.task_id)
+        else:
+            client.upload(task.round, task.attempt, model.params or {}, env)
 
     def _sendable(self, model: FLModel) -> pb.Task:
         """The task `model` answers, after the checks of send(). Lock held."""
@@ -297,8 +331,10 @@ class ClientSession:
             raise RoundError("send() without a received task: call flare.receive() first")
         if not isinstance(model, FLModel):
             raise ConfigError(f"send() takes an FLModel (got {type(model).__name__})")
-        if model.params is None:
+        if model.params is None and self.kind != "evaluate":
             raise ConfigError("send(): FLModel.params is None; put the model's state_dict in params")
+        if model.params is None and model.metrics is None:
+            raise ConfigError("send(): the FLModel has neither params nor metrics; an evaluation sends metrics")
         return self.task
 
     def _round(self) -> int:

@@ -63,6 +63,15 @@ def _identity(
     return address or "", site, kit
 
 
+# the site policy's task types (security/policy.py) of the tasks it checks; offering round 0's weights is training
+_POLICY_TASK = {
+    pb.Task.TRAIN: "train",
+    pb.Task.OFFER_INITIAL: "train",
+    pb.Task.EVALUATE: "evaluate",
+    pb.Task.SUBMIT_MODEL: "submit_model",
+}
+
+
 class SiteClient:
     """One site's connection. With `kit` (a site's startup kit: a folder or a loaded SiteKit) it speaks mTLS: the
     site's name and, unless `address` is given, the aggregator's address come from the kit. Without a kit it speaks
@@ -244,9 +253,9 @@ class SiteClient:
                 continue
             if task.kind != pb.Task.WAIT:
                 self.transfers.kept = None  # the round of the update kept for a refold is over
-                if self.policy is not None and task.kind in (pb.Task.TRAIN, pb.Task.OFFER_INITIAL):
+                if self.policy is not None and task.kind in _POLICY_TASK:
                     # offering round 0's weights is part of taking part in training
-                    self._within_policy(self.policy.check_task, task.task_name or "train", task.round)
+                    self._within_policy(self.policy.check_task, _POLICY_TASK[task.kind], task.round)
                 return task
 
     def _check_job(self, task: pb.Task) -> None:
@@ -289,8 +298,19 @@ class SiteClient:
         place (their contents are unspecified if the download fails); the rest are allocated."""
         return self.transfers.download(task, params_format, into)
 
+    def send_result(self, round_: int, task_id: str, envelope: dict[str, Any]) -> pb.CommitReply:
+        """An EVALUATE task's answer: its metrics (and meta), no weights."""
+        req = pb.ResultRequest(site=self.site, round=round_, task_id=task_id, envelope_json=json.dumps(envelope))
+        return self.call("SendResult", req, "send result", per_call=30)
+
     def upload(
-        self, round_: int, attempt: int, params: Mapping[str, Any], envelope: dict[str, Any], initial: bool = False
+        self,
+        round_: int,
+        attempt: int,
+        params: Mapping[str, Any],
+        envelope: dict[str, Any],
+        initial: bool = False,
+        task_id: str = "",
     ) -> pb.CommitReply:
         """Stream an update and commit it; returns once the aggregator has verified and counted it.
 
@@ -298,4 +318,4 @@ class SiteClient:
         refold the round (another site left part of an update in it), it asks for the same update again (task
         RESEND), and `next_task` sends it without the caller knowing. Tensors changed in place meanwhile are
         refused by the aggregator chunk by chunk (their digests differ) and the update no longer counts."""
-        return self.transfers.upload(round_, attempt, params, envelope, initial)
+        return self.transfers.upload(round_, attempt, params, envelope, initial, task_id)

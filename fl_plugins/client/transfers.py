@@ -104,16 +104,16 @@ class Transfers:
         sink = TensorSink(views)
         for i, shard in enumerate(manifest.shards):
             rx = ShardReceiver(manifest, i, sink)
-            step = functools.partial(self._download_stream, task.round, i, rx)
+            step = functools.partial(self._download_stream, task.round, i, rx, task.model)
             self.resumable(step, f"download {shard.name}", progress=functools.partial(_offset, rx))
             rx.finish(shard.digest)
         return manifest, params
 
-    def _download_stream(self, round_: int, shard: int, rx: ShardReceiver) -> None:
+    def _download_stream(self, round_: int, shard: int, rx: ShardReceiver, model: str = "") -> None:
         if rx.complete:
             return
         c = self.client
-        req = pb.DownloadRequest(site=c.site, round=round_, shard=shard, offset=rx.offset)
+        req = pb.DownloadRequest(site=c.site, round=round_, shard=shard, offset=rx.offset, model=model)
         call = c.transport.Download(req, wait_for_ready=True)
         idle = IdleWatch(call, c.idle_timeout)
         try:
@@ -162,10 +162,16 @@ class Transfers:
 
     # -- upload ------------------------------------------------------------------------------------------
     def upload(
-        self, round_: int, attempt: int, params: Mapping[str, Any], envelope: dict[str, Any], initial: bool = False
+        self,
+        round_: int,
+        attempt: int,
+        params: Mapping[str, Any],
+        envelope: dict[str, Any],
+        initial: bool = False,
+        task_id: str = "",
     ) -> pb.CommitReply:
-        """Stream an update and commit it; returns once the aggregator has verified and counted it (see
-        SiteClient.upload)."""
+        """Stream an update (or, `task_id` set, a submitted local model) and commit it; returns once the aggregator
+        has verified and counted it (see SiteClient.upload)."""
         c = self.client
         shards = plan_shards(tensors.describe(params), max_shard_bytes=c.max_shard_bytes)
         manifest = Manifest(shards, c.chunk_bytes or DEFAULT_CHUNK_BYTES, envelope)
@@ -180,6 +186,7 @@ class Transfers:
             begin = pb.UploadBegin(
                 site=c.site, round=round_, attempt=attempt, initial=initial, manifest_json=manifest_json, nonce=nonce
             )
+            begin.task_id = task_id
             try:
                 reply = self._send(manifest, source, begin)
             except IntegrityError as e:
@@ -187,7 +194,7 @@ class Transfers:
                     raise
                 log.warning("upload failed its final check (%s); sending it again", e)
                 continue
-            if not initial:
+            if not initial and not task_id:
                 self.kept = KeptUpdate(round_, attempt, nonce, manifest, manifest_json, source)
                 views.clear()  # a converted (CPU, contiguous) copy of the last tensor is not kept
             return reply

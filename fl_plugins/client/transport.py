@@ -1,4 +1,4 @@
-"""The seam between a site and the aggregator service: the nine calls of fl.proto, over gRPC or in memory.
+"""The seam between a site and the aggregator service: the ten calls of fl.proto, over gRPC or in memory.
 
 `SiteClient` makes every call through a `Transport`. Its contract is the service's (fl_plugins/wire/proto/fl.proto
 and rpc.METHODS): each call takes and returns those protobuf messages, Upload streams raw chunk frames up and
@@ -15,6 +15,7 @@ same things whichever transport carries the call.
     CommitUpload  unary                      UploadCommit       CommitReply
     Download      server stream              DownloadRequest    frames (bytes)
     Log           unary                      LogRequest         Empty
+    SendResult    unary                      ResultRequest      CommitReply   (an EVALUATE task's metrics)
     Status        unary                      StatusRequest      StatusReply   metadata: fl-site
 
 `GrpcTransport` is a channel to an aggregator's address. `InMemoryTransport` (implemented in memory.py) calls an
@@ -82,7 +83,7 @@ class DownloadCall(Protocol):
 
 
 class Transport(Protocol):
-    """The aggregator service's nine calls (see the module docstring), plus `close()`."""
+    """The aggregator service's ten calls (see the module docstring), plus `close()`."""
 
     Hello: UnaryCall[pb.HelloRequest, pb.HelloReply]
     Heartbeat: UnaryCall[pb.HelloRequest, pb.Empty]
@@ -91,6 +92,7 @@ class Transport(Protocol):
     CommitUpload: UnaryCall[pb.UploadCommit, pb.CommitReply]
     Log: UnaryCall[pb.LogRequest, pb.Empty]
     Status: UnaryCall[pb.StatusRequest, pb.StatusReply]
+    SendResult: UnaryCall[pb.ResultRequest, pb.CommitReply]
 
     def Upload(
         self,
@@ -132,6 +134,7 @@ class GrpcTransport:
         self.CommitUpload: UnaryCall[pb.UploadCommit, pb.CommitReply] = stub.CommitUpload
         self.Log: UnaryCall[pb.LogRequest, pb.Empty] = stub.Log
         self.Status: UnaryCall[pb.StatusRequest, pb.StatusReply] = stub.Status
+        self.SendResult: UnaryCall[pb.ResultRequest, pb.CommitReply] = stub.SendResult
         self._upload, self._download = stub.Upload, stub.Download
 
     @classmethod

@@ -268,6 +268,27 @@ def parse_log_records(who: str, text: str) -> list[dict]:
     return check_log_records(who, records)
 
 
+def parse_envelope(who: str, text: str) -> dict[str, Any]:
+    """A result's envelope JSON (an EVALUATE task's answer): at most 2 x MAX_DICT_BYTES + 4 KiB of text holding a
+    JSON object; its `metrics` and `meta` are checked by whoever takes them (check_envelope_dict)."""
+    import json
+
+    if not isinstance(text, str) or len(text) > 2 * MAX_DICT_BYTES + 4096:
+        size = len(text) if isinstance(text, str) else 0
+        raise ProtocolError(
+            f"{who}: a result's envelope of {size} characters, over the limit of {2 * MAX_DICT_BYTES + 4096}"
+        )
+    try:
+        env = json.loads(text or "{}")
+    except RecursionError:
+        raise ProtocolError(f"{who}: the result's envelope is not valid JSON (nested too deeply)") from None
+    except ValueError as e:
+        raise ProtocolError(f"{who}: the result's envelope is not valid JSON ({_show(str(e), 200)})") from None
+    if not isinstance(env, dict):
+        raise ProtocolError(f"{who}: the result's envelope must be a JSON object (got {_show(env)})")
+    return env
+
+
 class LogBudget:
     """Per site: a token bucket of Log calls (LOG_CALLS_PER_SECOND, bursts of LOG_CALL_BURST) and the characters
     logged in the aggregator's current round (MAX_LOG_CHARS_PER_ROUND). Thread-safe; `clock` for tests."""

@@ -79,6 +79,7 @@ METHODS = {
     "Download": ("unary_stream", pb.DownloadRequest, RAW),
     "Heartbeat": ("unary_unary", pb.HelloRequest, pb.Empty),
     "Log": ("unary_unary", pb.LogRequest, pb.Empty),
+    "SendResult": ("unary_unary", pb.ResultRequest, pb.CommitReply),
     "Status": ("unary_unary", pb.StatusRequest, pb.StatusReply),
 }
 

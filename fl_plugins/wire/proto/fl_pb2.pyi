@@ -42,7 +42,7 @@ class TaskRequest(_message.Message):
     def __init__(self, site: _Optional[str] = ..., wait_seconds: _Optional[float] = ..., can_offer_initial: _Optional[bool] = ..., holds_update: _Optional[str] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("kind", "round", "attempt", "total_rounds", "start_round", "task_name", "manifest_json", "job_id", "message", "nonce")
+    __slots__ = ("kind", "round", "attempt", "total_rounds", "start_round", "task_name", "manifest_json", "job_id", "message", "nonce", "task_id", "model")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         WAIT: _ClassVar[Task.Kind]
@@ -50,11 +50,15 @@ class Task(_message.Message):
         END: _ClassVar[Task.Kind]
         OFFER_INITIAL: _ClassVar[Task.Kind]
         RESEND: _ClassVar[Task.Kind]
+        EVALUATE: _ClassVar[Task.Kind]
+        SUBMIT_MODEL: _ClassVar[Task.Kind]
     WAIT: Task.Kind
     TRAIN: Task.Kind
     END: Task.Kind
     OFFER_INITIAL: Task.Kind
     RESEND: Task.Kind
+    EVALUATE: Task.Kind
+    SUBMIT_MODEL: Task.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
@@ -65,6 +69,8 @@ class Task(_message.Message):
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     MESSAGE_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     kind: Task.Kind
     round: int
     attempt: int
@@ -75,23 +81,27 @@ class Task(_message.Message):
     job_id: str
     message: str
     nonce: str
-    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., total_rounds: _Optional[int] = ..., start_round: _Optional[int] = ..., task_name: _Optional[str] = ..., manifest_json: _Optional[str] = ..., job_id: _Optional[str] = ..., message: _Optional[str] = ..., nonce: _Optional[str] = ...) -> None: ...
+    task_id: str
+    model: str
+    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., total_rounds: _Optional[int] = ..., start_round: _Optional[int] = ..., task_name: _Optional[str] = ..., manifest_json: _Optional[str] = ..., job_id: _Optional[str] = ..., message: _Optional[str] = ..., nonce: _Optional[str] = ..., task_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
 
 class UploadBegin(_message.Message):
-    __slots__ = ("site", "round", "attempt", "initial", "manifest_json", "nonce")
+    __slots__ = ("site", "round", "attempt", "initial", "manifest_json", "nonce", "task_id")
     SITE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
     INITIAL_FIELD_NUMBER: _ClassVar[int]
     MANIFEST_JSON_FIELD_NUMBER: _ClassVar[int]
     NONCE_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
     site: str
     round: int
     attempt: int
     initial: bool
     manifest_json: str
     nonce: str
-    def __init__(self, site: _Optional[str] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., initial: _Optional[bool] = ..., manifest_json: _Optional[str] = ..., nonce: _Optional[str] = ...) -> None: ...
+    task_id: str
+    def __init__(self, site: _Optional[str] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., initial: _Optional[bool] = ..., manifest_json: _Optional[str] = ..., nonce: _Optional[str] = ..., task_id: _Optional[str] = ...) -> None: ...
 
 class UploadState(_message.Message):
     __slots__ = ("upload_id", "offsets")
@@ -126,16 +136,30 @@ class CommitReply(_message.Message):
     def __init__(self, round: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
-    __slots__ = ("site", "round", "shard", "offset")
+    __slots__ = ("site", "round", "shard", "offset", "model")
     SITE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
     site: str
     round: int
     shard: int
     offset: int
-    def __init__(self, site: _Optional[str] = ..., round: _Optional[int] = ..., shard: _Optional[int] = ..., offset: _Optional[int] = ...) -> None: ...
+    model: str
+    def __init__(self, site: _Optional[str] = ..., round: _Optional[int] = ..., shard: _Optional[int] = ..., offset: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+
+class ResultRequest(_message.Message):
+    __slots__ = ("site", "round", "task_id", "envelope_json")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    ROUND_FIELD_NUMBER: _ClassVar[int]
+    TASK_ID_FIELD_NUMBER: _ClassVar[int]
+    ENVELOPE_JSON_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    round: int
+    task_id: str
+    envelope_json: str
+    def __init__(self, site: _Optional[str] = ..., round: _Optional[int] = ..., task_id: _Optional[str] = ..., envelope_json: _Optional[str] = ...) -> None: ...
 
 class LogRequest(_message.Message):
     __slots__ = ("site", "round", "records_json")

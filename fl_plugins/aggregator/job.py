@@ -1,0 +1,152 @@
+"""The job: its workflows in turn (`config.workflow`), and the evaluation phases between and after them.
+
+    workflow                  phases
+    fedavg                    training rounds (workflow.py), each site evaluating the global model after every
+                              `evaluate_every`-th round and after the last (a barrier: the next round's training
+                              starts once every site answered or its cell closed)
+    fedavg,cross-site-eval    the same, then SUBMIT_MODEL (each site sends its local model), then every site
+                              evaluates every submitted model and the global one: RUN_DIR/cross_site_eval.json
+    cross-site-eval           the last two on the initial model (--initial-model) and the sites' own models
+    evaluate                  every site evaluates the initial model, once
+
+Each evaluation phase is an evaluation.py `Sweep`. `Job.next_task` hands out the phase's tasks while one runs, the
+training workflow's otherwise; `step` (on the coordinator's background thread) closes cells nobody will answer,
+ends a phase that is over and starts the next; `complete` says the job has nothing left. The coordinator holds its
+lock around every call, records finished phases (`drain`) and serves the submitted models' files (models.py).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any
+
+from fl_plugins.aggregator.evaluation import GLOBAL, Sweep
+from fl_plugins.aggregator.rounds import RoundState, SiteState
+from fl_plugins.aggregator.workflow import TASK_NAMES, Task, TaskKind, Workflow
+from fl_plugins.config import AggregatorConfig, trains
+from fl_plugins.errors import ProtocolError, RoundError
+from fl_plugins.wire.layout import Manifest
+
+log = logging.getLogger(__name__)
+
+EVALUATE, SUBMIT, CROSS = "evaluate", "submit", "cross-site"  # the phases
+
+
+class Job:
+    def __init__(self, config: AggregatorConfig, rounds: RoundState, training: Workflow) -> None:
+        names = config.workflow.split(",")
+        self.config, self.rounds = config, rounds
+        self.training: Workflow | None = training if trains(names) else None
+        self.cross_site = "cross-site-eval" in names
+        self.trained = False  # training is over (or there is none) and the final global model is served
+        self.phase: str | None = None
+        self.sweep: Sweep | None = None
+        self.queue: list[str] = []  # phases to run once the current one is over
+        self.submitted: dict[str, Manifest] = {}  # site -> its local model (SUBMIT_MODEL)
+        self.done: list[tuple[str, Sweep]] = []  # phases over, not yet recorded (drain)
+        self.submissions: Sweep | None = None  # the SUBMIT_MODEL phase, once over (its cells name failures)
+        self.complete = False
+        self.served_round = 0
+
+    @property
+    def trains(self) -> bool:
+        return self.training is not None
+
+    # -- what happens next --------------------------------------------------------------------------------------
+    def opened(self, r: int, last: bool, now: float) -> None:
+        """Round `r`'s global model is served; `last`: no training follows (the rounds are done, or none)."""
+        self.served_round = r
+        k = self.config.evaluate_every
+        if self.trains and r > 0 and k and (r % k == 0 or last):
+            self.queue.append(EVALUATE)
+        if last:
+            self.trained = True
+            if not self.trains and not self.cross_site:
+                self.queue.append(EVALUATE)
+            if self.cross_site and not self._evaluated_already(r):
+                self.queue += [SUBMIT, CROSS]
+        self._advance(now)
+
+    def _evaluated_already(self, r: int) -> bool:
+        """A restart of a job whose cross-site evaluation of round `r`'s model is written: not again."""
+        path = self.config.run_dir / "cross_site_eval.json"
+        try:
+            done = json.loads(path.read_text()).get("round") == r
+        except (OSError, ValueError, AttributeError):
+            return False
+        if done:
+            log.info("the cross-site evaluation of round %d is in %s already", r, path)
+        return done
+
+    def _advance(self, now: float) -> None:
+        if self.sweep is None and self.queue:
+            self._start(self.queue.pop(0), now)
+        if self.sweep is None and self.trained:
+            self.complete = True
+
+    def _start(self, phase: str, now: float) -> None:
+        models = [GLOBAL] if phase != CROSS else [GLOBAL, *sorted(self.submitted)]
+        kind = TaskKind.SUBMIT_MODEL if phase == SUBMIT else TaskKind.EVALUATE
+        # the sites connected now take part (and any that ask before it is over); with none connected (a job that
+        # starts with this phase, or an aggregator restarted after training) it waits for `min_sites` of them
+        alive = [s.name for s in self.rounds.sites.values() if self.rounds.alive(s, now)]
+        needed = min(self.config.min_sites, len(alive)) if alive and self.trains else self.config.min_sites
+        self.phase = phase
+        self.sweep = Sweep(kind.value, models, needed, self.config.evaluate_timeout, self.served_round)
+        for name in alive:
+            self.sweep.join(name, now)
+        log.info(
+            "%s of round %d's models %s: %d sites", phase, self.served_round, ", ".join(models), len(self.sweep.cells)
+        )
+
+    def next_task(self, s: SiteState, now: float, holds: str, global_model: Manifest | None) -> Task | None:
+        if self.sweep is not None:
+            return self._sweep_task(self.sweep, s, now, global_model)
+        if self.training is not None and not self.trained:
+            return self.training.next_task(s, now, holds, global_model)
+        return None
+
+    def _sweep_task(self, sweep: Sweep, s: SiteState, now: float, global_model: Manifest | None) -> Task | None:
+        got = sweep.next_task(s.name, now)
+        if got is None:
+            return None
+        model, task_id = got
+        kind = TaskKind(sweep.kind)
+        manifest = global_model if model == GLOBAL else self.submitted[model]
+        shown = model if kind is TaskKind.EVALUATE else ""
+        return Task(kind, sweep.round, manifest=manifest, task_id=task_id, model=shown, name=TASK_NAMES[kind])
+
+    def step(self, now: float) -> None:
+        """Close the cells nobody will answer; end the phase once it is over and start the next."""
+        sweep = self.sweep
+        if sweep is None:
+            return
+        sweep.expire(now, {name: self.rounds.alive(s, now) for name, s in self.rounds.sites.items()})
+        if not sweep.over():
+            return
+        assert self.phase is not None
+        self.done.append((self.phase, sweep))
+        if self.phase == SUBMIT:
+            self.submissions = sweep
+            self.submitted = {k: v for k, v in self.submitted.items() if k in sweep.ok_sites()}
+        self.sweep, self.phase = None, None
+        self._advance(now)
+
+    def answer(self, site: str, task_id: str, envelope: dict[str, Any], now: float) -> str:
+        """An EVALUATE task's answer (the coordinator's `result`): the reply's message. An answer without metrics
+        fills the cell with that reason and is no error for the site (a script that sent params only)."""
+        sweep = self.sweep
+        if sweep is None or sweep.kind != TaskKind.EVALUATE.value:
+            raise RoundError(f"site {site!r}: no evaluation is running; the result of task {task_id!r} is late")
+        try:
+            model = sweep.answer(site, task_id, envelope, now)
+        except ProtocolError as e:
+            log.warning("%s", e)
+            return f"result not counted: {e}"
+        log.info("site %r evaluated model %r: %s", site, model, envelope.get("metrics"))
+        return "result accepted"
+
+    def drain(self) -> list[tuple[str, Sweep]]:
+        done, self.done = self.done, []
+        return done

@@ -1,0 +1,67 @@
+"""The sites' submitted local models (SUBMIT_MODEL), kept for cross-site evaluation in RUN_DIR/cross_site/.
+
+A submission streams into `cross_site/SITE.tmp/` as any upload does (verified chunk by chunk, offer.py's
+FileSink writes the bytes where they belong), and its commit renames it to `cross_site/SITE/` with its manifest
+and chunk digests, so it is served to the other sites exactly as a global model is (resumable, verified).
+A submission must hold the global model's tensors (same names, dtypes and shapes) as FULL params.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+from fl_plugins.aggregator.files import DIR_MODE, fsync_dir, private_dir, write_private
+from fl_plugins.aggregator.offer import FileSink
+from fl_plugins.aggregator.store import write_chunk_digests
+from fl_plugins.aggregator.uploads import Upload
+from fl_plugins.errors import RoundError
+from fl_plugins.wire.layout import Manifest, ShardLayout
+from fl_plugins.wire.stream import FileSource
+
+
+class SubmittedModels:
+    def __init__(self, run_dir: Path) -> None:
+        self.root = Path(run_dir) / "cross_site"
+        self.served: dict[str, tuple[Manifest, Path, list[list[bytes] | None]]] = {}
+
+    def begin(self, u: Upload) -> None:
+        """`u`'s bytes go to cross_site/SITE.tmp (a new submission replaces an unfinished one)."""
+        private_dir(self.root)
+        tmp = self.root / f"{u.site}.tmp"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(mode=DIR_MODE)
+        u.sink = FileSink(tmp, u.manifest)
+        u.receive_into(u.sink)
+
+    def commit(self, u: Upload, digests: list[str]) -> Manifest:
+        """The submission arrived whole: cross_site/SITE holds it, ready to serve; returns its manifest."""
+        sink = u.sink
+        assert isinstance(sink, FileSink)
+        sink.close()
+        shards = [
+            ShardLayout(s.name, sink.headers[i], s.tensors, d)
+            for i, (s, d) in enumerate(zip(u.manifest.shards, digests, strict=True))
+        ]
+        manifest = Manifest(shards, u.manifest.chunk_bytes, {})  # (the task names the owner)
+        for shard, rx in zip(shards, u.receivers, strict=True):
+            write_chunk_digests(sink.directory / shard.name, rx.digest.digests)
+        write_private(sink.directory / "manifest.json", manifest.to_json())
+        final = self.root / u.site
+        if final.exists():
+            shutil.rmtree(final)
+        os.rename(sink.directory, final)
+        fsync_dir(self.root)
+        chunk_digests = [list(rx.digest.digests) for rx in u.receivers]
+        self.served[u.site] = (manifest, final, list(chunk_digests))
+        return manifest
+
+    def source(self, name: str) -> tuple[Manifest, FileSource, list[list[bytes] | None]]:
+        """A submitted model's manifest, its shard files opened (the caller closes them) and chunk digests."""
+        got = self.served.get(name)
+        if got is None:
+            raise RoundError(f"no submitted model of {name!r} is being served")
+        manifest, directory, digests = got
+        return manifest, FileSource([directory / s.name for s in manifest.shards]), digests
