@@ -11,6 +11,7 @@ two JSON files beside them. runner.py, report.py and tracking/ read the run dire
                    "attempt" AttemptRecord     round attempt counted                  (a round started again)
                    "refold"  RefoldRecord      round attempt partial owed             (partial updates were folded)
                    "update_lost" UpdateLostRecord  round attempt site reason          (an owed update was lost)
+                   "sample"  SampleRecord      round attempt sites alive seed         (the sites that may train)
                    any other OtherRecord       the object as it is (a newer writer's record, or a damaged one)
     logs.jsonl               LogRecord         round, the site's flare.log record (key value data_type step ...),
                                                site (last: a record cannot pass itself off as another site's)
@@ -198,6 +199,19 @@ class UpdateLostRecord(_Line):
     reason: str | None = _value(_str, default=None)
 
 
+@dataclass(frozen=True, kw_only=True)
+class SampleRecord(_Line):
+    """The sites that may train in this attempt (`sample_sites`): drawn among the `alive` connected sites with a
+    generator seeded by (`seed`, round, attempt); aggregator/rounds.py says which sites a new attempt keeps."""
+
+    EVENT: ClassVar[str] = "sample"
+    round: int = _value(_int)
+    attempt: int = _value(_int, default=0)
+    sites: tuple[str, ...] = _value(_names, factory=tuple)
+    alive: int | None = _value(_int, default=None)
+    seed: int | None = _value(_int, default=None)
+
+
 @dataclass(frozen=True)
 class OtherRecord:
     """A line of another kind (a newer writer's event, or a damaged record), kept as it was."""
@@ -216,10 +230,11 @@ class OtherRecord:
         return cls(dict(data))
 
 
-EVENTS: dict[str, type[_Json]] = {
-    c.EVENT: c for c in (UpdateRecord, RoundRecord, AttemptRecord, RefoldRecord, UpdateLostRecord) if c.EVENT
-}
-MetricsRecord = UpdateRecord | RoundRecord | AttemptRecord | RefoldRecord | UpdateLostRecord | OtherRecord
+_KINDS = (UpdateRecord, RoundRecord, AttemptRecord, RefoldRecord, UpdateLostRecord, SampleRecord)
+EVENTS: dict[str, type[_Json]] = {c.EVENT: c for c in _KINDS if c.EVENT}
+MetricsRecord = (
+    UpdateRecord | RoundRecord | AttemptRecord | RefoldRecord | UpdateLostRecord | SampleRecord | OtherRecord
+)
 
 
 def parse_record(data: Mapping[str, Any]) -> MetricsRecord:

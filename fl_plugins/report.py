@@ -90,9 +90,9 @@ def load_run(run_dir: str | Path) -> RunData:
     recs = records.read_records(metrics)
     ours = RunMetrics()
     ours.add(recs)
-    if recs and not (ours.updates or ours.rounds):
+    if recs and all(isinstance(r, records.OtherRecord) for r in recs):  # (a "sample" alone: a run that began)
         raise ConfigError(
-            f'{metrics} holds no fl-plugins records ("update" and "round" events): {run_dir} is '
+            f'{metrics} holds no fl-plugins records ("update", "round", "sample" events): {run_dir} is '
             f"not a run directory; {hint}"
         )
     logs = [r for r in records.read_records(run_dir / records.LOGS, records.parse_log) if isinstance(r, LogRecord)]

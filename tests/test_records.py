@@ -20,6 +20,7 @@ from fl_plugins.records import (
     RoundSummary,
     RunMetrics,
     RunSummary,
+    SampleRecord,
     UpdateLostRecord,
     UpdateRecord,
     parse_log,
@@ -92,6 +93,10 @@ WRITTEN = [
     (
         UpdateLostRecord(round=3, attempt=0, site="site-2", reason="its resend failed"),
         {"event": "update_lost", "round": 3, "attempt": 0, "site": "site-2", "reason": "its resend failed"},
+    ),
+    (
+        SampleRecord(round=3, attempt=1, sites=("site-1", "site-3"), alive=3, seed=7),
+        {"event": "sample", "round": 3, "attempt": 1, "sites": ["site-1", "site-3"], "alive": 3, "seed": 7},
     ),
     (
         LogRecord(site="site-1", round=0, key="train_loss", data={"value": 0.41, "data_type": "SCALAR", "step": 7}),

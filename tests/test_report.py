@@ -179,3 +179,23 @@ def test_a_failure_to_plot_does_not_fail_the_run(tmp_path, monkeypatch):
     console, buf = _console()
     _write_report(tmp_path, console, console)
     assert "report: the plots were not written (RuntimeError: no space left)" in buf.getvalue()
+
+
+def test_a_sampled_run_reads_past_its_sample_records(tmp_path):
+    """With `sample_sites` the aggregator writes a "sample" record as each attempt starts: the report reads past
+    it, and a run that stopped after its first draw is an unfinished run, not a foreign directory."""
+    plain, sampled, began = tmp_path / "plain", tmp_path / "sampled", tmp_path / "began"
+    _synthetic(plain, rounds=2)
+    _synthetic(sampled, rounds=2)
+    draw = {"event": "sample", "round": 0, "attempt": 0, "sites": ["site-1", "site-2"], "alive": 3, "seed": 0}
+    lines = (sampled / "metrics.jsonl").read_text().splitlines(keepends=True)
+    (sampled / "metrics.jsonl").write_text(json.dumps(draw) + "\n" + "".join(lines))
+    with_draws, without = load_run(sampled), load_run(plain)
+    assert (with_draws.rounds, with_draws.updates) == (without.rounds, without.updates) and len(without.rounds) == 2
+    console, buf = _console()
+    rep = report(sampled, console=console, partial=True)
+    assert sorted(rep.run.rounds) == [0, 1] and "eval_accuracy" in buf.getvalue()
+    began.mkdir()
+    (began / "metrics.jsonl").write_text(json.dumps(draw) + "\n")
+    run = load_run(began)
+    assert not run.rounds and not run.updates and any("no round has finished yet" in n for n in run.notes)

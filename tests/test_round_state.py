@@ -4,10 +4,13 @@ No files, no bytes, no threads: the state machine asks for tasks, begins, commit
 lets sites go silent and time pass, and plays the coordinator's part (decide, close, refold, new attempt). A
 small model kept by the test (who is counted, owed, sitting out, which attempt) must agree with RoundState
 after every step, and the rules' promises hold: a close has what its reason needs, nothing owed is closed
-over, a site sitting out gets no task and no update in, attempts stay bounded.
+over, a site sitting out gets no task and no update in, attempts stay bounded. SampledRules runs the same machine
+with `sample_sites` set: each draw is checked against the rule's sizes and keeps, and only sampled sites train.
 """
 
 from __future__ import annotations
+
+import math
 
 import pytest
 from hypothesis import HealthCheck, settings
@@ -17,9 +20,11 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, pr
 from fl_plugins.aggregator.rounds import Close, Counted, Decision, RoundState
 from fl_plugins.config import AggregatorConfig
 from fl_plugins.errors import RoundError
+from fl_plugins.records import SampleRecord
 
 SITES = ["a", "b", "c", "d"]
 SITE_TIMEOUT = 30.0
+SEED = 11
 
 
 def counted(site: str, attempt: int) -> Counted:
@@ -34,7 +39,7 @@ class Rules(RuleBasedStateMachine):
         max_attempts=st.integers(1, 3),
         on_exhausted=st.sampled_from(["fail", "close"]),
     )
-    def start(self, min_sites, min_updates, deadline, max_attempts, on_exhausted):
+    def start(self, min_sites, min_updates, deadline, max_attempts, on_exhausted, sample=None):
         self.cfg = AggregatorConfig(
             run_dir="unused",
             rounds=5,
@@ -44,6 +49,8 @@ class Rules(RuleBasedStateMachine):
             site_timeout=SITE_TIMEOUT,
             max_attempts=max_attempts,
             on_attempts_exhausted=on_exhausted,
+            sample_sites=sample,
+            seed=SEED,
         )
         self.records: list[dict] = []
         self.now = 1000.0
@@ -61,6 +68,8 @@ class Rules(RuleBasedStateMachine):
         self.folding: set[str] = set()  # began an update in this attempt and may fold partial bytes
         self.partial: set[str] = set()  # left partial bytes in this epoch
         self.silent: set[str] = set()
+        self.sample: frozenset[str] | None = None  # the attempt's sample, once drawn (sampling only)
+        self.seen = 0  # records looked at
 
     def alive(self, site: str) -> bool:
         s = self.rs.sites.get(site)
@@ -73,9 +82,13 @@ class Rules(RuleBasedStateMachine):
         if site in self.silent:
             return
         s = self.rs.touch(site, self.now)
+        started = self.rs.started
         got = self.rs.offer_task(s, self.now)
+        self._saw_draw(started is None and self.rs.started is not None)
         if site in self.sitting or site in self.counted or site in self.owed or self.rs.closing is not None:
             assert not got, "a site that sits out, is counted or owes, or a closing round, gets no task"
+        if self.sample is not None and site not in self.sample:
+            assert not got, "a site outside the sample gets no task"
         if got:
             assert s.took == (self.rs.round, self.rs.attempt)
 
@@ -92,6 +105,7 @@ class Rules(RuleBasedStateMachine):
             return
         assert site not in self.sitting and site not in self.counted and site not in self.owed
         assert self.rs.closing is None
+        assert self.sample is None or site in self.sample, "only a sampled site's update begins"
         self.rs.began_update(s, self.rs.round, self.rs.attempt)
         self.folding.add(site)
 
@@ -177,7 +191,15 @@ class Rules(RuleBasedStateMachine):
         closing_before = self.rs.closing
         self.rs.expire_owed(self.now, lambda c: False)
         self.owed &= set(self.rs.owed)
+        started, counted = self.rs.started, len(self.counted)
         d = self.rs.decide(self.now)
+        if closing_before is None and started is not None:  # the round does not wait longer than its rules say
+            if self.sample is not None and self.counted == self.sample:  # (a sample is never empty)
+                assert self.rs.closing is Close.ALL_IN, "the whole sample is counted: it is all in"
+            if self.cfg.round_deadline is not None and self.now - started >= self.cfg.round_deadline:
+                assert (d is Decision.CLOSE) == (counted >= self._needed(self.cfg.min_updates)) or (
+                    self.rs.closing in (Close.ALL_IN, Close.SITES_LEFT)
+                ), "past the deadline: close with what it needs, else a new attempt"
         if self.rs.closing is not None and closing_before is None:
             self._check_close(self.rs.closing)
             self.folding.clear()  # late uploads are dropped: one that folded bytes leaves them behind
@@ -187,12 +209,35 @@ class Rules(RuleBasedStateMachine):
         elif d is Decision.NEW_ATTEMPT:
             self.new_attempt()
 
+    def _needed(self, n: int) -> int:
+        """`min_sites` or `min_updates`, capped at the sample's size (at least one)."""
+        return n if self.sample is None else max(1, min(n, len(self.sample)))
+
+    def _saw_draw(self, expected: bool) -> None:
+        """A draw is a SampleRecord exactly when an attempt starts (with sampling): sized by the rule, keeping the
+        last sample's counted or alive sites, the others drawn among the alive ones."""
+        draws = [r for r in self.records[self.seen :] if isinstance(r, SampleRecord)]
+        self.seen = len(self.records)
+        assert len(draws) == (1 if expected and self.cfg.sample_sites is not None else 0), draws
+        if not draws:
+            return
+        rec, size = draws[0], self.cfg.sample_sites
+        alive = {x for x in SITES if self.alive(x)}
+        kept = {x for x in self.sample or () if x in self.counted or x in alive} | self.counted
+        n = len(alive | kept)
+        k = max(1, math.floor(size * n + 0.5)) if size < 1 else min(int(size), n)  # half up (exact for our sizes)
+        assert (rec.round, rec.attempt, rec.alive, rec.seed) == (self.rs.round, self.rs.attempt, len(alive), SEED)
+        assert rec.sites and kept <= set(rec.sites) <= alive | kept and list(rec.sites) == sorted(rec.sites)
+        assert len(rec.sites) == len(kept) + min(max(0, k - len(kept)), len(alive - kept)), (rec, k, kept)
+        self.sample = frozenset(rec.sites)
+
     def _check_close(self, reason: Close):
         n = len(self.rs.counted)
         if reason is Close.ALL_IN:
-            assert n >= self.cfg.min_sites
+            assert n >= self._needed(self.cfg.min_sites)
         elif reason is Close.DEADLINE:
-            assert n >= self.cfg.min_updates and self.now - self.rs.started >= self.cfg.round_deadline
+            needed = self._needed(self.cfg.min_updates)
+            assert n >= needed and self.now - self.rs.started >= self.cfg.round_deadline
         else:
             assert n >= 1
 
@@ -208,6 +253,7 @@ class Rules(RuleBasedStateMachine):
         if self.rs.settle():
             self.rs.open(self.rs.round + 1)
             self.counted, self.owed, self.sitting, self.folding = set(), set(), set(), set()
+            self.sample = None
         # else: back to collecting
 
     def new_attempt(self):
@@ -220,6 +266,7 @@ class Rules(RuleBasedStateMachine):
             )
             self.failed = True
             return
+        self._saw_draw(started and self.rs.started is not None)  # (sampled: it may wait for min_sites to draw)
         if started:
             assert self.rs.attempt == attempt + 1 < self.cfg.max_attempts
             self.sitting = set()
@@ -241,6 +288,9 @@ class Rules(RuleBasedStateMachine):
             assert self.rs.sites[name].sits_out == (self.rs.round, self.rs.attempt)
         if self.rs.owed:
             assert self.rs.closing is not None, "owed updates exist only while a round closes after a refold"
+        assert self.rs.sample == self.sample
+        if self.sample is not None:
+            assert self.counted | self.owed <= self.sample, "only sampled sites' updates count"
 
 
 Rules.TestCase.settings = settings(
@@ -252,6 +302,52 @@ Rules.TestCase.settings = settings(
     suppress_health_check=list(HealthCheck),
 )
 test_round_state_rules = pytest.mark.timeout(300)(Rules.TestCase)
+
+
+class SampledRules(Rules):
+    """The same rules with `sample_sites`: fractions (half up: 0.625 of 4 is 3) and counts, some above the sites;
+    sites that go silent come back, perhaps after a new attempt drew another site in their place."""
+
+    @initialize(
+        min_sites=st.integers(1, 3),
+        min_updates=st.integers(1, 3),
+        deadline=st.sampled_from([None, 10.0]),
+        max_attempts=st.integers(1, 3),
+        on_exhausted=st.sampled_from(["fail", "close"]),
+        sample=st.sampled_from([0.5, 0.625, 0.75, 1.0, 2.0, 3.0, 5.0]),
+    )
+    def start(self, min_sites, min_updates, deadline, max_attempts, on_exhausted, sample=None):
+        super().start(min_sites, min_updates, deadline, max_attempts, on_exhausted, sample)
+
+    @precondition(lambda self: not self.failed)
+    @rule()
+    def step(self):
+        for site in sorted(self.folding):  # uploads.drop_gone: the upload of a site gone silent is dropped
+            if not self.alive(site):
+                self.drop_partial(site)
+        super().step()
+
+    @rule(site=st.sampled_from(SITES))
+    def come_back(self, site):
+        """A silent site is heard again: a new attempt may have drawn another site in its place meanwhile."""
+        if site in self.silent:
+            self.silent.discard(site)
+            self.rs.touch(site, self.now)
+
+    @precondition(lambda self: not self.failed)
+    @rule(site=st.sampled_from(SITES))
+    def leave_and_come_back(self, site):
+        """A site takes its task and is silent past `site_timeout` while the coordinator steps; back, it sends."""
+        self.ask(site)
+        self.go_silent(site)
+        self.advance(31.0)
+        self.step()
+        self.come_back(site)
+        self.begin(site)
+
+
+SampledRules.TestCase.settings = settings(Rules.TestCase.settings, max_examples=100, stateful_step_count=50)
+test_round_state_rules_with_sampling = pytest.mark.timeout(300)(SampledRules.TestCase)
 
 
 def test_the_model_is_no_tautology():

@@ -5,8 +5,20 @@ R, and of nothing else, whatever closes the round and whenever a site fails. The
 
 Round R runs in attempts (A = 0, 1, ...); an attempt is a window in which each site may have one update counted.
   * Round R starts once `min_sites` sites are connected; every site that asks gets the TRAIN task (R, A) unless
-    its update is counted already or it sits out the attempt. Only a site that took round R's task may begin
-    an upload for it (after an aggregator restart: once `min_sites` are connected again, for attempt 0).
+    its update is counted already, it sits out the attempt, or it is not in the attempt's sample. Only a site
+    that took round R's task may begin an upload for it (after an aggregator restart: once `min_sites` are
+    connected again, for attempt 0, the sample drawn again then).
+  * With `sample_sites` set, only an attempt's *sample* trains. It is drawn when the attempt starts: k of the n
+    sites alive then, k = max(1, fraction x n rounded half up) or min(count, n), chosen among them (sorted by
+    name) by `random.Random` seeded with "seed:R:A": the same seed and sites choose the same ones. Only sampled
+    sites get the task and may send an update; the others, and a site that connects after the draw, wait for the
+    next round. A sampled site that leaves is not replaced within the attempt (as without sampling, rule (b)
+    may close the round with the updates it has). A new attempt keeps the last sample's sites that are counted
+    or alive (they may still be training) and draws among the other alive sites up to k, n counting the alive
+    and the counted sites; with fewer than `min_sites` alive, it waits for them to draw, as the round's start
+    does. Each draw is a `SampleRecord`. Below, a *participant* is a sampled site, and *needed*
+    is `min_sites` (at the deadline, `min_updates`) capped at the sample's size, at least 1; without
+    `sample_sites` every site is sampled and nothing is capped.
   * Each chunk of an update is verified, then folded into the accumulator at once (strategy.py). A commit checks
     every shard's digest; only then is the update *counted* (its weight added). A counted update is kept as a
     `Counted` record: its weight, its manifest's hash and its chunk digests (16 bytes per chunk), not its bytes.
@@ -15,10 +27,11 @@ Round R runs in attempts (A = 0, 1, ...); an attempt is a window in which each s
     shard digest, content refused mid-stream, late at the round's close) leaves a *partial update* in the
     accumulator. Its site is the culprit: it sits out the rest of the attempt (later sends are refused, saying
     so), so one site cannot make the round refold again and again.
-  * The round *closes* when (a) every participant still alive is counted and at least `min_sites` are, or
-    (b) no participant is left to wait for and fewer than `min_sites` sites could still be counted (sites left or
-    sit out): the round closes with the updates it has (at least one), or (c) the round deadline passed with at
-    least `min_updates` counted. Closing refuses uploads that are not counted yet (late).
+  * The round *closes* when (a) every participant still alive is counted and at least *needed* are, or
+    (b) no participant is left to wait for and fewer than *needed* sites could still be counted in the attempt
+    (sampled sites left or sit out): the round closes with the updates it has (at least one), or (c) the round
+    deadline passed with at least *needed* (`min_updates`, capped) counted. Closing refuses uploads that are
+    not counted yet (late).
   * At the close, with folds excluded (the fold gate), the aggregator checks the accumulator: if any upload that
     is not counted folded a byte in this accumulator's *epoch*, the accumulator is *refolded*: it is zeroed (a
     new epoch), every counted update becomes *owed*, and its site is asked (task RESEND) to send the same update
@@ -27,11 +40,11 @@ Round R runs in attempts (A = 0, 1, ...); an attempt is a window in which each s
     left, or it did not begin within `site_timeout`) loses its update for the round. When nothing is owed, the
     check runs again; the round then closes if it still has what its reason needed, else it goes back to
     collecting. Refolds are bounded: each one has a culprit, who sits out.
-  * A new attempt starts when the deadline passed with fewer than `min_updates` counted, or when no site is left
-    that could send an update and none is counted: counted updates stay counted, sit-outs end, the deadline
-    starts again, and every other site gets the task (R, A+1). After `max_attempts` attempts the round closes
-    with what it has (`on_attempts_exhausted="close"`, at least one update) or the job fails with an error
-    that says why (`"fail"`, the default).
+  * A new attempt starts when the deadline passed with fewer than *needed* counted, or when no sampled site is
+    left that could send an update and none is counted: counted updates stay counted, sit-outs end, the deadline
+    starts again, the sample is drawn again (above), and every other sampled site gets the task (R, A+1). After
+    `max_attempts` attempts the round closes with what it has (`on_attempts_exhausted="close"`, at least one
+    update) or the job fails with an error that says why (`"fail"`, the default).
   * An update is refused, with an error that names what was wrong, when its manifest or envelope is malformed,
     its tensors or shard plan disagree with the global model, its chunk size is not the aggregator's, its weight
     is not in (0, MAX_WEIGHT], or (as its chunks arrive) a shard's header disagrees with the manifest, a shard
@@ -50,16 +63,26 @@ from __future__ import annotations
 
 import enum
 import logging
+import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
 from fl_plugins.config import AggregatorConfig
 from fl_plugins.errors import ConfigError, RoundError
-from fl_plugins.records import AttemptRecord, MetricsRecord, RefoldRecord, UpdateLostRecord
+from fl_plugins.records import AttemptRecord, MetricsRecord, RefoldRecord, SampleRecord, UpdateLostRecord
 from fl_plugins.wire.layout import short_repr
 
 log = logging.getLogger(__name__)
+
+
+def sample_size(size: float, n: int) -> int:
+    """Sites sampled of `n` by `sample_sites` = `size`: a fraction of them, rounded half up (the decimal the user
+    wrote: 0.58 of 25 is 15, where the float product is 14.4999...), at least one; or a count, at most `n`."""
+    if size < 1:
+        return max(1, int((Decimal(str(size)) * n).quantize(Decimal(1), ROUND_HALF_UP)))
+    return min(int(size), n)
 
 
 class Close(enum.Enum):
@@ -127,6 +150,7 @@ class RoundState:
         self.owed: dict[str, Counted] = {}  # site -> its counted update, zeroed by a refold, to be sent again
         self.started: float | None = None  # when this attempt's window opened (None: not started)
         self.began: float | None = None  # when the round's first attempt started
+        self.sample: frozenset[str] | None = None  # the sites that may train this attempt (None: every site)
         self.refolds_before = 0
         # the round this process found checkpointed when it started (None: a new run): its sites may hold that
         # round's task from the process before, and may resume their uploads before asking again
@@ -152,8 +176,13 @@ class RoundState:
         return sum(1 for s in self.sites.values() if self.alive(s, now))
 
     def may_train(self, s: SiteState) -> bool:
-        """The site may get (or has) this attempt's task: not counted, not owing, not sitting out."""
-        return s.name not in self.counted and s.name not in self.owed and s.sits_out != (self.round, self.attempt)
+        """The site may get (or has) this attempt's task: not counted, not owing, not sitting out, sampled."""
+        return (
+            s.name not in self.counted
+            and s.name not in self.owed
+            and s.sits_out != (self.round, self.attempt)
+            and (self.sample is None or s.name in self.sample)
+        )
 
     def participants(self) -> list[SiteState]:
         return [s for s in self.sites.values() if s.took is not None and s.took[0] == self.round]
@@ -168,23 +197,43 @@ class RoundState:
         """Round `r` collects updates from now on (not started until `min_sites` sites are connected)."""
         self.round, self.attempt = r, 0
         self.started = self.began = None
+        self.sample = None
         self.closing = None
         self.counted, self.owed = {}, {}
         self.refolds_before = self.stats["refolds"]
 
     def offer_task(self, s: SiteState, now: float) -> bool:
-        """The site asks for this attempt's task: True if it gets it (the attempt starts with the first one
-        given once `min_sites` sites are connected)."""
-        if self.closing is not None or not self.may_train(s):
+        """The site asks for this attempt's task: True if it gets it (the attempt starts, and draws its sample,
+        at the first ask once `min_sites` sites are connected)."""
+        if self.closing is not None:
             return False
         if self.started is None and self.alive_count(now) >= self.rules.min_sites:
-            self.started = now
-            self.began = self.began or now
+            self._start(now)
             log.info("round %d attempt %d started with %d sites", self.round, self.attempt, self.alive_count(now))
-        if self.started is None:
+        if self.started is None or not self.may_train(s):
             return False
         s.took = (self.round, self.attempt)
         return True
+
+    def _start(self, now: float) -> None:
+        self.started = now
+        self.began = self.began or now
+        self._draw(now)
+
+    def _draw(self, now: float) -> None:
+        """This attempt's sample, when `sample_sites` is set (the module docstring's rule)."""
+        size = self.rules.sample_sites
+        if size is None:
+            return
+        alive = sorted(n for n, s in self.sites.items() if self.alive(s, now))
+        kept = {n for n in self.sample or () if n in self.counted or n in alive} | set(self.counted)
+        pool = [n for n in alive if n not in kept]  # sorted: the draw depends on the names, not on arrival order
+        more = min(max(0, sample_size(size, len(pool) + len(kept)) - len(kept)), len(pool))
+        rng = random.Random(f"{self.rules.seed}:{self.round}:{self.attempt}")  # a str seed is hashed (sha512)
+        self.sample = frozenset(kept.union(rng.sample(pool, more)))
+        sites, seed = tuple(sorted(self.sample)), self.rules.seed
+        self.emit(SampleRecord(round=self.round, attempt=self.attempt, sites=sites, alive=len(alive), seed=seed))
+        log.info("round %d attempt %d: sites sampled: %s (of %d alive)", self.round, self.attempt, sites, len(alive))
 
     def check_current(self, site: str, round_: int, attempt: int) -> None:
         """An upload must name this round and an attempt no later than this one (a RoundError: it is late)."""
@@ -217,6 +266,11 @@ class RoundState:
                     f"{self.rules.min_sites} sites are connected)"
                 )
             log.info("round %d attempt %d resumed by site %r's update", self.round, self.attempt, site)
+        if self.sample is not None and site not in self.sample:
+            raise self._refused(
+                f"site {site!r} is not in the sample of round {round_} attempt {self.attempt} (sample_sites="
+                f"{self.rules.sample_sites:g}: {', '.join(sorted(self.sample))}): it waits for the next round's task"
+            )
 
     def _resumes(self, attempt: int, now: float) -> bool:
         """A site holding this round's task from before an aggregator restart: the round is under way."""
@@ -224,7 +278,7 @@ class RoundState:
             return False
         if self.alive_count(now) < self.rules.min_sites:
             return False
-        self.started = self.began = now
+        self._start(now)
         return True
 
     def _refused(self, message: str) -> RoundError:
@@ -290,23 +344,23 @@ class RoundState:
         if self.closing is not None:
             return None if self.owed else Decision.CLOSE
         rules, r, a = self.rules, self.round, self.attempt
-        counted = len(self.counted)
+        counted, quorum, enough = len(self.counted), self.needed(Close.ALL_IN), self.needed(Close.DEADLINE)
         could = [s for s in self.sites.values() if self.alive(s, now) and self.may_train(s)]
         waiting = [s for s in could if s.took is not None and s.took[0] == r and s.not_waited != r]
-        if not waiting and counted >= rules.min_sites:
+        if not waiting and counted >= quorum:
             return self._close(Close.ALL_IN)
-        if not waiting and counted and counted + len(could) < rules.min_sites:
+        if not waiting and counted and counted + len(could) < quorum:
             log.warning("round %d: sites left or sit out; closing with %d updates", r, counted)
             return self._close(Close.SITES_LEFT)
         if rules.round_deadline is not None and now - self.started >= rules.round_deadline:
-            if counted >= rules.min_updates:
+            if counted >= enough:
                 missing = sorted(s.name for s in waiting)
                 log.warning("round %d: deadline passed; closing with %d updates (missing: %s)", r, counted, missing)
                 return self._close(Close.DEADLINE)
-            log.warning("round %d attempt %d: deadline passed with %d of %d updates", r, a, counted, rules.min_updates)
+            log.warning("round %d attempt %d: deadline passed with %d of %d updates", r, a, counted, enough)
             return Decision.NEW_ATTEMPT
         if not could and counted == 0 and any(self.alive(s, now) for s in self.sites.values()):
-            log.warning("round %d attempt %d: every site still connected sits out", r, a)
+            log.warning("round %d attempt %d: every (sampled) site still connected sits out or left", r, a)
             return Decision.NEW_ATTEMPT
         return None
 
@@ -315,12 +369,15 @@ class RoundState:
         return Decision.CLOSE
 
     def needed(self, reason: Close) -> int:
-        return {Close.ALL_IN: self.rules.min_sites, Close.DEADLINE: self.rules.min_updates}.get(reason, 1)
+        """Updates a close for `reason` needs: `min_sites` or `min_updates`, capped at the sample's size."""
+        n = {Close.ALL_IN: self.rules.min_sites, Close.DEADLINE: self.rules.min_updates}.get(reason, 1)
+        return n if self.sample is None else max(1, min(n, len(self.sample)))
 
     def new_attempt(self, now: float) -> bool:
-        """Another window for the round: counted updates stay, sit-outs end, the deadline starts again, and the
-        other sites get the task (R, A+1). True if it started; False if the round closes instead (its attempts
-        used, `on_attempts_exhausted="close"`); RoundError if the job fails."""
+        """Another window for the round: counted updates stay, sit-outs end, the deadline starts again, the sample
+        is drawn again, and the other (sampled) sites get the task (R, A+1). True if it started (a sampled round
+        may wait for `min_sites` sites to draw); False if the round closes instead (its attempts used,
+        `on_attempts_exhausted="close"`); RoundError if the job fails."""
         rules = self.rules
         if self.attempt + 1 >= rules.max_attempts:
             if rules.on_attempts_exhausted == "close" and self.counted:
@@ -334,16 +391,19 @@ class RoundState:
                 return False
             raise RoundError(
                 f"round {self.round} used its {rules.max_attempts} attempts with {len(self.counted)} updates counted "
-                f"({self.needed(Close.DEADLINE)} needed at the deadline, {rules.min_sites} sites to close without "
-                "one): sites left, were too slow or sent updates that were refused (the aggregator's log names "
+                f"({self.needed(Close.DEADLINE)} needed at the deadline, {self.needed(Close.ALL_IN)} sites to close "
+                "without one): sites left, were too slow or sent updates that were refused (the aggregator's log names "
                 "them); raise --max-attempts or --round-deadline, lower --min-updates, or set "
                 "on_attempts_exhausted: close to go on with the updates a round has"
             )
         self.attempt += 1
         self.stats["round_restarts"] += 1
-        self.started = now  # the new window: deadline, timeouts and closes apply at once
         self.emit(AttemptRecord(round=self.round, attempt=self.attempt, counted=tuple(sorted(self.counted))))
         log.warning("round %d: attempt %d (%d updates kept)", self.round, self.attempt, len(self.counted))
+        if rules.sample_sites is not None and self.alive_count(now) < rules.min_sites:
+            self.started = None  # its draw waits for `min_sites` sites, as the round's start does
+        else:
+            self._start(now)  # the new window: deadline, timeouts and closes apply at once
         return True
 
     def refold(self, culprits: list[str], now: float) -> None:
