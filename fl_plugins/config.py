@@ -292,12 +292,23 @@ class AggregatorConfig:
     # restart with another recipe is refused; None: no recipe (then `job_id`, else a random id, names the job)
     recipe: dict[str, Any] | None = None
 
+    @property
+    def total_rounds(self) -> int:
+        """The aggregator's rounds: `rounds`, or in a cyclic job one per site visit (`rounds` cycles of `min_sites`
+        visits each)."""
+        return self.rounds * self.min_sites if self.workflow.startswith("cyclic") else self.rounds
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "run_dir", Path(self.run_dir))
         for s in SETTINGS.values():
             value = s.checked(getattr(self, s.name), s.keyword_label())
             if s.name == "workflow":  # normalised: "fedavg,cross-site-eval"
                 object.__setattr__(self, s.name, value)
+        if self.workflow.startswith("cyclic") and self.sample_sites is not None:
+            raise ConfigError(
+                "`sample_sites` (--sample-sites) samples FedAvg's sites; the cyclic workflow trains one site at a "
+                "time: drop one of them"
+            )
 
 
 SETTINGS: dict[str, Setting] = {

@@ -12,7 +12,8 @@ import pytest
 from conftest import SiteThread, join_sites, load_round
 
 from fl_plugins import records
-from fl_plugins.aggregator.rounds import Close, Counted, Decision, RoundState, sample_size
+from fl_plugins.aggregator.rounds import Close, Counted, Decision, RoundState
+from fl_plugins.aggregator.sampling import sample_size
 from fl_plugins.aggregator.service import AggregatorServer
 from fl_plugins.config import AggregatorConfig
 from fl_plugins.errors import RoundError

@@ -392,3 +392,41 @@ def test_an_evaluation_job_needs_no_rounds_on_the_command_line(tmp_path):
     assert AggregatorConfig(run_dir=tmp_path, rounds=1, workflow=["cyclic", "cross-site-eval"]).workflow == (
         "cyclic,cross-site-eval"
     )
+
+
+# -- cyclic ------------------------------------------------------------------------------------------------------
+
+
+def _cyclic(server_factory, order: str) -> tuple[str, list[dict[str, Any]]]:
+    from conftest import run_sites
+
+    srv = server_factory(rounds=2, min_sites=3, initial={"t": np.zeros(1, np.float64)}, workflow="cyclic",
+                         cyclic_order=order, seed=3)  # fmt: skip
+
+    def step(i: int) -> Any:  # each visit appends the site's digit: the final model spells the visiting order
+        return lambda r, p: ({"t": p["t"] * 10 + i}, "FULL", 1.0)
+
+    run_sites(srv.address, {f"site-{i}": step(i) for i in (1, 2, 3)})
+    run = srv.aggregator.config.run_dir
+    return str(int(load_round(run, 6)["t"][0])), _events(run, "sample")
+
+
+def test_cyclic_visits_every_site_in_turn_each_cycle(server_factory):
+    trace, samples = _cyclic(server_factory, "fixed")
+    assert trace == "123123"  # 2 cycles x 3 visits, each site trained on the one before's model
+    assert [s["sites"] for s in samples] == [[f"site-{int(d)}"] for d in trace]
+
+
+def test_cyclic_shuffles_the_order_per_cycle_with_the_seed(server_factory):
+    trace, samples = _cyclic(server_factory, "shuffle")
+    assert sorted(trace[:3]) == sorted(trace[3:]) == ["1", "2", "3"]  # every site once a cycle
+    assert [s["sites"] for s in samples] == [[f"site-{int(d)}"] for d in trace]
+    import random
+
+    order = [f"site-{i}" for i in (1, 2, 3)]
+    want = ""
+    for cycle in (0, 1):  # the documented seed: "seed:cycle:C"
+        o = list(order)
+        random.Random(f"3:cycle:{cycle}").shuffle(o)
+        want += "".join(n[-1] for n in o)
+    assert trace == want

@@ -103,7 +103,7 @@ class Aggregator:
             ident = self.store.open_run(job_id=cfg.job_id, recipe=cfg.recipe, initial_model=cfg.initial_model)
             self.job_id = ident.job_id
             latest = self.store.latest_round()
-            resumed = latest is not None and 0 < latest < cfg.rounds and self.job.trains  # the strategy steps on
+            resumed = latest is not None and 0 < latest < cfg.total_rounds and self.job.trains  # the strategy steps on
             check_resume(cfg, self.store.round_dir(latest or 0) if resumed else None)
             if latest is not None:
                 log.info("resuming run %s (job %s) from global/round-%05d", cfg.run_dir, self.job_id, latest)
@@ -114,7 +114,7 @@ class Aggregator:
             if latest is not None:
                 manifest = self.store.load(latest)
                 self.store.check_tensors(manifest, latest)
-                self.open_round(min(latest, cfg.rounds), manifest)
+                self.open_round(min(latest, cfg.total_rounds), manifest)
 
     def open_round(self, r: int, manifest: Manifest, directory: Path | None = None) -> None:
         """Lock held (or before the thread starts). Round `r` serves `manifest` from `directory` (if not yet in
@@ -124,13 +124,13 @@ class Aggregator:
         self._digests = self.store.chunk_digests(manifest, self._serving)
         self.rounds.open(r)
         self.uploads.new_epoch()
-        last = r >= self.config.rounds or not self.job.trains
+        last = r >= self.config.total_rounds or not self.job.trains
         self.job.opened(r, last, self.clock())
         if self.job.complete:
             self._complete()
         if last:
             if self.job.trains:
-                log.info("all %d rounds done; final model in %s", self.config.rounds, self.store.round_dir(r))
+                log.info("all %d rounds done; final model in %s", self.config.total_rounds, self.store.round_dir(r))
             return
         if self.strategy is None:
             self.strategy = make_strategy(self.config, [t for s in manifest.shards for t in s.tensors])
@@ -180,7 +180,11 @@ class Aggregator:
         with self.lock:  # (touch checks the site's name)
             self._touch(site, can_offer)
             self.lock.notify_all()
-            return {"job_id": self.job_id, "total_rounds": self.config.rounds, "chunk_bytes": self.config.chunk_bytes}
+            return {
+                "job_id": self.job_id,
+                "total_rounds": self.config.total_rounds,
+                "chunk_bytes": self.config.chunk_bytes,
+            }
 
     def heartbeat(self, site: str) -> None:
         with self.lock:
@@ -407,7 +411,7 @@ class Aggregator:
             tmp, manifest = self.store.write_round(r + 1, self.global_manifest, blocks_of, env, on_begin=stage)
         finally:
             reader.close()
-        last = r + 1 >= self.config.rounds
+        last = r + 1 >= self.config.total_rounds
         if last:  # the job ends only once the final model is durable
             self.store.commit(r + 1, tmp, manifest)
         with self.lock:

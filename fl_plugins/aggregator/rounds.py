@@ -18,7 +18,8 @@ Round R runs in attempts (A = 0, 1, ...); an attempt is a window in which each s
     and the counted sites; with fewer than `min_sites` alive, it waits for them to draw, as the round's start
     does. Each draw is a `SampleRecord`. Below, a *participant* is a sampled site, and *needed*
     is `min_sites` (at the deadline, `min_updates`) capped at the sample's size, at least 1; without
-    `sample_sites` every site is sampled and nothing is capped.
+    `sample_sites` every site is sampled and nothing is capped. A cyclic job's sample is one site, its turn
+    (sampling.py).
   * Each chunk of an update is verified, then folded into the accumulator at once (strategy.py). A commit checks
     every shard's digest; only then is the update *counted* (its weight added). A counted update is kept as a
     `Counted` record: its weight, its manifest's hash and its chunk digests (16 bytes per chunk), not its bytes.
@@ -63,26 +64,17 @@ from __future__ import annotations
 
 import enum
 import logging
-import random
 from collections.abc import Callable
 from dataclasses import dataclass
-from decimal import ROUND_HALF_UP, Decimal
 from typing import Any
 
+from fl_plugins.aggregator import sampling
 from fl_plugins.config import AggregatorConfig
 from fl_plugins.errors import ConfigError, RoundError
 from fl_plugins.records import AttemptRecord, MetricsRecord, RefoldRecord, SampleRecord, UpdateLostRecord
 from fl_plugins.wire.layout import short_repr
 
 log = logging.getLogger(__name__)
-
-
-def sample_size(size: float, n: int) -> int:
-    """Sites sampled of `n` by `sample_sites` = `size`: a fraction of them, rounded half up (the decimal the user
-    wrote: 0.58 of 25 is 15, where the float product is 14.4999...), at least one; or a count, at most `n`."""
-    if size < 1:
-        return max(1, int((Decimal(str(size)) * n).quantize(Decimal(1), ROUND_HALF_UP)))
-    return min(int(size), n)
 
 
 class Close(enum.Enum):
@@ -221,19 +213,22 @@ class RoundState:
         self._draw(now)
 
     def _draw(self, now: float) -> None:
-        """This attempt's sample, when `sample_sites` is set (the module docstring's rule)."""
-        size = self.rules.sample_sites
-        if size is None:
+        """This attempt's sample, with `sample_sites` set or in a cyclic job (sampling.py; the rules above)."""
+        if not self._draws():
             return
         alive = sorted(n for n, s in self.sites.items() if self.alive(s, now))
         kept = {n for n in self.sample or () if n in self.counted or n in alive} | set(self.counted)
-        pool = [n for n in alive if n not in kept]  # sorted: the draw depends on the names, not on arrival order
-        more = min(max(0, sample_size(size, len(pool) + len(kept)) - len(kept)), len(pool))
-        rng = random.Random(f"{self.rules.seed}:{self.round}:{self.attempt}")  # a str seed is hashed (sha512)
-        self.sample = frozenset(kept.union(rng.sample(pool, more)))
-        sites, seed = tuple(sorted(self.sample)), self.rules.seed
+        self.sample = sampling.draw(self.rules, self.round, self.attempt, alive, kept, self.sites)
+        sites, seed = tuple(sorted(self.sample or ())), self.rules.seed
         self.emit(SampleRecord(round=self.round, attempt=self.attempt, sites=sites, alive=len(alive), seed=seed))
         log.info("round %d attempt %d: sites sampled: %s (of %d alive)", self.round, self.attempt, sites, len(alive))
+
+    def _draws(self) -> bool:
+        return self.rules.sample_sites is not None or self.rules.workflow.startswith("cyclic")
+
+    def _why_sample(self) -> str:
+        cyclic = self.rules.workflow.startswith("cyclic")
+        return "the cyclic workflow's turn" if cyclic else f"sample_sites={self.rules.sample_sites:g}"
 
     def check_current(self, site: str, round_: int, attempt: int) -> None:
         """An upload must name this round and an attempt no later than this one (a RoundError: it is late)."""
@@ -268,8 +263,8 @@ class RoundState:
             log.info("round %d attempt %d resumed by site %r's update", self.round, self.attempt, site)
         if self.sample is not None and site not in self.sample:
             raise self._refused(
-                f"site {site!r} is not in the sample of round {round_} attempt {self.attempt} (sample_sites="
-                f"{self.rules.sample_sites:g}: {', '.join(sorted(self.sample))}): it waits for the next round's task"
+                f"site {site!r} is not in the sample of round {round_} attempt {self.attempt} ({self._why_sample()}: "
+                f"{', '.join(sorted(self.sample))}): it waits for the next round's task"
             )
 
     def _resumes(self, attempt: int, now: float) -> bool:
@@ -400,7 +395,7 @@ class RoundState:
         self.stats["round_restarts"] += 1
         self.emit(AttemptRecord(round=self.round, attempt=self.attempt, counted=tuple(sorted(self.counted))))
         log.warning("round %d: attempt %d (%d updates kept)", self.round, self.attempt, len(self.counted))
-        if rules.sample_sites is not None and self.alive_count(now) < rules.min_sites:
+        if self._draws() and self.alive_count(now) < rules.min_sites:
             self.started = None  # its draw waits for `min_sites` sites, as the round's start does
         else:
             self._start(now)  # the new window: deadline, timeouts and closes apply at once

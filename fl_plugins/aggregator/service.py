@@ -170,7 +170,7 @@ class Servicer:
         return self._task(t)
 
     def _task(self, t: Task) -> pb.Task:
-        task = pb.Task(kind=KINDS[t.kind], round=t.round, attempt=t.attempt, total_rounds=self.agg.config.rounds)
+        task = pb.Task(kind=KINDS[t.kind], round=t.round, attempt=t.attempt, total_rounds=self.agg.config.total_rounds)
         task.start_round, task.task_name, task.job_id = 0, t.name, self.agg.job_id
         task.message, task.nonce, task.task_id, task.model = t.message, t.nonce, t.task_id, t.model
         if t.manifest is not None:

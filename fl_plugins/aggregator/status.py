@@ -14,7 +14,7 @@ def view(agg: Aggregator, site: str | None = None) -> dict[str, Any]:
     at most itself, `uploads` only its own; no totals over all sites); "": the job and round only."""
     rounds = agg.rounds
     job = {"job_id": agg.job_id, "round": rounds.round, "attempt": rounds.attempt, "done": agg.done}
-    job["total_rounds"] = agg.config.rounds
+    job["total_rounds"] = agg.config.total_rounds
     job["phase"] = agg.job.phase or ("training" if agg.job.trains and not agg.job.trained else "")
     uploads = [u for u in agg.uploads.live.values() if site is None or u.site == site]
     names = sorted(rounds.sites) if site is None else [site] if site in rounds.sites else []
