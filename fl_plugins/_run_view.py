@@ -8,7 +8,8 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 from fl_plugins._text import human_bytes, metrics_table
-from fl_plugins.records import RoundSummary, RunMetrics, RunSummary
+from fl_plugins.record_files import RunMetrics
+from fl_plugins.records import RoundSummary, RunSummary
 
 if TYPE_CHECKING:
     from rich.table import Table

@@ -12,6 +12,8 @@ two JSON files beside them. runner.py, report.py and tracking/ read the run dire
                    "refold"  RefoldRecord      round attempt partial owed             (partial updates were folded)
                    "update_lost" UpdateLostRecord  round attempt site reason          (an owed update was lost)
                    "sample"  SampleRecord      round attempt sites alive seed         (the sites that may train)
+                   "evaluation" EvaluationRecord  round metrics sites             (the global model was evaluated)
+                   "cross_site_eval" CrossSiteRecord  round means  (RUN_DIR/cross_site_eval.json was written)
                    any other OtherRecord       the object as it is (a newer writer's record, or a damaged one)
     logs.jsonl               LogRecord         round, the site's flare.log record (key value data_type step ...),
                                                site (last: a record cannot pass itself off as another site's)
@@ -28,10 +30,8 @@ of its kind: `parse_record` keeps it as an OtherRecord, never raises.
 
 from __future__ import annotations
 
-import json
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
-from pathlib import Path
 from typing import Any, ClassVar, TypeVar, cast
 
 from fl_plugins.wire.limits import finite_float
@@ -131,6 +131,10 @@ def _jsonable(v: Any) -> Any:
     return dict(v) if isinstance(v, dict) else v
 
 
+def _site_results(v: Any) -> dict[str, dict[str, Any]] | None:
+    return {k: dict(m) for k, m in v.items() if isinstance(m, dict)} if isinstance(v, dict) else None
+
+
 # -- metrics.jsonl ------------------------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class UpdateRecord(_Line):
@@ -212,6 +216,26 @@ class SampleRecord(_Line):
     seed: int | None = _value(_int, default=None)
 
 
+@dataclass(frozen=True, kw_only=True)
+class EvaluationRecord(_Line):
+    """Every site evaluated round `round`'s global model (`evaluate_every`, or an evaluation-only job): each site's
+    cell ({"metrics", "num_samples"} or {"error"}) and the mean (weighted by NUM_EVAL_SAMPLES when all gave one)."""
+
+    EVENT: ClassVar[str] = "evaluation"
+    round: int = _value(_int)
+    metrics: dict[str, Any] = _value(_object, factory=dict)
+    sites: dict[str, dict[str, Any]] = _value(_site_results, factory=dict)
+
+
+@dataclass(frozen=True, kw_only=True)
+class CrossSiteRecord(_Line):
+    """The cross-site evaluation of round `round` is written (RUN_DIR/cross_site_eval.json); `means`: per model."""
+
+    EVENT: ClassVar[str] = "cross_site_eval"
+    round: int = _value(_int)
+    means: dict[str, dict[str, Any]] = _value(_site_results, factory=dict)
+
+
 @dataclass(frozen=True)
 class OtherRecord:
     """A line of another kind (a newer writer's event, or a damaged record), kept as it was."""
@@ -230,11 +254,14 @@ class OtherRecord:
         return cls(dict(data))
 
 
-_KINDS = (UpdateRecord, RoundRecord, AttemptRecord, RefoldRecord, UpdateLostRecord, SampleRecord)
+_KINDS = (
+    *(UpdateRecord, RoundRecord, AttemptRecord, RefoldRecord, UpdateLostRecord, SampleRecord),
+    *(EvaluationRecord, CrossSiteRecord),
+)
 EVENTS: dict[str, type[_Json]] = {c.EVENT: c for c in _KINDS if c.EVENT}
 MetricsRecord = (
-    UpdateRecord | RoundRecord | AttemptRecord | RefoldRecord | UpdateLostRecord | SampleRecord | OtherRecord
-)
+    UpdateRecord | RoundRecord | AttemptRecord | RefoldRecord | UpdateLostRecord | SampleRecord | EvaluationRecord
+) | (CrossSiteRecord | OtherRecord)
 
 
 def parse_record(data: Mapping[str, Any]) -> MetricsRecord:
@@ -321,10 +348,6 @@ def _rows(v: Any) -> tuple[RoundSummary, ...] | None:
     return tuple(rows)
 
 
-def _site_results(v: Any) -> dict[str, dict[str, Any]] | None:
-    return {k: dict(m) for k, m in v.items() if isinstance(m, dict)} if isinstance(v, dict) else None
-
-
 @dataclass(frozen=True, kw_only=True)
 class RoundSummary(_Json):
     """summary.json's line for one round: `uploaded_bytes` counts every update of the round (all attempts)."""
@@ -362,86 +385,3 @@ class Baselines(_Json):
     pooled_validation_rows: int | None = _value(_int, default=None)
     local_only: dict[str, dict[str, Any]] = _value(_site_results, factory=dict)
     global_metrics: dict[str, Any] | None = _value(_object, key="global", default=None)
-
-
-# -- reading ------------------------------------------------------------------------------------------------------
-Parse = Callable[[Mapping[str, Any]], Record]
-
-
-def _parse_lines(lines: Iterable[bytes], start: int, parse: Parse) -> list[tuple[int, Record]]:
-    """Each line that holds a JSON object, parsed, with the offset where the line ends (`start`: where the first
-    begins; each line is followed by one newline)."""
-    out = []
-    pos = start
-    for line in lines:
-        pos += len(line) + 1
-        try:
-            obj = json.loads(line)
-        except (ValueError, RecursionError):  # not JSON (or not UTF-8): skipped
-            continue
-        if isinstance(obj, dict):
-            out.append((pos, parse(obj)))
-    return out
-
-
-@dataclass
-class JsonlTail:
-    """Incremental reader of a JSON-lines file: the whole lines appended since the last read, each parsed by
-    `parse` (parse_record for metrics.jsonl, parse_log for logs.jsonl); a line still being written is left for the
-    next read, a line that is not a JSON object is skipped. A missing file reads as empty."""
-
-    path: Path
-    parse: Parse = parse_record
-    offset: int = 0  # where the next read starts: the end of the last whole line read
-
-    def read(self) -> list[Record]:
-        """The new records."""
-        return [rec for _, rec in self.read_ends()]
-
-    def read_ends(self) -> list[tuple[int, Record]]:
-        """The new records, each with the file offset where its line ends."""
-        try:
-            with Path(self.path).open("rb") as f:
-                f.seek(self.offset)
-                data = f.read()
-        except FileNotFoundError:
-            return []
-        end = data.rfind(b"\n") + 1
-        out = _parse_lines(data[:end].split(b"\n")[:-1], self.offset, self.parse)
-        self.offset += end
-        return out
-
-
-def read_records(path: str | Path, parse: Parse = parse_record) -> list[Record]:
-    """Every record of a JSON-lines file that is no longer written: as JsonlTail reads, but a last line without
-    its newline counts when it is a whole JSON object. A missing file reads as empty."""
-    try:
-        data = Path(path).read_bytes()
-    except FileNotFoundError:
-        return []
-    return [rec for _, rec in _parse_lines(data.split(b"\n"), 0, parse)]
-
-
-def read_object(path: str | Path) -> dict[str, Any] | None:
-    """The JSON object a file holds (summary.json, baselines.json); None when the file does not exist or holds
-    another JSON value. OSError or ValueError when it cannot be read or is not JSON."""
-    path = Path(path)
-    if not path.is_file():
-        return None
-    obj = json.loads(path.read_text())
-    return obj if isinstance(obj, dict) else None
-
-
-@dataclass
-class RunMetrics:
-    """metrics.jsonl's updates and rounds as far as read: `add` the records of each read."""
-
-    updates: list[UpdateRecord] = field(default_factory=list)  # in the order written
-    rounds: dict[int, RoundRecord] = field(default_factory=dict)  # round -> its latest "round" record
-
-    def add(self, records: Iterable[Record]) -> None:
-        for rec in records:
-            if isinstance(rec, UpdateRecord):
-                self.updates.append(rec)
-            elif isinstance(rec, RoundRecord):
-                self.rounds[rec.round] = rec

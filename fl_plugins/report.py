@@ -28,7 +28,8 @@ from fl_plugins import records
 from fl_plugins._text import baselines_table as _baselines_table
 from fl_plugins._text import human_bytes, metrics_table
 from fl_plugins.errors import ConfigError, MissingDependencyError
-from fl_plugins.records import Baselines, LogRecord, RoundRecord, RunMetrics, RunSummary, UpdateRecord
+from fl_plugins.record_files import RunMetrics, read_object, read_records
+from fl_plugins.records import Baselines, LogRecord, RoundRecord, RunSummary, UpdateRecord
 from fl_plugins.wire.limits import finite_float
 
 if TYPE_CHECKING:
@@ -65,7 +66,7 @@ T = TypeVar("T")
 
 def _read_json(path: Path, notes: list[str], parse: Callable[[dict[str, Any]], T]) -> T | None:
     try:
-        obj = records.read_object(path)
+        obj = read_object(path)
     except (OSError, ValueError) as e:
         notes.append(f"{path.name} cannot be read ({e}); left out")
         return None
@@ -87,7 +88,7 @@ def load_run(run_dir: str | Path) -> RunData:
             f"{run_dir} is not a run directory: it has no metrics.jsonl (the aggregator writes it "
             f"as updates arrive); {hint}"
         )
-    recs = records.read_records(metrics)
+    recs = read_records(metrics)
     ours = RunMetrics()
     ours.add(recs)
     if recs and all(isinstance(r, records.OtherRecord) for r in recs):  # (a "sample" alone: a run that began)
@@ -95,7 +96,7 @@ def load_run(run_dir: str | Path) -> RunData:
             f'{metrics} holds no fl-plugins records ("update", "round", "sample" events): {run_dir} is '
             f"not a run directory; {hint}"
         )
-    logs = [r for r in records.read_records(run_dir / records.LOGS, records.parse_log) if isinstance(r, LogRecord)]
+    logs = [r for r in read_records(run_dir / records.LOGS, records.parse_log) if isinstance(r, LogRecord)]
     notes: list[str] = []
     summary = _read_json(run_dir / records.SUMMARY, notes, RunSummary.from_json)
     baselines = _read_json(run_dir / records.BASELINES, notes, Baselines.from_json)

@@ -33,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
 
-from fl_plugins import records
+from fl_plugins import record_files, records
 from fl_plugins._run_view import View as _View
 from fl_plugins._run_view import summarize, summary_table
 from fl_plugins._text import baselines_table
@@ -67,12 +67,12 @@ class _Site:
     rc: int | None = None
 
 
-class _Metrics(records.RunMetrics):
+class _Metrics(record_files.RunMetrics):
     """RUN_DIR/metrics.jsonl's updates and rounds, kept up to date: `poll` reads what was appended."""
 
     def __init__(self, path: Path) -> None:
         super().__init__()
-        self._tail = records.JsonlTail(path)
+        self._tail = record_files.JsonlTail(path)
 
     def poll(self) -> list[records.Record]:
         new = self._tail.read()
@@ -263,7 +263,7 @@ def _run_baselines(recipe: Recipe, run_dir: Path, console: Console, err: Console
     if rc != 0:
         err.print(f"baselines failed (exit {rc}); the last lines of {log_path}:\n{_tail(log_path)}", highlight=False)
         return None
-    baselines = records.read_object(run_dir / records.BASELINES)
+    baselines = record_files.read_object(run_dir / records.BASELINES)
     if baselines is None:
         err.print(f"baselines: the task exited 0 but wrote no {run_dir / records.BASELINES}", highlight=False)
     return baselines

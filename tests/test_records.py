@@ -7,25 +7,25 @@ import json
 
 import pytest
 
-from fl_plugins import records
+from fl_plugins import record_files, records
 from fl_plugins.aggregator.store import RunStore
+from fl_plugins.record_files import JsonlTail, RunMetrics, read_records
 from fl_plugins.records import (
     AttemptRecord,
+    CrossSiteRecord,
+    EvaluationRecord,
     Baselines,
-    JsonlTail,
     LogRecord,
     OtherRecord,
     RefoldRecord,
     RoundRecord,
     RoundSummary,
-    RunMetrics,
     RunSummary,
     SampleRecord,
     UpdateLostRecord,
     UpdateRecord,
     parse_log,
     parse_record,
-    read_records,
 )
 
 # each record kind, and the object the aggregator (or the runner, or a built-in task) writes for it today
@@ -97,6 +97,29 @@ WRITTEN = [
     (
         SampleRecord(round=3, attempt=1, sites=("site-1", "site-3"), alive=3, seed=7),
         {"event": "sample", "round": 3, "attempt": 1, "sites": ["site-1", "site-3"], "alive": 3, "seed": 7},
+    ),
+    (
+        EvaluationRecord(
+            round=4,
+            metrics={"mean": 1.75},
+            sites={
+                "site-1": {"metrics": {"mean": 7.0}, "num_samples": 100.0},
+                "site-2": {"error": "the site left before it answered"},
+            },
+        ),
+        {
+            "event": "evaluation",
+            "round": 4,
+            "metrics": {"mean": 1.75},
+            "sites": {
+                "site-1": {"metrics": {"mean": 7.0}, "num_samples": 100.0},
+                "site-2": {"error": "the site left before it answered"},
+            },
+        },
+    ),
+    (
+        CrossSiteRecord(round=5, means={"global": {"acc": 0.9}, "site-1": {"acc": 0.7}}),
+        {"event": "cross_site_eval", "round": 5, "means": {"global": {"acc": 0.9}, "site-1": {"acc": 0.7}}},
     ),
     (
         LogRecord(site="site-1", round=0, key="train_loss", data={"value": 0.41, "data_type": "SCALAR", "step": 7}),
@@ -189,9 +212,9 @@ def test_a_log_record_is_what_the_aggregator_wrote():
 
 
 def test_an_unknown_event_is_kept_as_it_is():
-    obj = {"time": 3.0, "event": "evaluation", "round": 2, "site": "site-1", "scores": {"acc": 0.9}}
+    obj = {"time": 3.0, "event": "site_vote", "round": 2, "site": "site-1", "scores": {"acc": 0.9}}
     rec = parse_record(obj)
-    assert rec == OtherRecord(obj) and rec.event == "evaluation" and rec.to_json() == obj
+    assert rec == OtherRecord(obj) and rec.event == "site_vote" and rec.to_json() == obj
     for odd in ({}, {"event": ["update"]}, {"event": None, "round": 1}, {"event": "round"}):
         assert isinstance(parse_record(odd), OtherRecord)
 
@@ -266,9 +289,9 @@ def test_run_metrics_keeps_the_updates_and_each_rounds_latest_record():
 
 
 def test_read_object(tmp_path):
-    assert records.read_object(tmp_path / "summary.json") is None
+    assert record_files.read_object(tmp_path / "summary.json") is None
     (tmp_path / "summary.json").write_text("[1]")
-    assert records.read_object(tmp_path / "summary.json") is None
+    assert record_files.read_object(tmp_path / "summary.json") is None
     (tmp_path / "summary.json").write_text("{oops")
     with pytest.raises(ValueError):
-        records.read_object(tmp_path / "summary.json")
+        record_files.read_object(tmp_path / "summary.json")

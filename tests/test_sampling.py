@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import SiteThread, join_sites, load_round
 
-from fl_plugins import records
+from fl_plugins import record_files, records
 from fl_plugins.aggregator.rounds import Close, Counted, Decision, RoundState
 from fl_plugins.aggregator.sampling import sample_size
 from fl_plugins.aggregator.service import AggregatorServer
@@ -234,7 +234,7 @@ def test_the_aggregator_trains_only_the_sampled_sites(tmp_path):
     initial = tmp_path / "initial.safetensors"
     save_file({"w": np.zeros(4, np.float32)}, str(initial))
     sites = federation(tmp_path / "run", initial, seed=4)
-    recs = records.read_records(tmp_path / "run" / records.METRICS)
+    recs = record_files.read_records(tmp_path / "run" / records.METRICS)
     samples = {r.round: r for r in recs if isinstance(r, SampleRecord)}
     assert sorted(samples) == [0, 1]
     for r, rec in samples.items():
@@ -249,6 +249,6 @@ def test_the_aggregator_trains_only_the_sampled_sites(tmp_path):
         mean = sum(v * w for v, w in weights.items()) / sum(weights.values())
         np.testing.assert_allclose(load_round(tmp_path / "run", r + 1)["w"], mean, rtol=1e-6)
     again = federation(tmp_path / "again", initial, seed=4)
-    redo = [r for r in records.read_records(tmp_path / "again" / records.METRICS) if isinstance(r, SampleRecord)]
+    redo = [r for r in record_files.read_records(tmp_path / "again" / records.METRICS) if isinstance(r, SampleRecord)]
     assert [r.sites for r in redo] == [samples[0].sites, samples[1].sites], "the same seed draws the same sites"
     assert {n: sorted(s.received) for n, s in again.items()} == {n: sorted(s.received) for n, s in sites.items()}

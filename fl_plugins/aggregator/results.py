@@ -23,7 +23,7 @@ from fl_plugins.aggregator.evaluation import GLOBAL, Sweep
 from fl_plugins.aggregator.files import write_atomic
 from fl_plugins.aggregator.job import CROSS, EVALUATE, SUBMIT
 from fl_plugins.aggregator.rounds import RoundState
-from fl_plugins.records import OtherRecord, RoundRecord
+from fl_plugins.records import CrossSiteRecord, EvaluationRecord, RoundRecord
 
 if TYPE_CHECKING:
     from fl_plugins.aggregator.core import Aggregator
@@ -38,7 +38,7 @@ def record(agg: Aggregator, phase: str, sweep: Sweep) -> None:
     if phase == EVALUATE:
         table = sweep.table()[GLOBAL]
         mean = sweep.mean(GLOBAL)
-        agg.record(OtherRecord({"event": "evaluation", "round": sweep.round, "metrics": mean, "sites": table}))
+        agg.record(EvaluationRecord(round=sweep.round, metrics=mean, sites=table))
         log.info("round %d's global model evaluated at %d sites: %s", sweep.round, len(table), mean)
     elif phase == SUBMIT:
         missing = {s: row["submit"] for s, row in _rows(sweep).items() if "error" in row["submit"]}
@@ -46,7 +46,7 @@ def record(agg: Aggregator, phase: str, sweep: Sweep) -> None:
     elif phase == CROSS:
         matrix = cross_site_matrix(sweep, agg.job.submissions)
         write_atomic(agg.config.run_dir / CROSS_SITE_FILE, json.dumps(matrix, indent=1))
-        agg.record(OtherRecord({"event": "cross_site_eval", "round": sweep.round, "means": matrix["means"]}))
+        agg.record(CrossSiteRecord(round=sweep.round, means=matrix["means"]))
         log.info("cross-site evaluation written to %s", agg.config.run_dir / CROSS_SITE_FILE)
 
 

@@ -8,7 +8,7 @@ aggregator, so it works the same for `fl-plugins run` and a standalone `fl-plugi
     RUN_DIR/logs.jsonl      what the sites send with `flare.log(key, value, "SCALAR", step=global_step)`, including
                             the trainers' own logs that the Lightning and HF integrations forward
 
-`Tracking` tails both files in a background thread (records.JsonlTail: whole lines only, from where it stopped),
+`Tracking` tails both files in a background thread (record_files.JsonlTail: whole lines only, from where it stopped),
 turns each record into `Point`s and hands them to every tracker of the recipe's `tracking:` key. Names
 (TensorBoard tags, W&B keys; in MLflow the part after `SITE/` is the metric key of that site's nested run):
 

@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-from fl_plugins import records
+from fl_plugins import record_files, records
 from fl_plugins.tracking._mlflow import MLflowTracker
 from fl_plugins.tracking._points import Converter, Point, Tracker
 from fl_plugins.tracking._spec import TrackerSpec, check_installed
@@ -74,8 +74,8 @@ class Tracking:
         self.params = dict(params or {})
         self.interval = interval
         self.trackers: list[Tracker] = []
-        self._metrics = records.JsonlTail(self.run_dir / records.METRICS)
-        self._logs = records.JsonlTail(self.run_dir / records.LOGS, records.parse_log)
+        self._metrics = record_files.JsonlTail(self.run_dir / records.METRICS)
+        self._logs = record_files.JsonlTail(self.run_dir / records.LOGS, records.parse_log)
         self._conv = Converter()
         self._live_from = 0
         self._stop = threading.Event()
