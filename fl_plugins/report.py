@@ -24,12 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fl_plugins import records
+from fl_plugins import records, report_eval
 from fl_plugins._text import baselines_table as _baselines_table
 from fl_plugins._text import human_bytes, metrics_table
 from fl_plugins.errors import ConfigError, MissingDependencyError
 from fl_plugins.record_files import RunMetrics, read_object, read_records
-from fl_plugins.records import Baselines, LogRecord, RoundRecord, RunSummary, UpdateRecord
+from fl_plugins.records import Baselines, EvaluationRecord, LogRecord, RoundRecord, RunSummary, UpdateRecord
 from fl_plugins.wire.limits import finite_float
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ class RunData:
     summary: RunSummary | None = None  # summary.json (`fl-plugins run`), None when absent
     baselines: Baselines | None = None  # baselines.json (a built-in task with `baselines: true`)
     notes: list[str] = field(default_factory=list)  # why the report may be incomplete
+    evaluations: list[EvaluationRecord] = field(default_factory=list)  # the global model's, during training
 
     @property
     def finished(self) -> bool:
@@ -103,7 +104,8 @@ def load_run(run_dir: str | Path) -> RunData:
     status = _unfinished(summary, ours.rounds)  # first when there is no summary.json, else after what was unreadable
     notes = status + notes if summary is None else notes + status
     name = (summary.name if summary else None) or run_dir.resolve().name
-    return RunData(run_dir, name, ours.updates, ours.rounds, logs, summary, baselines, notes)
+    evals = [r for r in recs if isinstance(r, EvaluationRecord)]
+    return RunData(run_dir, name, ours.updates, ours.rounds, logs, summary, baselines, notes, evals)
 
 
 def _unfinished(summary: RunSummary | None, rounds: dict[int, RoundRecord]) -> list[str]:
@@ -413,10 +415,21 @@ def report(run_dir: str | Path, *, console: Console | None = None, plots: bool =
         console.print(round_table(run))
     if run.baselines is not None and run.baselines.global_metrics is not None:
         console.print(baselines_table(run))
+    if run.evaluations:
+        console.print(report_eval.evaluation_table(run.evaluations))
+    matrix = report_eval.load_matrix(run.run_dir)
+    if matrix is not None:
+        console.print(report_eval.matrix_table(matrix))
     written: list[Path] = []
     skipped: list[str] = []
     if plots:
         written, skipped = write_plots(run)
+    if plots and matrix is not None:
+        drawn = report_eval.heatmap(matrix, run.run_dir / "report")
+        if isinstance(drawn, Path):
+            written.append(drawn)
+        else:
+            skipped.append(f"{report_eval.HEATMAP}: {drawn}")
     for note in run.notes:
         console.print(f"[yellow]note:[/] {note}", highlight=False)
     for s in skipped:

@@ -130,6 +130,19 @@ def _wait(procs: dict[str, subprocess.Popen], srv: Any, timeout: float = 120) ->
     return out
 
 
+def _report(run_dir: Path) -> tuple[str, list[Path]]:
+    """`fl-plugins report --partial RUN_DIR` (a server's run has no summary.json): its text, and the plots."""
+    import io
+
+    from rich.console import Console
+
+    from fl_plugins.report import report
+
+    out = io.StringIO()
+    rep = report(run_dir, console=Console(file=out, width=250), partial=True)
+    return out.getvalue(), rep.plots
+
+
 def _matrix(run_dir: Path) -> dict[str, Any]:
     return json.loads((run_dir / "cross_site_eval.json").read_text())
 
@@ -285,6 +298,8 @@ def test_evaluate_every_k_rounds_is_a_barrier_and_weights_by_samples(server_fact
     assert evals[0]["sites"]["site-1"] == {"metrics": {"mean": 7.0}, "num_samples": 100.0}
     assert evals[1]["metrics"] == {"mean": 2.0}
     assert a.replies == ["result accepted"] * 2
+    text, _ = _report(srv.aggregator.config.run_dir)
+    assert "evaluations of the global model" in text and "mean=1.75" in text and "site-1: mean=7" in text
 
 
 def test_an_evaluation_only_job_evaluates_the_initial_model(server_factory):
@@ -323,6 +338,9 @@ def test_cells_say_why_they_are_empty_and_the_job_ends(server_factory):
     assert "evaluate_timeout" in m["results"]["site-1"]["site-2"]["error"]
     assert "evaluate_timeout" in m["results"]["site-2"]["site-2"]["error"]
     assert all("evaluate_timeout" in m["results"][x]["site-3"]["error"] for x in m["models"])
+    text, written = _report(srv.aggregator.config.run_dir)  # the matrix, its reasons, and the heat-map
+    assert "cross-site evaluation of round 1" in text and "sent no metrics" in text and "evaluate_timeout" in text
+    assert any(p.name == "cross_site_eval.png" and p.stat().st_size > 0 for p in written)
 
 
 def test_a_site_that_left_leaves_its_cells_empty(server_factory):
