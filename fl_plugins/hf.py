@@ -15,6 +15,11 @@ or FLARE's loop, one train() per round, with NVIDIA FLARE's `patch()` signature 
         trainer.evaluate()                   # the global model's metrics go with the update
         trainer.train()
 
+The same loop answers the other tasks a job may send: on an EVALUATE task evaluate() scores the received model
+(its metrics are the answer, the model's own weights come back) and train() does nothing; on SUBMIT_MODEL the
+model's weights (what travels: a PEFT model's adapter) are sent. The callback form answers them between rounds
+inside train(); cross-site evaluation after training needs `callback.finish(trainer)` after train().
+
 What travels: patch()'s params_scope="auto" sends a PEFT model's adapter, any other model's whole state_dict; the
 callback's default ("trainable") sends the adapter, or a plain model's trainable parameters. Details, and what
 patch() refuses (DeepSpeed, FSDP, load_best_model_at_end=True): fl_plugins/integrations/hf.py and hf_model.py. The

@@ -14,6 +14,10 @@ FLModel has `params=None` until the first validate/fit: the module's weights at 
 0's global model, and the FLModel then holds them. Each `fit` trains the trainer's max_epochs / max_steps
 again; optimizer, LR scheduler and AMP scaler state carry over between rounds. The update carries
 NUM_STEPS_CURRENT_ROUND (optimizer steps of the round) and the explicit validation's metrics.
+The same loop answers the other tasks a job may send (`flare.get_task_name()` says which): on an EVALUATE task
+("validate") `validate` scores the received model, its metrics are the answer, the module gets its own weights
+back, and `fit` trains nothing (a `fit` without a `validate` first validates instead); on SUBMIT_MODEL the
+module's weights are sent and `fit` trains nothing. Neither touches the optimizer state carried between rounds.
 Multi-process training (Lightning DDP, torchrun): the same script runs on every rank; only global rank 0 talks
 to the aggregator and sends. On the other ranks `receive()` returns an FLModel with `params=None` (its
 `current_round` is filled in, and `params` holds the module's weights, once validate/fit has broadcast rank 0's

@@ -190,7 +190,7 @@ def baselines_table(run: RunData) -> Table:
 # -- the plots -------------------------------------------------------------------------------------------------
 
 
-def _figure(**kw: Any) -> Any:
+def figure(**kw: Any) -> Any:
     # a matplotlib Figure, typed Any: its stubs' Locator.set_params takes no keywords, but the plots set
     # `integer=True` on the axes' default (MaxNLocator) locator
     try:
@@ -249,7 +249,7 @@ def _validation(run: RunData, colors: dict[str, Any]) -> Figure | str:
             panels.append((title, ks, word))
     if not panels:
         return "no metric with 'loss' or 'acc' in its name in the rounds, and no baselines.json"
-    fig = _figure(figsize=(6.2 * len(panels), 5.6))
+    fig = figure(figsize=(6.2 * len(panels), 5.6))
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     # each site's latest update per round (a round run again after a failure counts once)
     latest: dict[tuple[str, int], UpdateRecord] = {}
@@ -318,7 +318,7 @@ def _train_loss(run: RunData, colors: dict[str, Any]) -> Figure | str:
     # summary) is no curve: left out when there is one
     keys = sorted(series, key=lambda k: (-sum(len(v) for v in series[k].values()), k))
     keys = ([k for k in keys if any(len(v) > 1 for v in series[k].values())] or keys)[:2]
-    fig = _figure(figsize=(9.5, 3.8 * len(keys)))
+    fig = figure(figsize=(9.5, 3.8 * len(keys)))
     axes = fig.subplots(len(keys), 1, squeeze=False)[:, 0]
     for ax, key in zip(axes, keys, strict=True):
         first: dict[int, float] = {}  # round -> its first and last step over the sites
@@ -366,7 +366,7 @@ def _bytes(run: RunData, colors: dict[str, Any]) -> Figure | str:
     rounds = sorted(per)
     peak = max(sum(v.values()) for v in per.values())
     unit, scale = next(((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)) if peak >= s), ("B", 1.0))
-    fig = _figure(figsize=(max(6.0, 0.45 * len(rounds) + 3), 4.0))
+    fig = figure(figsize=(max(6.0, 0.45 * len(rounds) + 3), 4.0))
     ax = fig.subplots()
     bottom = [0.0] * len(rounds)
     for site, c in colors.items():

@@ -73,14 +73,14 @@ def _shown(cell: dict[str, Any]) -> str:
 
 def heatmap(m: dict[str, Any], out: Path) -> Path | str:
     """Write the heat-map; the path, or why there is none (no numeric metric)."""
-    from fl_plugins.report import _figure
+    from fl_plugins.report import figure
 
     metrics = metric_names(m)[:MAX_PANELS]
     if not metrics:
         return "the cross-site matrix holds no numeric metric"
     sites = list(m.get("sites") or [])
     owners = list(m["models"])
-    fig = _figure(figsize=(1.6 + 1.1 * len(sites) * len(metrics), 1.2 + 0.6 * len(owners)))
+    fig = figure(figsize=(1.6 + 1.1 * len(sites) * len(metrics), 1.2 + 0.6 * len(owners)))
     for i, metric in enumerate(metrics):
         ax = fig.add_subplot(1, len(metrics), i + 1)
         grid = [[_cell(m["results"].get(o, {}).get(s), metric) for s in sites] for o in owners]

@@ -484,6 +484,7 @@ def test_status_over_plaintext_shows_a_named_site_only_its_own_entries(tmp_path)
             "attempt": 0,
             "done": False,
             "total_rounds": 1,
+            "phase": "training",
             "site": "site-a",
             "sites": ["site-a"],
             "uploads": {

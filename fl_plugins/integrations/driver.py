@@ -11,10 +11,15 @@ HF integrations translate their trainer's hooks into these calls and keep no rou
     attach(target)             the model that receive() writes into, before the first fit
     bind(trainer) / bound()    the trainer this process federates (one per process)
     receive(into=...)          this round's FLModel at once; straight into the model's tensors when known
-    open_round(target, step=)  a fit or validate starts (or, in one fit, the next round): offer round 0's weights if
-                               the aggregator asked, load the global model into the target once per round (strict
-                               key and shape check), anchor FedProx. With a `Collective`, every rank then takes
-                               rank 0's round info and weights. Returns whether there is a round to train
+    open_task(target, step=)   a fit, validate or evaluate starts (or, in one fit, the next round): the task at
+                               hand's `TaskKind` (tasks.py), the same on every rank. TRAIN: offer round 0's weights
+                               if asked, load the global model once per round (strict key and shape check), anchor
+                               FedProx; with a `Collective`, every rank takes rank 0's round info and weights.
+                               open_round(): whether a TRAIN round opened; task_kind(): the kind alone
+    begin_evaluation(target) / end_evaluation(target, metrics, num_samples) / abort_evaluation(target)
+                               EVALUATE: keep the weights, load the task's model; answer, put the weights back
+    submit(target)             SUBMIT_MODEL: the target's weights (FULL) are the answer
+    next_iteration()           the script's loop moved on (is_running / receive): ANSWERED no more
     step_began() / step_ended(lr) / epoch_ended()
                                training progress: step_ended pulls the weights toward the global model (FedProx);
                                both ..._ended say whether a round boundary is here (whole_run: the budget is spent)
@@ -23,11 +28,14 @@ HF integrations translate their trainer's hooks into these calls and keep no rou
     end_round(step=)           the round's training is over: send the update (target state, NUM_STEPS_CURRENT_ROUND,
                                metrics), if a round is open
     agree_running(collective)  rank 0 asks the aggregator whether the job goes on; every rank gets the answer
-    next_round(target)         a round boundary inside one fit: end_round, agree_running, open_round
+    next_task(target)          inside one fit, the task at hand answered: agree_running, then open_task
+    next_round(target)         a round boundary inside one fit: end_round, then next_task; whether training goes on
     total_rounds(collective)   the job's rounds (rank 0's, on every rank)
     log_scalars(values, step)  a training step's scalars to the aggregator as flare.log records
 
-`open_round` and `end_round` are made of `begin(target)` and `finish_round(steps)`, the round's load and send.
+`open_task` and `end_round` are made of `begin(target)` and `finish_round(steps)`, the round's load and send.
+
+What each task kind (TRAIN, EVALUATE, SUBMIT_MODEL) asks of the model, and ANSWERED: tasks.py.
 
 Multi-process training (DDP): only global rank 0 connects and sends (`start(rank)`). The others learn the round
 from rank 0's `round_info()` when a round opens and from `after_fit_info()` when it ends (`follow()`), so their
@@ -45,18 +53,23 @@ from __future__ import annotations
 import logging
 import threading
 import weakref
-from collections.abc import Iterable, Mapping
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
 
 from fl_plugins.client import api, session
 from fl_plugins.client.model import FLModel, MetaKey, ParamsType
 from fl_plugins.errors import ConfigError
 from fl_plugins.integrations.budget import RoundBudget as RoundBudget
 from fl_plugins.integrations.budget import RoundProgress
+from fl_plugins.integrations.peers import Follower
 from fl_plugins.integrations.targets import ModelTarget as ModelTarget
 from fl_plugins.integrations.targets import PrefixedTarget as PrefixedTarget
 from fl_plugins.integrations.targets import check_params as check_params
 from fl_plugins.integrations.targets import matching as matching
+from fl_plugins.integrations.targets import snapshot
+from fl_plugins.integrations.tasks import NUM_EVAL_SAMPLES, kind_of, task_info
+from fl_plugins.integrations.tasks import Collective as Collective
+from fl_plugins.integrations.tasks import TaskKind as TaskKind
 
 if TYPE_CHECKING:
     from fl_plugins.integrations.fedprox import Proximal
@@ -64,20 +77,14 @@ if TYPE_CHECKING:
 logger = logging.getLogger(__name__)
 
 
-class Collective(Protocol):
-    """Rank 0's values to every rank of a multi-process run, through the trainer's own means (a strategy's
-    broadcast, torch.distributed); every rank calls each method, in the same order."""
-
-    def broadcast(self, value: Any) -> Any: ...
-
-    def broadcast_tensors(self, tensors: Iterable[Any]) -> None: ...
-
-
 class RoundDriver:
     def __init__(self, strict: bool = True) -> None:
         self.strict = strict
         self.target: ModelTarget | None = None
-        self.model: FLModel | None = None  # the round being worked on (received, not yet sent)
+        self.model: FLModel | None = None  # the task being worked on (received, not yet answered)
+        self.kind = TaskKind.TRAIN  # ... its kind
+        self.answered = False  # the script's loop iteration answered an EVALUATE or SUBMIT_MODEL task
+        self.kept: dict[str, Any] | None = None  # the target's own weights while an EVALUATE task's model is in it
         self.loaded = False
         self.metrics: dict[str, Any] = {}
         self.lock = threading.RLock()
@@ -88,11 +95,7 @@ class RoundDriver:
         self.proximal: Proximal | None = None
         self.progress = RoundProgress()
         self.owner: weakref.ref[Any] | None = None
-        # ranks != 0 (multi-process training): what rank 0 broadcast
-        self.peer_running = True
-        self.peer_round: int | None = None
-        self.peer_total: int | None = None
-        self.peer: FLModel | None = None
+        self.peers = Follower()  # ranks != 0 (multi-process training): what rank 0 broadcast
 
     # -- set-up --------------------------------------------------------------------------------------------
     def start(self, rank: int = 0) -> None:
@@ -144,7 +147,7 @@ class RoundDriver:
     def is_running(self) -> bool:
         """Rank 0: asks the aggregator. Other ranks: what rank 0 said at the end of the last round (True before)."""
         if self.rank != 0:
-            return self.peer_running
+            return self.peers.running
         return session.get().is_running()
 
     def total_rounds(self, collective: Collective | None = None) -> int:
@@ -175,25 +178,49 @@ class RoundDriver:
         return self.progress.step_round
 
     def open_round(self, target: ModelTarget, *, step: int = 0, collective: Collective | None = None) -> bool:
-        """A round's training or evaluation starts at the trainer's global `step`: load its global model into
-        `target` (rank 0: begin()), then with `collective` hand rank 0's round info and weights to every rank.
-        Returns whether there is a round (False: the job is over), the same on every rank."""
-        ok = self.begin(target) if self.rank == 0 else False
+        """open_task(), for a caller that only trains: whether a TRAIN round opened."""
+        return self.open_task(target, step=step, collective=collective) is TaskKind.TRAIN
+
+    def open_task(self, target: ModelTarget, *, step: int = 0, collective: Collective | None = None) -> TaskKind | None:
+        """A trainer call starts at the trainer's global `step`: the task at hand's kind, the same on every rank
+        (None: the job is over). TRAIN: its global model is loaded into `target` (rank 0: begin()) and, with
+        `collective`, rank 0's round info and weights go to every rank; its round opens. Other kinds load nothing
+        here (begin_evaluation, submit); ANSWERED (see next_iteration) asks the aggregator nothing."""
+        if self.answered:
+            return TaskKind.ANSWERED
+        kind = self._at_hand() if self.rank == 0 else None
+        if kind is TaskKind.TRAIN and not self.begin(target):
+            kind = None
         if collective is not None:
             info = collective.broadcast(self.round_info() if self.rank == 0 else None) or {}
-            collective.broadcast_tensors(target.state().values())
+            kind = kind_of(info)
+            if kind in (TaskKind.TRAIN, None):
+                collective.broadcast_tensors(target.state().values())
             if self.rank != 0:
-                self.follow(info, target)
-                ok = info.get("round") is not None
-        self.progress.restart(ok, step)
-        if ok and self.proximal is not None:
+                self.follow(info, target if kind is TaskKind.TRAIN else None)
+        opened = kind is TaskKind.TRAIN
+        self.progress.restart(opened, step)
+        if opened and self.proximal is not None:
             self.proximal.anchor(target.state())
-        return ok
+        return kind
+
+    def task_kind(self, collective: Collective | None = None) -> TaskKind | None:
+        """The task at hand's kind, not opened (rank 0 receives it; every rank gets its answer with `collective`)."""
+        if self.answered:
+            return TaskKind.ANSWERED
+        kind = self._at_hand() if self.rank == 0 else None
+        if collective is not None:
+            value = collective.broadcast(kind.value if kind is not None else None)
+            kind = TaskKind(value) if value is not None else None
+        return kind
+
+    def next_iteration(self) -> None:
+        """The script's loop moves on (it called is_running() or receive()): trainer calls act on a task again."""
+        self.answered = False
 
     def step_began(self) -> None:
         self.progress.fresh = False
-        model = self.model
-        self.progress.step_round = model.current_round if model is not None else None
+        self.progress.step_round = self.model.current_round if self.model is not None else None
 
     def step_ended(self, lr: float | None = None) -> bool:
         """An optimizer step (at learning rate `lr`) is done: FedProx pulls the weights toward the round's global
@@ -227,18 +254,29 @@ class RoundDriver:
             self.follow(info or {"running": False})
         return bool(info and info["running"])
 
+    def next_task(self, target: ModelTarget, collective: Collective | None = None) -> TaskKind | None:
+        """Inside one fit, the task at hand answered (an update, an evaluation, a submission): if the job goes on,
+        open the next task (open_task). Returns its kind; None: the job is over."""
+        if not self.agree_running(collective):
+            return None
+        self.answered = False
+        return self.open_task(target, collective=collective)
+
     def next_round(self, target: ModelTarget, collective: Collective | None = None) -> bool:
-        """A round boundary inside one fit: send this round's update, and if the job goes on, open the next round.
-        Returns whether training goes on."""
+        """A round boundary inside one fit: send this round's update, and if the job goes on, open the next task.
+        Returns whether training goes on (a TRAIN task opened)."""
         self.end_round()
-        return self.agree_running(collective) and self.open_round(target, collective=collective)
+        return self.next_task(target, collective) is TaskKind.TRAIN
 
     # -- multi-process training: global rank 0 talks to the aggregator, the others follow it ----------------
     def round_info(self) -> dict[str, Any]:
-        """Rank 0: what the other ranks learn of the round (sent with the strategy's broadcast)."""
+        """Rank 0: what the other ranks learn of the task opened (sent with the strategy's broadcast): a loaded
+        TRAIN round's round info, another task's with its kind (tasks.py)."""
         with self.lock:
-            model = self.model if self.loaded else None
-            if model is not None:
+            model = self.model
+            if model is not None and self.kind is not TaskKind.TRAIN:
+                return task_info(self.kind, model)
+            if model is not None and self.loaded:
                 return {"round": model.current_round, "total_rounds": model.total_rounds}
             return {"round": None, "total_rounds": None}
 
@@ -250,48 +288,37 @@ class RoundDriver:
         return {"running": running, "round": nxt, "total_rounds": total}
 
     def follow(self, info: Mapping[str, Any], target: ModelTarget | None = None) -> None:
-        """Rank != 0: take what rank 0 broadcast (round info at fit/validate start with the weights in `target`,
-        or the running flag when a fit ended)."""
+        """Rank != 0: take what rank 0 broadcast (peers.py): round info when a task opens, with a TRAIN task's
+        weights in `target`, or the running flag when a fit ended."""
         with self.lock:
-            if "running" in info:
-                self.peer_running = bool(info["running"])
-                self.peer = None
-            if info.get("round") is not None:
-                self.peer_round = info["round"]
-            if info.get("total_rounds") is not None:
-                self.peer_total = info["total_rounds"]
             if target is not None:
                 self.target = target
-                peer = self._peer_model()
-                if peer is not None:
-                    peer.current_round, peer.total_rounds = self.peer_round, self.peer_total
-                    peer.meta.update({"current_round": self.peer_round, "total_rounds": self.peer_total})
-                    peer.params = dict(target.state())
-
-    def _peer_model(self) -> FLModel | None:
-        if not self.peer_running:
-            return None
-        if self.peer is None:
-            self.peer = FLModel(
-                params_type=ParamsType.FULL,
-                params=None,
-                current_round=self.peer_round,
-                total_rounds=self.peer_total,
-                meta={"rank": self.rank, "current_round": self.peer_round, "total_rounds": self.peer_total},
-            )
-        return self.peer
+            self.peers.follow(info, self.rank, target)
 
     # -- receive, load, send -------------------------------------------------------------------------------
     def receive(self, timeout: float | None = None, *, into: Mapping[str, Any] | None = None) -> FLModel | None:
+        """The task's FLModel. A TRAIN task's global model goes straight into the model's tensors (`into`, else the
+        target's); an EVALUATE or SUBMIT_MODEL task's never does (its kind is known before its model arrives)."""
         with self.lock:
             if self.rank != 0:  # the round's weights reach this rank when validate/fit starts
-                return self._peer_model()
-            if into is None and self.target is not None:
+                return self.peers.current(self.rank)
+            sess = session.get()
+            kind = TaskKind(sess.kind) if sess.is_running() else TaskKind.TRAIN
+            if kind is not TaskKind.TRAIN:
+                into = None
+            elif into is None and self.target is not None:
                 into = dict(self.target.state())
             model = api.receive(timeout, into=into)  # type: ignore[arg-type]
             if model is not self.model:
-                self.model, self.loaded, self.metrics = model, False, {}
+                self.model, self.loaded, self.metrics, self.kind = model, False, {}, kind
             return model
+
+    def _at_hand(self) -> TaskKind | None:
+        """Rank 0: the task at hand's kind, received if none is (None: the job is over)."""
+        with self.lock:
+            if self.model is None and (not session.get().is_running() or self.receive() is None):
+                return None
+            return self.kind
 
     def begin(self, target: ModelTarget) -> bool:
         """Rank 0: make sure the round's global model is in `target`.
@@ -306,7 +333,7 @@ class RoundDriver:
                 if self.receive() is None:
                     return False
             model = self.model
-            if model is None:
+            if model is None or self.kind is not TaskKind.TRAIN:
                 return False
             if model.params is None:
                 state = dict(target.state())
@@ -314,14 +341,17 @@ class RoundDriver:
                 if model.params is None:
                     return False
             if not self.loaded:
-                local = target.state()
-                if self.strict:
-                    check_params(model.params, local, f"round {model.current_round}'s global model")
-                    target.load(model.params, strict=True)
-                else:
-                    target.load(matching(model.params, local), strict=False)
+                self._load(target, model.params, f"round {model.current_round}'s global model")
                 self.loaded = True
             return True
+
+    def _load(self, target: ModelTarget, params: Mapping[str, Any], what: str) -> None:
+        local = target.state()  # strict: every key and shape must match; else what matches is loaded
+        if self.strict:
+            check_params(params, local, what)
+            target.load(params, strict=True)
+        else:
+            target.load(matching(params, local), strict=False)
 
     def record_metrics(self, metrics: Mapping[str, Any]) -> None:
         """An evaluation of the global model: its metrics travel with this round's update."""
@@ -342,6 +372,53 @@ class RoundDriver:
             state = dict(self.target.state())
             api.send(FLModel(params_type=ParamsType.FULL, params=state, metrics=dict(self.metrics), meta=meta))
             self.model, self.loaded, self.metrics = None, False, {}
+
+    # -- EVALUATE and SUBMIT_MODEL tasks ---------------------------------------------------------------------
+    @property
+    def evaluating(self) -> bool:
+        """An EVALUATE task's model is in the target (begin_evaluation), its answer not yet sent."""
+        return self.kept is not None
+
+    def begin_evaluation(self, target: ModelTarget, collective: Collective | None = None) -> None:
+        """An EVALUATE task opened: every rank keeps the target's own weights (off the accelerator), rank 0 loads
+        the task's model into it (checked as a global model is), and with `collective` every rank gets rank 0's."""
+        with self.lock:
+            self.kept = snapshot(target.state())
+            model = self.model
+            if self.rank == 0 and model is not None and model.params is not None:
+                owner = (model.meta or {}).get("model_owner", "global")
+                self._load(target, model.params, f"the model to evaluate ({owner!r}, round {model.current_round})")
+        if collective is not None:
+            collective.broadcast_tensors(target.state().values())
+
+    def end_evaluation(self, target: ModelTarget, metrics: Mapping[str, Any], num_samples: int | None = None) -> None:
+        """The evaluation is done: rank 0 answers with its `metrics` (and NUM_EVAL_SAMPLES when known); every rank
+        gets its own weights back. ConfigError (the weights back, no answer) when there is no metric to send."""
+        with self.lock:
+            self.abort_evaluation(target)
+            if self.rank == 0 and self.model is not None:
+                if not metrics:  # the aggregator would refuse the answer
+                    raise ConfigError("an EVALUATE task's evaluation gave no metrics: log one (self.log('loss', ...))")
+                meta = {NUM_EVAL_SAMPLES: int(num_samples)} if num_samples else {}
+                api.send(FLModel(metrics=dict(metrics), meta=meta))
+            self._answered()
+
+    def abort_evaluation(self, target: ModelTarget) -> None:
+        """The target gets its own weights back; the EVALUATE task stays unanswered (the evaluation failed)."""
+        with self.lock:
+            kept, self.kept = self.kept, None
+            if kept is not None:
+                target.load(kept, strict=True)
+
+    def submit(self, target: ModelTarget) -> None:
+        """A SUBMIT_MODEL task: rank 0 sends the target's weights (FULL) as this site's local model."""
+        with self.lock:
+            if self.rank == 0 and self.model is not None:
+                api.send(FLModel(params_type=ParamsType.FULL, params=dict(target.state())))
+            self._answered()
+
+    def _answered(self) -> None:
+        self.model, self.loaded, self.metrics, self.answered = None, False, {}, True
 
 
 _driver: RoundDriver | None = None

@@ -11,11 +11,14 @@ from fl_plugins.integrations import driver as _driver
 
 
 def receive(timeout: float | None = None, *, into: dict[str, Any] | None = None) -> FLModel | None:
-    """This round's global model, at once; None once the job is over. After patch(), the weights go straight
-    into the model's own tensors where the model is known (see the face's module docstring)."""
+    """The task's model, at once; None once the job is over. After patch(), a TRAIN task's weights go straight
+    into the model's own tensors where the model is known (see the face's module docstring); an EVALUATE or
+    SUBMIT_MODEL task's never do. Like is_running(), it starts the script's next loop iteration: trainer calls act
+    on the task at hand again (after an answered evaluation or submission they do nothing)."""
     drv = _driver.current()
     if drv is None:
         return _api.receive(timeout, into=into)
+    drv.next_iteration()
     return drv.receive(timeout, into=into)
 
 
@@ -25,6 +28,7 @@ def is_running() -> bool:
     drv = _driver.current()
     if drv is None or not drv.started:
         return _api.is_running()
+    drv.next_iteration()
     return drv.is_running()
 
 

@@ -10,11 +10,18 @@ Two ways to use it, both with one LR schedule over all rounds and the optimizer'
   round boundary (`on_step_end` / `on_epoch_end`: the driver says where) the update is sent, the next global
   model is received straight into the model's tensors, and, when the trainer evaluates (`eval_strategy` is not
   "no"), the new global model is evaluated before its first step; those metrics travel with the round's update.
+  Tasks between rounds are answered there too: an EVALUATE task's model is loaded, the trainer evaluates it
+  right after the event (`control.should_evaluate`), `on_evaluate` sends the metrics and puts the model's own
+  weights back; SUBMIT_MODEL sends the weights at once. After the last round train() answers what it still can
+  (it evaluates after its last step and at its last epoch's end); the rest of a cross-site evaluation needs the
+  trainer: `callback.finish(trainer)` after train() answers it with `trainer.evaluate()`.
 - `flare.patch(trainer)` then FLARE's loop, one `train()` per round:
       while flare.is_running():
           input_model = flare.receive()      # loaded into trainer.model
           trainer.evaluate()                 # the global model's metrics go with the update
           trainer.train()                    # one round of the trainer's budget; the update is sent at its end
+  On an EVALUATE task evaluate() scores the received model and sends its metrics, and train() does nothing; on
+  SUBMIT_MODEL the model's weights are sent (hf_wrappers.py has the table).
   The trainer keeps its optimizer between train() calls; `patch` makes it keep its LR scheduler too, created
   once for rounds x per-round steps (again whenever the optimizer is new: `Trainer(model_init=...)` builds one
   per train(); a scheduler assigned to `trainer.lr_scheduler` between rounds is kept from then on). Each
@@ -53,14 +60,15 @@ from typing import Any
 from fl_plugins.errors import ConfigError, MissingDependencyError
 from fl_plugins.integrations import driver as _driver
 from fl_plugins.integrations.budget import RoundBudget
+from fl_plugins.integrations.hf_args import begun_budget, check_prefix, refuse_sharded, set_budget, trainer_budget
 from fl_plugins.integrations.hf_model import PARAMS_SCOPES, resolve_scope, unwrap
 from fl_plugins.integrations.hf_model import HFTarget as HFTarget  # fl_plugins.tasks uses it from here
-from fl_plugins.integrations.hf_wrappers import KeptScheduler, LoadingEvaluate
+from fl_plugins.integrations.hf_wrappers import eval_samples, scores, wrap_methods
+from fl_plugins.integrations.tasks import TaskKind
 
 logger = logging.getLogger(__name__)
 
 _INSTALL = "transformers is not installed; install it with: pip install 'fl-plugins[hf]'"
-_TIMINGS = ("_runtime", "_per_second", "epoch")  # evaluate()'s timings are not the model's metrics
 
 try:
     from transformers import TrainerCallback
@@ -184,20 +192,41 @@ class FLTrainerCallback(TrainerCallback):
         logger.info("federated training: %d rounds of %s", rounds, budget)
 
     # -- rounds ----------------------------------------------------------------------------------------------
-    def open_round(self, args: Any, model: Any) -> bool:
-        """Load the round's global model (main process; broadcast to the others). False: the job is over."""
+    def open_task(self, args: Any, model: Any) -> TaskKind | None:
+        """Open the task at hand (driver.open_task: a TRAIN task's global model is loaded on the main process and
+        broadcast to the others). None: the job is over."""
         target = self.target(model)
-        ok = self.start(args).open_round(target, collective=self.collective)
-        if ok and not self.bytes_per_round:
+        kind = self.start(args).open_task(target, collective=self.collective)
+        if kind is TaskKind.TRAIN and not self.bytes_per_round:
             self.bytes_per_round = target.nbytes()
             mb = self.bytes_per_round / 1e6
             logger.info("each round exchanges %d tensors, %.2f MB (%s)", len(target.state()), mb, target.kind)
-        return ok
+        return kind
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self.prepare(args, model, state)  # a no-op after on_init_end
-        if not self.open_round(args, model):
+        kind = self.open_task(args, model)
+        if self.per_call:  # patch(): train() trains a TRAIN task only (hf_wrappers.TaskTrain)
+            control.should_training_stop = kind is not TaskKind.TRAIN
+        elif self.take(args, control, model, kind) is TaskKind.EVALUATE:
+            args.eval_on_start = True  # the trainer evaluates before its first step
+
+    def take(self, args: Any, control: Any, model: Any, kind: TaskKind | None) -> TaskKind | None:
+        """The callback form: act on the task that opened inside train(). TRAIN: train on (its global model is
+        evaluated first when the trainer evaluates). SUBMIT_MODEL: answered at once, and the next task taken.
+        EVALUATE: its model is loaded and the trainer asked to evaluate (on_evaluate answers). None: stop."""
+        driver, target = self.start(args), self.target(model)
+        while kind is TaskKind.SUBMIT_MODEL:
+            driver.submit(target)
+            kind = driver.next_task(target, self.collective)
+        if kind is TaskKind.EVALUATE:
+            driver.begin_evaluation(target, self.collective)
+            control.should_evaluate = True  # runs right after this event
+        elif kind is TaskKind.TRAIN and self.evaluate_rounds:
+            control.should_evaluate = True  # the new global model's metrics, sent with its round's update
+        elif kind is not TaskKind.TRAIN:
             control.should_training_stop = True
+        return kind
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.start(args).step_began()
@@ -214,16 +243,47 @@ class FLTrainerCallback(TrainerCallback):
             self._boundary(args, control, model)
 
     def _boundary(self, args: Any, control: Any, model: Any) -> None:
-        if not self.start(args).next_round(self.target(model), self.collective):
-            control.should_training_stop = True
-        elif self.evaluate_rounds:
-            control.should_evaluate = True  # runs right after this event: the new global model's metrics
+        driver = self.start(args)
+        driver.end_round()
+        self.take(args, control, model, driver.next_task(self.target(model), self.collective))
 
-    def on_evaluate(self, args: Any, state: Any, control: Any, metrics: Any = None, **kwargs: Any) -> None:
+    def on_evaluate(
+        self, args: Any, state: Any, control: Any, metrics: Any = None, model: Any = None, **kwargs: Any
+    ) -> None:
         driver = self.driver
-        if driver is not None and driver.fresh and metrics:
-            scores = {k: v for k, v in metrics.items() if isinstance(v, int | float) and not k.endswith(_TIMINGS)}
-            driver.record_metrics(scores)
+        if driver is None:
+            return
+        values = scores(metrics or {})
+        if driver.evaluating and not self.per_call:  # patch(): TaskEvaluate answers, with every data set's metrics
+            self._answer(args, control, model, values, eval_samples(kwargs.get("eval_dataloader")))
+        elif driver.fresh and values:
+            driver.record_metrics(values)
+
+    def _answer(self, args: Any, control: Any, model: Any, values: dict[str, Any], samples: int | None) -> None:
+        """The callback form: an EVALUATE task's model is evaluated: answer, then take the next task. When that is
+        TRAIN on the very model just evaluated (evaluate_every: the round's global model), the metrics go with
+        its update too, as an evaluation of its own would."""
+        driver, target = self.start(args), self.target(model)
+        done = driver.model
+        evaluated = (done.current_round, done.meta.get("model_owner")) if done is not None else None
+        driver.end_evaluation(target, values, samples)
+        if self.take(args, control, model, driver.next_task(target, self.collective)) is TaskKind.TRAIN:
+            now = driver.model
+            if self.evaluate_rounds and now is not None and evaluated == (now.current_round, "global"):
+                driver.record_metrics(values)
+
+    def finish(self, trainer: Any) -> None:
+        """The callback form, once `trainer.train()` has returned: answer what the job still asks of this site
+        (cross-site evaluation after training: SUBMIT_MODEL, then an EVALUATE of the global model and of every
+        submitted one), evaluating with `trainer.evaluate()`. Returns when the job is over. train() answers every
+        task that comes between its rounds itself, and those after its last round as long as it evaluates. An
+        evaluation-only job (workflow "evaluate" or "cross-site-eval") needs no train(): finish() answers it all."""
+        driver = self.start(trainer.args)
+        self.take(trainer.args, trainer.control, trainer.model, self.open_task(trainer.args, trainer.model))
+        while driver.evaluating:
+            trainer.evaluate()
+        if driver.in_round:
+            logger.warning("the job asks this site to train again (train() ended early): call trainer.train()")
 
     def on_log(self, args: Any, state: Any, control: Any, logs: Any = None, **kwargs: Any) -> None:
         """The trainer's own logs (loss, learning rate, ...) go to the aggregator as flare.log records, with the
@@ -231,64 +291,20 @@ class FLTrainerCallback(TrainerCallback):
         driver = self.driver
         if not self.stream_metrics or not logs or driver is None or driver.rank != 0 or not driver.started:
             return
-        scalars = {k: v for k, v in logs.items() if isinstance(v, int | float) and not isinstance(v, bool)}
-        scalars = {k: v for k, v in scalars.items() if not k.endswith(_TIMINGS)}
-        driver.log_scalars(scalars, int(state.global_step), driver.step_round)
+        driver.log_scalars(scores(logs), int(state.global_step), driver.step_round)
 
-    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+    def on_train_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         # patch(): the round ends with train(); the callback form: a budget that did not divide the run's
         driver = self.driver
         if driver is not None and driver.in_round:
             driver.end_round()
             driver.agree_running(self.collective)
-
-
-def trainer_budget(args: Any) -> RoundBudget:
-    """One round's budget from the TrainingArguments: their max_steps, or else num_train_epochs."""
-    if args.max_steps and args.max_steps > 0:
-        return RoundBudget(epochs=None, steps=int(args.max_steps))
-    return RoundBudget(epochs=float(args.num_train_epochs), steps=None)
-
-
-def begun_budget(state: Any, like: RoundBudget) -> RoundBudget:
-    """The budget a train() that has begun (its TrainerState) runs, in `like`'s kind (steps or epochs)."""
-    if like.steps is not None:
-        return RoundBudget(epochs=None, steps=int(state.max_steps))
-    return RoundBudget(epochs=float(state.num_train_epochs), steps=None)
-
-
-def set_budget(args: Any, budget: RoundBudget) -> None:
-    """Make `budget` the TrainingArguments' own (max_steps > 0 would take precedence over the epochs)."""
-    if budget.steps is not None:
-        args.max_steps = budget.steps
-    else:
-        args.max_steps = -1
-        args.num_train_epochs = budget.epochs
-
-
-def check_prefix(who: str, server_key_prefix: Any) -> None:
-    if server_key_prefix is not None and not (isinstance(server_key_prefix, str) and server_key_prefix):
-        raise ConfigError(
-            f"{who}: server_key_prefix must be a non-empty string such as 'model.' (got {server_key_prefix!r}); "
-            "None sends the model's own names"
-        )
-
-
-def refuse_sharded(args: Any, trainer: Any, who: str) -> None:
-    """DeepSpeed and FSDP shard the weights across processes: what one process holds is not the model."""
-    deepspeed = getattr(args, "deepspeed", None)
-    if deepspeed or getattr(trainer, "is_deepspeed_enabled", False):
-        raise ConfigError(
-            f"{who}: DeepSpeed is not supported yet (TrainingArguments.deepspeed={deepspeed!r}): each process "
-            "holds only a shard of the weights. Train with DDP instead (torchrun, or accelerate without a "
-            "DeepSpeed config) and drop the deepspeed argument"
-        )
-    fsdp = getattr(args, "fsdp", None)
-    if fsdp or getattr(trainer, "is_fsdp_enabled", False):
-        raise ConfigError(
-            f"{who}: FSDP is not supported yet (TrainingArguments.fsdp={fsdp!r}): each process holds only a shard "
-            "of the weights. Train with DDP instead (torchrun) and drop the fsdp argument"
-        )
+        if driver is not None and driver.evaluating:  # the callback form: an evaluation train() can no longer run
+            driver.abort_evaluation(self.target(model))
+            logger.warning(
+                "the job asks this site for evaluations after training (cross-site evaluation): call "
+                "FLTrainerCallback.finish(trainer) after trainer.train() to answer them"
+            )
 
 
 # -- patch(): one train() per round ----------------------------------------------------------------------------
@@ -349,9 +365,7 @@ def patch(
     if cb.budget is not None:
         set_budget(trainer.args, cb.budget)
     trainer.add_callback(cb)
-    if restore_state:
-        KeptScheduler(trainer, cb).install()
-    trainer.evaluate = LoadingEvaluate(trainer, cb)
+    wrap_methods(trainer, cb, restore_state)
     cb.attach(trainer)
     return trainer
 

@@ -1,13 +1,30 @@
 """The Lightning callback: translates trainer hooks into the round driver's calls (fl_plugins.integrations.driver).
 
-    on_fit_start          move max_epochs / max_steps one round's budget forward; load the global model
+    on_fit_start          move max_epochs / max_steps one round's budget forward; open the task at hand: a TRAIN
+                          task's global model is loaded; any other task skips the training loop (EVALUATE:
+                          patch()'s fit wrapper then validates instead; SUBMIT_MODEL: the weights are sent)
     on_train_start        restore optimizer, LR scheduler and AMP scaler state (Lightning re-creates them per fit)
     on_train_end          keep that state for the next round; send the update (before Lightning moves the
                           module to CPU in its teardown)
     on_fit_end            send the update if Lightning skipped the training loop (nothing to train)
-    on_validation_start   an explicit trainer.validate(): load the global model
-    on_validation_end     an explicit trainer.validate(): its metrics go with the update (sanity checks and
+    on_validation_start   an explicit trainer.validate(): load the global model (TRAIN), or keep the module's
+                          weights and load the model to evaluate (EVALUATE), or send the weights (SUBMIT_MODEL)
+    on_validation_end     an explicit trainer.validate(): its metrics go with the update (TRAIN), or are the
+                          EVALUATE task's answer, and the module gets its own weights back (sanity checks and
                           validation inside fit do not count)
+
+FLARE's loop, per task (`while flare.is_running(): flare.receive(); trainer.validate(...); trainer.fit(...)`):
+
+    task           validate(model)                               fit(model)
+    TRAIN          the global model's metrics, sent with ...     ... the update: one round's training
+    EVALUATE       the received model's metrics are the answer   nothing (answered); without a validate first, it
+                   (NUM_EVAL_SAMPLES: the validation set's       validates with the fit's validation data instead
+                   size); the module's weights are put back      of training
+    SUBMIT_MODEL   sends the module's weights first, then        nothing (answered), or sends them if validate did
+                   validates them (no answer)                    not; the final global model is never loaded
+
+Neither an evaluation nor a submission trains, or touches the optimizer and LR-scheduler state carried between
+rounds: a skipped fit's fresh optimizer is neither restored nor kept.
 
 Multi-process training (DDP, any launcher): only global rank 0 connects, loads the global model and sends.
 When a fit or an explicit validate starts, every rank takes rank 0's round info (the strategy's broadcast)
@@ -23,6 +40,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import logging
 import os
 from collections.abc import Iterable
@@ -31,6 +49,7 @@ from typing import Any
 from fl_plugins.errors import ConfigError, MissingDependencyError
 from fl_plugins.integrations import driver as _driver
 from fl_plugins.integrations.budget import RoundBudget
+from fl_plugins.integrations.tasks import TaskKind
 
 logger = logging.getLogger(__name__)
 
@@ -47,6 +66,8 @@ class _FLCallbackMixin:
         self.update_fit_loop = update_fit_loop
         self.carry: dict[str, Any] | None = None  # optimizer, LR scheduler and AMP scaler state between fits
         self.stepped = -1  # the global step FedProx last pulled at (one pull per optimizer step)
+        self.skipped: tuple[Any, Any] | None = None  # a fit that trains nothing: the limits it had
+        self.evaluate_instead = False  # a fit met an unanswered EVALUATE task: validate once it returns
 
     @property
     def state_key(self) -> str:
@@ -62,7 +83,15 @@ class _FLCallbackMixin:
                 self.driver.plan(budget)
             epochs, steps = budget.limits(loop.epoch_progress.current.processed, trainer.global_step)
             loop.max_epochs, loop.epoch_loop.max_steps = epochs, steps
-        self.driver.open_round(_target(pl_module), step=trainer.global_step, collective=_collective(trainer))
+        target = _target(pl_module)
+        kind = self.driver.open_task(target, step=trainer.global_step, collective=_collective(trainer))
+        if kind in (TaskKind.TRAIN, None):  # None: the job is over, and the fit trains as a plain one would
+            return
+        if kind is TaskKind.SUBMIT_MODEL:
+            self.driver.submit(target)
+        self.evaluate_instead = kind is TaskKind.EVALUATE
+        self.skipped = (loop.max_epochs, loop.epoch_loop.max_steps)
+        loop.epoch_loop.max_steps = trainer.global_step  # reached: Lightning skips the training loop
 
     def on_train_start(self, trainer: Any, pl_module: Any) -> None:
         if self.restore_state and self.carry is not None:
@@ -74,6 +103,7 @@ class _FLCallbackMixin:
         self.driver.end_round(step=trainer.global_step)
 
     def on_fit_end(self, trainer: Any, pl_module: Any) -> None:
+        self._unskip(trainer)
         # Lightning skipped the training loop (its limits were already reached, or limit_train_batches=0): send
         # the round anyway, or the script's `while flare.is_running()` would never see the next round.
         self.driver.end_round(step=trainer.global_step)
@@ -103,12 +133,34 @@ class _FLCallbackMixin:
         return trainer.state.fn == "validate" and not trainer.sanity_checking
 
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
-        if self._explicit_validation(trainer):
-            self.driver.open_round(_target(pl_module), collective=_collective(trainer))
+        if not self._explicit_validation(trainer):
+            return
+        target, collective = _target(pl_module), _collective(trainer)
+        kind = self.driver.open_task(target, collective=collective)
+        if kind is TaskKind.EVALUATE:
+            self.driver.begin_evaluation(target, collective)
+        elif kind is TaskKind.SUBMIT_MODEL:
+            self.driver.submit(target)
 
     def on_validation_end(self, trainer: Any, pl_module: Any) -> None:
-        if self._explicit_validation(trainer) and trainer.global_rank == 0:
-            self.driver.record_metrics({k: _scalar(v) for k, v in trainer.callback_metrics.items()})
+        if not self._explicit_validation(trainer):
+            return
+        metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
+        if self.driver.evaluating:
+            self.driver.end_evaluation(_target(pl_module), metrics, _val_samples(trainer))
+        elif trainer.global_rank == 0:
+            self.driver.record_metrics(metrics)
+
+    def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
+        self._unskip(trainer)
+        if self.driver.evaluating:  # the evaluation failed: the module gets its own weights back
+            self.driver.abort_evaluation(_target(pl_module))
+
+    def _unskip(self, trainer: Any) -> None:
+        """A fit that answered another task than TRAIN is over: the trainer's limits back."""
+        if self.skipped is not None:
+            loop = trainer.fit_loop
+            (loop.max_epochs, loop.epoch_loop.max_steps), self.skipped = self.skipped, None
 
 
 class _StrategyCollective:
@@ -142,6 +194,24 @@ def _target(pl_module: Any) -> Any:
     return ModuleTarget(pl_module)
 
 
+def _val_samples(trainer: Any) -> int | None:
+    """How many samples an explicit validate() scored: the validation sets' sizes, when each was scored whole."""
+    loaders = trainer.val_dataloaders
+    if isinstance(loaders, dict):
+        loaders = list(loaders.values())
+    elif not isinstance(loaders, list | tuple):
+        loaders = [loaders] if loaders is not None else []
+    total = 0
+    for loader, batches in zip(loaders, trainer.num_val_batches, strict=False):
+        try:
+            if batches != len(loader):  # limit_val_batches scored part of it
+                return None
+            total += len(loader.dataset)
+        except (TypeError, AttributeError):  # an iterable without a length
+            return None
+    return total or None
+
+
 def _scalar(v: Any) -> Any:
     try:
         return v.item() if hasattr(v, "item") else v
@@ -173,6 +243,39 @@ def _restore(trainer: Any, carry: dict[str, Any]) -> None:
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     if scaler is not None and carry["scaler"] is not None:
         scaler.load_state_dict(carry["scaler"])
+
+
+class ValidatingFit:
+    """patch() in place of the trainer's `fit`: a fit that met an EVALUATE task nobody answered (no validate()
+    came first in the loop iteration) trains nothing, and once it returns the task's model is validated instead,
+    with the fit's validation data (its val_dataloaders, else its datamodule, else the module's own)."""
+
+    def __init__(self, trainer: Any, callback: _FLCallbackMixin, datamodule_type: type) -> None:
+        self.trainer, self.callback, self.fit = trainer, callback, trainer.fit
+        self.datamodule_type = datamodule_type
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        self.callback.evaluate_instead = False
+        out = self.fit(*args, **kwargs)
+        if self.callback.evaluate_instead:
+            self.callback.evaluate_instead = False
+            self.trainer.validate(**self.validate_args(args, kwargs))
+            if not self.callback.driver.answered:  # else the loop would meet the same task forever
+                raise ConfigError(
+                    "the aggregator asked this site to evaluate a model (an EVALUATE task) and fit() validated "
+                    "instead of training, but validate() scored nothing: give fit() val_dataloaders (or a "
+                    "datamodule with val_dataloader()), and keep limit_val_batches > 0"
+                )
+        return out
+
+    def validate_args(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, Any]:
+        given = inspect.signature(self.fit).bind_partial(*args, **kwargs).arguments
+        datamodule, train = given.get("datamodule"), given.get("train_dataloaders")
+        if datamodule is None and isinstance(train, self.datamodule_type):  # fit(model, datamodule) positionally
+            datamodule = train
+        if datamodule is not None:
+            return {"model": given.get("model"), "datamodule": datamodule}
+        return {"model": given.get("model"), "dataloaders": given.get("val_dataloaders")}
 
 
 @functools.cache
@@ -224,7 +327,8 @@ def patch(
     *,
     proximal_mu: float = 0.0,
 ) -> None:
-    """Federate `trainer`: connect from the launcher's environment and add the federated callback.
+    """Federate `trainer`: connect from the launcher's environment, add the federated callback, and wrap its `fit`
+    (ValidatingFit: a fit that meets an EVALUATE task nobody answered validates instead of training).
 
     restore_state: carry optimizer, LR scheduler and AMP scaler state from round to round.
     load_state_dict_strict: the global model must match the module key for key and shape for shape.
@@ -239,4 +343,7 @@ def patch(
     drv.start(rank=global_rank(trainer))  # only global rank 0 connects
     if any(isinstance(c, _FLCallbackMixin) for c in trainer.callbacks):
         return
-    trainer.callbacks.append(cls(drv, restore_state=restore_state, update_fit_loop=update_fit_loop))
+    callback = cls(drv, restore_state=restore_state, update_fit_loop=update_fit_loop)
+    trainer.callbacks.append(callback)
+    package = importlib.import_module(_PACKAGES[trainer_package(trainer)])
+    trainer.fit = ValidatingFit(trainer, callback, package.LightningDataModule)

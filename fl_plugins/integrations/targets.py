@@ -73,3 +73,9 @@ def matching(received: Mapping[str, Any], local: Mapping[str, Any]) -> dict[str,
             "loading %d of %d received tensors into a model with %d (non-strict)", len(out), len(received), len(local)
         )
     return out
+
+
+def snapshot(state: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of a target's `state()` that nothing else writes to, kept off the accelerator (torch tensors are
+    copied to CPU memory, numpy arrays copied): what an evaluation puts back into the model afterwards."""
+    return {k: v.detach().to("cpu", copy=True) if hasattr(v, "detach") else v.copy() for k, v in state.items()}

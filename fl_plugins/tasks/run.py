@@ -67,6 +67,7 @@ def federate(recipe: Any, site: str) -> None:
             flush=True,
         )
         trainer.train()
+        cb.finish(trainer)  # evaluations after training (cross-site evaluation): answered with this trainer
     flare.shutdown()
 
 

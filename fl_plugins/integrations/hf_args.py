@@ -1,0 +1,58 @@
+"""What the Hugging Face integration reads from and sets in a Trainer's `TrainingArguments`: one round's budget,
+the whole run's (the callback form), and the refusals of what cannot be federated (DeepSpeed, FSDP, a bad
+`server_key_prefix`)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fl_plugins.errors import ConfigError
+from fl_plugins.integrations.budget import RoundBudget
+
+
+def trainer_budget(args: Any) -> RoundBudget:
+    """One round's budget from the TrainingArguments: their max_steps, or else num_train_epochs."""
+    if args.max_steps and args.max_steps > 0:
+        return RoundBudget(epochs=None, steps=int(args.max_steps))
+    return RoundBudget(epochs=float(args.num_train_epochs), steps=None)
+
+
+def begun_budget(state: Any, like: RoundBudget) -> RoundBudget:
+    """The budget a train() that has begun (its TrainerState) runs, in `like`'s kind (steps or epochs)."""
+    if like.steps is not None:
+        return RoundBudget(epochs=None, steps=int(state.max_steps))
+    return RoundBudget(epochs=float(state.num_train_epochs), steps=None)
+
+
+def set_budget(args: Any, budget: RoundBudget) -> None:
+    """Make `budget` the TrainingArguments' own (max_steps > 0 would take precedence over the epochs)."""
+    if budget.steps is not None:
+        args.max_steps = budget.steps
+    else:
+        args.max_steps = -1
+        args.num_train_epochs = budget.epochs
+
+
+def check_prefix(who: str, server_key_prefix: Any) -> None:
+    if server_key_prefix is not None and not (isinstance(server_key_prefix, str) and server_key_prefix):
+        raise ConfigError(
+            f"{who}: server_key_prefix must be a non-empty string such as 'model.' (got {server_key_prefix!r}); "
+            "None sends the model's own names"
+        )
+
+
+def refuse_sharded(args: Any, trainer: Any, who: str) -> None:
+    """DeepSpeed and FSDP shard the weights across processes: what one process holds is not the model."""
+    deepspeed = getattr(args, "deepspeed", None)
+    if deepspeed or getattr(trainer, "is_deepspeed_enabled", False):
+        raise ConfigError(
+            f"{who}: DeepSpeed is not supported yet (TrainingArguments.deepspeed={deepspeed!r}): each process "
+            "holds only a shard of the weights. Train with DDP instead (torchrun, or accelerate without a "
+            "DeepSpeed config) and drop the deepspeed argument"
+        )
+    fsdp = getattr(args, "fsdp", None)
+    if fsdp or getattr(trainer, "is_fsdp_enabled", False):
+        raise ConfigError(
+            f"{who}: FSDP is not supported yet (TrainingArguments.fsdp={fsdp!r}): each process holds only a shard "
+            "of the weights. Train with DDP instead (torchrun) and drop the fsdp argument"
+        )
