@@ -77,3 +77,44 @@ def test_misuse_says_what_to_return(fed):
         no_model()
     with pytest.raises(ConfigError, match="returned None"):
         nothing()
+
+
+def test_the_three_decorators_answer_a_cross_site_evaluation(fed):
+    """Training, then SUBMIT_MODEL (the site's best model) and EVALUATE of every model: each decorated function
+    answers its task; the matrix holds what `evaluate` returned."""
+    f = fed(rounds=1, workflow="fedavg,cross-site-eval")
+    f.activate("site-1")
+    best = {"w": np.full(3, 7.0, np.float32)}
+
+    @flare.train
+    def train(input_model):
+        return flare.FLModel(params={"w": input_model.params["w"] + 1}, meta={"NUM_STEPS_CURRENT_ROUND": 1})
+
+    @flare.evaluate
+    def evaluate(input_model):
+        return {"mean": float(np.mean(input_model.params["w"]))}
+
+    @flare.submit_model
+    def submit(input_model):
+        assert input_model.meta[flare.MetaKey.SUBMIT_MODEL_NAME] == "best_model"
+        return best  # the params dict: sent as FULL params
+
+    tasks = []
+    while flare.is_running():
+        input_model = flare.receive()
+        tasks.append(flare.get_task_name())
+        if flare.is_submit_model():
+            submit(input_model=input_model)
+        elif flare.is_evaluate():
+            evaluate(input_model=input_model)
+        else:
+            with pytest.raises(ConfigError, match="called during a 'train' task"):
+                submit(input_model=input_model)
+            train(input_model=input_model)
+    assert tasks == ["train", "submit_model", "validate", "validate"]
+    f.wait()
+    import json
+
+    m = json.loads((f.run_dir / "cross_site_eval.json").read_text())
+    assert m["results"]["global"]["site-1"] == {"metrics": {"mean": 1.0}}
+    assert m["results"]["site-1"]["site-1"] == {"metrics": {"mean": 7.0}}

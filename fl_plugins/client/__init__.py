@@ -15,7 +15,7 @@ from fl_plugins.client.api import (
     shutdown,
     system_info,
 )
-from fl_plugins.client.decorators import evaluate, train
+from fl_plugins.client.decorators import evaluate, submit_model, train
 from fl_plugins.client.model import FLModel, MetaKey, ParamsType
 
 __all__ = [
@@ -35,6 +35,7 @@ __all__ = [
     "receive",
     "send",
     "shutdown",
+    "submit_model",
     "system_info",
     "train",
 ]

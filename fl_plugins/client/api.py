@@ -145,7 +145,9 @@ def receive(timeout: float | None = None, *, into: dict[str, Any] | None = None)
 
 
 def send(model: FLModel, clear_cache: bool = True) -> None:
-    """Upload this round's update; returns once the aggregator has verified and counted it."""
+    """Answer the task at hand: a TRAIN task's update (returns once the aggregator has verified and counted it),
+    an EVALUATE task's metrics (`FLModel(metrics=..., meta={"NUM_EVAL_SAMPLES": n})`; params stay here), a
+    SUBMIT_MODEL task's local model (`FLModel(params=...)`, FULL)."""
     session.get().send(model, clear_cache)
 
 

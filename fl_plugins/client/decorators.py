@@ -1,5 +1,6 @@
-"""NVIDIA FLARE's decorator form of the client API: `@flare.train` and `@flare.evaluate` on plain functions, as
-FLARE's tutorials write them (FLARE marks them deprecated in favour of receive/send; its scripts still use them).
+"""NVIDIA FLARE's decorator form of the client API: `@flare.train`, `@flare.evaluate` and `@flare.submit_model` on
+plain functions, as FLARE's tutorials write them (FLARE marks them deprecated in favour of receive/send; its
+scripts still use them).
 
     @flare.train
     def train(input_model=None, epochs=2):      # the round's global model comes in as the first argument
@@ -16,12 +17,19 @@ FLARE's tutorials write them (FLARE marks them deprecated in favour of receive/s
         evaluate(input_model=input_model)        # the global model's metrics ride with this round's update
         train(input_model=input_model)           # sends the FLModel train returns
 
+    @flare.submit_model
+    def submit(input_model=None):                # cross-site evaluation asks for the site's local model
+        return flare.FLModel(params=torch.load("best.pt"))    # (or the params dict itself)
+
+    ... if flare.is_submit_model(): submit(input_model=input_model)
+
 Each wrapper calls `flare.receive()` (the round's model, cached until it is sent) and passes it as the function's
 first parameter (in place of a first positional argument, else by name); the other arguments as given.
 `evaluate` during a TRAIN task keeps its result for the next `train`, whose update carries it as metrics (a
 number becomes `{"metric": value}`, as FLModel.metrics is a dict here); during another task it sends the
-metrics on their own. A `train` that does not return an FLModel, or an `evaluate` that returns None, is a
-ConfigError saying so.
+metrics on their own (an EVALUATE task's answer). `submit_model` sends what it returns, during a SUBMIT_MODEL task
+only. A `train` that does not return an FLModel, an `evaluate` that returns None, a `submit_model` that returns
+neither an FLModel nor a dict of params or is called during another task, is a ConfigError saying so.
 """
 
 from __future__ import annotations
@@ -90,6 +98,30 @@ def evaluate(fn: F) -> F:
             _pending["metrics"] = metrics
         else:
             api.send(FLModel(metrics=metrics))
+        return out
+
+    return cast(F, wrapper)
+
+
+def submit_model(fn: F) -> F:
+    """The function returns the site's local model (an FLModel with params, or the params dict) for a
+    SUBMIT_MODEL task (cross-site evaluation); it is sent, as FULL params. Its first parameter gets the task's
+    FLModel (`meta["submit_model_name"]`: which model is asked for, "best_model")."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> FLModel:
+        if not api.is_submit_model():
+            raise ConfigError(
+                f"@flare.submit_model: {fn.__name__}() was called during a {api.get_task_name()!r} task; call it when "
+                "flare.is_submit_model() is true"
+            )
+        out = _call(fn, args, kwargs)
+        if isinstance(out, dict):
+            out = FLModel(params=out)
+        if not isinstance(out, FLModel) or out.params is None:
+            got = type(out).__name__
+            raise ConfigError(f"@flare.submit_model: {fn.__name__}() must return an FLModel with params (got {got})")
+        api.send(out)
         return out
 
     return cast(F, wrapper)

@@ -22,6 +22,8 @@ class MetaKey:
     """Well-known `FLModel.meta` keys (FLARE's names)."""
 
     NUM_STEPS_CURRENT_ROUND = "NUM_STEPS_CURRENT_ROUND"
+    NUM_EVAL_SAMPLES = "NUM_EVAL_SAMPLES"  # an evaluation's sample count: weights the sites' mean
+    SUBMIT_MODEL_NAME = "submit_model_name"  # a SUBMIT_MODEL task's: "best_model"
     CURRENT_ROUND = "current_round"
     TOTAL_ROUNDS = "total_rounds"
     JOB_ID = "job_id"
