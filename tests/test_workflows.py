@@ -300,6 +300,10 @@ def test_evaluate_every_k_rounds_is_a_barrier_and_weights_by_samples(server_fact
     assert a.replies == ["result accepted"] * 2
     text, _ = _report(srv.aggregator.config.run_dir)
     assert "evaluations of the global model" in text and "mean=1.75" in text and "site-1: mean=7" in text
+    srv.stop(0)  # a restart of the finished job does not evaluate the final model again: it is done at once
+    from fl_plugins.aggregator.core import Aggregator
+
+    assert Aggregator(srv.aggregator.config).done
 
 
 def test_an_evaluation_only_job_evaluates_the_initial_model(server_factory):

@@ -26,6 +26,8 @@ from fl_plugins.aggregator.rounds import RoundState, SiteState
 from fl_plugins.aggregator.workflow import TASK_NAMES, Task, TaskKind, Workflow
 from fl_plugins.config import AggregatorConfig, trains
 from fl_plugins.errors import ProtocolError, RoundError
+from fl_plugins.record_files import read_records
+from fl_plugins.records import METRICS, EvaluationRecord
 from fl_plugins.wire.layout import Manifest
 
 log = logging.getLogger(__name__)
@@ -58,17 +60,22 @@ class Job:
         """Round `r`'s global model is served; `last`: no training follows (the rounds are done, or none)."""
         self.served_round = r
         k = self.config.evaluate_every
-        if self.trains and r > 0 and k and (r % k == 0 or last):
+        due = self.trains and r > 0 and k and (r % k == 0 or last)
+        if (due or (last and not self.trains and not self.cross_site)) and not self._evaluated_already(r):
             self.queue.append(EVALUATE)
         if last:
             self.trained = True
-            if not self.trains and not self.cross_site:
-                self.queue.append(EVALUATE)
-            if self.cross_site and not self._evaluated_already(r):
+            if self.cross_site and not self._cross_evaluated_already(r):
                 self.queue += [SUBMIT, CROSS]
         self._advance(now)
 
     def _evaluated_already(self, r: int) -> bool:
+        """An aggregator restarted after round `r`'s global model was evaluated (its "evaluation" record is in
+        RUN_DIR/metrics.jsonl): not again."""
+        recs = read_records(self.config.run_dir / METRICS)
+        return any(isinstance(rec, EvaluationRecord) and rec.round == r for rec in recs)
+
+    def _cross_evaluated_already(self, r: int) -> bool:
         """A restart of a job whose cross-site evaluation of round `r`'s model is written: not again."""
         path = self.config.run_dir / "cross_site_eval.json"
         try:
