@@ -131,7 +131,7 @@ class PathValue:
 
 
 WORKFLOWS = ("fedavg", "cyclic", "cross-site-eval", "evaluate")  # workflow.py's; a job runs one or two in turn
-STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad")  # strategy.py's
+STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold")  # strategy.py's
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ and the recipe (fl_plugins/recipe.py) derive theirs from here, so a setting has 
     sample_sites           --sample-sites            workflow.sample_sites              None: every site
     seed                   --seed                    workflow.seed                      0
     cyclic_order           --cyclic-order            workflow.order                     "fixed"
-    evaluate_timeout       --evaluate-timeout        workflow.evaluate_timeout          None: wait
+    evaluate_timeout       --evaluate-timeout        workflow.evaluate_timeout          round_deadline
     strategy               --strategy                strategy.type                      "fedavg"
     server_lr              --server-lr               strategy.lr                        the strategy's
     server_momentum        --server-momentum         strategy.momentum                  the strategy's
@@ -253,11 +253,12 @@ class AggregatorConfig:
         check=_POSITIVE,
         flag="--evaluate-timeout",
         key="workflow.evaluate_timeout",
-        shown="none, wait while the site is alive",
+        shown="the round deadline; without one, wait while the site is alive",
     )
     strategy: str = _setting(
         "fedavg",
-        doc="how the round's updates become the next global model: fedavg, or a server optimizer on their average",
+        doc="how the round's updates become the next global model: fedavg, a server optimizer on their average, "
+        "or scaffold (control variates beside the weights)",
         check=Choice(STRATEGIES),
         flag="--strategy",
         key="strategy.type",
@@ -304,10 +305,20 @@ class AggregatorConfig:
             value = s.checked(getattr(self, s.name), s.keyword_label())
             if s.name == "workflow":  # normalised: "fedavg,cross-site-eval"
                 object.__setattr__(self, s.name, value)
+        if self.workflow in ("evaluate", "cross-site-eval") and self.initial_model is None:
+            raise ConfigError(
+                f"--workflow {self.workflow} evaluates a given model: start the aggregator with --initial-model PATH "
+                "(a .safetensors file or a Hugging Face model folder)"
+            )
         if self.workflow.startswith("cyclic") and self.sample_sites is not None:
             raise ConfigError(
                 "`sample_sites` (--sample-sites) samples FedAvg's sites; the cyclic workflow trains one site at a "
                 "time: drop one of them"
+            )
+        if self.workflow.startswith("cyclic") and self.strategy == "scaffold":
+            raise ConfigError(
+                "`strategy` scaffold (--strategy scaffold) averages the control variates of the sites that train "
+                "in a round; the cyclic workflow trains one site at a time: use the fedavg workflow with it"
             )
 
 

@@ -464,7 +464,7 @@ def test_the_driver_anchors_fedprox_at_each_rounds_global_model(federation):
     for k, v in model.state_dict().items():
         np.testing.assert_allclose(v.numpy(), initial[k] + 0.5, rtol=0, atol=1e-6, err_msg=k)
     drv.use_fedprox(0.0)
-    assert drv.proximal is None
+    assert drv.corrections.proximal is None
 
 
 # -- one round's budget, for both integrations ----------------------------------------------------------------

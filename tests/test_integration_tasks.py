@@ -306,7 +306,8 @@ def test_a_peft_sites_submit_model_sends_its_adapter_only(in_memory, tmp_path):
     assert tasks == ["submit_model", "validate", "validate"]
     from safetensors.torch import load_file
 
-    shards = sorted((fed.run_dir / "cross_site" / "site-1").glob("*.safetensors"))
+    folder = json.loads((fed.run_dir / "cross_site" / "models.json").read_text())["site-1"]
+    shards = sorted((fed.run_dir / "cross_site" / folder).glob("*.safetensors"))
     submitted = {k: v for p in shards for k, v in load_file(str(p)).items()}
     assert sorted(submitted) == sorted(own)  # the adapter (and the classifier peft trains), nothing else
     for k, v in own.items():

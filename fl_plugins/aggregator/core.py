@@ -25,20 +25,20 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fl_plugins.aggregator import results, status
+from fl_plugins.aggregator import results, sitelogs, status
 from fl_plugins.aggregator.evaluation import GLOBAL
 from fl_plugins.aggregator.intake import Intake
-from fl_plugins.aggregator.job import Job
+from fl_plugins.aggregator.job import CROSS, Job
 from fl_plugins.aggregator.models import SubmittedModels
 from fl_plugins.aggregator.offer import Offer
 from fl_plugins.aggregator.rounds import Counted, Decision, RoundState, SiteState
 from fl_plugins.aggregator.store import GlobalReader, RunStore, undo_failed_start
-from fl_plugins.aggregator.strategy import Strategy, make_strategy
+from fl_plugins.aggregator.strategy import Strategy, extra_shards, make_strategy
 from fl_plugins.aggregator.uploads import Gate, Stream, Upload, Uploads
 from fl_plugins.aggregator.workflow import FedAvgWorkflow, Task, TaskKind
 from fl_plugins.config import AggregatorConfig
 from fl_plugins.errors import RoundError
-from fl_plugins.records import LogRecord, MetricsRecord
+from fl_plugins.records import MetricsRecord
 from fl_plugins.wire import limits
 from fl_plugins.wire.layout import Manifest, TensorInfo
 from fl_plugins.wire.stream import FileSource, ShardReceiver
@@ -66,7 +66,7 @@ class Aggregator:
         self.stats: dict[str, Any] = dict.fromkeys(STATS, 0)
         self.rounds = RoundState(config, self.stats, self.record, restarted_at=self.store.latest_round())
         self.uploads = Uploads()
-        self.offer = Offer(self.store, config.min_sites, config.site_timeout)
+        self.offer = Offer(self.store, config.min_sites, config.site_timeout, extra_shards(config))
         self.job = Job(config, self.rounds, FedAvgWorkflow(self.rounds, self.offer, self.uploads))
         self.models = SubmittedModels(config.run_dir)
         self.intake = Intake(self)
@@ -109,7 +109,7 @@ class Aggregator:
                 log.info("resuming run %s (job %s) from global/round-%05d", cfg.run_dir, self.job_id, latest)
             elif cfg.initial_model is not None:
                 log.info("importing initial model %s", cfg.initial_model)
-                self.store.import_initial(cfg.initial_model, cfg.chunk_bytes)
+                self.store.import_initial(cfg.initial_model, cfg.chunk_bytes, extra=self.offer.extra)
                 latest = 0
             if latest is not None:
                 manifest = self.store.load(latest)
@@ -183,6 +183,7 @@ class Aggregator:
             return {
                 "job_id": self.job_id,
                 "total_rounds": self.config.total_rounds,
+                "evaluates_after": self.job.after_training,
                 "chunk_bytes": self.config.chunk_bytes,
             }
 
@@ -224,12 +225,20 @@ class Aggregator:
         with self.lock:
             self.lock.notify_all()
 
-    def global_source(self, round_: int, model: str = "") -> tuple[Manifest, FileSource, list[list[bytes] | None]]:
+    def global_source(
+        self, round_: int, model: str = "", site: str | None = None
+    ) -> tuple[Manifest, FileSource, list[list[bytes] | None]]:
         """The round's global model (or, `model` naming a site, its submitted model being evaluated): manifest,
         its shard files opened (the caller closes them; opened under the lock, so a checkpoint being renamed
         meanwhile does not matter) and chunk digests."""
         with self.lock:
             if model and model != GLOBAL:
+                sweep = self.job.sweep
+                if self.job.phase != CROSS or sweep is None or (site is not None and site not in sweep.cells):
+                    raise RoundError(
+                        f"site {site!r}: the sites' submitted models are served during the cross-site evaluation, "
+                        "to the sites that take part in it"
+                    )
                 return self.models.source(model)
             if self.global_manifest is None or round_ != self.rounds.round:
                 raise RoundError(
@@ -251,23 +260,8 @@ class Aggregator:
             self.stats["bytes_sent"] += n
 
     def log_records(self, site: str, round_: int, records: list[dict]) -> None:
-        """A site's flare.log records, appended to logs.jsonl; their shape and size are checked first
-        (limits.check_log_records: ProtocolError naming the limit)."""
-        records = limits.check_log_records(f"site {site!r}", records)
-        with self.lock:
-            self._touch(site)
-        # the caller's site last: a record cannot pass itself off as another site's
-        self.store.append("logs.jsonl", [LogRecord.from_site(site, round_, r).to_json() for r in records])
-        refusal = next((r for r in records if r.get("key") == "policy_refused"), None)
-        if refusal is not None:  # the site's own policy refused the job or the task: it is gone, do not wait for it
-            with self.lock:
-                s = self.rounds.sites.get(site)
-                if s is not None:
-                    s.last_seen = float("-inf")
-                if self.job.sweep is not None:  # its open cells say why they stay empty
-                    self.job.sweep.refuse(site, f"refused by the site's policy: {refusal.get('value')}")
-                log.warning("site %r left: its policy refused: %s", site, refusal.get("value"))
-                self.lock.notify_all()
+        """A site's flare.log records, appended to logs.jsonl (sitelogs.py)."""
+        sitelogs.append(self, site, round_, records)
 
     # -- uploads (intake.py) ------------------------------------------------------------------------------------
     def begin_upload(
@@ -344,6 +338,8 @@ class Aggregator:
         done = self.job.drain()
         for phase, sweep in done:
             results.record(self, phase, sweep)
+            for u in [u for u in self.uploads.live.values() if u.task_id]:  # submissions: kept until now
+                self.uploads.kill(u, self.rounds)
         if self.job.complete:
             self._complete()
         if done:

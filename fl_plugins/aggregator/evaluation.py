@@ -31,7 +31,8 @@ from fl_plugins.wire.layout import short_repr
 
 log = logging.getLogger(__name__)
 
-GLOBAL = "global"  # the name of the global model in an evaluation's table
+GLOBAL = "global"  # the name of the global model in an evaluation's table (no site may be called so)
+MAX_SAMPLES = 1e12  # an evaluation's NUM_EVAL_SAMPLES, as an update's weight (fedavg.MAX_WEIGHT)
 
 
 @dataclass
@@ -95,8 +96,9 @@ class Sweep:
             return model, cell.task_id
         return None
 
-    def cell(self, site: str, task_id: str) -> tuple[str, Cell]:
-        """The open cell `task_id` names for `site`: RoundError if there is none (late, unknown, another site's)."""
+    def cell(self, site: str, task_id: str, *, again: bool = False) -> tuple[str, Cell]:
+        """The open cell `task_id` names for `site`: RoundError if there is none (late, unknown, another site's).
+        `again`: a cell this task already filled with a result is returned too (a retried answer)."""
         owner = self.by_task.get(task_id)
         if not isinstance(task_id, str) or owner is None or owner[0] != site:
             raise RoundError(
@@ -105,14 +107,18 @@ class Sweep:
             )
         model = owner[1]
         c = self.cells[site][model]
-        if c.filled:
-            raise RoundError(f"site {site!r}: task {task_id!r} was answered already, or its cell closed: {c.error}")
+        if c.filled and not (again and c.result is not None):
+            why = f"its cell closed: {c.error}" if c.error else "it was answered already"
+            raise RoundError(f"site {site!r}: task {task_id!r} is not open ({why}); the answer is not counted")
         return model, c
 
     def answer(self, site: str, task_id: str, envelope: dict[str, Any], now: float) -> str:
         """An EVALUATE task's metrics (envelope `metrics`, checked against limits.py's bounds); returns the model.
-        ProtocolError for an answer without metrics (the cell then says so)."""
-        model, c = self.cell(site, task_id)
+        ProtocolError for an answer without metrics (the cell then says so). An answer sent again after it counted
+        (a retry whose first reply was lost) is accepted again, changing nothing."""
+        model, c = self.cell(site, task_id, again=True)
+        if c.result is not None:
+            return model
         self.since[site] = now
         metrics = envelope.get("metrics")
         meta = envelope.get("meta") or {}
@@ -126,12 +132,14 @@ class Sweep:
                     f"site {site!r} sent no metrics for the evaluation of model {model!r}: send "
                     "FLModel(metrics={...}) for an EVALUATE task"
                 )
+            n = limits.finite_float(meta.get("NUM_EVAL_SAMPLES"))
+            if n is not None and not 0 < n <= MAX_SAMPLES:
+                raise ProtocolError(f"site {site!r}: NUM_EVAL_SAMPLES must be in (0, {MAX_SAMPLES:g}] (got {n:g})")
         except ProtocolError as e:
             c.error = str(e)
             raise
         c.result = {"metrics": metrics}
-        n = limits.finite_float(meta.get("NUM_EVAL_SAMPLES")) if isinstance(meta, dict) else None
-        if n is not None and n > 0:
+        if n is not None:
             c.result["num_samples"] = n
         return model
 

@@ -12,6 +12,7 @@ import hashlib
 import logging
 from typing import TYPE_CHECKING, Any
 
+from fl_plugins.aggregator import submissions
 from fl_plugins.aggregator.fedavg import MAX_WEIGHT, check_averageable
 from fl_plugins.aggregator.rounds import Counted, SiteState
 from fl_plugins.aggregator.strategy import Strategy
@@ -40,7 +41,7 @@ class Intake:
         """An upload begins: an update (or a resend), an offered initial model (`initial`), or a submitted local
         model (`task_id`: the SUBMIT_MODEL task it answers)."""
         if task_id:
-            return self._begin_submission(site, round_, manifest_json, nonce, task_id)
+            return submissions.begin(self, site, round_, manifest_json, nonce, task_id)
         manifest, params_type, weight = self._parsed(site, round_, attempt, initial, manifest_json)
         sha = hashlib.sha256(manifest_json.encode() if isinstance(manifest_json, str) else manifest_json).digest()
         if not isinstance(nonce, str) or not 1 <= len(nonce) <= 64:
@@ -70,45 +71,6 @@ class Intake:
                 "site %r uploading %s for round %d (%.1f MB, weight %g, %s)",
                 *(site, what, round_, mb, u.weight, u.params_type),
             )
-            return u
-
-    def _begin_submission(self, site: str, round_: int, manifest_json: str, nonce: str, task_id: str) -> Upload:
-        """A SUBMIT_MODEL task's answer: the site's local model, FULL params of the global model's tensors, kept
-        for cross-site evaluation (models.py). What is wrong with it fills the site's cell with the reason."""
-        sha = hashlib.sha256(manifest_json.encode() if isinstance(manifest_json, str) else manifest_json).digest()
-        if not isinstance(nonce, str) or not 1 <= len(nonce) <= 64:
-            raise ProtocolError(f"site {site!r}: an upload's nonce must be 1-64 characters (got {short_repr(nonce)})")
-        with self.lock:
-            s = self.rounds.touch(site, self.agg.clock())
-            sweep = self.agg.job.sweep
-            if sweep is None or sweep.kind != "submit_model":
-                raise RoundError(f"site {site!r}: no model submission is running; the model is not taken")
-            sweep.cell(s.name, task_id)
-            upload_id = f"{site}:{round_}:0:sub:{nonce}"
-            existing = self.uploads.get(upload_id)
-            if existing is not None and not existing.dead and existing.manifest_sha == sha:
-                return existing  # a resume
-            try:
-                manifest, params_type, _ = parse_update(site, manifest_json)
-                if params_type != "FULL":
-                    raise ProtocolError(
-                        f"site {site!r}: a submitted model must be FULL params (its best or last local model), got "
-                        "DIFF: send the model's weights, not their difference"
-                    )
-                assert self.agg.global_manifest is not None
-                check_plan(self.agg.global_manifest, manifest, f"the model submitted by site {site!r}")
-            except FLError as e:
-                sweep.fail(site, task_id, str(e))
-                self.lock.notify_all()
-                raise
-            for old in [x for x in self.uploads.live.values() if x.site == site and x.task_id]:
-                self.uploads.kill(old, self.rounds)
-            u = Upload(upload_id, site, round_, 0, manifest, 1.0, "FULL", False, nonce, sha, task_id=task_id)
-            u.started = u.last_progress = self.agg.clock()
-            u.epoch = self.uploads.epoch  # (its chunks are checked against the epoch, as an update's are)
-            self.agg.models.begin(u)
-            self.uploads.add(u)
-            log.info("site %r uploading its local model (%.1f MB)", site, manifest.total_bytes / 1e6)
             return u
 
     def _parsed(self, site: str, round_: int, attempt: int, initial: bool, js: str) -> tuple[Manifest, str, float]:
@@ -146,6 +108,10 @@ class Intake:
         site, round_, attempt = s.name, u.round, u.attempt
         if self.agg.done or self.agg.global_manifest is None:
             raise RoundError(f"site {site!r}: no round is open for updates")
+        if self.agg.job.sweep is not None:  # the evaluation between rounds is a barrier, also after a restart
+            raise RoundError(
+                f"site {site!r}: round {self.rounds.round}'s global model is being evaluated; updates wait for it"
+            )
         if attempt < 0:
             raise ProtocolError(f"site {site!r}: attempt must be >= 0 (got {attempt})")
         self.rounds.check_current(site, round_, attempt)
@@ -275,6 +241,9 @@ class Intake:
     def commit(self, upload_id: str, digests: list[str], *, site: str | None = None) -> dict[str, Any]:
         with self.lock:
             u = self.uploads.get(upload_id)
+            kept = self.agg.models.committed.get(upload_id)  # a submission's retried commit, after its phase
+            if (u is None or u.dead) and kept is not None and (site is None or site == kept):
+                return {"round": self.rounds.round, "message": "already committed"}
             if u is None or u.dead:
                 raise RoundError(f"upload {upload_id!r} is unknown or its round ended; it was not counted")
             check_owner(u, site)
@@ -288,12 +257,12 @@ class Intake:
                 raise RoundError(f"upload {upload_id!r}: its round ended while it was committing; not counted")
             if u.committed:  # a second Commit of the same upload (a client's retry) raced this one
                 return {"round": u.round, "message": "already committed"}
+            if u.task_id:
+                return submissions.commit(self, u, digests)
             u.committed = True
             self.rounds.touch(u.site, self.agg.clock())
             if u.initial:
                 return self._commit_offer(u, digests)
-            if u.task_id:
-                return self._commit_submission(u, digests)
             reply = self._count_resend(u) if u.resend_of is not None else self._count(u, digests)
             self.lock.notify_all()
             return reply
@@ -313,27 +282,6 @@ class Intake:
         self.agg.open_round(0, manifest)
         self.lock.notify_all()
         return {"round": 0, "message": "initial model accepted"}
-
-    def _commit_submission(self, u: Upload, digests: list[str]) -> dict[str, Any]:
-        """Lock held. A submitted model arrived whole: served to the sites for cross-site evaluation."""
-        sweep = self.agg.job.sweep
-        if sweep is None or sweep.kind != "submit_model":
-            self.uploads.kill(u, self.rounds)
-            raise RoundError(f"site {u.site!r}: the model submission ended before this model arrived; not taken")
-        sweep.cell(u.site, u.task_id)
-        try:
-            manifest = self.agg.models.commit(u, digests)
-        except BaseException as e:
-            self.uploads.kill(u, self.rounds)
-            sweep.fail(u.site, u.task_id, f"the aggregator could not keep the model: {e}")
-            raise
-        finally:
-            self.lock.notify_all()
-        del self.uploads.live[u.id]
-        self.agg.job.submitted[u.site] = manifest
-        sweep.submitted(u.site, u.task_id, self.agg.clock())
-        log.info("site %r submitted its local model for cross-site evaluation", u.site)
-        return {"round": u.round, "message": "model accepted for cross-site evaluation"}
 
     def _check_digests(self, u: Upload, digests: list[str]) -> None:
         with u.lock:

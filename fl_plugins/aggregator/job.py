@@ -55,11 +55,21 @@ class Job:
     def trains(self) -> bool:
         return self.training is not None
 
+    @property
+    def visits(self) -> int:
+        """The aggregator's rounds per round of the job: a cyclic job's cycle has `min_sites` visits."""
+        return self.config.min_sites if self.config.workflow.startswith("cyclic") else 1
+
+    @property
+    def after_training(self) -> bool:
+        """Whether evaluation phases follow the last round (sites must not take a silence then for the job's end)."""
+        return self.cross_site or bool(self.config.evaluate_every)
+
     # -- what happens next --------------------------------------------------------------------------------------
     def opened(self, r: int, last: bool, now: float) -> None:
         """Round `r`'s global model is served; `last`: no training follows (the rounds are done, or none)."""
         self.served_round = r
-        k = self.config.evaluate_every
+        k = self.config.evaluate_every * self.visits  # a cyclic job's rounds are visits: k counts cycles
         due = self.trains and r > 0 and k and (r % k == 0 or last)
         if (due or (last and not self.trains and not self.cross_site)) and not self._evaluated_already(r):
             self.queue.append(EVALUATE)
@@ -100,7 +110,8 @@ class Job:
         alive = [s.name for s in self.rounds.sites.values() if self.rounds.alive(s, now)]
         needed = min(self.config.min_sites, len(alive)) if alive and self.trains else self.config.min_sites
         self.phase = phase
-        self.sweep = Sweep(kind.value, models, needed, self.config.evaluate_timeout, self.served_round)
+        timeout = self.config.evaluate_timeout or self.config.round_deadline  # (a live site that never answers)
+        self.sweep = Sweep(kind.value, models, needed, timeout, self.served_round)
         for name in alive:
             self.sweep.join(name, now)
         log.info(

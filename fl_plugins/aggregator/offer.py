@@ -2,7 +2,8 @@
 
 The first site that says it can offer (the Lightning and HF integrations can) gets the OFFER_INITIAL task and
 uploads its weights, which are written into round 0's staging directory as they arrive and committed as
-`global/round-00000` once whole. If that site leaves first, another is asked; if every site the round needs has
+`global/round-00000` once whole, with what the strategy adds to round 0's model (SCAFFOLD: its zero control
+variates, strategy.py `extra_shards`). If that site leaves first, another is asked; if every site the round needs has
 asked and none can offer, the job fails with an error that says how to give it an initial model. The caller
 holds the coordinator's lock around every call.
 """
@@ -13,7 +14,7 @@ import logging
 from pathlib import Path
 
 from fl_plugins.aggregator.rounds import RoundState, SiteState
-from fl_plugins.aggregator.store import RunStore, write_chunk_digests
+from fl_plugins.aggregator.store import ExtraShards, RunStore, write_chunk_digests
 from fl_plugins.aggregator.uploads import Upload, Uploads
 from fl_plugins.errors import ConfigError, RoundError
 from fl_plugins.wire.layout import Manifest, ShardLayout, TensorInfo
@@ -45,8 +46,9 @@ class FileSink:
 
 
 class Offer:
-    def __init__(self, store: RunStore, min_sites: int, site_timeout: float) -> None:
+    def __init__(self, store: RunStore, min_sites: int, site_timeout: float, extra: ExtraShards | None = None) -> None:
         self.store = store
+        self.extra = extra  # shards round 0's model gets beside the offered ones (strategy.py `extra_shards`)
         self.min_sites = min_sites
         self.site_timeout = site_timeout
         self.offering: str | None = None  # the site uploading its weights as round 0's model
@@ -101,9 +103,11 @@ class Offer:
             ShardLayout(s.name, sink.headers[i], s.tensors, d)
             for i, (s, d) in enumerate(zip(u.manifest.shards, digests, strict=True))
         ]
-        manifest = Manifest(shards, u.manifest.chunk_bytes, {"current_round": 0})
         for shard, rx in zip(shards, u.receivers, strict=True):
             write_chunk_digests(sink.directory / shard.name, rx.digest.digests)
+        if self.extra is not None:
+            shards += self.extra(sink.directory, shards, u.manifest.chunk_bytes)
+        manifest = Manifest(shards, u.manifest.chunk_bytes, {"current_round": 0})
         self.store.commit(0, sink.directory, manifest)
         self.offering = None
         log.info("round 0's global model set from site %r's weights", u.site)

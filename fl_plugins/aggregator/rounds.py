@@ -77,6 +77,9 @@ from fl_plugins.wire.layout import short_repr
 log = logging.getLogger(__name__)
 
 
+RESERVED_NAMES = ("global", ".", "..")  # no site may be called so (evaluation.GLOBAL; path components)
+
+
 class Close(enum.Enum):
     """Why a round closes."""
 
@@ -155,6 +158,11 @@ class RoundState:
         if s is None:
             if not isinstance(name, str) or not name or len(name) > 128 or any(c in name for c in "/\\\0"):
                 raise ConfigError(f"site name {short_repr(name)} must be 1-128 characters without path separators")
+            if name in RESERVED_NAMES:
+                raise ConfigError(
+                    f"site name {name!r} is reserved ({', '.join(map(repr, RESERVED_NAMES))}: the global model's name "
+                    "in an evaluation, and folder names); name the site otherwise"
+                )
             s = self.sites[name] = SiteState(name, now, can_offer)
             log.info("site %r connected (%d connected)", name, len(self.sites))
         s.last_seen = now

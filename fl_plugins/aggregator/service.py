@@ -228,7 +228,7 @@ class Servicer:
     def Download(self, req: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         site = self._site(req.site, context)
         with self.slots.transfer(site, "Download"):
-            manifest, source, digests = self.agg.global_source(req.round, req.model)
+            manifest, source, digests = self.agg.global_source(req.round, req.model, site)
             try:
                 if not 0 <= req.shard < len(manifest.shards):
                     what = f"site {req.model!r}'s model" if req.model else f"round {req.round}'s global model"

@@ -4,6 +4,7 @@
       global/round-00000/manifest.json     round 0's global model (the initial model)
       global/round-00000/*.safetensors
       global/round-00000/*.safetensors.chunks   each shard's chunk digests (16 bytes each), served with the bytes
+      global/round-00000/scaffold.safetensors   --strategy scaffold: the control variates (scaffold.py), zeros
       global/round-00001/...               the model after round 0, i.e. round 1's global model
       global/round-00001/strategy/         a server optimizer's state after making it (optimizers.py); FedAvg's none
       run.json                             what the run belongs to (runfile.py); written with round 0's checkpoint
@@ -94,10 +95,13 @@ __all__ = [  # the names that moved to files.py and runfile.py are still importa
     "write_atomic",
     "write_chunk_digests",
     "write_private",
+    "write_shard",
 ]
 
 
 _ROUND_DIR = re.compile(r"^round-(\d{5,})$")
+# more shards for round 0 beside an initial model's: (staging directory, its shards, chunk_bytes) -> the new shards
+ExtraShards = Callable[[Path, list[ShardLayout], int], list[ShardLayout]]
 
 
 class RunStore:
@@ -190,24 +194,20 @@ class RunStore:
         tmp = self.begin(r)
         if on_begin is not None:
             on_begin(tmp)
-        shards = []
-        for s in layout.shards:
-            hasher = ChunkHasher(layout.chunk_bytes)
-            with open(tmp / s.name, "wb", buffering=0, opener=private_opener) as f:
-                _write(f, hasher, s.header)
-                for t in s.tensors:
-                    for block in blocks_of(t):
-                        _write(f, hasher, np.ascontiguousarray(block).reshape(-1).view(np.uint8).data)
-            if hasher.size != s.size:
-                raise IntegrityError(f"{s.name}: wrote {hasher.size} bytes, layout says {s.size}")
-            shards.append(ShardLayout(s.name, s.header, s.tensors, hasher.hexdigest()))
-            write_chunk_digests(tmp / s.name, hasher.shard.digests)
+        shards = [
+            write_shard(tmp / s.name, s, (b for t in s.tensors for b in blocks_of(t)), layout.chunk_bytes)
+            for s in layout.shards
+        ]
         return tmp, Manifest(shards, layout.chunk_bytes, envelope)
 
-    def import_initial(self, source: str | os.PathLike, chunk_bytes: int) -> Manifest:
+    def import_initial(
+        self, source: str | os.PathLike, chunk_bytes: int, *, extra: ExtraShards | None = None
+    ) -> Manifest:
         """Copy an initial model into round 0: one .safetensors file, or a folder with a single
-        model.safetensors or a Hugging Face sharded checkpoint (model.safetensors.index.json). Whatever fails
-        leaves no `round-00000.tmp` behind."""
+        model.safetensors or a Hugging Face sharded checkpoint (model.safetensors.index.json). `extra(tmp,
+        shards, chunk_bytes)` writes more shards beside the copied ones before the commit and returns them
+        (strategy.py `extra_shards`: SCAFFOLD's control variates). Whatever fails leaves no `round-00000.tmp`
+        behind."""
         files = initial_model_files(source)
         tmp = self.begin(0)
         try:
@@ -248,6 +248,8 @@ class RunStore:
                 )
                 shards.append(ShardLayout(path.name, header, tensors, hasher.hexdigest()))
                 write_chunk_digests(tmp / path.name, hasher.shard.digests)
+            if extra is not None:
+                shards += extra(tmp, shards, chunk_bytes)
             manifest = Manifest(shards, chunk_bytes, {"current_round": 0})
             if self._pending is not None:
                 self._pending.initial_model = {"path": str(Path(source).resolve()), "files": recorded}
@@ -305,6 +307,20 @@ class RunStore:
 
 def write_chunk_digests(shard_path: Path, digests: list[bytes]) -> None:
     write_private(shard_path.with_name(shard_path.name + ".chunks"), b"".join(digests))
+
+
+def write_shard(path: Path, layout: ShardLayout, blocks: Iterable[Any], chunk_bytes: int) -> ShardLayout:
+    """Write the shard file `path`: `layout`'s header, then `blocks` (its tensors' data, in order), and its chunk
+    digests beside it. Returns the layout with the shard's digest."""
+    hasher = ChunkHasher(chunk_bytes)
+    with open(path, "wb", buffering=0, opener=private_opener) as f:
+        _write(f, hasher, layout.header)
+        for block in blocks:
+            _write(f, hasher, np.ascontiguousarray(block).reshape(-1).view(np.uint8).data)
+    if hasher.size != layout.size:
+        raise IntegrityError(f"{layout.name}: wrote {hasher.size} bytes, layout says {layout.size}")
+    write_chunk_digests(path, hasher.shard.digests)
+    return ShardLayout(layout.name, layout.header, layout.tensors, hasher.hexdigest())
 
 
 @contextlib.contextmanager

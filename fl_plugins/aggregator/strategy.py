@@ -12,9 +12,12 @@ starts a round's (or a refold's) accumulation again. The coordinator (core.py) n
     fedadam     FedAdam (optimizers.py)          m.npy, v.npy
     fedyogi     FedYogi (optimizers.py)          m.npy, v.npy
     fedadagrad  FedAdagrad (optimizers.py)       m.npy, v.npy
+    scaffold    Scaffold (scaffold.py)           none (its control variates are tensors of the global model)
 
 config.py's `strategy` setting names one (checks.py's STRATEGIES lists the same names), `server_lr`,
-`server_momentum`, `beta2` and `tau` its hyper-parameters; optimizers.py's docstring has the rules.
+`server_momentum`, `beta2` and `tau` its hyper-parameters; optimizers.py's docstring has the rules, scaffold.py
+SCAFFOLD's. Round 0's global model gets what a strategy needs beside the initial model's tensors from
+`extra_shards` (SCAFFOLD: zero control variates).
 
 Memory: every strategy folds into fedavg.py's one float32 accumulator (resident, `nbytes`); a server
 optimizer's state, one or two float32 buffers of the model's floating-point elements (`state_nbytes`), is
@@ -37,6 +40,8 @@ from typing import TYPE_CHECKING, Protocol
 import numpy as np
 
 from fl_plugins.aggregator.optimizers import OPTIMIZERS, FedAvg, check_made_by, read_state
+from fl_plugins.aggregator.scaffold import Scaffold, check_control_variates, control_variate_shards
+from fl_plugins.aggregator.store import ExtraShards
 from fl_plugins.errors import ConfigError
 from fl_plugins.wire.layout import TensorInfo
 
@@ -92,7 +97,7 @@ class Strategy(Protocol):
         ...
 
 
-STRATEGIES: dict[str, type[FedAvg]] = {FedAvg.name: FedAvg, **OPTIMIZERS}
+STRATEGIES: dict[str, type[FedAvg]] = {FedAvg.name: FedAvg, **OPTIMIZERS, Scaffold.name: Scaffold}
 
 
 def _strategy_class(config: AggregatorConfig) -> type[FedAvg]:
@@ -104,8 +109,17 @@ def _strategy_class(config: AggregatorConfig) -> type[FedAvg]:
 
 
 def make_strategy(config: AggregatorConfig, tensors: list[TensorInfo]) -> Strategy:
-    """The strategy `config` names, with its hyper-parameters, for a global model of `tensors`."""
-    return _strategy_class(config).from_config(config, tensors)
+    """The strategy `config` names, with its hyper-parameters, for a global model of `tensors` (ConfigError if
+    their control variates do not fit it: scaffold.py `check_control_variates`)."""
+    cls = _strategy_class(config)
+    check_control_variates(cls.name, tensors)
+    return cls.from_config(config, tensors)
+
+
+def extra_shards(config: AggregatorConfig) -> ExtraShards | None:
+    """What round 0's global model gets beside an initial model's own shards (store.py `ExtraShards`, for
+    `import_initial` and offer.py): SCAFFOLD's zero control variates; None for the other strategies."""
+    return control_variate_shards if config.strategy == Scaffold.name else None
 
 
 def check_resume(config: AggregatorConfig, checkpoint: Path | None) -> None:

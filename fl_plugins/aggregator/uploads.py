@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from fl_plugins.aggregator.rounds import Counted, RoundState
+from fl_plugins.aggregator.scaffold import is_control_variate, missing_message
 from fl_plugins.aggregator.store import same_tensors
 from fl_plugins.aggregator.strategy import Strategy
-from fl_plugins.errors import AuthError, ProtocolError
+from fl_plugins.errors import AuthError, ModelMismatchError, ProtocolError
 from fl_plugins.wire import limits
 from fl_plugins.wire.layout import Manifest, TensorInfo, build_header, short_repr
 from fl_plugins.wire.stream import ShardReceiver
@@ -177,14 +178,19 @@ def parse_update(site: str, manifest_json: str) -> tuple[Manifest, str, float]:
     return manifest, params_type, w
 
 
-def check_plan(global_manifest: Manifest, manifest: Manifest, what: str) -> None:
+def check_plan(global_manifest: Manifest, manifest: Manifest, what: str, *, submitted: bool = False) -> None:
     """An update's tensors must be the global model's, in at most as many shards as it has tensors (no empty
-    shards), with headers no larger than the ones we would build plus MAX_HEADER_SLACK."""
-    same_tensors(
-        {t.name: t for s in global_manifest.shards for t in s.tensors},
-        {t.name: t for s in manifest.shards for t in s.tensors},
-        what,
-    )
+    shards), with headers no larger than the ones we would build plus MAX_HEADER_SLACK. SCAFFOLD's control
+    variates (scaffold.py) are part of an update; a submitted model (`submitted`) may leave them all out."""
+    expected = {t.name: t for s in global_manifest.shards for t in s.tensors}
+    got = {t.name: t for s in manifest.shards for t in s.tensors}
+    variates = [n for n in expected if is_control_variate(n)]
+    missing = sorted(n for n in variates if n not in got)
+    if submitted and len(missing) == len(variates):
+        expected = {n: t for n, t in expected.items() if not is_control_variate(n)}
+    elif missing:
+        raise ModelMismatchError(missing_message(what, missing, len(variates)))
+    same_tensors(expected, got, what)
     for shard in manifest.shards:
         if not shard.tensors:
             raise ProtocolError(f"{what}: shard {shard.name!r} holds no tensor; every shard must hold one")

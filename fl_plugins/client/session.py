@@ -242,7 +242,8 @@ class ClientSession:
         if self.task is not None or self.finished or self.offer_pending or self.client is None:
             return
         # After the last round the aggregator may already be gone: then a short wait is enough.
-        last = self.total_rounds and self.last_round >= self.total_rounds - 1
+        evaluations = self.client.evaluates_after  # then the aggregator is not done after the last round
+        last = self.total_rounds and self.last_round >= self.total_rounds - 1 and not evaluations
         try:
             task = self.client.next_task(give_up_after=15.0 if last else None)
         except ConnectionError:
@@ -316,9 +317,22 @@ class ClientSession:
             if reply.message != "result accepted":
                 logger.warning("the evaluation of model %r: %s", task.model or "global", reply.message)
         elif task.kind == pb.Task.SUBMIT_MODEL:
-            client.upload(task.round, 0, model.params or {}, env, task_id=task.task_id)
+            client.upload(task.round, 0, self._full(model), {**env, "params_type": "FULL"}, task_id=task.task_id)
         else:
             client.upload(task.round, task.attempt, model.params or {}, env)
+
+    def _full(self, model: FLModel) -> dict[str, Any]:
+        """A SUBMIT_MODEL answer's params as FULL weights: a DIFF is added to the model receive() returned (FLARE's
+        client computes its DIFF transfers against that model too)."""
+        params = model.params or {}
+        if str(model.params_type or ParamsType.FULL) != str(ParamsType.DIFF):
+            return params
+        received = self.model.params if self.model is not None else None
+        missing = [k for k in params if received is None or k not in received]
+        if missing:
+            raise ConfigError(f"send(): a DIFF submission needs the received model's {missing[:3]}; send FULL params")
+        assert received is not None
+        return {k: received[k] + v for k, v in params.items()}
 
     def _sendable(self, model: FLModel) -> pb.Task:
         """The task `model` answers, after the checks of send(). Lock held."""

@@ -111,6 +111,7 @@ class SiteClient:
         self.transport: Transport = transport
         self.job_id = ""
         self.total_rounds = 0
+        self.evaluates_after = False
         self.chunk_bytes = 0
         self.stats = {"bytes_sent": 0, "bytes_received": 0, "retries": 0, "corrupted_chunks": 0}
         self.transfers = Transfers(self)
@@ -212,6 +213,7 @@ class SiteClient:
         req = pb.HelloRequest(site=self.site, version=__version__, can_offer_initial=self.can_offer_initial)
         reply = self.call("Hello", req, "connect", per_call=10, timeout=self.connect_timeout)
         self.job_id, self.total_rounds, self.chunk_bytes = reply.job_id, reply.total_rounds, reply.chunk_bytes
+        self.evaluates_after = reply.evaluates_after  # evaluations follow the last round
         if self.policy is not None:
             self._within_policy(self.policy.check_job, self.job_id, 0)
         if self._hb is None and self._hb_period > 0:

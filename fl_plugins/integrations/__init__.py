@@ -4,7 +4,8 @@
   evaluations and submissions); tasks.py: the task kinds and what each asks; peers.py: the other ranks' view
 - budget.py: one round's budget and the round's progress, for every integration
 - targets.py: model targets (what travels, under which names) and the strict key and shape check
-- fedprox.py: FedProx's proximal term and its anchor, for any torch model
+- fedprox.py: FedProx's proximal term and its anchor, for any torch model; scaffold.py: SCAFFOLD's control variates
+  at a site; corrections.py: both, applied after each optimizer step
 - _torch.py: a torch module as the driver's model target; torch.distributed as its collective
 - lightning.py: the Lightning callback and patch() (`lightning` and `pytorch_lightning` trainers)
 - hf.py: the Hugging Face Trainer callback and patch(); hf_model.py: what of a transformers/PEFT model travels;

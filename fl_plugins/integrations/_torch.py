@@ -16,6 +16,10 @@ class ModuleTarget:
     def state(self) -> dict[str, Any]:
         return self.module.state_dict()
 
+    def trainable(self) -> set[str]:
+        """The state's names that an optimizer trains: the parameters that require a gradient."""
+        return {n for n, p in self.module.named_parameters() if p.requires_grad}
+
     def load(self, params: Mapping[str, Any], strict: bool) -> None:
         """Copy `params` into the module in place (on its device). Tensors received straight into the module's
         own storage are already there and are skipped."""

@@ -7,7 +7,7 @@ HF integrations translate their trainer's hooks into these calls and keep no rou
                                and allow offering the model's weights when the aggregator has no initial model
     plan(budget, whole_run=)   one round's budget (budget.py); whole_run: every round in one fit, rounds end where
                                the budget is spent (the HF callback); else each fit is one round
-    use_fedprox(mu)            FedProx (fedprox.py), anchored at each round's global model
+    use_fedprox(mu)            FedProx, anchored at each round's global model (corrections.py: FedProx, SCAFFOLD)
     attach(target)             the model that receive() writes into, before the first fit
     bind(trainer) / bound()    the trainer this process federates (one per process)
     receive(into=...)          this round's FLModel at once; straight into the model's tensors when known
@@ -21,12 +21,12 @@ HF integrations translate their trainer's hooks into these calls and keep no rou
     submit(target)             SUBMIT_MODEL: the target's weights (FULL) are the answer
     next_iteration()           the script's loop moved on (is_running / receive): ANSWERED no more
     step_began() / step_ended(lr) / epoch_ended()
-                               training progress: step_ended pulls the weights toward the global model (FedProx);
-                               both ..._ended say whether a round boundary is here (whole_run: the budget is spent)
+                               training progress: both ..._ended say whether a round boundary is here (whole_run:
+                               the budget is spent); after_step(lr) (also step_ended(lr)): FedProx, SCAFFOLD
     record_metrics(metrics)    the global model's evaluation metrics, sent with the update (`fresh`: no step has
                                begun on the round's global model yet)
     end_round(step=)           the round's training is over: send the update (target state, NUM_STEPS_CURRENT_ROUND,
-                               metrics), if a round is open
+                               metrics; SCAFFOLD: the site's new control variates), if a round is open
     agree_running(collective)  rank 0 asks the aggregator whether the job goes on; every rank gets the answer
     next_task(target)          inside one fit, the task at hand answered: agree_running, then open_task
     next_round(target)         a round boundary inside one fit: end_round, then next_task; whether training goes on
@@ -54,25 +54,23 @@ import logging
 import threading
 import weakref
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fl_plugins.client import api, session
 from fl_plugins.client.model import FLModel, MetaKey, ParamsType
 from fl_plugins.errors import ConfigError
 from fl_plugins.integrations.budget import RoundBudget as RoundBudget
 from fl_plugins.integrations.budget import RoundProgress
+from fl_plugins.integrations.corrections import Corrections
 from fl_plugins.integrations.peers import Follower
 from fl_plugins.integrations.targets import ModelTarget as ModelTarget
 from fl_plugins.integrations.targets import PrefixedTarget as PrefixedTarget
 from fl_plugins.integrations.targets import check_params as check_params
 from fl_plugins.integrations.targets import matching as matching
-from fl_plugins.integrations.targets import snapshot
+from fl_plugins.integrations.targets import pop_control_variates, snapshot
 from fl_plugins.integrations.tasks import NUM_EVAL_SAMPLES, kind_of, task_info
 from fl_plugins.integrations.tasks import Collective as Collective
 from fl_plugins.integrations.tasks import TaskKind as TaskKind
-
-if TYPE_CHECKING:
-    from fl_plugins.integrations.fedprox import Proximal
 
 logger = logging.getLogger(__name__)
 
@@ -92,7 +90,8 @@ class RoundDriver:
         self.started = False
         self.budget: RoundBudget | None = None
         self.whole_run = False  # every round in one fit: rounds end where the budget is spent
-        self.proximal: Proximal | None = None
+        self.corrections = Corrections()  # FedProx and SCAFFOLD, after each optimizer step
+        self.variates: dict[str, Any] | None = None  # SCAFFOLD: the TRAIN task's control variates c (rank 0)
         self.progress = RoundProgress()
         self.owner: weakref.ref[Any] | None = None
         self.peers = Follower()  # ranks != 0 (multi-process training): what rank 0 broadcast
@@ -117,18 +116,13 @@ class RoundDriver:
 
     def use_fedprox(self, mu: float) -> None:
         """FedProx with weight `mu` (0: off): anchored when a round opens, pulled after each step (fedprox.py)."""
-        if mu > 0:
-            from fl_plugins.integrations.fedprox import Proximal
+        self.corrections.use_fedprox(mu)
 
-            self.proximal = Proximal(mu)
-        else:
-            self.proximal = None
-
-    def proximal_step(self, lr: float | None) -> None:
-        """FedProx after an optimizer step at learning rate `lr`: the weights move toward the round's global model
-        (fedprox.py `pull`), while a round is open."""
-        if self.proximal is not None and self.progress.open and lr is not None:
-            self.proximal.pull(lr)
+    def after_step(self, lr: float | None) -> None:
+        """After an optimizer step at learning rate `lr`, while a round is open: FedProx moves the weights toward
+        the round's global model (fedprox.py `pull`), SCAFFOLD corrects them by -lr (c - c_i) (scaffold.py)."""
+        if self.progress.open:
+            self.corrections.step(lr)
 
     def attach(self, target: ModelTarget) -> None:
         """The model that receive() writes into, before the first round opens."""
@@ -191,17 +185,18 @@ class RoundDriver:
         kind = self._at_hand() if self.rank == 0 else None
         if kind is TaskKind.TRAIN and not self.begin(target):
             kind = None
+        scaffold = self.variates is not None
         if collective is not None:
             info = collective.broadcast(self.round_info() if self.rank == 0 else None) or {}
-            kind = kind_of(info)
+            kind, scaffold = kind_of(info), bool(info.get("scaffold"))
             if kind in (TaskKind.TRAIN, None):
                 collective.broadcast_tensors(target.state().values())
             if self.rank != 0:
                 self.follow(info, target if kind is TaskKind.TRAIN else None)
         opened = kind is TaskKind.TRAIN
         self.progress.restart(opened, step)
-        if opened and self.proximal is not None:
-            self.proximal.anchor(target.state())
+        if opened:  # FedProx and SCAFFOLD start from the round's global model
+            self.corrections.anchor(target, scaffold, self.variates, collective)
         return kind
 
     def task_kind(self, collective: Collective | None = None) -> TaskKind | None:
@@ -227,7 +222,7 @@ class RoundDriver:
         model. Returns whether the round's budget is spent here (whole_run only)."""
         p = self.progress
         p.steps += 1
-        self.proximal_step(lr)
+        self.after_step(lr)
         return self.whole_run and self.budget is not None and self.budget.spent(steps=p.steps)
 
     def epoch_ended(self) -> bool:
@@ -277,7 +272,8 @@ class RoundDriver:
             if model is not None and self.kind is not TaskKind.TRAIN:
                 return task_info(self.kind, model)
             if model is not None and self.loaded:
-                return {"round": model.current_round, "total_rounds": model.total_rounds}
+                info = {"round": model.current_round, "total_rounds": model.total_rounds}
+                return info | ({"scaffold": True} if self.variates is not None else {})  # SCAFFOLD: c - c_i follows
             return {"round": None, "total_rounds": None}
 
     def after_fit_info(self) -> dict[str, Any]:
@@ -341,17 +337,20 @@ class RoundDriver:
                 if model.params is None:
                     return False
             if not self.loaded:
-                self._load(target, model.params, f"round {model.current_round}'s global model")
+                self.variates = self._load(target, model.params, f"round {model.current_round}'s global model")
                 self.loaded = True
             return True
 
-    def _load(self, target: ModelTarget, params: Mapping[str, Any], what: str) -> None:
+    def _load(self, target: ModelTarget, params: dict[str, Any], what: str) -> dict[str, Any] | None:
+        """Load `params` into `target`; SCAFFOLD's control variates are taken out of `params` and returned."""
+        variates = pop_control_variates(params) or None
         local = target.state()  # strict: every key and shape must match; else what matches is loaded
         if self.strict:
             check_params(params, local, what)
             target.load(params, strict=True)
         else:
             target.load(matching(params, local), strict=False)
+        return variates
 
     def record_metrics(self, metrics: Mapping[str, Any]) -> None:
         """An evaluation of the global model: its metrics travel with this round's update."""
@@ -370,6 +369,7 @@ class RoundDriver:
                 )
             meta = {MetaKey.NUM_STEPS_CURRENT_ROUND: max(1, int(steps))}
             state = dict(self.target.state())
+            state.update(self.corrections.update(state))  # SCAFFOLD: the site's new control variates
             api.send(FLModel(params_type=ParamsType.FULL, params=state, metrics=dict(self.metrics), meta=meta))
             self.model, self.loaded, self.metrics = None, False, {}
 

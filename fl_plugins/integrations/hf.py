@@ -42,7 +42,10 @@ through public means: its callback list, its TrainingArguments, its `lr_schedule
 
 FedProx: `FLTrainerCallback(proximal_mu=mu)` moves the exchanged weights toward the round's global model by
 lr * mu * (w - w_global) after every optimizer step (fedprox.py, through the driver): the proximal term's gradient
-step, decoupled from the optimizer, so it works the same under Adam or SGD.
+step, decoupled from the optimizer, so it works the same under Adam or SGD. SCAFFOLD needs no argument: against an
+aggregator started with `--strategy scaffold` the driver corrects the exchanged weights after every optimizer step
+and sends the site's control variates with each update (integrations/scaffold.py). Both act in `on_optimizer_step`,
+right after the optimizer's step and before the LR scheduler's, at the learning rate that step used.
 
 The trainer's own resume logic (`train(resume_from_checkpoint=...)`) loads its checkpoint before
 `on_train_begin`; the global model is loaded at `on_train_begin`, so it wins.
@@ -231,11 +234,12 @@ class FLTrainerCallback(TrainerCallback):
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.start(args).step_began()
 
-    def on_step_end(
-        self, args: Any, state: Any, control: Any, model: Any = None, optimizer: Any = None, **kwargs: Any
-    ) -> None:
-        lr = float(optimizer.param_groups[0]["lr"]) if optimizer is not None and self.proximal_mu > 0 else None
-        if self.start(args).step_ended(lr):
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, optimizer: Any = None, **kwargs: Any) -> None:
+        if optimizer is not None:  # the scheduler has not stepped yet: this is the step's learning rate
+            self.start(args).after_step(float(optimizer.param_groups[0]["lr"]))
+
+    def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
+        if self.start(args).step_ended():
             self._boundary(args, control, model)
 
     def on_epoch_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:

@@ -90,6 +90,12 @@ class HFTarget:
             return dict(self.model.state_dict())
         return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
 
+    def trainable(self) -> set[str]:
+        """The state's names that an optimizer trains: all of them but the "model" scope's frozen ones and buffers."""
+        if self.kind == "model":
+            return {n for n, p in self.model.named_parameters() if p.requires_grad}
+        return set(self.state())
+
     def load(self, params: Mapping[str, Any], strict: bool) -> None:
         import torch
 

@@ -7,6 +7,9 @@
     on_train_end          keep that state for the next round; send the update (before Lightning moves the
                           module to CPU in its teardown)
     on_fit_end            send the update if Lightning skipped the training loop (nothing to train)
+    on_before_optimizer_step / on_train_batch_end
+                          after each optimizer step, at the learning rate it used: FedProx's pull and SCAFFOLD's
+                          correction (corrections.py; SCAFFOLD when the aggregator runs --strategy scaffold)
     on_validation_start   an explicit trainer.validate(): load the global model (TRAIN), or keep the module's
                           weights and load the model to evaluate (EVALUATE), or send the weights (SUBMIT_MODEL)
     on_validation_end     an explicit trainer.validate(): its metrics go with the update (TRAIN), or are the
@@ -65,7 +68,8 @@ class _FLCallbackMixin:
         self.restore_state = restore_state
         self.update_fit_loop = update_fit_loop
         self.carry: dict[str, Any] | None = None  # optimizer, LR scheduler and AMP scaler state between fits
-        self.stepped = -1  # the global step FedProx last pulled at (one pull per optimizer step)
+        self.stepped = -1  # the global step FedProx and SCAFFOLD last acted at (once per optimizer step)
+        self.step_lr: float | None = None  # the learning rate of the optimizer step being taken
         self.skipped: tuple[Any, Any] | None = None  # a fit that trains nothing: the limits it had
         self.evaluate_instead = False  # a fit met an unanswered EVALUATE task: validate once it returns
 
@@ -111,14 +115,16 @@ class _FLCallbackMixin:
         if collective is not None:  # rank 0 tells the others whether the job goes on (their is_running())
             self.driver.agree_running(collective)
 
+    def on_before_optimizer_step(self, trainer: Any, pl_module: Any, optimizer: Any) -> None:
+        self.step_lr = float(optimizer.param_groups[0]["lr"])  # (a step-interval LR scheduler steps before batch end)
+
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         """What the module logs with self.log (train_loss, ...) goes to the aggregator as flare.log records, with
-        the global step, at the trainer's log_every_n_steps. With FedProx, every rank pulls its weights toward the
-        round's global model once per optimizer step."""
+        the global step, at the trainer's log_every_n_steps. With FedProx or SCAFFOLD, every rank corrects its
+        weights once per optimizer step, at that step's learning rate."""
         if trainer.global_step != self.stepped:
             self.stepped = trainer.global_step
-            opts = trainer.optimizers
-            self.driver.proximal_step(opts[0].param_groups[0]["lr"] if opts else None)
+            self.driver.after_step(self.step_lr)
         if trainer.global_rank != 0 or not self.driver.in_round:
             return
         every = max(1, int(getattr(trainer, "log_every_n_steps", 50) or 50))

@@ -4,7 +4,9 @@ A model target is anything with `state() -> Mapping[str, tensor]` (the live stat
 and `load(params, strict)`: `_torch.ModuleTarget` (a torch module), `hf_model.HFTarget` (what a transformers or
 PEFT model exchanges), `PrefixedTarget` (another target's tensors under the aggregator's names: FLARE's
 `server_key_prefix`). `check_params` (strict loading) names every key that is missing, unexpected or mis-shaped;
-`matching` picks what fits (lenient loading).
+`matching` picks what fits (lenient loading). A target may also tell which of its tensors an optimizer trains
+(`trainable()`, read with `trainable_names`; SCAFFOLD corrects only those). `pop_control_variates` takes SCAFFOLD's
+control variates out of a received model: they travel beside it and are never loaded into it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from fl_plugins.errors import ModelMismatchError
+from fl_plugins.wire.layout import CONTROL_VARIATE
 
 logger = logging.getLogger(__name__)
 
@@ -38,6 +41,10 @@ class PrefixedTarget:
     def load(self, params: Mapping[str, Any], strict: bool) -> None:
         n = len(self.prefix)
         self.inner.load({k[n:] if k.startswith(self.prefix) else k: v for k, v in params.items()}, strict)
+
+    def trainable(self) -> set[str] | None:
+        names = trainable_names(self.inner)
+        return None if names is None else {self.prefix + k for k in names}
 
     def __getattr__(self, name: str) -> Any:  # the inner target's other attributes (kind, nbytes, ...)
         return getattr(self.inner, name)
@@ -79,3 +86,17 @@ def snapshot(state: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of a target's `state()` that nothing else writes to, kept off the accelerator (torch tensors are
     copied to CPU memory, numpy arrays copied): what an evaluation puts back into the model afterwards."""
     return {k: v.detach().to("cpu", copy=True) if hasattr(v, "detach") else v.copy() for k, v in state.items()}
+
+
+def trainable_names(target: ModelTarget) -> set[str] | None:
+    """The names in `target.state()` that an optimizer trains, if the target knows (`trainable()`); else None."""
+    names = getattr(target, "trainable", None)
+    return names() if callable(names) else None
+
+
+def pop_control_variates(params: dict[str, Any] | None) -> dict[str, Any]:
+    """Take SCAFFOLD's control variates (`scaffold.c.NAME`) out of a received model's `params`, in place; returns
+    them by name (empty: the global model holds none)."""
+    if not params:
+        return {}
+    return {k: params.pop(k) for k in [k for k in params if k.startswith(CONTROL_VARIATE)]}

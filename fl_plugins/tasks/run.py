@@ -102,6 +102,7 @@ def baselines(recipe: Any, run_dir: Path) -> dict[str, Any]:
 
     from fl_plugins.aggregator.store import RunStore
     from fl_plugins.integrations.hf import HFTarget
+    from fl_plugins.integrations.targets import pop_control_variates
 
     spec: TaskSpec = recipe.task
     names = [s.name for s in recipe.sites]
@@ -117,6 +118,7 @@ def baselines(recipe: Any, run_dir: Path) -> dict[str, Any]:
     params: dict[str, Any] = {}
     for path in store.shard_paths(last, manifest):
         params.update(load_file(str(path)))
+    pop_control_variates(params)  # SCAFFOLD's (--strategy scaffold) are not part of the model
     out: dict[str, Any] = {"round": last, "pooled_validation_rows": len(data.pooled_val), "local_only": {}}
     with tempfile.TemporaryDirectory(prefix="fl-hf-") as tmp:
         model, tok = build_model(spec, num_labels)

@@ -34,6 +34,9 @@ DEFAULT_MAX_SHARD_BYTES = 1 << 30
 MAX_HEADER_BYTES = 100 << 20  # safetensors' own limit
 MAX_MANIFEST_BYTES = 64 << 20
 MAX_NDIM = 64  # numpy's limit; also bounds the work of multiplying a shape out
+# SCAFFOLD (--strategy scaffold): the control variate of a floating-point tensor NAME travels beside it, in the global
+# model and in every update, as the float32 tensor `scaffold.c.NAME` of the same shape (aggregator/scaffold.py)
+CONTROL_VARIATE = "scaffold.c."
 
 
 def _bf16() -> np.dtype:

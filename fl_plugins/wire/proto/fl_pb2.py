@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x08\x66l.proto\x12\x0c\x66lplugins.v1\"H\n\x0cHelloRequest\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x19\n\x11\x63\x61n_offer_initial\x18\x03 \x01(\x08\"X\n\nHelloReply\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x14\n\x0ctotal_rounds\x18\x02 \x01(\x05\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\t\"b\n\x0bTaskRequest\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\x12\x19\n\x11\x63\x61n_offer_initial\x18\x03 \x01(\x08\x12\x14\n\x0cholds_update\x18\x04 \x01(\t\"\xd7\x02\n\x04Task\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.flplugins.v1.Task.Kind\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\x05\x12\x13\n\x0bstart_round\x18\x05 \x01(\x05\x12\x11\n\ttask_name\x18\x06 \x01(\t\x12\x15\n\rmanifest_json\x18\x07 \x01(\t\x12\x0e\n\x06job_id\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\x12\r\n\x05nonce\x18\n \x01(\t\x12\x0f\n\x07task_id\x18\x0b \x01(\t\x12\r\n\x05model\x18\x0c \x01(\t\"c\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x07\n\x03\x45ND\x10\x02\x12\x11\n\rOFFER_INITIAL\x10\x03\x12\n\n\x06RESEND\x10\x04\x12\x0c\n\x08\x45VALUATE\x10\x05\x12\x10\n\x0cSUBMIT_MODEL\x10\x06\"\x83\x01\n\x0bUploadBegin\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x0f\n\x07initial\x18\x04 \x01(\x08\x12\x15\n\rmanifest_json\x18\x05 \x01(\t\x12\r\n\x05nonce\x18\x06 \x01(\t\x12\x0f\n\x07task_id\x18\x07 \x01(\t\"1\n\x0bUploadState\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0f\n\x07offsets\x18\x02 \x03(\x03\"\x1b\n\tUploadAck\x12\x0e\n\x06offset\x18\x01 \x01(\x03\"O\n\x0cUploadCommit\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x15\n\rshard_digests\x18\x02 \x03(\t\x12\x15\n\renvelope_json\x18\x03 \x01(\t\"-\n\x0b\x43ommitReply\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\\\n\x0f\x44ownloadRequest\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\r\n\x05shard\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\r\n\x05model\x18\x05 \x01(\t\"T\n\rResultRequest\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x15\n\renvelope_json\x18\x04 \x01(\t\"?\n\nLogRequest\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x14\n\x0crecords_json\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"\"\n\x0bStatusReply\x12\x13\n\x0bstatus_json\x18\x01 \x01(\t\"\x07\n\x05\x45mptyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x08\x66l.proto\x12\x0c\x66lplugins.v1\"H\n\x0cHelloRequest\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x0f\n\x07version\x18\x02 \x01(\t\x12\x19\n\x11\x63\x61n_offer_initial\x18\x03 \x01(\x08\"q\n\nHelloReply\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x14\n\x0ctotal_rounds\x18\x02 \x01(\x05\x12\x13\n\x0b\x63hunk_bytes\x18\x03 \x01(\x03\x12\x0f\n\x07version\x18\x04 \x01(\t\x12\x17\n\x0f\x65valuates_after\x18\x05 \x01(\x08\"b\n\x0bTaskRequest\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\x14\n\x0cwait_seconds\x18\x02 \x01(\x01\x12\x19\n\x11\x63\x61n_offer_initial\x18\x03 \x01(\x08\x12\x14\n\x0cholds_update\x18\x04 \x01(\t\"\xd7\x02\n\x04Task\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.flplugins.v1.Task.Kind\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x14\n\x0ctotal_rounds\x18\x04 \x01(\x05\x12\x13\n\x0bstart_round\x18\x05 \x01(\x05\x12\x11\n\ttask_name\x18\x06 \x01(\t\x12\x15\n\rmanifest_json\x18\x07 \x01(\t\x12\x0e\n\x06job_id\x18\x08 \x01(\t\x12\x0f\n\x07message\x18\t \x01(\t\x12\r\n\x05nonce\x18\n \x01(\t\x12\x0f\n\x07task_id\x18\x0b \x01(\t\x12\r\n\x05model\x18\x0c \x01(\t\"c\n\x04Kind\x12\x08\n\x04WAIT\x10\x00\x12\t\n\x05TRAIN\x10\x01\x12\x07\n\x03\x45ND\x10\x02\x12\x11\n\rOFFER_INITIAL\x10\x03\x12\n\n\x06RESEND\x10\x04\x12\x0c\n\x08\x45VALUATE\x10\x05\x12\x10\n\x0cSUBMIT_MODEL\x10\x06\"\x83\x01\n\x0bUploadBegin\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0f\n\x07\x61ttempt\x18\x03 \x01(\x05\x12\x0f\n\x07initial\x18\x04 \x01(\x08\x12\x15\n\rmanifest_json\x18\x05 \x01(\t\x12\r\n\x05nonce\x18\x06 \x01(\t\x12\x0f\n\x07task_id\x18\x07 \x01(\t\"1\n\x0bUploadState\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x0f\n\x07offsets\x18\x02 \x03(\x03\"\x1b\n\tUploadAck\x12\x0e\n\x06offset\x18\x01 \x01(\x03\"O\n\x0cUploadCommit\x12\x11\n\tupload_id\x18\x01 \x01(\t\x12\x15\n\rshard_digests\x18\x02 \x03(\t\x12\x15\n\renvelope_json\x18\x03 \x01(\t\"-\n\x0b\x43ommitReply\x12\r\n\x05round\x18\x01 \x01(\x05\x12\x0f\n\x07message\x18\x02 \x01(\t\"\\\n\x0f\x44ownloadRequest\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\r\n\x05shard\x18\x03 \x01(\x05\x12\x0e\n\x06offset\x18\x04 \x01(\x03\x12\r\n\x05model\x18\x05 \x01(\t\"T\n\rResultRequest\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x0f\n\x07task_id\x18\x03 \x01(\t\x12\x15\n\renvelope_json\x18\x04 \x01(\t\"?\n\nLogRequest\x12\x0c\n\x04site\x18\x01 \x01(\t\x12\r\n\x05round\x18\x02 \x01(\x05\x12\x14\n\x0crecords_json\x18\x03 \x01(\t\"\x0f\n\rStatusRequest\"\"\n\x0bStatusReply\x12\x13\n\x0bstatus_json\x18\x01 \x01(\t\"\x07\n\x05\x45mptyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -34,33 +34,33 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_HELLOREQUEST']._serialized_start=26
   _globals['_HELLOREQUEST']._serialized_end=98
   _globals['_HELLOREPLY']._serialized_start=100
-  _globals['_HELLOREPLY']._serialized_end=188
-  _globals['_TASKREQUEST']._serialized_start=190
-  _globals['_TASKREQUEST']._serialized_end=288
-  _globals['_TASK']._serialized_start=291
-  _globals['_TASK']._serialized_end=634
-  _globals['_TASK_KIND']._serialized_start=535
-  _globals['_TASK_KIND']._serialized_end=634
-  _globals['_UPLOADBEGIN']._serialized_start=637
-  _globals['_UPLOADBEGIN']._serialized_end=768
-  _globals['_UPLOADSTATE']._serialized_start=770
-  _globals['_UPLOADSTATE']._serialized_end=819
-  _globals['_UPLOADACK']._serialized_start=821
-  _globals['_UPLOADACK']._serialized_end=848
-  _globals['_UPLOADCOMMIT']._serialized_start=850
-  _globals['_UPLOADCOMMIT']._serialized_end=929
-  _globals['_COMMITREPLY']._serialized_start=931
-  _globals['_COMMITREPLY']._serialized_end=976
-  _globals['_DOWNLOADREQUEST']._serialized_start=978
-  _globals['_DOWNLOADREQUEST']._serialized_end=1070
-  _globals['_RESULTREQUEST']._serialized_start=1072
-  _globals['_RESULTREQUEST']._serialized_end=1156
-  _globals['_LOGREQUEST']._serialized_start=1158
-  _globals['_LOGREQUEST']._serialized_end=1221
-  _globals['_STATUSREQUEST']._serialized_start=1223
-  _globals['_STATUSREQUEST']._serialized_end=1238
-  _globals['_STATUSREPLY']._serialized_start=1240
-  _globals['_STATUSREPLY']._serialized_end=1274
-  _globals['_EMPTY']._serialized_start=1276
-  _globals['_EMPTY']._serialized_end=1283
+  _globals['_HELLOREPLY']._serialized_end=213
+  _globals['_TASKREQUEST']._serialized_start=215
+  _globals['_TASKREQUEST']._serialized_end=313
+  _globals['_TASK']._serialized_start=316
+  _globals['_TASK']._serialized_end=659
+  _globals['_TASK_KIND']._serialized_start=560
+  _globals['_TASK_KIND']._serialized_end=659
+  _globals['_UPLOADBEGIN']._serialized_start=662
+  _globals['_UPLOADBEGIN']._serialized_end=793
+  _globals['_UPLOADSTATE']._serialized_start=795
+  _globals['_UPLOADSTATE']._serialized_end=844
+  _globals['_UPLOADACK']._serialized_start=846
+  _globals['_UPLOADACK']._serialized_end=873
+  _globals['_UPLOADCOMMIT']._serialized_start=875
+  _globals['_UPLOADCOMMIT']._serialized_end=954
+  _globals['_COMMITREPLY']._serialized_start=956
+  _globals['_COMMITREPLY']._serialized_end=1001
+  _globals['_DOWNLOADREQUEST']._serialized_start=1003
+  _globals['_DOWNLOADREQUEST']._serialized_end=1095
+  _globals['_RESULTREQUEST']._serialized_start=1097
+  _globals['_RESULTREQUEST']._serialized_end=1181
+  _globals['_LOGREQUEST']._serialized_start=1183
+  _globals['_LOGREQUEST']._serialized_end=1246
+  _globals['_STATUSREQUEST']._serialized_start=1248
+  _globals['_STATUSREQUEST']._serialized_end=1263
+  _globals['_STATUSREPLY']._serialized_start=1265
+  _globals['_STATUSREPLY']._serialized_end=1299
+  _globals['_EMPTY']._serialized_start=1301
+  _globals['_EMPTY']._serialized_end=1308
 # @@protoc_insertion_point(module_scope)
