@@ -152,9 +152,12 @@ def _events(run_dir: Path, kind: str) -> list[dict[str, Any]]:
     return [r for r in map(json.loads, lines) if r.get("event") == kind]
 
 
-def test_hello_numpy_cross_val_client_runs_unchanged(server_factory, tmp_path):
+@pytest.mark.parametrize("update_type", ["full", "diff"])
+def test_hello_numpy_cross_val_client_runs_unchanged(server_factory, tmp_path, update_type):
+    """Both of the script's --update_type: a DIFF answer to SUBMIT_MODEL is sent as the received model plus it."""
     srv = server_factory(rounds=2, min_sites=2, initial=INIT, workflow="fedavg,cross-site-eval")
-    procs = _sites(tmp_path, srv, NUMPY_CSE_CLIENT, {"site-1": [], "site-2": []}, {"FL_PARAMS_FORMAT": "numpy"})
+    args = ["--update_type", update_type]
+    procs = _sites(tmp_path, srv, NUMPY_CSE_CLIENT, {"site-1": args, "site-2": args}, {"FL_PARAMS_FORMAT": "numpy"})
     out = _wait(procs, srv)
     assert "submit_model" in out["site-1"] and "validate" in out["site-2"]
     run = srv.aggregator.config.run_dir
