@@ -60,8 +60,8 @@ def test_a_submission_must_use_the_aggregators_chunk_size(in_memory):
     c.chunk_bytes = 8  # 16 bytes of digest kept per 8 bytes of model, and 8-byte frames for every evaluator
     with pytest.raises(ProtocolError, match="chunk_bytes is 8"):
         c.upload(t.round, 0, {"w": np.ones(1 << 14, np.float32)}, {"params_type": "FULL"}, task_id=t.task_id)
-    with f.aggregator.lock:
-        assert "chunk_bytes" in f.aggregator.job.sweep.cells["site-1"]["global"].error
+    _until(lambda: f.aggregator.job.submissions is not None, "the submissions did not end")  # (its only cell)
+    assert "chunk_bytes" in f.aggregator.job.submissions.cells["site-1"]["global"].error
 
 
 def test_a_commit_after_its_cell_closed_is_refused_and_stays_refused(in_memory):

@@ -308,3 +308,18 @@ def test_a_run_that_fails_to_start_leaves_no_run_directory(tmp_path):
     assert out.returncode == 2, out.stdout + out.stderr
     assert "initial.safetensors" in out.stderr
     assert not run.exists(), sorted(str(p.relative_to(run)) for p in run.rglob("*"))
+
+
+def test_a_written_shards_chunk_digests_cover_its_last_partial_chunk(tmp_path):
+    """store.write_shard: the .chunks file holds one digest per chunk, the last (partial) one too, so a checkpoint
+    is served with its digests (a short file is ignored and every chunk hashed again as it is served)."""
+    from fl_plugins import tensors
+    from fl_plugins.aggregator.store import write_shard
+    from fl_plugins.wire.layout import plan_shards
+
+    data = np.arange(70_000, dtype=np.float32)  # 280 000 bytes + header: 5 chunks of 64 KiB, the last partial
+    (layout,) = plan_shards(tensors.describe({"w": data}))
+    written = write_shard(tmp_path / layout.name, layout, [data], 64 << 10)
+    size = (tmp_path / layout.name).stat().st_size
+    assert (tmp_path / (layout.name + ".chunks")).stat().st_size == 16 * -(-size // (64 << 10))
+    assert written.digest

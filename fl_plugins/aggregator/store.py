@@ -319,8 +319,9 @@ def write_shard(path: Path, layout: ShardLayout, blocks: Iterable[Any], chunk_by
             _write(f, hasher, np.ascontiguousarray(block).reshape(-1).view(np.uint8).data)
     if hasher.size != layout.size:
         raise IntegrityError(f"{layout.name}: wrote {hasher.size} bytes, layout says {layout.size}")
+    digest = hasher.hexdigest()  # first: it hashes the last, partial chunk, whose digest the .chunks file needs
     write_chunk_digests(path, hasher.shard.digests)
-    return ShardLayout(layout.name, layout.header, layout.tensors, hasher.hexdigest())
+    return ShardLayout(layout.name, layout.header, layout.tensors, digest)
 
 
 @contextlib.contextmanager
