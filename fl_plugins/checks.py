@@ -130,7 +130,6 @@ class PathValue:
         return Path(text)
 
 
-WORKFLOWS = ("fedavg", "cyclic", "cross-site-eval", "evaluate")  # workflow.py's; a job runs one or two in turn
 STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold")  # strategy.py's
 
 

@@ -74,13 +74,6 @@ class Sweep:
             self.since[site] = now
         return row
 
-    def add_model(self, name: str) -> None:
-        """A model to evaluate that arrived while the sweep runs (none does today; kept for cross-site)."""
-        if name not in self.models:
-            self.models.append(name)
-            for row in self.cells.values():
-                row[name] = Cell()
-
     # -- tasks and answers --------------------------------------------------------------------------------------
     def next_task(self, site: str, now: float) -> tuple[str, str] | None:
         """(model, task id) for `site` now: its open task again, else its next empty cell; None: its row is full."""

@@ -8,7 +8,6 @@ upload's own lock orders its stream; the fold gate orders folds against the clos
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import TYPE_CHECKING, Any
 
@@ -16,10 +15,19 @@ from fl_plugins.aggregator import submissions
 from fl_plugins.aggregator.fedavg import MAX_WEIGHT, check_averageable
 from fl_plugins.aggregator.rounds import Counted, SiteState
 from fl_plugins.aggregator.strategy import Strategy
-from fl_plugins.aggregator.uploads import FoldSink, Stream, Upload, check_owner, check_plan, parse_update
+from fl_plugins.aggregator.uploads import (
+    FoldSink,
+    Stream,
+    Upload,
+    check_chunk_bytes,
+    check_owner,
+    check_plan,
+    parse_update,
+    upload_key,
+)
 from fl_plugins.errors import FLError, IntegrityError, ModelMismatchError, ProtocolError, RoundError
 from fl_plugins.records import UpdateRecord
-from fl_plugins.wire.layout import Manifest, short_repr
+from fl_plugins.wire.layout import Manifest
 from fl_plugins.wire.stream import ShardReceiver
 
 if TYPE_CHECKING:
@@ -43,9 +51,7 @@ class Intake:
         if task_id:
             return submissions.begin(self, site, round_, manifest_json, nonce, task_id)
         manifest, params_type, weight = self._parsed(site, round_, attempt, initial, manifest_json)
-        sha = hashlib.sha256(manifest_json.encode() if isinstance(manifest_json, str) else manifest_json).digest()
-        if not isinstance(nonce, str) or not 1 <= len(nonce) <= 64:
-            raise ProtocolError(f"site {site!r}: an upload's nonce must be 1-64 characters (got {short_repr(nonce)})")
+        sha = upload_key(site, manifest_json, nonce)
         upload_id = f"{site}:{round_}:{attempt}:{'init' if initial else 'upd'}:{nonce}"
         with self.lock:
             now = self.agg.clock()
@@ -76,11 +82,7 @@ class Intake:
     def _parsed(self, site: str, round_: int, attempt: int, initial: bool, js: str) -> tuple[Manifest, str, float]:
         try:
             manifest, params_type, weight = parse_update(site, js)
-            if manifest.chunk_bytes != self.config.chunk_bytes:
-                raise ProtocolError(
-                    f"site {site!r}: the manifest's chunk_bytes is {manifest.chunk_bytes}, the aggregator's is "
-                    f"{self.config.chunk_bytes}: chunk with the size Hello returned"
-                )
+            check_chunk_bytes(site, manifest, self.config.chunk_bytes)
             if not initial and not 0 < weight <= MAX_WEIGHT:
                 raise ProtocolError(
                     f"site {site!r}: NUM_STEPS_CURRENT_ROUND must be at most {MAX_WEIGHT:g} (got {weight:g}); "

@@ -81,7 +81,10 @@ class Job:
 
     def _evaluated_already(self, r: int) -> bool:
         """An aggregator restarted after round `r`'s global model was evaluated (its "evaluation" record is in
-        RUN_DIR/metrics.jsonl): not again."""
+        RUN_DIR/metrics.jsonl): not again. Only the round a restart finds checkpointed can have been (the file is
+        read then, not at every evaluation)."""
+        if r != self.rounds.restarted_at:
+            return False
         recs = read_records(self.config.run_dir / METRICS)
         return any(isinstance(rec, EvaluationRecord) and rec.round == r for rec in recs)
 

@@ -19,10 +19,9 @@ from pathlib import Path
 
 from fl_plugins.aggregator.files import DIR_MODE, fsync_dir, private_dir, write_atomic, write_private
 from fl_plugins.aggregator.offer import FileSink
-from fl_plugins.aggregator.store import write_chunk_digests
 from fl_plugins.aggregator.uploads import Upload
 from fl_plugins.errors import RoundError
-from fl_plugins.wire.layout import Manifest, ShardLayout
+from fl_plugins.wire.layout import Manifest
 from fl_plugins.wire.stream import FileSource
 
 
@@ -50,14 +49,7 @@ class SubmittedModels:
         """The submission arrived whole: cross_site/SITE holds it, ready to serve; returns its manifest."""
         sink = u.sink
         assert isinstance(sink, FileSink)
-        sink.close()
-        shards = [
-            ShardLayout(s.name, sink.headers[i], s.tensors, d)
-            for i, (s, d) in enumerate(zip(u.manifest.shards, digests, strict=True))
-        ]
-        manifest = Manifest(shards, u.manifest.chunk_bytes, {})  # (the task names the owner)
-        for shard, rx in zip(shards, u.receivers, strict=True):
-            write_chunk_digests(sink.directory / shard.name, rx.digest.digests)
+        manifest = Manifest(sink.finish(u, digests), u.manifest.chunk_bytes, {})  # (the task names the owner)
         write_private(sink.directory / "manifest.json", manifest.to_json())
         final = self.root / _folder(u.site)
         if final.exists():

@@ -44,6 +44,18 @@ class FileSink:
         for f in self.fds:
             f.close()
 
+    def finish(self, u: Upload, digests: list[str]) -> list[ShardLayout]:
+        """Upload `u` arrived whole: close the files, write each shard's chunk digests beside it, and return its
+        shards' layouts (headers as received, the committed shard digests)."""
+        self.close()
+        shards = [
+            ShardLayout(s.name, self.headers[i], s.tensors, d)
+            for i, (s, d) in enumerate(zip(u.manifest.shards, digests, strict=True))
+        ]
+        for shard, rx in zip(shards, u.receivers, strict=True):
+            write_chunk_digests(self.directory / shard.name, rx.digest.digests)
+        return shards
+
 
 class Offer:
     def __init__(self, store: RunStore, min_sites: int, site_timeout: float, extra: ExtraShards | None = None) -> None:
@@ -98,13 +110,7 @@ class Offer:
         """The offered model arrived whole: it becomes round 0's global model (returned)."""
         sink = u.sink
         assert isinstance(sink, FileSink)
-        sink.close()
-        shards = [
-            ShardLayout(s.name, sink.headers[i], s.tensors, d)
-            for i, (s, d) in enumerate(zip(u.manifest.shards, digests, strict=True))
-        ]
-        for shard, rx in zip(shards, u.receivers, strict=True):
-            write_chunk_digests(sink.directory / shard.name, rx.digest.digests)
+        shards = sink.finish(u, digests)
         if self.extra is not None:
             shards += self.extra(sink.directory, shards, u.manifest.chunk_bytes)
         manifest = Manifest(shards, u.manifest.chunk_bytes, {"current_round": 0})

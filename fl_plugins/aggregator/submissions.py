@@ -7,13 +7,11 @@ intake.py hands these uploads here: `begin` takes the coordinator's lock, `commi
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from typing import TYPE_CHECKING, Any
 
-from fl_plugins.aggregator.uploads import Upload, check_plan, parse_update
+from fl_plugins.aggregator.uploads import Upload, check_chunk_bytes, check_plan, parse_update, upload_key
 from fl_plugins.errors import FLError, ProtocolError, RoundError
-from fl_plugins.wire.layout import short_repr
 
 if TYPE_CHECKING:
     from fl_plugins.aggregator.intake import Intake
@@ -24,9 +22,7 @@ log = logging.getLogger(__name__)
 def begin(intake: Intake, site: str, round_: int, manifest_json: str, nonce: str, task_id: str) -> Upload:
     """A SUBMIT_MODEL task's answer: the site's local model, FULL params of the global model's tensors, kept
     for cross-site evaluation (models.py). What is wrong with it fills the site's cell with the reason."""
-    sha = hashlib.sha256(manifest_json.encode() if isinstance(manifest_json, str) else manifest_json).digest()
-    if not isinstance(nonce, str) or not 1 <= len(nonce) <= 64:
-        raise ProtocolError(f"site {site!r}: an upload's nonce must be 1-64 characters (got {short_repr(nonce)})")
+    sha = upload_key(site, manifest_json, nonce)
     with intake.lock:
         s = intake.rounds.touch(site, intake.agg.clock())
         sweep = intake.agg.job.sweep
@@ -39,11 +35,7 @@ def begin(intake: Intake, site: str, round_: int, manifest_json: str, nonce: str
             return existing  # a resume
         try:
             manifest, params_type, _ = parse_update(site, manifest_json)
-            if manifest.chunk_bytes != intake.config.chunk_bytes:
-                raise ProtocolError(
-                    f"site {site!r}: the manifest's chunk_bytes is {manifest.chunk_bytes}, the aggregator's is "
-                    f"{intake.config.chunk_bytes}: chunk with the size Hello returned"
-                )
+            check_chunk_bytes(site, manifest, intake.config.chunk_bytes)
             if params_type != "FULL":
                 raise ProtocolError(
                     f"site {site!r}: a submitted model must be FULL params (its best or last local model), got "

@@ -10,6 +10,7 @@ caller holds the coordinator's lock around every `Uploads` call; `Gate` orders f
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import logging
 import threading
 from collections.abc import Iterator
@@ -176,6 +177,22 @@ def parse_update(site: str, manifest_json: str) -> tuple[Manifest, str, float]:
             f"site {site!r}: NUM_STEPS_CURRENT_ROUND must be a finite number > 0 (got {short_repr(weight)})"
         )
     return manifest, params_type, w
+
+
+def upload_key(site: str, manifest_json: str, nonce: str) -> bytes:
+    """An upload's manifest hash (a resume must send the same manifest), after checking its nonce."""
+    if not isinstance(nonce, str) or not 1 <= len(nonce) <= 64:
+        raise ProtocolError(f"site {site!r}: an upload's nonce must be 1-64 characters (got {short_repr(nonce)})")
+    return hashlib.sha256(manifest_json.encode() if isinstance(manifest_json, str) else manifest_json).digest()
+
+
+def check_chunk_bytes(site: str, manifest: Manifest, chunk_bytes: int) -> None:
+    """An upload is chunked with the aggregator's size (Hello's): it bounds the digests kept and the frames."""
+    if manifest.chunk_bytes != chunk_bytes:
+        raise ProtocolError(
+            f"site {site!r}: the manifest's chunk_bytes is {manifest.chunk_bytes}, the aggregator's is "
+            f"{chunk_bytes}: chunk with the size Hello returned"
+        )
 
 
 def check_plan(global_manifest: Manifest, manifest: Manifest, what: str, *, submitted: bool = False) -> None:
