@@ -89,7 +89,7 @@ class Choice:
 
 @dataclass(frozen=True)
 class Boolean:
-    """True or false (on the command line, a switch that turns the default over: fl_plugins/cli.py)."""
+    """True or false (on the command line, a switch that turns the default over: fl_plugins/cli/server.py)."""
 
     def check(self, v: Any) -> bool:
         if not isinstance(v, bool):

@@ -1,6 +1,7 @@
 """The aggregator's settings, each declared once: a field of `AggregatorConfig` whose metadata (a `Setting`) holds
-its documentation, its check, its `fl-plugins server` flag and its recipe key. The command line (fl_plugins/cli.py)
-and the recipe (fl_plugins/recipe.py) derive theirs from here, so a setting has one default and one check:
+its documentation, its check, its `fl-plugins server` flag and its recipe key. The command line
+(fl_plugins/cli/server.py) and the recipe (fl_plugins/recipe.py) derive theirs from here, so a setting has one
+default and one check:
 
     setting                flag                      recipe key                         default
     run_dir                --run-dir                 -                                  (runs/NAME with a recipe)

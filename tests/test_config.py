@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 import fl_plugins.config
-from fl_plugins.cli import _given_flags, _parser, main, server_config
+from fl_plugins.cli import _parser, main, server_config
+from fl_plugins.cli.server import given_flags
 from fl_plugins.config import SETTINGS, AggregatorConfig
 from fl_plugins.errors import ConfigError
 from fl_plugins.recipe import load_recipe
@@ -26,7 +27,7 @@ def _recipe(tmp_path: Path, extra: str = "") -> Path:
 def _server_config(argv: list[str]) -> AggregatorConfig:
     """The AggregatorConfig `fl-plugins server ARGV` would start with."""
     args = _parser().parse_args(["server", *argv])
-    return server_config(_given_flags(args), None if args.recipe is None else load_recipe(args.recipe))
+    return server_config(given_flags(args), None if args.recipe is None else load_recipe(args.recipe))
 
 
 # -- an error names the key the user wrote -------------------------------------------------------------------

@@ -1,0 +1,51 @@
+"""`fl-plugins`: the command line. `fl-plugins server ...` runs the aggregator service; `fl-plugins run RECIPE`
+runs a whole federation on this machine (runner.py); `fl-plugins provision PROJECT.yaml` writes the CA and the
+startup kits (security/provision.py); `fl-plugins client --kit KIT -- CMD` runs a site's script with its kit;
+`fl-plugins report RUN_DIR` prints a run's table and writes its plots (report.py)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from collections.abc import Callable
+
+from fl_plugins._version import __version__
+from fl_plugins.cli import client, provision, run, server
+from fl_plugins.cli.server import server_config
+from fl_plugins.errors import FLError
+
+__all__ = ["main", "server_config"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="fl-plugins", description="Federated fine-tuning: the aggregator and tools.")
+    p.add_argument("--version", action="version", version=f"fl-plugins {__version__}")
+    sub = p.add_subparsers(dest="command", required=True)
+    for add in (server.add, run.add_run, provision.add, client.add, run.add_report):
+        add(sub)
+    return p
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace], int]] = {
+    "server": server.command,
+    "run": run.run_command,
+    "provision": provision.command,
+    "client": client.command,
+    "report": run.report_command,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    from fl_plugins._sys import limit_malloc_arenas
+
+    limit_malloc_arenas()
+    args = _parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(args, "log_level", "INFO").upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        return COMMANDS[args.command](args)
+    except FLError as e:
+        print(f"fl-plugins {args.command}: error: {e}", file=sys.stderr)
+        return 2

@@ -1,0 +1,65 @@
+"""`fl-plugins run RECIPE` (a whole federation on this machine: runner.py) and `fl-plugins report RUN_DIR`."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+from pathlib import Path
+from typing import Any, NoReturn
+
+
+def add_run(sub: Any) -> None:
+    r = sub.add_parser(
+        "run",
+        help="run a whole federation on this machine from a recipe",
+        description="Start the aggregator and one process per site on 127.0.0.1, as the recipe says; show "
+        "progress; stop everything at the end, on Ctrl-C or when a site crashes.",
+    )
+    r.add_argument("recipe", type=Path, help="the recipe YAML (see recipes/quickstart.yaml)")
+    r.add_argument(
+        "--run-dir",
+        type=Path,
+        help="logs, metrics and checkpoints go here; an existing run dir of the same recipe resumes, one of "
+        "another is refused (default: runs/NAME-TIMESTAMP)",
+    )
+    r.add_argument("--log-level", default="WARNING", help="console log level (the run dir's logs are INFO)")
+    r.add_argument(
+        "--tls",
+        action="store_true",
+        help="mTLS between the sites and the aggregator: provision a CA and startup kits into RUN_DIR/kits first",
+    )
+
+
+def run_command(args: argparse.Namespace) -> int:
+    from fl_plugins.recipe import load_recipe
+    from fl_plugins.runner import default_run_dir, run
+
+    recipe = load_recipe(args.recipe)
+
+    def _term(*_: object) -> NoReturn:
+        raise KeyboardInterrupt
+
+    # SIGTERM (and SIGINT, even where a shell started us with it ignored) stop the sites and the aggregator
+    signal.signal(signal.SIGTERM, _term)
+    signal.signal(signal.SIGINT, _term)
+    return run(recipe, args.run_dir or default_run_dir(recipe), tls=args.tls)
+
+
+def add_report(sub: Any) -> None:
+    e = sub.add_parser(
+        "report",
+        help="print a run's per-round table and write its plots",
+        description="Read RUN_DIR (metrics.jsonl, logs.jsonl, summary.json, baselines.json), print the per-round "
+        "table and write PNG plots into RUN_DIR/report.",
+    )
+    e.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory of `fl-plugins run` or `server`")
+    e.add_argument("--no-plots", action="store_true", help="only print the table")
+    e.add_argument("--partial", action="store_true", help="report an unfinished run as far as it got")
+    e.add_argument("--log-level", default="WARNING")
+
+
+def report_command(args: argparse.Namespace) -> int:
+    from fl_plugins.report import report
+
+    report(args.run_dir, plots=not args.no_plots, partial=args.partial)
+    return 0
