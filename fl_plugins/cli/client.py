@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from fl_plugins.cli.levels import add_log_level
 from fl_plugins.errors import ConfigError
 
 
@@ -27,7 +28,18 @@ def add(sub: Any) -> None:
         action="store_true",
         help="without --kit: allow plaintext to a non-loopback aggregator (sets FL_INSECURE=1)",
     )
-    c.add_argument("--log-level", default="WARNING")
+    c.add_argument(
+        "--connect-timeout",
+        metavar="S",
+        help="seconds the site waits for an aggregator that is not up yet (sets FL_CONNECT_TIMEOUT; default 60)",
+    )
+    c.add_argument(
+        "--retry-timeout",
+        metavar="S",
+        help="seconds the aggregator may be silent mid-job before the site gives up (sets FL_RETRY_TIMEOUT; "
+        "default 60, the aggregator's default --site-timeout)",
+    )
+    add_log_level(c, "warning", " for this command's own messages (the script's logging is its own)")
     c.add_argument("cmd", nargs=argparse.REMAINDER, metavar="-- COMMAND [ARGS...]", help="what to run as this site")
 
 
@@ -42,6 +54,7 @@ def command(args: argparse.Namespace) -> int:
         raise ConfigError("no command to run: fl-plugins client --kit KIT -- python train.py [ARGS]")
     env = dict(os.environ)
     env.pop("FL_INSECURE", None)  # the flag decides, not what this shell happens to hold
+    env.update(_timeouts(args))
     if args.kit is not None:
         if args.insecure:
             raise ConfigError(
@@ -76,3 +89,14 @@ def command(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, lambda *_: proc.terminate())
     rc = proc.wait()
     return 128 - rc if rc < 0 else rc  # killed by signal N: 128 + N, as a shell reports it
+
+
+def _timeouts(args: argparse.Namespace) -> dict[str, str]:
+    """The environment the timeout flags set for the command, checked here: a bad value stops before it runs."""
+    from fl_plugins.client.retry import check_timeout
+
+    flags = [
+        ("--connect-timeout", args.connect_timeout, "FL_CONNECT_TIMEOUT"),
+        ("--retry-timeout", args.retry_timeout, "FL_RETRY_TIMEOUT"),
+    ]
+    return {var: str(check_timeout(raw, flag)) for flag, raw, var in flags if raw is not None}

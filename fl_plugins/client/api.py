@@ -20,13 +20,17 @@ Each function is a method of the current `ClientSession` (session.py), which ini
 from __future__ import annotations
 
 import os
+import sys
 import threading
+from collections.abc import Callable
+from types import TracebackType
 from typing import TYPE_CHECKING, Any
 
 from fl_plugins.client import session
 from fl_plugins.client.model import FLModel
+from fl_plugins.client.retry import check_timeout
 from fl_plugins.client.session import ClientSession
-from fl_plugins.errors import ConfigError
+from fl_plugins.errors import AuthError, ConfigError, PolicyError, TransportError
 
 if TYPE_CHECKING:
     from fl_plugins.security.tls import SiteKit
@@ -34,6 +38,8 @@ if TYPE_CHECKING:
 _ENV_SERVER = "FL_SERVER"
 _ENV_SITE = "FL_SITE"
 _ENV_KIT = "FL_KIT"
+_ENV_CONNECT_TIMEOUT = "FL_CONNECT_TIMEOUT"
+_ENV_RETRY_TIMEOUT = "FL_RETRY_TIMEOUT"
 _init_lock = threading.Lock()
 
 
@@ -44,8 +50,8 @@ def init(
     kit: str | os.PathLike | None = None,
     rank: int | str | None = None,
     params_format: str | None = None,
-    connect_timeout: float = 60.0,
-    retry_timeout: float = 120.0,
+    connect_timeout: float | None = None,
+    retry_timeout: float | None = None,
     config_file: str | None = None,
     insecure: bool | None = None,
 ) -> None:
@@ -58,12 +64,19 @@ def init(
     allows a non-loopback aggregator anyway, with a warning.
     rank: this process's rank (default: $RANK, else 0); only rank 0 talks to the aggregator.
     params_format: "torch" or "numpy" for received params (default: $FL_PARAMS_FORMAT, else torch when the
-    script imported torch). connect_timeout: how long to wait for an aggregator that is still starting.
-    config_file: accepted for NVIDIA FLARE compatibility and ignored.
+    script imported torch).
+    connect_timeout: seconds to wait for an aggregator that is not up yet (default: $FL_CONNECT_TIMEOUT, else 60),
+    saying so on the site's log every few seconds; a TLS handshake that cannot succeed fails at once.
+    retry_timeout: seconds the aggregator may be silent mid-job before a call gives up (default: $FL_RETRY_TIMEOUT,
+    else 60, the aggregator's default site timeout). config_file: for NVIDIA FLARE compatibility, ignored.
+
+    From here on, an uncaught TransportError, AuthError or PolicyError ends the script with one line on stderr,
+    `fl-plugins: MESSAGE`, and exit status 1; other exceptions keep their traceback (`OneLineErrors`).
     """
     with _init_lock:
         if session.current() is not None:
             return
+        install_one_line_errors()
         site_given = bool(site)
         server = server or os.environ.get(_ENV_SERVER)
         site = site or os.environ.get(_ENV_SITE)
@@ -83,12 +96,45 @@ def init(
             site or f"rank-{rank}",
             rank=rank,
             params_format=params_format,
-            connect_timeout=connect_timeout,
-            retry_timeout=retry_timeout,
+            connect_timeout=_seconds(connect_timeout, "connect_timeout", _ENV_CONNECT_TIMEOUT, 60.0),
+            retry_timeout=_seconds(retry_timeout, "retry_timeout", _ENV_RETRY_TIMEOUT, 60.0),
             kit=site_kit,
             insecure=insecure,
         )
         session.activate(opened)
+
+
+def _seconds(value: float | None, name: str, variable: str, default: float) -> float:
+    """init()'s `name` argument, else $`variable`, else `default`; ConfigError naming where a bad value came from."""
+    if value is not None:
+        return check_timeout(value, f"init({name}=...)")
+    raw = os.environ.get(variable, "")
+    return check_timeout(raw.strip(), f"${variable}") if raw.strip() else default
+
+
+class OneLineErrors:
+    """sys.excepthook once init() ran: an uncaught TransportError (the aggregator gone, or a connection that cannot
+    succeed), AuthError (the aggregator refuses this site) or PolicyError (this site's policy refuses the job) is
+    printed as one line, `fl-plugins: MESSAGE`, on stderr: the message says what happened and what to do, and a
+    traceback through the user's training loop would only bury it. Every other exception goes to `previous`, the
+    hook installed before (Python's traceback). Either way the interpreter then exits with status 1."""
+
+    REPORTED = (TransportError, AuthError, PolicyError)
+
+    def __init__(self, previous: Callable[[type[BaseException], BaseException, TracebackType | None], Any]) -> None:
+        self.previous = previous
+
+    def __call__(self, kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> None:
+        if isinstance(value, self.REPORTED):
+            print("fl-plugins: " + " ".join(str(value).split()), file=sys.stderr, flush=True)
+        else:
+            self.previous(kind, value, tb)
+
+
+def install_one_line_errors() -> None:
+    """Make sys.excepthook a `OneLineErrors` over the hook in place (once: a no-op when it is one already)."""
+    if not isinstance(sys.excepthook, OneLineErrors):
+        sys.excepthook = OneLineErrors(sys.excepthook)
 
 
 def _rank(rank: int | str | None) -> int:

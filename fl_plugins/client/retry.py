@@ -3,20 +3,26 @@
 `retry()` is the only backoff loop of the client (`SiteClient.call` and the resumable transfers both use it);
 what differs between them is said in its arguments, not in another loop:
 
-    what               gives up after                         the pause restarts from `first`
-    a call (call())    `window` seconds in all                 never
-    a transfer         `window` seconds without progress       when an attempt got further
+    what               gives up after                                   the pause restarts from `first`
+    a call (call())    `window` seconds in all, or once `stopped()`      never
+                       (the aggregator silent for retry_timeout, reach.py)
+    a transfer         `window` seconds without progress                 when an attempt got further
 
 The pauses are `Backoff`'s: `first` seconds, then `factor` times the last one, at most `most`. A call starts at
-0.1 s (`CALLS`), a transfer at 0.05 s (`TRANSFERS`: its pauses restart whenever it got further).
+0.1 s (`CALLS`), a transfer at 0.05 s (`TRANSFERS`: its pauses restart whenever it got further); connect's
+attempts, which fail at once while nothing answers, pause at most 1 s (`CONNECTS`), so a site finds an aggregator
+that came up within about a second and overshoots its connect_timeout by at most that much.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TypeVar
+
+from fl_plugins.errors import ConfigError
 
 T = TypeVar("T")
 
@@ -37,7 +43,22 @@ class Backoff:
 
 
 CALLS = Backoff(first=0.1)  # SiteClient.call: 0.1, 0.2, 0.4, ... 2 s
+CONNECTS = Backoff(first=0.1, most=1.0)  # connect's attempts, which do not wait for a connection: ... 1 s
 TRANSFERS = Backoff(first=0.05)  # the resumable transfers: 0.05, 0.1, ... 2 s, from 0.05 again after progress
+
+
+def check_timeout(value: object, where: str) -> float:
+    """`value` as seconds to wait: a finite number > 0 (a number in a string too, as an environment variable holds
+    it). ConfigError naming `where` (the argument, flag or variable the value came from) otherwise."""
+    seconds = math.nan
+    if isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            seconds = float(value)
+        except ValueError:
+            pass
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"{where} must be a number of seconds > 0, e.g. 120 (got {value!r})")
+    return seconds
 
 
 def _never() -> bool:

@@ -65,12 +65,13 @@ class ClientSession:
         rank: int = 0,
         params_format: str | None = None,
         connect_timeout: float = 60.0,
-        retry_timeout: float = 120.0,
+        retry_timeout: float = 60.0,
         kit: SiteKit | None = None,
         insecure: bool = False,
     ) -> ClientSession:
-        """A session over gRPC to `server` ("host:port"); on rank 0 only it connects (see SiteClient). The
-        arguments are checked before any client (and its channel) exists."""
+        """A session over gRPC to `server` ("host:port"); on rank 0 only it connects (see SiteClient): waiting up
+        to `connect_timeout` seconds for an aggregator that is not up yet, and giving up a call once the aggregator
+        has been silent for `retry_timeout`. The arguments are checked before any client (and its channel) exists."""
         params_format = tensors.resolve_params_format(params_format)
         client = None
         if rank == 0:

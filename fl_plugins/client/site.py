@@ -1,7 +1,9 @@
 """A site's connection to the aggregator: tasks, downloads and uploads that retry and resume.
 
-Every call retries transient failures (aggregator restarting, connection cut) until `retry_timeout` (retry.py);
-transfers resume from the last verified chunk (transfers.py). The calls go through a `Transport`
+Every call retries transient failures (aggregator restarting, connection cut) until the aggregator has been silent
+for `retry_timeout` (retry.py, reach.py); a failure that waiting cannot mend (a TLS handshake that cannot succeed)
+fails at once, and a waiting site says so on its log every few seconds (reach.py). Transfers resume from the last
+verified chunk (transfers.py). The calls go through a `Transport`
 (transport.py): gRPC to the aggregator's address by default, or one passed in (`InMemoryTransport` for tests).
 """
 
@@ -19,10 +21,11 @@ from typing import Any
 import grpc
 
 from fl_plugins._version import __version__
-from fl_plugins.client.retry import CALLS, retry
+from fl_plugins.client.reach import PROBE_TIMEOUT, RETRY_KNOBS, Wait
+from fl_plugins.client.retry import CALLS, CONNECTS, check_timeout, retry
 from fl_plugins.client.transfers import Transfers
 from fl_plugins.client.transport import GrpcTransport, Metadata, Transport
-from fl_plugins.errors import ConfigError, FLError, PolicyError, TransportError
+from fl_plugins.errors import ConfigError, FLError, PolicyError
 from fl_plugins.security.policy import load_policy
 from fl_plugins.security.tls import SiteKit, check_plaintext_target, load_site_kit
 from fl_plugins.wire import rpc
@@ -63,6 +66,8 @@ def _identity(
     return address or "", site, kit
 
 
+_NO_ANSWER = (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)  # a heartbeat that did not get through
+
 # the site policy's task types (security/policy.py) of the tasks it checks; offering round 0's weights is training
 _POLICY_TASK = {
     pb.Task.TRAIN: "train",
@@ -87,7 +92,7 @@ class SiteClient:
         *,
         kit: SiteKit | str | Path | None = None,
         connect_timeout: float = 60.0,
-        retry_timeout: float = 120.0,
+        retry_timeout: float = 60.0,
         idle_timeout: float = 60.0,
         heartbeat: float = 5.0,
         max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
@@ -105,7 +110,10 @@ class SiteClient:
             transport = GrpcTransport.open(address, kit.credentials() if kit is not None else None)
         self.address, self.site, self.kit = address or str(transport), site, kit
         self.policy = load_policy(kit.path) if kit is not None else None  # what this site agrees to run
-        self.connect_timeout, self.retry_timeout, self.idle_timeout = connect_timeout, retry_timeout, idle_timeout
+        self.connect_timeout = check_timeout(connect_timeout, "connect_timeout")
+        self.retry_timeout = check_timeout(retry_timeout, "retry_timeout")
+        self.idle_timeout = idle_timeout
+        self.last_heard: float | None = None  # time.monotonic() of the aggregator's last answer; None: never
         self.max_shard_bytes = max_shard_bytes
         self.can_offer_initial = can_offer_initial
         self.transport: Transport = transport
@@ -129,6 +137,16 @@ class SiteClient:
         return self._closed.is_set()
 
     # -- plumbing ----------------------------------------------------------------------------------------
+    @property
+    def heartbeating(self) -> bool:
+        """Whether the heartbeats run, so `last_heard` is at most a heartbeat period old while the aggregator
+        answers."""
+        return self._hb is not None and self._hb.is_alive()
+
+    def heard(self) -> None:
+        """The aggregator answered (a call returned, or refused on purpose)."""
+        self.last_heard = time.monotonic()
+
     def call(
         self,
         method: str,
@@ -138,18 +156,24 @@ class SiteClient:
         per_call: float = 60.0,
         timeout: float | None = None,
         metadata: Metadata = (),
+        wait: bool = True,
     ) -> Any:
-        """Call `method`, retrying transient failures until `timeout` (default retry_timeout) has passed.
+        """Call `method`, retrying transient failures until `timeout` has passed, or by default (retry_timeout)
+        until the aggregator has been silent for retry_timeout (reach.py `Wait`). A failure that waiting cannot
+        mend (a TLS handshake that cannot succeed) fails at once.
 
-        Calls wait for a connection that is not ready yet (an aggregator restarting), but never past the
-        overall deadline, so a site gives up when it said it would. `what` names the call in errors."""
+        `wait`: each attempt waits for a connection that is not ready yet (an aggregator restarting), never past
+        the call's end, so a site gives up when it said it would; connect's attempts do not (their failures say
+        why at once, reach.py). `what` names the call in errors."""
         window = self.retry_timeout if timeout is None else timeout
-        deadline = time.monotonic() + window
+        waiting = Wait(self, what, window, silence=timeout is None)
         fn = getattr(self.transport, method)
 
         def attempt() -> Any:
-            left = max(0.05, min(per_call, deadline - time.monotonic()))
-            return fn(request, timeout=left, wait_for_ready=True, metadata=metadata or None)
+            left = max(0.05, min(per_call, waiting.until() - time.monotonic()))
+            reply = fn(request, timeout=left, wait_for_ready=wait, metadata=metadata or None)
+            self.heard()
+            return reply
 
         def fatal(e: Exception) -> BaseException | None:
             if not isinstance(e, grpc.RpcError):
@@ -157,61 +181,41 @@ class SiteClient:
             err = rpc.error_from_rpc(e, what)
             if err is not e or e.code() not in rpc.RETRYABLE:  # type: ignore[attr-defined]  # a grpc.Call
                 return err  # the aggregator refused on purpose: retrying would not help
-            return None
+            return waiting.fatal(e)
 
-        def again(e: Exception) -> None:
-            self.stats["retries"] += 1
+        def stopped() -> bool:
+            return self._closed.is_set() or time.monotonic() >= waiting.until()
 
-        def give_up(e: Exception) -> TransportError:
-            return self._unreachable(what, e)
-
-        closed = self._closed.is_set
         return retry(
-            attempt, fatal=fatal, window=window, give_up=give_up, stopped=closed, on_retry=again, backoff=CALLS
+            attempt,
+            fatal=fatal,
+            window=window,
+            give_up=waiting.give_up,
+            stopped=stopped,
+            on_retry=waiting.again,
+            backoff=CALLS if wait else CONNECTS,
         )
 
-    def _unreachable(self, what: str, e: Any) -> TransportError:
-        """The error for an aggregator that never answered. Calls wait for a connection, so they end with a bare
-        "Deadline Exceeded"; one call that does not wait tells why connecting failed (refused, closed during the
-        TLS handshake, a certificate that did not verify), and the message says what to check."""
-        code, details = e.code().name, e.details() or ""
-        if not self._closed.is_set():
-            try:
-                self.transport.Status(pb.StatusRequest(), timeout=5)
-            except grpc.RpcError as probe:
-                if probe.code() == grpc.StatusCode.UNAVAILABLE:
-                    code, details = probe.code().name, probe.details() or ""
-        return TransportError(
-            f"{what}: the aggregator at {self.address} did not answer ({code}: {details}); {self._hint(details)}"
-        )
-
-    def _hint(self, details: str) -> str:
-        low = details.lower()
-        if "wrong_version_number" in low:
-            return "the aggregator does not speak TLS: it was started without --kit, or another server listens there"
-        if "handshake" in low or "certificate" in low or "ssl" in low:
-            return (
-                "the TLS handshake failed: the aggregator's certificate did not verify against the kit's ca.crt "
-                "(a kit of another project, or a host that is not in the aggregator's certificate: `server.host` "
-                "and `alt_names` in the project file)"
-            )
-        if ("socket closed" in low or "connection reset" in low) and self.kit is not None:
-            return (
-                "the aggregator closed the connection during the TLS handshake: it refuses this site's "
-                "certificate (not signed by the project's CA, expired, or not yet valid; the aggregator's "
-                "stderr names the reason): ask the project's admin for a current kit"
-            )
-        if "socket closed" in low or "connection reset" in low:
-            return (
-                "the aggregator closed the connection: if it serves with mTLS (`fl-plugins server --kit`), "
-                "this site needs its startup kit: FL_KIT, init(kit=...) or `fl-plugins client --kit`"
-            )
-        return "check that `fl-plugins server` runs there and FL_SERVER points at it"
+    def probe(self) -> grpc.RpcError | None:
+        """One call that does not wait for a connection: its error says why connecting fails (None if it got
+        through, or failed otherwise). A waiting call that found no connection ends with a bare "Deadline
+        Exceeded"."""
+        if self._closed.is_set():
+            return None
+        try:
+            self.transport.Status(pb.StatusRequest(), timeout=PROBE_TIMEOUT, metadata=(("fl-site", self.site),))
+        except grpc.RpcError as e:
+            if e.code() == grpc.StatusCode.UNAVAILABLE:  # type: ignore[attr-defined]  # a grpc.Call
+                return e
+            self.heard()  # refused on purpose: the aggregator is there
+            return None
+        self.heard()
+        return None
 
     def connect(self) -> None:
         """Hello, waiting (bounded by connect_timeout) for an aggregator that is still starting."""
         req = pb.HelloRequest(site=self.site, version=__version__, can_offer_initial=self.can_offer_initial)
-        reply = self.call("Hello", req, "connect", per_call=10, timeout=self.connect_timeout)
+        reply = self.call("Hello", req, "connect", per_call=10, timeout=self.connect_timeout, wait=False)
         self.job_id, self.total_rounds, self.chunk_bytes = reply.job_id, reply.total_rounds, reply.chunk_bytes
         self.evaluates_after = reply.evaluates_after  # evaluations follow the last round
         if self.policy is not None:
@@ -222,12 +226,31 @@ class SiteClient:
         log.info("site %r connected to %s (job %s, %d rounds)", self.site, self.address, self.job_id, self.total_rounds)
 
     def _heartbeat(self) -> None:
+        """Every heartbeat period: tell the aggregator this site is alive, and learn whether it is. Calls that
+        matter retry on their own, and give up once it has been silent for retry_timeout (reach.py `Wait`)."""
         req = pb.HelloRequest(site=self.site)
+        said = False
         while not self._closed.wait(self._hb_period):
             try:
                 self.transport.Heartbeat(req, timeout=self._hb_period)
-            except grpc.RpcError:
-                pass  # the aggregator may be restarting; calls that matter retry on their own
+            except grpc.RpcError as e:
+                if e.code() in _NO_ANSWER:  # type: ignore[attr-defined]  # a grpc.Call
+                    said = said or self._say_silent()
+                    continue  # else refused on purpose (busy): the aggregator is there
+            if said:
+                log.warning("site %r: the aggregator at %s answers again", self.site, self.address)
+            said = False
+            self.heard()
+
+    def _say_silent(self) -> bool:
+        """Once the aggregator has been silent for two heartbeat periods, say so on the site's log (once, until it
+        answers again: the heartbeats return True then)."""
+        silent = time.monotonic() - (self.last_heard or 0.0)
+        if silent < 2 * self._hb_period or self._closed.is_set():
+            return False
+        msg = "site %r: the aggregator at %s has not answered for %.0f s; this site gives up after %g s of silence (%s)"
+        log.warning(msg, self.site, self.address, silent, self.retry_timeout, RETRY_KNOBS)
+        return True
 
     def close(self) -> None:
         self._closed.set()
