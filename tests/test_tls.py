@@ -101,14 +101,15 @@ def test_provision_writes_the_ca_and_one_kit_each_with_private_keys(kits):
     from cryptography import x509
     from cryptography.x509.oid import NameOID
 
-    assert sorted(p.name for p in kits.root.iterdir()) == ["ca", "server", "site-1", "site-2"]
+    assert sorted(p.name for p in kits.root.iterdir()) == ["admin", "ca", "server", "site-1", "site-2"]
     files = {p.relative_to(kits.root).as_posix(): stat.S_IMODE(p.stat().st_mode)
              for p in kits.root.rglob("*") if p.is_file()}  # fmt: skip
-    assert sorted(files) == ["ca/ca.crt", "ca/ca.key", "ca/issued.jsonl", "server/ca.crt", "server/kit.yaml",
+    assert sorted(files) == ["admin/ca.crt", "admin/client.crt", "admin/client.key", "admin/kit.yaml", "ca/ca.crt",
+                             "ca/ca.key", "ca/issued.jsonl", "server/ca.crt", "server/kit.yaml",
                              "server/server.crt", "server/server.key", "site-1/ca.crt", "site-1/client.crt",
                              "site-1/client.key", "site-1/kit.yaml", "site-2/ca.crt", "site-2/client.crt",
                              "site-2/client.key", "site-2/kit.yaml"]  # fmt: skip
-    keys = ["ca/ca.key", "server/server.key", "site-1/client.key", "site-2/client.key"]
+    keys = ["admin/client.key", "ca/ca.key", "server/server.key", "site-1/client.key", "site-2/client.key"]
     assert {f: m for f, m in files.items() if f.endswith(".key")} == dict.fromkeys(keys, 0o600)
     assert all(m & 0o077 == 0o044 for f, m in files.items() if not f.endswith(".key"))  # certificates: readable
 

@@ -6,13 +6,16 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from fl_plugins.cli.levels import add_log_level
+
 
 def add(sub: Any) -> None:
     v = sub.add_parser(
         "provision",
         help="make the project's CA and a startup kit for the aggregator and each site",
         description="Read the project file (name, server host/port, sites, validity_days) and write OUT/ca (the "
-        "CA: keep it, do not ship it), OUT/server (the aggregator's kit) and OUT/<site> for each site. An existing "
+        "CA: keep it, do not ship it), OUT/server (the aggregator's kit), OUT/admin (the operator's, for `fl-plugins "
+        "status`) and OUT/<site> for each site. An existing "
         "OUT/ca is reused, so kits handed out earlier stay valid.",
     )
     v.add_argument("project", type=Path, help="the project YAML")
@@ -21,10 +24,11 @@ def add(sub: Any) -> None:
         "--revoke",
         action="append",
         metavar="SITE",
-        help="instead of provisioning: revoke every certificate issued to SITE (repeatable); the aggregator "
+        help="instead of provisioning: revoke every certificate issued to SITE (repeatable; `admin`: the "
+        "operator's kit); the aggregator "
         "refuses them from the next call (OUT/server/revoked.json); provision again to give SITE a new kit",
     )
-    v.add_argument("--log-level", default="INFO")
+    add_log_level(v, "info")
 
 
 def command(args: argparse.Namespace) -> int:
@@ -36,7 +40,9 @@ def command(args: argparse.Namespace) -> int:
         listed = args.out / "server" / "revoked.json"
         for site, added in revoked.items():
             serials = ", ".join(f"{r.serial:x}" for r in added)
-            if added:
+            if added and site == "admin":
+                print(f"the operator's kit: revoked {len(added)} certificate(s) ({serials})", flush=True)
+            elif added:
                 print(f"site {site!r}: revoked {len(added)} certificate(s) ({serials})", flush=True)
             else:
                 print(f"site {site!r}: its certificates were already revoked", flush=True)
@@ -53,6 +59,8 @@ def command(args: argparse.Namespace) -> int:
         (kits.server, f"the aggregator's: fl-plugins server --kit {kits.server} --run-dir RUN_DIR --rounds N"),
         *((p, f"site {s}'s: fl-plugins client --kit {p} -- python train.py") for s, p in kits.sites.items()),
     ]
+    if kits.admin is not None:
+        rows.append((kits.admin, f"the operator's (ship to no site): fl-plugins status ADDRESS --kit {kits.admin}"))
     width = max(len(str(p)) for p, _ in rows)
     print(f"project {project.name!r}: startup kits written to {kits.root}", flush=True)
     for path, what in rows:

@@ -5,6 +5,7 @@ around it. Needs `cryptography` (pip install 'fl-plugins[server]'), imported whe
     ca = CertificateAuthority.create("my-project")          # or CertificateAuthority.load("kits/ca")
     ca.save("kits/ca")                                      # ca.crt, ca.key (0600); from here on it records
     cert_pem, key_pem = ca.issue("site-1", days=365)        # what it issues in kits/ca/issued.jsonl
+    ca.issue("admin@my-project", days=365, operator=True)    # the operator's: OU=fl-plugins-operator (tls.py)
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_plugins.errors import ConfigError, require
-from fl_plugins.security.tls import CA_CERT
+from fl_plugins.security.tls import CA_CERT, OPERATOR_OU
 
 CA_KEY = "ca.key"
 ISSUED_FILE = "issued.jsonl"  # in the CA's folder: one JSON line per certificate it signed
@@ -105,13 +106,21 @@ class CertificateAuthority:
         return self.cert.not_valid_after_utc
 
     def issue(
-        self, common_name: str, *, days: int, server_names: tuple[str, ...] = (), now: dt.datetime | None = None
+        self,
+        common_name: str,
+        *,
+        days: int,
+        server_names: tuple[str, ...] = (),
+        operator: bool = False,
+        now: dt.datetime | None = None,
     ) -> tuple[bytes, bytes]:
         """A new key and a certificate for it signed by this CA: (certificate PEM, key PEM).
 
-        With `server_names`, a server certificate valid for those host names / IPs; else a client certificate
-        whose common name is the site's name (the aggregator reads the site from it). `now` sets the start of
-        the validity (tests issue certificates that have already expired)."""
+        With `server_names`, a server certificate valid for those host names / IPs; with `operator`, the
+        operator's client certificate (its subject carries the role marker OU=OPERATOR_OU, which the aggregator
+        checks: provision.py's docstring); else a site's client certificate whose common name is the site's name
+        (the aggregator reads the site from it). `now` sets the start of the validity (tests issue certificates
+        that have already expired)."""
         x509, hashes, ec = load_crypto()
         from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
@@ -124,9 +133,12 @@ class CertificateAuthority:
                 "(every site then needs its new kit)"
             )
         key = ec.generate_private_key(ec.SECP256R1())
+        subject = [x509.NameAttribute(NameOID.COMMON_NAME, common_name)]
+        if operator:
+            subject.insert(0, x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, OPERATOR_OU))
         b = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)]))
+            .subject_name(x509.Name(subject))
             .issuer_name(self.cert.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
@@ -149,7 +161,8 @@ class CertificateAuthority:
 
         cert = b.sign(self.key, hashes.SHA256())
         if self.directory is not None:
-            _record_issued(self.directory, cert, common_name, "server" if server_names else "site")
+            kind = "server" if server_names else "operator" if operator else "site"
+            _record_issued(self.directory, cert, common_name, kind)
         return cert.public_bytes(Encoding.PEM), _key_pem(key)
 
 
@@ -169,8 +182,9 @@ def _record_issued(ca_dir: Path, cert: Any, common_name: str, kind: str) -> None
         f.write(line + "\n")
 
 
-def issued_to(ca_dir: Path, site: str) -> dict[int, str]:
-    """Serial -> expiry of every site certificate with common name `site` in the CA's record."""
+def issued_to(ca_dir: Path, site: str | None, kind: str = "site") -> dict[int, str]:
+    """Serial -> expiry of every certificate of `kind` ("site", "operator", "server") with common name `site`
+    (None: any name) in the CA's record."""
     path = ca_dir / ISSUED_FILE
     try:
         lines = path.read_text(encoding="utf-8").splitlines()
@@ -180,7 +194,7 @@ def issued_to(ca_dir: Path, site: str) -> dict[int, str]:
     for i, line in enumerate(lines, 1):
         try:
             rec = json.loads(line) if line.strip() else {}
-            if rec and rec.get("kind") == "site" and rec.get("common_name") == site:
+            if rec and rec.get("kind") == kind and site in (None, rec.get("common_name")):
                 out[int(rec["serial"], 16)] = str(rec.get("not_after", ""))
         except (ValueError, KeyError, TypeError, AttributeError) as e:
             raise ConfigError(

@@ -16,6 +16,17 @@ writes
     kits/server/   ca.crt server.crt server.key kit.yaml  the aggregator's kit (kit.yaml lists the project's sites)
                    [revoked.json]                         certificates the aggregator refuses (--revoke)
     kits/site-1/   ca.crt client.crt client.key kit.yaml  one per site: the certificate's common name is the site
+    kits/admin/    ca.crt client.crt client.key kit.yaml  the operator's kit: `fl-plugins status ADDRESS --kit
+                                                          kits/admin` shows the whole job (every site, transfers)
+
+The operator's certificate is told from a site's by a role marker in its signed subject, the organizational unit
+OU=fl-plugins-operator (tls.py OPERATOR_OU), which only this CA can put there and which no site certificate
+carries; its common name is admin@PROJECT (truncated to X.509's 64 characters), a name no site can have ('@' is
+not allowed in site names), for people and logs. The aggregator reads the marker from gRPC's view of the verified
+certificate (its subject), so it needs no certificate parsing per call: a caller with it gets the operator's
+Status view, and every call that speaks for a site (Hello, tasks, uploads) refuses it by name, so an admin kit can
+never train or send. An OU rather than an extended key usage because gRPC exposes the subject of a peer
+certificate but not its extensions. `admin` is reserved as a site name (the kit's folder).
 
 Keys are EC P-256, written with mode 0600 (the CA and the certificates it issues: ca.py). Provisioning again
 into the same folder reuses the CA in kits/ca, so kits already handed out stay valid: to add a site, list it and
@@ -29,7 +40,7 @@ aggregator checks at every call and re-reads when it changes. Every provisioning
 certificate while the earlier ones stay valid, so the leaked key may belong to any of them: the CA's record of
 what it signed (issued.jsonl, as `openssl ca` keeps index.txt) is what names them all; for kits made before that
 record existed, the certificate in kits/SITE is revoked. Provisioning again afterwards issues SITE a new
-certificate, which is admitted.
+certificate, which is admitted. `--revoke admin` revokes every operator certificate the CA issued, the same way.
 """
 
 from __future__ import annotations
@@ -38,12 +49,11 @@ import datetime as dt
 import ipaddress
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from fl_plugins._config import Checker, load_yaml
-from fl_plugins._version import __version__
 from fl_plugins.errors import ConfigError
 from fl_plugins.security.ca import (
     CA_KEY,
@@ -56,10 +66,15 @@ from fl_plugins.security.ca import (
     load_crypto,
     make_private_dir,
     now_utc,
-    write_file,
 )
+from fl_plugins.security.kits import operator_name, write_admin_kit, write_server_kit, write_site_kit
 from fl_plugins.security.revocation import REVOKED_FILE, Revoked, read_revocations, write_revocations
-from fl_plugins.security.tls import CA_CERT, CLIENT_CERT, CLIENT_KEY, KIT_FILE, SERVER_CERT, SERVER_KEY, read_kit_file
+from fl_plugins.security.tls import (
+    CA_CERT,
+    CLIENT_CERT,
+    OPERATOR_OU,
+    read_kit_file,
+)
 
 __all__ = [  # CertificateAuthority and the CA's constants live in ca.py, and are importable from here too
     "CA_DIR",
@@ -77,13 +92,16 @@ __all__ = [  # CertificateAuthority and the CA's constants live in ca.py, and ar
     "provision",
     "provision_local",
     "revoke",
+    "operator_name",
+    "write_admin_kit",
     "write_server_kit",
     "write_site_kit",
 ]
 
 log = logging.getLogger(__name__)
 
-CA_DIR, SERVER_DIR = "ca", "server"  # reserved: site kits live beside them, in folders named after the sites
+CA_DIR, SERVER_DIR, ADMIN_DIR = "ca", "server", "admin"  # reserved: site kits live beside them, named after sites
+RESERVED = (CA_DIR, SERVER_DIR, ADMIN_DIR)
 _SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")  # a folder name and an X.509 common name (<= 64)
 _HOST_LABEL = re.compile(r"^(?!-)[A-Za-z0-9-]{1,63}(?<!-)$")
 
@@ -112,7 +130,7 @@ class Project:
 
     def __post_init__(self) -> None:
         for i, s in enumerate(self.sites):
-            if not isinstance(s, str) or not _SITE_NAME.match(s) or s in (CA_DIR, SERVER_DIR):
+            if not isinstance(s, str) or not _SITE_NAME.match(s) or s in RESERVED:
                 raise ConfigError(f"project {self.name!r}: `sites[{i}]` {_SITE_RULE} (got {s!r})")
         if len(set(self.sites)) != len(self.sites) or not self.sites:
             raise ConfigError(
@@ -122,7 +140,7 @@ class Project:
 
 _SITE_RULE = (
     "must be 1-64 letters, digits, '.', '_' or '-' starting with a letter or digit, and not 'ca' or "
-    "'server' (it names the site's kit folder and its certificate)"
+    "'server' or 'admin' (it names the site's kit folder and its certificate)"
 )
 
 
@@ -134,6 +152,7 @@ class Kits:
     ca: Path  # the CA's folder (ca.crt, ca.key): keep it, do not ship it
     server: Path  # the aggregator's kit
     sites: dict[str, Path] = field(default_factory=dict)  # site name -> its kit
+    admin: Path | None = None  # the operator's kit (`fl-plugins status --kit`)
 
 
 # -- the project file ---------------------------------------------------------------------------------------------
@@ -227,7 +246,7 @@ def _sites(c: _Checker, sites_v: Any) -> tuple[str, ...]:
         sites = tuple(f"site-{i}" for i in range(1, c.integer("sites", sites_v, 1, 10_000) + 1))
     elif isinstance(sites_v, list) and sites_v:
         for i, s in enumerate(sites_v):
-            if not isinstance(s, str) or not _SITE_NAME.match(s) or s in (CA_DIR, SERVER_DIR):
+            if not isinstance(s, str) or not _SITE_NAME.match(s) or s in RESERVED:
                 raise c.fail(f"sites[{i}]", _SITE_RULE, s)
         dup = sorted({s for s in sites_v if sites_v.count(s) > 1})
         if dup:
@@ -243,67 +262,12 @@ def load_project(path: str | Path) -> Project:
     return parse_project(load_yaml(path, "project file"), Path(path))
 
 
-# -- kits ---------------------------------------------------------------------------------------------------------
-
-
-def _write_kit_file(path: Path, header: str, info: dict[str, Any]) -> None:
-    import yaml
-
-    info = {**info, "fl_plugins_version": __version__}
-    write_file(path / KIT_FILE, (header + yaml.safe_dump(info, sort_keys=False)).encode())
-
-
-def write_server_kit(
-    ca: CertificateAuthority, directory: str | Path, project: Project, *, now: dt.datetime | None = None
-) -> Path:
-    """The aggregator's kit: its certificate (valid for the project's server host and alt_names), the CA that
-    signs the sites, and the project's site list."""
-    directory = Path(directory)
-    names = tuple(dict.fromkeys((project.server.host, *project.server.alt_names)))
-    cert, key = ca.issue(f"{project.name} aggregator"[:64], days=project.validity_days, server_names=names, now=now)
-    make_private_dir(directory)
-    write_file(directory / CA_CERT, ca.cert_pem)
-    write_file(directory / SERVER_CERT, cert)
-    write_file(directory / SERVER_KEY, key, secret=True)
-    _write_kit_file(
-        directory,
-        f"# The aggregator's startup kit for project {project.name!r} (fl-plugins provision).\n"
-        f"# Serve with: fl-plugins server --kit {directory} --run-dir RUN_DIR --rounds N\n",
-        {"role": "server", "project": project.name, "address": project.server.address, "sites": list(project.sites)},
-    )
-    return directory
-
-
-def write_site_kit(
-    ca: CertificateAuthority,
-    directory: str | Path,
-    site: str,
-    project: Project,
-    *,
-    now: dt.datetime | None = None,
-    days: int | None = None,
-) -> Path:
-    """A site's kit: its certificate (common name = `site`), its key, the CA, and the aggregator's address.
-
-    The CA signs any name here; only the aggregator's site list decides whether the name is admitted."""
-    directory = Path(directory)
-    cert, key = ca.issue(site, days=project.validity_days if days is None else days, now=now)
-    make_private_dir(directory)
-    write_file(directory / CA_CERT, ca.cert_pem)
-    write_file(directory / CLIENT_CERT, cert)
-    write_file(directory / CLIENT_KEY, key, secret=True)
-    server = project.server.address if project.server.port else None
-    _write_kit_file(
-        directory,
-        f"# The startup kit of site {site!r}, project {project.name!r} (fl-plugins provision).\n"
-        f"# Run the site with: fl-plugins client --kit {directory} -- python train.py\n",
-        {"role": "site", "project": project.name, "site": site, "server": server},
-    )
-    return directory
+# -- kits (the writers: kits.py) -------------------------------------------------------------------------------
 
 
 def provision(project: Project, out_dir: str | Path, *, now: dt.datetime | None = None) -> Kits:
-    """Write the CA (or reuse the one in OUT/ca), the aggregator's kit and one kit per site under `out_dir`."""
+    """Write the CA (or reuse the one in OUT/ca), the aggregator's kit, the operator's kit (OUT/admin) and one kit
+    per site under `out_dir`."""
     out = Path(out_dir)
     make_private_dir(out)
     ca_dir = out / CA_DIR
@@ -322,10 +286,11 @@ def provision(project: Project, out_dir: str | Path, *, now: dt.datetime | None 
     kits = Kits(out, ca_dir, write_server_kit(ca, out / SERVER_DIR, project, now=now))
     for site in project.sites:
         kits.sites[site] = write_site_kit(ca, out / site, site, project, now=now)
+    kits = replace(kits, admin=write_admin_kit(ca, out / ADMIN_DIR, project, now=now))
     stale = sorted(
         p.name
         for p in out.iterdir()
-        if p.is_dir() and p.name not in (CA_DIR, SERVER_DIR, *project.sites) and (p / CLIENT_CERT).exists()
+        if p.is_dir() and p.name not in (*RESERVED, *project.sites) and (p / CLIENT_CERT).exists()
     )
     if stale:
         log.warning(
@@ -339,11 +304,12 @@ def provision(project: Project, out_dir: str | Path, *, now: dt.datetime | None 
 def revoke(project: Project, out_dir: str | Path, site: str, *, now: dt.datetime | None = None) -> list[Revoked]:
     """Revoke every certificate of `site` that the CA in OUT/ca issued (its record, issued.jsonl) and the one in
     OUT/SITE/client.crt: add them to the aggregator's list OUT/server/revoked.json, which it checks at every call.
-    Returns the certificates newly revoked (none when all of them already were). Nothing else is written:
-    `provision` afterwards issues the site a new certificate, and that one is admitted."""
-    x509, _, _ = load_crypto()
-    if not isinstance(site, str) or not _SITE_NAME.match(site) or site in (CA_DIR, SERVER_DIR):
-        raise ConfigError(f"--revoke: a site name {_SITE_RULE} (got {site!r})")
+    `site` "admin": every operator certificate (the admin kit). Returns the certificates newly revoked (none when
+    all of them already were). Nothing else is written: `provision` afterwards issues the site a new
+    certificate, and that one is admitted."""
+    admin = site == ADMIN_DIR
+    if not admin and (not isinstance(site, str) or not _SITE_NAME.match(site) or site in RESERVED):
+        raise ConfigError(f"--revoke: a site name {_SITE_RULE}, or 'admin' for the operator's kit (got {site!r})")
     out = Path(out_dir)
     server_dir, ca_dir = out / SERVER_DIR, out / CA_DIR
     need = "--revoke writes the aggregator's list of revoked certificates into its kit: pass -o the kits' folder"
@@ -353,31 +319,17 @@ def revoke(project: Project, out_dir: str | Path, site: str, *, now: dt.datetime
             f"{server_dir} is the aggregator's kit of project {info.get('project')!r}, not of "
             f"{project.name!r}: pass -o the folder this project file was provisioned into"
         )
-    serials = issued_to(ca_dir, site)
+    serials = issued_to(ca_dir, None, "operator") if admin else issued_to(ca_dir, site)
     kit_cert = out / site / CLIENT_CERT
     if kit_cert.is_file():
-        try:
-            cert = x509.load_pem_x509_certificate(kit_cert.read_bytes())
-        except ValueError as e:
-            raise ConfigError(
-                f"{kit_cert} is not a PEM certificate ({e}); revoke needs the serial number it "
-                "holds: restore the file, or remove it to revoke what the CA's record lists"
-            ) from None
-        from cryptography.x509.oid import NameOID
-
-        names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
-        if names != [site]:
-            raise ConfigError(
-                f"{kit_cert} is a certificate of {names[0] if names else 'no site'!r}, not of site "
-                f"{site!r}: restore the folder written by `fl-plugins provision`"
-            )
-        serials.setdefault(cert.serial_number, iso_utc(cert.not_valid_after_utc))
+        serial, not_after = _kit_serial(kit_cert, site, admin)
+        serials.setdefault(serial, not_after)
     if not serials:
-        known = sorted(p.name for p in out.iterdir() if (p / CLIENT_CERT).is_file())
+        known = sorted(p.name for p in out.iterdir() if (p / CLIENT_CERT).is_file() and p.name != ADMIN_DIR)
         raise ConfigError(
-            f"--revoke {site}: no certificate of site {site!r} is known here: {ca_dir / ISSUED_FILE} "
-            f"lists none and {kit_cert} does not exist (sites with a kit in {out}: "
-            f"{', '.join(known) or 'none'}); check the site's name and -o"
+            f"--revoke {site}: no certificate of {'the operator' if admin else f'site {site!r}'} is known here: "
+            f"{ca_dir / ISSUED_FILE} lists none and {kit_cert} does not exist (sites with a kit in {out}: "
+            f"{', '.join(known) or 'none'}); check the name and -o"
         )
     path = server_dir / REVOKED_FILE
     entries = read_revocations(path)
@@ -385,8 +337,31 @@ def revoke(project: Project, out_dir: str | Path, site: str, *, now: dt.datetime
     added = [Revoked(s, site, when, na) for s, na in sorted(serials.items()) if s not in entries]
     if added:
         write_revocations(path, [*entries.values(), *added])
-        log.warning("revoked %d certificate(s) of site %r in %s", len(added), site, path)
+        log.warning("revoked %d certificate(s) of %r in %s", len(added), site, path)
     return added
+
+
+def _kit_serial(kit_cert: Path, site: str, admin: bool) -> tuple[int, str]:
+    """The serial and expiry of the certificate in a kit that `revoke` names: a site's (its common name is the
+    site) or the operator's (it carries the operator's role marker)."""
+    x509, _, _ = load_crypto()
+    from cryptography.x509.oid import NameOID
+
+    try:
+        cert = x509.load_pem_x509_certificate(kit_cert.read_bytes())
+    except ValueError as e:
+        raise ConfigError(
+            f"{kit_cert} is not a PEM certificate ({e}); revoke needs the serial number it "
+            "holds: restore the file, or remove it to revoke what the CA's record lists"
+        ) from None
+    names = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+    units = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.ORGANIZATIONAL_UNIT_NAME)]
+    if (OPERATOR_OU in units) != admin or (not admin and names != [site]):
+        raise ConfigError(
+            f"{kit_cert} is a certificate of {names[0] if names else 'no site'!r}, not "
+            f"{'the operator' if admin else f'of site {site!r}'}: restore the folder written by `fl-plugins provision`"
+        )
+    return cert.serial_number, iso_utc(cert.not_valid_after_utc)
 
 
 def provision_local(

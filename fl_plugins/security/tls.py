@@ -5,12 +5,16 @@ A kit is a folder written by `fl-plugins provision` (provision.py):
     kits/server/   ca.crt  server.crt  server.key  kit.yaml   (role: server; project, address, sites)
                    [revoked.json]                             (certificates refused: `provision --revoke`)
     kits/site-1/   ca.crt  client.crt  client.key  kit.yaml   (role: site; project, site, server)
+    kits/admin/    ca.crt  client.crt  client.key  kit.yaml   (role: admin; project, name, server): the operator's
+                                                              certificate, for `fl-plugins status`
 
 With a kit the aggregator serves mTLS only: the TLS handshake refuses a caller without a certificate signed by
 the project's CA (or with an expired one), and `SiteAuth` takes the site a call speaks for from the
 certificate's common name, never from what the request claims. A certificate of a site that is not in the
 project, a revoked certificate (kits/server/revoked.json, revocation.py), or a request that claims another
-site's name, is refused with PERMISSION_DENIED (AuthError on the client). This module needs only grpc;
+site's name, is refused with PERMISSION_DENIED (AuthError on the client). The operator's certificate (its subject
+carries the role marker OU=OPERATOR_OU, provision.py) is never a site: `SiteAuth.site_of` refuses it, and
+`SiteAuth.operator` recognizes it for the Status RPC. This module needs only grpc;
 `cryptography`, when installed, lets a kit's expired certificate be named on load instead of surfacing as a
 failed handshake (the aggregator needs it to check a non-empty revocation list).
 
@@ -33,6 +37,7 @@ from typing import Any
 import grpc
 
 from fl_plugins.errors import AuthError, ConfigError
+from fl_plugins.security.refusals import RefusalLog, logs_refusals
 from fl_plugins.security.revocation import REVOKED_FILE, RevocationList
 
 log = logging.getLogger(__name__)
@@ -41,6 +46,7 @@ KIT_FILE = "kit.yaml"
 CA_CERT = "ca.crt"
 SERVER_CERT, SERVER_KEY = "server.crt", "server.key"
 CLIENT_CERT, CLIENT_KEY = "client.crt", "client.key"
+OPERATOR_OU = "fl-plugins-operator"  # the operator certificate's role marker: its subject's organizational unit
 
 
 @dataclass(frozen=True)
@@ -50,7 +56,10 @@ class SiteAuth:
     project: str  # the project's name, for messages
     sites: frozenset[str]  # the site names in the project: a certificate of any other name is refused
     revoked: RevocationList | None = field(default=None, compare=False)  # certificates refused by serial number
+    # each refusal is a WARNING at the aggregator (its caller's address, certificate and reason), rate-limited
+    refusals: RefusalLog = field(default_factory=RefusalLog, compare=False, repr=False)
 
+    @logs_refusals
     def site_of(self, context: grpc.ServicerContext, claimed: str = "") -> str:
         """The site the call speaks for: its certificate's common name. `claimed` is the site name the request
         carries; a different one is refused, so a site cannot speak for another. A revoked certificate is
@@ -71,6 +80,8 @@ class SiteAuth:
                 f"it for good; ask the admin for a new kit (`fl-plugins provision PROJECT.yaml -o kits` issues "
                 f"{cn} a new certificate) and replace this site's kit folder with it"
             )
+        if is_operator_certificate(auth):
+            raise AuthError(operator_is_not_a_site(cn))
         if cn not in self.sites:
             listed = ", ".join(sorted(self.sites)[:10]) + (", ..." if len(self.sites) > 10 else "")
             raise AuthError(
@@ -84,6 +95,59 @@ class SiteAuth:
                 f"for itself: set FL_SITE / init(site=...) to {cn!r}, or leave it unset to take the kit's name"
             )
         return cn
+
+    @logs_refusals
+    def operator(self, context: grpc.ServicerContext) -> str | None:
+        """The common name of the caller's operator certificate (provision.py's admin kit), or None when the
+        caller presents no such certificate. A revoked one is refused (AuthError), as a revoked site's is."""
+        auth = context.auth_context() or {}
+        cn = _first(auth.get("x509_common_name"))
+        if cn is None or not is_operator_certificate(auth):
+            return None
+        pem = (auth.get("x509_pem_cert") or [b""])[0]
+        gone = self.revoked.lookup(pem) if self.revoked is not None and pem else None
+        if gone is not None:
+            raise AuthError(
+                f"operator certificate {cn!r} (serial {gone.serial:x}) was revoked by the admin of project "
+                f"{self.project!r}{f' on {gone.revoked_at}' if gone.revoked_at else ''}; provision again "
+                "(`fl-plugins provision PROJECT.yaml -o kits`) for a new admin kit"
+            )
+        return cn
+
+
+def is_operator_certificate(auth: dict[str, Any]) -> bool:
+    """Whether a call's auth context (gRPC's, of a verified client certificate) is the operator's certificate:
+    its subject holds the attribute OU=OPERATOR_OU."""
+    subject = _first(auth.get("x509_subject"))
+    return subject is not None and f"OU={OPERATOR_OU}" in subject_attributes(subject)
+
+
+def subject_attributes(subject: str) -> list[str]:
+    """The attributes of an RFC 2253 subject as gRPC gives it ("CN=admin@demo,OU=fl-plugins-operator"), each
+    as TYPE=VALUE with its escapes kept: an escaped ',' or '+' inside a value does not split it, so no common
+    name can forge another attribute."""
+    attrs: list[str] = []
+    cur, i = "", 0
+    while i < len(subject):
+        c = subject[i]
+        if c == "\\":
+            cur, i = cur + subject[i : i + 2], i + 2
+            continue
+        if c in ",+":
+            attrs.append(cur.strip())
+            cur = ""
+        else:
+            cur += c
+        i += 1
+    return [*attrs, cur.strip()]
+
+
+def operator_is_not_a_site(cn: str) -> str:
+    return (
+        f"{cn!r} is the operator's certificate (the admin kit of `fl-plugins provision`): it may read the job's "
+        "status (`fl-plugins status ADDRESS --kit kits/admin`), never train or send as a site; run a site with "
+        "its own kit (`fl-plugins client --kit kits/SITE`)"
+    )
 
 
 def peer_common_name(context: grpc.ServicerContext) -> str | None:
@@ -231,6 +295,56 @@ def load_site_kit(path: str | os.PathLike) -> SiteKit:
     )
 
 
+@dataclass(frozen=True)
+class OperatorKit:
+    """What `fl-plugins status` connects with: the operator's kit (kits/admin), or the aggregator's own kit,
+    whose certificate the aggregator also takes for its operator's. Both see the whole job."""
+
+    path: Path
+    project: str
+    name: str  # the certificate's common name
+    server: str | None  # HOST:PORT of the aggregator; None when provisioned without a fixed port
+    ca: bytes = field(repr=False)
+    cert: bytes = field(repr=False)
+    key: bytes = field(repr=False)
+
+    def credentials(self) -> grpc.ChannelCredentials:
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca, private_key=self.key, certificate_chain=self.cert
+        )
+
+
+def load_operator_kit(path: str | os.PathLike) -> OperatorKit:
+    """Read the operator's kit (kits/admin) or the aggregator's (kits/server); ConfigError for a site's kit."""
+    path = Path(path)
+    need = (
+        "`fl-plugins status --kit` takes the operator's kit (kits/admin, written by `fl-plugins provision`) or "
+        "the aggregator's (kits/server): a site's certificate never gets the operator's view"
+    )
+    role = "server" if (path / KIT_FILE).is_file() and _role(path) == "server" else "admin"
+    if role == "server":
+        s = load_server_kit(path)
+        return OperatorKit(path, s.project, f"{s.project} aggregator", s.address, s.ca, s.cert, s.key)
+    info = read_kit_file(path, "admin", need)
+    server = info.get("server")
+    if server is not None and not isinstance(server, str):
+        raise ConfigError(f"{path / KIT_FILE}: `server` must be HOST:PORT (got {server!r})")
+    ca, cert = _read(path, CA_CERT), _read(path, CLIENT_CERT)
+    _check_validity(path / CLIENT_CERT, cert)
+    project, name = _str(path, info, "project"), _str(path, info, "name")
+    return OperatorKit(path, project, name, server or None, ca, cert, _read(path, CLIENT_KEY))
+
+
+def _role(path: Path) -> Any:
+    import yaml
+
+    try:
+        info = yaml.safe_load((path / KIT_FILE).read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return None  # read_kit_file names the problem
+    return info.get("role") if isinstance(info, dict) else None
+
+
 def read_kit_file(path: Path, role: str, need: str) -> dict[str, Any]:
     import yaml
 
@@ -251,8 +365,10 @@ def read_kit_file(path: Path, role: str, need: str) -> dict[str, Any]:
     if not isinstance(info, dict):
         raise ConfigError(f"{f}: a kit file must be a mapping (role, project, ...); run `fl-plugins provision` again")
     if info.get("role") != role:
-        other = "the aggregator's kit" if info.get("role") == "server" else f"the kit of site {info.get('site')!r}"
-        raise ConfigError(f"{path} is {other}, not a {role} kit; {need}")
+        got = info.get("role")
+        other = "the aggregator's kit" if got == "server" else f"the kit of site {info.get('site')!r}"
+        other = "the operator's kit (for `fl-plugins status`)" if got == "admin" else other
+        raise ConfigError(f"{path} is {other}, not {'an' if role == 'admin' else 'a'} {role} kit; {need}")
     return info
 
 
