@@ -1,7 +1,8 @@
 """A site's training script in NVIDIA FLARE's client-API style: only the import line differs.
 
 Each site generates its own data (a seeded, label-skewed share of a 3-class problem), trains a small MLP
-for one local epoch per round, and sends its weights with the validation accuracy of the global model. Its
+for one local epoch per round, and sends its weights with the validation accuracy of the global model; at the
+job's end it scores the final global model (an evaluation task: `flare.is_evaluate()`) without training. Its
 training loss goes to the aggregator with `flare.log` at each global step (RUN_DIR/logs.jsonl, which the recipe's
 `tracking:` trackers and `fl-plugins report` read).
 Run by `fl-plugins run recipes/quickstart.yaml`, which sets FL_SERVER and FL_SITE for each site.
@@ -39,6 +40,10 @@ def main() -> None:
         net.load_state_dict(input_model.params)
         with torch.no_grad():
             val_acc = (net(xv).argmax(1) == yv).float().mean().item()
+        if flare.is_evaluate():  # the job's end: the final global model is scored, not trained
+            print(f"[{flare.get_site_name()}] final global model val_acc={val_acc:.3f}", flush=True)
+            flare.send(flare.FLModel(metrics={"val_acc": val_acc}))
+            continue
         opt = torch.optim.SGD(net.parameters(), lr=0.1)
         steps = 0
         for i in range(0, len(x), 32):

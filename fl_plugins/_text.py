@@ -24,6 +24,25 @@ def human_bytes(n: float) -> str:
     return f"{n:.1f} GB"
 
 
+def human_rate(bytes_per_second: float) -> str:
+    """12_345_678 -> "12.3 MB/s": B/s up to GB/s (powers of 1000), three significant digits (no exponent)."""
+    n = max(0.0, bytes_per_second)
+    for unit in ("B/s", "KB/s", "MB/s", "GB/s"):
+        if n < 999.5 or unit == "GB/s":
+            break
+        n /= 1000
+    return f"{n:.0f} {unit}" if n >= 99.95 or unit == "B/s" else f"{n:.3g} {unit}"
+
+
+def scored_model(rounds_done: int, *, final: bool = False) -> str:
+    """Which global model a metric scores, by the rounds of training behind it: 0 -> "initial model", 3 -> "global
+    model after round 2" (rounds count from 0). The metrics a site sends with round r's update score the model it
+    received at round r's start: `scored_model(r)`."""
+    if rounds_done <= 0:
+        return "initial model"
+    return f"global model after round {rounds_done - 1}" + (" (final)" if final else "")
+
+
 def metric(v: Any) -> str:
     """A metric to 4 significant digits; blank when `v` is not a finite number."""
     f = finite_float(v)
@@ -61,6 +80,6 @@ def baselines_table(name: str, b: Baselines) -> Table:
     n = "?" if b.pooled_validation_rows is None else b.pooled_validation_rows
     title = f"{name}: on the pooled validation set ({n} rows)"
     final = b.global_metrics or {}
-    rows = [((f"global (round {'?' if b.round is None else b.round})",), final)]
+    rows = [(("global model" if b.round is None else scored_model(b.round, final=True),), final)]
     rows += [((f"{site} alone",), m) for site, m in b.local_only.items()]
     return metrics_table(title, ("model",), rows, keys=list(final), min_width=len(title))

@@ -12,6 +12,7 @@ default and one check:
     min_updates            --min-updates             aggregation.min_updates            1
     idle_timeout           --idle-timeout            transfer.idle_timeout              60
     site_timeout           --site-timeout            aggregation.site_timeout           60
+    presence_every         --presence-every          -                                  30 (0: never)
     chunk_bytes            --chunk-bytes             transfer.chunk_mib (in MiB)        4 MiB
     job_id                 --job-id                  - (the recipe's `name`)            ""
     linger                 -                         -                                  5
@@ -20,6 +21,7 @@ default and one check:
     on_attempts_exhausted  --on-attempts-exhausted   aggregation.on_attempts_exhausted  "fail"
     workflow               --workflow                workflow.type                      "fedavg"
     evaluate_every         --evaluate-every          workflow.evaluate_every            0: never
+    evaluate_final         --no-evaluate-final (off) workflow.evaluate_final            true
     sample_sites           --sample-sites            workflow.sample_sites              None: every site
     seed                   --seed                    workflow.seed                      0
     cyclic_order           --cyclic-order            workflow.order                     "fixed"
@@ -57,6 +59,7 @@ from fl_plugins.checks import (
     Workflow,
 )
 from fl_plugins.errors import ConfigError
+from fl_plugins.model_files import model_files
 from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, short_repr
 
 
@@ -168,6 +171,13 @@ class AggregatorConfig:
         flag="--site-timeout",
         key="aggregation.site_timeout",
     )
+    presence_every: float = _setting(
+        30.0,
+        doc="seconds between the log lines that say what a waiting round waits for: which sites are connected, "
+        "which are silent and for how long (aggregator/presence.py); 0: never",
+        check=Number(0),
+        flag="--presence-every",
+    )
     chunk_bytes: int = _setting(
         DEFAULT_CHUNK_BYTES,
         doc="bytes per chunk message",
@@ -225,6 +235,16 @@ class AggregatorConfig:
         flag="--evaluate-every",
         key="workflow.evaluate_every",
         shown="0, never",
+    )
+    evaluate_final: bool = _setting(
+        True,
+        doc="at the end of a training job, the sites that sent the global model's metrics with their updates "
+        "evaluate the final global model (its record in RUN_DIR/metrics.jsonl is the last point of every plot)",
+        check=Boolean(),
+        flag="--no-evaluate-final",
+        key="workflow.evaluate_final",
+        flag_help="skip the evaluation of the final global model at the end of a training job",
+        shown="evaluate it",
     )
     sample_sites: float | None = _setting(
         None,
@@ -306,6 +326,9 @@ class AggregatorConfig:
             value = s.checked(getattr(self, s.name), s.keyword_label())
             if s.name == "workflow":  # normalised: "fedavg,cross-site-eval"
                 object.__setattr__(self, s.name, value)
+        if self.initial_model is not None:  # merge() read a flag's: a model that fails here is the recipe's
+            label = SETTINGS["initial_model"].keyword_label()
+            model_files(self.initial_model, f"{self.recipe['path']}: `initial_model`" if self.recipe else label)
         if self.workflow in ("evaluate", "cross-site-eval") and self.initial_model is None:
             raise ConfigError(
                 f"--workflow {self.workflow} evaluates a given model: start the aggregator with --initial-model PATH "
@@ -346,4 +369,6 @@ def merge(
     error names its key), else their defaults; `fixed` are fields no flag sets (`recipe`)."""
     for name, value in flags.items():
         SETTINGS[name].checked(value, SETTINGS[name].flag_label())
+    if flags.get("initial_model") is not None:  # read here, so that an error names the flag
+        model_files(flags["initial_model"], "--initial-model")
     return AggregatorConfig(**{**(recipe_values or {}), **flags, **fixed})

@@ -1,7 +1,9 @@
 """The run directory's records, typed, and the one way to read them back.
 
-The aggregator appends JSON lines to two files of the run directory; `fl-plugins run` and a built-in task write
-two JSON files beside them. runner.py, report.py and tracking/ read the run directory only through this module.
+The aggregator appends JSON lines to two files of the run directory and writes summary.json when its job is
+complete; `fl-plugins run` writes summary.json again at its end (with its sites' exit codes and the baselines),
+and a built-in task writes baselines.json. runner.py, report.py and tracking/ read the run directory only through
+this module.
 
     file                     class             keys, in the order written
     metrics.jsonl  "update"  UpdateRecord      round attempt site weight params_type bytes bytes_received
@@ -18,6 +20,7 @@ two JSON files beside them. runner.py, report.py and tracking/ read the run dire
     logs.jsonl               LogRecord         round, the site's flare.log record (key value data_type step ...),
                                                site (last: a record cannot pass itself off as another site's)
     summary.json             RunSummary        name recipe exit_code seconds rounds_planned rounds sites [baselines]
+                                               job_id final_model final_evaluation
     baselines.json           Baselines         round pooled_validation_rows local_only global
 
 A metrics.jsonl record's `event` comes first after `time`, which the store puts in front of every line
@@ -30,7 +33,7 @@ of its kind: `parse_record` keeps it as an OtherRecord, never raises.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import MISSING, dataclass, field, fields
 from typing import Any, ClassVar, TypeVar, cast
 
@@ -360,10 +363,31 @@ class RoundSummary(_Json):
     metrics: dict[str, Any] = _value(_object, factory=dict)
 
 
+def round_rows(updates: Iterable[UpdateRecord], rounds: Mapping[int, RoundRecord]) -> tuple[RoundSummary, ...]:
+    """summary.json's `rounds`: each finished round (its latest "round" record), with the bytes of every update the
+    sites uploaded in it (all attempts)."""
+    sent: dict[int, int] = {}
+    for u in updates:
+        sent[u.round] = sent.get(u.round, 0) + int(u.bytes or 0)
+    return tuple(
+        RoundSummary(
+            round=r,
+            updates=rec.updates,
+            attempt=rec.attempt,
+            seconds=rec.seconds,
+            uploaded_bytes=sent.get(r, 0),
+            metrics=rec.metrics,
+        )
+        for r, rec in sorted(rounds.items())
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class RunSummary(_Json):
-    """RUN_DIR/summary.json, written by `fl-plugins run` at its end. `sites`: site -> {exit_code, log};
-    `baselines`: baselines.json's object, as it was read."""
+    """RUN_DIR/summary.json: written by the aggregator when its job is complete (`sites`: site -> {updates}), and
+    by `fl-plugins run` at its end, over it (`sites`: site -> {exit_code, log}; `baselines`: baselines.json's
+    object, as it was read). `final_model`: RUN_DIR/final, the final global model (a training job's);
+    `final_evaluation`: the final global model's "evaluation" record (round, metrics, sites), when there is one."""
 
     name: str | None = _value(_str, default=None)
     recipe: str | None = _value(_str, default=None)
@@ -373,6 +397,9 @@ class RunSummary(_Json):
     rounds: tuple[RoundSummary, ...] = _value(_rows, factory=tuple)
     sites: dict[str, dict[str, Any]] = _value(_site_results, factory=dict)
     baselines: dict[str, Any] | None = _value(_object, default=None)
+    job_id: str | None = _value(_str, default=None)
+    final_model: str | None = _value(_str, default=None)
+    final_evaluation: dict[str, Any] | None = _value(_object, default=None)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -4,13 +4,17 @@ Reads the run directory only (the aggregator's RUN_DIR/metrics.jsonl, the sites'
 present `fl-plugins run`'s summary.json and a built-in task's baselines.json), prints the per-round table and
 writes into RUN_DIR/report/:
 
-    validation.png   the global model's validation loss and accuracy per round (every metric whose name holds
-                     "loss" or "acc"; weighted over the sites, each site's own value thin), beside each site's
-                     local-only baseline and the final global model on the pooled validation set (baselines.json)
+    validation.png   the global model's validation loss and accuracy (every metric whose name holds "loss" or
+                     "acc") by the rounds of training behind it: the metrics sent with round r's updates score
+                     the model round r started from (the initial model, or the global model after round r-1);
+                     the evaluation of the final model at every site is the last point; each site's own value
+                     thin, each site's local-only baseline and the final model on the pooled validation set
+                     (baselines.json) beside them
     train_loss.png   each site's training loss per step across rounds (logs.jsonl, from `flare.log` or the
-                     trainers' forwarded logs), round boundaries marked
-    bytes.png        bytes of the updates uploaded per round, per site
+                     trainers' forwarded logs), each site's round boundaries in its colour
+    bytes.png        bytes of the updates uploaded per round, per site (every try; the table counts the same)
 
+The plots are drawn by report_plots.py, the evaluations' table and the cross-site matrix by report_eval.py.
 A run still going, stopped or crashed stops `fl-plugins report` with a ConfigError saying what is missing, unless
 `--partial`: then it is reported as far as it got, with notes; a directory that is not a run directory is a
 ConfigError naming what is missing. `fl-plugins run` writes the plots at its end.
@@ -24,23 +28,20 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fl_plugins import records, report_eval
+from fl_plugins import records, report_eval, report_plots
 from fl_plugins._text import baselines_table as _baselines_table
-from fl_plugins._text import human_bytes, metrics_table
-from fl_plugins.errors import ConfigError, MissingDependencyError
+from fl_plugins._text import human_bytes, human_rate, metrics_table, scored_model
+from fl_plugins.errors import ConfigError
 from fl_plugins.record_files import RunMetrics, read_object, read_records
 from fl_plugins.records import Baselines, EvaluationRecord, LogRecord, RoundRecord, RunSummary, UpdateRecord
-from fl_plugins.wire.limits import finite_float
 
 if TYPE_CHECKING:
-    from matplotlib.figure import Figure
     from rich.console import Console
     from rich.table import Table
 
 log = logging.getLogger(__name__)
 
 PLOTS = ("validation.png", "train_loss.png", "bytes.png")
-_EVAL_WORDS = ("val", "eval", "test")  # a logged loss with one of these in its name is not a training loss
 
 
 @dataclass
@@ -60,6 +61,13 @@ class RunData:
     @property
     def finished(self) -> bool:
         return not self.notes
+
+    @property
+    def last_evaluation(self) -> EvaluationRecord | None:
+        """The evaluation at every site of the model the last finished round made: in a finished run, the final
+        global model's (the model the user takes home)."""
+        after = max(self.rounds) + 1 if self.rounds else None
+        return next((e for e in reversed(self.evaluations) if e.round == after), None)
 
 
 T = TypeVar("T")
@@ -113,8 +121,8 @@ def _unfinished(summary: RunSummary | None, rounds: dict[int, RoundRecord]) -> l
     if summary is None:
         done = f"finished rounds: {_ranges(sorted(rounds))}" if rounds else "no round has finished yet"
         return [
-            f"no summary.json: the run is unfinished (still running, stopped or crashed) or was run by "
-            f"`fl-plugins server`; {done}"
+            f"no summary.json: the run is unfinished (still running, or stopped before its aggregator wrote one: "
+            f"killed, crashed); {done}"
         ]
     notes = []
     if summary.rounds_planned is not None:
@@ -123,7 +131,8 @@ def _unfinished(summary: RunSummary | None, rounds: dict[int, RoundRecord]) -> l
             notes.append(f"unfinished: rounds {_ranges(missing)} of 0..{summary.rounds_planned - 1} are missing")
     if summary.exit_code not in (0, None):
         code = summary.exit_code
-        notes.append("the run was interrupted" if code == 130 else f"the run failed (exit code {code})")
+        stopped = {130: "the run was interrupted (Ctrl-C)", 143: "the run was stopped (SIGTERM)"}
+        notes.append(stopped.get(code, f"the run failed (exit code {code})"))
     return notes
 
 
@@ -147,72 +156,67 @@ def _or_zero(v: float | None) -> float:
 
 @dataclass(frozen=True)
 class RoundRow:
-    """One finished round of the table: its updates, seconds, the bytes of its updates (the attempt that closed
-    it), their GB/s (None without upload time) and the round's metrics."""
+    """One finished round of the table: its updates, seconds, the bytes of the updates uploaded in it (every
+    try, as bytes.png counts them), their upload rate in bytes/s (None without upload time), the model its
+    metrics score ("initial model", "global model after round r-1") and those metrics."""
 
     round: int
     updates: int
     seconds: float | None
     bytes: float
-    gbps: float | None
+    rate: float | None
+    model: str
     metrics: dict[str, Any]
 
     def cells(self) -> tuple[str, ...]:
-        """round, updates, seconds, uploaded and upload GB/s, as the table shows them."""
+        """round, updates, seconds, uploaded, upload rate and the scored model, as the table shows them."""
         seconds = "" if self.seconds is None else f"{self.seconds:.2f}"
-        gbps = "" if self.gbps is None else f"{self.gbps:.3g}"
-        return str(self.round), str(self.updates), seconds, human_bytes(self.bytes), gbps
+        rate = "" if self.rate is None else human_rate(self.rate)
+        return str(self.round), str(self.updates), seconds, human_bytes(self.bytes), rate, self.model
 
 
 def round_rows(run: RunData) -> list[RoundRow]:
-    """One row per finished round: updates, seconds, bytes uploaded, GB/s over the uploads, metrics."""
+    """One row per finished round: updates, seconds, bytes uploaded, upload rate, the model scored, metrics."""
     rows = []
     for r, rec in sorted(run.rounds.items()):
-        ups = [u for u in run.updates if u.round == r and u.attempt == rec.attempt]
+        ups = [u for u in run.updates if u.round == r]
         size = sum(_or_zero(u.bytes) for u in ups)
         secs = sum(_or_zero(u.seconds) for u in ups)
         seconds = None if rec.seconds is None else float(rec.seconds)
         updates = len(ups) if rec.updates is None else rec.updates
-        rows.append(RoundRow(r, updates, seconds, size, size / secs / 1e9 if secs > 0 else None, rec.metrics))
+        rate = size / secs if secs > 0 else None
+        rows.append(RoundRow(r, updates, seconds, size, rate, scored_model(r), rec.metrics))
     return rows
 
 
 def round_table(run: RunData) -> Table:
-    title = f"{run.name}: per-round metrics ({run.run_dir})"
-    columns = ("round", "updates", "seconds", "uploaded", "upload GB/s")
-    return metrics_table(title, columns, [(row.cells(), row.metrics) for row in round_rows(run)], min_width=len(title))
+    """The rounds, then the evaluation of the model the last round made at every site (the final model's)."""
+    title = f"{run.name}: per-round metrics, each of the model named beside it, as the sites scored it ({run.run_dir})"
+    columns = ("round", "updates", "seconds", "uploaded", "upload rate", "metrics of")
+    rows = [(row.cells(), row.metrics) for row in round_rows(run)]
+    last = run.last_evaluation
+    if last is not None:
+        rows.append(
+            (
+                ("final" if run.finished else "eval", "", "", "", "", scored_model(last.round, final=run.finished)),
+                last.metrics,
+            )
+        )
+    return metrics_table(title, columns, rows, min_width=min(len(title), 160))
 
 
 def baselines_table(run: RunData) -> Table:
     return _baselines_table(run.name, run.baselines or Baselines())
 
 
-# -- the plots -------------------------------------------------------------------------------------------------
-
-
-def figure(**kw: Any) -> Any:
-    # a matplotlib Figure, typed Any: its stubs' Locator.set_params takes no keywords, but the plots set
-    # `integer=True` on the axes' default (MaxNLocator) locator
-    try:
-        from matplotlib.figure import Figure  # no pyplot: no global state, no GUI backend; savefig uses Agg
-    except ImportError as e:
-        raise MissingDependencyError(
-            "the report's plots need matplotlib, which is not installed; install it with: "
-            "pip install 'fl-plugins[tracking]' (or: pip install matplotlib)"
-        ) from e
-    return Figure(layout="constrained", **kw)
-
-
-def _colors(sites: list[str]) -> dict[str, Any]:
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab10"]
-    return {s: cmap(i % 10) for i, s in enumerate(sites)}
+# -- the plots (report_plots.py) -------------------------------------------------------------------------------
 
 
 def _sites(run: RunData) -> list[str]:
     names = {u.site for u in run.updates} | {r.site for r in run.logs}
     names |= set(run.baselines.local_only if run.baselines else {})
+    for e in run.evaluations:
+        names |= set(e.sites)
     return sorted(names)
 
 
@@ -221,10 +225,11 @@ def write_plots(run: RunData, out_dir: str | Path | None = None) -> tuple[list[P
     (no data for it)."""
     out = Path(out_dir) if out_dir is not None else run.run_dir / "report"
     out.mkdir(parents=True, exist_ok=True)
-    colors = _colors(_sites(run))
+    colors = report_plots.colors(_sites(run))
     written: list[Path] = []
     skipped: list[str] = []
-    for name, plot in (("validation.png", _validation), ("train_loss.png", _train_loss), ("bytes.png", _bytes)):
+    plots = (report_plots.validation, report_plots.train_loss, report_plots.bytes_plot)
+    for name, plot in zip(PLOTS, plots, strict=True):
         fig = plot(run, colors)
         if isinstance(fig, str):
             skipped.append(f"{name}: {fig}")
@@ -233,159 +238,6 @@ def write_plots(run: RunData, out_dir: str | Path | None = None) -> tuple[list[P
         fig.savefig(out / name, dpi=110)
         written.append(out / name)
     return written, skipped
-
-
-def _validation(run: RunData, colors: dict[str, Any]) -> Figure | str:
-    keys: list[str] = []
-    recs: list[RoundRecord | UpdateRecord] = [*(run.rounds[r] for r in sorted(run.rounds)), *run.updates]
-    for rec in recs:
-        keys += [k for k in rec.metrics if k not in keys]
-    base = run.baselines or Baselines()
-    final = base.global_metrics or {}
-    panels = []
-    for title, word in (("validation loss", "loss"), ("validation accuracy", "acc")):
-        ks = [k for k in keys if word in k.lower()]
-        if ks or any(word in k.lower() for k in final):
-            panels.append((title, ks, word))
-    if not panels:
-        return "no metric with 'loss' or 'acc' in its name in the rounds, and no baselines.json"
-    fig = figure(figsize=(6.2 * len(panels), 5.6))
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    # each site's latest update per round (a round run again after a failure counts once)
-    latest: dict[tuple[str, int], UpdateRecord] = {}
-    for u in run.updates:
-        latest[(u.site, u.round)] = u
-    for ax, (title, ks, word) in zip(axes, panels, strict=True):
-        for k in ks:
-            rs = [r for r in sorted(run.rounds) if finite_float(run.rounds[r].metrics.get(k)) is not None]
-            ax.plot(
-                rs,
-                [run.rounds[r].metrics[k] for r in rs],
-                marker="o",
-                lw=2.2,
-                color="black",
-                label=f"global model, {k} (weighted over the sites)",
-            )
-            if len(ks) == 1:
-                for site, c in colors.items():
-                    pts = sorted((r, finite_float(u.metrics.get(k))) for (s, r), u in latest.items() if s == site)
-                    pts = [(r, v) for r, v in pts if v is not None]
-                    if pts:
-                        ax.plot(
-                            *zip(*pts, strict=True), lw=1, ls=":", marker=".", color=c, label=f"global model at {site}"
-                        )
-        gkey = next((k for k in final if word in k.lower()), None)
-        if gkey is not None:
-            for site, m in base.local_only.items():
-                v = finite_float(m.get(gkey))
-                if v is not None:
-                    ax.axhline(v, ls="--", lw=1.3, color=colors.get(site, "grey"), label=f"{site} alone (pooled val.)")
-            v = finite_float(final.get(gkey))
-            if v is not None:
-                x = base.round if base.round is not None else max(run.rounds, default=0) + 1
-                ax.plot([x], [v], marker="*", ms=14, ls="", color="black", label="final global model (pooled val.)")
-        ax.set_title(title)
-        ax.set_xlabel("round (the global model it starts from)")
-        ax.grid(alpha=0.3)
-        ax.xaxis.get_major_locator().set_params(integer=True)
-        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=2)  # below: hides no line
-    fig.suptitle(f"{run.name}: the global model per round" + ("" if run.finished else " (unfinished run)"))
-    return fig
-
-
-def _is_train_loss(key: str) -> bool:
-    k = key.lower()
-    return "loss" in k and not any(w in k for w in _EVAL_WORDS)
-
-
-def _train_loss(run: RunData, colors: dict[str, Any]) -> Figure | str:
-    series: dict[str, dict[str, list[tuple[float, float, int]]]] = {}  # key -> site -> [(step, value, round)]
-    count: dict[tuple[str, str], int] = {}
-    for rec in run.logs:
-        key, site, v = rec.key, rec.site, finite_float(rec.value)
-        if v is None or not _is_train_loss(key):
-            continue
-        step = finite_float(rec.step)
-        n = count[(key, site)] = count.get((key, site), 0) + 1
-        rnd = rec.round if rec.round is not None else 0
-        series.setdefault(key, {}).setdefault(site, []).append((step if step is not None else n, v, rnd))
-    if not series:
-        return (
-            'no training loss in logs.jsonl (a site sends it with flare.log("train_loss", loss, '
-            "step=global_step); the Lightning and HF integrations forward the trainer's)"
-        )
-    # the most-logged first (HF's per-step "loss"); a key logged once per site (HF's end-of-training "train_loss"
-    # summary) is no curve: left out when there is one
-    keys = sorted(series, key=lambda k: (-sum(len(v) for v in series[k].values()), k))
-    keys = ([k for k in keys if any(len(v) > 1 for v in series[k].values())] or keys)[:2]
-    fig = figure(figsize=(9.5, 3.8 * len(keys)))
-    axes = fig.subplots(len(keys), 1, squeeze=False)[:, 0]
-    for ax, key in zip(axes, keys, strict=True):
-        first: dict[int, float] = {}  # round -> its first and last step over the sites
-        last: dict[int, float] = {}
-        for site, pts in sorted(series[key].items()):
-            pts.sort()
-            ax.plot(
-                [p[0] for p in pts],
-                [p[1] for p in pts],
-                lw=1.2,
-                color=colors.get(site),
-                label=site,
-                marker="." if len(pts) <= 40 else None,
-            )
-            for s, _, r in pts:
-                first[r] = min(first.get(r, s), s)
-                last[r] = max(last.get(r, s), s)
-        lo, hi = ax.get_ylim()
-        every = max(1, len(first) // 20)
-        for i, r in enumerate(sorted(first)):
-            if r == min(first):
-                continue
-            before = max((last[q] for q in last if q < r), default=first[r] - 1)
-            x = (before + first[r]) / 2 if before < first[r] else first[r] - 0.5
-            ax.axvline(x, color="grey", lw=0.8, ls="--", alpha=0.7)
-            if i % every == 0:
-                ax.text(x, hi, f" round {r}", fontsize=7, va="top", ha="left", color="dimgrey")
-        ax.set_ylabel(key)
-        ax.set_xlabel("step (each site's global training step)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    fig.suptitle(
-        f"{run.name}: training loss per step, round boundaries dashed" + ("" if run.finished else " (unfinished run)")
-    )
-    return fig
-
-
-def _bytes(run: RunData, colors: dict[str, Any]) -> Figure | str:
-    per: dict[int, dict[str, float]] = {}
-    for u in run.updates:
-        per.setdefault(u.round, {})
-        per[u.round][u.site] = per[u.round].get(u.site, 0.0) + _or_zero(u.bytes)
-    if not per:
-        return "no update has arrived yet"
-    rounds = sorted(per)
-    peak = max(sum(v.values()) for v in per.values())
-    unit, scale = next(((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)) if peak >= s), ("B", 1.0))
-    fig = figure(figsize=(max(6.0, 0.45 * len(rounds) + 3), 4.0))
-    ax = fig.subplots()
-    bottom = [0.0] * len(rounds)
-    for site, c in colors.items():
-        vals = [per[r].get(site, 0.0) / scale for r in rounds]
-        if any(vals):
-            ax.bar(rounds, vals, bottom=bottom, color=c, label=site)
-            bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
-    ax.set_xlabel("round")
-    ax.set_ylabel(f"uploaded ({unit})")
-    ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.grid(alpha=0.3, axis="y")
-    ax.legend(fontsize=8)
-    total = sum(sum(v.values()) for v in per.values())
-    fig.suptitle(
-        f"{run.name}: bytes uploaded per round ({human_bytes(total)} in all)\n"
-        "(the updates; each site also downloads the global model every round)",
-        fontsize=10,
-    )
-    return fig
 
 
 # -- the command -----------------------------------------------------------------------------------------------
@@ -416,7 +268,8 @@ def report(run_dir: str | Path, *, console: Console | None = None, plots: bool =
     if run.baselines is not None and run.baselines.global_metrics is not None:
         console.print(baselines_table(run))
     if run.evaluations:
-        console.print(report_eval.evaluation_table(run.evaluations))
+        final = run.last_evaluation.round if run.finished and run.last_evaluation is not None else None
+        console.print(report_eval.evaluation_table(run.evaluations, final_round=final))
     matrix = report_eval.load_matrix(run.run_dir)
     if matrix is not None:
         console.print(report_eval.matrix_table(matrix))

@@ -1,7 +1,8 @@
 """The report's part for evaluations (report.py calls it): the cross-site matrix (RUN_DIR/cross_site_eval.json, written
 by the aggregator's cross-site workflow) as a table and a heat-map, `report/cross_site_eval.png`, one panel per
 metric (at most four): model owner (rows) x evaluating site (columns), an empty cell crossed out and its reason in
-the table; and the global model's evaluations during training ("evaluation" records) as rows of their own.
+the table; and the global model's evaluations ("evaluation" records: during training with `evaluate_every`, and of
+the final model) as rows of their own, each naming the model it scores.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fl_plugins._text import scored_model
 from fl_plugins.records import EvaluationRecord
 
 if TYPE_CHECKING:
@@ -73,7 +75,7 @@ def _shown(cell: dict[str, Any]) -> str:
 
 def heatmap(m: dict[str, Any], out: Path) -> Path | str:
     """Write the heat-map; the path, or why there is none (no numeric metric)."""
-    from fl_plugins.report import figure
+    from fl_plugins.report_plots import figure
 
     metrics = metric_names(m)[:MAX_PANELS]
     if not metrics:
@@ -101,12 +103,14 @@ def heatmap(m: dict[str, Any], out: Path) -> Path | str:
     return out / HEATMAP
 
 
-def evaluation_table(evals: list[EvaluationRecord]) -> Table:
-    """The global model's evaluations during training: per evaluated round, the mean and each site's metrics."""
+def evaluation_table(evals: list[EvaluationRecord], *, final_round: int | None = None) -> Table:
+    """The global model's evaluations: per evaluated model, the mean and each site's metrics. An evaluation of
+    round k scores the global model after round k-1 (k = 0: the initial model); `final_round`: the k of the final
+    model's, when the run finished."""
     from rich.table import Table
 
     t = Table(title="evaluations of the global model (every site evaluates it: mean, then per site)")
-    for col in ("round", "mean", "sites"):
+    for col in ("model", "mean", "sites"):
         t.add_column(col)
     for e in evals:
         mean = ", ".join(f"{k}={v:.4g}" for k, v in e.metrics.items())
@@ -114,5 +118,5 @@ def evaluation_table(evals: list[EvaluationRecord]) -> Table:
             f"{s}: " + (", ".join(f"{k}={v:.4g}" for k, v in c["metrics"].items()) if "metrics" in c else c["error"])
             for s, c in e.sites.items()
         )
-        t.add_row(str(e.round), mean, per)
+        t.add_row(scored_model(e.round, final=e.round == final_round), mean, per)
     return t

@@ -7,16 +7,18 @@ Starts the aggregator in this process on 127.0.0.1 (a free port), then one proce
     RUN_DIR/sites/<site>.log    each site's stdout and stderr
     RUN_DIR/metrics.jsonl       the aggregator's records ("update" per accepted update, "round" per round)
     RUN_DIR/global/round-NNNNN  the global checkpoints (safetensors)
-    RUN_DIR/summary.json        per-round metrics, written at the end
+    RUN_DIR/final               the final global model (aggregator/ending.py), written when the job completes
+    RUN_DIR/summary.json        per-round metrics: the aggregator's, then this one's at the end (with exit codes)
     RUN_DIR/report/*.png        the plots of `fl-plugins report` (report.py), written at the end
     RUN_DIR/mlruns, tensorboard, wandb   the recipe's `tracking:` trackers (tracking.py), streamed as the run goes
 
 It stops everything (sites first: SIGTERM to each site's process group, SIGKILL after a grace period; then the
 aggregator) when the last round is done, on Ctrl-C, and when a site exits non-zero before the job is finished, in
-which case it prints the tail of that site's log and returns 1. Running the same recipe again with the same run
-dir resumes (RUN_DIR/run.json, store.py, says which recipe and job the run dir belongs to; another recipe is
-refused before anything starts). A start that fails leaves no state behind. The run dir, its folders and the files
-written here are private to the user (0700 / 0600), as the startup kits are.
+which case it prints the tail of that site's log and returns 1; a site that exits 0 after training is gone for
+the aggregator at once (the final evaluation does not wait for it). Running the same recipe again with the same
+run dir resumes (RUN_DIR/run.json, store.py, says which recipe and job the run dir belongs to; another recipe is
+refused before anything starts), or says that run is finished and starts nothing. A start that fails leaves no
+state behind. The run dir, its folders and the files written here are private to the user (0700 / 0600).
 """
 
 from __future__ import annotations
@@ -84,17 +86,28 @@ def default_run_dir(recipe: Recipe) -> Path:
     return Path("runs") / f"{recipe.name}-{time.strftime('%Y%m%d-%H%M%S')}"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (cli/run.py raises it): the run stops as on Ctrl-C, with exit code 143 instead of 130."""
+
+
 def run(recipe: Recipe, run_dir: Path, *, live: bool | None = None, tls: bool = False) -> int:
-    """Run the recipe's federation; 0 when every round is done and every site exited 0, 1 on a failure,
-    130 when interrupted. `live`: the rich live view (default: when stdout is a terminal). `tls`: provision a CA
-    and kits into RUN_DIR/kits (kept on resume) and speak mTLS; each site gets FL_KIT."""
+    """Run the recipe's federation; 0 when every round is done and every site exited 0 (or the run was finished
+    already: nothing starts), 1 on a failure, 130 when interrupted (143: SIGTERM). `live`: the rich live view
+    (default: when stdout is a terminal). `tls`: provision a CA and kits into RUN_DIR/kits (kept on resume) and
+    speak mTLS; each site gets FL_KIT."""
     from rich.console import Console
+
+    from fl_plugins.aggregator import ending
 
     console = Console(soft_wrap=True)
     err = Console(stderr=True, soft_wrap=True)
     live = console.is_terminal if live is None else live
     run_dir = Path(run_dir)
     config = _check(recipe, run_dir)
+    done = ending.finished(config)
+    if done is not None:
+        console.print(ending.already_finished(config, done, "the recipe's `rounds`"), highlight=False)
+        return 0
     fed = _Federation(recipe, run_dir)
     metrics = _Metrics(run_dir / records.METRICS)
     t0 = time.monotonic()
@@ -102,8 +115,8 @@ def run(recipe: Recipe, run_dir: Path, *, live: bool | None = None, tls: bool = 
     try:
         fed.start(config, console, tls)
         code = _supervise(fed, metrics, t0, console, err, live=live)
-    except KeyboardInterrupt:
-        code = 130
+    except KeyboardInterrupt as e:
+        code = 143 if isinstance(e, Terminated) else 130
         if not run_dir.is_dir():  # interrupted while starting: nothing to resume
             err.print("interrupted while starting; nothing was left in the run directory", highlight=False)
             return code
@@ -144,6 +157,7 @@ class _Federation:
         self.tracking: Any = None
         self.kits: Any = None
         self.handler: logging.Handler | None = None
+        self.done = False  # the aggregator's job was complete when it stopped
         self._pkg_log = logging.getLogger("fl_plugins")
         self._saved = self._pkg_log.level, self._pkg_log.propagate
 
@@ -195,6 +209,7 @@ class _Federation:
         """Stop whatever is running (the trackers close with `code`); safe to call twice."""
         _stop_sites(self.sites)
         if self.server is not None:
+            self.done = self.done or self.server.aggregator.done
             self.server.stop(0)
         if self.tracking is not None:
             self.tracking.close(code)
@@ -236,7 +251,10 @@ def _conclude(fed: _Federation, metrics: _Metrics, code: int, t0: float, console
         baselines = _run_baselines(recipe, run_dir, console, err)
         if baselines is None:
             code = 1
-    summary = summarize(recipe, metrics, fed.sites, code, time.monotonic() - t0, baselines)
+    from fl_plugins.aggregator.ending import read_summary
+
+    base = read_summary(run_dir) if fed.done else None  # the aggregator's: the job id, the final model and its score
+    summary = summarize(recipe, metrics, fed.sites, code, time.monotonic() - t0, baselines, base)
     write_private(run_dir / records.SUMMARY, json.dumps(summary.to_json(), indent=2) + "\n")
     if summary.rounds:
         console.print(summary_table(summary))
@@ -244,7 +262,8 @@ def _conclude(fed: _Federation, metrics: _Metrics, code: int, t0: float, console
         console.print(baselines_table(recipe.name, records.Baselines.from_json(baselines)))
     _write_report(run_dir, console, err)
     state = "finished" if code == 0 else "FAILED" if code == 1 else "interrupted"
-    console.print(f"{recipe.name} {state} in {summary.seconds:.1f} s; run dir {run_dir}", highlight=False)
+    final = f"; the final model is in {summary.final_model}" if summary.final_model else ""
+    console.print(f"{recipe.name} {state} in {summary.seconds:.1f} s; run dir {run_dir}{final}", highlight=False)
     return code
 
 
@@ -332,8 +351,11 @@ def _watch(
     refresh: Callable[[], object],
     err: Console,
 ) -> int:
+    from fl_plugins.aggregator.ending import site_exited
+
     agg = server.aggregator
     done_at: float | None = None
+    left: set[str] = set()  # sites that exited 0 after training: gone for the aggregator
     while True:
         metrics.poll()
         for s in sites:
@@ -358,31 +380,40 @@ def _watch(
             err.print(_tail(s.log_path), markup=False, highlight=False)
             return 1
         running = [s for s in sites if s.rc is None]
+        for s in [s for s in sites if agg.job.trained and s.rc == 0 and s.name not in left]:
+            left.add(s.name)  # (its process ended after its last update: the final evaluation does not wait)
+            site_exited(agg, s.name)
         if agg.done:
             done_at = done_at or time.monotonic()
-            if not running:
-                bad = [s for s in sites if s.rc != 0]
-                for s in bad:
-                    err.print(
-                        f"site {s.name} exited with code {s.rc} after the last round; see {s.log_path}", highlight=False
-                    )
-                return 1 if bad else 0
-            if time.monotonic() - done_at > END_GRACE:
-                err.print(
-                    f"the last round is done but {', '.join(s.name for s in running)} did not exit within "
-                    f"{END_GRACE:.0f} s; stopping them",
-                    highlight=False,
-                )
-                return 0
-        elif len(running) < recipe.federation.min_sites:
+            code = _after_job(sites, running, done_at, err)
+            if code is not None:
+                return code
+        elif len(running) < recipe.federation.min_sites and not agg.job.trained:
             gone = ", ".join(s.name for s in sites if s.rc is not None)
             err.print(
-                f"sites {gone} exited before the last round and fewer than min_sites="
-                f"{recipe.federation.min_sites} are left; stopping",
+                f"sites {gone} exited before the last round, and fewer sites are left than the "
+                f"{recipe.federation.min_sites} a round needs (the recipe's min_sites); stopping",
                 highlight=False,
             )
             return 1
         time.sleep(POLL)
+
+
+def _after_job(sites: list[_Site], running: list[_Site], done_at: float, err: Console) -> int | None:
+    """The job is complete: 0 once every site exited 0 (or END_GRACE passed), 1 if one did not; None: wait."""
+    if not running:
+        bad = [s for s in sites if s.rc != 0]
+        for s in bad:
+            err.print(f"site {s.name} exited with code {s.rc} after the last round; see {s.log_path}", highlight=False)
+        return 1 if bad else 0
+    if time.monotonic() - done_at > END_GRACE:
+        err.print(
+            f"the last round is done but {', '.join(s.name for s in running)} did not exit within "
+            f"{END_GRACE:.0f} s; stopping them",
+            highlight=False,
+        )
+        return 0
+    return None
 
 
 def _stop_sites(sites: list[_Site]) -> None:

@@ -76,7 +76,7 @@ def test_flare_style_script_two_sites_two_rounds(tmp_path):
     script = tmp_path / "train.py"
     script.write_text(FLARE_SCRIPT)
     cfg = AggregatorConfig(run_dir=tmp_path / "run", rounds=2, min_sites=2, initial_model=_torch_initial(tmp_path),
-                           linger=1.0)  # fmt: skip
+                           linger=1.0, evaluate_final=False)  # fmt: skip
     with AggregatorServer(cfg) as srv:
         procs = [subprocess.Popen([sys.executable, str(script), str(i)], stdout=subprocess.PIPE,
                                   stderr=subprocess.STDOUT, text=True,

@@ -36,13 +36,15 @@ def test_the_tutorial_loop_runs_with_the_import_swapped(fed):
         input_model = flare.receive()
         evaluate(input_model=input_model)
         train(input_model=input_model, step=0.5)
-    assert seen == [("evaluate", 0), ("train", 0), ("evaluate", 1), ("train", 1)]
+    # the job's last task is the final evaluation: evaluate() answers it, and train() has nothing left to train
+    assert seen == [("evaluate", 0), ("train", 0), ("evaluate", 1), ("train", 1), ("evaluate", 2)]
     updates = f.events("update")
     assert [(u["round"], u["weight"], u["metrics"]) for u in updates] == [
         (0, 2, {"metric": 0.0}),
         (1, 2, {"metric": 0.5}),
     ]
     f.wait()
+    assert [(e["round"], e["metrics"]) for e in f.events("evaluation")] == [(2, {"metric": 1.0})]
 
 
 def test_a_positional_model_is_replaced_and_the_other_arguments_kept(fed):

@@ -89,7 +89,7 @@ def test_without_an_initial_model_the_driver_offers_the_targets_weights(federati
 
 def test_each_round_loads_the_global_model_and_sends_the_targets_state(federation):
     initial = {"w": np.full(3, 10, np.float32)}
-    fed = federation(rounds=3, initial=initial)
+    fed = federation(rounds=3, initial=initial, evaluate_final=False)  # (a loop of TRAIN tasks only)
     target = ArrayTarget(w=np.zeros(3, np.float32))
     drv = RoundDriver()
     drv.start()

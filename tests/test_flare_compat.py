@@ -143,7 +143,7 @@ def test_multi_gpu_script_where_only_rank_0_asks_is_running(server_factory, tmp_
     start = {k: v.detach().numpy().copy()
              for k, v in torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(),
                                              torch.nn.Linear(8, 1)).state_dict().items()}  # fmt: skip
-    srv = server_factory(rounds=2, initial=start)
+    srv = server_factory(rounds=2, initial=start, evaluate_final=False)  # (the rounds seen are the point)
     script = tmp_path / "client.py"
     script.write_text(MULTI_GPU_SCRIPT)
     out = tmp_path / "out"
@@ -248,7 +248,7 @@ def test_hf_patch_with_flares_llm_arguments_prefixes_the_names_on_the_wire(serve
     from transformers import Trainer
 
     start = tiny_llama(seed=0)
-    srv = server_factory(rounds=2, initial={"model." + k: v for k, v in state_np(start).items()})
+    srv = server_factory(rounds=2, initial={"model." + k: v for k, v in state_np(start).items()}, evaluate_final=False)
     site(srv)
     model = tiny_llama(seed=1)  # other weights: only loading the global model makes round 0 start from it
     tr = Trainer(model=model, args=hf_args(tmp_path), train_dataset=rows(causal=True),

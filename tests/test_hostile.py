@@ -86,12 +86,20 @@ def assert_params_equal(got: dict[str, np.ndarray], want: dict[str, np.ndarray])
         np.testing.assert_array_equal(got[k].astype(np.float32), want[k].astype(np.float32), err_msg=k)
 
 
+END_OF_JOB = {"final", "summary.json"}  # what a complete job leaves (aggregator/ending.py)
+
+
 def assert_run_dir_intact(tmp_path: Path, rounds: int) -> None:
     """Only complete checkpoints, global/round-00000 .. round-R (a manifest, shards whose bytes match their
-    digests, their chunk digests), round 0 still the initial model, and nothing written anywhere else."""
+    digests, their chunk digests), round 0 still the initial model, the job's end (final/: round R's files;
+    summary.json), and nothing written anywhere else."""
     run = tmp_path / "run"
     assert {p.name for p in tmp_path.iterdir()} <= {"run", "initial.safetensors"}
-    assert {p.name for p in run.iterdir()} <= {"global", "metrics.jsonl", "logs.jsonl", "run.json"}
+    assert {p.name for p in run.iterdir()} <= {"global", "metrics.jsonl", "logs.jsonl", "run.json"} | END_OF_JOB
+    if (run / "final").exists():
+        final, last = run / "final", RunStore(run).round_dir(rounds)
+        assert sorted(p.name for p in final.iterdir()) == sorted(p.name for p in last.iterdir())
+        assert all((final / p.name).read_bytes() == p.read_bytes() for p in last.iterdir())
     assert sorted(p.name for p in (run / "global").iterdir()) == [f"round-{r:05d}" for r in range(rounds + 1)]
     store = RunStore(run)
     for r in range(rounds + 1):
@@ -262,7 +270,7 @@ def test_malformed_manifests_are_refused_and_the_round_goes_on(server_factory):
 
 def test_unusable_metrics_do_not_stop_the_aggregator(server_factory):
     """Metrics are informative: values that are not finite numbers are left out of the round's mean."""
-    fed = Federation(server_factory)
+    fed = Federation(server_factory, evaluate_final=False)  # (the evil site, which sent metrics, never evaluates)
     evil = RawSite(fed.address)
     evil.upload(evil.train_task(), plus(2)(INITIAL), weight=4,
                 metrics={"loss": 10**400, "nan": float("nan"), "acc": 0.5, "nested": {"a": 1}})  # fmt: skip

@@ -160,7 +160,7 @@ def test_every_round_starts_from_the_global_model(server_factory, site):
 @pytest.mark.integration
 @pytest.mark.slow
 def test_without_initial_model_the_module_offers_round_zero_and_validate_metrics_travel(server_factory, site):
-    srv = server_factory(rounds=1)
+    srv = server_factory(rounds=1, evaluate_final=False)  # (one round: then the job is over)
     site(srv)
     module = Tiny(seed=7)
     initial = numpy_state(module)

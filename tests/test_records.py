@@ -12,9 +12,9 @@ from fl_plugins.aggregator.store import RunStore
 from fl_plugins.record_files import JsonlTail, RunMetrics, read_records
 from fl_plugins.records import (
     AttemptRecord,
+    Baselines,
     CrossSiteRecord,
     EvaluationRecord,
-    Baselines,
     LogRecord,
     OtherRecord,
     RefoldRecord,

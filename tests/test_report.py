@@ -145,7 +145,7 @@ def test_baselines_beside_the_global_model(tmp_path):
     text = buf.getvalue()
     assert rep.run.finished and rep.skipped == []
     assert "hf-job: on the pooled validation set (480 rows)" in text and "site-2 alone" in text
-    assert "eval_accuracy" in text and "upload GB/s" in text
+    assert "eval_accuracy" in text and "upload rate" in text
     import matplotlib.image
 
     val = matplotlib.image.imread(tmp_path / "report" / "validation.png")

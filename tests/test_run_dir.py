@@ -105,7 +105,7 @@ def test_a_start_on_a_busy_port_leaves_no_state(tmp_path):
         out = _cli("server", "--address", f"127.0.0.1:{port}", "--run-dir", str(run), "--rounds", "1",
                    "--initial-model", str(a))  # fmt: skip
     assert out.returncode == 2, out.stdout + out.stderr
-    assert f"could not bind 127.0.0.1:{port}: is the port in use" in out.stderr
+    assert f"127.0.0.1:{port} is in use (another aggregator?)" in out.stderr
     assert not run.exists(), sorted(str(p.relative_to(run)) for p in run.rglob("*"))
 
 

@@ -131,7 +131,7 @@ def test_quickstart_runs_to_completion(tmp_path):
     assert summary["exit_code"] == 0 and [r["round"] for r in summary["rounds"]] == [0, 1, 2]
     assert all(r["updates"] == 3 and "val_acc" in r["metrics"] for r in summary["rounds"])
     assert summary["rounds"][-1]["metrics"]["val_acc"] > 0.8  # federated training works
-    assert "round 2 (of 0..2) done" in out.stdout and "per-round metrics" in out.stdout
+    assert "round 2 done (3 of 3)" in out.stdout and "per-round metrics" in out.stdout
     assert "round 1: global model val_acc" in (run / "sites" / "site-2.log").read_text()
 
 
@@ -195,7 +195,7 @@ def test_live_view_renders(tmp_path):
         buf = io.StringIO()
         Console(file=buf, width=100, force_terminal=True, color_system=None).print(view.render())
     text = buf.getvalue()
-    assert "round 0 of 0..2" in text
+    assert "0 of 3 rounds done" in text and "round 0 running: 0 B uploaded" in text
     assert "site-1  waiting" in text and "site-2  starting" in text and "crashed (exit 2)" in text
 
 

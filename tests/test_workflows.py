@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 import pytest
-from conftest import load_round, save_numpy
+from conftest import load_round
 
 from fl_plugins.config import AggregatorConfig
 
@@ -276,7 +276,10 @@ class Site(threading.Thread):
 
 
 def _mean_eval(samples: int) -> Answer:
-    return lambda task, params: {"metrics": {"mean": float(np.mean(params[KEY]))}, "meta": {"NUM_EVAL_SAMPLES": samples}}
+    return lambda task, params: {
+        "metrics": {"mean": float(np.mean(params[KEY]))},
+        "meta": {"NUM_EVAL_SAMPLES": samples},
+    }
 
 
 def _run(*sites: Site, srv: Any, timeout: float = 60) -> None:
@@ -410,10 +413,15 @@ def test_the_workflow_and_strategy_sections_of_a_recipe_name_their_keys(tmp_path
 
 
 def test_an_evaluation_job_needs_no_rounds_on_the_command_line(tmp_path):
+    from safetensors.numpy import save_file
+
     from fl_plugins.cli import server_config
     from fl_plugins.errors import ConfigError
 
-    cfg = server_config({"run_dir": tmp_path / "r", "workflow": "evaluate", "initial_model": tmp_path / "m"}, None)
+    save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / "m.safetensors"))  # read at config time: it must be one
+    cfg = server_config(
+        {"run_dir": tmp_path / "r", "workflow": "evaluate", "initial_model": tmp_path / "m.safetensors"}, None
+    )
     assert cfg.workflow == "evaluate"
     with pytest.raises(ConfigError, match="--rounds"):
         server_config({"run_dir": tmp_path / "r", "workflow": "fedavg"}, None)

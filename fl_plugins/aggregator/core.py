@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fl_plugins.aggregator import results, sitelogs, status
+from fl_plugins.aggregator import ending, presence, results, sitelogs, status
 from fl_plugins.aggregator.evaluation import GLOBAL
 from fl_plugins.aggregator.intake import Intake
 from fl_plugins.aggregator.job import CROSS, Job
@@ -70,6 +70,7 @@ class Aggregator:
         self.job = Job(config, self.rounds, FedAvgWorkflow(self.rounds, self.offer, self.uploads))
         self.models = SubmittedModels(config.run_dir)
         self.intake = Intake(self)
+        self.presence = presence.Presence(self)  # the operator's lines on who is connected, silent, dropped, back
         self.gate = Gate()
         self.strategy: Strategy | None = None  # made for the global model's tensors when round 0 opens
         self.global_manifest: Manifest | None = None
@@ -142,6 +143,7 @@ class Aggregator:
         """Lock held (or before the thread starts). The job has nothing left to do: sites get END."""
         with self.lock:  # (re-entrant: held by every caller but the start's)
             if not self.done:
+                ending.conclude(self)  # RUN_DIR/final and summary.json, before sites hear END
                 self.done, self.done_at = True, time.monotonic()
                 self.lock.notify_all()
 
@@ -178,6 +180,7 @@ class Aggregator:
 
     def hello(self, site: str, can_offer: bool) -> dict[str, Any]:
         with self.lock:  # (touch checks the site's name)
+            self.presence.hello(site, self.clock())
             self._touch(site, can_offer)
             self.lock.notify_all()
             return {
@@ -318,6 +321,7 @@ class Aggregator:
     def _decide(self) -> Decision | None:
         """Lock held. Apply the timeouts, then ask the round's rules."""
         rounds = self.rounds
+        self.presence.step(self.clock())
         if not self.done and self.job.phase is not None:
             self._step_job()
         if self.done or self.global_manifest is None or rounds.started is None:

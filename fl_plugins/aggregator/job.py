@@ -3,9 +3,13 @@
     workflow                  phases
     fedavg                    training rounds (workflow.py), each site evaluating the global model after every
                               `evaluate_every`-th round and after the last (a barrier: the next round's training
-                              starts once every site answered or its cell closed)
+                              starts once every site answered or its cell closed); without `evaluate_every`, the
+                              final evaluation (`evaluate_final`, the default): the final global model, at the
+                              sites that sent the global model's metrics with an update (a site that never sent
+                              any has no evaluation to run: it is not asked, and waits for END)
     fedavg,cross-site-eval    the same, then SUBMIT_MODEL (each site sends its local model), then every site
                               evaluates every submitted model and the global one: RUN_DIR/cross_site_eval.json
+                              (its global column is the final evaluation's record, unless the round has one)
     cross-site-eval           the last two on the initial model (--initial-model) and the sites' own models
     evaluate                  every site evaluates the initial model, once
 
@@ -27,12 +31,12 @@ from fl_plugins.aggregator.workflow import TASK_NAMES, Task, TaskKind, Workflow
 from fl_plugins.config import AggregatorConfig, trains
 from fl_plugins.errors import ProtocolError, RoundError
 from fl_plugins.record_files import read_records
-from fl_plugins.records import METRICS, EvaluationRecord
+from fl_plugins.records import METRICS, EvaluationRecord, UpdateRecord
 from fl_plugins.wire.layout import Manifest
 
 log = logging.getLogger(__name__)
 
-EVALUATE, SUBMIT, CROSS = "evaluate", "submit", "cross-site"  # the phases
+EVALUATE, SUBMIT, CROSS, FINAL = "evaluate", "submit", "cross-site", "final evaluation"  # the phases
 
 
 class Job:
@@ -50,6 +54,8 @@ class Job:
         self.submissions: Sweep | None = None  # the SUBMIT_MODEL phase, once over (its cells name failures)
         self.complete = False
         self.served_round = 0
+        self.only: set[str] | None = None  # the sites the current phase asks (the final evaluation's); None: all
+        self.evaluated: set[int] = set()  # rounds whose global model this process recorded an evaluation of
 
     @property
     def trains(self) -> bool:
@@ -62,7 +68,9 @@ class Job:
 
     @property
     def after_training(self) -> bool:
-        """Whether evaluation phases follow the last round (sites must not take a silence then for the job's end)."""
+        """Whether evaluation phases follow the last round for every site (sites must not take a silence then for
+        the job's end). Not the final evaluation: it asks only the sites that report metrics, and a site that finds
+        the aggregator gone after the last round takes the job as over, as it would without it."""
         return self.cross_site or bool(self.config.evaluate_every)
 
     # -- what happens next --------------------------------------------------------------------------------------
@@ -71,15 +79,18 @@ class Job:
         self.served_round = r
         k = self.config.evaluate_every * self.visits  # a cyclic job's rounds are visits: k counts cycles
         due = self.trains and r > 0 and k and (r % k == 0 or last)
-        if (due or (last and not self.trains and not self.cross_site)) and not self._evaluated_already(r):
+        final = last and self.trains and r > 0 and self.config.evaluate_final and not self.cross_site
+        if (due or (last and not self.trains and not self.cross_site)) and not self.evaluated_already(r):
             self.queue.append(EVALUATE)
+        elif final and not due and not self.evaluated_already(r):
+            self.queue.append(FINAL)
         if last:
             self.trained = True
             if self.cross_site and not self._cross_evaluated_already(r):
                 self.queue += [SUBMIT, CROSS]
         self._advance(now)
 
-    def _evaluated_already(self, r: int) -> bool:
+    def evaluated_already(self, r: int) -> bool:
         """An aggregator restarted after round `r`'s global model was evaluated (its "evaluation" record is in
         RUN_DIR/metrics.jsonl): not again. Only the round a restart finds checkpointed can have been (the file is
         read then, not at every evaluation)."""
@@ -99,8 +110,14 @@ class Job:
             log.info("the cross-site evaluation of round %d is in %s already", r, path)
         return done
 
+    def reporting(self) -> set[str]:
+        """The sites that sent the global model's metrics with an update in this job (RUN_DIR/metrics.jsonl): the
+        final evaluation asks these. Read once, when it starts."""
+        recs = read_records(self.config.run_dir / METRICS)
+        return {rec.site for rec in recs if isinstance(rec, UpdateRecord) and rec.metrics}
+
     def _advance(self, now: float) -> None:
-        if self.sweep is None and self.queue:
+        while self.sweep is None and self.queue:  # (a final evaluation with nobody to ask does not start)
             self._start(self.queue.pop(0), now)
         if self.sweep is None and self.trained:
             self.complete = True
@@ -108,11 +125,18 @@ class Job:
     def _start(self, phase: str, now: float) -> None:
         models = [GLOBAL] if phase != CROSS else [GLOBAL, *sorted(self.submitted)]
         kind = TaskKind.SUBMIT_MODEL if phase == SUBMIT else TaskKind.EVALUATE
+        only = self.reporting() if phase == FINAL else None
+        if only is not None and not only:
+            log.info("the final global model is not evaluated: no site sent its metrics with an update")
+            return
         # the sites connected now take part (and any that ask before it is over); with none connected (a job that
         # starts with this phase, or an aggregator restarted after training) it waits for `min_sites` of them
         alive = [s.name for s in self.rounds.sites.values() if self.rounds.alive(s, now)]
+        alive = [name for name in alive if only is None or name in only]
         needed = min(self.config.min_sites, len(alive)) if alive and self.trains else self.config.min_sites
-        self.phase = phase
+        if only is not None:  # the final evaluation never waits for a site that may be gone: one is enough
+            needed = max(1, min(self.config.min_sites, len(alive)))
+        self.phase, self.only = phase, only
         timeout = self.config.evaluate_timeout or self.config.round_deadline  # (a live site that never answers)
         self.sweep = Sweep(kind.value, models, needed, timeout, self.served_round)
         for name in alive:
@@ -129,6 +153,8 @@ class Job:
         return None
 
     def _sweep_task(self, sweep: Sweep, s: SiteState, now: float, global_model: Manifest | None) -> Task | None:
+        if self.only is not None and s.name not in self.only:
+            return None  # not asked: it waits for the phase's end
         got = sweep.next_task(s.name, now)
         if got is None:
             return None
@@ -151,7 +177,7 @@ class Job:
         if self.phase == SUBMIT:
             self.submissions = sweep
             self.submitted = {k: v for k, v in self.submitted.items() if k in sweep.ok_sites()}
-        self.sweep, self.phase = None, None
+        self.sweep, self.phase, self.only = None, None, None
         self._advance(now)
 
     def answer(self, site: str, task_id: str, envelope: dict[str, Any], now: float) -> str:

@@ -84,8 +84,9 @@ class Offer:
         if self.offering is None and len(asked) >= self.min_sites and nobody:
             raise ConfigError(
                 "the aggregator has no initial model and no site offered one: start it with "
-                "`fl-plugins server ... --initial-model PATH` (a .safetensors file or a Hugging Face model "
-                "folder), or use the Lightning/HF integrations, which offer the site's weights"
+                "`fl-plugins server ... --initial-model PATH` or the recipe's `initial_model: PATH` (a .safetensors "
+                "file or a Hugging Face model folder), or use the Lightning/HF integrations, which offer the site's "
+                "weights"
             )
         return False
 

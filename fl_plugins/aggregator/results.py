@@ -9,8 +9,10 @@ RUN_DIR/metrics.jsonl and, for cross-site evaluation, the matrix RUN_DIR/cross_s
      "submissions": {"site-3": {"error": "the site left before it answered"}, ...},   # models that are missing
      "means": {"global": {"accuracy": 0.9}, ...}}                                     # per model, over sites
 
-An evaluation of the global model during training (`evaluate_every`) is one "evaluation" record: its round, each
-site's metrics, and their mean (weighted by the sites' NUM_EVAL_SAMPLES when every site gave one).
+An evaluation of the global model (`evaluate_every`, and the final evaluation: `evaluate_final`) is one
+"evaluation" record: its round, each site's metrics, and their mean (weighted by the sites' NUM_EVAL_SAMPLES when
+every site gave one). A training job's cross-site evaluation writes one for the global model's column too, unless
+its round has one already.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from fl_plugins.aggregator.evaluation import GLOBAL, Sweep
 from fl_plugins.aggregator.files import write_atomic
-from fl_plugins.aggregator.job import CROSS, EVALUATE, SUBMIT
+from fl_plugins.aggregator.job import CROSS, EVALUATE, FINAL, SUBMIT
 from fl_plugins.aggregator.rounds import RoundState
 from fl_plugins.records import CrossSiteRecord, EvaluationRecord, RoundRecord
 
@@ -35,11 +37,8 @@ CROSS_SITE_FILE = "cross_site_eval.json"
 
 def record(agg: Aggregator, phase: str, sweep: Sweep) -> None:
     """Lock held. Write what phase `phase` found."""
-    if phase == EVALUATE:
-        table = sweep.table()[GLOBAL]
-        mean = sweep.mean(GLOBAL)
-        agg.record(EvaluationRecord(round=sweep.round, metrics=mean, sites=table))
-        log.info("round %d's global model evaluated at %d sites: %s", sweep.round, len(table), mean)
+    if phase in (EVALUATE, FINAL):
+        _evaluation(agg, sweep, "the final global model" if phase == FINAL else "the global model")
     elif phase == SUBMIT:
         missing = {s: row["submit"] for s, row in _rows(sweep).items() if "error" in row["submit"]}
         log.info("cross-site evaluation: %d models submitted, missing: %s", len(sweep.ok_sites()), missing or "none")
@@ -48,6 +47,18 @@ def record(agg: Aggregator, phase: str, sweep: Sweep) -> None:
         write_atomic(agg.config.run_dir / CROSS_SITE_FILE, json.dumps(matrix, indent=1))
         agg.record(CrossSiteRecord(round=sweep.round, means=matrix["means"]))
         log.info("cross-site evaluation written to %s", agg.config.run_dir / CROSS_SITE_FILE)
+        job = agg.job
+        if job.trains and sweep.round not in job.evaluated and not job.evaluated_already(sweep.round):
+            _evaluation(agg, sweep, "the final global model")
+
+
+def _evaluation(agg: Aggregator, sweep: Sweep, what: str) -> None:
+    """Lock held. The "evaluation" record of the global model's column of `sweep`."""
+    table = sweep.table()[GLOBAL]
+    mean = sweep.mean(GLOBAL)
+    agg.record(EvaluationRecord(round=sweep.round, metrics=mean, sites=table))
+    agg.job.evaluated.add(sweep.round)
+    log.info("%s (round %d) evaluated at %d sites: %s", what, sweep.round, len(table), mean)
 
 
 def _rows(sweep: Sweep) -> dict[str, dict[str, dict[str, Any]]]:

@@ -16,6 +16,7 @@ from pathlib import Path
 import grpc
 
 from fl_plugins._version import __version__
+from fl_plugins.aggregator import ports
 from fl_plugins.aggregator.core import Aggregator
 from fl_plugins.aggregator.workflow import Task, TaskKind
 from fl_plugins.config import AggregatorConfig
@@ -129,10 +130,10 @@ class CallSlots:
 
 class Servicer:
     """Decode, call `Aggregator`, encode. With `auth` (mTLS), the site of every call is its certificate's
-    common name: a request that claims another name, or a certificate of a site not in the project, is refused
-    (AuthError -> PERMISSION_DENIED). `operator_cert`: the server kit's certificate (PEM); a caller presenting it
-    is the aggregator's operator (Status shows it everything). `max_workers`: the server's worker threads, which
-    `CallSlots` shares out."""
+    common name: a request that claims another name, a certificate of a site not in the project, or the operator's
+    certificate, is refused (AuthError -> PERMISSION_DENIED). The operator is a caller with the operator's
+    certificate (`auth.operator`), or with `operator_cert`, the server kit's certificate (PEM): Status shows it
+    everything. `max_workers`: the server's worker threads, which `CallSlots` shares out."""
 
     def __init__(
         self,
@@ -258,8 +259,9 @@ class Servicer:
     def Status(self, req: pb.StatusRequest, context: grpc.ServicerContext) -> pb.StatusReply:
         """The job's progress, for whom the caller is (Aggregator.status):
 
-        * mTLS: a caller presenting the server kit's own certificate is the operator and sees everything; a site
-          (its certificate) sees the job and round and its own entries only;
+        * mTLS: a caller presenting the operator's certificate (`fl-plugins provision`'s admin kit) or the server
+          kit's own is the operator and sees everything; a site (its certificate) sees the job and round and its
+          own entries only;
         * plaintext (loopback only, unless --insecure): the aggregator cannot tell who calls. A caller that names
           itself with `fl-site` metadata sees that site's view; one that names nobody is taken for the operator's
           own tools on this machine (the local demo's progress, tests) and sees everything when it calls from a
@@ -277,6 +279,10 @@ class Servicer:
         return pb.StatusReply(status_json=json.dumps(self.agg.status(view)))
 
     def _is_operator(self, context: grpc.ServicerContext) -> bool:
+        """The caller presents the operator's certificate (the admin kit: SiteAuth.operator, which refuses a
+        revoked one) or the server kit's own."""
+        if self.auth is not None and self.auth.operator(context) is not None:
+            return True
         pem = ((context.auth_context() or {}).get("x509_pem_cert") or [b""])[0]
         return self._operator is not None and bool(pem) and _der(pem) == self._operator
 
@@ -343,6 +349,8 @@ class AggregatorServer:
             )
         address = address or (kit.address if kit is not None else "127.0.0.1:0")
         host, port = split_address(address)
+        given = "--address" if kit is None or address != kit.address else "the kit's address"
+        ports.check_bindable(host, port, given=given)  # one line, before gRPC's native "Failed to add port"
         if kit is None and not is_loopback(host):
             _plaintext_elsewhere(address, insecure)
         self.kit: ServerKit | None = kit
@@ -362,9 +370,9 @@ class AggregatorServer:
                 self.port = self._server.add_insecure_port(f"{host}:{port}")
         except RuntimeError:  # grpcio >= 1.60 raises where older versions returned 0
             self.port = 0
-        if self.port == 0:
-            hint = " (the kit's address by default; --address 0.0.0.0:PORT listens on every interface)" if kit else ""
-            raise ConfigError(f"could not bind {address}{hint}: is the port in use, or the host not this machine's?")
+        if self.port == 0:  # taken since the check: a plain socket may tell why now
+            ports.check_bindable(host, port, given=given)
+            raise ConfigError(ports.bind_error(address, None, given=given))
         self.address = f"{host}:{self.port}"
         try:
             self.aggregator = Aggregator(config)

@@ -7,6 +7,8 @@ import signal
 from pathlib import Path
 from typing import Any, NoReturn
 
+from fl_plugins.cli.levels import add_log_level
+
 
 def add_run(sub: Any) -> None:
     r = sub.add_parser(
@@ -22,7 +24,7 @@ def add_run(sub: Any) -> None:
         help="logs, metrics and checkpoints go here; an existing run dir of the same recipe resumes, one of "
         "another is refused (default: runs/NAME-TIMESTAMP)",
     )
-    r.add_argument("--log-level", default="WARNING", help="console log level (the run dir's logs are INFO)")
+    add_log_level(r, "warning", " (RUN_DIR/aggregator.log is at info whatever it says)")
     r.add_argument(
         "--tls",
         action="store_true",
@@ -32,16 +34,20 @@ def add_run(sub: Any) -> None:
 
 def run_command(args: argparse.Namespace) -> int:
     from fl_plugins.recipe import load_recipe
-    from fl_plugins.runner import default_run_dir, run
+    from fl_plugins.runner import Terminated, default_run_dir, run
 
     recipe = load_recipe(args.recipe)
 
-    def _term(*_: object) -> NoReturn:
+    def _int(*_: object) -> NoReturn:
         raise KeyboardInterrupt
 
-    # SIGTERM (and SIGINT, even where a shell started us with it ignored) stop the sites and the aggregator
+    def _term(*_: object) -> NoReturn:
+        raise Terminated
+
+    # SIGTERM (exit 143) and SIGINT (exit 130, even where a shell started us with it ignored) stop the sites and
+    # the aggregator
     signal.signal(signal.SIGTERM, _term)
-    signal.signal(signal.SIGINT, _term)
+    signal.signal(signal.SIGINT, _int)
     return run(recipe, args.run_dir or default_run_dir(recipe), tls=args.tls)
 
 
@@ -55,7 +61,7 @@ def add_report(sub: Any) -> None:
     e.add_argument("run_dir", type=Path, metavar="RUN_DIR", help="the run directory of `fl-plugins run` or `server`")
     e.add_argument("--no-plots", action="store_true", help="only print the table")
     e.add_argument("--partial", action="store_true", help="report an unfinished run as far as it got")
-    e.add_argument("--log-level", default="WARNING")
+    add_log_level(e, "warning")
 
 
 def report_command(args: argparse.Namespace) -> int:

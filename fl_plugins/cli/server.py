@@ -11,6 +11,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from fl_plugins.cli.levels import add_log_level
 from fl_plugins.config import SETTINGS, AggregatorConfig, Boolean, Setting, merge, trains
 from fl_plugins.errors import ConfigError
 
@@ -53,7 +54,7 @@ def add(sub: Any) -> None:
         metavar="NAMES",
         help="stream the run's records to trackers in RUN_DIR: mlflow,tensorboard,wandb",
     )
-    s.add_argument("--log-level", default="INFO")
+    add_log_level(s, "info", " (RUN_DIR/aggregator.log gets the same)")
 
 
 def _flag_kind(setting: Setting) -> dict[str, Any]:
@@ -105,6 +106,14 @@ def given_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def command(args: argparse.Namespace) -> int:
+    from fl_plugins.security.handshake_log import installed
+
+    with installed(args.kit is not None):  # with mTLS, gRPC's failed TLS handshakes become WARNINGs that say why
+        return _serve(args)
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from fl_plugins.aggregator import ending
     from fl_plugins.aggregator.store import RunStore
 
     recipe = None
@@ -118,20 +127,45 @@ def command(args: argparse.Namespace) -> int:
     RunStore(config.run_dir).open_run(
         job_id=config.job_id, recipe=config.recipe, initial_model=config.initial_model, check_only=True
     )
+    done = ending.finished(config)  # a finished run is not run again
+    if done is not None:
+        print(ending.already_finished(config, done, "--rounds (or the recipe's `rounds`)"), flush=True)
+        return 0
     name = config.job_id or (recipe.name if recipe else "") or config.run_dir.resolve().name
     server, tracking = _start(config, args, specs, name)
-    stop = threading.Event()
+    stop, signals = threading.Event(), []
+
+    def on_signal(signum: int, _frame: Any) -> None:
+        signals.append(signum)
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, lambda *_: stop.set())
+        signal.signal(sig, on_signal)
     try:
         code = server.wait(stop_event=stop)
     finally:
         server.stop()
+        agg = server.aggregator
+        if stop.is_set() and not agg.done:  # 130 for Ctrl-C (SIGINT), 143 for SIGTERM, as a shell reports them
+            code = 143 if signal.SIGTERM in signals else 130
+        if code != 0 and not agg.done:  # the job's outcome, for `fl-plugins report` (a resume writes it again)
+            ending.write_summary(agg, code)
         if tracking is not None:
-            tracking.close(130 if stop.is_set() and not server.aggregator.done else 0)
-    if stop.is_set() and not server.aggregator.done:
-        print("aggregator stopped before the last round; run the same command again to resume", file=sys.stderr)
-        return 130
+            tracking.close(code)
+    return _ended(server, code)
+
+
+def _ended(server: AggregatorServer, code: int) -> int:
+    """What the operator reads when the server stops: how to resume, or where the final model and report are."""
+    run_dir = server.aggregator.config.run_dir
+    if code in (130, 143):
+        print("aggregator stopped before the job was finished; run the same command again to resume", file=sys.stderr)
+    elif code == 0:
+        from fl_plugins.aggregator.ending import read_summary
+
+        done = read_summary(run_dir)
+        final = f"; the final model is in {done.final_model}" if done is not None and done.final_model else ""
+        print(f"job {server.aggregator.job_id} finished{final}; `fl-plugins report {run_dir}` shows it", flush=True)
     return code
 
 

@@ -27,7 +27,9 @@ Each wrapper calls `flare.receive()` (the round's model, cached until it is sent
 first parameter (in place of a first positional argument, else by name); the other arguments as given.
 `evaluate` during a TRAIN task keeps its result for the next `train`, whose update carries it as metrics (a
 number becomes `{"metric": value}`, as FLModel.metrics is a dict here); during another task it sends the
-metrics on their own (an EVALUATE task's answer). `submit_model` sends what it returns, during a SUBMIT_MODEL task
+metrics on their own (an EVALUATE task's answer: the final evaluation at the end of a job, for one). A `train`
+once the job is over (the loop's EVALUATE task was its last, answered by `evaluate`) does nothing and returns None,
+so the tutorial's loop ends as it does in FLARE. `submit_model` sends what it returns, during a SUBMIT_MODEL task
 only. A `train` that does not return an FLModel, an `evaluate` that returns None, a `submit_model` that returns
 neither an FLModel nor a dict of params or is called during another task, is a ConfigError saying so.
 """
@@ -49,13 +51,13 @@ F = TypeVar("F", bound=Callable[..., Any])
 _pending: dict[str, Any] = {}  # the metrics an evaluate() during a TRAIN task keeps for the next train()
 
 
-def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
-    """fn with the round's model (flare.receive()) as its first parameter: in place of a first positional
-    argument, else by name; the other arguments as given."""
+def _call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any], model: Any = None) -> Any:
+    """fn with the round's model (`model`, else flare.receive()) as its first parameter: in place of a first
+    positional argument, else by name; the other arguments as given."""
     params = list(inspect.signature(fn).parameters)
     if not params:
         raise ConfigError(f"@flare decorators pass the round's model as the first parameter; {fn.__name__}() has none")
-    model = api.receive()
+    model = api.receive() if model is None else model
     if args:
         return fn(model, *args[1:], **kwargs)
     return fn(**{**kwargs, params[0]: model})
@@ -73,8 +75,12 @@ def train(fn: F) -> F:
     """The function trains on the round's model (its first parameter) and returns the update, which is sent."""
 
     @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> FLModel:
-        out = _call(fn, args, kwargs)
+    def wrapper(*args: Any, **kwargs: Any) -> FLModel | None:
+        model = api.receive()
+        if model is None:  # the job is over (its last task, an evaluation, was answered): nothing to train
+            _pending.clear()
+            return None
+        out = _call(fn, args, kwargs, model)
         if not isinstance(out, FLModel):
             raise ConfigError(f"@flare.train: {fn.__name__}() must return an FLModel (got {type(out).__name__})")
         if "metrics" in _pending:

@@ -13,8 +13,11 @@ Two ways to use it, both with one LR schedule over all rounds and the optimizer'
   Tasks between rounds are answered there too: an EVALUATE task's model is loaded, the trainer evaluates it
   right after the event (`control.should_evaluate`), `on_evaluate` sends the metrics and puts the model's own
   weights back; SUBMIT_MODEL sends the weights at once. After the last round train() answers what it still can
-  (it evaluates after its last step and at its last epoch's end); the rest of a cross-site evaluation needs the
-  trainer: `callback.finish(trainer)` after train() answers it with `trainer.evaluate()`.
+  (it evaluates after its last step and at its last epoch's end): the final evaluation of the global model, which
+  the aggregator asks of the sites that sent the global model's metrics with their updates (so of a trainer that
+  evaluates; one that does not is not asked), is answered there, and one train() is the whole job. The rest of a
+  cross-site evaluation needs the trainer: `callback.finish(trainer)` after train() answers it with
+  `trainer.evaluate()` (train() warns at its end when the job still asks this site for something).
 - `flare.patch(trainer)` then FLARE's loop, one `train()` per round:
       while flare.is_running():
           input_model = flare.receive()      # loaded into trainer.model
@@ -60,6 +63,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
+from fl_plugins.client import session
 from fl_plugins.errors import ConfigError, MissingDependencyError
 from fl_plugins.integrations import driver as _driver
 from fl_plugins.integrations.budget import RoundBudget
@@ -303,11 +307,17 @@ class FLTrainerCallback(TrainerCallback):
         if driver is not None and driver.in_round:
             driver.end_round()
             driver.agree_running(self.collective)
-        if driver is not None and driver.evaluating:  # the callback form: an evaluation train() can no longer run
+        if driver is None:
+            return
+        evaluating = driver.evaluating
+        if evaluating:  # the callback form: an evaluation train() can no longer run
             driver.abort_evaluation(self.target(model))
+        at_hand = not self.per_call and driver.rank == 0 and driver.started  # a task fetched, not answered
+        if evaluating or (at_hand and session.get().pending_round()[0] is not None):
             logger.warning(
-                "the job asks this site for evaluations after training (cross-site evaluation): call "
-                "FLTrainerCallback.finish(trainer) after trainer.train() to answer them"
+                "the job still asks this site for a task after training (an evaluation, a submission): call "
+                "FLTrainerCallback.finish(trainer) after trainer.train() to answer it; until then the aggregator "
+                "waits for this site (at most --site-timeout once its process has ended)"
             )
 
 
