@@ -54,6 +54,9 @@ def command(args: argparse.Namespace) -> int:
         raise ConfigError("no command to run: fl-plugins client --kit KIT -- python train.py [ARGS]")
     env = dict(os.environ)
     env.pop("FL_INSECURE", None)  # the flag decides, not what this shell happens to hold
+    # gRPC's C core prints a failed TLS handshake as a raw INFO line before the site's own one-line reason
+    # (client/reach.py); errors still print. A value the user set wins.
+    env.setdefault("GRPC_VERBOSITY", "ERROR")
     env.update(_timeouts(args))
     if args.kit is not None:
         if args.insecure:
