@@ -85,7 +85,7 @@ class View:
                 out[s.name] = "done"
             elif s.name not in connected:
                 out[s.name] = "starting"
-            elif st.get("phase") == "evaluate":
+            elif st.get("phase") in ("evaluate", "final evaluation"):
                 out[s.name] = "evaluating"
             elif s.name in uploading:
                 out[s.name] = f"uploading ({human_bytes(uploading[s.name])})"
@@ -113,7 +113,7 @@ class View:
         parts = [f"[bold]{self.recipe.name}[/]", f"{min(rnd, total)} of {total} rounds done"]
         if st["done"]:
             parts.append("finished")
-        elif phase == "evaluate":
+        elif phase in ("evaluate", "final evaluation"):
             parts.append(f"every site evaluates the {scored_model(rnd, final=rnd >= total)}")
         elif phase in _PHASES:
             parts.append(_PHASES[phase])

@@ -257,7 +257,8 @@ def _conclude(fed: _Federation, metrics: _Metrics, code: int, t0: float, console
     summary = summarize(recipe, metrics, fed.sites, code, time.monotonic() - t0, baselines, base)
     write_private(run_dir / records.SUMMARY, json.dumps(summary.to_json(), indent=2) + "\n")
     if summary.rounds:
-        console.print(summary_table(summary))
+        scores = summary.final_evaluation  # the final model's scores: the table's last row
+        console.print(summary_table(summary, records.EvaluationRecord.from_json(scores) if scores else None))
     if baselines is not None:
         console.print(baselines_table(recipe.name, records.Baselines.from_json(baselines)))
     _write_report(run_dir, console, err)

@@ -209,6 +209,28 @@ def test_a_site_whose_process_ended_is_gone_at_once_for_the_final_evaluation(in_
     assert "left before it answered" in evaluation["sites"]["site-2"]["error"]
 
 
+def test_a_final_evaluation_whose_reporting_sites_are_all_gone_ends_after_the_site_timeout(in_memory):
+    """The only site that sent metrics dies in the last round; the one left sends none. The final evaluation has
+    nobody to ask: it must not wait for ever (it ends once no reporting site came back within site_timeout)."""
+    fed = in_memory(rounds=2, min_sites=2, min_updates=1, initial=INIT, site_timeout=2.0)
+    scorer, quiet = fed.client("scorer", heartbeat=0.3), fed.client("quiet", heartbeat=0.3)
+    for c in (scorer, quiet):
+        c.connect()
+    for c, metrics in ((scorer, {"m": 1.0}), (quiet, {})):
+        t = c.next_task(poll=5.0)
+        _, p = c.download(t, "numpy")
+        c.upload(t.round, t.attempt, {"w": p["w"] + 1}, {"params_type": "FULL", "metrics": metrics})
+    assert scorer.next_task(poll=5.0).round == 1
+    scorer.close()  # its process dies in the last round
+    t = quiet.next_task(poll=5.0)
+    _, p = quiet.download(t, "numpy")
+    quiet.upload(t.round, t.attempt, {"w": p["w"] + 1}, {"params_type": "FULL", "metrics": {}})
+    ended = threading.Thread(target=quiet.next_task, kwargs={"poll": 1.0}, daemon=True)
+    ended.start()  # the site left waits for END
+    fed.wait(timeout=10 * fed.config.site_timeout + fed.config.linger)
+    assert fed.events("evaluation") == [] and (fed.run_dir / "final" / "manifest.json").exists()
+
+
 def test_a_training_jobs_cross_site_evaluation_is_the_final_evaluation(in_memory):
     fed = in_memory(rounds=1, initial=INIT, workflow="fedavg,cross-site-eval")
     fed.activate("site-1")

@@ -445,3 +445,37 @@ def test_the_bridge_is_not_installed_on_import():
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert p.stdout.strip() == "True", "importing must not take over stderr: only `fl-plugins server --kit` does"
     assert handshake_log.FILTER.is_file()
+
+
+def test_a_heartbeat_is_answered_while_a_long_write_holds_the_lock_and_counted_at_the_next_step(tmp_path):
+    """A long write under the coordinator's lock (an fsync of a big offered model) must not make the sites' heartbeats
+    time out: the site would count the aggregator as silent and give up. The window is widened by holding the lock
+    in another thread for as long as the test likes."""
+    from fl_plugins.aggregator import core
+
+    clock = Clock()
+    agg = _aggregator(tmp_path, clock)
+    try:
+        agg.hello("site-1", False)
+        before = agg.rounds.sites["site-1"].last_seen
+        held, release = threading.Event(), threading.Event()
+
+        def hold() -> None:
+            with agg.lock:
+                held.set()
+                release.wait()
+
+        holder = threading.Thread(target=hold, daemon=True)
+        holder.start()
+        held.wait()
+        clock.t += 30
+        done = threading.Event()
+        threading.Thread(target=lambda: (agg.heartbeat("site-1"), done.set()), daemon=True).start()
+        assert done.wait(10 * core.HEARD_WAIT), "the heartbeat waited for the lock"  # (the lock is still held)
+        assert agg.heard == {"site-1": clock.t} and agg.rounds.sites["site-1"].last_seen == before
+        release.set()
+        holder.join()
+        agg.step()  # the next step tells what was heard
+        assert agg.rounds.sites["site-1"].last_seen == clock.t and agg.heard == {}
+    finally:
+        agg.stop()

@@ -1,20 +1,15 @@
 """The aggregator's coordinator: it owns the lock, the fold gate, the run directory and the background thread,
-and feeds the parts that decide (no gRPC in any of them; service.py is the wire face):
+and feeds the parts that decide (no gRPC in any of them; service.py is the wire face): rounds.py (the round rules
+and the promise), workflow.py and job.py (which `Task` a site gets next), intake.py / uploads.py (an upload's
+begin, chunks and commit), offer.py (a site's weights as round 0's model), strategy.py (counted updates -> the next
+global model), store.py (checkpoints, records, the run's identity), presence.py and ending.py (what the operator
+reads; the end of a job). docs/architecture.md has the whole map.
 
-* rounds.py   `RoundState`: the round rules (who trains, what counts, close / new attempt / refold, sit-outs);
-              its docstring states the promise and the rules;
-* workflow.py `FedAvgWorkflow`: which typed `Task` a site gets next;
-* intake.py   `Intake`: an upload's begin, chunks and commit; uploads.py: the live uploads and their checks;
-* offer.py    `Offer`: a site's weights as round 0's global model when the aggregator has none;
-* strategy.py `Strategy`: how counted updates become the next global model (FedAvg, fedavg.py);
-* store.py    `RunStore`: checkpoints, records and the run's identity in RUN_DIR.
-
-Every call from service.py takes the lock (`lock`, a Condition: long polls wait on it); chunks are folded outside
-it, under the fold gate's shared side, and the close takes the gate's exclusive side, so it sees every fold that
-started. The background thread runs `step()`: timeouts, then the round's decision, then the close (a refold, or
-the new global model written and round R+1 opened) or a new attempt. Time comes from `clock` (a fake one in
-tests/test_rounds.py).
-"""
+Every call from service.py takes the lock (`lock`, a Condition: long polls wait on it), except a heartbeat that
+finds it held by a long write: that one is noted and told at the next step, so a site is never silent for a disk.
+Chunks are folded outside it, under the fold gate's shared side, and the close takes the gate's exclusive side, so
+it sees every fold that started. The background thread runs `step()`: timeouts, then the round's decision, then the
+close (a refold, or the new global model written and round R+1 opened) or a new attempt. Time comes from `clock`."""
 
 from __future__ import annotations
 
@@ -50,6 +45,8 @@ __all__ = ["Aggregator", "AggregatorConfig", "Decision", "Task", "TaskKind"]
 
 log = logging.getLogger(__name__)
 
+HEARD_WAIT = 1.0  # seconds a heartbeat waits for the lock before it is noted for the next step instead
+
 STATS = (
     *("bytes_received", "bytes_sent", "corrupted_chunks", "updates_accepted", "updates_refused"),
     *("invalid_updates", "round_restarts", "refolds", "updates_lost"),
@@ -70,6 +67,7 @@ class Aggregator:
         self.job = Job(config, self.rounds, FedAvgWorkflow(self.rounds, self.offer, self.uploads))
         self.models = SubmittedModels(config.run_dir)
         self.intake = Intake(self)
+        self.heard: dict[str, float] = {}  # site -> a heartbeat's time, noted while the lock was held (heartbeat)
         self.presence = presence.Presence(self)  # the operator's lines on who is connected, silent, dropped, back
         self.gate = Gate()
         self.strategy: Strategy | None = None  # made for the global model's tensors when round 0 opens
@@ -93,10 +91,8 @@ class Aggregator:
 
     # -- lifecycle ----------------------------------------------------------------------------------------------
     def _resume(self) -> None:
-        """Open the run directory: a new run (its run.json is written with round 0), or the run it holds if
-        this start's inputs are the run's (store.RunStore.open_run: another job id, recipe or initial model is
-        a ConfigError; so is another strategy's state to train on: strategy.check_resume). A start that fails
-        here leaves no state behind."""
+        """Open the run directory: a new run, or the one it holds if this start's inputs are its own (another job
+        id, recipe, initial model or strategy is a ConfigError). A start that fails here leaves no state behind."""
         from fl_plugins.aggregator.strategy import check_resume
 
         cfg = self.config
@@ -183,16 +179,17 @@ class Aggregator:
             self.presence.hello(site, self.clock())
             self._touch(site, can_offer)
             self.lock.notify_all()
-            return {
-                "job_id": self.job_id,
-                "total_rounds": self.config.total_rounds,
-                "evaluates_after": self.job.after_training,
-                "chunk_bytes": self.config.chunk_bytes,
-            }
+            info = {"job_id": self.job_id, "total_rounds": self.config.total_rounds}
+            return {**info, "evaluates_after": self.job.after_training, "chunk_bytes": self.config.chunk_bytes}
 
     def heartbeat(self, site: str) -> None:
-        with self.lock:
+        if not self.lock.acquire(timeout=HEARD_WAIT):  # a long write holds it (an fsync of a big offer)
+            self.heard[site] = self.clock()  # told at the next step: the site's call answers now
+            return
+        try:
             self._touch(site)
+        finally:
+            self.lock.release()
 
     def get_task(
         self,
@@ -321,7 +318,7 @@ class Aggregator:
     def _decide(self) -> Decision | None:
         """Lock held. Apply the timeouts, then ask the round's rules."""
         rounds = self.rounds
-        self.presence.step(self.clock())
+        self.presence.step(self.clock())  # (first, the heartbeats noted while the lock was held)
         if not self.done and self.job.phase is not None:
             self._step_job()
         if self.done or self.global_manifest is None or rounds.started is None:

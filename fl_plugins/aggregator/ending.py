@@ -184,4 +184,5 @@ def site_exited(agg: Aggregator, site: str) -> None:
         s = agg.rounds.sites.get(site)
         if s is not None:
             s.last_seen = min(s.last_seen, agg.clock() - agg.config.site_timeout)
+            agg.presence.exited.add(site)  # its drop is told as an ended process, not as a silence
             agg.lock.notify_all()

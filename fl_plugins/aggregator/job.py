@@ -55,6 +55,7 @@ class Job:
         self.complete = False
         self.served_round = 0
         self.only: set[str] | None = None  # the sites the current phase asks (the final evaluation's); None: all
+        self.join_by: float | None = None  # a final evaluation nobody joined yet ends empty at this time
         self.evaluated: set[int] = set()  # rounds whose global model this process recorded an evaluation of
 
     @property
@@ -136,6 +137,8 @@ class Job:
         needed = min(self.config.min_sites, len(alive)) if alive and self.trains else self.config.min_sites
         if only is not None:  # the final evaluation never waits for a site that may be gone: one is enough
             needed = max(1, min(self.config.min_sites, len(alive)))
+            # none of its sites connected (they died, or this aggregator restarted): they have site_timeout to come
+            self.join_by = None if alive else now + self.config.site_timeout
         self.phase, self.only = phase, only
         timeout = self.config.evaluate_timeout or self.config.round_deadline  # (a live site that never answers)
         self.sweep = Sweep(kind.value, models, needed, timeout, self.served_round)
@@ -170,6 +173,16 @@ class Job:
         if sweep is None:
             return
         sweep.expire(now, {name: self.rounds.alive(s, now) for name, s in self.rounds.sites.items()})
+        if self.join_by is not None and not sweep.cells and now >= self.join_by:
+            log.warning(
+                "the final global model is not evaluated: none of the sites that sent metrics (%s) connected within "
+                "--site-timeout (%g s)",
+                ", ".join(sorted(self.only or ())),
+                self.config.site_timeout,
+            )
+            self.sweep, self.phase, self.only, self.join_by = None, None, None, None
+            self._advance(now)
+            return
         if not sweep.over():
             return
         assert self.phase is not None
@@ -177,7 +190,7 @@ class Job:
         if self.phase == SUBMIT:
             self.submissions = sweep
             self.submitted = {k: v for k, v in self.submitted.items() if k in sweep.ok_sites()}
-        self.sweep, self.phase, self.only = None, None, None
+        self.sweep, self.phase, self.only, self.join_by = None, None, None, None
         self._advance(now)
 
     def answer(self, site: str, task_id: str, envelope: dict[str, Any], now: float) -> str:

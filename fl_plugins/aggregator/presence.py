@@ -47,6 +47,7 @@ class Presence:
         self.dropped: dict[str, float] = {}  # site -> when it was last heard from before it was dropped
         self.waits: tuple[int, int, str | None] | None = None  # (round, attempt, phase) of the wait being told
         self.next_line: float | None = None  # when the next waiting line is due
+        self.exited: set[str] = set()  # sites whose process was seen to end (ending.site_exited: `fl-plugins run`)
 
     def hello(self, site: str, now: float) -> None:
         """Lock held, before the site is touched: a site already known says Hello again, so it reconnects."""
@@ -55,11 +56,18 @@ class Presence:
             return  # its first connection: rounds.py logs it
         if not self.agg.done:
             self._drops(now)  # a drop the background step has not seen yet is told first
+        self.exited.discard(site)
         how = "it had been dropped" if self.dropped.pop(site, None) is not None else "a new process or connection"
         log.info("site %r reconnected after %s (%s)", site, _seconds(now - s.last_seen), how)
 
     def step(self, now: float) -> None:
-        """Lock held, at each step of the background thread: drops, returns, and the waiting line when due."""
+        """Lock held, at each step of the background thread: the heartbeats noted while the lock was held by a long
+        write (core.py `heartbeat`), then drops, returns, and the waiting line when due."""
+        rounds = self.agg.rounds
+        while self.agg.heard:
+            site, at = self.agg.heard.popitem()
+            if site in rounds.sites:  # (a known site only: a new name is checked by a call that takes the lock)
+                rounds.touch(site, max(rounds.sites[site].last_seen, at))
         if self.agg.done:
             self.next_line = None
             return
@@ -72,6 +80,9 @@ class Presence:
             alive = rounds.alive(s, now)
             if not alive and s.name not in self.dropped:
                 self.dropped[s.name] = s.last_seen
+                if s.name in self.exited:
+                    log.info("site %r is gone: its process ended", s.name)
+                    continue
                 log.warning(
                     "site %r dropped: silent for %s (--site-timeout %s); the job no longer waits for it",
                     s.name,
@@ -80,6 +91,7 @@ class Presence:
                 )
             elif alive and s.name in self.dropped:
                 silent = s.last_seen - self.dropped.pop(s.name)
+                self.exited.discard(s.name)
                 log.info("site %r reconnected after %s (it had been dropped)", s.name, _seconds(silent))
 
     def _waiting_line(self, now: float) -> None:

@@ -132,15 +132,15 @@ def _serve(args: argparse.Namespace) -> int:
         print(ending.already_finished(config, done, "--rounds (or the recipe's `rounds`)"), flush=True)
         return 0
     name = config.job_id or (recipe.name if recipe else "") or config.run_dir.resolve().name
-    server, tracking = _start(config, args, specs, name)
     stop, signals = threading.Event(), []
 
     def on_signal(signum: int, _frame: Any) -> None:
         signals.append(signum)
         stop.set()
 
-    for sig in (signal.SIGINT, signal.SIGTERM):
+    for sig in (signal.SIGINT, signal.SIGTERM):  # before "listening" is printed: a signal right after it counts
         signal.signal(sig, on_signal)
+    server, tracking = _start(config, args, specs, name)
     try:
         code = server.wait(stop_event=stop)
     finally:
