@@ -79,7 +79,7 @@ def test_an_unfinished_run_is_reported_as_far_as_it_got(finished_run, tmp_path):
     rep = report(run_dir, console=console, partial=True)  # ... or, with --partial, reports what is there
     text = buf.getvalue()
     assert sorted(rep.run.rounds) == [0] and not rep.run.finished
-    assert "note: no summary.json: the run is unfinished (still running, or stopped before its aggregator wrote one" in text
+    assert "note: no summary.json: the run is unfinished (still running, or stopped before its aggregator" in text
     assert "finished rounds: 0" in text
     assert sorted(p.name for p in rep.plots) == sorted(PLOTS)
     for p in rep.plots:
