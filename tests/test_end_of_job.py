@@ -498,3 +498,36 @@ def test_a_lightning_loop_answers_the_final_evaluation(server_factory, site):
         want = float(torch.nn.functional.mse_loss(final.net(x), y))
     (evaluation,) = events(srv.aggregator.config.run_dir, "evaluation")
     assert evaluation["sites"]["site-1"]["metrics"]["val_loss"] == pytest.approx(want, abs=1e-5)
+
+
+def test_a_phase_after_training_that_starts_with_nobody_connected_ends_with_the_site_that_comes_back(in_memory):
+    """Both sites go silent past site_timeout as training ends (a loaded machine, a network blip): the phases after
+    training start with nobody connected. They must not wait for `min_sites` sites that may be gone: the first site
+    that comes back is enough (before: the cross-site phase waited for 2 and the job never ended)."""
+    fed = in_memory(rounds=1, min_sites=2, initial=INIT, workflow="fedavg,cross-site-eval", site_timeout=1.0)
+    a, b = fed.client("site-1", heartbeat=3600.0), fed.client("site-2", heartbeat=3600.0)  # (no heartbeats)
+    for c in (a, b):
+        c.connect()
+    for c in (a, b):
+        t = c.next_task(poll=5.0)
+        _, p = c.download(t, "numpy")
+        c.upload(t.round, t.attempt, {"w": p["w"] + 1}, {"params_type": "FULL", "metrics": {"m": 1.0}})
+    b.close()
+    time.sleep(2 * fed.config.site_timeout)  # both silent past the timeout: the submissions close, the next phase
+    # starts with nobody connected (a sleep that only has to outlast a timeout, not win a race)
+    from fl_plugins.wire.proto import fl_pb2 as pb
+
+    for _ in range(20):  # site-1 comes back and answers what it is asked, until END (before: WAIT for ever)
+        if (t := a.next_task(poll=2.0, give_up_after=10 * fed.config.site_timeout)).kind == pb.Task.END:
+            break
+        if t.kind == pb.Task.WAIT:
+            continue
+        _, p = a.download(t, "numpy")
+        if t.kind == pb.Task.EVALUATE:
+            a.send_result(t.round, t.task_id, {"metrics": {"m": float(np.mean(p["w"]))}})
+        else:  # SUBMIT_MODEL, if it still gets one
+            a.upload(t.round, t.attempt, {"w": p["w"]}, {"params_type": "FULL"}, task_id=t.task_id)
+    assert t.kind == pb.Task.END, "the job did not end"
+    fed.wait(timeout=10 * fed.config.site_timeout + fed.config.linger)
+    matrix = json.loads((fed.run_dir / "cross_site_eval.json").read_text())
+    assert matrix["results"]["global"]["site-1"] == {"metrics": {"m": 2.5}}

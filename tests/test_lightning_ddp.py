@@ -97,8 +97,9 @@ def test_ddp_two_cpu_ranks_two_rounds_one_update_per_round(server_factory, tmp_p
     assert srv.wait() == 0
 
     ranks = {r: json.loads((out / f"rank-{r}.json").read_text()) for r in (0, 1)}
-    for r in (0, 1):  # both ranks ran 2 rounds and knew the round once validate had broadcast it
-        assert [s["round"] for s in ranks[r]["seen"]] == [0, 1], ranks[r]
+    for r in (0, 1):  # both ranks ran 2 rounds and knew the round once validate had broadcast it; round 2's is the
+        # final model's evaluation (the site sent metrics): validate only, so the step count below stays 2 rounds'
+        assert [s["round"] for s in ranks[r]["seen"]] == [0, 1, 2], ranks[r]
         assert all(s["total"] == 2 and s["has_params"] for s in ranks[r]["seen"]), ranks[r]
     steps = ranks[0]["steps"]
     assert steps == ranks[1]["steps"] == 2 * (64 // 8 // 2)  # DistributedSampler: half the batches per rank
@@ -109,6 +110,8 @@ def test_ddp_two_cpu_ranks_two_rounds_one_update_per_round(server_factory, tmp_p
     assert [(u["round"], u["site"]) for u in updates] == [(0, "site-ddp"), (1, "site-ddp")]
     assert [u["weight"] for u in updates] == [steps // 2] * 2  # NUM_STEPS_CURRENT_ROUND: the round's global steps
     assert all("val_loss" in u["metrics"] for u in updates)
+    (final,) = [e for e in records if e["event"] == "evaluation"]  # the final model, scored by rank 0's validate
+    assert final["round"] == 2 and "val_loss" in final["sites"]["site-ddp"]["metrics"]
 
     final0 = torch.load(out / "final-0.pt")
     final1 = torch.load(out / "final-1.pt")

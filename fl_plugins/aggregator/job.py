@@ -134,11 +134,11 @@ class Job:
         # starts with this phase, or an aggregator restarted after training) it waits for `min_sites` of them
         alive = [s.name for s in self.rounds.sites.values() if self.rounds.alive(s, now)]
         alive = [name for name in alive if only is None or name in only]
-        needed = min(self.config.min_sites, len(alive)) if alive and self.trains else self.config.min_sites
-        if only is not None:  # the final evaluation never waits for a site that may be gone: one is enough
-            needed = max(1, min(self.config.min_sites, len(alive)))
-            # none of its sites connected (they died, or this aggregator restarted): they have site_timeout to come
-            self.join_by = None if alive else now + self.config.site_timeout
+        # after training, a phase never waits for a site that may be gone: the connected ones, or the first one to
+        # come back when none is connected now (they died, were silent a moment, or this aggregator restarted)
+        # within site_timeout; after that an empty phase ends (step)
+        needed = min(self.config.min_sites, len(alive)) if alive else 1 if self.trains else self.config.min_sites
+        self.join_by = now + self.config.site_timeout if self.trains and not alive else None
         self.phase, self.only = phase, only
         timeout = self.config.evaluate_timeout or self.config.round_deadline  # (a live site that never answers)
         self.sweep = Sweep(kind.value, models, needed, timeout, self.served_round)
@@ -174,10 +174,11 @@ class Job:
             return
         sweep.expire(now, {name: self.rounds.alive(s, now) for name, s in self.rounds.sites.items()})
         if self.join_by is not None and not sweep.cells and now >= self.join_by:
+            asked = f"the sites that sent metrics ({', '.join(sorted(self.only))})" if self.only else "the sites"
             log.warning(
-                "the final global model is not evaluated: none of the sites that sent metrics (%s) connected within "
-                "--site-timeout (%g s)",
-                ", ".join(sorted(self.only or ())),
+                "the %s phase ends without results: none of %s connected within --site-timeout (%g s)",
+                self.phase,
+                asked,
                 self.config.site_timeout,
             )
             self.sweep, self.phase, self.only, self.join_by = None, None, None, None
