@@ -100,7 +100,7 @@ def test_ddp_two_cpu_ranks_two_rounds_one_update_per_round(server_factory, tmp_p
     for r in (0, 1):  # both ranks ran 2 rounds and knew the round once validate had broadcast it; round 2's is the
         # final model's evaluation (the site sent metrics): validate only, so the step count below stays 2 rounds'
         assert [s["round"] for s in ranks[r]["seen"]] == [0, 1, 2], ranks[r]
-        assert all(s["total"] == 2 and s["has_params"] for s in ranks[r]["seen"]), ranks[r]
+        assert all(s["total"] == 2 and s["has_params"] for s in ranks[r]["seen"][:2]), ranks[r]
     steps = ranks[0]["steps"]
     assert steps == ranks[1]["steps"] == 2 * (64 // 8 // 2)  # DistributedSampler: half the batches per rank
 

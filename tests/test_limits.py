@@ -152,7 +152,7 @@ def test_metrics_and_meta_over_the_bounds_are_refused_and_round_metrics_stay_sma
     """Each oversized envelope is refused at BeginUpload (before any byte is sent), naming the site, the limit
     and what was got; a valid update then counts, and the round's metrics in the next global model's manifest
     are its finite top-level numbers rounded to 7 significant digits."""
-    srv = server(tmp_path)
+    srv = server(tmp_path, evaluate_final=False)  # (a raw site answers no final evaluation: it would wait 60 s)
     evil = RawSite(srv.address, "evil")
     try:
         task = train_task(evil)
