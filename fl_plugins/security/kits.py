@@ -56,11 +56,7 @@ def write_site_kit(
 
     The CA signs any name here; only the aggregator's site list decides whether the name is admitted."""
     directory = Path(directory)
-    cert, key = ca.issue(site, days=project.validity_days if days is None else days, now=now)
-    make_private_dir(directory)
-    write_file(directory / CA_CERT, ca.cert_pem)
-    write_file(directory / CLIENT_CERT, cert)
-    write_file(directory / CLIENT_KEY, key, secret=True)
+    _client_files(ca, directory, ca.issue(site, days=project.validity_days if days is None else days, now=now))
     server = project.server.address if project.server.port else None
     _write_kit_file(
         directory,
@@ -83,11 +79,7 @@ def write_admin_kit(
     key, the CA, and the aggregator's address. `fl-plugins status ADDRESS --kit` connects with it."""
     directory = Path(directory)
     name = operator_name(project)
-    cert, key = ca.issue(name, days=project.validity_days, operator=True, now=now)
-    make_private_dir(directory)
-    write_file(directory / CA_CERT, ca.cert_pem)
-    write_file(directory / CLIENT_CERT, cert)
-    write_file(directory / CLIENT_KEY, key, secret=True)
+    _client_files(ca, directory, ca.issue(name, days=project.validity_days, operator=True, now=now))
     server = project.server.address if project.server.port else None
     _write_kit_file(
         directory,
@@ -96,3 +88,12 @@ def write_admin_kit(
         {"role": "admin", "project": project.name, "name": name, "server": server},
     )
     return directory
+
+
+def _client_files(ca: CertificateAuthority, directory: Path, issued: tuple[bytes, bytes]) -> None:
+    """A client kit's files (a site's or the operator's): the CA, the certificate and its key (0600)."""
+    cert, key = issued
+    make_private_dir(directory)
+    write_file(directory / CA_CERT, ca.cert_pem)
+    write_file(directory / CLIENT_CERT, cert)
+    write_file(directory / CLIENT_KEY, key, secret=True)
