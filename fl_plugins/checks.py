@@ -143,7 +143,7 @@ class Workflow:
         if not names or not all(isinstance(n, str) for n in names):
             raise Invalid(self.must)
         names = [n.strip() for n in names]
-        ok = names in (["evaluate"], ["cross-site-eval"]) or (
+        ok = names in (["evaluate"], ["cross-site-eval"], ["swarm"]) or (
             names[0] in ("fedavg", "cyclic") and names[1:] in ([], ["cross-site-eval"])
         )
         if not ok:
@@ -152,7 +152,7 @@ class Workflow:
 
     must = (
         "must be fedavg or cyclic, either followed by cross-site-eval (`fedavg,cross-site-eval`), or "
-        "cross-site-eval or evaluate alone"
+        "cross-site-eval, evaluate or swarm alone"
     )
 
     def parse(self, text: str) -> str:

@@ -26,6 +26,8 @@ default and one check:
     seed                   --seed                    workflow.seed                      0
     cyclic_order           --cyclic-order            workflow.order                     "fixed"
     evaluate_timeout       --evaluate-timeout        workflow.evaluate_timeout          round_deadline
+    swarm_aggregator       --swarm-aggregator        workflow.aggregator                "round_robin"
+    swarm_metric           --swarm-metric            workflow.metric                    "accuracy"
     strategy               --strategy                strategy.type                      "fedavg"
     server_lr              --server-lr               strategy.lr                        the strategy's
     server_momentum        --server-momentum         strategy.momentum                  the strategy's
@@ -223,7 +225,7 @@ class AggregatorConfig:
     workflow: str = _setting(
         "fedavg",
         doc="the job's workflows, in turn: fedavg or cyclic (training), then optionally cross-site-eval; or "
-        "evaluate (every site evaluates --initial-model) or cross-site-eval alone",
+        "evaluate (every site evaluates --initial-model) or cross-site-eval alone; or swarm (docs/swarm.md)",
         check=Workflow(),
         flag="--workflow",
         key="workflow.type",
@@ -275,6 +277,21 @@ class AggregatorConfig:
         flag="--evaluate-timeout",
         key="workflow.evaluate_timeout",
         shown="the round deadline; without one, wait while the site is alive",
+    )
+    swarm_aggregator: str = _setting(
+        "round_robin",
+        doc="swarm: which site folds each round: in turn, a seeded random one, or the one whose last update "
+        "reported the best `swarm_metric`",
+        check=Choice(("round_robin", "random", "best_metric")),
+        flag="--swarm-aggregator",
+        key="workflow.aggregator",
+    )
+    swarm_metric: str = _setting(
+        "accuracy",
+        doc="swarm, best_metric: the metric whose highest value picks the aggregator (a leading '-': the lowest)",
+        check=Text(128),
+        flag="--swarm-metric",
+        key="workflow.metric",
     )
     strategy: str = _setting(
         "fedavg",
@@ -339,6 +356,8 @@ class AggregatorConfig:
                 "`sample_sites` (--sample-sites) samples FedAvg's sites; the cyclic workflow trains one site at a "
                 "time: drop one of them"
             )
+        if self.workflow == "swarm":
+            _check_swarm(self)
         if self.workflow.startswith("cyclic") and self.strategy == "scaffold":
             raise ConfigError(
                 "`strategy` scaffold (--strategy scaffold) averages the control variates of the sites that train "
@@ -355,10 +374,25 @@ SETTINGS: dict[str, Setting] = {
 }
 
 
+def _check_swarm(config: AggregatorConfig) -> None:
+    """What a swarm job cannot do yet (docs/swarm.md): the sites fold with FedAvg, and evaluations between and after
+    the rounds are the sites' own (each keeps the global model that scored best on its data)."""
+    if config.strategy != "fedavg":
+        raise ConfigError(
+            f"`strategy` {config.strategy} (--strategy) keeps state between rounds at the aggregator; in a swarm job "
+            "a different site folds each round: use fedavg (the default) with --workflow swarm"
+        )
+    if config.evaluate_every or config.sample_sites is not None:
+        raise ConfigError(
+            "--workflow swarm does not take `evaluate_every` or `sample_sites` (yet): every site trains each round and "
+            "evaluates each global model it receives; drop those settings"
+        )
+
+
 def trains(workflow: str | list[str]) -> bool:
-    """Whether the job's `workflow` trains (fedavg or cyclic): only then does it need `rounds`."""
+    """Whether the job's `workflow` trains (fedavg, cyclic or swarm): only then does it need `rounds`."""
     names = workflow.split(",") if isinstance(workflow, str) else workflow
-    return names[0] in ("fedavg", "cyclic")
+    return names[0] in ("fedavg", "cyclic", "swarm")
 
 
 def merge(

@@ -239,6 +239,24 @@ class CrossSiteRecord(_Line):
     means: dict[str, dict[str, Any]] = _value(_site_results, factory=dict)
 
 
+@dataclass(frozen=True, kw_only=True)
+class SwarmRecord(_Line):
+    """A swarm round's aggregator: `site` folds round `round` (attempt `attempt`), chosen by `policy` for `reason`;
+    once the round's new global model is sealed, `bytes_relayed` / `bytes_direct` are the sealed bytes that moved
+    through the aggregator's relay and between sites directly (updates and the model), and `updates` the sites
+    folded in order (aggregator/swarm.py)."""
+
+    EVENT: ClassVar[str] = "swarm"
+    round: int = _value(_int)
+    attempt: int = _value(_int, default=0)
+    site: str = _value(_str)
+    policy: str | None = _value(_str, default=None)
+    reason: str | None = _value(_str, default=None)
+    updates: tuple[str, ...] | None = _value(_names, default=None)
+    bytes_relayed: float | None = _value(_number, default=None)
+    bytes_direct: float | None = _value(_number, default=None)
+
+
 @dataclass(frozen=True)
 class OtherRecord:
     """A line of another kind (a newer writer's event, or a damaged record), kept as it was."""
@@ -259,12 +277,12 @@ class OtherRecord:
 
 _KINDS = (
     *(UpdateRecord, RoundRecord, AttemptRecord, RefoldRecord, UpdateLostRecord, SampleRecord),
-    *(EvaluationRecord, CrossSiteRecord),
+    *(EvaluationRecord, CrossSiteRecord, SwarmRecord),
 )
 EVENTS: dict[str, type[_Json]] = {c.EVENT: c for c in _KINDS if c.EVENT}
 MetricsRecord = (
     UpdateRecord | RoundRecord | AttemptRecord | RefoldRecord | UpdateLostRecord | SampleRecord | EvaluationRecord
-) | (CrossSiteRecord | OtherRecord)
+) | (CrossSiteRecord | SwarmRecord | OtherRecord)
 
 
 def parse_record(data: Mapping[str, Any]) -> MetricsRecord:

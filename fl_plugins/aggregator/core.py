@@ -26,6 +26,7 @@ from fl_plugins.aggregator.intake import Intake
 from fl_plugins.aggregator.job import CROSS, Job
 from fl_plugins.aggregator.models import SubmittedModels
 from fl_plugins.aggregator.offer import Offer
+from fl_plugins.aggregator.relay import Relay
 from fl_plugins.aggregator.rounds import Counted, Decision, RoundState, SiteState
 from fl_plugins.aggregator.store import GlobalReader, RunStore, undo_failed_start
 from fl_plugins.aggregator.strategy import Strategy, extra_shards, make_strategy
@@ -67,6 +68,7 @@ class Aggregator:
         self.job = Job(config, self.rounds, FedAvgWorkflow(self.rounds, self.offer, self.uploads))
         self.models = SubmittedModels(config.run_dir)
         self.intake = Intake(self)
+        self.relay = Relay(config.run_dir / "relay")  # sealed transfers between sites (swarm.py)
         self.heard: dict[str, float] = {}  # site -> a heartbeat's time, noted while the lock was held (heartbeat)
         self.presence = presence.Presence(self)  # the operator's lines on who is connected, silent, dropped, back
         self.gate = Gate()
@@ -174,7 +176,7 @@ class Aggregator:
     def _alive(self) -> int:
         return self.rounds.alive_count(self.clock())
 
-    def hello(self, site: str, can_offer: bool) -> dict[str, Any]:
+    def hello(self, site: str, can_offer: bool, cert: bytes | None = None) -> dict[str, Any]:
         with self.lock:  # (touch checks the site's name)
             self.presence.hello(site, self.clock())
             self._touch(site, can_offer)

@@ -46,7 +46,7 @@ def conclude(agg: Aggregator) -> None:
     (unless it says already that these rounds finished: a start on a finished run)."""
     cfg = agg.config
     final = None
-    if agg.job.trains:
+    if agg.job.trains and cfg.workflow != "swarm":  # a swarm's global models are sealed: they are at the sites
         r = agg.store.latest_round()
         if r is not None:
             final = write_final(cfg.run_dir, agg.store.round_dir(r))

@@ -18,7 +18,9 @@ import grpc
 from fl_plugins._version import __version__
 from fl_plugins.aggregator import ports
 from fl_plugins.aggregator.core import Aggregator
-from fl_plugins.aggregator.workflow import Task, TaskKind
+from fl_plugins.aggregator.relay_calls import RelayCalls
+from fl_plugins.aggregator.swarm import SwarmAggregator
+from fl_plugins.aggregator.workflow import Sealed, Task, TaskKind
 from fl_plugins.config import AggregatorConfig
 from fl_plugins.errors import BusyError, ConfigError, ProtocolError
 from fl_plugins.security.tls import ServerKit, SiteAuth, is_loopback, load_server_kit
@@ -37,6 +39,7 @@ KINDS = {
     TaskKind.RESEND: pb.Task.RESEND,
     TaskKind.EVALUATE: pb.Task.EVALUATE,
     TaskKind.SUBMIT_MODEL: pb.Task.SUBMIT_MODEL,
+    TaskKind.AGGREGATE: pb.Task.AGGREGATE,
 }  # every TaskKind's protobuf value (tests/test_wire.py checks none is missing)
 SITE_METADATA = "fl-site"  # Status: the site a plaintext caller speaks for (SiteClient.status() should send it)
 
@@ -128,7 +131,7 @@ class CallSlots:
                     del self._transfers[site]
 
 
-class Servicer:
+class Servicer(RelayCalls):
     """Decode, call `Aggregator`, encode. With `auth` (mTLS), the site of every call is its certificate's
     common name: a request that claims another name, a certificate of a site not in the project, or the operator's
     certificate, is refused (AuthError -> PERMISSION_DENIED). The operator is a caller with the operator's
@@ -157,7 +160,8 @@ class Servicer:
         return None if self.auth is None else self.auth.site_of(context)
 
     def Hello(self, req: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
-        info = self.agg.hello(self._site(req.site, context), req.can_offer_initial)
+        site = self._site(req.site, context)
+        info = self.agg.hello(site, req.can_offer_initial, self.auth.certificate(context) if self.auth else None)
         return pb.HelloReply(version=__version__, **info)
 
     def Heartbeat(self, req: pb.HelloRequest, context: grpc.ServicerContext) -> pb.Empty:
@@ -166,7 +170,7 @@ class Servicer:
 
     def GetTask(self, req: pb.TaskRequest, context: grpc.ServicerContext) -> pb.Task:
         site = self._site(req.site, context)
-        with self.slots.poll(site, context):
+        with self.slots.poll(f"{site}/aggregates" if req.aggregates else site, context):  # (no site has a "/")
             t = self._poll(site, req, context)
         return self._task(t)
 
@@ -174,6 +178,8 @@ class Servicer:
         task = pb.Task(kind=KINDS[t.kind], round=t.round, attempt=t.attempt, total_rounds=self.agg.config.total_rounds)
         task.start_round, task.task_name, task.job_id = 0, t.name, self.agg.job_id
         task.message, task.nonce, task.task_id, task.model = t.message, t.nonce, t.task_id, t.model
+        if t.sealed is not None:
+            _sealed(task, t.sealed)
         if t.manifest is not None:
             env = dict(t.manifest.envelope, current_round=task.round, total_rounds=task.total_rounds)
             env.update(start_round=0, attempt=task.attempt, params_type="FULL")
@@ -193,6 +199,10 @@ class Servicer:
 
         if not context.add_callback(on_end):
             gone.set()  # the call has ended already
+        if req.aggregates:  # a swarm site's aggregator lane (swarm.py)
+            if not isinstance(self.agg, SwarmAggregator):
+                raise ProtocolError(f"site {site!r} asked for aggregation tasks, but this job is not a swarm")
+            return self.agg.aggregate_task(site, max(0.0, min(wait, limits.MAX_POLL_SECONDS)), gone=gone.is_set)
         return self.agg.get_task(
             site,
             max(0.0, min(wait, limits.MAX_POLL_SECONDS)),
@@ -287,6 +297,13 @@ class Servicer:
         return self._operator is not None and bool(pem) and _der(pem) == self._operator
 
 
+def _sealed(task: pb.Task, sealed: Sealed) -> None:
+    task.transfer_id, task.peers_json, task.aggregator = sealed.transfer_id, json.dumps(sealed.peers), sealed.aggregator
+    task.model_transfer, task.model_sender = sealed.model_transfer, sealed.model_sender
+    if sealed.inputs:
+        task.inputs_json = json.dumps([{"site": site, "transfer": t} for site, t in sealed.inputs])
+
+
 def _der(pem: bytes) -> bytes | None:
     """A PEM certificate's DER bytes (so formatting differences do not matter), or None if it is not one."""
     try:
@@ -375,7 +392,12 @@ class AggregatorServer:
             raise ConfigError(ports.bind_error(address, None, given=given))
         self.address = f"{host}:{self.port}"
         try:
-            self.aggregator = Aggregator(config)
+            if config.workflow == "swarm" and kit is None:
+                raise ConfigError(
+                    "--workflow swarm seals every site's weights for its recipient's certificate: provision the "
+                    "project (`fl-plugins provision`) and start the aggregator with --kit kits/server"
+                )
+            self.aggregator = (SwarmAggregator if config.workflow == "swarm" else Aggregator)(config)
         except BaseException:
             self._server.stop(None)  # never started: frees the port
             raise

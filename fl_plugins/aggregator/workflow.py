@@ -32,6 +32,7 @@ class TaskKind(enum.Enum):
     RESEND = "resend"  # send the update committed with `nonce` again, unchanged (a refold)
     EVALUATE = "evaluate"  # evaluate the model (`model`: whose) and send its metrics, no weights
     SUBMIT_MODEL = "submit_model"  # send your local model's FULL params (cross-site evaluation)
+    AGGREGATE = "aggregate"  # swarm: fold the round's sealed updates, seal the new global model (swarm.py)
 
 
 # FLARE's task names, which flare.get_task_name() returns and is_train / is_evaluate / is_submit_model test
@@ -49,6 +50,19 @@ class Task:
     name: str = TASK_NAME  # FLARE's task name
     task_id: str = ""  # EVALUATE, SUBMIT_MODEL: what the answer names
     model: str = ""  # EVALUATE: whose model (evaluation.GLOBAL: the round's global model)
+    sealed: Sealed | None = None  # swarm: where the weights travel, sealed (swarm.py)
+
+
+@dataclass(frozen=True)
+class Sealed:
+    """A swarm task's sealed transfers (fl.proto's Task fields of the same names; docs/swarm.md)."""
+
+    transfer_id: str  # the transfer to send this task's answer as
+    peers: dict[str, str]  # site -> certificate PEM: whom to seal the answer for
+    aggregator: str = ""  # TRAIN, RESEND: the site that folds the round
+    model_transfer: str = ""  # TRAIN: the sealed transfer of the round's global model ("": Download it)
+    model_sender: str = ""
+    inputs: tuple[tuple[str, str], ...] = ()  # AGGREGATE: (site, transfer) to fold, in this order
 
 
 class Workflow(Protocol):

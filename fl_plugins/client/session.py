@@ -53,8 +53,14 @@ class ClientSession:
         self.can_offer = False  # an integration can offer its model's weights as round 0's global model
         self.offer_pending = False  # the aggregator asked this site for round 0's weights
         self.lock = threading.RLock()
+        self.offer_task: pb.Task | None = None
+        self.swarm: Any = None  # swarm/site.py's SwarmSite, in a swarm job
         if client is not None:
             client.connect()
+            if client.workflow == "swarm":  # (the one place the client loads the layer above it: swarm/)
+                from fl_plugins.swarm.site import SwarmSite
+
+                self.swarm = SwarmSite(client)
 
     @classmethod
     def open(
@@ -197,6 +203,8 @@ class ClientSession:
         self.client.log(rnd, records)
 
     def close(self) -> None:
+        if self.swarm is not None:
+            self.swarm.close()
         if self.client is not None:
             self.client.close()
 
@@ -223,7 +231,10 @@ class ClientSession:
                     break
                 pending = self.model
                 env = {"params_type": str(ParamsType.FULL), "current_round": 0}
-                self.client.upload(0, 0, params, env, initial=True)
+                if self.swarm is not None and self.offer_task is not None:
+                    self.swarm.send(self.offer_task, params, env)  # sealed for the sites
+                else:
+                    self.client.upload(0, 0, params, env, initial=True)
                 logger.info("offered this site's weights as round 0's global model")
                 self.offer_pending = False
                 self.model = None
@@ -255,7 +266,10 @@ class ClientSession:
         if task.kind == pb.Task.END:
             self.finished = True
         elif task.kind == pb.Task.OFFER_INITIAL and self.can_offer:
-            self.offer_pending = True  # the integration uploads the weights when it has the model (offer_initial)
+            self.offer_pending, self.offer_task = (
+                True,
+                task,
+            )  # the integration uploads the weights when it has the model (offer_initial)
         elif task.kind == pb.Task.OFFER_INITIAL:
             raise ConfigError(
                 "the aggregator asked this site for its initial weights, but the client API has none to offer: "
@@ -286,7 +300,10 @@ class ClientSession:
         """`task`'s global model, received (into `into` where its tensors fit)."""
         from fl_plugins.wire.proto import fl_pb2 as pb
 
-        manifest, params = client.download(task, self.params_format, into=into)
+        if task.model_transfer and self.swarm is not None:
+            manifest, params = self.swarm.receive(task, self.params_format, into)
+        else:
+            manifest, params = client.download(task, self.params_format, into=into)
         meta: dict[str, Any] = {
             "job_id": task.job_id,
             "site_name": self.site,
@@ -319,6 +336,8 @@ class ClientSession:
                 logger.warning("the evaluation of model %r: %s", task.model or "global", reply.message)
         elif task.kind == pb.Task.SUBMIT_MODEL:
             client.upload(task.round, 0, self._full(model), {**env, "params_type": "FULL"}, task_id=task.task_id)
+        elif task.transfer_id and self.swarm is not None:
+            self.swarm.send(task, model.params or {}, env)
         else:
             client.upload(task.round, task.attempt, model.params or {}, env)
 

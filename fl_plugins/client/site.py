@@ -120,6 +120,7 @@ class SiteClient:
         self.job_id = ""
         self.total_rounds = 0
         self.evaluates_after = False
+        self.workflow = ""
         self.chunk_bytes = 0
         self.stats = {"bytes_sent": 0, "bytes_received": 0, "retries": 0, "corrupted_chunks": 0}
         self.transfers = Transfers(self)
@@ -218,6 +219,7 @@ class SiteClient:
         reply = self.call("Hello", req, "connect", per_call=10, timeout=self.connect_timeout, wait=False)
         self.job_id, self.total_rounds, self.chunk_bytes = reply.job_id, reply.total_rounds, reply.chunk_bytes
         self.evaluates_after = reply.evaluates_after  # evaluations follow the last round
+        self.workflow = reply.workflow  # "swarm": weights go sealed between sites (swarm/site.py)
         if self.policy is not None:
             self._within_policy(self.policy.check_job, self.job_id, 0)
         if self._hb is None and self._hb_period > 0:
@@ -257,7 +259,7 @@ class SiteClient:
         self.transport.close()
 
     # -- tasks -------------------------------------------------------------------------------------------
-    def next_task(self, poll: float = 10.0, give_up_after: float | None = None) -> pb.Task:
+    def next_task(self, poll: float = 10.0, give_up_after: float | None = None, *, aggregates: bool = False) -> pb.Task:
         """Block until the aggregator hands out a task (TRAIN, OFFER_INITIAL or END).
 
         Every task's job id goes through the site's policy, not only the one seen at connect: an aggregator
@@ -270,12 +272,15 @@ class SiteClient:
                 wait_seconds=poll,
                 can_offer_initial=self.can_offer_initial,
                 holds_update=kept.nonce if kept is not None else "",
+                aggregates=aggregates,  # a swarm site's aggregator lane (swarm/site.py)
             )
             task = self.call("GetTask", req, "waiting for a task", per_call=poll + 30, timeout=give_up_after)
             self._check_job(task)
             if task.kind == pb.Task.RESEND:
                 self.transfers.resend(task)
                 continue
+            if aggregates and task.kind != pb.Task.WAIT:
+                return task
             if task.kind != pb.Task.WAIT:
                 self.transfers.kept = None  # the round of the update kept for a refold is over
                 if self.policy is not None and task.kind in _POLICY_TASK:

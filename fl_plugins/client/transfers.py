@@ -28,7 +28,7 @@ from fl_plugins.errors import FLError, IntegrityError, TransportError
 from fl_plugins.wire import rpc
 from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, Manifest, TensorInfo, plan_shards
 from fl_plugins.wire.proto import fl_pb2 as pb
-from fl_plugins.wire.stream import ShardReceiver, ShardSender, TensorSource
+from fl_plugins.wire.stream import ShardReceiver, ShardSender, Sink, TensorSource
 
 if TYPE_CHECKING:
     from fl_plugins.client.site import SiteClient
@@ -92,6 +92,7 @@ class Transfers:
     def __init__(self, client: SiteClient) -> None:
         self.client = client
         self.kept: KeptUpdate | None = None  # the last committed update, for a refold's RESEND
+        self.resend_sealed: Callable[[pb.Task, KeptUpdate], None] | None = None  # swarm/site.py's, in a swarm job
 
     # -- download ----------------------------------------------------------------------------------------
     def download(
@@ -101,13 +102,16 @@ class Transfers:
         place (their contents are unspecified if the download fails); the rest are allocated."""
         manifest = Manifest.from_json(task.manifest_json, f"round {task.round}'s global model")
         params, views = tensors.allocate([t for s in manifest.shards for t in s.tensors], params_format, into)
-        sink = TensorSink(views)
+        self.download_to(task, manifest, TensorSink(views))
+        return manifest, params
+
+    def download_to(self, task: pb.Task, manifest: Manifest, sink: Sink) -> None:
+        """`task`'s model (`manifest`), each verified chunk handed to `sink` (tensors, or a swarm site's files)."""
         for i, shard in enumerate(manifest.shards):
             rx = ShardReceiver(manifest, i, sink)
             step = functools.partial(self._download_stream, task.round, i, rx, task.model)
             self.resumable(step, f"download {shard.name}", progress=functools.partial(_offset, rx))
             rx.finish(shard.digest)
-        return manifest, params
 
     def _download_stream(self, round_: int, shard: int, rx: ShardReceiver, model: str = "") -> None:
         if rx.complete:
@@ -215,6 +219,9 @@ class Transfers:
         """RESEND: send the kept update again, unchanged (fresh senders: each chunk is hashed from the tensors as
         they are now, so a change since send() is caught by the aggregator before it is folded)."""
         k = self.kept
+        if task.transfer_id and self.resend_sealed is not None and k is not None and task.nonce == k.nonce:
+            self.resend_sealed(task, k)  # swarm: sealed for the round's new aggregator site
+            return
         if k is None or task.nonce != k.nonce or (task.round, task.attempt) != (k.round, k.attempt):
             log.warning(
                 "site %r: asked to resend an update it no longer holds (round %d); the aggregator drops it",

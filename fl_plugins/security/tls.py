@@ -59,6 +59,11 @@ class SiteAuth:
     # each refusal is a WARNING at the aggregator (its caller's address, certificate and reason), rate-limited
     refusals: RefusalLog = field(default_factory=RefusalLog, compare=False, repr=False)
 
+    @staticmethod
+    def certificate(context: grpc.ServicerContext) -> bytes | None:
+        """The caller's certificate (PEM), as its TLS handshake presented it (swarm hands it to the other sites)."""
+        return ((context.auth_context() or {}).get("x509_pem_cert") or [None])[0]
+
     @logs_refusals
     def site_of(self, context: grpc.ServicerContext, claimed: str = "") -> str:
         """The site the call speaks for: its certificate's common name. `claimed` is the site name the request

@@ -81,6 +81,11 @@ METHODS = {
     "Log": ("unary_unary", pb.LogRequest, pb.Empty),
     "SendResult": ("unary_unary", pb.ResultRequest, pb.CommitReply),
     "Status": ("unary_unary", pb.StatusRequest, pb.StatusReply),
+    # swarm: sealed transfers between sites, through the aggregator (aggregator/relay.py)
+    "RelayOpen": ("unary_unary", pb.RelayOpen, pb.RelayState),
+    "RelayPut": ("stream_unary", RAW, pb.RelayState),
+    "RelayCommit": ("unary_unary", pb.RelayCommit, pb.CommitReply),
+    "RelayGet": ("unary_stream", pb.RelayRequest, RAW),
 }
 
 STATUS_OF = [  # most specific first

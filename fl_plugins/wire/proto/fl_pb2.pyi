@@ -18,33 +18,37 @@ class HelloRequest(_message.Message):
     def __init__(self, site: _Optional[str] = ..., version: _Optional[str] = ..., can_offer_initial: _Optional[bool] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("job_id", "total_rounds", "chunk_bytes", "version", "evaluates_after")
+    __slots__ = ("job_id", "total_rounds", "chunk_bytes", "version", "evaluates_after", "workflow")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EVALUATES_AFTER_FIELD_NUMBER: _ClassVar[int]
+    WORKFLOW_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     total_rounds: int
     chunk_bytes: int
     version: str
     evaluates_after: bool
-    def __init__(self, job_id: _Optional[str] = ..., total_rounds: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., version: _Optional[str] = ..., evaluates_after: _Optional[bool] = ...) -> None: ...
+    workflow: str
+    def __init__(self, job_id: _Optional[str] = ..., total_rounds: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., version: _Optional[str] = ..., evaluates_after: _Optional[bool] = ..., workflow: _Optional[str] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
-    __slots__ = ("site", "wait_seconds", "can_offer_initial", "holds_update")
+    __slots__ = ("site", "wait_seconds", "can_offer_initial", "holds_update", "aggregates")
     SITE_FIELD_NUMBER: _ClassVar[int]
     WAIT_SECONDS_FIELD_NUMBER: _ClassVar[int]
     CAN_OFFER_INITIAL_FIELD_NUMBER: _ClassVar[int]
     HOLDS_UPDATE_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATES_FIELD_NUMBER: _ClassVar[int]
     site: str
     wait_seconds: float
     can_offer_initial: bool
     holds_update: str
-    def __init__(self, site: _Optional[str] = ..., wait_seconds: _Optional[float] = ..., can_offer_initial: _Optional[bool] = ..., holds_update: _Optional[str] = ...) -> None: ...
+    aggregates: bool
+    def __init__(self, site: _Optional[str] = ..., wait_seconds: _Optional[float] = ..., can_offer_initial: _Optional[bool] = ..., holds_update: _Optional[str] = ..., aggregates: _Optional[bool] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("kind", "round", "attempt", "total_rounds", "start_round", "task_name", "manifest_json", "job_id", "message", "nonce", "task_id", "model")
+    __slots__ = ("kind", "round", "attempt", "total_rounds", "start_round", "task_name", "manifest_json", "job_id", "message", "nonce", "task_id", "model", "aggregator", "peers_json", "transfer_id", "model_transfer", "model_sender", "inputs_json")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         WAIT: _ClassVar[Task.Kind]
@@ -54,6 +58,7 @@ class Task(_message.Message):
         RESEND: _ClassVar[Task.Kind]
         EVALUATE: _ClassVar[Task.Kind]
         SUBMIT_MODEL: _ClassVar[Task.Kind]
+        AGGREGATE: _ClassVar[Task.Kind]
     WAIT: Task.Kind
     TRAIN: Task.Kind
     END: Task.Kind
@@ -61,6 +66,7 @@ class Task(_message.Message):
     RESEND: Task.Kind
     EVALUATE: Task.Kind
     SUBMIT_MODEL: Task.Kind
+    AGGREGATE: Task.Kind
     KIND_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     ATTEMPT_FIELD_NUMBER: _ClassVar[int]
@@ -73,6 +79,12 @@ class Task(_message.Message):
     NONCE_FIELD_NUMBER: _ClassVar[int]
     TASK_ID_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    AGGREGATOR_FIELD_NUMBER: _ClassVar[int]
+    PEERS_JSON_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    MODEL_TRANSFER_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SENDER_FIELD_NUMBER: _ClassVar[int]
+    INPUTS_JSON_FIELD_NUMBER: _ClassVar[int]
     kind: Task.Kind
     round: int
     attempt: int
@@ -85,7 +97,13 @@ class Task(_message.Message):
     nonce: str
     task_id: str
     model: str
-    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., total_rounds: _Optional[int] = ..., start_round: _Optional[int] = ..., task_name: _Optional[str] = ..., manifest_json: _Optional[str] = ..., job_id: _Optional[str] = ..., message: _Optional[str] = ..., nonce: _Optional[str] = ..., task_id: _Optional[str] = ..., model: _Optional[str] = ...) -> None: ...
+    aggregator: str
+    peers_json: str
+    transfer_id: str
+    model_transfer: str
+    model_sender: str
+    inputs_json: str
+    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., total_rounds: _Optional[int] = ..., start_round: _Optional[int] = ..., task_name: _Optional[str] = ..., manifest_json: _Optional[str] = ..., job_id: _Optional[str] = ..., message: _Optional[str] = ..., nonce: _Optional[str] = ..., task_id: _Optional[str] = ..., model: _Optional[str] = ..., aggregator: _Optional[str] = ..., peers_json: _Optional[str] = ..., transfer_id: _Optional[str] = ..., model_transfer: _Optional[str] = ..., model_sender: _Optional[str] = ..., inputs_json: _Optional[str] = ...) -> None: ...
 
 class UploadBegin(_message.Message):
     __slots__ = ("site", "round", "attempt", "initial", "manifest_json", "nonce", "task_id")
@@ -182,6 +200,50 @@ class StatusReply(_message.Message):
     STATUS_JSON_FIELD_NUMBER: _ClassVar[int]
     status_json: str
     def __init__(self, status_json: _Optional[str] = ...) -> None: ...
+
+class RelayOpen(_message.Message):
+    __slots__ = ("site", "transfer_id", "header", "records", "max_bytes")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_BYTES_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    transfer_id: str
+    header: bytes
+    records: int
+    max_bytes: int
+    def __init__(self, site: _Optional[str] = ..., transfer_id: _Optional[str] = ..., header: _Optional[bytes] = ..., records: _Optional[int] = ..., max_bytes: _Optional[int] = ...) -> None: ...
+
+class RelayState(_message.Message):
+    __slots__ = ("transfer_id", "records", "bytes")
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
+    transfer_id: str
+    records: int
+    bytes: int
+    def __init__(self, transfer_id: _Optional[str] = ..., records: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
+
+class RelayCommit(_message.Message):
+    __slots__ = ("site", "transfer_id", "envelope_json")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    ENVELOPE_JSON_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    transfer_id: str
+    envelope_json: str
+    def __init__(self, site: _Optional[str] = ..., transfer_id: _Optional[str] = ..., envelope_json: _Optional[str] = ...) -> None: ...
+
+class RelayRequest(_message.Message):
+    __slots__ = ("site", "transfer_id", "from_record")
+    SITE_FIELD_NUMBER: _ClassVar[int]
+    TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
+    FROM_RECORD_FIELD_NUMBER: _ClassVar[int]
+    site: str
+    transfer_id: str
+    from_record: int
+    def __init__(self, site: _Optional[str] = ..., transfer_id: _Optional[str] = ..., from_record: _Optional[int] = ...) -> None: ...
 
 class Empty(_message.Message):
     __slots__ = ()
