@@ -3,6 +3,7 @@
     python benchmarks/transfer.py                 # 2 GiB model, fp32 and bf16, 1 site and 4 sites
     python benchmarks/transfer.py --gib 0.25      # quick
     python benchmarks/transfer.py --json out.json
+    python benchmarks/transfer.py --gib 0.25 --sealed     # only: the sealed (swarm) path beside the mTLS one
 
 Raw baseline: a tiny grpc server (generic handlers, identity serializers, no framework) and a client in
 separate processes move the model's byte count in `--chunk-mib` messages. The sender turns each chunk of a
@@ -24,6 +25,10 @@ concurrently, for the aggregator's peak RSS with 1 vs 4 sites. Peak RSS is each 
 On this VM first-touch of fresh memory costs 0.5-18 GB/s depending on whether the host took the pages back
 (it does within ~2 s of a free): `--settle` pauses before every "first" measurement so raw and fl-plugins
 start from the same state. Expect run-to-run noise on "first" figures.
+
+`--sealed` runs instead the sealed path of swarm learning beside the mTLS path (_sealed.py says how): a model sealed
+by one site for another, through the aggregator's relay, against the same model uploaded to and downloaded from an
+mTLS aggregator, in MB/s each way and their ratio (target >= 0.8).
 """
 
 from __future__ import annotations
@@ -41,6 +46,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _sealed  # noqa: E402
 from _common import (  # noqa: E402
     CTX,
     Children,
@@ -397,6 +403,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--run-dir", type=Path, default=None, help="scratch directory (default: a new one in /tmp)")
     p.add_argument("--timeout", type=float, default=900, help="seconds allowed per case (default 900)")
     p.add_argument("--json", type=Path, help="write all figures here as JSON")
+    p.add_argument("--sealed", action="store_true",
+                   help="run only the sealed path (swarm: seal, relay, open) beside the mTLS path, the first of "
+                        "--dtypes, with kits from provision_local (see _sealed.py)")
+    p.add_argument("--sealed-repeats", type=int, default=3,
+                   help="--sealed: steady repeats of each path after the first (median; default %(default)s)")
     args = p.parse_args(argv)
 
     model_bytes = int(args.gib * GiB) // 4096 * 4096
@@ -406,6 +417,8 @@ def main(argv: list[str] | None = None) -> int:
     out: dict = {"gib": args.gib, "model_bytes": model_bytes, "chunk_mib": args.chunk_mib, "tensors": args.tensors,
                  "dtypes": dtypes, "fl": {}, "ratios": {}, "started": time.time(), "env": environment()}  # fmt: skip
     t_all = time.perf_counter()
+    if args.sealed:
+        return sealed_main(args, out, root, model_bytes, chunk, dtypes[0], t_all)
     try:
         print(f"raw gRPC baseline ({model_bytes / GiB:.2f} GiB) ...", flush=True)
         out["raw"] = run_raw(model_bytes, chunk, args.raw_repeats, args.raw_fresh, args.settle, args.timeout)
@@ -426,6 +439,24 @@ def main(argv: list[str] | None = None) -> int:
         out["total_seconds"] = time.perf_counter() - t_all
         print()
         print("\n".join(report(out)))
+        print(f"\ntotal {out['total_seconds']:.0f} s")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=1, default=str))
+            print(f"wrote {args.json}")
+    return 0
+
+
+def sealed_main(args, out: dict, root: Path, model_bytes: int, chunk: int, dtype: str, t_all: float) -> int:
+    """--sealed: the mTLS and sealed paths of one model through one aggregator (_sealed.py)."""
+    try:
+        print(f"mTLS vs sealed, {dtype} {model_bytes / GiB:.2f} GiB, 1 + {args.sealed_repeats} repeats ...", flush=True)
+        out["sealed"] = _sealed.run_sealed(root, dtype, model_bytes, args.tensors, args.sealed_repeats, chunk,
+                                           args.timeout, args.settle)  # fmt: skip
+        out["total_seconds"] = time.perf_counter() - t_all
+        print()
+        print("\n".join(_sealed.report(out["sealed"], dtype, args.chunk_mib)))
         print(f"\ntotal {out['total_seconds']:.0f} s")
     finally:
         shutil.rmtree(root, ignore_errors=True)

@@ -12,7 +12,13 @@ writes into RUN_DIR/report/:
                      (baselines.json) beside them
     train_loss.png   each site's training loss per step across rounds (logs.jsonl, from `flare.log` or the
                      trainers' forwarded logs), each site's round boundaries in its colour
-    bytes.png        bytes of the updates uploaded per round, per site (every try; the table counts the same)
+    bytes.png        bytes of the updates uploaded per round, per site (every try; the table counts the same);
+                     in a swarm job, beside it, the sealed bytes each round moved through the aggregator's relay
+                     and directly between sites, with the site that aggregated the round
+
+A swarm job's table (`--workflow swarm`: its metrics.jsonl holds "swarm" records) also says, per round, which site
+aggregated it and the sealed bytes (the updates and the new global model) that moved through the relay and
+directly; a FedAvg run's table has no such columns.
 
 The plots are drawn by report_plots.py, the evaluations' table and the cross-site matrix by report_eval.py.
 A run still going, stopped or crashed stops `fl-plugins report` with a ConfigError saying what is missing, unless
@@ -33,7 +39,15 @@ from fl_plugins._text import baselines_table as _baselines_table
 from fl_plugins._text import human_bytes, human_rate, metrics_table, scored_model
 from fl_plugins.errors import ConfigError
 from fl_plugins.record_files import RunMetrics, read_object, read_records
-from fl_plugins.records import Baselines, EvaluationRecord, LogRecord, RoundRecord, RunSummary, UpdateRecord
+from fl_plugins.records import (
+    Baselines,
+    EvaluationRecord,
+    LogRecord,
+    RoundRecord,
+    RunSummary,
+    SwarmRecord,
+    UpdateRecord,
+)
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -42,6 +56,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 PLOTS = ("validation.png", "train_loss.png", "bytes.png")
+SWARM_COLUMNS = ("aggregated by", "relayed", "direct")  # the round table's columns for a swarm job
 
 
 @dataclass
@@ -57,6 +72,7 @@ class RunData:
     baselines: Baselines | None = None  # baselines.json (a built-in task with `baselines: true`)
     notes: list[str] = field(default_factory=list)  # why the report may be incomplete
     evaluations: list[EvaluationRecord] = field(default_factory=list)  # the global model's, during training
+    swarm: dict[int, SwarmRecord] = field(default_factory=dict)  # a swarm job's: round -> its latest "swarm" record
 
     @property
     def finished(self) -> bool:
@@ -113,7 +129,8 @@ def load_run(run_dir: str | Path) -> RunData:
     notes = status + notes if summary is None else notes + status
     name = (summary.name if summary else None) or run_dir.resolve().name
     evals = [r for r in recs if isinstance(r, EvaluationRecord)]
-    return RunData(run_dir, name, ours.updates, ours.rounds, logs, summary, baselines, notes, evals)
+    swarm = {r.round: r for r in recs if isinstance(r, SwarmRecord)}  # (a later attempt's record replaces)
+    return RunData(run_dir, name, ours.updates, ours.rounds, logs, summary, baselines, notes, evals, swarm)
 
 
 def _unfinished(summary: RunSummary | None, rounds: dict[int, RoundRecord]) -> list[str]:
@@ -158,7 +175,8 @@ def _or_zero(v: float | None) -> float:
 class RoundRow:
     """One finished round of the table: its updates, seconds, the bytes of the updates uploaded in it (every
     try, as bytes.png counts them), their upload rate in bytes/s (None without upload time), the model its
-    metrics score ("initial model", "global model after round r-1") and those metrics."""
+    metrics score ("initial model", "global model after round r-1") and those metrics; in a swarm job, its
+    "swarm" record (the site that aggregated it, the sealed bytes relayed and sent directly)."""
 
     round: int
     updates: int
@@ -167,12 +185,22 @@ class RoundRow:
     rate: float | None
     model: str
     metrics: dict[str, Any]
+    swarm: SwarmRecord | None = None
 
-    def cells(self) -> tuple[str, ...]:
-        """round, updates, seconds, uploaded, upload rate and the scored model, as the table shows them."""
+    def cells(self, swarm: bool = False) -> tuple[str, ...]:
+        """round, updates, seconds, uploaded, upload rate, with `swarm` the SWARM_COLUMNS (blank where the round
+        has no swarm record), and the scored model, as the table shows them."""
         seconds = "" if self.seconds is None else f"{self.seconds:.2f}"
         rate = "" if self.rate is None else human_rate(self.rate)
-        return str(self.round), str(self.updates), seconds, human_bytes(self.bytes), rate, self.model
+        cells: tuple[str, ...] = (str(self.round), str(self.updates), seconds, human_bytes(self.bytes), rate)
+        if swarm:
+            s = self.swarm
+            cells += ("", "", "") if s is None else (s.site, _bytes(s.bytes_relayed), _bytes(s.bytes_direct))
+        return (*cells, self.model)
+
+
+def _bytes(n: float | None) -> str:
+    return "" if n is None else human_bytes(n)
 
 
 def round_rows(run: RunData) -> list[RoundRow]:
@@ -185,23 +213,23 @@ def round_rows(run: RunData) -> list[RoundRow]:
         seconds = None if rec.seconds is None else float(rec.seconds)
         updates = len(ups) if rec.updates is None else rec.updates
         rate = size / secs if secs > 0 else None
-        rows.append(RoundRow(r, updates, seconds, size, rate, scored_model(r), rec.metrics))
+        rows.append(RoundRow(r, updates, seconds, size, rate, scored_model(r), rec.metrics, run.swarm.get(r)))
     return rows
 
 
 def round_table(run: RunData) -> Table:
-    """The rounds, then the evaluation of the model the last round made at every site (the final model's)."""
+    """The rounds, then the evaluation of the model the last round made at every site (the final model's). A swarm
+    job's also say which site aggregated each round and the sealed bytes relayed and sent directly."""
     title = f"{run.name}: per-round metrics, each of the model named beside it, as the sites scored it ({run.run_dir})"
-    columns = ("round", "updates", "seconds", "uploaded", "upload rate", "metrics of")
-    rows = [(row.cells(), row.metrics) for row in round_rows(run)]
+    swarm = bool(run.swarm)
+    columns = ("round", "updates", "seconds", "uploaded", "upload rate", *(SWARM_COLUMNS if swarm else ()))
+    columns += ("metrics of",)
+    rows = [(row.cells(swarm), row.metrics) for row in round_rows(run)]
     last = run.last_evaluation
     if last is not None:
-        rows.append(
-            (
-                ("final" if run.finished else "eval", "", "", "", "", scored_model(last.round, final=run.finished)),
-                last.metrics,
-            )
-        )
+        first = "final" if run.finished else "eval"
+        blank = ("",) * (len(columns) - 2)
+        rows.append(((first, *blank, scored_model(last.round, final=run.finished)), last.metrics))
     return metrics_table(title, columns, rows, min_width=min(len(title), 160))
 
 

@@ -232,15 +232,23 @@ def uploaded(run: RunData) -> dict[int, dict[str, float]]:
     return per
 
 
+def _unit(peak: float) -> tuple[str, float]:
+    return next(((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)) if peak >= s), ("B", 1.0))
+
+
 def bytes_plot(run: RunData, colors: dict[str, Any]) -> Figure | str:
+    """The updates uploaded per round, per site; in a swarm job, beside it, the sealed bytes each round moved
+    through the relay and directly, each bar labelled with the site that aggregated the round."""
     per = uploaded(run)
     if not per:
         return "no update has arrived yet"
     rounds = sorted(per)
+    swarm = bool(run.swarm)
+    fig = figure(figsize=(max(6.5, 0.45 * len(rounds) + 4) * (1.9 if swarm else 1.0), 4.0))
+    axes = fig.subplots(1, 2 if swarm else 1, squeeze=False)[0]
+    ax = axes[0]
     peak = max(sum(v.values()) for v in per.values())
-    unit, scale = next(((u, s) for u, s in (("GB", 1e9), ("MB", 1e6), ("KB", 1e3)) if peak >= s), ("B", 1.0))
-    fig = figure(figsize=(max(6.5, 0.45 * len(rounds) + 4), 4.0))
-    ax = fig.subplots()
+    unit, scale = _unit(peak)
     bottom = [0.0] * len(rounds)
     for site, c in colors.items():
         vals = [per[r].get(site, 0.0) / scale for r in rounds]
@@ -249,13 +257,43 @@ def bytes_plot(run: RunData, colors: dict[str, Any]) -> Figure | str:
             bottom = [b + v for b, v in zip(bottom, vals, strict=True)]
     ax.set_xlabel("round")
     ax.set_ylabel(f"updates uploaded in the round ({unit})")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    for a in axes:
+        a.xaxis.get_major_locator().set_params(integer=True)
     ax.grid(alpha=0.3, axis="y")
     ax.legend(fontsize=8, **_OUTSIDE)
     total = sum(sum(v.values()) for v in per.values())
+    if swarm:
+        _swarm_bytes(axes[1], run)
+        ax.set_title("sealed updates put at the relay, per site", fontsize=9)
     fig.suptitle(
         f"{run.name}: bytes uploaded per round ({human_bytes(total)} in all)\n"
         "(the updates; each site also downloads the global model every round)",
         fontsize=10,
     )
     return fig
+
+
+def _swarm_bytes(ax: Axes, run: RunData) -> None:
+    """A swarm job's sealed bytes per round (updates and the new global model): through the aggregator's relay and
+    directly between sites, stacked; the site that aggregated the round above its bar."""
+    from matplotlib.patches import Patch
+
+    rounds = sorted(run.swarm)
+    relayed = [_or_zero(run.swarm[r].bytes_relayed) for r in rounds]
+    direct = [_or_zero(run.swarm[r].bytes_direct) for r in rounds]
+    both = [a + b for a, b in zip(relayed, direct, strict=True)]
+    unit, scale = _unit(max(both, default=0.0))
+    ax.bar(rounds, [v / scale for v in relayed], color="tab:gray")
+    if any(direct):  # (zero-height bars would pin the axis' top to the relayed bars)
+        ax.bar(rounds, [v / scale for v in direct], bottom=[v / scale for v in relayed], color="tab:cyan")
+    for r, v in zip(rounds, both, strict=True):
+        ax.annotate(
+            run.swarm[r].site, (r, v / scale), xytext=(0, 3), textcoords="offset points", ha="center", fontsize=7
+        )
+    ax.set_xlabel("round (above each bar: the site that aggregated it)")
+    ax.set_ylabel(f"sealed bytes moved in the round ({unit})")
+    ax.set_title("swarm: sealed updates and global model, relayed vs direct", fontsize=9)
+    ax.grid(alpha=0.3, axis="y")
+    ax.set_ylim(0, max(1.0, *both) / scale * 1.12)
+    labels = ["through the relay", "direct" if any(direct) else "direct (none)"]
+    ax.legend([Patch(color="tab:gray"), Patch(color="tab:cyan")], labels, fontsize=8, **_OUTSIDE)

@@ -171,7 +171,7 @@ class _Federation:
         with undo_failed_start(run_dir):
             try:
                 self._open_log()
-                if tls:
+                if tls or config.workflow == "swarm":  # a swarm's sites seal for each other's certificates
                     from fl_plugins.security.provision import provision_local
 
                     self.kits = provision_local(run_dir / "kits", [s.name for s in recipe.sites], name=recipe.name)
@@ -333,6 +333,7 @@ def _start_site(
     env = {**os.environ, **recipe.script.env, "FL_SERVER": address, "FL_SITE": name, "PYTHONUNBUFFERED": "1"}
     if kit is not None:
         env["FL_KIT"] = str(kit)
+    env.setdefault("FL_OUTPUT_DIR", str(run_dir / "sites" / name))  # (a swarm site's global models)
     for var in THREAD_VARS:  # N sites on one machine: share the cores instead of each taking all of them
         env.setdefault(var, str(max(1, (os.cpu_count() or 1) // len(recipe.sites))))
     f.write(f"# fl-plugins run: {' '.join(cmd)}  (FL_SITE={name} FL_SERVER={address})\n".encode())

@@ -148,11 +148,20 @@ def test_a_swarm_job_makes_fedavgs_models_with_the_sites_folding_in_turn(tmp_pat
     assert all(rec.updates == SITES and rec.bytes_relayed and rec.bytes_relayed > 0 for rec in swarm)
     assert [rec.round for rec in recs if isinstance(rec, RoundRecord)] == list(range(ROUNDS))
     assert len([rec for rec in recs if isinstance(rec, UpdateRecord)]) == ROUNDS * len(SITES)
-    # the final model is at the last round's aggregator site, in its output folder
+    # every site keeps the final model, and the received model that scored best on its data (the metrics it sent)
     job = json.loads((tmp_path / "run" / "run.json").read_text())["job_id"]
-    final = load_files(tmp_path / "fl-output" / job / "site-3" / "global" / f"round-{ROUNDS:05d}")
-    for name, value in want[ROUNDS].items():
-        np.testing.assert_array_equal(final[name], value)
+    for site in SITES:
+        out = tmp_path / "fl-output" / job / site
+        final = load_files(out / "final")
+        assert final.keys() == want[ROUNDS].keys()
+        for name, value in want[ROUNDS].items():
+            np.testing.assert_array_equal(final[name], value)
+        best = json.loads((out / "best" / "best.json").read_text())
+        assert best["round"] == ROUNDS - 1 and best["metric"] == "accuracy"  # the score rises each round
+        for name, value in load_files(out / "best").items():
+            np.testing.assert_array_equal(value, want[ROUNDS - 1][name])
+        kept = sorted(p.name for p in (out / "global").iterdir())  # the last two it received (or fetched)
+        assert len(kept) == 2 and "round-00002" in kept, kept
     assert not list((tmp_path / "run").glob("global/round-0000[1-9]*"))  # the aggregator wrote no global model
 
 
@@ -169,3 +178,21 @@ def test_the_aggregator_relays_ciphertext_only(tmp_path, kits, monkeypatch):
         for i in range(0, len(p) - 16, 997):
             assert p[i : i + 16] not in blob
     assert entropy_bits(blob) > 7.9
+
+
+def test_the_aggregator_site_policies():
+    from fl_plugins.aggregator.swarm_pick import choose
+
+    sites = ["site-1", "site-2", "site-3"]
+    assert [choose("round_robin", 0, "accuracy", r, sites, [])[0] for r in range(4)] == [*sites, "site-1"]
+    picks = [choose("random", 7, "accuracy", r, sites, []) for r in range(6)]
+    assert picks == [choose("random", 7, "accuracy", r, sites, []) for r in range(6)]  # seeded: the same again
+    assert {p[0] for p in picks} <= set(sites) and all(p[1] == "random (seed 7)" for p in picks)
+    history = [{"site": "site-1", "metrics": {"accuracy": 0.7, "loss": 0.3}},
+               {"site": "site-2", "metrics": {"accuracy": 0.9, "loss": 0.5}},
+               {"site": "site-3", "metrics": {"loss": 0.2}}]  # fmt: skip
+    assert choose("best_metric", 0, "accuracy", 5, sites, history) == ("site-2", "best accuracy: 0.9")
+    assert choose("best_metric", 0, "-loss", 5, sites, history) == ("site-3", "best -loss: 0.2")
+    assert choose("best_metric", 0, "f1", 1, sites, history)[0] == "site-2"  # nobody reported it: round robin
+    assert choose("best_metric", 0, "accuracy", 1, ["site-1", "site-3"], history)[0] == "site-1"  # among the eligible
+    assert choose("round_robin", 0, "accuracy", 0, [], history) is None

@@ -6,9 +6,10 @@ read (docs/swarm.md has the whole design; security/seal.py the sealing, relay.py
 
   * The *model* of round R is what its sites train on: the plain initial model (`--initial-model`, served by
     Download as in FedAvg; it is the job's own, not a site's), or a sealed transfer (its sender and recipients):
-    the initial weights a site offered (OFFER_INITIAL, sealed for every site connected then), or the global model
-    round R-1's aggregator folded. Only a recipient of the model can train on it; another site waits for the next
-    round's model, which is sealed for every site alive at that close.
+    the initial weights a site offered (OFFER_INITIAL, asked once `min_sites` sites are connected, sealed for
+    every site connected then: an offer sealed for fewer could never start round 0), or the global model
+    round R-1's aggregator folded. Only a recipient of the model can train on it; another site sits the round out
+    (it is not waited for) until the next round's model, which is sealed for every site alive at that close.
   * The round's *aggregator* is picked when the round first hands out a task, among the alive sites that can open
     the model (`swarm_aggregator`: `round_robin` in the sites' name order, `random` seeded by (seed, round), or
     `best_metric`: the site whose last update reported the best `swarm_metric`), and recorded (`SwarmRecord`).
@@ -20,11 +21,15 @@ read (docs/swarm.md has the whole design; security/seal.py the sealing, relay.py
     name order (the fold order is fixed: the same updates give the same bits) and a model transfer id sealed for
     every alive site; the relay's commit of that transfer is the round's end: round R+1 opens with it. The updates'
     transfers and the model before are deleted then. A partial update can never be folded: the aggregator site
-    folds only committed transfers, whole, after the close.
+    folds only committed transfers, whole, after the close; its commit names the ones the model holds (it leaves
+    out one that fails its checks: tampered, forged, replayed), and the round's records name those.
   * Failover: the aggregator silent for `site_timeout` (collecting or folding) is replaced by a new pick among the
     others, and every counted update is owed again (rounds.py `refold`, with the dead aggregator as the culprit):
     its site gets RESEND with a new transfer sealed for the new aggregator, and sends the update it kept, as a
-    refold's resend does; one it no longer holds is lost. Nothing the old aggregator folded survives.
+    refold's resend does; one it no longer holds is lost. Nothing the old aggregator folded survives. So too when
+    the aggregator site says it could not fold, or a site says it will not seal its update for it (a certificate
+    that fails the site's checks). A site that failed is not picked again in the round; when every site that
+    could fold it has failed, the job stops with an error naming each failure (else they would take turns for ever).
 
 What it does not do yet (docs/swarm.md, "Next"): direct site-to-site transfers, a restart of the aggregator in the
 middle of a swarm job, evaluations between rounds, strategies other than FedAvg.
@@ -35,17 +40,16 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import logging
-import random
 import secrets
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from fl_plugins.aggregator import results
 from fl_plugins.aggregator.core import Aggregator
 from fl_plugins.aggregator.relay import RelayTransfer
 from fl_plugins.aggregator.rounds import Counted, SiteState
+from fl_plugins.aggregator.swarm_pick import Aggregation, Model, Pick, choose
 from fl_plugins.aggregator.workflow import Sealed, Task, TaskKind
 from fl_plugins.config import AggregatorConfig
 from fl_plugins.errors import RoundError
@@ -58,35 +62,6 @@ log = logging.getLogger(__name__)
 UPDATE, MODEL = "update", "model"  # a transfer's purpose
 
 
-@dataclass(frozen=True)
-class Model:
-    """What round `round` trains on: `transfer` "" is the plain initial model (Download); else a sealed transfer."""
-
-    round: int
-    transfer: str = ""
-    sender: str = ""
-    recipients: frozenset[str] | None = None  # None: every site (the plain model)
-
-
-@dataclass
-class Pick:
-    round: int
-    site: str
-    reason: str
-    attempt: int = 0
-
-
-@dataclass
-class Aggregation:
-    """The close's AGGREGATE task: the aggregator folds `inputs` and sends the next model as `transfer`."""
-
-    round: int
-    site: str
-    inputs: tuple[tuple[str, str], ...]
-    transfer: str
-    recipients: frozenset[str]
-
-
 class SwarmAggregator(Aggregator):
     def __init__(self, config: AggregatorConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
         # a swarm's final model is sealed: each site scores the global models it receives (docs/swarm.md)
@@ -94,8 +69,11 @@ class SwarmAggregator(Aggregator):
         self.model: Model | None = None
         self.pick: Pick | None = None
         self.issued: dict[str, str] = {}  # site -> its update's transfer for the current pick
+        self.failed: dict[str, str] = {}  # site -> why it could not fold this round (it is not picked again)
+        self.replaced: set[str] = set()  # update transfers issued for this round's earlier picks
         self.aggregation: Aggregation | None = None
         self.relayed = 0  # sealed bytes of this round's transfers
+        self.kept_final: set[str] = set()  # sites that kept the final model (finished() waits for them)
         self.history: list[dict[str, Any]] = []  # the last closed round's update records (best_metric reads them)
         super().__init__(dataclasses.replace(config, evaluate_final=False), clock=clock)
         self.job.training = _Workflow(self)
@@ -107,7 +85,7 @@ class SwarmAggregator(Aggregator):
         if cert:
             with self.lock:
                 self.certs[site] = cert.decode()
-        return {**super().hello(site, can_offer), "workflow": "swarm"}
+        return {**super().hello(site, can_offer), "workflow": "swarm", "best_metric": self.config.swarm_metric}
 
     def global_source(self, round_: int, model: str = "", site: str | None = None) -> Any:
         with self.lock:
@@ -127,7 +105,10 @@ class SwarmAggregator(Aggregator):
         if self.aggregation is not None:
             self.presence.step(self.clock())
             return None  # the close is the aggregator site's: its model transfer's commit opens the next round
-        return super()._decide()
+        decision = super()._decide()
+        if decision is not None and self.rounds.owed:  # a failover's resends are on their way (or lost in time):
+            return None  # no new attempt for want of updates; a close (rounds.py set it) waits for them
+        return decision
 
     def _finalize(self) -> None:
         """The round closes (rounds.py): ask its aggregator to fold the counted updates, in the sites' name order."""
@@ -147,14 +128,47 @@ class SwarmAggregator(Aggregator):
             log.info("round %d closed: site %r folds %d updates (%s)", r, self.pick.site, len(inputs), self.pick.reason)
             self.lock.notify_all()
 
-    def result(self, site: str, round_: int, task_id: str, envelope_json: str) -> dict[str, Any]:
-        """An AGGREGATE task's failure (its site could not fold the round): another site folds it."""
+    def get_task(
+        self, site: str, wait: float, can_offer: bool = False, holds: str = "", gone: Callable[[], bool] | None = None
+    ) -> Task:
+        """core.py's, but END names the final model's sealed transfer: every site keeps it (swarm/models.py)."""
+        task = super().get_task(site, wait, can_offer, holds, gone)
+        m = self.model
+        if task.kind is TaskKind.END and m is not None and m.transfer and m.recipients and site in m.recipients:
+            return dataclasses.replace(task, round=m.round, sealed=Sealed("", {}, "", m.transfer, m.sender))
+        return task
+
+    def finished(self) -> bool:
+        """core.py's, and every recipient of the final model still connected has kept it (or `site_timeout`
+        passed since the end): the relay serves it until then."""
+        if not super().finished():
+            return False
         with self.lock:
-            a = self.aggregation
-            if a is None or a.transfer != task_id or a.site != site:
+            m, now = self.model, self.clock()
+            if self.error is not None or m is None or not m.transfer or m.recipients is None:
+                return True
+            alive = {n for n in m.recipients if n in self.rounds.sites and self.rounds.alive(self.rounds.sites[n], now)}
+            late = time.monotonic() - (self.done_at or 0) > self.config.site_timeout
+            return late or alive <= self.kept_final
+
+    def result(self, site: str, round_: int, task_id: str, envelope_json: str) -> dict[str, Any]:
+        """An AGGREGATE task's failure (its site could not fold the round), or a site's word that it will not seal
+        its update for the round's aggregator site (its certificate fails the site's checks): another site folds."""
+        with self.lock:
+            a, p = self.aggregation, self.pick
+            if self.done and self.model is not None and task_id and task_id == self.model.transfer:
+                self.kept_final.add(site)  # a site kept the final model
+                return {"round": round_, "message": "final model kept"}
+            if a is not None and a.transfer == task_id and a.site == site:
+                dead, what = site, "it could not fold the round"
+            elif a is None and p is not None and task_id and self.issued.get(site) == task_id:
+                dead, what = p.site, f"site {site!r} will not seal its update for it"
+            elif task_id in self.replaced:  # another site said so first
+                return {"round": round_, "message": "another site folds the round already"}
+            else:
                 return super().result(site, round_, task_id, envelope_json)
             why = str((limits.parse_envelope(f"site {site!r}", envelope_json).get("meta") or {}).get("error", ""))
-            self._fail_over(site, f"it could not fold the round: {why}")
+            self._fail_over(dead, f"{what}: {why}")
             return {"round": round_, "message": "another site folds the round"}
 
     # -- the aggregator site's lane ------------------------------------------------------------------------
@@ -249,21 +263,21 @@ class SwarmAggregator(Aggregator):
                 raise RoundError(
                     f"site {t.sender!r}: model transfer {t.transfer_id} is not the one this round waits for"
                 )
-            records = [c.record for c in sorted(self.rounds.counted.values(), key=lambda c: c.site)]
+            folded = _folded(a, envelope)
+            records = [c.record for c in sorted(self.rounds.counted.values(), key=lambda c: c.site) if c.site in folded]
             self.relayed += t.bytes_in
-            self._record_round(a, records)
+            self._record_round(a, records, folded)
             self.history = records
             stale = [*(c.nonce for c in self.rounds.counted.values()), self._model_fields()[0]]
             self.relay.drop([x for x in stale if x])
             self._open(Model(a.round + 1, t.transfer_id, t.sender, a.recipients))
             return "model accepted"
 
-    def _record_round(self, a: Aggregation, records: list[dict]) -> None:
-        """Lock held."""
+    def _record_round(self, a: Aggregation, records: list[dict], sites: tuple[str, ...]) -> None:
+        """Lock held. `sites`: the updates the round's model holds (the aggregator site left the others out)."""
         assert self.pick is not None
         p = self.pick
         policy = self.config.swarm_aggregator
-        sites = tuple(site for site, _ in a.inputs)
         rec = SwarmRecord(round=a.round, attempt=p.attempt, site=p.site, policy=policy, reason=p.reason, updates=sites)
         self.record(dataclasses.replace(rec, bytes_relayed=self.relayed, bytes_direct=0))
         weight = sum(float(rec.get("weight") or 0) for rec in records)
@@ -274,6 +288,7 @@ class SwarmAggregator(Aggregator):
     def _open(self, model: Model) -> None:
         """Lock held. Round `model.round` trains on `model` (sealed: the aggregator serves nothing itself)."""
         self.model, self.aggregation, self.pick, self.issued, self.relayed = model, None, None, {}, 0
+        self.failed, self.replaced = {}, set()
         if model.transfer and self.global_manifest is None:
             self.global_manifest = Manifest([], self.config.chunk_bytes, {})  # (core.py's "a model is served")
         r = model.round
@@ -293,43 +308,27 @@ class SwarmAggregator(Aggregator):
         r = self.rounds.round
         if self.pick is not None and self.pick.round == r:
             return self.pick
-        self.pick = self._choose(r, now, exclude=set())
+        self.pick = self._choose(r, now, exclude=set(self.failed))
         return self.pick
 
-    def _choose(self, r: int, now: float, exclude: set[str]) -> Pick | None:
+    def _eligible(self, now: float, exclude: set[str]) -> list[str]:
+        """Lock held. The sites that may fold this round: alive, known by certificate, able to open its model."""
         m = self.model
-        eligible = sorted(
+        return sorted(
             n
             for n, s in self.rounds.sites.items()
             if self.rounds.alive(s, now) and n in self.certs and n not in exclude
             if m is not None and (m.recipients is None or n in m.recipients)
         )
-        if not eligible:
+
+    def _choose(self, r: int, now: float, exclude: set[str]) -> Pick | None:
+        cfg = self.config
+        got = choose(cfg.swarm_aggregator, cfg.seed, cfg.swarm_metric, r, self._eligible(now, exclude), self.history)
+        if got is None:
             return None
-        policy = self.config.swarm_aggregator
-        if policy == "random":
-            site = random.Random(f"{self.config.seed}:{r}:{len(exclude)}").choice(eligible)
-            reason = f"random (seed {self.config.seed})"
-        elif policy == "best_metric" and (best := self._best(eligible)) is not None:
-            site, reason = best
-        else:
-            site, reason = eligible[r % len(eligible)], f"round robin: {len(eligible)} sites, round {r}"
+        site, reason = got
         log.info("round %d: site %r aggregates (%s)", r, site, reason)
         return Pick(r, site, reason, self.rounds.attempt)
-
-    def _best(self, eligible: list[str]) -> tuple[str, str] | None:
-        """The eligible site whose last counted update reported the best `swarm_metric` (None: none reported it)."""
-        name = self.config.swarm_metric
-        key, sign = (name[1:], -1.0) if name.startswith("-") else (name, 1.0)
-        last: dict[str, float] = {}
-        for rec in self.history:
-            v = limits.finite_float((rec.get("metrics") or {}).get(key))
-            if rec.get("site") in eligible and v is not None:
-                last[rec["site"]] = v
-        if not last:
-            return None
-        site = max(sorted(last), key=lambda n: sign * last[n])
-        return site, f"best {name}: {last[site]:g}"
 
     def _fail_over(self, dead: str, why: str) -> None:
         """Lock held. The aggregator site went silent or failed: pick another; counted updates are owed to it."""
@@ -339,13 +338,31 @@ class SwarmAggregator(Aggregator):
         if self.aggregation is not None:
             stale.append(self.aggregation.transfer)
         self.relay.drop(stale)
+        self.replaced.update(self.issued.values())
         self.aggregation, self.issued = None, {}
-        self.pick = self._choose(r, now, exclude={dead})
+        self.failed[dead] = why
+        self.pick = self._choose(r, now, exclude=set(self.failed))
+        if self.pick is None and self._eligible(now, set()):
+            self._give_up(r)
         if self.rounds.counted:
             self.rounds.refold([dead], now)
-        elif self.rounds.closing is not None:
+        elif self.rounds.closing is not None and not self.rounds.owed:  # (owed: an earlier failover's resends)
             self.rounds.closing = None
         self.lock.notify_all()
+
+    def _give_up(self, r: int) -> None:
+        """Lock held. Every site that could fold round `r` failed to: the job stops, saying why each failed."""
+        whys = "; ".join(f"site {site!r}: {why}" for site, why in self.failed.items())
+        self.error = RoundError(f"round {r}: no site could fold it ({whys}); the job stops: mend these, start it again")
+        log.error("%s", self.error)
+
+
+def _folded(a: Aggregation, envelope: dict[str, Any]) -> tuple[str, ...]:
+    """The inputs the aggregator site says the model holds (its commit's `folded`; it leaves out an update that
+    fails its checks), in the fold's order; all of them when it does not say."""
+    said = envelope.get("folded")
+    inputs = tuple(site for site, _ in a.inputs)
+    return tuple(s for s in inputs if s in said) if isinstance(said, list) else inputs
 
 
 class _Workflow:
@@ -361,7 +378,8 @@ class _Workflow:
         if agg.model is None:
             return self._offer(s, now)
         if agg.model.recipients is not None and s.name not in agg.model.recipients:
-            return None  # it cannot open this round's model: it joins at the next round's, sealed for it too
+            rounds.sit_out(s.name)  # the round does not wait for it (it cannot train on a model it cannot open)
+            return None  # it joins at the next round's model, sealed for it too
         owed = rounds.owed.get(s.name)
         if owed is not None:
             return self._resend(s, owed, holds)
@@ -396,10 +414,12 @@ class _Workflow:
 
     def _offer(self, s: SiteState, now: float) -> Task | None:
         agg = self.agg
-        if agg.global_manifest is not None or not agg.offer.asks(s, agg.rounds, now):
-            return None
         alive = {n for n, x in agg.rounds.sites.items() if agg.rounds.alive(x, now) and n in agg.certs}
         recipients = frozenset(alive | {s.name})
+        if agg.global_manifest is not None or len(recipients) < agg.config.min_sites:
+            return None  # sealed for the sites connected when it is asked: round 0 needs `min_sites` of them
+        if not agg.offer.asks(s, agg.rounds, now):
+            return None
         transfer = agg._issue(s.name, recipients, MODEL, 0, agg._model_committed)
         peers = {n: agg.certs[n] for n in sorted(recipients)}
         return Task(TaskKind.OFFER_INITIAL, 0, sealed=Sealed(transfer, peers))

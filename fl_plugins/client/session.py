@@ -265,6 +265,8 @@ class ClientSession:
             raise
         if task.kind == pb.Task.END:
             self.finished = True
+            if self.swarm is not None:
+                self.swarm.finish(task)  # the final global model, kept at this site
         elif task.kind == pb.Task.OFFER_INITIAL and self.can_offer:
             self.offer_pending, self.offer_task = (
                 True,
@@ -300,7 +302,7 @@ class ClientSession:
         """`task`'s global model, received (into `into` where its tensors fit)."""
         from fl_plugins.wire.proto import fl_pb2 as pb
 
-        if task.model_transfer and self.swarm is not None:
+        if self.swarm is not None and task.kind == pb.Task.TRAIN:
             manifest, params = self.swarm.receive(task, self.params_format, into)
         else:
             manifest, params = client.download(task, self.params_format, into=into)

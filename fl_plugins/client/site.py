@@ -120,7 +120,7 @@ class SiteClient:
         self.job_id = ""
         self.total_rounds = 0
         self.evaluates_after = False
-        self.workflow = ""
+        self.workflow = self.best_metric = ""
         self.chunk_bytes = 0
         self.stats = {"bytes_sent": 0, "bytes_received": 0, "retries": 0, "corrupted_chunks": 0}
         self.transfers = Transfers(self)
@@ -220,6 +220,7 @@ class SiteClient:
         self.job_id, self.total_rounds, self.chunk_bytes = reply.job_id, reply.total_rounds, reply.chunk_bytes
         self.evaluates_after = reply.evaluates_after  # evaluations follow the last round
         self.workflow = reply.workflow  # "swarm": weights go sealed between sites (swarm/site.py)
+        self.best_metric = reply.best_metric
         if self.policy is not None:
             self._within_policy(self.policy.check_job, self.job_id, 0)
         if self._hb is None and self._hb_period > 0:

@@ -136,6 +136,10 @@ class GrpcTransport:
         self.Status: UnaryCall[pb.StatusRequest, pb.StatusReply] = stub.Status
         self.SendResult: UnaryCall[pb.ResultRequest, pb.CommitReply] = stub.SendResult
         self._upload, self._download = stub.Upload, stub.Download
+        # swarm: the relay's calls (client/relay.py), RelayPut started as a future as Upload is
+        self.RelayOpen: UnaryCall[pb.RelayOpen, pb.RelayState] = stub.RelayOpen
+        self.RelayCommit: UnaryCall[pb.RelayCommit, pb.CommitReply] = stub.RelayCommit
+        self.RelayGet, self.RelayPut = stub.RelayGet, stub.RelayPut.future
 
     @classmethod
     def open(cls, address: str, credentials: grpc.ChannelCredentials | None = None) -> GrpcTransport:

@@ -5,7 +5,7 @@ sealed transfers, and it does, beside the script's own `receive()` / `send()`:
 
   * receive: a TRAIN task's global model is a sealed transfer at the relay (`model_transfer`, sealed by
     `model_sender`): it is fetched record by record, each record checked and opened (security/seal.py), and its
-    frames land in the script's tensors as a Download's do (client/relay.py `receive_model`).
+    frames land in the script's tensors as a Download's do, and in the site's files (models.py).
   * send: the update is sealed for the round's aggregator site alone (`peers_json`) and put at the relay as
     `transfer_id`; the relay's commit counts it. The update stays referenced (not copied) until the next task, so a
     failover's RESEND seals the same bytes for the new aggregator site without training again.
@@ -35,10 +35,11 @@ from fl_plugins.aggregator.offer import FileSink
 from fl_plugins.aggregator.optimizers import FedAvg
 from fl_plugins.aggregator.store import GlobalReader, write_shard
 from fl_plugins.aggregator.uploads import FoldSink, Upload, check_plan, parse_update
-from fl_plugins.client.relay import ModelRecords, put_sealed, read_update, receive_model
+from fl_plugins.client.relay import ModelRecords, put_sealed, read_update
 from fl_plugins.client.transfers import KeptUpdate
 from fl_plugins.errors import ConfigError, FLError
-from fl_plugins.security.seal import Certificates, Identity, Opener, Sealer
+from fl_plugins.security.seal import Certificates, Identity, Opener, Sealer, SealError
+from fl_plugins.swarm.models import SiteModels
 from fl_plugins.wire import limits
 from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, Manifest, plan_shards
 from fl_plugins.wire.proto import fl_pb2 as pb
@@ -50,7 +51,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 TOLD = ("params_type", "metrics", "meta")  # what an update tells the aggregator in plaintext (its records, the pick)
-KEEP_ROUNDS = 2  # global models kept in the output folder (the aggregator site's fold reads the current one)
 
 
 class SwarmSite:
@@ -67,6 +67,8 @@ class SwarmSite:
         default = Path("fl-output") / (client.job_id or "job") / client.site
         self.out = Path(os.environ.get("FL_OUTPUT_DIR") or default)
         self.stats = {"aggregated": 0, "refused_updates": 0}
+        self.models = SiteModels(self.out, client.best_metric)
+        self.made: tuple[int, Path, Manifest] | None = None  # (round, folder, manifest) of the model it folded last
         client.transfers.resend_sealed = self.resend
         self._busy = threading.Lock()  # held while this site folds a round
         self._lane = threading.Thread(target=self._serve, name="fl-swarm-aggregator", daemon=True)
@@ -74,13 +76,65 @@ class SwarmSite:
 
     # -- the script's side -------------------------------------------------------------------------------------
     def receive(self, task: pb.Task, params_format: str, into: dict[str, Any] | None) -> tuple[Manifest, dict]:
-        """A TRAIN task's sealed global model, opened into tensors."""
-        opener = self._opener(task.model_transfer, task.model_sender)
-        return receive_model(self.client, task.model_transfer, opener, params_format, into)
+        """A TRAIN task's global model (sealed at the relay, or round 0's plain initial model), opened into tensors
+        and written to this site's global/round-R (models.py)."""
+        r, params = task.round, {}
+
+        def sink_for(manifest: Manifest) -> Any:
+            made, views = tensors.allocate([t for s in manifest.shards for t in s.tensors], params_format, into)
+            params.update(made)
+            return self.models.sink(r, manifest, views)
+
+        try:
+            if task.model_transfer:
+                opener = self._opener(task.model_transfer, task.model_sender)
+                manifest = read_update(self.client, task.model_transfer, opener, sink_for)
+            else:
+                manifest = Manifest.from_json(task.manifest_json, f"round {r}'s global model")
+                self.client.transfers.download_to(task, manifest, sink_for(manifest))
+        except BaseException:
+            self.models.abandon(r)
+            raise
+        return self.models.kept(r, manifest), params
+
+    def finish(self, task: pb.Task) -> Path | None:
+        """The job is over (END): keep its final global model in final/ (fetched unless this site folded it or
+        received it already) and tell the aggregator, which waits for every site's word before it stops."""
+        if not task.model_transfer:
+            return None
+        r = task.round
+        try:
+            manifest, source = self.models.rounds.get(r), self.models.round_dir(r)
+            if manifest is None and self.made is not None and self.made[0] == r:  # this site folded it
+                _, source, manifest = self.made
+            if manifest is None:
+                manifest = self.models.kept(r, self._fetch(task.model_transfer, task.model_sender, r))
+                source = self.models.round_dir(r)
+            final = self.models.final(r, manifest, source)
+            self.client.send_result(r, task.model_transfer, {"meta": {"kept": "final"}})
+        except FLError as e:
+            log.warning("the final global model could not be kept at this site: %s", e)
+            return None
+        return final
+
+    def _fetch(self, transfer: str, sender: str, r: int) -> Manifest:
+        sinks: list[Any] = []
+
+        def sink_for(manifest: Manifest) -> Any:
+            sinks.append(self.models.sink(r, manifest))
+            return sinks[-1]
+
+        try:
+            return read_update(self.client, transfer, self._opener(transfer, sender), sink_for)
+        except BaseException:
+            self.models.abandon(r)
+            raise
 
     def send(self, task: pb.Task, params: dict[str, Any], envelope: dict[str, Any]) -> pb.CommitReply:
         """A TRAIN task's update (or an OFFER_INITIAL's weights), sealed for `peers_json` and put as `transfer_id`."""
         c = self.client
+        if task.kind == pb.Task.TRAIN and self._refuses(task):  # the round goes on: the next task says how
+            return pb.CommitReply(round=task.round, message="not sent: the aggregator site's certificate is refused")
         shards = plan_shards(tensors.describe(params), max_shard_bytes=c.max_shard_bytes)
         manifest = Manifest(shards, c.chunk_bytes or DEFAULT_CHUNK_BYTES, envelope)
         views = tensors.ByteViews(params)
@@ -90,12 +144,15 @@ class SwarmSite:
         if task.kind == pb.Task.TRAIN:
             c.transfers.kept = KeptUpdate(task.round, task.attempt, task.transfer_id, manifest, "", source)
             views.clear()
+            self.models.scored(task.round, envelope.get("metrics"))  # the received model's score at this site
         return reply
 
     def resend(self, task: pb.Task, kept: KeptUpdate) -> None:
         """RESEND after a failover: the kept update, sealed for the new aggregator site, as a new transfer."""
         log.info("round %d: sending this site's update again, sealed for site %r", task.round, task.aggregator)
         told: dict[str, Any] = {k: kept.manifest.envelope[k] for k in TOLD if k in kept.manifest.envelope}
+        if self._refuses(task):
+            return  # kept: the next RESEND names another aggregator site
         try:
             put_sealed(
                 self.client, task.transfer_id, self._sealer(task), ModelRecords(kept.manifest, kept.source), told
@@ -146,21 +203,29 @@ class SwarmSite:
     def aggregate(self, task: pb.Task) -> Manifest:
         """Fold `task`'s sealed updates in its order into the next global model; seal it for `peers_json`."""
         r, c = task.round, self.client
-        current = self._model_files(task, self.out / "global" / f"round-{r:05d}")
+        current, here = self.models.rounds.get(r), self.models.round_dir(r)  # as the script received it
+        if current is None:  # (not received here yet: fetched into the fold's own folder)
+            here = self.out / "fold" / f"round-{r:05d}"
+            current = self._model_files(task, here)
         layout = [t for s in current.shards for t in s.tensors]
         strategy = FedAvg(layout)
         records = self._fold_all(task, current, strategy)
         if not records:
             raise FLError(f"round {r}: no update could be folded (the log names why); the round's model is not made")
         env = {"current_round": r + 1, "metrics": limits.mean_metrics(records)}
-        made = self._write(current, strategy, self.out / "global" / f"round-{r + 1:05d}", env, r)
-        source = FileSource(self._paths(made, r + 1))
+        out = self.out / "fold" / f"round-{r + 1:05d}"
+        made = self._write(current, here, strategy, out, env, r)
+        source = FileSource([out / s.name for s in made.shards])
+        folded = {"folded": [rec["site"] for rec in records]}  # the aggregator's records: which updates it holds
         try:
-            put_sealed(c, task.transfer_id, self._sealer(task), ModelRecords(made, source), None)
+            put_sealed(c, task.transfer_id, self._sealer(task), ModelRecords(made, source), folded)
         finally:
             source.close()
         self.stats["aggregated"] += 1
-        self._prune(r + 1)
+        self.made = (r + 1, out, made)
+        for old in (self.out / "fold").glob("round-*"):  # the fold's folders: only the model it made last stays
+            if old != out:
+                shutil.rmtree(old, ignore_errors=True)
         peers = ", ".join(sorted(json.loads(task.peers_json)))
         log.info("round %d: folded %d updates; round %d's global model sealed for %s", r, len(records), r + 1, peers)
         return made
@@ -226,10 +291,12 @@ class SwarmSite:
         shards = [dataclasses.replace(s, header=sinks[0].headers[i]) for i, s in enumerate(manifest.shards)]
         return Manifest(shards, manifest.chunk_bytes, manifest.envelope)
 
-    def _write(self, current: Manifest, strategy: FedAvg, directory: Path, env: dict, r: int) -> Manifest:
+    def _write(self, current: Manifest, here: Path, strategy: FedAvg, directory: Path, env: dict, r: int) -> Manifest:
+        """The fold's result, the next global model, written to `directory` in `current`'s layout (read from
+        `here`: a DIFF update is added to it)."""
         shutil.rmtree(directory, ignore_errors=True)
         directory.mkdir(parents=True, mode=0o700)
-        reader = GlobalReader(self._paths(current, r), current)
+        reader = GlobalReader([here / s.name for s in current.shards], current)
         try:
             shards = []
             for s in current.shards:
@@ -241,18 +308,26 @@ class SwarmSite:
             reader.close()
         return Manifest(shards, current.chunk_bytes, env)
 
-    def _paths(self, manifest: Manifest, r: int) -> list[Path]:
-        return [self.out / "global" / f"round-{r:05d}" / s.name for s in manifest.shards]
-
-    def _prune(self, newest: int) -> None:
-        for old in (self.out / "global").glob("round-*"):
-            if old.name < f"round-{newest - KEEP_ROUNDS + 1:05d}":
-                shutil.rmtree(old, ignore_errors=True)
-
     # -- keys --------------------------------------------------------------------------------------------------
     def _sealer(self, task: pb.Task) -> Sealer:
         peers = {name: pem.encode() for name, pem in json.loads(task.peers_json or "{}").items()}
         return Sealer(self.me, task.transfer_id, peers, self.certs)
+
+    def _refuses(self, task: pb.Task) -> bool:
+        """True if the update's recipient (the round's aggregator site) has a certificate this site will not seal
+        for (of another project, of another name, expired): this site says so to the aggregator, which picks
+        another site to fold the round. The update is not sent; a RESEND's stays kept, a TRAIN's is trained again."""
+        for name, pem in json.loads(task.peers_json or "{}").items():
+            try:
+                self.certs.check(pem.encode(), name, "recipient")
+            except SealError as e:
+                log.error("round %d: this site will not seal its update for site %r: %s", task.round, name, e)
+                try:
+                    self.client.send_result(task.round, task.transfer_id, {"meta": {"error": str(e)[:300]}})
+                except FLError as told:
+                    log.warning("round %d: could not tell the aggregator: %s", task.round, told)
+                return True
+        return False
 
     def _opener(self, transfer: str, sender: str) -> Any:
         def opener(header: bytes) -> Opener:

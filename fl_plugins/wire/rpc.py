@@ -53,6 +53,7 @@ SERVER_OPTIONS: list[tuple[str, int | str]] = [
     ("grpc.so_reuseport", 0),
 ]
 
+SEALED_OVERHEAD = 1024  # what sealing adds to a chunk frame (security/seal.py: 97 bytes), with room to spare
 MAX_CONTROL_BYTES = 16 << 20  # the largest control message a site may send (a manifest: ~150 bytes per tensor)
 
 
@@ -62,7 +63,7 @@ def server_options(chunk_bytes: int) -> list[tuple[str, int | str]]:
     it, so this limit, times the calls a site may hold (limits.py), bounds what one site can make it buffer."""
     from fl_plugins.wire.frames import HEADER_SIZE
 
-    limit = max(chunk_bytes + HEADER_SIZE, MAX_CONTROL_BYTES)
+    limit = max(chunk_bytes + HEADER_SIZE + SEALED_OVERHEAD, MAX_CONTROL_BYTES)
     return [(k, limit if k == "grpc.max_receive_message_length" else v) for k, v in SERVER_OPTIONS]
 
 

@@ -18,20 +18,22 @@ class HelloRequest(_message.Message):
     def __init__(self, site: _Optional[str] = ..., version: _Optional[str] = ..., can_offer_initial: _Optional[bool] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("job_id", "total_rounds", "chunk_bytes", "version", "evaluates_after", "workflow")
+    __slots__ = ("job_id", "total_rounds", "chunk_bytes", "version", "evaluates_after", "workflow", "best_metric")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     EVALUATES_AFTER_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_FIELD_NUMBER: _ClassVar[int]
+    BEST_METRIC_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     total_rounds: int
     chunk_bytes: int
     version: str
     evaluates_after: bool
     workflow: str
-    def __init__(self, job_id: _Optional[str] = ..., total_rounds: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., version: _Optional[str] = ..., evaluates_after: _Optional[bool] = ..., workflow: _Optional[str] = ...) -> None: ...
+    best_metric: str
+    def __init__(self, job_id: _Optional[str] = ..., total_rounds: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., version: _Optional[str] = ..., evaluates_after: _Optional[bool] = ..., workflow: _Optional[str] = ..., best_metric: _Optional[str] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
     __slots__ = ("site", "wait_seconds", "can_offer_initial", "holds_update", "aggregates")
