@@ -82,10 +82,10 @@ def kits(tmp_path_factory) -> Kits:
     return provision_local(tmp_path_factory.mktemp("swarm") / "kits", list(SITES))
 
 
-def server(tmp_path: Path, kits: Kits, **kw: Any) -> AggregatorServer:
+def server(tmp_path: Path, kits: Kits, address: str | None = None, **kw: Any) -> AggregatorServer:
     kw.setdefault("initial_model", save_numpy(tmp_path / "initial.safetensors", initial()))
     cfg = AggregatorConfig(run_dir=tmp_path / "run", rounds=ROUNDS, min_sites=3, workflow="swarm", linger=0.5, **kw)
-    return AggregatorServer(cfg, kit=load_server_kit(kits.server))
+    return AggregatorServer(cfg, address, kit=load_server_kit(kits.server))
 
 
 class SwarmSiteThread(threading.Thread):
@@ -165,6 +165,39 @@ def test_a_swarm_job_makes_fedavgs_models_with_the_sites_folding_in_turn(tmp_pat
     assert not list((tmp_path / "run").glob("global/round-0000[1-9]*"))  # the aggregator wrote no global model
 
 
+def test_a_restarted_aggregator_resumes_the_swarm_from_its_last_sealed_model(tmp_path, kits, monkeypatch):
+    """The aggregator stops with round 1 open (its model sealed in the relay's spool, named in RUN_DIR/swarm.json)
+    and starts again on the same run directory: the sites reconnect and the job ends with the same models."""
+    monkeypatch.chdir(tmp_path)
+    first = server(tmp_path, kits).start()
+    opened = threading.Event()
+    real_open = first.aggregator._open
+
+    def open_and_tell(model: Any) -> None:
+        real_open(model)
+        if model.round == 1:
+            opened.set()
+
+    monkeypatch.setattr(first.aggregator, "_open", open_and_tell)
+    sites = {n: SwarmSiteThread(first.address, kits, n) for n in SITES}
+    for t in sites.values():
+        t.start()
+    assert opened.wait(60)
+    first.stop(0)  # round 1 is open, its model at the relay: the aggregator goes away
+    with server(tmp_path, kits, address=first.address) as again:
+        assert again.aggregator.rounds.round == 1 and again.aggregator.model.transfer
+        for t in sites.values():
+            t.join(90)
+            assert not t.is_alive() and t.error is None, (t.site, t.error)
+    want = expected_rounds(initial(), ROUNDS)
+    for t in sites.values():
+        for r in range(ROUNDS):
+            for name, value in want[r].items():
+                np.testing.assert_array_equal(t.received[r][name], value, err_msg=f"{t.site} round {r} {name}")
+    recs = read_records(tmp_path / "run" / "metrics.jsonl")
+    assert sorted({rec.round for rec in recs if isinstance(rec, SwarmRecord)}) == list(range(ROUNDS))
+
+
 def test_the_aggregator_relays_ciphertext_only(tmp_path, kits, monkeypatch):
     monkeypatch.chdir(tmp_path)
     captured: list[bytes] = []
@@ -181,7 +214,7 @@ def test_the_aggregator_relays_ciphertext_only(tmp_path, kits, monkeypatch):
 
 
 def test_the_aggregator_site_policies():
-    from fl_plugins.aggregator.swarm_pick import choose
+    from fl_plugins.aggregator.swarm_state import choose
 
     sites = ["site-1", "site-2", "site-3"]
     assert [choose("round_robin", 0, "accuracy", r, sites, [])[0] for r in range(4)] == [*sites, "site-1"]

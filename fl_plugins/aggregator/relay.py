@@ -12,12 +12,13 @@ A transfer's records are spooled as they arrive, never held whole in memory:
     RUN_DIR/relay/            0700
         ID.part               0600, while records arrive: each record as u32 LE length + its bytes
         ID.sealed             the same file once committed (renamed): what RelayGet reads, one record at a time
+        ID.header             the committed transfer's header (`adopt` serves a transfer again after a restart)
 
 Both ways resume: a re-opened transfer says how many records the relay holds, and a get starts from any record.
-After a restart the registry is empty and the coordinator expects its transfers again (a stale spool file of an
-expected id is removed). Locks: the relay's own guards the registry, each transfer's guards its state and its
-file; neither is held while calling out (`on_commit` takes the coordinator's lock, and the coordinator calls
-`expect` and `drop` holding it).
+After a restart the registry is empty: the coordinator adopts the committed transfers it recorded (the current
+global model) and expects the others again (a stale spool file of an expected id is removed). Locks: the relay's
+own guards the registry, each transfer's guards its state and its file; neither is held while calling out
+(`on_commit` takes the coordinator's lock, and the coordinator calls `expect` and `drop` holding it).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from fl_plugins.aggregator.files import FILE_MODE, private_dir
+from fl_plugins.aggregator.files import FILE_MODE, private_dir, write_private
 from fl_plugins.errors import AuthError, FLError, IntegrityError, ProtocolError, RoundError
 from fl_plugins.security.seal import header_info, record_index
 from fl_plugins.wire.limits import parse_envelope
@@ -138,6 +139,33 @@ class Relay:
             )
         with t.lock:
             t.on_commit = on_commit
+
+    def adopt(self, transfer_id: str, sender: str, recipients: Iterable[str], purpose: str, round_: int) -> bool:
+        """After a restart: serve again a transfer committed before it (its ID.sealed and ID.header in the spool, as
+        the coordinator recorded them). False, leaving nothing registered, if its files are gone or damaged."""
+        sealed = self.directory / f"{transfer_id}.sealed"
+        try:
+            header = sealed.with_suffix(".header").read_bytes()
+            offsets, pos, size = [], 0, sealed.stat().st_size
+            with open(sealed, "rb") as f:
+                while pos < size:
+                    (n,) = LENGTH.unpack(f.read(LENGTH.size))
+                    offsets.append(pos)
+                    pos += LENGTH.size + n
+                    f.seek(pos)
+            named = header_info(header).transfer_id
+        except (OSError, struct.error, FLError) as e:
+            log.warning("transfer %s cannot be served again after the restart: %s", transfer_id, e)
+            return False
+        if pos != size or named != transfer_id:
+            log.warning("transfer %s cannot be served again after the restart: its spool file is damaged", transfer_id)
+            return False
+        t = RelayTransfer(transfer_id, sender, frozenset(recipients), purpose, round_, 0, sealed, header=header)
+        t.records_declared, t.offsets, t.committed, t.message = len(offsets), offsets, True, "committed"
+        t.bytes_in, t.max_bytes = size - LENGTH.size * len(offsets), size
+        with self._lock:
+            self._transfers[transfer_id] = t
+        return True
 
     def drop(self, transfer_ids: Iterable[str]) -> None:
         """Forget these transfers and delete their spool files (a put or get under way ends with RoundError)."""
@@ -252,6 +280,8 @@ class Relay:
                     )
                 if not t.committed:
                     sealed = t.path.with_suffix(".sealed")
+                    assert t.header is not None
+                    write_private(sealed.with_suffix(".header"), t.header)  # (adopt() serves it after a restart)
                     os.replace(t.path, sealed)
                     t.path, t.committed = sealed, True
                 on_commit = t.on_commit
@@ -346,7 +376,7 @@ class Relay:
             t.bytes_out += n
 
     def _remove_files(self, transfer_id: str) -> None:
-        for suffix in (".part", ".sealed"):
+        for suffix in (".part", ".sealed", ".header"):
             try:
                 (self.directory / f"{transfer_id}{suffix}").unlink()
             except FileNotFoundError:

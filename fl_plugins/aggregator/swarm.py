@@ -45,11 +45,11 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from fl_plugins.aggregator import results
+from fl_plugins.aggregator import results, swarm_state
 from fl_plugins.aggregator.core import Aggregator
 from fl_plugins.aggregator.relay import RelayTransfer
 from fl_plugins.aggregator.rounds import Counted, SiteState
-from fl_plugins.aggregator.swarm_pick import Aggregation, Model, Pick, choose
+from fl_plugins.aggregator.swarm_state import Aggregation, Model, Pick, choose
 from fl_plugins.aggregator.workflow import Sealed, Task, TaskKind
 from fl_plugins.config import AggregatorConfig
 from fl_plugins.errors import RoundError
@@ -79,6 +79,22 @@ class SwarmAggregator(Aggregator):
         self.job.training = _Workflow(self)
         if self.global_manifest is not None:
             self.model = Model(self.rounds.round)
+        self._resume_swarm()
+
+    def _resume_swarm(self) -> None:
+        """A restart of a swarm job: its last global model is the sealed transfer RUN_DIR/swarm.json names, still
+        in the relay's spool; the job goes on from that round (the sites reconnect, and train it again if their
+        update was under way)."""
+        got = swarm_state.load(self.config.run_dir, self.job_id)
+        if got is None:
+            return
+        model, certs = got
+        if not self.relay.adopt(model.transfer, model.sender, model.recipients or (), MODEL, model.round):
+            return
+        log.info("resuming the swarm at round %d: its global model is transfer %s", model.round, model.transfer)
+        with self.lock:
+            self.certs.update(certs)
+            self._open(model)
 
     # -- what changes against core.py ---------------------------------------------------------------------
     def hello(self, site: str, can_offer: bool, cert: bytes | None = None) -> dict[str, Any]:
@@ -291,6 +307,8 @@ class SwarmAggregator(Aggregator):
         self.failed, self.replaced = {}, set()
         if model.transfer and self.global_manifest is None:
             self.global_manifest = Manifest([], self.config.chunk_bytes, {})  # (core.py's "a model is served")
+        if model.transfer:  # what a restart resumes from
+            swarm_state.save(self.config.run_dir, self.job_id, model, self.certs)
         r = model.round
         self.rounds.open(r)
         self.uploads.new_epoch()

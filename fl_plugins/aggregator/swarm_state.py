@@ -1,13 +1,22 @@
-"""A swarm job's state records and its aggregator-site policies (aggregator/swarm.py uses them; pure: no lock, no
-clock, no files)."""
+"""A swarm job's state (aggregator/swarm.py): its records, the aggregator-site policies (pure), and RUN_DIR/swarm.json,
+what a restarted aggregator resumes from: the last global model's sealed transfer (its files stay in the relay's
+spool), its recipients, and the sites' certificates (public; the sites do not say Hello again after a restart)."""
 
 from __future__ import annotations
 
+import json
+import logging
 import random
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from fl_plugins.aggregator.files import write_atomic
 from fl_plugins.wire import limits
+
+log = logging.getLogger(__name__)
+
+STATE = "swarm.json"
 
 
 @dataclass(frozen=True)
@@ -70,3 +79,28 @@ def best_by(metric: str, eligible: list[str], history: list[dict[str, Any]]) -> 
         return None
     site = max(sorted(last), key=lambda n: sign * last[n])
     return site, f"best {metric}: {last[site]:g}"
+
+
+def save(run_dir: Path, job_id: str, model: Model, certs: dict[str, str]) -> None:
+    """Record `model` (a sealed transfer whose spool files the relay keeps) as the one a restart resumes from."""
+    state = {"job_id": job_id, "round": model.round, "transfer": model.transfer, "sender": model.sender}
+    state.update(recipients=sorted(model.recipients or ()), certs=certs)
+    write_atomic(run_dir / STATE, json.dumps(state, indent=1) + "\n")
+
+
+def load(run_dir: Path, job_id: str) -> tuple[Model, dict[str, str]] | None:
+    """The model and certificates `save` recorded for job `job_id`; None for a new job (or a record that is not
+    this job's, or is damaged: said in the log, and the job starts from its initial model)."""
+    path = run_dir / STATE
+    try:
+        state = json.loads(path.read_text())
+        if state["job_id"] != job_id:
+            raise ValueError(f"it is job {state['job_id']!r}'s")
+        model = Model(int(state["round"]), str(state["transfer"]), str(state["sender"]), frozenset(state["recipients"]))
+        certs = {str(k): str(v) for k, v in dict(state["certs"]).items()}
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.warning("%s cannot be resumed from (%s); the swarm starts from its initial model", path, e)
+        return None
+    return model, certs
