@@ -239,8 +239,36 @@ def test_a_cut_get_resumes_from_the_next_record(fed):
             client.close()
         assert proxy.cuts["down"] == 1 and client.stats["retries"] >= 1
     starts = [f for s, t, f in fed.relay.gets if t == tid]
-    assert len(starts) == 2 and starts[0] == 0 and 0 < starts[1] < records.count
+    # (records the proxy passed but gRPC had not handed over when the connection broke are lost with it: the resume
+    # starts at the first record the site did not use, which may be 0; the next test pins the index)
+    assert len(starts) == 2 and starts[0] == 0 and 0 <= starts[1] < records.count
     assert same_bits(got, params)
+
+
+class Unavailable(grpc.RpcError):
+    """What a call whose connection broke raises (UNAVAILABLE: the client retries it)."""
+
+    def code(self) -> grpc.StatusCode:
+        return grpc.StatusCode.UNAVAILABLE
+
+    def details(self) -> str:
+        return "the connection broke (injected)"
+
+
+def test_a_get_broken_after_k_records_asks_again_from_record_k(fed):
+    params = model(5)
+    tid, records = fed.send(params, "site-1", "site-2")
+    k, used, broke = records.count // 2, [], []
+
+    def consume(i: int, plain: bytes) -> None:
+        if i == k and not broke:  # the connection breaks as record k arrives
+            broke.append(i)
+            raise Unavailable()
+        used.append(i)
+
+    get_sealed(fed.sites["site-2"].client, tid, fed.opener("site-2", tid, "site-1"), consume)
+    starts = [f for s, t, f in fed.relay.gets if t == tid]
+    assert starts == [0, k] and used == list(range(records.count))
 
 
 # -- refusals -------------------------------------------------------------------------------------------------
