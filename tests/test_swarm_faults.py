@@ -242,29 +242,34 @@ def peers_of(task: pb.Task) -> dict[str, bytes]:
     return {n: pem.encode() for n, pem in json.loads(task.peers_json).items()}
 
 
-def test_an_update_sealed_under_another_projects_certificate_is_refused(tmp_path, kits, other, monkeypatch, caplog):
-    """Round 0 (site-1 folds it): site-2 seals its update under a certificate of another project's CA that names
-    site-2 (signed with that certificate's key). The relay reads names only and passes it on; site-1 refuses it
-    (the sender's certificate is not of this project), and round 1 trains on the fold of site-1's and site-3's."""
+def test_an_update_sealed_under_another_projects_certificate_is_refused(tmp_path, kits, other, monkeypatch):
+    """Round 0: site-2 first tries to open its update's transfer with a header sealed under a certificate of another
+    project's CA that names site-2 (signed with that certificate's key). The relay checks headers against the
+    project's CA and refuses it, naming why; site-2 then sends its update honestly and the job makes FedAvg's
+    models. (The aggregator site checks the sender too: test_a_record_or_a_header_replayed... and seal.py's tests.)"""
     monkeypatch.chdir(tmp_path)
-    caplog.set_level(logging.WARNING, logger="fl_plugins.swarm.site")
-    sealer = SwarmSite._sealer
+    send, refused = SwarmSite.send, []
     forged = load_site_kit(other.sites["site-2"])
 
-    def forging(self: SwarmSite, task: pb.Task) -> Sealer:
-        if self.client.site != "site-2" or task.kind != pb.Task.TRAIN or task.round != 0:
-            return sealer(self, task)
-        certs = EitherCA(self.client.kit.ca, forged.ca)
-        return Sealer(Identity.from_kit(forged), task.transfer_id, peers_of(task), certs)
+    def forging_first(self: SwarmSite, task: pb.Task, params: dict, envelope: dict) -> pb.CommitReply:
+        c = self.client
+        if c.site == "site-2" and task.kind == pb.Task.TRAIN and task.round == 0:
+            relay_transport(c)
+            certs = EitherCA(c.kit.ca, forged.ca)
+            header = Sealer(Identity.from_kit(forged), task.transfer_id, peers_of(task), certs).header
+            req = pb.RelayOpen(site=c.site, transfer_id=task.transfer_id, header=header, records=2, max_bytes=1 << 20)
+            with pytest.raises(FLError) as e:
+                c.call("RelayOpen", req, "a forged open", timeout=10)
+            refused.append(str(e.value))
+        return send(self, task, params, envelope)
 
-    monkeypatch.setattr(SwarmSite, "_sealer", forging)
+    monkeypatch.setattr(SwarmSite, "send", forging_first)
     with server(tmp_path, kits) as srv:
         sites = run_sites(srv.address, kits)
     no_errors(sites)
-    check_models(tmp_path, sites, folds([("site-1", "site-3"), ALL, ALL]), final_at="site-3")
-    [why] = refusals(caplog)
-    assert "round 0: site 'site-2'" in why and "the sender 'site-2': not a party's certificate" in why
-    assert [rec.updates for rec in swarm_records(tmp_path)] == [("site-1", "site-3"), ALL, ALL]
+    check_models(tmp_path, sites, folds([ALL, ALL, ALL]), final_at="site-3")
+    [why] = refused
+    assert "its header is refused" in why and "site-2" in why, why
 
 
 def test_the_relay_refuses_a_site_that_opens_anothers_transfer_or_claims_anothers_name(tmp_path, kits, monkeypatch):
@@ -297,7 +302,7 @@ def test_the_relay_refuses_a_site_that_opens_anothers_transfer_or_claims_another
     check_models(tmp_path, sites, folds([ALL, ALL, ALL]), final_at="site-3")
     assert len(refused) == 2
     assert "site 'site-3' may not open" in refused[0] and "only its sender 'site-1' may" in refused[0]
-    assert "the header says transfer" in refused[1] and "from 'site-1'" in refused[1]
+    assert "its header is refused" in refused[1] and "not 'site-1'" in refused[1]  # the CA check names the lie
 
 
 # -- 3. replays ------------------------------------------------------------------------------------------------------

@@ -35,7 +35,7 @@ from typing import Any
 
 from fl_plugins.aggregator.files import FILE_MODE, private_dir, write_private
 from fl_plugins.errors import AuthError, FLError, IntegrityError, ProtocolError, RoundError
-from fl_plugins.security.seal import header_info, record_index
+from fl_plugins.security.seal import Certificates, header_info, record_index
 from fl_plugins.wire.limits import parse_envelope
 
 log = logging.getLogger(__name__)
@@ -98,6 +98,7 @@ class Relay:
         self.directory = Path(directory)
         self.max_bytes = max_bytes
         self.on_record = on_record
+        self.certs: Certificates | None = None  # the project's CA (and revocations): headers are checked against it
         self._lock = threading.Lock()
         self._transfers: dict[str, RelayTransfer] = {}
 
@@ -358,12 +359,11 @@ class Relay:
         if t.dropped:
             raise RoundError(f"site {site!r}: {t.name()} was dropped (its round ended); ask for a new task")
 
-    @staticmethod
-    def _check_header(t: RelayTransfer, site: str, header: bytes) -> None:
+    def _check_header(self, t: RelayTransfer, site: str, header: bytes) -> None:
         try:
-            info = header_info(header)
+            info = header_info(header, self.certs)  # with the project's CA: the sender's certificate and signature
         except FLError as e:
-            raise ProtocolError(f"site {site!r}: {t.name()}: the header does not parse ({e})") from None
+            raise AuthError(f"site {site!r}: {t.name()}: its header is refused: {e}") from None
         if info.transfer_id != t.transfer_id or info.sender != t.sender or frozenset(info.recipients) != t.recipients:
             raise ProtocolError(
                 f"site {site!r}: {t.name()}: the header says transfer {info.transfer_id!r} from {info.sender!r} "

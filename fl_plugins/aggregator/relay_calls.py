@@ -9,6 +9,7 @@ as the other calls do, call the aggregator's `Relay` (relay.py), encode.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
@@ -20,6 +21,7 @@ from fl_plugins.wire.proto import fl_pb2 as pb
 if TYPE_CHECKING:
     from fl_plugins.aggregator.core import Aggregator
     from fl_plugins.aggregator.service import CallSlots
+    from fl_plugins.aggregator.workflow import Sealed
 
 TRANSFER_METADATA = "fl-transfer-id"  # RelayPut: the transfer its records belong to
 
@@ -62,3 +64,11 @@ class RelayCalls:
         site = self._site(req.site, context)
         with self.slots.transfer(site, "RelayGet"):
             yield from self.agg.relay.get(site, req.transfer_id, req.from_record)
+
+
+def encode_sealed(task: pb.Task, sealed: Sealed) -> None:
+    """A swarm task's sealed transfers into its protobuf fields (fl.proto's Task)."""
+    task.transfer_id, task.peers_json, task.aggregator = sealed.transfer_id, json.dumps(sealed.peers), sealed.aggregator
+    task.model_transfer, task.model_sender = sealed.model_transfer, sealed.model_sender
+    if sealed.inputs:
+        task.inputs_json = json.dumps([{"site": site, "transfer": t} for site, t in sealed.inputs])

@@ -18,11 +18,12 @@ import grpc
 from fl_plugins._version import __version__
 from fl_plugins.aggregator import ports
 from fl_plugins.aggregator.core import Aggregator
-from fl_plugins.aggregator.relay_calls import RelayCalls
+from fl_plugins.aggregator.relay_calls import RelayCalls, encode_sealed
 from fl_plugins.aggregator.swarm import SwarmAggregator
-from fl_plugins.aggregator.workflow import Sealed, Task, TaskKind
+from fl_plugins.aggregator.workflow import Task, TaskKind
 from fl_plugins.config import AggregatorConfig
 from fl_plugins.errors import BusyError, ConfigError, ProtocolError
+from fl_plugins.security.seal import Certificates
 from fl_plugins.security.tls import ServerKit, SiteAuth, is_loopback, load_server_kit
 from fl_plugins.wire import limits, rpc
 from fl_plugins.wire.layout import Manifest
@@ -179,7 +180,7 @@ class Servicer(RelayCalls):
         task.start_round, task.task_name, task.job_id = 0, t.name, self.agg.job_id
         task.message, task.nonce, task.task_id, task.model = t.message, t.nonce, t.task_id, t.model
         if t.sealed is not None:
-            _sealed(task, t.sealed)
+            encode_sealed(task, t.sealed)
         if t.manifest is not None:
             env = dict(t.manifest.envelope, current_round=task.round, total_rounds=task.total_rounds)
             env.update(start_round=0, attempt=task.attempt, params_type="FULL")
@@ -297,11 +298,17 @@ class Servicer(RelayCalls):
         return self._operator is not None and bool(pem) and _der(pem) == self._operator
 
 
-def _sealed(task: pb.Task, sealed: Sealed) -> None:
-    task.transfer_id, task.peers_json, task.aggregator = sealed.transfer_id, json.dumps(sealed.peers), sealed.aggregator
-    task.model_transfer, task.model_sender = sealed.model_transfer, sealed.model_sender
-    if sealed.inputs:
-        task.inputs_json = json.dumps([{"site": site, "transfer": t} for site, t in sealed.inputs])
+def make_aggregator(config: AggregatorConfig, kit: ServerKit | None) -> Aggregator:
+    """The coordinator `config.workflow` needs: a swarm's (aggregator/swarm.py) needs the project's certificates."""
+    if config.workflow == "swarm" and kit is None:
+        raise ConfigError(
+            "--workflow swarm seals every site's weights for its recipient's certificate: provision the project "
+            "(`fl-plugins provision`) and start the aggregator with --kit kits/server"
+        )
+    agg = (SwarmAggregator if config.workflow == "swarm" else Aggregator)(config)
+    if kit is not None:  # a sealed header's sender must hold a certificate of this project, not revoked
+        agg.relay.certs = Certificates(kit.ca, kit.revoked.lookup if kit.revoked else None)
+    return agg
 
 
 def _der(pem: bytes) -> bytes | None:
@@ -392,12 +399,7 @@ class AggregatorServer:
             raise ConfigError(ports.bind_error(address, None, given=given))
         self.address = f"{host}:{self.port}"
         try:
-            if config.workflow == "swarm" and kit is None:
-                raise ConfigError(
-                    "--workflow swarm seals every site's weights for its recipient's certificate: provision the "
-                    "project (`fl-plugins provision`) and start the aggregator with --kit kits/server"
-                )
-            self.aggregator = (SwarmAggregator if config.workflow == "swarm" else Aggregator)(config)
+            self.aggregator = make_aggregator(config, kit)
         except BaseException:
             self._server.stop(None)  # never started: frees the port
             raise

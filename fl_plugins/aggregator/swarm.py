@@ -401,7 +401,9 @@ class _Workflow:
         owed = rounds.owed.get(s.name)
         if owed is not None:
             return self._resend(s, owed, holds)
-        pick = agg.pick_for(now)
+        if rounds.started is None and not rounds.offer_task(s, now):
+            return None  # (picked once the round starts: every site it needs is connected, so the pick is the policy's)
+        pick = agg.pick_for(now)  # (never None once `s` may train: it is eligible itself)
         if pick is None or not rounds.offer_task(s, now):
             return None
         sealed = self._sealed_update(s.name, pick.site)
