@@ -198,6 +198,62 @@ def test_a_restarted_aggregator_resumes_the_swarm_from_its_last_sealed_model(tmp
     assert sorted({rec.round for rec in recs if isinstance(rec, SwarmRecord)}) == list(range(ROUNDS))
 
 
+def test_sites_with_an_inbound_port_take_their_updates_directly(tmp_path, kits, monkeypatch):
+    """FL_INBOUND: every site serves its inbound port (mTLS with its site certificate); the updates go straight to
+    the round's aggregator site and only the global models pass the aggregator's relay. Same models, bit for bit."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FL_INBOUND", "127.0.0.1:0")
+    relayed: dict[str, int] = {}
+    with server(tmp_path, kits) as srv:
+        relay = srv.aggregator.relay
+
+        def capture(transfer_id: str, record: bytes) -> None:
+            t = relay.transfer(transfer_id)
+            relayed[t.purpose if t else "?"] = relayed.get(t.purpose if t else "?", 0) + len(record)
+
+        relay.on_record = capture
+        sites = run_swarm(srv.address, kits)
+    want = expected_rounds(initial(), ROUNDS)
+    for t in sites.values():
+        for r in range(ROUNDS):
+            for name, value in want[r].items():
+                np.testing.assert_array_equal(t.received[r][name], value, err_msg=f"{t.site} round {r} {name}")
+    assert set(relayed) == {"model"}, relayed  # no update passed the relay
+    recs = [rec for rec in read_records(tmp_path / "run" / "metrics.jsonl") if isinstance(rec, SwarmRecord)]
+    model_bytes = sum(v.nbytes for v in initial().values())
+    for rec in recs:  # each round: 3 updates direct, one sealed model through the relay
+        assert rec.bytes_direct and rec.bytes_direct > 3 * model_bytes, rec
+        assert rec.bytes_relayed and model_bytes < rec.bytes_relayed < 2 * model_bytes, rec
+
+
+def test_an_inbound_port_that_cannot_be_reached_falls_back_to_the_relay(tmp_path, kits, monkeypatch, caplog):
+    """site-2 announces an inbound port nobody can reach: the updates of round 1 (site-2 folds it) go through the
+    relay after a failed direct try, and the job makes the same models."""
+    import logging
+
+    from fl_plugins.aggregator.swarm import SwarmAggregator
+    from fl_plugins.swarm import site as swarm_site
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("FL_INBOUND", "127.0.0.1:0")
+    monkeypatch.setattr(swarm_site, "DIRECT_RETRY", 1.0)
+    hello = SwarmAggregator.hello
+
+    def unreachable(self: SwarmAggregator, site: str, can_offer: bool, cert: Any = None, inbound: str = "") -> Any:
+        return hello(self, site, can_offer, cert, "127.0.0.1:9" if site == "site-2" and inbound else inbound)
+
+    monkeypatch.setattr(SwarmAggregator, "hello", unreachable)
+    caplog.set_level(logging.WARNING, logger="fl_plugins.swarm.site")
+    with server(tmp_path, kits) as srv:
+        sites = run_swarm(srv.address, kits)
+    want = expected_rounds(initial(), ROUNDS)
+    for t in sites.values():
+        np.testing.assert_array_equal(t.received[ROUNDS - 1]["w"], want[ROUNDS - 1]["w"])
+    recs = [rec for rec in read_records(tmp_path / "run" / "metrics.jsonl") if isinstance(rec, SwarmRecord)]
+    assert [rec.site for rec in recs] == list(SITES) and recs[1].bytes_direct == 0 and recs[0].bytes_direct
+    assert any("inbound port 127.0.0.1:9 did not take the update" in r.getMessage() for r in caplog.records)
+
+
 def test_the_aggregator_relays_ciphertext_only(tmp_path, kits, monkeypatch):
     monkeypatch.chdir(tmp_path)
     captured: list[bytes] = []

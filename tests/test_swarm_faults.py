@@ -470,8 +470,8 @@ def test_a_wrong_recipient_certificate_is_refused_and_the_job_stops_saying_so(
         agg = srv.aggregator
         hello = agg.hello
 
-        def swapping(site: str, can_offer: bool, pem: bytes | None = None) -> dict[str, Any]:
-            reply = hello(site, can_offer, pem)
+        def swapping(site: str, can_offer: bool, pem: bytes | None = None, inbound: str = "") -> dict[str, Any]:
+            reply = hello(site, can_offer, pem, inbound)
             if site == wrong:
                 with agg.lock:
                     agg.certs[site] = cert

@@ -176,7 +176,7 @@ class Aggregator:
     def _alive(self) -> int:
         return self.rounds.alive_count(self.clock())
 
-    def hello(self, site: str, can_offer: bool, cert: bytes | None = None) -> dict[str, Any]:
+    def hello(self, site: str, can_offer: bool, cert: bytes | None = None, inbound: str = "") -> dict[str, Any]:
         with self.lock:  # (touch checks the site's name)
             self.presence.hello(site, self.clock())
             self._touch(site, can_offer)

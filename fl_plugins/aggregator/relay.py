@@ -65,6 +65,7 @@ class RelayTransfer:
     bytes_out: int = 0  # bytes sent to recipients (headers and records)
     message: str | None = None  # on_commit's answer, repeated to a repeated commit
     dropped: bool = False
+    direct: bool = False  # its records went straight to the recipient (commit with `direct`): none are here
     on_commit: Callable[[RelayTransfer, dict[str, Any]], str] | None = field(default=None, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # its state and its file
     commit_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one on_commit at a time
@@ -258,10 +259,12 @@ class Relay:
         t.bytes_in += len(record)
         return True
 
-    def commit(self, site: str, transfer_id: str, envelope_json: str) -> str:
+    def commit(self, site: str, transfer_id: str, envelope_json: str, direct: int | None = None) -> str:
         """The sender says the transfer is whole: every declared record held, the file is renamed ID.sealed and
         `on_commit(transfer, envelope)` (outside the relay's locks) says what the coordinator made of it. A
-        repeated commit (its answer was lost) gets the same answer without a second on_commit."""
+        repeated commit (its answer was lost) gets the same answer without a second on_commit. `direct`: the
+        sender put its records straight into the recipient's inbox (swarm/peer.py), that many sealed bytes; the
+        relay holds none of them (a single recipient only: it checks them when it opens them)."""
         t = self._find(transfer_id, site, "commit")
         self._as_sender(t, site, "commit")
         envelope = parse_envelope(f"site {site!r}: {t.name()}", envelope_json)
@@ -270,7 +273,9 @@ class Relay:
                 self._live(t, site)
                 if t.message is not None:
                     return t.message
-                if t.header is None:
+                if direct is not None:
+                    self._direct(t, site, direct)
+                elif t.header is None:
                     raise ProtocolError(
                         f"site {site!r}: {t.name()} is not open: send RelayOpen, then its records, then commit"
                     )
@@ -279,23 +284,34 @@ class Relay:
                         f"site {site!r}: {t.name()} holds {t.held} of its {t.records_declared} records: put the "
                         "rest (RelayOpen says from where) before committing"
                     )
-                if not t.committed:
+                if not t.committed and not t.direct:
                     sealed = t.path.with_suffix(".sealed")
                     assert t.header is not None
                     write_private(sealed.with_suffix(".header"), t.header)  # (adopt() serves it after a restart)
                     os.replace(t.path, sealed)
                     t.path, t.committed = sealed, True
-                on_commit = t.on_commit
+                t.committed, on_commit = True, t.on_commit
             message = on_commit(t, envelope) if on_commit is not None else "committed"
             with t.lock:
                 t.message = message
             return message
+
+    def _direct(self, t: RelayTransfer, site: str, nbytes: int) -> None:
+        """Transfer lock held. A direct transfer's commit: one recipient, nothing held here, a size in bounds."""
+        if len(t.recipients) != 1 or t.header is not None or not 0 < nbytes <= self.max_bytes:
+            raise ProtocolError(
+                f"site {site!r}: {t.name()}: a direct commit needs one recipient, no records at the relay and a size "
+                f"in 1..{self.max_bytes} (got {nbytes}); send it through the relay instead"
+            )
+        t.direct, t.bytes_in = True, nbytes
 
     # -- the recipients' side --------------------------------------------------------------------------------
     def get(self, site: str, transfer_id: str, from_record: int) -> Iterator[bytes]:
         """The header, then records `from_record`... of a committed transfer sealed for `site`, read from the
         spool file one at a time. The checks run before the first item is asked for."""
         t = self._find(transfer_id, site, "get")
+        if t.direct:
+            raise RoundError(f"site {site!r}: {t.name()} went to its recipient's inbox: the relay has none of it")
         if site not in t.recipients:
             raise AuthError(
                 f"site {site!r} may not get {t.name()}: it is sealed for {sorted(t.recipients)}, not for {site!r}"

@@ -57,7 +57,7 @@ class RelayCalls:
     def RelayCommit(self, req: pb.RelayCommit, context: grpc.ServicerContext) -> pb.CommitReply:
         site = self._site(req.site, context)
         t = self.agg.relay.transfer(req.transfer_id)  # (on_commit may drop it)
-        message = self.agg.relay.commit(site, req.transfer_id, req.envelope_json)
+        message = self.agg.relay.commit(site, req.transfer_id, req.envelope_json, req.bytes if req.direct else None)
         return pb.CommitReply(round=t.round if t is not None else 0, message=message)
 
     def RelayGet(self, req: pb.RelayRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
@@ -70,5 +70,7 @@ def encode_sealed(task: pb.Task, sealed: Sealed) -> None:
     """A swarm task's sealed transfers into its protobuf fields (fl.proto's Task)."""
     task.transfer_id, task.peers_json, task.aggregator = sealed.transfer_id, json.dumps(sealed.peers), sealed.aggregator
     task.model_transfer, task.model_sender = sealed.model_transfer, sealed.model_sender
+    if sealed.direct:
+        task.direct_json = json.dumps(sealed.direct)
     if sealed.inputs:
         task.inputs_json = json.dumps([{"site": site, "transfer": t} for site, t in sealed.inputs])

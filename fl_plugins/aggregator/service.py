@@ -162,7 +162,8 @@ class Servicer(RelayCalls):
 
     def Hello(self, req: pb.HelloRequest, context: grpc.ServicerContext) -> pb.HelloReply:
         site = self._site(req.site, context)
-        info = self.agg.hello(site, req.can_offer_initial, self.auth.certificate(context) if self.auth else None)
+        cert = self.auth.certificate(context) if self.auth else None
+        info = self.agg.hello(site, req.can_offer_initial, cert, req.inbound)
         return pb.HelloReply(version=__version__, **info)
 
     def Heartbeat(self, req: pb.HelloRequest, context: grpc.ServicerContext) -> pb.Empty:

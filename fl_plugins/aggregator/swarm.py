@@ -49,7 +49,7 @@ from fl_plugins.aggregator import results, swarm_state
 from fl_plugins.aggregator.core import Aggregator
 from fl_plugins.aggregator.relay import RelayTransfer
 from fl_plugins.aggregator.rounds import Counted, SiteState
-from fl_plugins.aggregator.swarm_state import Aggregation, Model, Pick, choose
+from fl_plugins.aggregator.swarm_state import Aggregation, Model, Pick, choose, folded
 from fl_plugins.aggregator.workflow import Sealed, Task, TaskKind
 from fl_plugins.config import AggregatorConfig
 from fl_plugins.errors import RoundError
@@ -72,7 +72,8 @@ class SwarmAggregator(Aggregator):
         self.failed: dict[str, str] = {}  # site -> why it could not fold this round (it is not picked again)
         self.replaced: set[str] = set()  # update transfers issued for this round's earlier picks
         self.aggregation: Aggregation | None = None
-        self.relayed = 0  # sealed bytes of this round's transfers
+        self.relayed = self.direct = 0  # sealed bytes of this round's transfers, through the relay and direct
+        self.inbound: dict[str, str] = {}  # site -> HOST:PORT where it takes sealed updates directly
         self.kept_final: set[str] = set()  # sites that kept the final model (finished() waits for them)
         self.history: list[dict[str, Any]] = []  # the last closed round's update records (best_metric reads them)
         super().__init__(dataclasses.replace(config, evaluate_final=False), clock=clock)
@@ -97,10 +98,14 @@ class SwarmAggregator(Aggregator):
             self._open(model)
 
     # -- what changes against core.py ---------------------------------------------------------------------
-    def hello(self, site: str, can_offer: bool, cert: bytes | None = None) -> dict[str, Any]:
-        if cert:
-            with self.lock:
+    def hello(self, site: str, can_offer: bool, cert: bytes | None = None, inbound: str = "") -> dict[str, Any]:
+        with self.lock:
+            if cert:
                 self.certs[site] = cert.decode()
+            if inbound and len(inbound) <= 256 and ":" in inbound:  # it takes its updates directly (swarm/peer.py)
+                self.inbound[site] = inbound
+            else:
+                self.inbound.pop(site, None)
         return {**super().hello(site, can_offer), "workflow": "swarm", "best_metric": self.config.swarm_metric}
 
     def global_source(self, round_: int, model: str = "", site: str | None = None) -> Any:
@@ -264,7 +269,10 @@ class SwarmAggregator(Aggregator):
         self.rounds.count(
             Counted(t.sender, t.attempt, t.transfer_id, header, weight, params_type, [], [], rec.to_json())
         )
-        self.relayed += t.bytes_in
+        if t.direct:
+            self.direct += t.bytes_in
+        else:
+            self.relayed += t.bytes_in
         self.record(rec)
         log.info("round %d: sealed update from %r counted (%d)", t.round, t.sender, len(self.rounds.counted))
 
@@ -279,10 +287,10 @@ class SwarmAggregator(Aggregator):
                 raise RoundError(
                     f"site {t.sender!r}: model transfer {t.transfer_id} is not the one this round waits for"
                 )
-            folded = _folded(a, envelope)
-            records = [c.record for c in sorted(self.rounds.counted.values(), key=lambda c: c.site) if c.site in folded]
+            holds = folded(a, envelope)
+            records = [c.record for c in sorted(self.rounds.counted.values(), key=lambda c: c.site) if c.site in holds]
             self.relayed += t.bytes_in
-            self._record_round(a, records, folded)
+            self._record_round(a, records, holds)
             self.history = records
             stale = [*(c.nonce for c in self.rounds.counted.values()), self._model_fields()[0]]
             self.relay.drop([x for x in stale if x])
@@ -295,7 +303,7 @@ class SwarmAggregator(Aggregator):
         p = self.pick
         policy = self.config.swarm_aggregator
         rec = SwarmRecord(round=a.round, attempt=p.attempt, site=p.site, policy=policy, reason=p.reason, updates=sites)
-        self.record(dataclasses.replace(rec, bytes_relayed=self.relayed, bytes_direct=0))
+        self.record(dataclasses.replace(rec, bytes_relayed=self.relayed, bytes_direct=self.direct))
         weight = sum(float(rec.get("weight") or 0) for rec in records)
         seconds = self.clock() - (self.rounds.began or self.clock())
         self.record(results.round_record(self.rounds, records, weight, limits.mean_metrics(records), 0.0, seconds))
@@ -303,7 +311,7 @@ class SwarmAggregator(Aggregator):
 
     def _open(self, model: Model) -> None:
         """Lock held. Round `model.round` trains on `model` (sealed: the aggregator serves nothing itself)."""
-        self.model, self.aggregation, self.pick, self.issued, self.relayed = model, None, None, {}, 0
+        self.model, self.aggregation, self.pick, self.issued, self.relayed, self.direct = model, None, None, {}, 0, 0
         self.failed, self.replaced = {}, set()
         if model.transfer and self.global_manifest is None:
             self.global_manifest = Manifest([], self.config.chunk_bytes, {})  # (core.py's "a model is served")
@@ -375,14 +383,6 @@ class SwarmAggregator(Aggregator):
         log.error("%s", self.error)
 
 
-def _folded(a: Aggregation, envelope: dict[str, Any]) -> tuple[str, ...]:
-    """The inputs the aggregator site says the model holds (its commit's `folded`; it leaves out an update that
-    fails its checks), in the fold's order; all of them when it does not say."""
-    said = envelope.get("folded")
-    inputs = tuple(site for site, _ in a.inputs)
-    return tuple(s for s in inputs if s in said) if isinstance(said, list) else inputs
-
-
 class _Workflow:
     """The training tasks of a swarm job (job.py asks it as it asks FedAvgWorkflow)."""
 
@@ -419,7 +419,8 @@ class _Workflow:
         if transfer is None or agg.relay.transfer(transfer) is None:
             transfer = agg._issue(site, frozenset([aggregator]), UPDATE, agg.rounds.round, agg._update_committed)
             agg.issued[site] = transfer
-        return Sealed(transfer, {aggregator: agg.certs[aggregator]}, aggregator, *agg._model_fields())
+        direct = {aggregator: agg.inbound[aggregator]} if aggregator in agg.inbound else {}
+        return Sealed(transfer, {aggregator: agg.certs[aggregator]}, aggregator, *agg._model_fields(), direct=direct)
 
     def _resend(self, s: SiteState, owed: Counted, holds: str) -> Task | None:
         agg = self.agg

@@ -81,6 +81,14 @@ def best_by(metric: str, eligible: list[str], history: list[dict[str, Any]]) -> 
     return site, f"best {metric}: {last[site]:g}"
 
 
+def folded(a: Aggregation, envelope: dict[str, Any]) -> tuple[str, ...]:
+    """The inputs the aggregator site says the model holds (its commit's `folded`; it leaves out an update that
+    fails its checks), in the fold's order; all of them when it does not say."""
+    said = envelope.get("folded")
+    inputs = tuple(site for site, _ in a.inputs)
+    return tuple(s for s in inputs if s in said) if isinstance(said, list) else inputs
+
+
 def save(run_dir: Path, job_id: str, model: Model, certs: dict[str, str]) -> None:
     """Record `model` (a sealed transfer whose spool files the relay keeps) as the one a restart resumes from."""
     state = {"job_id": job_id, "round": model.round, "transfer": model.transfer, "sender": model.sender}

@@ -13,7 +13,7 @@ storage.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from fl_plugins.aggregator.offer import Offer
@@ -63,6 +63,7 @@ class Sealed:
     model_transfer: str = ""  # TRAIN: the sealed transfer of the round's global model ("": Download it)
     model_sender: str = ""
     inputs: tuple[tuple[str, str], ...] = ()  # AGGREGATE: (site, transfer) to fold, in this order
+    direct: dict[str, str] = field(default_factory=dict)  # peers that take the answer at their inbound HOST:PORT
 
 
 class Workflow(Protocol):

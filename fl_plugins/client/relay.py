@@ -319,6 +319,33 @@ def read_update(
     return reader.finish()
 
 
+def read_stream(
+    transfer_id: str,
+    opener: Callable[[bytes], Opener],
+    sink_for: Callable[[Manifest], Sink],
+    messages: Iterator[bytes],
+) -> Manifest:
+    """`read_update` from `messages` at hand (the header, then every record: a swarm site's own inbox, which
+    swarm/peer.py fills), with the same checks: each record opened in order and verified, the last one required."""
+    reader = _ModelReader(transfer_id, sink_for)
+    header = next(messages, None)
+    if header is None:
+        raise ProtocolError(f"transfer {transfer_id!r} holds no header; refuse it")
+    sealed = opener(header)
+    last, i = False, 0
+    for i, record in enumerate(messages):
+        plain, last = sealed.open(i, record)
+        try:
+            reader.consume(i, plain)
+        except IntegrityError as e:
+            raise ProtocolError(f"transfer {transfer_id!r}, record {i}: {e}") from None
+        if last:
+            break
+    if not last:
+        raise ProtocolError(f"transfer {transfer_id!r} ended before its last record (at record {i}); refuse it")
+    return reader.finish()
+
+
 def receive_model(
     client: SiteClient,
     transfer_id: str,

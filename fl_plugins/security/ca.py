@@ -14,6 +14,7 @@ import datetime as dt
 import ipaddress
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,33 @@ CA_KEY = "ca.key"
 ISSUED_FILE = "issued.jsonl"  # in the CA's folder: one JSON line per certificate it signed
 CA_MIN_DAYS = 3650  # the CA outlives many rounds of re-provisioning; kits are re-issued, the CA is kept
 CLOCK_SKEW = dt.timedelta(minutes=5)  # certificates start a little in the past: clocks of sites differ
+
+
+PEER_DOMAIN = "site.fl-plugins.invalid"  # .invalid (RFC 2606) is no host's: a site's name can never be the aggregator's
+
+
+def peer_host(site: str) -> str:
+    """The host name a site's certificate is valid for as a server (its inbound port in a swarm): the site's name
+    under PEER_DOMAIN; a peer dials it with this name as the TLS target name (swarm/peer.py)."""
+    return f"{site}.{PEER_DOMAIN}"
+
+
+def _usage(x509: Any, b: Any, common_name: str, server_names: tuple[str, ...], operator: bool) -> Any:
+    """What a certificate may be used for: the aggregator's serves its host names (and is a client: the operator
+    presents it to see the full Status); the operator's is a client; a site's is a client and also the server of its
+    inbound port in a swarm (direct transfers), under a name no host has (`peer_host`)."""
+    from cryptography.x509.oid import ExtendedKeyUsageOID
+
+    client, server = ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH
+    if server_names:
+        alt = [_general_name(n) for n in server_names]
+        b = b.add_extension(x509.SubjectAlternativeName(alt), critical=False)
+        return b.add_extension(x509.ExtendedKeyUsage([server, client]), critical=False)
+    if operator:
+        return b.add_extension(x509.ExtendedKeyUsage([client]), critical=False)
+    if re.fullmatch(r"[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?", common_name):  # (else: relayed transfers only)
+        b = b.add_extension(x509.SubjectAlternativeName([x509.DNSName(peer_host(common_name))]), critical=False)
+    return b.add_extension(x509.ExtendedKeyUsage([client, server]), critical=False)
 
 
 def now_utc(now: dt.datetime | None = None) -> dt.datetime:
@@ -122,7 +150,7 @@ class CertificateAuthority:
         (the aggregator reads the site from it). `now` sets the start of the validity (tests issue certificates
         that have already expired)."""
         x509, hashes, ec = load_crypto()
-        from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+        from cryptography.x509.oid import NameOID
 
         start = now_utc(now) - CLOCK_SKEW
         end = start + dt.timedelta(days=days)
@@ -149,14 +177,7 @@ class CertificateAuthority:
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
             .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), critical=False)
         )
-        if server_names:
-            alt = [_general_name(n) for n in server_names]
-            b = b.add_extension(x509.SubjectAlternativeName(alt), critical=False)
-            # clientAuth too: the aggregator's operator presents the server kit's certificate to see the full Status
-            eku = [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
-            b = b.add_extension(x509.ExtendedKeyUsage(eku), critical=False)
-        else:
-            b = b.add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        b = _usage(x509, b, common_name, server_names, operator)
         from cryptography.hazmat.primitives.serialization import Encoding
 
         cert = b.sign(self.key, hashes.SHA256())

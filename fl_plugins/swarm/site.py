@@ -31,15 +31,17 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fl_plugins import tensors
+from fl_plugins._version import __version__
 from fl_plugins.aggregator.offer import FileSink
 from fl_plugins.aggregator.optimizers import FedAvg
 from fl_plugins.aggregator.store import GlobalReader, write_shard
 from fl_plugins.aggregator.uploads import FoldSink, Upload, check_plan, parse_update
-from fl_plugins.client.relay import ModelRecords, put_sealed, read_update
+from fl_plugins.client.relay import ModelRecords, put_sealed, read_stream, read_update
 from fl_plugins.client.transfers import KeptUpdate
 from fl_plugins.errors import ConfigError, FLError
 from fl_plugins.security.seal import Certificates, Identity, Opener, Sealer, SealError
 from fl_plugins.swarm.models import SiteModels
+from fl_plugins.swarm.peer import Inbox, dial
 from fl_plugins.wire import limits
 from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, Manifest, plan_shards
 from fl_plugins.wire.proto import fl_pb2 as pb
@@ -50,6 +52,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
+DIRECT_RETRY = 10.0  # seconds a direct transfer may make no progress before the relay takes over
 TOLD = ("params_type", "metrics", "meta")  # what an update tells the aggregator in plaintext (its records, the pick)
 
 
@@ -70,6 +73,7 @@ class SwarmSite:
         self.models = SiteModels(self.out, client.best_metric)
         self.made: tuple[int, Path, Manifest] | None = None  # (round, folder, manifest) of the model it folded last
         client.transfers.resend_sealed = self.resend
+        self.inbox = self._open_inbox(client, os.environ.get("FL_INBOUND", ""))
         self._busy = threading.Lock()  # held while this site folds a round
         self._lane = threading.Thread(target=self._serve, name="fl-swarm-aggregator", daemon=True)
         self._lane.start()
@@ -140,7 +144,7 @@ class SwarmSite:
         views = tensors.ByteViews(params)
         source = TensorSource(manifest, views.get)
         told: dict[str, Any] = {k: envelope[k] for k in TOLD if k in envelope}  # the aggregator's records: no weights
-        reply = put_sealed(c, task.transfer_id, self._sealer(task), ModelRecords(manifest, source), told)
+        reply = self._put(task, ModelRecords(manifest, source), told)
         if task.kind == pb.Task.TRAIN:
             c.transfers.kept = KeptUpdate(task.round, task.attempt, task.transfer_id, manifest, "", source)
             views.clear()
@@ -154,14 +158,49 @@ class SwarmSite:
         if self._refuses(task):
             return  # kept: the next RESEND names another aggregator site
         try:
-            put_sealed(
-                self.client, task.transfer_id, self._sealer(task), ModelRecords(kept.manifest, kept.source), told
-            )
+            self._put(task, ModelRecords(kept.manifest, kept.source), told)
         except FLError as e:
             log.warning("round %d: the resent update did not arrive: %s", task.round, e)
             self.client.transfers.kept = None
             return
         self.client.transfers.kept = dataclasses.replace(kept, nonce=task.transfer_id)
+
+    def _put(self, task: pb.Task, records: ModelRecords, told: dict[str, Any]) -> pb.CommitReply:
+        """An update sealed for the round's aggregator site: straight to its inbound port when the task names one
+        (then committed at the aggregator with `direct`), else, or if that fails, through the aggregator's relay."""
+        for peer, address in json.loads(task.direct_json or "{}").items():
+            try:
+                return self._put_direct(task, peer, address, records, told)
+            except FLError as e:
+                why = f"site {peer!r}'s inbound port {address} did not take the update ({e})"
+                log.warning("round %d: %s; sending it through the aggregator's relay", task.round, why)
+        return put_sealed(self.client, task.transfer_id, self._sealer(task), records, told)
+
+    def _put_direct(
+        self, task: pb.Task, peer: str, address: str, records: ModelRecords, told: dict[str, Any]
+    ) -> pb.CommitReply:
+        c = self.client
+        assert c.kit is not None
+        to = dial(c.kit, peer, address, retry_timeout=min(c.retry_timeout, DIRECT_RETRY))
+        try:
+            put_sealed(to, task.transfer_id, self._sealer(task), records, None)
+            sent = to.stats["bytes_sent"]
+        finally:
+            to.close()
+        envelope = json.dumps(told) if told else ""
+        req = pb.RelayCommit(site=c.site, transfer_id=task.transfer_id, envelope_json=envelope, direct=True, bytes=sent)
+        return c.call("RelayCommit", req, "commit of a direct transfer", per_call=60)
+
+    def _open_inbox(self, client: SiteClient, address: str) -> Inbox | None:
+        """FL_INBOUND=HOST:PORT: this site's inbound port (peer.py), announced to the aggregator."""
+        if not address:
+            return None
+        assert client.kit is not None
+        inbox = Inbox(client.kit, self.out / "inbox", address)
+        hello = pb.HelloRequest(site=client.site, version=__version__, can_offer_initial=client.can_offer_initial)
+        hello.inbound = inbox.address
+        client.call("Hello", hello, "announce this site's inbound port", per_call=10)
+        return inbox
 
     # -- the aggregator lane -----------------------------------------------------------------------------------
     def _serve(self) -> None:
@@ -199,6 +238,8 @@ class SwarmSite:
         commit's answer is still on its way when the script hears END)."""
         if self._busy.acquire(timeout=timeout):
             self._busy.release()
+        if self.inbox is not None:
+            self.inbox.close()
 
     def aggregate(self, task: pb.Task) -> Manifest:
         """Fold `task`'s sealed updates in its order into the next global model; seal it for `peers_json`."""
@@ -258,7 +299,10 @@ class SwarmSite:
             return FoldSink(strategy, weight, u, check_finite=True)
 
         try:
-            read_update(self.client, transfer, self._opener(transfer, site), sink_for)
+            if self.inbox is not None and self.inbox.holds(transfer):  # it came straight here (peer.py)
+                read_stream(transfer, self._opener(transfer, site), sink_for, self.inbox.records(transfer))
+            else:
+                read_update(self.client, transfer, self._opener(transfer, site), sink_for)
         except FLError as e:
             self.stats["refused_updates"] += 1
             log.warning("round %d: site %r's sealed update is left out: %s", task.round, site, e)

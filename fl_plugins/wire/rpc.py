@@ -8,7 +8,7 @@ turn our errors into status codes (`STATUS_OF`); the client side turns status co
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -135,10 +135,13 @@ class Stub:
             )
 
 
-def generic_handler(servicer: object) -> grpc.GenericRpcHandler:
-    """A handler that calls `servicer.<Method>(request, context)` for each method in METHODS."""
+def generic_handler(servicer: object, names: Iterable[str] | None = None) -> grpc.GenericRpcHandler:
+    """A handler that calls `servicer.<Method>(request, context)` for each method in METHODS (or in `names`: a swarm
+    site's inbound port serves the relay's calls alone)."""
     handlers = {}
     for name, (kind, req, resp) in METHODS.items():
+        if names is not None and name not in names:
+            continue
         make = getattr(grpc, f"{kind}_rpc_method_handler")
         handlers[name] = make(
             _guard(getattr(servicer, name), kind), request_deserializer=_de(req), response_serializer=_ser(resp)

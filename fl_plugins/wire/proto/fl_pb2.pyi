@@ -8,14 +8,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class HelloRequest(_message.Message):
-    __slots__ = ("site", "version", "can_offer_initial")
+    __slots__ = ("site", "version", "can_offer_initial", "inbound")
     SITE_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     CAN_OFFER_INITIAL_FIELD_NUMBER: _ClassVar[int]
+    INBOUND_FIELD_NUMBER: _ClassVar[int]
     site: str
     version: str
     can_offer_initial: bool
-    def __init__(self, site: _Optional[str] = ..., version: _Optional[str] = ..., can_offer_initial: _Optional[bool] = ...) -> None: ...
+    inbound: str
+    def __init__(self, site: _Optional[str] = ..., version: _Optional[str] = ..., can_offer_initial: _Optional[bool] = ..., inbound: _Optional[str] = ...) -> None: ...
 
 class HelloReply(_message.Message):
     __slots__ = ("job_id", "total_rounds", "chunk_bytes", "version", "evaluates_after", "workflow", "best_metric")
@@ -50,7 +52,7 @@ class TaskRequest(_message.Message):
     def __init__(self, site: _Optional[str] = ..., wait_seconds: _Optional[float] = ..., can_offer_initial: _Optional[bool] = ..., holds_update: _Optional[str] = ..., aggregates: _Optional[bool] = ...) -> None: ...
 
 class Task(_message.Message):
-    __slots__ = ("kind", "round", "attempt", "total_rounds", "start_round", "task_name", "manifest_json", "job_id", "message", "nonce", "task_id", "model", "aggregator", "peers_json", "transfer_id", "model_transfer", "model_sender", "inputs_json")
+    __slots__ = ("kind", "round", "attempt", "total_rounds", "start_round", "task_name", "manifest_json", "job_id", "message", "nonce", "task_id", "model", "aggregator", "peers_json", "transfer_id", "model_transfer", "model_sender", "inputs_json", "direct_json")
     class Kind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
         __slots__ = ()
         WAIT: _ClassVar[Task.Kind]
@@ -87,6 +89,7 @@ class Task(_message.Message):
     MODEL_TRANSFER_FIELD_NUMBER: _ClassVar[int]
     MODEL_SENDER_FIELD_NUMBER: _ClassVar[int]
     INPUTS_JSON_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_JSON_FIELD_NUMBER: _ClassVar[int]
     kind: Task.Kind
     round: int
     attempt: int
@@ -105,7 +108,8 @@ class Task(_message.Message):
     model_transfer: str
     model_sender: str
     inputs_json: str
-    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., total_rounds: _Optional[int] = ..., start_round: _Optional[int] = ..., task_name: _Optional[str] = ..., manifest_json: _Optional[str] = ..., job_id: _Optional[str] = ..., message: _Optional[str] = ..., nonce: _Optional[str] = ..., task_id: _Optional[str] = ..., model: _Optional[str] = ..., aggregator: _Optional[str] = ..., peers_json: _Optional[str] = ..., transfer_id: _Optional[str] = ..., model_transfer: _Optional[str] = ..., model_sender: _Optional[str] = ..., inputs_json: _Optional[str] = ...) -> None: ...
+    direct_json: str
+    def __init__(self, kind: _Optional[_Union[Task.Kind, str]] = ..., round: _Optional[int] = ..., attempt: _Optional[int] = ..., total_rounds: _Optional[int] = ..., start_round: _Optional[int] = ..., task_name: _Optional[str] = ..., manifest_json: _Optional[str] = ..., job_id: _Optional[str] = ..., message: _Optional[str] = ..., nonce: _Optional[str] = ..., task_id: _Optional[str] = ..., model: _Optional[str] = ..., aggregator: _Optional[str] = ..., peers_json: _Optional[str] = ..., transfer_id: _Optional[str] = ..., model_transfer: _Optional[str] = ..., model_sender: _Optional[str] = ..., inputs_json: _Optional[str] = ..., direct_json: _Optional[str] = ...) -> None: ...
 
 class UploadBegin(_message.Message):
     __slots__ = ("site", "round", "attempt", "initial", "manifest_json", "nonce", "task_id")
@@ -228,14 +232,18 @@ class RelayState(_message.Message):
     def __init__(self, transfer_id: _Optional[str] = ..., records: _Optional[int] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class RelayCommit(_message.Message):
-    __slots__ = ("site", "transfer_id", "envelope_json")
+    __slots__ = ("site", "transfer_id", "envelope_json", "direct", "bytes")
     SITE_FIELD_NUMBER: _ClassVar[int]
     TRANSFER_ID_FIELD_NUMBER: _ClassVar[int]
     ENVELOPE_JSON_FIELD_NUMBER: _ClassVar[int]
+    DIRECT_FIELD_NUMBER: _ClassVar[int]
+    BYTES_FIELD_NUMBER: _ClassVar[int]
     site: str
     transfer_id: str
     envelope_json: str
-    def __init__(self, site: _Optional[str] = ..., transfer_id: _Optional[str] = ..., envelope_json: _Optional[str] = ...) -> None: ...
+    direct: bool
+    bytes: int
+    def __init__(self, site: _Optional[str] = ..., transfer_id: _Optional[str] = ..., envelope_json: _Optional[str] = ..., direct: _Optional[bool] = ..., bytes: _Optional[int] = ...) -> None: ...
 
 class RelayRequest(_message.Message):
     __slots__ = ("site", "transfer_id", "from_record")
