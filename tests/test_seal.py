@@ -12,6 +12,7 @@ import os
 import struct
 import tracemalloc
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -110,6 +111,10 @@ def test_each_recipient_opens_what_was_sealed_for_it(ids, certs, recipients):
     assert len(records[1]) == HEAD + 16  # empty plaintext: the tag alone
 
 
+def load_operator_cert(kits: Any) -> bytes:
+    return next(p for p in Path(kits.admin).iterdir() if p.suffix == ".crt" and p.name != "ca.crt").read_bytes()
+
+
 def test_the_server_and_a_site_that_is_no_recipient_cannot_open(kits, ids, certs):
     header, records = _transfer(ids["site-1"], [ids["site-2"]], "t1", [b"weights"], certs)
     server = load_server_kit(kits.server)
@@ -120,9 +125,11 @@ def test_the_server_and_a_site_that_is_no_recipient_cannot_open(kits, ids, certs
     stolen_name = Identity("site-2", server.key, ids["site-2"].cert_pem, server.ca)  # the server's key, site-2's name
     with pytest.raises(SealError, match="does not open the data key sealed for 'site-2'"):
         Opener(stolen_name, header, transfer_id="t1", sender="site-1", certs=certs)
-    # sealed for the server's certificate (a final model returned to it), the server opens it
-    h2, r2 = _transfer(ids["site-1"], [as_server], "t2", [b"final"], certs)
-    assert _open_all(as_server, h2, r2, "t2", "site-1", certs) == [b"final"]
+    # nothing is sealed for the aggregator's certificate, or the operator's, even under the name a task gives them:
+    # an aggregator that named itself a round's aggregator site would read every update
+    for cert, what in ((server.cert, "a server's certificate"), (load_operator_cert(kits), "the operator's")):
+        with pytest.raises(SealError, match=f"{what}.*weights are sealed for sites only"):
+            Sealer(ids["site-1"], "t2", {"seal-project aggregator": cert}, certs)
 
 
 def test_a_wrong_expired_or_revoked_recipient_is_refused_before_anything_is_sealed(tmp_path, ids, kits, certs):

@@ -21,8 +21,8 @@ from fl_plugins.aggregator.service import AggregatorServer
 from fl_plugins.client.model import FLModel
 from fl_plugins.client.session import ClientSession
 from fl_plugins.config import AggregatorConfig
-from fl_plugins.records import RoundRecord, SwarmRecord, UpdateRecord
 from fl_plugins.record_files import read_records
+from fl_plugins.records import RoundRecord, SwarmRecord, UpdateRecord
 from fl_plugins.security.provision import Kits, provision_local
 from fl_plugins.security.seal import entropy_bits
 from fl_plugins.security.tls import load_server_kit, load_site_kit
@@ -252,6 +252,31 @@ def test_an_inbound_port_that_cannot_be_reached_falls_back_to_the_relay(tmp_path
     recs = [rec for rec in read_records(tmp_path / "run" / "metrics.jsonl") if isinstance(rec, SwarmRecord)]
     assert [rec.site for rec in recs] == list(SITES) and recs[1].bytes_direct == 0 and recs[0].bytes_direct
     assert any("inbound port 127.0.0.1:9 did not take the update" in r.getMessage() for r in caplog.records)
+
+
+def test_a_site_that_falsely_says_it_will_not_seal_for_the_aggregator_site_sits_the_round_out(
+    tmp_path, kits, monkeypatch
+):
+    """site-3 tells the aggregator it will not seal its round-1 update for site-2 (the round's aggregator site),
+    whose certificate is sound: the aggregator checks it itself, fails nobody over, and site-3 sits the round out
+    (its update is refused); the round folds site-1's and site-2's, and the job ends."""
+    from fl_plugins.swarm.site import SwarmSite
+
+    monkeypatch.chdir(tmp_path)
+    send, said = SwarmSite.send, []
+
+    def lying_first(self: SwarmSite, task: Any, params: dict, envelope: dict) -> Any:
+        if self.client.site == "site-3" and task.round == 1 and not said:
+            said.append(self.client.send_result(task.round, task.transfer_id, {"meta": {"error": "made up"}}).message)
+        return send(self, task, params, envelope)
+
+    monkeypatch.setattr(SwarmSite, "send", lying_first)
+    with server(tmp_path, kits) as srv:
+        run_swarm(srv.address, kits)
+        assert not srv.aggregator.failed
+    assert said == ["site 'site-2''s certificate is sound: sit this round out"]
+    recs = [rec for rec in read_records(tmp_path / "run" / "metrics.jsonl") if isinstance(rec, SwarmRecord)]
+    assert [rec.updates for rec in recs] == [SITES, ("site-1", "site-2"), SITES]
 
 
 def test_the_aggregator_relays_ciphertext_only(tmp_path, kits, monkeypatch):

@@ -151,7 +151,7 @@ def count_steps(monkeypatch: pytest.MonkeyPatch) -> dict[str, int]:
 def after_count(monkeypatch: pytest.MonkeyPatch, agg: SwarmAggregator, act: Callable[[RelayTransfer], None]) -> None:
     """Run `act(t)` on every sealed update the relay commits, right after the aggregator counts it and under its
     lock: the round cannot close, nor its aggregator site fetch the update, before `act` is done."""
-    count = agg._update_committed
+    count = agg.update_committed
 
     def counted(t: RelayTransfer, envelope: dict[str, Any]) -> str:
         with agg.lock:
@@ -159,7 +159,7 @@ def after_count(monkeypatch: pytest.MonkeyPatch, agg: SwarmAggregator, act: Call
             act(t)
             return message
 
-    monkeypatch.setattr(agg, "_update_committed", counted)  # (each update's transfer is issued with it)
+    monkeypatch.setattr(agg, "update_committed", counted)  # (each update's transfer is issued with it)
 
 
 def record_span(t: RelayTransfer, i: int) -> tuple[int, int]:

@@ -21,8 +21,8 @@ import yaml
 pytest.importorskip("torch")
 from safetensors.numpy import load_file  # noqa: E402
 
-from fl_plugins.records import SwarmRecord  # noqa: E402
 from fl_plugins.record_files import read_records  # noqa: E402
+from fl_plugins.records import SwarmRecord  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.integration, pytest.mark.slow]

@@ -198,16 +198,18 @@ class Relay:
             )
         with t.lock:
             self._live(t, site)
-            if t.header is None:
+            if t.committed and (t.header, t.records_declared, t.max_bytes) != (header, records, max_bytes):
+                raise ProtocolError(
+                    f"site {site!r}: {t.name()} is committed already with another header; it cannot change: ask "
+                    "the aggregator for your next task"
+                )
+            if (t.header, t.records_declared, t.max_bytes) != (header, records, max_bytes):
+                # a first open, or the sender sealed it again (its process restarted mid-put): start it over
                 private_dir(self.directory)
                 fd = os.open(t.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
                 os.close(fd)
                 t.header, t.records_declared, t.max_bytes = header, records, max_bytes
-            elif (t.header, t.records_declared, t.max_bytes) != (header, records, max_bytes):
-                raise ProtocolError(
-                    f"site {site!r}: {t.name()} was opened with another header, record count or size bound; a "
-                    "transfer cannot change once opened: seal the content again under a new transfer id"
-                )
+                t.offsets, t.bytes_in = [], 0
             return t
 
     def put(self, site: str, transfer_id: str, records: Iterator[bytes]) -> RelayTransfer:

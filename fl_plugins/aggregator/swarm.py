@@ -48,18 +48,17 @@ from typing import Any
 from fl_plugins.aggregator import results, swarm_state
 from fl_plugins.aggregator.core import Aggregator
 from fl_plugins.aggregator.relay import RelayTransfer
-from fl_plugins.aggregator.rounds import Counted, SiteState
-from fl_plugins.aggregator.swarm_state import Aggregation, Model, Pick, choose, folded
+from fl_plugins.aggregator.rounds import Counted
+from fl_plugins.aggregator.swarm_state import MODEL, Aggregation, Model, Pick, choose, folded
+from fl_plugins.aggregator.swarm_tasks import SwarmTasks
 from fl_plugins.aggregator.workflow import Sealed, Task, TaskKind
 from fl_plugins.config import AggregatorConfig
-from fl_plugins.errors import RoundError
+from fl_plugins.errors import FLError, ProtocolError, RoundError
 from fl_plugins.records import SwarmRecord, UpdateRecord
 from fl_plugins.wire import limits
 from fl_plugins.wire.layout import Manifest
 
 log = logging.getLogger(__name__)
-
-UPDATE, MODEL = "update", "model"  # a transfer's purpose
 
 
 class SwarmAggregator(Aggregator):
@@ -77,7 +76,8 @@ class SwarmAggregator(Aggregator):
         self.kept_final: set[str] = set()  # sites that kept the final model (finished() waits for them)
         self.history: list[dict[str, Any]] = []  # the last closed round's update records (best_metric reads them)
         super().__init__(dataclasses.replace(config, evaluate_final=False), clock=clock)
-        self.job.training = _Workflow(self)
+        self.job.training = SwarmTasks(self)
+        self.uploads.resending = self._resending  # type: ignore[method-assign]  # (core.py's expire_owed asks it)
         if self.global_manifest is not None:
             self.model = Model(self.rounds.round)
         self._resume_swarm()
@@ -123,6 +123,9 @@ class SwarmAggregator(Aggregator):
             s = self.rounds.sites.get(self.pick.site)
             if s is not None and not self.rounds.alive(s, self.clock()) and self.pick.round == self.rounds.round:
                 self._fail_over(self.pick.site, f"it was silent for {self.config.site_timeout:g} s")
+        a, limit = self.aggregation, self.config.round_deadline
+        if a is not None and limit is not None and self.clock() - a.started > limit and not self.done:
+            self._fail_over(a.site, f"it did not send the round's model within the round deadline ({limit:g} s)")
         if self.aggregation is not None:
             self.presence.step(self.clock())
             return None  # the close is the aggregator site's: its model transfer's commit opens the next round
@@ -143,9 +146,9 @@ class SwarmAggregator(Aggregator):
             alive = {n for n, s in self.rounds.sites.items() if self.rounds.alive(s, now) and n in self.certs}
             recipients = frozenset(alive | {self.pick.site})
             r = self.rounds.round
-            transfer = self._issue(self.pick.site, recipients, MODEL, r + 1, self._model_committed)
+            transfer = self.issue(self.pick.site, recipients, MODEL, r + 1, self.model_committed)
             inputs = tuple((c.site, c.nonce) for c in counted)
-            self.aggregation = Aggregation(r, self.pick.site, inputs, transfer, recipients)
+            self.aggregation = Aggregation(r, self.pick.site, inputs, transfer, recipients, started=now)
             log.info("round %d closed: site %r folds %d updates (%s)", r, self.pick.site, len(inputs), self.pick.reason)
             self.lock.notify_all()
 
@@ -183,6 +186,9 @@ class SwarmAggregator(Aggregator):
             if a is not None and a.transfer == task_id and a.site == site:
                 dead, what = site, "it could not fold the round"
             elif a is None and p is not None and task_id and self.issued.get(site) == task_id:
+                if self._sound(p.site):  # the site's claim is false: it sits the round out, nobody fails over
+                    self.rounds.sit_out(site)
+                    return {"round": round_, "message": f"site {p.site!r}'s certificate is sound: sit this round out"}
                 dead, what = p.site, f"site {site!r} will not seal its update for it"
             elif task_id in self.replaced:  # another site said so first
                 return {"round": round_, "message": "another site folds the round already"}
@@ -191,6 +197,21 @@ class SwarmAggregator(Aggregator):
             why = str((limits.parse_envelope(f"site {site!r}", envelope_json).get("meta") or {}).get("error", ""))
             self._fail_over(dead, f"{what}: {why}")
             return {"round": round_, "message": "another site folds the round"}
+
+    def _sound(self, site: str) -> bool:
+        """Lock held. Whether `site`'s certificate passes the checks a sealing site makes (the project's CA,
+        revocations, a site's): then a site that says it will not seal for it is wrong, or lies."""
+        try:
+            assert self.relay.certs is not None
+            self.relay.certs.check(self.certs[site].encode(), site, "recipient")
+        except (FLError, AssertionError, KeyError):
+            return False
+        return True
+
+    def _resending(self, c: Counted) -> bool:
+        """Lock held. A failover's resend under way: the transfer issued for it is open at the relay."""
+        t = self.relay.transfer(self.issued.get(c.site, ""))
+        return t is not None and t.header is not None and not t.committed
 
     # -- the aggregator site's lane ------------------------------------------------------------------------
     def aggregate_task(self, site: str, wait: float, gone: Callable[[], bool] | None = None) -> Task:
@@ -206,7 +227,7 @@ class SwarmAggregator(Aggregator):
                 a = self.aggregation
                 if a is not None and a.site == site:
                     peers = {n: self.certs[n] for n in sorted(a.recipients)}
-                    sealed = Sealed(a.transfer, peers, site, *self._model_fields(), inputs=a.inputs)
+                    sealed = Sealed(a.transfer, peers, site, *self.model_fields(), inputs=a.inputs)
                     manifest = self.global_manifest if self.model is not None and not self.model.transfer else None
                     return Task(TaskKind.AGGREGATE, a.round, self.rounds.attempt, manifest=manifest, sealed=sealed)
                 left = deadline - time.monotonic()
@@ -215,7 +236,7 @@ class SwarmAggregator(Aggregator):
                 self.lock.wait(min(left, 1.0))
 
     # -- transfers -----------------------------------------------------------------------------------------
-    def _issue(self, sender: str, recipients: frozenset[str], purpose: str, round_: int, on_commit: Any) -> str:
+    def issue(self, sender: str, recipients: frozenset[str], purpose: str, round_: int, on_commit: Any) -> str:
         """Lock held. A fresh transfer id, expected at the relay: bound to the job, the round, the attempt, the
         sender, the purpose and a nonce, so no sealed stream can be replayed into another."""
         nonce = secrets.token_hex(8)
@@ -224,11 +245,11 @@ class SwarmAggregator(Aggregator):
         self.relay.expect(transfer_id, sender, recipients, purpose, round_, self.rounds.attempt, on_commit)
         return transfer_id
 
-    def _model_fields(self) -> tuple[str, str]:
+    def model_fields(self) -> tuple[str, str]:
         m = self.model
         return (m.transfer, m.sender) if m is not None else ("", "")
 
-    def _update_committed(self, t: RelayTransfer, envelope: dict[str, Any]) -> str:
+    def update_committed(self, t: RelayTransfer, envelope: dict[str, Any]) -> str:
         """The relay holds a site's whole sealed update: it counts (rounds.py), as an upload's commit does."""
         with self.lock:
             s = self.rounds.sites.get(t.sender)
@@ -252,6 +273,10 @@ class SwarmAggregator(Aggregator):
 
     def _count(self, t: RelayTransfer, envelope: dict[str, Any]) -> None:
         """Lock held. Count a sealed update: what the aggregator knows of it is its size and its plaintext metrics."""
+        for key in ("metrics", "meta"):  # (what _best and the records read: objects, bounded)
+            if envelope.get(key) is not None and not isinstance(envelope[key], dict):
+                raise ProtocolError(f"site {t.sender!r}: the update's `{key}` must be an object")
+            limits.check_envelope_dict(f"site {t.sender!r}", key, envelope.get(key) or {})
         metrics = envelope.get("metrics") or {}
         weight = limits.finite_float((envelope.get("meta") or {}).get("NUM_STEPS_CURRENT_ROUND", 1)) or 1.0
         params_type = str(envelope.get("params_type", "FULL"))
@@ -276,7 +301,7 @@ class SwarmAggregator(Aggregator):
         self.record(rec)
         log.info("round %d: sealed update from %r counted (%d)", t.round, t.sender, len(self.rounds.counted))
 
-    def _model_committed(self, t: RelayTransfer, envelope: dict[str, Any]) -> str:
+    def model_committed(self, t: RelayTransfer, envelope: dict[str, Any]) -> str:
         """The relay holds a whole sealed global model: the offered round 0, or the end of a round."""
         with self.lock:
             a = self.aggregation
@@ -292,9 +317,9 @@ class SwarmAggregator(Aggregator):
             self.relayed += t.bytes_in
             self._record_round(a, records, holds)
             self.history = records
-            stale = [*(c.nonce for c in self.rounds.counted.values()), self._model_fields()[0]]
+            stale = [*(c.nonce for c in self.rounds.counted.values()), self.model_fields()[0]]
+            self._open(Model(a.round + 1, t.transfer_id, t.sender, a.recipients))  # (swarm.json names it first)
             self.relay.drop([x for x in stale if x])
-            self._open(Model(a.round + 1, t.transfer_id, t.sender, a.recipients))
             return "model accepted"
 
     def _record_round(self, a: Aggregation, records: list[dict], sites: tuple[str, ...]) -> None:
@@ -311,7 +336,9 @@ class SwarmAggregator(Aggregator):
 
     def _open(self, model: Model) -> None:
         """Lock held. Round `model.round` trains on `model` (sealed: the aggregator serves nothing itself)."""
+        self.relay.drop([*self.issued.values(), *self.replaced])  # updates never counted, earlier picks' (spool files)
         self.model, self.aggregation, self.pick, self.issued, self.relayed, self.direct = model, None, None, {}, 0, 0
+        self.replaced = set()
         self.failed, self.replaced = {}, set()
         if model.transfer and self.global_manifest is None:
             self.global_manifest = Manifest([], self.config.chunk_bytes, {})  # (core.py's "a model is served")
@@ -381,66 +408,3 @@ class SwarmAggregator(Aggregator):
         whys = "; ".join(f"site {site!r}: {why}" for site, why in self.failed.items())
         self.error = RoundError(f"round {r}: no site could fold it ({whys}); the job stops: mend these, start it again")
         log.error("%s", self.error)
-
-
-class _Workflow:
-    """The training tasks of a swarm job (job.py asks it as it asks FedAvgWorkflow)."""
-
-    def __init__(self, agg: SwarmAggregator) -> None:
-        self.agg = agg
-
-    def next_task(self, s: SiteState, now: float, holds: str, global_model: Manifest | None) -> Task | None:
-        agg, rounds = self.agg, self.agg.rounds
-        if s.name not in agg.certs:
-            return None  # (a site without a certificate cannot take part: the server runs mTLS, so never here)
-        if agg.model is None:
-            return self._offer(s, now)
-        if agg.model.recipients is not None and s.name not in agg.model.recipients:
-            rounds.sit_out(s.name)  # the round does not wait for it (it cannot train on a model it cannot open)
-            return None  # it joins at the next round's model, sealed for it too
-        owed = rounds.owed.get(s.name)
-        if owed is not None:
-            return self._resend(s, owed, holds)
-        if rounds.started is None and not rounds.offer_task(s, now):
-            return None  # (picked once the round starts: every site it needs is connected, so the pick is the policy's)
-        pick = agg.pick_for(now)  # (never None once `s` may train: it is eligible itself)
-        if pick is None or not rounds.offer_task(s, now):
-            return None
-        sealed = self._sealed_update(s.name, pick.site)
-        return Task(TaskKind.TRAIN, rounds.round, rounds.attempt, manifest=self._plain(), sealed=sealed)
-
-    def _plain(self) -> Manifest | None:
-        m = self.agg.model
-        return self.agg.global_manifest if m is not None and not m.transfer else None
-
-    def _sealed_update(self, site: str, aggregator: str) -> Sealed:
-        agg = self.agg
-        transfer = agg.issued.get(site)
-        if transfer is None or agg.relay.transfer(transfer) is None:
-            transfer = agg._issue(site, frozenset([aggregator]), UPDATE, agg.rounds.round, agg._update_committed)
-            agg.issued[site] = transfer
-        direct = {aggregator: agg.inbound[aggregator]} if aggregator in agg.inbound else {}
-        return Sealed(transfer, {aggregator: agg.certs[aggregator]}, aggregator, *agg._model_fields(), direct=direct)
-
-    def _resend(self, s: SiteState, owed: Counted, holds: str) -> Task | None:
-        agg = self.agg
-        if holds != owed.nonce:
-            agg.rounds.lose(owed, "its process no longer holds the update (it restarted or sent another one)")
-            return None
-        if agg.pick is None:
-            return None
-        sealed = self._sealed_update(s.name, agg.pick.site)
-        message = "send the same update again, sealed for the new aggregator site"
-        return Task(TaskKind.RESEND, agg.rounds.round, owed.attempt, nonce=holds, message=message, sealed=sealed)
-
-    def _offer(self, s: SiteState, now: float) -> Task | None:
-        agg = self.agg
-        alive = {n for n, x in agg.rounds.sites.items() if agg.rounds.alive(x, now) and n in agg.certs}
-        recipients = frozenset(alive | {s.name})
-        if agg.global_manifest is not None or len(recipients) < agg.config.min_sites:
-            return None  # sealed for the sites connected when it is asked: round 0 needs `min_sites` of them
-        if not agg.offer.asks(s, agg.rounds, now):
-            return None
-        transfer = agg._issue(s.name, recipients, MODEL, 0, agg._model_committed)
-        peers = {n: agg.certs[n] for n in sorted(recipients)}
-        return Task(TaskKind.OFFER_INITIAL, 0, sealed=Sealed(transfer, peers))

@@ -17,6 +17,7 @@ from fl_plugins.wire import limits
 log = logging.getLogger(__name__)
 
 STATE = "swarm.json"
+UPDATE, MODEL = "update", "model"  # a transfer's purpose
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class Aggregation:
     inputs: tuple[tuple[str, str], ...]
     transfer: str
     recipients: frozenset[str]
+    started: float = 0.0  # (the clock's) a fold that takes longer than the round deadline is handed to another site
 
 
 def choose(

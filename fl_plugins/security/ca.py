@@ -37,6 +37,21 @@ def peer_host(site: str) -> str:
     return f"{site}.{PEER_DOMAIN}"
 
 
+def not_a_site(cert: Any) -> str | None:
+    """Why `cert` (a cryptography x509 certificate this CA signed) is not a site's, or None: the operator's carries
+    OPERATOR_OU, the aggregator's is valid for host names. A swarm site seals only for sites (seal.py)."""
+    from cryptography import x509
+
+    if cert.subject.get_attributes_for_oid(x509.NameOID.ORGANIZATIONAL_UNIT_NAME):
+        return "the operator's certificate (it carries an OU), not a site's"
+    try:
+        alt = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    hosts = [str(n.value) for n in alt if not str(n.value).endswith("." + PEER_DOMAIN)]
+    return f"a server's certificate (valid for {', '.join(hosts)}), not a site's" if hosts else None
+
+
 def _usage(x509: Any, b: Any, common_name: str, server_names: tuple[str, ...], operator: bool) -> Any:
     """What a certificate may be used for: the aggregator's serves its host names (and is a client: the operator
     presents it to see the full Status); the operator's is a client; a site's is a client and also the server of its

@@ -48,6 +48,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
 from fl_plugins.errors import FLError, MissingDependencyError
+from fl_plugins.security.ca import not_a_site
 from fl_plugins.security.revocation import Revoked
 
 try:
@@ -137,6 +138,8 @@ class Certificates:
                 f"({type(e).__name__}: {e}): of another project, or altered; {fix}"
             ) from None
         cns = [a.value for a in cert.subject.get_attributes_for_oid(NameOID.COMMON_NAME)]
+        if (other := not_a_site(cert)) is not None:  # the aggregator's or the operator's: sealed for sites only
+            raise SealError(f"{who}: {other}; weights are sealed for sites only, by sites only")
         if cns != [name]:
             raise SealError(f"{who}: the certificate is of {', '.join(map(str, cns)) or 'nobody'}, not {name!r}; {fix}")
         start, end, now = cert.not_valid_before_utc, cert.not_valid_after_utc, dt.datetime.now(dt.timezone.utc)

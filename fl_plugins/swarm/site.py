@@ -105,6 +105,8 @@ class SwarmSite:
         """The job is over (END): keep its final global model in final/ (fetched unless this site folded it or
         received it already) and tell the aggregator, which waits for every site's word before it stops."""
         if not task.model_transfer:
+            why = "it was not connected when the last round closed, so the model is not sealed for it"
+            log.warning("the job ended without a final model for this site (%s); a site that has final/ has it", why)
             return None
         r = task.round
         try:
@@ -224,10 +226,10 @@ class SwarmSite:
     def _fold_or_say_why(self, task: pb.Task) -> None:
         try:
             self.aggregate(task)
-        except FLError as e:  # told to the aggregator, which picks another site to fold the round
+        except Exception as e:  # noqa: BLE001 - told to the aggregator (a full disk too), which picks another site
             if self.client.closed:
                 return
-            log.error("round %d: this site could not fold the round: %s", task.round, e)
+            log.error("round %d: this site could not fold the round: %s: %s", task.round, type(e).__name__, e)
             try:
                 self.client.send_result(task.round, task.transfer_id, {"meta": {"error": str(e)[:200]}})
             except FLError as told:
