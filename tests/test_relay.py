@@ -402,3 +402,16 @@ def test_a_dropped_transfer_is_gone_with_its_spool_file(fed):
     assert fed.relay.transfer(tid) is None and not path.exists()
     with pytest.raises(RoundError, match="does not expect"):
         get_sealed(fed.sites["site-2"].client, tid, fed.opener("site-2", tid, "site-1"), lambda i, b: None)
+
+
+def test_a_transfer_may_not_declare_more_than_its_limit(fed):
+    """The coordinator bounds a swarm round's transfers by twice its model (swarm.py `_bound`): a site cannot make the
+    aggregator spool more, whatever it declares."""
+    tid = "bounded-1"
+    fed.relay.expect(tid, "site-1", ("site-2",), "update", 0, 0, lambda t, env: "ok", limit=4096)
+    header = fed.sealer("site-1", tid, "site-2").header
+    with pytest.raises(ProtocolError, match="this transfer's limit"):
+        _open(fed, "site-1", tid, header, max_bytes=4097)
+    with pytest.raises(ProtocolError, match="at least 64 bytes each"):
+        _open(fed, "site-1", tid, header, records=100, max_bytes=4096)
+    assert _open(fed, "site-1", tid, header, records=2, max_bytes=4096).records == 0

@@ -66,6 +66,7 @@ class RelayTransfer:
     message: str | None = None  # on_commit's answer, repeated to a repeated commit
     dropped: bool = False
     direct: bool = False  # its records went straight to the recipient (commit with `direct`): none are here
+    limit: int = 0  # the most sealed bytes it may declare (expect's `limit`)
     on_commit: Callable[[RelayTransfer, dict[str, Any]], str] | None = field(default=None, repr=False)
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # its state and its file
     commit_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)  # one on_commit at a time
@@ -113,9 +114,11 @@ class Relay:
         round_: int,
         attempt: int,
         on_commit: Callable[[RelayTransfer, dict[str, Any]], str],
+        limit: int | None = None,
     ) -> None:
         """Register a transfer the coordinator issued. Expecting it again with the same parties keeps what the
-        relay holds (and takes the new `on_commit`); with other parties it is refused."""
+        relay holds (and takes the new `on_commit`); with other parties it is refused. `limit`: the most sealed bytes
+        this transfer may declare (default the relay's `max_bytes`: a site's update is bounded by its model's)."""
         if not isinstance(transfer_id, str) or not _ID.fullmatch(transfer_id):
             raise ProtocolError(
                 f"transfer id {transfer_id!r} must be 1 to 128 letters, digits, '.', '_' or '-' (not first): "
@@ -132,6 +135,7 @@ class Relay:
                 self._remove_files(transfer_id)  # a spool file an earlier run of the aggregator left
                 path = self.directory / f"{transfer_id}.part"
                 t = RelayTransfer(transfer_id, sender, who, purpose, round_, attempt, path, on_commit=on_commit)
+                t.limit = min(limit or self.max_bytes, self.max_bytes)
                 self._transfers[transfer_id] = t
                 return
         if (t.sender, t.recipients, t.purpose, t.round, t.attempt) != (sender, who, purpose, round_, attempt):
@@ -190,11 +194,12 @@ class Relay:
         t = self._find(transfer_id, site, "open")
         self._as_sender(t, site, "open")
         self._check_header(t, site, header)
-        if not 1 <= records <= max(1, max_bytes) or not 1 <= max_bytes <= self.max_bytes:
+        limit = t.limit or self.max_bytes
+        if not 1 <= records <= max(1, max_bytes // 64) or not 1 <= max_bytes <= limit:
             raise ProtocolError(
                 f"site {site!r}: {t.name()} declares {records} records in at most {max_bytes} bytes: records must "
-                f"be 1 or more and max_bytes from 1 to {self.max_bytes} (the relay's limit per transfer): send "
-                "a smaller model, or a bound that holds it"
+                f"be 1 or more (at least 64 bytes each) and max_bytes from 1 to {limit} (this transfer's limit: "
+                "twice the round's model, or the relay's): send the round's model's tensors, or a bound that holds them"
             )
         with t.lock:
             self._live(t, site)
@@ -300,10 +305,11 @@ class Relay:
 
     def _direct(self, t: RelayTransfer, site: str, nbytes: int) -> None:
         """Transfer lock held. A direct transfer's commit: one recipient, nothing held here, a size in bounds."""
-        if len(t.recipients) != 1 or t.header is not None or not 0 < nbytes <= self.max_bytes:
+        limit = t.limit or self.max_bytes
+        if len(t.recipients) != 1 or t.header is not None or not 0 < nbytes <= limit:
             raise ProtocolError(
                 f"site {site!r}: {t.name()}: a direct commit needs one recipient, no records at the relay and a size "
-                f"in 1..{self.max_bytes} (got {nbytes}); send it through the relay instead"
+                f"in 1..{limit} (got {nbytes}); send it through the relay instead"
             )
         t.direct, t.bytes_in = True, nbytes
 

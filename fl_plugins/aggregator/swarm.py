@@ -242,8 +242,18 @@ class SwarmAggregator(Aggregator):
         nonce = secrets.token_hex(8)
         text = f"{self.job_id}|{purpose}|{round_}|{self.rounds.attempt}|{sender}|{nonce}"
         transfer_id = hashlib.sha256(text.encode()).hexdigest()[:32]
-        self.relay.expect(transfer_id, sender, recipients, purpose, round_, self.rounds.attempt, on_commit)
+        self.relay.expect(
+            transfer_id, sender, recipients, purpose, round_, self.rounds.attempt, on_commit, self._bound()
+        )
         return transfer_id
+
+    def _bound(self) -> int | None:
+        """Lock held. The most sealed bytes a transfer of this round may declare: twice the round's model (an update
+        holds its tensors; a site must not make the aggregator spool more), None before there is a model."""
+        m = self.model
+        t = self.relay.transfer(m.transfer) if m is not None and m.transfer else None
+        size = t.bytes_in if t is not None else self.global_manifest.total_bytes if self.global_manifest else 0
+        return 2 * size + (16 << 20) if size else None
 
     def model_fields(self) -> tuple[str, str]:
         m = self.model
