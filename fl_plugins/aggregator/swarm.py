@@ -10,9 +10,10 @@ read (docs/swarm.md has the whole design; security/seal.py the sealing, relay.py
     every site connected then: an offer sealed for fewer could never start round 0), or the global model
     round R-1's aggregator folded. Only a recipient of the model can train on it; another site sits the round out
     (it is not waited for) until the next round's model, which is sealed for every site alive at that close.
-  * The round's *aggregator* is picked when the round first hands out a task, among the alive sites that can open
-    the model (`swarm_aggregator`: `round_robin` in the sites' name order, `random` seeded by (seed, round), or
-    `best_metric`: the site whose last update reported the best `swarm_metric`), and recorded (`SwarmRecord`).
+  * The round's *aggregator* is picked once the round starts (every site it needs is connected), among the alive
+    sites that can open the model (`swarm_aggregator`: `round_robin` in the sites' name order, `random` seeded by
+    (seed, round), or `best_metric`: the site whose last update reported the best `swarm_metric`), and recorded
+    (`SwarmRecord`).
     A new attempt keeps it: the updates counted so far are sealed for it.
   * A site given TRAIN gets a fresh update transfer id, expected at the relay from it, sealed for the aggregator
     alone (the aggregator's own update too: one path for every update). The relay's commit of that transfer counts
@@ -27,12 +28,17 @@ read (docs/swarm.md has the whole design; security/seal.py the sealing, relay.py
     others, and every counted update is owed again (rounds.py `refold`, with the dead aggregator as the culprit):
     its site gets RESEND with a new transfer sealed for the new aggregator, and sends the update it kept, as a
     refold's resend does; one it no longer holds is lost. Nothing the old aggregator folded survives. So too when
-    the aggregator site says it could not fold, or a site says it will not seal its update for it (a certificate
-    that fails the site's checks). A site that failed is not picked again in the round; when every site that
-    could fold it has failed, the job stops with an error naming each failure (else they would take turns for ever).
+    the aggregator site says it could not fold, does not send the model within the round deadline, or a site says
+    it will not seal its update for it and the aggregator's own check of that certificate agrees (if the
+    certificate is sound, the site that said so sits the round out instead). A site that failed is not picked again
+    in the round; when every site that could fold it has failed, the job stops with an error naming each failure.
+  * A transfer may declare at most twice the round's model (`_bound`). A site with an inbound port takes its updates
+    directly (swarm/peer.py): the sender commits here with the byte count, and nothing passes the relay.
+  * Restart: RUN_DIR/swarm.json names the last committed global model (written before the one before is dropped);
+    a new process adopts its spool files and opens its round.
 
-What it does not do yet (docs/swarm.md, "Next"): direct site-to-site transfers, a restart of the aggregator in the
-middle of a swarm job, evaluations between rounds, strategies other than FedAvg.
+What it does not do (docs/swarm.md, "What is not done"): evaluations between rounds, strategies other than FedAvg,
+sampling, the final model sealed for the server.
 """
 
 from __future__ import annotations
