@@ -268,10 +268,8 @@ class ClientSession:
             if self.swarm is not None:
                 self.swarm.finish(task)  # the final global model, kept at this site
         elif task.kind == pb.Task.OFFER_INITIAL and self.can_offer:
-            self.offer_pending, self.offer_task = (
-                True,
-                task,
-            )  # the integration uploads the weights when it has the model (offer_initial)
+            self.offer_pending = True  # the integration uploads the weights when it has the model (offer_initial)
+            self.offer_task = task  # (a swarm's names whom to seal them for)
         elif task.kind == pb.Task.OFFER_INITIAL:
             raise ConfigError(
                 "the aggregator asked this site for its initial weights, but the client API has none to offer: "
