@@ -198,28 +198,6 @@ def test_a_restarted_aggregator_resumes_the_swarm_from_its_last_sealed_model(tmp
     assert sorted({rec.round for rec in recs if isinstance(rec, SwarmRecord)}) == list(range(ROUNDS))
 
 
-def run_swarm_announced_first(srv: AggregatorServer, kits: Kits) -> dict[str, SwarmSiteThread]:
-    """run_swarm, but site-1 (round 0's aggregator site) first, and the others once the aggregator knows its inbound
-    port: a site announces it just after it connects, and a task handed out before goes through the relay (correct,
-    not direct)."""
-    sites = {n: SwarmSiteThread(srv.address, kits, n) for n in SITES}
-    sites["site-1"].start()
-    announced = threading.Event()
-    for _ in range(1200):  # (at most 60 s)
-        with srv.aggregator.lock:
-            if "site-1" in srv.aggregator.inbound:
-                announced.set()
-                break
-        announced.wait(0.05)
-    assert announced.is_set(), "site-1 never announced its inbound port"
-    for name in SITES[1:]:
-        sites[name].start()
-    for t in sites.values():
-        t.join(60)
-        assert not t.is_alive() and t.error is None, (t.site, t.error)
-    return sites
-
-
 def test_sites_with_an_inbound_port_take_their_updates_directly(tmp_path, kits, monkeypatch):
     """FL_INBOUND: every site serves its inbound port (mTLS with its site certificate); the updates go straight to
     the round's aggregator site and only the global models pass the aggregator's relay. Same models, bit for bit."""
@@ -234,7 +212,7 @@ def test_sites_with_an_inbound_port_take_their_updates_directly(tmp_path, kits, 
             relayed[t.purpose if t else "?"] = relayed.get(t.purpose if t else "?", 0) + len(record)
 
         relay.on_record = capture
-        sites = run_swarm_announced_first(srv, kits)
+        sites = run_swarm(srv.address, kits)
     want = expected_rounds(initial(), ROUNDS)
     for t in sites.values():
         for r in range(ROUNDS):
@@ -267,7 +245,7 @@ def test_an_inbound_port_that_cannot_be_reached_falls_back_to_the_relay(tmp_path
     monkeypatch.setattr(SwarmAggregator, "hello", unreachable)
     caplog.set_level(logging.WARNING, logger="fl_plugins.swarm.site")
     with server(tmp_path, kits) as srv:
-        sites = run_swarm_announced_first(srv, kits)
+        sites = run_swarm(srv.address, kits)
     want = expected_rounds(initial(), ROUNDS)
     for t in sites.values():
         np.testing.assert_array_equal(t.received[ROUNDS - 1]["w"], want[ROUNDS - 1]["w"])

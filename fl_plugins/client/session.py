@@ -18,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import threading
 from typing import TYPE_CHECKING, Any
 
@@ -55,12 +56,19 @@ class ClientSession:
         self.lock = threading.RLock()
         self.offer_task: pb.Task | None = None
         self.swarm: Any = None  # swarm/site.py's SwarmSite, in a swarm job
-        if client is not None:
+        if client is not None:  # (the one place the client loads the layer above it: swarm/)
+            inbox = None
+            if os.environ.get("FL_INBOUND"):  # the first Hello tells the aggregator where this site listens
+                from fl_plugins.swarm.peer import Inbox
+
+                inbox = Inbox.before_hello(client)
             client.connect()
-            if client.workflow == "swarm":  # (the one place the client loads the layer above it: swarm/)
+            if client.workflow == "swarm":
                 from fl_plugins.swarm.site import SwarmSite
 
-                self.swarm = SwarmSite(client)
+                self.swarm = SwarmSite(client, inbox)
+            elif inbox is not None:
+                inbox.close()
 
     @classmethod
     def open(

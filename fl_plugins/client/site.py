@@ -121,6 +121,7 @@ class SiteClient:
         self.total_rounds = 0
         self.evaluates_after = False
         self.workflow = self.best_metric = ""
+        self.inbound = ""  # swarm: HOST:PORT of this site's inbound port (swarm/peer.py), told in Hello
         self.chunk_bytes = 0
         self.stats = {"bytes_sent": 0, "bytes_received": 0, "retries": 0, "corrupted_chunks": 0}
         self.transfers = Transfers(self)
@@ -216,6 +217,7 @@ class SiteClient:
     def connect(self) -> None:
         """Hello, waiting (bounded by connect_timeout) for an aggregator that is still starting."""
         req = pb.HelloRequest(site=self.site, version=__version__, can_offer_initial=self.can_offer_initial)
+        req.inbound = self.inbound
         reply = self.call("Hello", req, "connect", per_call=10, timeout=self.connect_timeout, wait=False)
         self.job_id, self.total_rounds, self.chunk_bytes = reply.job_id, reply.total_rounds, reply.chunk_bytes
         self.evaluates_after = reply.evaluates_after  # evaluations follow the last round

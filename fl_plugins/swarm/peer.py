@@ -18,6 +18,7 @@ aggregator's business (it issued the id); the aggregator site folds only the ids
 from __future__ import annotations
 
 import logging
+import os
 from collections import OrderedDict
 from concurrent import futures
 from pathlib import Path
@@ -46,6 +47,17 @@ CALLS = ("RelayOpen", "RelayPut", "RelayCommit")
 
 class Inbox:
     """This site's inbound port and the sealed updates other sites put there."""
+
+    @classmethod
+    def before_hello(cls, client: SiteClient) -> Inbox | None:
+        """FL_INBOUND=HOST:PORT set and a kit: this site's inbound port, started before its first Hello, which
+        tells the aggregator its address (`client.inbound`); the session closes it if the job is no swarm."""
+        address = os.environ.get("FL_INBOUND", "")
+        if not address or client.kit is None:
+            return None
+        inbox = cls(client.kit, Path("fl-output") / "inbox", address)  # (the swarm site moves it to its own folder)
+        client.inbound = inbox.address
+        return inbox
 
     def __init__(self, kit: SiteKit, directory: Path, address: str) -> None:
         self.site = kit.site

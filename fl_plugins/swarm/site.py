@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fl_plugins import tensors
-from fl_plugins._version import __version__
 from fl_plugins.aggregator.offer import FileSink
 from fl_plugins.aggregator.optimizers import FedAvg
 from fl_plugins.aggregator.store import GlobalReader, write_shard
@@ -57,7 +56,7 @@ TOLD = ("params_type", "metrics", "meta")  # what an update tells the aggregator
 
 
 class SwarmSite:
-    def __init__(self, client: SiteClient) -> None:
+    def __init__(self, client: SiteClient, inbox: Inbox | None = None) -> None:
         if client.kit is None:
             raise ConfigError(
                 "this job is a swarm (the aggregator runs --workflow swarm): a site seals its weights for the other "
@@ -73,7 +72,9 @@ class SwarmSite:
         self.models = SiteModels(self.out, client.best_metric)
         self.made: tuple[int, Path, Manifest] | None = None  # (round, folder, manifest) of the model it folded last
         client.transfers.resend_sealed = self.resend
-        self.inbox = self._open_inbox(client, os.environ.get("FL_INBOUND", ""))
+        self.inbox = inbox  # (FL_INBOUND: started before Hello, which announced it: peer.py)
+        if inbox is not None:
+            inbox.relay.directory = self.out / "inbox"
         self._busy = threading.Lock()  # held while this site folds a round
         self._lane = threading.Thread(target=self._serve, name="fl-swarm-aggregator", daemon=True)
         self._lane.start()
@@ -192,17 +193,6 @@ class SwarmSite:
         envelope = json.dumps(told) if told else ""
         req = pb.RelayCommit(site=c.site, transfer_id=task.transfer_id, envelope_json=envelope, direct=True, bytes=sent)
         return c.call("RelayCommit", req, "commit of a direct transfer", per_call=60)
-
-    def _open_inbox(self, client: SiteClient, address: str) -> Inbox | None:
-        """FL_INBOUND=HOST:PORT: this site's inbound port (peer.py), announced to the aggregator."""
-        if not address:
-            return None
-        assert client.kit is not None
-        inbox = Inbox(client.kit, self.out / "inbox", address)
-        hello = pb.HelloRequest(site=client.site, version=__version__, can_offer_initial=client.can_offer_initial)
-        hello.inbound = inbox.address
-        client.call("Hello", hello, "announce this site's inbound port", per_call=10)
-        return inbox
 
     # -- the aggregator lane -----------------------------------------------------------------------------------
     def _serve(self) -> None:
