@@ -171,28 +171,29 @@ class SwarmSite:
     def _put(self, task: pb.Task, records: ModelRecords, told: dict[str, Any]) -> pb.CommitReply:
         """An update sealed for the round's aggregator site: straight to its inbound port when the task names one
         (then committed at the aggregator with `direct`), else, or if that fails, through the aggregator's relay."""
+        c = self.client
         for peer, address in json.loads(task.direct_json or "{}").items():
             try:
-                return self._put_direct(task, peer, address, records, told)
+                sent = self._put_direct(task, peer, address, records)
             except FLError as e:
                 why = f"site {peer!r}'s inbound port {address} did not take the update ({e})"
                 log.warning("round %d: %s; sending it through the aggregator's relay", task.round, why)
-        return put_sealed(self.client, task.transfer_id, self._sealer(task), records, told)
+                continue
+            envelope = json.dumps(told) if told else ""  # (the aggregator's answer, late or counted, is final)
+            req = pb.RelayCommit(site=c.site, transfer_id=task.transfer_id, envelope_json=envelope, direct=True)
+            req.bytes = sent
+            return c.call("RelayCommit", req, "commit of a direct transfer", per_call=60)
+        return put_sealed(c, task.transfer_id, self._sealer(task), records, told)
 
-    def _put_direct(
-        self, task: pb.Task, peer: str, address: str, records: ModelRecords, told: dict[str, Any]
-    ) -> pb.CommitReply:
-        c = self.client
-        assert c.kit is not None
-        to = dial(c.kit, peer, address, retry_timeout=min(c.retry_timeout, DIRECT_RETRY))
+    def _put_direct(self, task: pb.Task, peer: str, address: str, records: ModelRecords) -> int:
+        """Put the sealed update at site `peer`'s inbound port; the sealed bytes sent."""
+        assert self.client.kit is not None
+        to = dial(self.client.kit, peer, address, retry_timeout=min(self.client.retry_timeout, DIRECT_RETRY))
         try:
             put_sealed(to, task.transfer_id, self._sealer(task), records, None)
-            sent = to.stats["bytes_sent"]
+            return int(to.stats["bytes_sent"])
         finally:
             to.close()
-        envelope = json.dumps(told) if told else ""
-        req = pb.RelayCommit(site=c.site, transfer_id=task.transfer_id, envelope_json=envelope, direct=True, bytes=sent)
-        return c.call("RelayCommit", req, "commit of a direct transfer", per_call=60)
 
     # -- the aggregator lane -----------------------------------------------------------------------------------
     def _serve(self) -> None:
