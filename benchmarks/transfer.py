@@ -441,11 +441,16 @@ def main(argv: list[str] | None = None) -> int:
         print("\n".join(report(out)))
         print(f"\ntotal {out['total_seconds']:.0f} s")
     finally:
-        shutil.rmtree(root, ignore_errors=True)
-        if args.json:
-            args.json.write_text(json.dumps(out, indent=1, default=str))
-            print(f"wrote {args.json}")
+        _clean_up(args, out, root)
     return 0
+
+
+def _clean_up(args, out: dict, root: Path) -> None:
+    """After a run, done or not: the scratch folder goes, the figures so far go to --json."""
+    shutil.rmtree(root, ignore_errors=True)
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1, default=str))
+        print(f"wrote {args.json}")
 
 
 def sealed_main(args, out: dict, root: Path, model_bytes: int, chunk: int, dtype: str, t_all: float) -> int:
@@ -459,10 +464,7 @@ def sealed_main(args, out: dict, root: Path, model_bytes: int, chunk: int, dtype
         print("\n".join(_sealed.report(out["sealed"], dtype, args.chunk_mib)))
         print(f"\ntotal {out['total_seconds']:.0f} s")
     finally:
-        shutil.rmtree(root, ignore_errors=True)
-        if args.json:
-            args.json.write_text(json.dumps(out, indent=1, default=str))
-            print(f"wrote {args.json}")
+        _clean_up(args, out, root)
     return 0
 
 

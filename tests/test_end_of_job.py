@@ -189,17 +189,22 @@ def test_a_site_that_exits_after_its_last_update_does_not_hold_the_job(server_fa
     assert "left before it answered" in evaluation["sites"]["site-2"]["error"]
 
 
-def test_a_site_whose_process_ended_is_gone_at_once_for_the_final_evaluation(in_memory):
-    """What `fl-plugins run` does when a site's process exits 0 after training (ending.site_exited): its cell
-    closes now, long before `site_timeout`."""
-    fed = in_memory(rounds=1, min_sites=2, initial=INIT)
-    a, b = fed.client("site-1"), fed.client("site-2")
+def both_train_one_round(a: Any, b: Any) -> None:
+    """Two in-memory sites connect and send their round-0 update, with metrics (so the final evaluation asks them)."""
     for c in (a, b):
         c.connect()
     for c in (a, b):
         t = c.next_task(poll=5.0)
         _, p = c.download(t, "numpy")
         c.upload(t.round, t.attempt, {"w": p["w"] + 1}, {"params_type": "FULL", "metrics": {"m": 1.0}})
+
+
+def test_a_site_whose_process_ended_is_gone_at_once_for_the_final_evaluation(in_memory):
+    """What `fl-plugins run` does when a site's process exits 0 after training (ending.site_exited): its cell
+    closes now, long before `site_timeout`."""
+    fed = in_memory(rounds=1, min_sites=2, initial=INIT)
+    a, b = fed.client("site-1"), fed.client("site-2")
+    both_train_one_round(a, b)
     t = a.next_task(poll=5.0)  # the final evaluation: site-1 answers, site-2's process "ended"
     a.send_result(t.round, t.task_id, {"metrics": {"m": 2.0}})
     ending.site_exited(fed.aggregator, "site-2")
@@ -506,12 +511,7 @@ def test_a_phase_after_training_that_starts_with_nobody_connected_ends_with_the_
     that comes back is enough (before: the cross-site phase waited for 2 and the job never ended)."""
     fed = in_memory(rounds=1, min_sites=2, initial=INIT, workflow="fedavg,cross-site-eval", site_timeout=1.0)
     a, b = fed.client("site-1", heartbeat=3600.0), fed.client("site-2", heartbeat=3600.0)  # (no heartbeats)
-    for c in (a, b):
-        c.connect()
-    for c in (a, b):
-        t = c.next_task(poll=5.0)
-        _, p = c.download(t, "numpy")
-        c.upload(t.round, t.attempt, {"w": p["w"] + 1}, {"params_type": "FULL", "metrics": {"m": 1.0}})
+    both_train_one_round(a, b)
     b.close()
     time.sleep(2 * fed.config.site_timeout)  # both silent past the timeout: the submissions close, the next phase
     # starts with nobody connected (a sleep that only has to outlast a timeout, not win a race)

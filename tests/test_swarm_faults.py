@@ -242,6 +242,14 @@ def peers_of(task: pb.Task) -> dict[str, bytes]:
     return {n: pem.encode() for n, pem in json.loads(task.peers_json).items()}
 
 
+def refused_open(c: Any, transfer: str, header: bytes) -> str:
+    """A RelayOpen the relay must refuse: its error's text."""
+    req = pb.RelayOpen(site=c.site, transfer_id=transfer, header=header, records=2, max_bytes=1 << 20)
+    with pytest.raises(FLError) as e:
+        c.call("RelayOpen", req, "a forged open", timeout=10)
+    return str(e.value)
+
+
 def test_an_update_sealed_under_another_projects_certificate_is_refused(tmp_path, kits, other, monkeypatch):
     """Round 0: site-2 first tries to open its update's transfer with a header sealed under a certificate of another
     project's CA that names site-2 (signed with that certificate's key). The relay checks headers against the
@@ -257,10 +265,7 @@ def test_an_update_sealed_under_another_projects_certificate_is_refused(tmp_path
             relay_transport(c)
             certs = EitherCA(c.kit.ca, forged.ca)
             header = Sealer(Identity.from_kit(forged), task.transfer_id, peers_of(task), certs).header
-            req = pb.RelayOpen(site=c.site, transfer_id=task.transfer_id, header=header, records=2, max_bytes=1 << 20)
-            with pytest.raises(FLError) as e:
-                c.call("RelayOpen", req, "a forged open", timeout=10)
-            refused.append(str(e.value))
+            refused.append(refused_open(c, task.transfer_id, header))
         return send(self, task, params, envelope)
 
     monkeypatch.setattr(SwarmSite, "send", forging_first)
@@ -289,10 +294,7 @@ def test_the_relay_refuses_a_site_that_opens_anothers_transfer_or_claims_another
             posing = Identity("site-1", me.key_pem, me.cert_pem, me.ca_pem)  # its own key, another's name
             claim = Sealer(posing, task.transfer_id, peers_of(task), AnyCert(c.kit.ca)).header
             for transfer, header in ((task.model_transfer, honest), (task.transfer_id, claim)):
-                req = pb.RelayOpen(site=c.site, transfer_id=transfer, header=header, records=2, max_bytes=1 << 20)
-                with pytest.raises(FLError) as e:
-                    c.call("RelayOpen", req, "a forged open", timeout=10)
-                refused.append(str(e.value))
+                refused.append(refused_open(c, transfer, header))
         return send(self, task, params, envelope)
 
     monkeypatch.setattr(SwarmSite, "send", forging_first)

@@ -264,13 +264,20 @@ class _Get:
 
     def _record(self, opener: Opener, record: bytes) -> None:
         i = self.next
-        plain, last = opener.open(i, record)
-        try:
-            self.consume(i, plain)
-        except IntegrityError as e:  # it opened, so its sender sealed it so: fetching it again would not help
-            raise ProtocolError(f"transfer {self.transfer_id!r}, record {i}: {e}") from None
+        self.done = _open_record(self.transfer_id, opener, i, record, self.consume)
         self.next = i + 1
-        self.done = last
+
+
+def _open_record(
+    transfer_id: str, opener: Opener, i: int, record: bytes, consume: Callable[[int, bytes], None]
+) -> bool:
+    """Open record `i` and hand it to `consume`; whether it was the transfer's last."""
+    plain, last = opener.open(i, record)
+    try:
+        consume(i, plain)
+    except IntegrityError as e:  # it opened, so its sender sealed it so: fetching it again would not help
+        raise ProtocolError(f"transfer {transfer_id!r}, record {i}: {e}") from None
+    return last
 
 
 # -- models ------------------------------------------------------------------------------------------------------
@@ -334,12 +341,7 @@ def read_stream(
     sealed = opener(header)
     last, i = False, 0
     for i, record in enumerate(messages):
-        plain, last = sealed.open(i, record)
-        try:
-            reader.consume(i, plain)
-        except IntegrityError as e:
-            raise ProtocolError(f"transfer {transfer_id!r}, record {i}: {e}") from None
-        if last:
+        if last := _open_record(transfer_id, sealed, i, record, reader.consume):
             break
     if not last:
         raise ProtocolError(f"transfer {transfer_id!r} ended before its last record (at record {i}); refuse it")
