@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import enum
+import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -88,3 +90,27 @@ class FLModel:
         return f"FLModel({self.summary()})"
 
     __repr__ = __str__  # the summary, not every tensor of the model
+
+
+def jsonable(d: dict[str, Any]) -> dict[str, Any]:
+    """`d` with every value JSON can carry: numpy/torch scalars as numbers, NaN/Inf and other objects as text."""
+
+    def conv(v: Any) -> Any:
+        if isinstance(v, (str, bool)) or v is None:
+            return v
+        if isinstance(v, (int, float)):
+            return v if not (isinstance(v, float) and not math.isfinite(v)) else str(v)
+        if hasattr(v, "item"):  # numpy / torch scalars and one-element tensors
+            try:
+                return conv(v.item())
+            except (ValueError, RuntimeError):
+                return str(v)
+        if isinstance(v, dict):
+            return {str(k): conv(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [conv(x) for x in v]
+        return str(v)
+
+    out = {str(k): conv(v) for k, v in d.items()}
+    json.dumps(out)
+    return out
