@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -147,3 +148,16 @@ def _reusable(into: Mapping[str, Any] | None, t: TensorInfo, fmt: str) -> Any:
     else:
         ok = isinstance(x, np.ndarray) and x.flags.c_contiguous and x.flags.writeable
     return x if ok and dtype_name(x) == t.dtype else None
+
+
+def read_folder(folder: Path, fmt: str) -> dict[str, Any]:
+    """Every tensor of the safetensors files in `folder` (a checkpoint folder: global/round-R, a swarm site's
+    final/), as torch tensors or numpy arrays (`fmt`)."""
+    if fmt == "torch":
+        from safetensors.torch import load_file
+    else:
+        from safetensors.numpy import load_file  # type: ignore[assignment]
+    out: dict[str, Any] = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(path)))
+    return out

@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = ["Aggregator", "AggregatorConfig", "Decision", "Task", "TaskKind"]
 
+ENDED = "the job is finished"  # END's message; END names the final global model (its manifest)
 log = logging.getLogger(__name__)
 
 HEARD_WAIT = 1.0  # seconds a heartbeat waits for the lock before it is noted for the next step instead
@@ -213,7 +214,7 @@ class Aggregator:
                 if self.error is not None:
                     raise RoundError(f"the aggregator stopped: {self.error}")
                 if self.done:
-                    return Task(TaskKind.END, self.rounds.round, message="the job is finished")
+                    return Task(TaskKind.END, self.rounds.round, manifest=self.global_manifest, message=ENDED)
                 task = self.job.next_task(s, now, holds, self.global_manifest)
                 if task is not None:
                     return task

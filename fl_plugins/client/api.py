@@ -190,6 +190,13 @@ def receive(timeout: float | None = None, *, into: dict[str, Any] | None = None)
     return session.get().receive(into=into)
 
 
+def receive_final(*, into: dict[str, Any] | None = None) -> FLModel | None:
+    """The job's final global model once `is_running()` is False (not a FLARE function: FLARE's sites keep their
+    last local model). Fetched from the aggregator once and cached; None before the end, on ranks other than 0,
+    or when the job ended without one (a warning says why). `into` as for receive()."""
+    return session.get().final_model(into=into)
+
+
 def send(model: FLModel, clear_cache: bool = True) -> None:
     """Answer the task at hand: a TRAIN task's update (returns once the aggregator has verified and counted it),
     an EVALUATE task's metrics (`FLModel(metrics=..., meta={"NUM_EVAL_SAMPLES": n})`; params stay here), a

@@ -15,16 +15,14 @@ initial model it then asks this site for one, `receive()` returns round 0's FLMo
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import threading
 from typing import TYPE_CHECKING, Any
 
 from fl_plugins import tensors
-from fl_plugins.client.model import FLModel, ParamsType
-from fl_plugins.errors import ConfigError, IntegrityError, RoundError
+from fl_plugins.client.model import FLModel, ParamsType, jsonable
+from fl_plugins.errors import ConfigError, FLError, IntegrityError, RoundError
 
 if TYPE_CHECKING:
     from fl_plugins.client.site import SiteClient
@@ -56,6 +54,9 @@ class ClientSession:
         self.lock = threading.RLock()
         self.offer_task: pb.Task | None = None
         self.swarm: Any = None  # swarm/site.py's SwarmSite, in a swarm job
+        self.ended: pb.Task | None = None  # END, which names the final global model
+        self.kept_final: Any = None  # a swarm site's final/ folder (swarm/models.py), kept at END
+        self.final: FLModel | None = None
         if client is not None:  # (the one place the client loads the layer above it: swarm/)
             inbox = None
             if os.environ.get("FL_INBOUND"):  # the first Hello tells the aggregator where this site listens
@@ -165,6 +166,30 @@ class ClientSession:
                 self.model = self._download(self.client, self.task, into)
             return self.model
 
+    def final_model(self, *, into: dict[str, Any] | None = None) -> FLModel | None:
+        """The job's final global model, once the job is over: fetched from the aggregator (END names it; a swarm
+        site reads the final/ folder it kept), cached. None before the end, on ranks other than 0, when the
+        job ended without one (an evaluation-only job) or when it cannot be fetched (a warning says why)."""
+        with self.lock:
+            if self.client is None or not self.finished or self.ended is None:
+                return None
+            if self.final is None:
+                try:
+                    self.final = self._final(self.client, self.ended, into)
+                except (FLError, ConnectionError) as e:
+                    logger.warning("the final global model could not be fetched: %s", e)
+            return self.final
+
+    def _final(self, client: SiteClient, task: pb.Task, into: dict[str, Any] | None) -> FLModel | None:
+        if self.kept_final is not None:
+            params = tensors.read_folder(self.kept_final, self.params_format)
+        elif task.manifest_json:
+            params = client.download(task, self.params_format, into=into)[1]
+        else:
+            return None
+        meta = {"job_id": task.job_id, "site_name": self.site, "current_round": task.round, "final": True}
+        return FLModel(ParamsType.FULL, params, current_round=task.round, total_rounds=task.total_rounds, meta=meta)
+
     def send(self, model: FLModel, clear_cache: bool = True) -> None:
         """Answer the task at hand: a TRAIN task's update (returns once the aggregator has verified and counted
         it), an EVALUATE task's metrics (params, if any, stay here), a SUBMIT_MODEL task's local model (FULL
@@ -272,9 +297,9 @@ class ClientSession:
                 return
             raise
         if task.kind == pb.Task.END:
-            self.finished = True
+            self.finished, self.ended = True, task
             if self.swarm is not None:
-                self.swarm.finish(task)  # the final global model, kept at this site
+                self.kept_final = self.swarm.finish(task)  # the final global model, kept at this site
         elif task.kind == pb.Task.OFFER_INITIAL and self.can_offer:
             self.offer_pending = True  # the integration uploads the weights when it has the model (offer_initial)
             self.offer_task = task  # (a swarm's names whom to seal them for)
@@ -383,30 +408,6 @@ class ClientSession:
         """The round a metric belongs to: the task at hand's, else the last one sent."""
         task = self.task
         return task.round if task is not None else self.last_round
-
-
-def jsonable(d: dict[str, Any]) -> dict[str, Any]:
-    """`d` with every value JSON can carry: numpy/torch scalars as numbers, NaN/Inf and other objects as text."""
-
-    def conv(v: Any) -> Any:
-        if isinstance(v, (str, bool)) or v is None:
-            return v
-        if isinstance(v, (int, float)):
-            return v if not (isinstance(v, float) and not math.isfinite(v)) else str(v)
-        if hasattr(v, "item"):  # numpy / torch scalars and one-element tensors
-            try:
-                return conv(v.item())
-            except (ValueError, RuntimeError):
-                return str(v)
-        if isinstance(v, dict):
-            return {str(k): conv(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [conv(x) for x in v]
-        return str(v)
-
-    out = {str(k): conv(v) for k, v in d.items()}
-    json.dumps(out)
-    return out
 
 
 # -- the process's current session ----------------------------------------------------------------------------

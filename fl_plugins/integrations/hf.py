@@ -66,8 +66,17 @@ from typing import Any
 from fl_plugins.client import session
 from fl_plugins.errors import ConfigError, MissingDependencyError
 from fl_plugins.integrations import driver as _driver
+from fl_plugins.integrations import hf_take_home as take_home
 from fl_plugins.integrations.budget import RoundBudget
-from fl_plugins.integrations.hf_args import begun_budget, check_prefix, refuse_sharded, set_budget, trainer_budget
+from fl_plugins.integrations.hf_args import (
+    INSTALL,
+    begun_budget,
+    check_patch,
+    check_prefix,
+    refuse_sharded,
+    set_budget,
+    trainer_budget,
+)
 from fl_plugins.integrations.hf_model import PARAMS_SCOPES, resolve_scope, unwrap
 from fl_plugins.integrations.hf_model import HFTarget as HFTarget  # fl_plugins.tasks uses it from here
 from fl_plugins.integrations.hf_wrappers import eval_samples, scores, wrap_methods
@@ -75,7 +84,6 @@ from fl_plugins.integrations.tasks import TaskKind
 
 logger = logging.getLogger(__name__)
 
-_INSTALL = "transformers is not installed; install it with: pip install 'fl-plugins[hf]'"
 
 try:
     from transformers import TrainerCallback
@@ -83,7 +91,7 @@ except ImportError:  # pragma: no cover - the face raises a clear error instead
 
     class TrainerCallback:  # type: ignore[no-redef]
         def __init__(self, *a: Any, **k: Any) -> None:
-            raise MissingDependencyError(_INSTALL)
+            raise MissingDependencyError(INSTALL)
 
 
 class FLTrainerCallback(TrainerCallback):
@@ -95,7 +103,9 @@ class FLTrainerCallback(TrainerCallback):
     exchanged tensors key for key and shape for shape. proximal_mu > 0: FedProx (decoupled), each step pulls
     the exchanged weights toward the round's global model by lr * mu * (w - w_global). params_scope: what travels
     ("trainable", "auto", "model", "adapter"); server_key_prefix: put before every name that travels, taken off
-    what arrives. stream_metrics: send the trainer's logs to the aggregator as flare.log records."""
+    what arrives. stream_metrics: send the trainer's logs to the aggregator as flare.log records. At the end of the
+    job the final global model is loaded into the trainer's model and, with save_final, saved to args.output_dir
+    (hf_take_home.py)."""
 
     def __init__(
         self,
@@ -107,6 +117,7 @@ class FLTrainerCallback(TrainerCallback):
         params_scope: str = "trainable",
         server_key_prefix: str | None = None,
         stream_metrics: bool = True,
+        save_final: bool = True,
     ) -> None:
         if not proximal_mu >= 0:
             raise ConfigError(f"FLTrainerCallback: proximal_mu must be >= 0 (got {proximal_mu!r}); 0 turns it off")
@@ -121,6 +132,7 @@ class FLTrainerCallback(TrainerCallback):
         self.params_scope = params_scope
         self.server_key_prefix = server_key_prefix
         self.stream_metrics = bool(stream_metrics)
+        self.save_final = bool(save_final)
         self.scope: str | None = None  # params_scope resolved against the model
         self.per_call = False  # patch(): each train() call is one round
         self.settings: dict[str, Any] = {}  # patch()'s arguments, to compare with a second patch() call
@@ -129,6 +141,8 @@ class FLTrainerCallback(TrainerCallback):
         self.driver: _driver.RoundDriver | None = None
         self.collective: _driver.Collective | None = None  # multi-process training: torch.distributed
         self.bytes_per_round = 0
+        self.described = False  # the model's description went to the aggregator (hf_take_home.py)
+        self.kept_final: int | None = None  # the final global model's round, once loaded into the model
 
     # -- set-up ----------------------------------------------------------------------------------------------
     def start(self, args: Any) -> _driver.RoundDriver:
@@ -159,10 +173,19 @@ class FLTrainerCallback(TrainerCallback):
         driver = self.start(trainer.args)
         if driver.rank == 0:
             driver.attach(self.target(trainer.model))
+            self.describe(trainer.model, getattr(trainer, "processing_class", None))
         driver.bind(trainer)
 
     def on_init_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self.prepare(args, model)
+        self.describe(model, _tokenizer(kwargs))
+
+    def describe(self, model: Any, tokenizer: Any) -> None:
+        """Tell the aggregator what the exchanged tensors belong to (for `fl-plugins export`), once."""
+        driver = self.driver
+        if model is not None and driver is not None and driver.rank == 0 and not self.described:
+            self.described = True
+            take_home.describe(model, tokenizer, self.scope or "")
 
     def prepare(self, args: Any, model: Any, begun: Any = None) -> None:
         """Check the trainer, connect and (the callback form) plan the whole run, once: when the trainer is built,
@@ -212,6 +235,7 @@ class FLTrainerCallback(TrainerCallback):
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         self.prepare(args, model, state)  # a no-op after on_init_end
+        self.describe(model, _tokenizer(kwargs))
         kind = self.open_task(args, model)
         if self.per_call:  # patch(): train() trains a TRAIN task only (hf_wrappers.TaskTrain)
             control.should_training_stop = kind is not TaskKind.TRAIN
@@ -290,6 +314,7 @@ class FLTrainerCallback(TrainerCallback):
         self.take(trainer.args, trainer.control, trainer.model, self.open_task(trainer.args, trainer.model))
         while driver.evaluating:
             trainer.evaluate()
+        self.keep_final(trainer.args, trainer.model, trainer.processing_class)
         if driver.in_round:
             logger.warning("the job asks this site to train again (train() ended early): call trainer.train()")
 
@@ -313,12 +338,30 @@ class FLTrainerCallback(TrainerCallback):
         if evaluating:  # the callback form: an evaluation train() can no longer run
             driver.abort_evaluation(self.target(model))
         at_hand = not self.per_call and driver.rank == 0 and driver.started  # a task fetched, not answered
+        if not self.per_call and not evaluating:
+            self.keep_final(args, model, _tokenizer(kwargs))
         if evaluating or (at_hand and session.get().pending_round()[0] is not None):
             logger.warning(
                 "the job still asks this site for a task after training (an evaluation, a submission): call "
                 "FLTrainerCallback.finish(trainer) after trainer.train() to answer it; until then the aggregator "
                 "waits for this site (at most --site-timeout once its process has ended)"
             )
+
+    def keep_final(self, args: Any, model: Any, tokenizer: Any) -> None:
+        """The callback form, once the job is over: the final global model into `model`, saved to output_dir."""
+        driver = self.driver
+        ended = driver is not None and driver.rank == 0 and bool(getattr(session.current(), "finished", False))
+        if driver is None or self.kept_final is not None or model is None:
+            return
+        if self.collective is not None:
+            ended = bool(self.collective.broadcast(ended if driver.rank == 0 else None))
+        if ended:
+            out = args if self.save_final else None
+            self.kept_final = take_home.take_home(driver, self.target(model), model, out, tokenizer, self.collective)
+
+
+def _tokenizer(kwargs: dict[str, Any]) -> Any:
+    return kwargs.get("processing_class") or kwargs.get("tokenizer")
 
 
 # -- patch(): one train() per round ----------------------------------------------------------------------------
@@ -351,7 +394,7 @@ def patch(
         "local_steps": local_steps,
         "stream_metrics": bool(stream_metrics),
     }
-    settings["params_scope"] = scope = _checked(trainer, settings)
+    settings["params_scope"] = scope = check_patch(trainer, settings)
     existing = _patched_callback(trainer, settings)
     if existing is not None:
         if existing.driver is not _driver.current():  # patched again after flare.shutdown(): connect anew
@@ -382,30 +425,6 @@ def patch(
     wrap_methods(trainer, cb, restore_state)
     cb.attach(trainer)
     return trainer
-
-
-def _checked(trainer: Any, settings: dict[str, Any]) -> str:
-    """patch()'s refusals, before connecting; returns params_scope resolved against the trainer's model."""
-    try:
-        from transformers import Trainer
-    except ImportError as e:
-        raise MissingDependencyError(_INSTALL) from e
-    if not isinstance(trainer, Trainer):
-        raise ConfigError(
-            f"patch() takes a transformers.Trainer (got {type(trainer).__name__}); for Lightning use "
-            "fl_plugins.lightning.patch"
-        )
-    RoundBudget.checked("patch()", settings["local_steps"], settings["local_epochs"])
-    refuse_sharded(trainer.args, trainer, "patch()")
-    if getattr(trainer.args, "load_best_model_at_end", False):
-        raise ConfigError(
-            "patch(): TrainingArguments.load_best_model_at_end=True cannot be federated: train() would reload its "
-            "best checkpoint before the round's update is sent, so the aggregator would get that checkpoint "
-            "instead of the round's training (choosing the best model is the aggregator's job). Set "
-            "load_best_model_at_end=False"
-        )
-    check_prefix("patch()", settings["server_key_prefix"])
-    return resolve_scope(unwrap(trainer.model), settings["params_scope"], "patch()")
 
 
 def _patched_callback(trainer: Any, settings: dict[str, Any]) -> FLTrainerCallback | None:

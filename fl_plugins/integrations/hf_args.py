@@ -6,8 +6,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from fl_plugins.errors import ConfigError
+from fl_plugins.errors import ConfigError, MissingDependencyError
 from fl_plugins.integrations.budget import RoundBudget
+from fl_plugins.integrations.hf_model import resolve_scope, unwrap
+
+INSTALL = "transformers is not installed; install it with: pip install 'fl-plugins[hf]'"
 
 
 def trainer_budget(args: Any) -> RoundBudget:
@@ -56,3 +59,27 @@ def refuse_sharded(args: Any, trainer: Any, who: str) -> None:
             f"{who}: FSDP is not supported yet (TrainingArguments.fsdp={fsdp!r}): each process holds only a shard "
             "of the weights. Train with DDP instead (torchrun) and drop the fsdp argument"
         )
+
+
+def check_patch(trainer: Any, settings: dict[str, Any]) -> str:
+    """patch()'s refusals, before connecting; returns params_scope resolved against the trainer's model."""
+    try:
+        from transformers import Trainer
+    except ImportError as e:
+        raise MissingDependencyError(INSTALL) from e
+    if not isinstance(trainer, Trainer):
+        raise ConfigError(
+            f"patch() takes a transformers.Trainer (got {type(trainer).__name__}); for Lightning use "
+            "fl_plugins.lightning.patch"
+        )
+    RoundBudget.checked("patch()", settings["local_steps"], settings["local_epochs"])
+    refuse_sharded(trainer.args, trainer, "patch()")
+    if getattr(trainer.args, "load_best_model_at_end", False):
+        raise ConfigError(
+            "patch(): TrainingArguments.load_best_model_at_end=True cannot be federated: train() would reload its "
+            "best checkpoint before the round's update is sent, so the aggregator would get that checkpoint "
+            "instead of the round's training (choosing the best model is the aggregator's job). Set "
+            "load_best_model_at_end=False"
+        )
+    check_prefix("patch()", settings["server_key_prefix"])
+    return resolve_scope(unwrap(trainer.model), settings["params_scope"], "patch()")
