@@ -4,6 +4,7 @@
     python benchmarks/transfer.py --gib 0.25      # quick
     python benchmarks/transfer.py --json out.json
     python benchmarks/transfer.py --gib 0.25 --sealed     # only: the sealed (swarm) path beside the mTLS one
+    python benchmarks/transfer.py --gib 0.25 --quantize   # only: bf16/int8/nf4 encode, decode beside raw gRPC
 
 Raw baseline: a tiny grpc server (generic handlers, identity serializers, no framework) and a client in
 separate processes move the model's byte count in `--chunk-mib` messages. The sender turns each chunk of a
@@ -29,6 +30,10 @@ start from the same state. Expect run-to-run noise on "first" figures.
 `--sealed` runs instead the sealed path of swarm learning beside the mTLS path (_sealed.py says how): a model sealed
 by one site for another, through the aggregator's relay, against the same model uploaded to and downloaded from an
 mTLS aggregator, in MB/s each way and their ratio (target >= 0.8).
+
+`--quantize` runs instead the raw baseline and then the compressed encodings of wire/quantize.py on a float32 model
+of --gib (_quantize.py says how): encode and decode+fold MB/s on one core, bytes and error, and what quantise + send
+and receive + dequantise reach against the raw upload's GB/s.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+import _quantize  # noqa: E402
 import _sealed  # noqa: E402
 from _common import (  # noqa: E402
     CTX,
@@ -406,6 +412,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--sealed", action="store_true",
                    help="run only the sealed path (swarm: seal, relay, open) beside the mTLS path, the first of "
                         "--dtypes, with kits from provision_local (see _sealed.py)")
+    p.add_argument("--quantize", action="store_true",
+                   help="run only the raw baseline and the bf16/int8/nf4 encodings' encode and decode+fold "
+                        "throughput on a float32 model of --gib (see _quantize.py)")
     p.add_argument("--sealed-repeats", type=int, default=3,
                    help="--sealed: steady repeats of each path after the first (median; default %(default)s)")
     args = p.parse_args(argv)
@@ -419,6 +428,8 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     if args.sealed:
         return sealed_main(args, out, root, model_bytes, chunk, dtypes[0], t_all)
+    if args.quantize:
+        return quantize_main(args, out, root, model_bytes, chunk, t_all)
     try:
         print(f"raw gRPC baseline ({model_bytes / GiB:.2f} GiB) ...", flush=True)
         out["raw"] = run_raw(model_bytes, chunk, args.raw_repeats, args.raw_fresh, args.settle, args.timeout)
@@ -462,6 +473,22 @@ def sealed_main(args, out: dict, root: Path, model_bytes: int, chunk: int, dtype
         out["total_seconds"] = time.perf_counter() - t_all
         print()
         print("\n".join(_sealed.report(out["sealed"], dtype, args.chunk_mib)))
+        print(f"\ntotal {out['total_seconds']:.0f} s")
+    finally:
+        _clean_up(args, out, root)
+    return 0
+
+
+def quantize_main(args, out: dict, root: Path, model_bytes: int, chunk: int, t_all: float) -> int:
+    """--quantize: the raw gRPC baseline, then each encoding's encode and decode+fold (_quantize.py)."""
+    try:
+        print(f"raw gRPC baseline ({model_bytes / GiB:.2f} GiB) ...", flush=True)
+        out["raw"] = run_raw(model_bytes, chunk, args.raw_repeats, args.raw_fresh, args.settle, args.timeout)
+        print(f"encode, decode+fold of {', '.join(_quantize.quantize.ENCODINGS)} ...", flush=True)
+        out["quantize"] = _quantize.run_quantize(model_bytes, args.tensors, chunk, args.raw_repeats)
+        out["total_seconds"] = time.perf_counter() - t_all
+        print()
+        print("\n".join(_quantize.report(out["quantize"], out["raw"])))
         print(f"\ntotal {out['total_seconds']:.0f} s")
     finally:
         _clean_up(args, out, root)
