@@ -2,7 +2,8 @@
 
     name: lightning-demo                      # optional; default: the file's stem
     script: ../examples/client_api_train.py   # required; relative to the recipe file; must exist
-    sites: 3                                  # a count (site-1..site-N) or a list of names
+    sites: 3                                  # a count (site-1..site-N) or a list of names (or, with a `task:`,
+                                              # of {name: site-1, data: PATH, peft: {r: 4, alpha: 8}})
     rounds: 5                                 # required, >= 1
     min_sites: 3                              # sites needed to start a round; default: all of them
     initial_model: null                       # a .safetensors file or HF model folder, relative to the recipe
@@ -63,10 +64,13 @@ class ScriptSpec:
 
 @dataclass(frozen=True)
 class SiteSpec:
-    """One site: its name (FL_SITE) and the extra arguments only it gets."""
+    """One site: its name (FL_SITE), the extra arguments only it gets, and (a built-in `task` only) its own data
+    and LoRA rank."""
 
     name: str  # the site's name, exported as FL_SITE; 1-128 characters, no path separators
     args: tuple[str, ...] = ()  # appended after ScriptSpec.args for this site only
+    data: str | None = None  # its own data (an absolute path; tasks/datafiles.py): None takes a share of task.data
+    peft: dict[str, int] = field(default_factory=dict)  # its LoRA override: {"r": 4, "alpha": 8} (either or both)
 
 
 @dataclass(frozen=True)
@@ -102,9 +106,10 @@ class Recipe:
 
     def identity(self) -> dict[str, Any]:
         """What makes this recipe's job this job, kept in the run directory's run.json (store.py): its name,
-        what the sites run (`script` and `args`, or `task`), `env`, and the sites with their `site_args`. A
-        restart whose recipe differs there is refused; `rounds`, `min_sites`, `round_deadline`, `aggregation`,
-        `transfer` and `tracking` may change between restarts, and `initial_model` is compared by content."""
+        what the sites run (`script` and `args`, or `task`), `env`, and the sites with their `site_args`, their own
+        `data` paths and LoRA overrides. A restart whose recipe differs there is refused; `rounds`, `min_sites`,
+        `round_deadline`, `aggregation`, `transfer` and `tracking` may change between restarts, and `initial_model`
+        is compared by content (a site's data file is compared by its path only)."""
         job: dict[str, Any] = {"name": self.name}
         if self.task is None:
             job["script"] = os.path.relpath(self.script.path, self.source.resolve().parent)
@@ -114,6 +119,11 @@ class Recipe:
         job["env"] = dict(sorted(self.script.env.items()))
         job["sites"] = [s.name for s in self.sites]
         job["site_args"] = {s.name: list(s.args) for s in self.sites if s.args}
+        folder = self.source.resolve().parent
+        if any(s.data for s in self.sites):  # (left out when no site has any: older run.json files stay equal)
+            job["site_data"] = {s.name: os.path.relpath(s.data, folder) for s in self.sites if s.data}
+        if any(s.peft for s in self.sites):
+            job["site_peft"] = {s.name: dict(sorted(s.peft.items())) for s in self.sites if s.peft}
         return {"path": str(self.source), "job": job}
 
 
@@ -173,9 +183,16 @@ def parse_recipe(data: Any, source: str | Path) -> Recipe:
     if data.get("task") is not None:
         from fl_plugins.tasks.spec import parse_task
 
-        task = parse_task(data["task"], source)
+        task = parse_task(data["task"], source, {s.name: s.data for s in sites})
+        _check_site_peft(c, sites, task.peft.method)
         script = ScriptSpec(TASK_SCRIPT, ("--recipe", str(source.resolve())), env)
     else:
+        for s in sites:
+            if s.data or s.peft:
+                raise ConfigError(
+                    f"{source}: site {s.name!r}: `{'data' if s.data else 'peft'}` applies to a built-in `task`; a "
+                    "`script` reads its own data and settings (give them to one site with `site_args`)"
+                )
         args = c.strings("args", data.get("args") or [])
         script = ScriptSpec(c.path("script", data["script"], file=True), args, env)
     federation = _federation(c, data, len(sites))
@@ -208,33 +225,66 @@ def _check_keys(c: _Checker, data: Any) -> None:
             raise ConfigError(f"{c.source}: `{k}` is required (e.g. {_EXAMPLES[k]}){or_task}")
 
 
-def _site_names(c: _Checker, v: Any) -> list[str]:
-    """`sites:`, a count (site-1..site-N) or a list of names."""
+def _site_entries(c: _Checker, v: Any) -> list[SiteSpec]:
+    """`sites:`, a count (site-1..site-N) or a list of names or {name, data, peft} mappings (no `site_args` yet)."""
     if isinstance(v, list):
         if not v:
             raise c.fail("sites", "must be a count >= 1 or a non-empty list of site names", v)
-        for i, s in enumerate(v):
-            if not _site_name_ok(s):
-                raise c.fail(f"sites[{i}]", "must be a name of 1-128 characters without path separators", s)
-        dup = sorted({s for s in v if v.count(s) > 1})
+        sites = [_site_entry(c, i, s) for i, s in enumerate(v)]
+        names = [s.name for s in sites]
+        dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise c.fail("sites", f"must not repeat a name ({', '.join(dup)} appears twice)", v)
-        return list(v)
+        return sites
     if isinstance(v, int) and not isinstance(v, bool):
-        return [f"site-{i}" for i in range(1, c.integer("sites", v, 1) + 1)]
+        return [SiteSpec(f"site-{i}") for i in range(1, c.integer("sites", v, 1) + 1)]
     raise c.fail("sites", "must be a count >= 1 or a list of site names", v)
+
+
+def _site_entry(c: _Checker, i: int, v: Any) -> SiteSpec:
+    """One `sites:` entry: a name, or {name: site-1, data: PATH, peft: {r: 4, alpha: 8}} (a built-in task's)."""
+    entry = v if isinstance(v, dict) else {"name": v}
+    c.keys(entry, _SITE_KEYS, f"sites[{i}].")
+    name = entry.get("name")
+    if not _site_name_ok(name):
+        key = f"sites[{i}].name" if isinstance(v, dict) else f"sites[{i}]"
+        raise c.fail(key, "must be a name of 1-128 characters without path separators", name)
+    path = entry.get("data")
+    if path is not None:
+        if not isinstance(path, str) or not path.strip() or path.startswith("demo:"):
+            must = "must be the path of the site's own data, relative to the recipe file (demo data: `task.data`)"
+            raise c.fail(f"sites[{i}].data", must, path)
+        p = Path(path).expanduser()
+        path = str((p if p.is_absolute() else c.source.resolve().parent / p).resolve())
+    peft = entry.get("peft") or {}
+    if not isinstance(peft, dict):
+        raise c.fail(f"sites[{i}].peft", "must be a mapping like {r: 4, alpha: 8} (this site's LoRA rank)", peft)
+    c.keys(peft, ("r", "alpha"), f"sites[{i}].peft.")
+    return SiteSpec(str(name), data=path, peft={k: c.integer(f"sites[{i}].peft.{k}", n, 1) for k, n in peft.items()})
+
+
+def _check_site_peft(c: _Checker, sites: tuple[SiteSpec, ...], method: str) -> None:
+    """A site's `peft:` overrides the LoRA rank/alpha: the task must train LoRA adapters."""
+    for i, s in enumerate(sites):
+        if s.peft and method != "lora":
+            must = f"sets this site's LoRA rank, but `task.peft` is {method}: use lora or remove it"
+            raise c.fail(f"sites[{i}].peft", must, s.peft)
 
 
 def _sites(c: _Checker, data: dict) -> tuple[SiteSpec, ...]:
     """The sites, each with its `site_args`."""
-    names = _site_names(c, data["sites"])
+    sites = _site_entries(c, data["sites"])
+    names = [s.name for s in sites]
     site_args = data.get("site_args") or {}
     if not isinstance(site_args, dict):
         raise c.fail("site_args", "must be a mapping of site name to a list of arguments", site_args)
-    for s in site_args:
-        if s not in names:
-            raise c.unknown(s, names, "site_args.")
-    return tuple(SiteSpec(n, c.strings(f"site_args.{n}", site_args[n]) if n in site_args else ()) for n in names)
+    for n in site_args:
+        if n not in names:
+            raise c.unknown(n, names, "site_args.")
+    return tuple(
+        dataclasses.replace(s, args=c.strings(f"site_args.{s.name}", site_args[s.name])) if s.name in site_args else s
+        for s in sites
+    )
 
 
 def _env(c: _Checker, data: dict) -> dict[str, str]:
@@ -296,6 +346,7 @@ def _section(c: Checker, data: dict, key: str, known: tuple[str, ...]) -> dict:
     return v
 
 
+_SITE_KEYS = ("name", "data", "peft")
 _EXAMPLES = {"script": "`script: train.py`", "sites": "`sites: 3`", "rounds": "`rounds: 5`"}
 _OR_TASK = ", or a built-in `task:` section (fl_plugins/tasks/spec.py)"
 

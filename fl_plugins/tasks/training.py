@@ -1,15 +1,20 @@
-"""The model, its tokenizer, the datasets and the `Trainer` of a built-in task (torch, transformers and peft are
-imported when used).
+"""The model, its tokenizer, the collator and the `Trainer` of a built-in task (torch, transformers and peft are
+imported when used; the examples themselves: encoding.py).
 
 The same seed builds the same initial weights on every site; `{build: llama, ...}` models get a character-level
-tokenizer (nothing to download); PEFT wraps the model as `task.peft` says. A causal-LM example is
-`PROMPT` + response, with the loss on the response only.
+tokenizer (nothing to download); PEFT wraps the model as `task.peft` says. `task.gradient_checkpointing` turns it
+on in the model and the `TrainingArguments` (non-reentrant, so it works on CPU and under PEFT; the embeddings'
+outputs require grad, as PEFT's frozen embeddings would otherwise cut the graph). `task.quantization` (QLoRA)
+loads the base model in 4 bits with bitsandbytes (`BitsAndBytesConfig`) and prepares it for training
+(`prepare_model_for_kbit_training`) before the adapters are added; that needs a CUDA GPU and `pip install
+bitsandbytes`, and a site without them is told so when it starts.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import importlib
+import importlib.util
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,9 +22,8 @@ from typing import Any
 import numpy as np
 
 from fl_plugins.errors import ConfigError
+from fl_plugins.tasks.encoding import CharTokenizer, Encoded
 from fl_plugins.tasks.spec import TaskSpec
-
-PROMPT = "### Instruction:\n{instruction}\n### Response:\n"
 
 
 def model_folder(spec: TaskSpec) -> str:
@@ -45,69 +49,119 @@ def model_folder(spec: TaskSpec) -> str:
     return m.value
 
 
-class CharTokenizer:
-    """A character-level tokenizer for models built from a config (no tokenizer to download)."""
-
-    def __init__(self) -> None:
-        self.specials = ["<pad>", "<s>", "</s>", "<unk>"]
-        chars = [chr(c) for c in range(32, 127)] + ["\n"]
-        self.vocab = {t: i for i, t in enumerate(self.specials + chars)}
-        self.pad_token_id, self.bos_token_id, self.eos_token_id, self.unk_token_id = 0, 1, 2, 3
-
-    def __len__(self) -> int:
-        return len(self.vocab)
-
-    def encode(self, text: str) -> list[int]:
-        return [self.vocab.get(ch, self.unk_token_id) for ch in text]
-
-    def decode(self, ids: list[int]) -> str:
-        inv = {i: t for t, i in self.vocab.items()}
-        return "".join(inv[i] for i in ids if i >= len(self.specials))
-
-
 def build_model(spec: TaskSpec, num_labels: int | None) -> tuple[Any, Any]:
-    """(model, tokenizer), the same initial weights on every site (seeded), wrapped with PEFT as asked."""
+    """(model, tokenizer), the same initial weights on every site (seeded), quantised, checkpointed and wrapped
+    with PEFT as the task says."""
     import torch
 
     torch.manual_seed(spec.seed)
-    model: Any
-    tok: Any
-    if spec.model.source == "build":
-        from transformers import LlamaConfig, LlamaForCausalLM
+    model, tok = _built(spec) if spec.model.source == "build" else _pretrained(spec, num_labels)
+    if spec.quantization is not None:
+        import peft
 
-        tok = CharTokenizer()
-        cfg = {
-            "hidden_size": 64,
-            "intermediate_size": 128,
-            "num_hidden_layers": 2,
-            "num_attention_heads": 4,
-            "num_key_value_heads": 4,
-            "max_position_embeddings": 512,
-            **spec.model.config,
-        }
-        try:
-            config = LlamaConfig(
-                vocab_size=len(tok),
-                pad_token_id=tok.pad_token_id,
-                bos_token_id=tok.bos_token_id,
-                eos_token_id=tok.eos_token_id,
-                **cfg,
-            )
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"task.model: cannot build a llama model from {spec.model.config}: {e}") from e
-        model = LlamaForCausalLM(config)
-    else:
-        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
-
-        folder = model_folder(spec)
-        tok = AutoTokenizer.from_pretrained(folder)
-        if spec.type == "sequence-classification":
-            model = AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels)
+        model = peft.prepare_model_for_kbit_training(
+            model,
+            use_gradient_checkpointing=spec.gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False},
+        )
+    elif spec.gradient_checkpointing:  # (transformers 5.x renamed it activation checkpointing)
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
         else:
-            model = AutoModelForCausalLM.from_pretrained(folder)
-            if tok.pad_token_id is None:
-                tok.pad_token = tok.eos_token
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if spec.gradient_checkpointing:
+        if spec.peft.method != "none":
+            model.enable_input_require_grads()  # frozen embeddings: let the checkpointed blocks' inputs need grad
+        if hasattr(model.config, "use_cache"):
+            model.config.use_cache = False  # no KV cache while training (transformers warns otherwise)
     return _with_peft(spec, model), tok
+
+
+def _built(spec: TaskSpec) -> tuple[Any, CharTokenizer]:
+    """A llama built from its config (random weights) and the character tokenizer."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tok = CharTokenizer()
+    cfg = {
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+        "num_key_value_heads": 4,
+        "max_position_embeddings": 512,
+        **spec.model.config,
+    }
+    try:
+        config = LlamaConfig(
+            vocab_size=len(tok),
+            pad_token_id=tok.pad_token_id,
+            bos_token_id=tok.bos_token_id,
+            eos_token_id=tok.eos_token_id,
+            **cfg,
+        )
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"task.model: cannot build a llama model from {spec.model.config}: {e}") from e
+    return LlamaForCausalLM(config), tok
+
+
+def _pretrained(spec: TaskSpec, num_labels: int | None) -> tuple[Any, Any]:
+    """A pretrained model and its tokenizer from a folder, the hub or a package (in 4 bits with quantization)."""
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+    folder = model_folder(spec)
+    kw: dict[str, Any] = {}
+    if spec.quantization is not None:
+        import torch
+
+        kw = {
+            "quantization_config": quantization_config(spec),
+            "dtype": DTYPES[spec.quantization.compute_dtype],
+            "device_map": {"": torch.cuda.current_device()},
+        }
+    tok = AutoTokenizer.from_pretrained(folder)
+    if spec.type == "sequence-classification":
+        return AutoModelForSequenceClassification.from_pretrained(folder, num_labels=num_labels, **kw), tok
+    model = AutoModelForCausalLM.from_pretrained(folder, **kw)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+DTYPES = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}  # torch dtype names
+
+
+def bnb_kwargs(spec: TaskSpec) -> dict[str, Any]:
+    """`task.quantization` as `BitsAndBytesConfig` arguments."""
+    q = spec.quantization
+    if q is None:
+        return {}
+    return {
+        "load_in_4bit": q.load_in_4bit,
+        "bnb_4bit_compute_dtype": DTYPES[q.compute_dtype],
+        "bnb_4bit_quant_type": q.quant_type,
+        "bnb_4bit_use_double_quant": q.double_quant,
+    }
+
+
+def quantization_config(spec: TaskSpec) -> Any:
+    """The `BitsAndBytesConfig` of `task.quantization`, once this site is known to be able to load 4-bit weights
+    (a CUDA GPU and bitsandbytes; a ConfigError naming what is missing otherwise)."""
+    import torch
+
+    missing = []
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("bitsandbytes is not installed (pip install bitsandbytes)")
+    if not torch.cuda.is_available():
+        missing.append("no CUDA GPU is visible (torch.cuda.is_available() is False)")
+    if missing:
+        raise ConfigError(
+            "task.quantization (QLoRA: a 4-bit base model) needs a CUDA GPU and bitsandbytes on every site: "
+            + "; ".join(missing)
+            + ". Run the recipe on GPU sites with `pip install bitsandbytes`, or remove `task.quantization`"
+        )
+    from transformers import BitsAndBytesConfig
+
+    return BitsAndBytesConfig(**bnb_kwargs(spec))
 
 
 def _with_peft(spec: TaskSpec, model: Any) -> Any:
@@ -133,48 +187,7 @@ def _with_peft(spec: TaskSpec, model: Any) -> Any:
     return peft.get_peft_model(model, cfg)
 
 
-# -- datasets and the trainer --------------------------------------------------------------------------------
-
-
-class Encoded:
-    """A list of tokenized examples as a torch map-style dataset."""
-
-    def __init__(self, items: list[dict]) -> None:
-        self.items = items
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> dict:
-        return self.items[i]
-
-
-def encode(spec: TaskSpec, tok: Any, rows: list[dict]) -> Encoded:
-    if spec.type == "sequence-classification":
-        enc = tok([r["text"] for r in rows], truncation=True, max_length=spec.max_length)
-        return Encoded(
-            [
-                {"input_ids": enc["input_ids"][i], "attention_mask": enc["attention_mask"][i], "labels": r["label"]}
-                for i, r in enumerate(rows)
-            ]
-        )
-    items = []
-    for r in rows:
-        prompt = PROMPT.format(instruction=r["instruction"])
-        p_ids = _ids(tok, prompt)
-        r_ids = _ids(tok, r["response"]) + [tok.eos_token_id]
-        ids = ([tok.bos_token_id] if tok.bos_token_id is not None else []) + p_ids + r_ids
-        n_prompt = len(ids) - len(r_ids)
-        ids = ids[: spec.max_length]
-        labels = ([-100] * n_prompt + r_ids)[: spec.max_length]  # the loss covers the response only
-        items.append({"input_ids": ids, "attention_mask": [1] * len(ids), "labels": labels})
-    return Encoded(items)
-
-
-def _ids(tok: Any, text: str) -> list[int]:
-    if isinstance(tok, CharTokenizer):
-        return tok.encode(text)
-    return tok(text, add_special_tokens=False)["input_ids"]
+# -- the collator and the trainer --------------------------------------------------------------------------------
 
 
 def collator(spec: TaskSpec, tok: Any) -> Callable[[list[dict]], dict]:
@@ -219,6 +232,9 @@ def training_args(spec: TaskSpec, out_dir: str, **kw: Any) -> Any:
     # transformers 5 folded warmup_ratio into warmup_steps (a float below 1 is a ratio)
     names = {f.name for f in dataclasses.fields(TrainingArguments)}
     budget["warmup_ratio" if "warmup_ratio" in names else "warmup_steps"] = spec.warmup_ratio
+    if spec.gradient_checkpointing:  # and gradient checkpointing into activation checkpointing
+        ckpt = "activation_checkpointing" if "activation_checkpointing" in names else "gradient_checkpointing"
+        budget.update({ckpt: True, f"{ckpt}_kwargs": {"use_reentrant": False}})
     return TrainingArguments(
         output_dir=out_dir,
         per_device_train_batch_size=spec.batch_size,
