@@ -130,7 +130,16 @@ class PathValue:
         return Path(text)
 
 
-STRATEGIES = ("fedavg", "fedavgm", "fedadam", "fedyogi", "fedadagrad", "scaffold")  # strategy.py's
+STRATEGIES = (  # strategy.py's
+    "fedavg",
+    "fedavgm",
+    "fedadam",
+    "fedyogi",
+    "fedadagrad",
+    "scaffold",
+    "hetlora",
+    "flexlora",
+)
 
 
 @dataclass(frozen=True)

@@ -296,7 +296,8 @@ class AggregatorConfig:
     strategy: str = _setting(
         "fedavg",
         doc="how the round's updates become the next global model: fedavg, a server optimizer on their average, "
-        "or scaffold (control variates beside the weights)",
+        "scaffold (control variates beside the weights), or hetlora / flexlora (sites train LoRA adapters of "
+        "different ranks, up to the initial model's: zero-padding, or SVD of the averaged product)",
         check=Choice(STRATEGIES),
         flag="--strategy",
         key="strategy.type",

@@ -98,6 +98,33 @@ def test_peft_sentiment_beats_every_local_only_model_moving_under_two_percent(tm
     sent = [u["bytes"] for u in updates if u["event"] == "update"]
     assert len(sent) == 3 * summary["rounds_planned"] and max(sent) < 0.02 * full, (max(sent), full)
     assert all(r["uploaded_bytes"] == sum(sent[:3]) for r in summary["rounds"])
+    # taken home: the exported adapter, loaded by peft, scores what the run reported on the pooled validation set
+    out = subprocess.run([sys.executable, "-m", "fl_plugins.cli", "export", str(tmp_path / "run"), "-o",
+                          str(tmp_path / "home")], capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert _reloaded_scores(ROOT / "recipes" / "peft_sentiment.yaml", tmp_path / "home") == pytest.approx(b["global"])
+
+
+def _reloaded_scores(recipe: Path, folder: Path) -> dict[str, float]:
+    """An exported adapter loaded with transformers + peft alone, scored on the recipe's pooled validation set."""
+    import tempfile
+
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from fl_plugins.tasks.encoding import encode
+    from fl_plugins.tasks.shares import shares
+    from fl_plugins.tasks.training import build_model, make_trainer, model_folder
+
+    r = load_recipe(recipe)
+    data = shares(r.task, {s.name: s.data for s in r.sites})
+    base = AutoModelForSequenceClassification.from_pretrained(model_folder(r.task), num_labels=len(data.labels))
+    model = PeftModel.from_pretrained(base, folder)
+    tok = build_model(r.task, len(data.labels))[1]
+    pooled = encode(r.task, tok, data.pooled_val)
+    with tempfile.TemporaryDirectory() as tmp:
+        m = make_trainer(r.task, model, tok, pooled, pooled, tmp).evaluate()
+    return {k.removeprefix("eval_"): float(v) for k, v in m.items() if k in ("eval_loss", "eval_accuracy")}
 
 
 @pytest.mark.slow

@@ -122,7 +122,9 @@ class Intake:
             return self._begin_resend(u, owed)
         self.rounds.may_update(s, round_, attempt, self.agg.clock())
         try:
-            check_plan(self.agg.global_manifest, u.manifest, f"the update from site {site!r}")
+            check_plan(
+                self.agg.global_manifest, u.manifest, f"the update from site {site!r}", strategy=self.config.strategy
+            )
         except FLError as e:
             self.invalid(site, round_, False, e)
             raise

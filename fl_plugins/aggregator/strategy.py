@@ -13,6 +13,9 @@ starts a round's (or a refold's) accumulation again. The coordinator (core.py) n
     fedyogi     FedYogi (optimizers.py)          m.npy, v.npy
     fedadagrad  FedAdagrad (optimizers.py)       m.npy, v.npy
     scaffold    Scaffold (scaffold.py)           none (its control variates are tensors of the global model)
+    hetlora     HetLoRA (lora.py)                none (LoRA factors of smaller ranks, zero-padded)
+    flexlora    FlexLoRA (lora_flex.py)          none (LoRA factors of smaller ranks, SVD of the average product;
+                                                 it keeps each update's factors until the close: `KeepsUpdates`)
 
 config.py's `strategy` setting names one (checks.py's STRATEGIES lists the same names), `server_lr`,
 `server_momentum`, `beta2` and `tau` its hyper-parameters; optimizers.py's docstring has the rules, scaffold.py
@@ -22,7 +25,8 @@ SCAFFOLD's. Round 0's global model gets what a strategy needs beside the initial
 Memory: every strategy folds into fedavg.py's one float32 accumulator (resident, `nbytes`); a server
 optimizer's state, one or two float32 buffers of the model's floating-point elements (`state_nbytes`), is
 kept in files and read and written a block at a time through memmaps of that block (optimizers.py), so the
-aggregator's resident memory is the accumulator plus a few MiB whichever strategy runs. Only floating-point
+aggregator's resident memory is the accumulator plus a few MiB whichever strategy runs (flexlora also keeps the
+counted updates' LoRA factors until the close: lora.py). Only floating-point
 tensors get an optimizer; integer and BOOL tensors keep FedAvg's rules (fedavg.py).
 
 State that must survive a restart is not kept on the object: the state after producing round R's model is
@@ -35,10 +39,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 
+from fl_plugins.aggregator.lora import HetLoRA
+from fl_plugins.aggregator.lora_flex import FlexLoRA
 from fl_plugins.aggregator.optimizers import OPTIMIZERS, FedAvg, check_made_by, read_state
 from fl_plugins.aggregator.scaffold import Scaffold, check_control_variates, control_variate_shards
 from fl_plugins.aggregator.store import ExtraShards
@@ -97,7 +103,25 @@ class Strategy(Protocol):
         ...
 
 
-STRATEGIES: dict[str, type[FedAvg]] = {FedAvg.name: FedAvg, **OPTIMIZERS, Scaffold.name: Scaffold}
+@runtime_checkable
+class KeepsUpdates(Protocol):
+    """A strategy that needs each update's tensors together at the close (flexlora: a module's A and B): uploads.py's
+    FoldSink hands it every chunk with the upload it belongs to, instead of `fold`."""
+
+    def fold_update(
+        self, key: str, tensor: TensorInfo, lo: int, payload: memoryview, weight: float, *, diff: bool = False
+    ) -> None:
+        """`fold` of the update `key` (its upload's id)."""
+        ...
+
+
+STRATEGIES: dict[str, type[FedAvg]] = {
+    FedAvg.name: FedAvg,
+    **OPTIMIZERS,
+    Scaffold.name: Scaffold,
+    HetLoRA.name: HetLoRA,
+    FlexLoRA.name: FlexLoRA,
+}
 
 
 def _strategy_class(config: AggregatorConfig) -> type[FedAvg]:

@@ -17,10 +17,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
+from fl_plugins.aggregator.lora import fit_plan
 from fl_plugins.aggregator.rounds import Counted, RoundState
 from fl_plugins.aggregator.scaffold import is_control_variate, missing_message
 from fl_plugins.aggregator.store import same_tensors
-from fl_plugins.aggregator.strategy import Strategy
+from fl_plugins.aggregator.strategy import KeepsUpdates, Strategy
 from fl_plugins.errors import AuthError, ModelMismatchError, ProtocolError
 from fl_plugins.wire import limits
 from fl_plugins.wire.layout import Manifest, TensorInfo, build_header, short_repr
@@ -82,6 +83,7 @@ class FoldSink:
     def __init__(self, strategy: Strategy, weight: float, upload: Upload, check_finite: bool) -> None:
         self.strategy, self.weight, self.upload, self.check_finite = strategy, weight, upload, check_finite
         self.diff = upload.params_type == "DIFF"
+        self.keeps = strategy if isinstance(strategy, KeepsUpdates) else None  # flexlora: folded by upload
 
     def header(self, shard: int, prefix: bytes) -> None:
         pass
@@ -89,7 +91,10 @@ class FoldSink:
     def data(self, shard: int, tensor: TensorInfo, lo: int, payload: memoryview) -> None:
         self.strategy.check(tensor, lo, payload, finite=self.check_finite, weight=self.weight)  # before the fold
         self.upload.folded = True  # before the fold, under the fold gate: the close's check sees it
-        self.strategy.fold(tensor, lo, payload, self.weight, diff=self.diff)
+        if self.keeps is not None:
+            self.keeps.fold_update(self.upload.id, tensor, lo, payload, self.weight, diff=self.diff)
+        else:
+            self.strategy.fold(tensor, lo, payload, self.weight, diff=self.diff)
 
 
 class Uploads:
@@ -195,10 +200,13 @@ def check_chunk_bytes(site: str, manifest: Manifest, chunk_bytes: int) -> None:
         )
 
 
-def check_plan(global_manifest: Manifest, manifest: Manifest, what: str, *, submitted: bool = False) -> None:
+def check_plan(
+    global_manifest: Manifest, manifest: Manifest, what: str, *, submitted: bool = False, strategy: str = "fedavg"
+) -> None:
     """An update's tensors must be the global model's, in at most as many shards as it has tensors (no empty
     shards), with headers no larger than the ones we would build plus MAX_HEADER_SLACK. SCAFFOLD's control
-    variates (scaffold.py) are part of an update; a submitted model (`submitted`) may leave them all out."""
+    variates (scaffold.py) are part of an update; a submitted model (`submitted`) may leave them all out. Under
+    `strategy` hetlora or flexlora, LoRA factors may have a smaller rank than the global model's (lora.py)."""
     expected = {t.name: t for s in global_manifest.shards for t in s.tensors}
     got = {t.name: t for s in manifest.shards for t in s.tensors}
     variates = [n for n in expected if is_control_variate(n)]
@@ -207,7 +215,7 @@ def check_plan(global_manifest: Manifest, manifest: Manifest, what: str, *, subm
         expected = {n: t for n, t in expected.items() if not is_control_variate(n)}
     elif missing:
         raise ModelMismatchError(missing_message(what, missing, len(variates)))
-    same_tensors(expected, got, what)
+    same_tensors(fit_plan(expected, got, what, strategy, submitted=submitted), got, what)
     for shard in manifest.shards:
         if not shard.tensors:
             raise ProtocolError(f"{what}: shard {shard.name!r} holds no tensor; every shard must hold one")

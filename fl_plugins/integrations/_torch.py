@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from fl_plugins.lora_ranks import fit_ranks
+
 
 class ModuleTarget:
     def __init__(self, module: torch.nn.Module) -> None:
@@ -24,6 +26,7 @@ class ModuleTarget:
         """Copy `params` into the module in place (on its device). Tensors received straight into the module's
         own storage are already there and are skipped."""
         local = self.module.state_dict()
+        params = fit_ranks(params, local)  # a global LoRA adapter of a larger rank, cut to this module's (hetlora)
         params = {k: v if isinstance(v, torch.Tensor) else torch.as_tensor(v) for k, v in params.items()}
         todo = {k: v for k, v in params.items() if not same_storage(v, local.get(k))}
         if not todo:

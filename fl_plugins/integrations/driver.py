@@ -97,8 +97,8 @@ class RoundDriver:
         self.peers = Follower()  # ranks != 0 (multi-process training): what rank 0 broadcast
 
     # -- set-up --------------------------------------------------------------------------------------------
-    def start(self, rank: int = 0) -> None:
-        """Connect (global rank 0 only; other ranks never talk to the aggregator)."""
+    def start(self, rank: int = 0, offer: bool = True) -> None:
+        """Connect (global rank 0 only; other ranks never talk to the aggregator); `offer`: may offer round 0's."""
         api.init(rank=rank)  # a no-op when the script called init() itself
         if rank != 0 and session.get().rank == 0:
             raise ConfigError(
@@ -107,7 +107,8 @@ class RoundDriver:
             )
         self.rank = rank
         self.started = True
-        session.get().allow_offer_initial()
+        if offer:
+            session.get().allow_offer_initial()
 
     def plan(self, budget: RoundBudget | None, *, whole_run: bool = False) -> None:
         """One round's budget; `whole_run`: one fit trains every round, and a round ends where its budget is spent

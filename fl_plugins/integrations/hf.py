@@ -61,7 +61,7 @@ and at each round end whether the job goes on.
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, cast
 
 from fl_plugins.client import session
 from fl_plugins.errors import ConfigError, MissingDependencyError
@@ -105,7 +105,8 @@ class FLTrainerCallback(TrainerCallback):
     ("trainable", "auto", "model", "adapter"); server_key_prefix: put before every name that travels, taken off
     what arrives. stream_metrics: send the trainer's logs to the aggregator as flare.log records. At the end of the
     job the final global model is loaded into the trainer's model and, with save_final, saved to args.output_dir
-    (hf_take_home.py)."""
+    (hf_take_home.py). offer_initial=False: never offer this model as round 0's (another site's must be: e.g. the
+    site of the largest LoRA rank when ranks differ)."""
 
     def __init__(
         self,
@@ -118,6 +119,7 @@ class FLTrainerCallback(TrainerCallback):
         server_key_prefix: str | None = None,
         stream_metrics: bool = True,
         save_final: bool = True,
+        offer_initial: bool = True,
     ) -> None:
         if not proximal_mu >= 0:
             raise ConfigError(f"FLTrainerCallback: proximal_mu must be >= 0 (got {proximal_mu!r}); 0 turns it off")
@@ -132,7 +134,7 @@ class FLTrainerCallback(TrainerCallback):
         self.params_scope = params_scope
         self.server_key_prefix = server_key_prefix
         self.stream_metrics = bool(stream_metrics)
-        self.save_final = bool(save_final)
+        self.save_final, self.offer_initial = bool(save_final), bool(offer_initial)
         self.scope: str | None = None  # params_scope resolved against the model
         self.per_call = False  # patch(): each train() call is one round
         self.settings: dict[str, Any] = {}  # patch()'s arguments, to compare with a second patch() call
@@ -141,8 +143,7 @@ class FLTrainerCallback(TrainerCallback):
         self.driver: _driver.RoundDriver | None = None
         self.collective: _driver.Collective | None = None  # multi-process training: torch.distributed
         self.bytes_per_round = 0
-        self.described = False  # the model's description went to the aggregator (hf_take_home.py)
-        self.kept_final: int | None = None  # the final global model's round, once loaded into the model
+        self.described, self.kept_final = False, cast(int | None, None)  # (hf_take_home.py) sent; the final round
 
     # -- set-up ----------------------------------------------------------------------------------------------
     def start(self, args: Any) -> _driver.RoundDriver:
@@ -153,7 +154,7 @@ class FLTrainerCallback(TrainerCallback):
                 from fl_plugins.integrations._torch import TorchCollective
 
                 self.collective = TorchCollective()
-            self.driver.start(rank=int(args.process_index))
+            self.driver.start(rank=int(args.process_index), offer=self.offer_initial)
             self.driver.use_fedprox(self.proximal_mu)
             if self.per_call:
                 self.driver.plan(self.budget)

@@ -100,8 +100,10 @@ class HFTarget:
         import torch
 
         from fl_plugins.integrations._torch import same_storage
+        from fl_plugins.lora_ranks import fit_ranks
 
         local = self.state()
+        params = fit_ranks(params, local)  # a global adapter of a larger rank: cut to this model's (targets.py)
         todo = {k: v for k, v in params.items() if not same_storage(v, local.get(k))}
         if not todo:
             return

@@ -106,8 +106,22 @@ def take_home(driver: Any, target: ModelTarget, model: Any, args: Any, tokenizer
         collective.broadcast_tensors(target.state().values())
     out = getattr(args, "output_dir", None)  # (args None: not saved)
     if out and getattr(args, "should_save", driver.rank == 0):
-        unwrap(model).save_pretrained(out, safe_serialization=True)
+        _save(unwrap(model), out)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(out)
         logger.info("the final global model (round %d) is in trainer.model and saved to %s", round_, out)
     return round_
+
+
+def _save(model: Any, out: str) -> None:
+    """`model` into `out` as Trainer.save_model() would: save_pretrained (a PEFT model: its adapter), else the
+    state_dict as model.safetensors (a plain torch module; shared tensors saved once)."""
+    if hasattr(model, "save_pretrained"):
+        model.save_pretrained(out, safe_serialization=True)
+        return
+    from pathlib import Path
+
+    from safetensors.torch import save_model
+
+    Path(out).mkdir(parents=True, exist_ok=True)
+    save_model(model, str(Path(out) / "model.safetensors"), metadata={"format": "pt"})

@@ -7,6 +7,11 @@ PEFT model exchanges), `PrefixedTarget` (another target's tensors under the aggr
 `matching` picks what fits (lenient loading). A target may also tell which of its tensors an optimizer trains
 (`trainable()`, read with `trainable_names`; SCAFFOLD corrects only those). `pop_control_variates` takes SCAFFOLD's
 control variates out of a received model: they travel beside it and are never loaded into it.
+
+A received LoRA factor of a larger rank than the local one (a global adapter of rank 16 at a site that trains
+rank 4: `--strategy hetlora` or `flexlora`, aggregator/lora.py) fits: it is cut to the local rank when loaded (the
+first r rows of lora_A, the first r columns of lora_B; lora_ranks.py `fit_ranks`). Any other shape mismatch, a
+smaller rank included, stays one.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from fl_plugins.errors import ModelMismatchError
+from fl_plugins.lora_ranks import fit_ranks
 from fl_plugins.wire.layout import CONTROL_VARIATE
 
 logger = logging.getLogger(__name__)
@@ -51,7 +57,9 @@ class PrefixedTarget:
 
 
 def check_params(received: Mapping[str, Any], local: Mapping[str, Any], what: str = "the global model") -> None:
-    """Raise ModelMismatchError listing missing, unexpected and mis-shaped keys of `received` vs `local`."""
+    """Raise ModelMismatchError listing missing, unexpected and mis-shaped keys of `received` vs `local` (a LoRA
+    factor of a larger rank than the local one fits: the target's `load` cuts it, `fit_ranks`)."""
+    received = fit_ranks(received, local)
     missing = [k for k in local if k not in received]
     unexpected = [k for k in received if k not in local]
     shapes = [
@@ -73,8 +81,10 @@ def check_params(received: Mapping[str, Any], local: Mapping[str, Any], what: st
 
 
 def matching(received: Mapping[str, Any], local: Mapping[str, Any]) -> dict[str, Any]:
-    """The received tensors whose name and shape match the local model (non-strict loading)."""
-    out = {k: v for k, v in received.items() if k in local and tuple(v.shape) == tuple(local[k].shape)}
+    """The received tensors whose name and shape match the local model (non-strict loading); LoRA factors of a
+    larger rank cut to the local one (`fit_ranks`)."""
+    fitted = fit_ranks(received, local)
+    out = {k: v for k, v in fitted.items() if k in local and tuple(v.shape) == tuple(local[k].shape)}
     if len(out) != len(received) or len(out) != len(local):
         logger.warning(
             "loading %d of %d received tensors into a model with %d (non-strict)", len(out), len(received), len(local)

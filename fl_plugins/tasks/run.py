@@ -60,8 +60,14 @@ def federate(recipe: Any, site: str) -> None:
         + (f"; LoRA r={spec.peft.r}, alpha={spec.peft.alpha} (this site's)" if me.peft else ""),
         flush=True,
     )
+    ranks = [for_site(recipe.task, s.peft).peft.r for s in recipe.sites]  # LoRA ranks may differ (hetlora)
     cb = flare.FLTrainerCallback(
-        local_steps=spec.local_steps, local_epochs=spec.local_epochs, evaluate=True, proximal_mu=spec.proximal_mu
+        local_steps=spec.local_steps,
+        local_epochs=spec.local_epochs,
+        evaluate=True,
+        proximal_mu=spec.proximal_mu,
+        save_final=False,  # the final model is RUN_DIR/final (`fl-plugins export`), not a copy per site
+        offer_initial=spec.peft.method != "lora" or spec.peft.r == max(ranks),  # round 0 at the largest rank
     )
     with tempfile.TemporaryDirectory(prefix="fl-hf-") as out:
         trainer = make_trainer(spec, model, tok, train, val, out, callbacks=[cb, _print_evaluations(site)])
