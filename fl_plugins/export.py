@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_plugins.errors import ConfigError
+from fl_plugins.lora_ranks import rank_of
 from fl_plugins.record_files import read_records
 from fl_plugins.records import LOGS, LogRecord, parse_log
 
@@ -65,21 +66,56 @@ def descriptions(run_dir: Path) -> list[Description]:
     for site in sorted(pieces):
         parts = {}
         for part, got in pieces[site].items():
-            if len(got) == counts[(site, part)]:
-                parts[part] = json.loads("".join(got[i] for i in sorted(got)))
+            try:
+                value = json.loads("".join(got[i] for i in sorted(got))) if len(got) == counts[(site, part)] else None
+            except ValueError:  # a damaged description: another site's may do
+                log.warning("site %r's model description (%s) is not JSON; skipped", site, part)
+                value = None
+            if isinstance(value, dict):
+                parts[part] = value
         if "info" in parts:
             out.append(Description(site, parts["info"], parts.get("config") or {}, parts.get("peft")))
     return out
 
 
-def choose(found: list[Description], run_dir: Path) -> Description:
+def global_rank(params: dict[str, Any]) -> int:
+    """The LoRA rank of the global adapter (its lora_A / lora_B factors' largest); 0 without LoRA factors."""
+    return max((rank_of(k, tuple(v.shape)) or 0 for k, v in params.items()), default=0)
+
+
+def choose(found: list[Description], run_dir: Path, rank: int) -> Description:
+    """The description the global tensors fit: a site whose adapter has the global rank (sites may train smaller
+    ranks under hetlora / flexlora; what a site claims is not trusted beyond that), first by name."""
     if not found:
         raise ConfigError(
             f"{run_dir}: no site described its model (RUN_DIR/{LOGS} has no {MODEL_KEY!r} records). Export needs "
             "the Hugging Face integration (FLTrainerCallback, patch(trainer) or a recipe's `task:`) of fl-plugins "
             "0.1.0 or later on the sites; a FLARE client-API script's weights are in RUN_DIR/final as safetensors"
         )
-    return max(found, key=lambda d: (d.rank, [-ord(c) for c in d.site]))  # the largest rank, then by name
+    fits = [d for d in found if d.rank == rank]
+    return fits[0] if fits else found[0]
+
+
+def _wire_names(desc: Description, params: dict[str, Any]) -> dict[str, Any]:
+    """`params` under the model's own names: the sites' server_key_prefix taken off; a PEFT model's names must be
+    the adapter's (PeftModel.save_pretrained's), else a ConfigError says why."""
+    prefix = str(desc.info.get("prefix") or "")
+    if prefix:
+        stray = [k for k in params if not k.startswith(prefix)]
+        if stray:
+            raise ConfigError(f"global tensors without the sites' server_key_prefix {prefix!r}: {stray[:5]}")
+        params = {k[len(prefix) :]: v for k, v in params.items()}
+    if desc.peft is None:
+        return params
+    if desc.info.get("scope") == "model":
+        raise ConfigError(
+            "the sites exchanged the PEFT model's whole state_dict (params_scope='model'), not its adapter: export "
+            "writes adapters; federate with params_scope='auto' (the adapter) to export one"
+        )
+    odd = [k for k in params if not k.startswith(("base_model.model.", "prompt_encoder.", "prompt_embeddings"))]
+    if odd:
+        raise ConfigError(f"these global tensors are not a PEFT adapter's (PeftModel.save_pretrained names): {odd[:5]}")
+    return params
 
 
 def global_params(run_dir: Path, round_: int | None) -> tuple[int, dict[str, Any]]:
@@ -113,8 +149,9 @@ def export(run_dir: Path, out: Path, round_: int | None = None, base: str | None
     run_dir, out = Path(run_dir), Path(out)
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is not a run directory (give the RUN_DIR of `fl-plugins run` or `server`)")
-    desc = choose(descriptions(run_dir), run_dir)
     r, params = global_params(run_dir, round_)
+    desc = choose(descriptions(run_dir), run_dir, global_rank(params))
+    params = _wire_names(desc, params)
     out.mkdir(parents=True, exist_ok=True)
     if desc.peft is not None:
         _write_adapter(desc, params, out, base)
@@ -129,6 +166,10 @@ def _write_adapter(desc: Description, params: dict[str, Any], out: Path, base: s
     from safetensors.torch import save_file
 
     cfg = dict(desc.peft or {})
+    rank = global_rank(params)
+    if rank and cfg.get("r") and rank != cfg["r"] and not cfg.get("rank_pattern"):  # the adapter's rank, same scaling
+        cfg["lora_alpha"] = cfg.get("lora_alpha", cfg["r"]) * rank / cfg["r"]
+        cfg["r"] = rank
     if base is not None:
         cfg["base_model_name_or_path"] = base
     elif not cfg.get("base_model_name_or_path"):

@@ -59,11 +59,13 @@ def _rounds_table(run: RunMetrics) -> list[str]:
 def _loading(desc: Description) -> list[str]:
     base = (desc.peft or {}).get("base_model_name_or_path") or desc.info.get("base_model") or "BASE"
     cls = desc.info.get("class", "AutoModel")
+    labels = len(desc.config.get("id2label") or {})
+    extra = f", num_labels={labels}" if labels and "SequenceClassification" in str(cls) else ""
     if desc.peft is not None:
         code = [
             f"from transformers import {cls}",
             "from peft import PeftModel",
-            f'base = {cls}.from_pretrained("{base}")  # the base model the sites fine-tuned',
+            f'base = {cls}.from_pretrained("{base}"{extra})  # the base model the sites fine-tuned',
             'model = PeftModel.from_pretrained(base, "THIS_FOLDER")',
         ]
     else:

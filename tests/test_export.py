@@ -98,12 +98,20 @@ def test_a_long_description_is_cut_into_pieces_and_joined(tmp_path):
     assert (found.site, found.info, found.config) == ("site-1", parts["info"], parts["config"])
 
 
-def test_what_cannot_be_exported_says_why(tmp_path):
+@pytest.mark.integration
+def test_what_cannot_be_exported_says_why(server_factory, tmp_path):
     with pytest.raises(ConfigError, match="is not a run directory"):
         export(tmp_path / "nowhere", tmp_path / "out")
-    (tmp_path / "run").mkdir()
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ConfigError, match="no global model was written here"):
+        export(tmp_path / "empty", tmp_path / "out")
+    srv = server_factory(rounds=1, initial={"w": np.ones(4, np.float32)})  # a client-API site: no description
+    plain = SiteThread(srv.address, "site-1", lambda r, p: ({"w": p["w"] + 1}, "FULL", 1.0))
+    plain.start()
+    plain.join(60)
+    assert srv.wait() == 0
     with pytest.raises(ConfigError, match="no site described its model .*client-API script"):
-        export(tmp_path / "run", tmp_path / "out")
+        export(srv.aggregator.config.run_dir, tmp_path / "out")
 
 
 @pytest.mark.integration
@@ -139,3 +147,54 @@ def test_a_client_api_script_receives_the_final_model_once_the_job_is_over(serve
         api.shutdown()
     other.join(60)
     assert other.error is None
+
+
+@pytest.mark.integration
+def test_the_final_model_is_fetched_at_end_even_if_the_aggregator_stops_soon_after(server_factory, site, tmp_path):
+    """`fl-plugins server` stops `linger` seconds after the end (plus the streams still open): a trainer that is
+    slow to reach on_train_end (saving, logging) still gets the final model, fetched as soon as END named it."""
+    import threading
+
+    from transformers import TrainerCallback
+
+    srv = server_factory(rounds=1, min_sites=2, initial=None, linger=0.2)
+    other = SiteThread(srv.address, "site-2", lambda r, p: ({k: np.array(v) for k, v in p.items()}, "FULL", 4))
+    other.start()
+    stopped = threading.Event()
+
+    def serve_then_stop():  # what `fl-plugins server` does
+        srv.wait()
+        srv.stop(0)
+        stopped.set()
+
+    threading.Thread(target=serve_then_stop, daemon=True).start()
+
+    class Slow(TrainerCallback):  # runs before FLTrainerCallback's on_train_end
+        def on_train_end(self, args, state, control, **kwargs):
+            assert stopped.wait(30), "the aggregator did not stop"
+
+    site(srv, "site-1")
+    model = tiny_bert()
+    tr = Trainer(model=model, args=args(tmp_path, max_steps=4), train_dataset=Rows(),
+                 callbacks=[Slow(), flare.FLTrainerCallback(local_steps=4)])  # fmt: skip
+    tr.train()
+    other.join(60)
+    final = load_round(srv.aggregator.config.run_dir, 1)
+    local = {k: v.detach().numpy() for k, v in tr.model.state_dict().items()}
+    for k, v in final.items():
+        np.testing.assert_array_equal(local[k], v, err_msg=k)
+
+
+@pytest.mark.integration
+def test_a_server_key_prefix_is_taken_off_the_exported_names(server_factory, site, tmp_path):
+    cfg = peft.LoraConfig(task_type="SEQ_CLS", r=4, lora_alpha=8, target_modules=["query", "value"])
+    srv = server_factory(rounds=1, min_sites=1, initial=None)
+    site(srv, "site-1")
+    tr = Trainer(model=peft.get_peft_model(tiny_bert(seed=0), cfg), args=args(tmp_path, max_steps=2),
+                 train_dataset=Rows(),
+                 callbacks=[flare.FLTrainerCallback(local_steps=2, server_key_prefix="model.")])  # fmt: skip
+    tr.train()
+    assert srv.wait() == 0
+    assert all(k.startswith("model.") for k in load_round(srv.aggregator.config.run_dir, 1))
+    home = peft.PeftModel.from_pretrained(tiny_bert(seed=0), export(srv.aggregator.config.run_dir, tmp_path / "o"))
+    assert torch.equal(_logits(home), _logits(tr.model))

@@ -114,3 +114,18 @@ def jsonable(d: dict[str, Any]) -> dict[str, Any]:
     out = {str(k): conv(v) for k, v in d.items()}
     json.dumps(out)
     return out
+
+
+def final_of(client: Any, task: Any, kept: Any, params_format: str, into: dict[str, Any] | None) -> FLModel | None:
+    """The job's final global model as END (`task`) names it: read from a swarm site's kept final/ folder
+    (`kept`), else downloaded (`client`: a SiteClient); None when END names none."""
+    from fl_plugins import tensors
+
+    if kept is not None:
+        params = tensors.read_folder(kept, params_format)
+    elif task.manifest_json:
+        params = client.download(task, params_format, into=into)[1]
+    else:
+        return None
+    meta = {"job_id": task.job_id, "current_round": task.round, "final": True}
+    return FLModel(ParamsType.FULL, params, current_round=task.round, total_rounds=task.total_rounds, meta=meta)

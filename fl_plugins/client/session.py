@@ -21,7 +21,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from fl_plugins import tensors
-from fl_plugins.client.model import FLModel, ParamsType, jsonable
+from fl_plugins.client.model import FLModel, ParamsType, final_of, jsonable
 from fl_plugins.errors import ConfigError, FLError, IntegrityError, RoundError
 
 if TYPE_CHECKING:
@@ -57,6 +57,7 @@ class ClientSession:
         self.ended: pb.Task | None = None  # END, which names the final global model
         self.kept_final: Any = None  # a swarm site's final/ folder (swarm/models.py), kept at END
         self.final: FLModel | None = None
+        self.wants_final = False  # fetch the final model as soon as END names it (an integration that loads it)
         if client is not None:  # (the one place the client loads the layer above it: swarm/)
             inbox = None
             if os.environ.get("FL_INBOUND"):  # the first Hello tells the aggregator where this site listens
@@ -175,20 +176,17 @@ class ClientSession:
                 return None
             if self.final is None:
                 try:
-                    self.final = self._final(self.client, self.ended, into)
+                    self.final = final_of(self.client, self.ended, self.kept_final, self.params_format, into)
                 except (FLError, ConnectionError) as e:
                     logger.warning("the final global model could not be fetched: %s", e)
             return self.final
 
-    def _final(self, client: SiteClient, task: pb.Task, into: dict[str, Any] | None) -> FLModel | None:
-        if self.kept_final is not None:
-            params = tensors.read_folder(self.kept_final, self.params_format)
-        elif task.manifest_json:
-            params = client.download(task, self.params_format, into=into)[1]
-        else:
-            return None
-        meta = {"job_id": task.job_id, "site_name": self.site, "current_round": task.round, "final": True}
-        return FLModel(ParamsType.FULL, params, current_round=task.round, total_rounds=task.total_rounds, meta=meta)
+    def forget_final(self) -> None:
+        """Drop the cached final model's params (its caller loaded them into its model: no second copy stays in
+        memory); final_model() then returns it with params None."""
+        with self.lock:
+            if self.final is not None:
+                self.final.params = None
 
     def send(self, model: FLModel, clear_cache: bool = True) -> None:
         """Answer the task at hand: a TRAIN task's update (returns once the aggregator has verified and counted
@@ -300,6 +298,8 @@ class ClientSession:
             self.finished, self.ended = True, task
             if self.swarm is not None:
                 self.kept_final = self.swarm.finish(task)  # the final global model, kept at this site
+            if self.wants_final:  # at once: the aggregator serves it `linger` seconds after the end, and open streams
+                self.final_model()
         elif task.kind == pb.Task.OFFER_INITIAL and self.can_offer:
             self.offer_pending = True  # the integration uploads the weights when it has the model (offer_initial)
             self.offer_task = task  # (a swarm's names whom to seal them for)

@@ -105,8 +105,7 @@ class FLTrainerCallback(TrainerCallback):
     ("trainable", "auto", "model", "adapter"); server_key_prefix: put before every name that travels, taken off
     what arrives. stream_metrics: send the trainer's logs to the aggregator as flare.log records. At the end of the
     job the final global model is loaded into the trainer's model and, with save_final, saved to args.output_dir
-    (hf_take_home.py). offer_initial=False: never offer this model as round 0's (another site's must be: e.g. the
-    site of the largest LoRA rank when ranks differ)."""
+    (hf_take_home.py). offer_initial=False: never offer it as round 0's model (mixed LoRA ranks: the largest's)."""
 
     def __init__(
         self,
@@ -155,6 +154,7 @@ class FLTrainerCallback(TrainerCallback):
 
                 self.collective = TorchCollective()
             self.driver.start(rank=int(args.process_index), offer=self.offer_initial)
+            session.get().wants_final = True  # END's final model is fetched at once (keep_final loads it)
             self.driver.use_fedprox(self.proximal_mu)
             if self.per_call:
                 self.driver.plan(self.budget)
@@ -186,7 +186,7 @@ class FLTrainerCallback(TrainerCallback):
         driver = self.driver
         if model is not None and driver is not None and driver.rank == 0 and not self.described:
             self.described = True
-            take_home.describe(model, tokenizer, self.scope or "")
+            take_home.describe(model, tokenizer, self.scope or "", self.server_key_prefix or "")
 
     def prepare(self, args: Any, model: Any, begun: Any = None) -> None:
         """Check the trainer, connect and (the callback form) plan the whole run, once: when the trainer is built,

@@ -85,7 +85,7 @@ class HFTarget:
         if self.kind == "peft":
             from peft import get_peft_model_state_dict
 
-            return dict(get_peft_model_state_dict(self.model))
+            return dict(get_peft_model_state_dict(self.model, adapter_name=_adapter(self.model)))
         if self.kind == "model":
             return dict(self.model.state_dict())
         return {n: p.detach() for n, p in self.model.named_parameters() if p.requires_grad}
@@ -110,7 +110,9 @@ class HFTarget:
         if self.kind == "peft":
             from peft import set_peft_model_state_dict
 
-            result = set_peft_model_state_dict(self.model, {k: torch.as_tensor(v) for k, v in todo.items()})
+            result = set_peft_model_state_dict(
+                self.model, {k: torch.as_tensor(v) for k, v in todo.items()}, adapter_name=_adapter(self.model)
+            )
             bad = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k or "prompt" in k]
             if strict and bad:
                 raise ConfigError(f"the global adapter has keys this model's adapter lacks: {bad[:5]}")
@@ -128,3 +130,9 @@ def exchanged_state(model: Any, params_scope: str = "trainable") -> dict[str, An
     """What a round exchanges for `model` under `params_scope` (for reports and tests)."""
     model = unwrap(model)
     return HFTarget(model, resolve_scope(model, params_scope, "exchanged_state()")).state()
+
+
+def _adapter(model: Any) -> str:
+    """The PEFT model's active adapter (the one that trains and travels; "default" unless named)."""
+    name = getattr(model, "active_adapter", "default")
+    return name if isinstance(name, str) else "default"

@@ -23,7 +23,7 @@ from typing import Any
 
 from fl_plugins.client import session
 from fl_plugins.integrations.hf_model import is_peft, unwrap
-from fl_plugins.integrations.targets import ModelTarget, check_params, pop_control_variates
+from fl_plugins.integrations.targets import ModelTarget, check_params, matching, pop_control_variates
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +31,8 @@ MODEL_KEY = "fl_plugins.model"
 PIECE = 4000  # characters of JSON per record (limits.MAX_LOG_TEXT_CHARS is 4096)
 
 
-def description(model: Any, tokenizer: Any = None, scope: str = "") -> dict[str, Any]:
-    """The parts `describe` sends, as objects."""
+def description(model: Any, tokenizer: Any = None, scope: str = "", prefix: str = "") -> dict[str, Any]:
+    """The parts `describe` sends, as objects (`prefix`: the callback's server_key_prefix, before every name)."""
     model = unwrap(model)
     peft = is_peft(model)
     base = model.get_base_model() if peft else model
@@ -43,6 +43,7 @@ def description(model: Any, tokenizer: Any = None, scope: str = "") -> dict[str,
         "base_model": str(getattr(config, "_name_or_path", "") or ""),
         "tokenizer": str(getattr(tokenizer, "name_or_path", "") or ""),
         "scope": scope,
+        "prefix": prefix or "",
     }
     parts: dict[str, Any] = {"info": info}
     if config is not None:
@@ -71,14 +72,14 @@ def _jsonable(v: Any) -> Any:
     return str(v)
 
 
-def describe(model: Any, tokenizer: Any = None, scope: str = "") -> None:
+def describe(model: Any, tokenizer: Any = None, scope: str = "", prefix: str = "") -> None:
     """Rank 0: send the model's description to the aggregator (once per connection). A model that cannot be
     described (no config) is logged and skipped: training does not depend on it."""
     s = session.current()
     if s is None or s.client is None:
         return
     try:
-        recs = records(description(model, tokenizer, scope))
+        recs = records(description(model, tokenizer, scope, prefix))
     except (AttributeError, TypeError, ValueError) as e:
         logger.warning("this model cannot be described for `fl-plugins export` (%s); training goes on", e)
         return
@@ -101,7 +102,10 @@ def take_home(driver: Any, target: ModelTarget, model: Any, args: Any, tokenizer
         pop_control_variates(params)  # SCAFFOLD's c is not part of the model
         if driver.strict:
             check_params(params, target.state(), f"the final global model (round {round_})")
+        else:  # what matches, as each round's load does
+            params = matching(params, target.state())
         target.load(params, strict=driver.strict)
+        session.get().forget_final()  # loaded: no second copy kept
     if collective is not None:
         collective.broadcast_tensors(target.state().values())
     out = getattr(args, "output_dir", None)  # (args None: not saved)

@@ -21,7 +21,7 @@ from collections.abc import Mapping
 from typing import Any, Protocol
 
 from fl_plugins.errors import ModelMismatchError
-from fl_plugins.lora_ranks import fit_ranks
+from fl_plugins.lora_ranks import fit_ranks, other_rank
 from fl_plugins.wire.layout import CONTROL_VARIATE
 
 logger = logging.getLogger(__name__)
@@ -67,6 +67,16 @@ def check_params(received: Mapping[str, Any], local: Mapping[str, Any], what: st
         for k in local
         if k in received and tuple(received[k].shape) != tuple(local[k].shape)
     ]
+    smaller = [k for k in local if k in received and _rank_below(k, received[k].shape, local[k].shape)]
+    if smaller and len(smaller) == len(shapes) and not missing and not unexpected:
+        k = smaller[0]
+        raise ModelMismatchError(
+            f"{what} has a smaller LoRA rank than this site's adapter ({k}: {tuple(received[k].shape)} vs local "
+            f"{tuple(local[k].shape)}): the global adapter's rank is round 0's, the largest a site "
+            "may train. Let the site with the largest rank offer round 0's model (FLTrainerCallback(offer_initial="
+            "False) on the others; the built-in task does this), or start the aggregator with an initial model at "
+            "the largest rank"
+        )
     if missing or unexpected or shapes:
         parts = [
             f"missing {missing}" if missing else "",
@@ -110,3 +120,9 @@ def pop_control_variates(params: dict[str, Any] | None) -> dict[str, Any]:
     if not params:
         return {}
     return {k: params.pop(k) for k in [k for k in params if k.startswith(CONTROL_VARIATE)]}
+
+
+def _rank_below(name: str, got: Any, local: Any) -> bool:
+    """The LoRA factor `name` was received with a smaller rank than the local one."""
+    ranks = other_rank(name, tuple(got), tuple(local))
+    return ranks is not None and ranks[0] < ranks[1]
