@@ -275,6 +275,33 @@ def test_a_site_cuts_a_larger_global_rank_to_its_own_and_refuses_a_smaller_one()
     assert rank_dim("x.lora_B.bias") is None and rank_dim("x.lora_A.default.weight") == 0
 
 
+def test_a_classifier_received_in_place_beside_a_larger_rank_loads():
+    """A received model's tensors that fit the site's model arrive in its own storage (`into`), the LoRA factors of
+    a larger rank cannot: the load gets only those. PEFT looks up every adapter key (its classifier, a
+    modules_to_save), which failed with KeyError 'base_model.model.classifier.weight' in the demo under hetlora."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from fl_plugins.integrations.hf_model import HFTarget
+
+    def model(rank: int):
+        torch.manual_seed(0)
+        cfg = BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                         intermediate_size=16, num_labels=3)  # fmt: skip
+        lora = LoraConfig(task_type="SEQ_CLS", r=rank, lora_alpha=2 * rank, target_modules=["query", "value"])
+        return get_peft_model(BertForSequenceClassification(cfg), lora)
+
+    site, top = HFTarget(model(4)), HFTarget(model(8))
+    local = site.state()
+    received = {k: (local[k] if "classifier" in k else v.detach().clone() + 1) for k, v in top.state().items()}
+    site.load(received, strict=True)
+    after = site.state()
+    for k, v in received.items():
+        want = fit_ranks({k: v}, {k: local[k]})[k]
+        assert torch.equal(after[k], want), k
+
+
 # -- over the real service ----------------------------------------------------------------------------------------
 def _peft_model(rank: int):
     import torch

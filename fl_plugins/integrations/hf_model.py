@@ -110,8 +110,9 @@ class HFTarget:
         if self.kind == "peft":
             from peft import set_peft_model_state_dict
 
+            whole = {**local, **todo}  # peft looks up every adapter key (modules_to_save too): the rest as it is
             result = set_peft_model_state_dict(
-                self.model, {k: torch.as_tensor(v) for k, v in todo.items()}, adapter_name=_adapter(self.model)
+                self.model, {k: torch.as_tensor(v) for k, v in whole.items()}, adapter_name=_adapter(self.model)
             )
             bad = [k for k in getattr(result, "unexpected_keys", []) if "lora" in k or "prompt" in k]
             if strict and bad:
