@@ -130,6 +130,16 @@ class PathValue:
         return Path(text)
 
 
+@dataclass(frozen=True)
+class Folder(PathValue):
+    """An existing folder on this machine (`serve_model`: the model folder the aggregator serves its sites)."""
+
+    def check(self, v: Any) -> Any:
+        if not isinstance(v, (str, os.PathLike)) or not Path(v).is_dir():
+            raise Invalid("must be an existing folder on the aggregator's machine (a Hugging Face model folder)")
+        return Path(v)
+
+
 STRATEGIES = (  # strategy.py's
     "fedavg",
     "fedavgm",
@@ -140,6 +150,7 @@ STRATEGIES = (  # strategy.py's
     "hetlora",
     "flexlora",
 )
+COMPRESSIONS = ("none", "bf16", "int8", "nf4")  # transfer compression: none, or one of wire/quantize.py's ENCODINGS
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,8 @@ default and one check:
     site_timeout           --site-timeout            aggregation.site_timeout           60
     presence_every         --presence-every          -                                  30 (0: never)
     chunk_bytes            --chunk-bytes             transfer.chunk_mib (in MiB)        4 MiB
+    update_compression     --update-compression      transfer.update_compression        "none"
+    model_compression      --model-compression       transfer.model_compression         "none"
     job_id                 --job-id                  - (the recipe's `name`)            ""
     linger                 -                         -                                  5
     reject_nonfinite       --allow-nonfinite (off)   aggregation.reject_nonfinite       true
@@ -33,6 +35,7 @@ default and one check:
     server_momentum        --server-momentum         strategy.momentum                  the strategy's
     beta2                  --beta2                   strategy.beta2                     0.99
     tau                    --tau                     strategy.tau                       0.001
+    serve_model            --serve-model             task.model: {from_aggregator: P}   None: serve no folder
 
 A value that breaks a check is a ConfigError naming the key as the user wrote it: ``recipes/x.yaml:
 `aggregation.min_updates` must be an integer in 1..3 (got 4)`` from a recipe, ```min_updates` (--min-updates) must
@@ -47,11 +50,13 @@ from pathlib import Path
 from typing import Any
 
 from fl_plugins.checks import (
+    COMPRESSIONS,
     STRATEGIES,
     Boolean,
     Check,
     Choice,
     ChunkSize,
+    Folder,
     Integer,
     Invalid,
     Number,
@@ -187,6 +192,22 @@ class AggregatorConfig:
         flag="--chunk-bytes",
         key="transfer.chunk_mib",
         unit=("MiB", 1 << 20),
+    )
+    update_compression: str = _setting(
+        "none",
+        doc="how sites encode their updates (wire/quantize.py): bf16, or blockwise int8 / nf4, sent as a DIFF with "
+        "error feedback at the site; none: as trained",
+        check=Choice(COMPRESSIONS),
+        flag="--update-compression",
+        key="transfer.update_compression",
+    )
+    model_compression: str = _setting(
+        "none",
+        doc="how the global model of a training task travels to the sites: bf16, int8 or nf4 (encoded once per "
+        "round; the checkpoint, evaluations and the final model stay full precision); none: as checkpointed",
+        check=Choice(COMPRESSIONS),
+        flag="--model-compression",
+        key="transfer.model_compression",
     )
     job_id: str = _setting(
         "",
@@ -328,6 +349,14 @@ class AggregatorConfig:
         flag="--tau",
         key="strategy.tau",
     )
+    serve_model: Path | None = _setting(
+        None,
+        doc="a Hugging Face model folder the sites fetch from the aggregator (cached by its digest) and build "
+        "their model from: sites without internet access (aggregator/served.py)",
+        check=Folder(),
+        flag="--serve-model",
+        shown="none; a recipe's `task.model: {from_aggregator: PATH}` sets it",
+    )
     # the recipe the job runs ({"path", "job"}: fl_plugins.recipe.Recipe.identity()), kept in RUN_DIR/run.json: a
     # restart with another recipe is refused; None: no recipe (then `job_id`, else a random id, names the job)
     recipe: dict[str, Any] | None = None
@@ -382,6 +411,11 @@ def _check_swarm(config: AggregatorConfig) -> None:
         raise ConfigError(
             f"`strategy` {config.strategy} (--strategy) keeps state between rounds at the aggregator; in a swarm job "
             "a different site folds each round: use fedavg (the default) with --workflow swarm"
+        )
+    if config.update_compression != "none" or config.model_compression != "none":
+        raise ConfigError(
+            "--workflow swarm does not compress transfers (yet): its sites seal and fold each other's weights; drop "
+            "`update_compression` and `model_compression` (transfer.*) or use the fedavg workflow"
         )
     if config.evaluate_every or config.sample_sites is not None:
         raise ConfigError(

@@ -196,6 +196,10 @@ def parse_recipe(data: Any, source: str | Path) -> Recipe:
         args = c.strings("args", data.get("args") or [])
         script = ScriptSpec(c.path("script", data["script"], file=True), args, env)
     federation = _federation(c, data, len(sites))
+    if task is not None:
+        _check_site_ranks(c, sites, task, federation.strategy)
+    if task is not None and task.model.source == "aggregator":  # the aggregator serves the sites' model folder
+        federation = FederationSpec({**federation.values, "serve_model": Path(task.model.value)})
     tracking = parse_tracking(data.get("tracking"), where=f"{source}: ")
     return Recipe(name.strip(), source, script, sites, federation, task, tracking)
 
@@ -269,6 +273,21 @@ def _check_site_peft(c: _Checker, sites: tuple[SiteSpec, ...], method: str) -> N
         if s.peft and method != "lora":
             must = f"sets this site's LoRA rank, but `task.peft` is {method}: use lora or remove it"
             raise c.fail(f"sites[{i}].peft", must, s.peft)
+
+
+def _check_site_ranks(c: _Checker, sites: tuple[SiteSpec, ...], task: Any, strategy: str) -> None:
+    """Sites of different LoRA ranks (`sites: [{..., peft: {r: 4}}]`) need a strategy that folds adapters of
+    different shapes: FedAvg and the others average tensors of one shape, and would refuse every round."""
+    from fl_plugins.tasks.spec import for_site
+
+    ranks = {s.name: for_site(task, s.peft).peft.r for s in sites}
+    if len(set(ranks.values())) > 1 and strategy not in ("hetlora", "flexlora"):
+        raise ConfigError(
+            f"{c.source}: the sites train LoRA adapters of different ranks "
+            f"({', '.join(f'{n} r={r}' for n, r in ranks.items())}), which `strategy.type` {strategy} cannot "
+            "average; set `strategy: {type: hetlora}` (zero-padding) or `strategy: {type: flexlora}` (SVD "
+            "redistribution), or give every site the same `peft.r`"
+        )
 
 
 def _sites(c: _Checker, data: dict) -> tuple[SiteSpec, ...]:

@@ -149,18 +149,22 @@ def test_streaming_decode_cut_anywhere_equals_the_whole_decode(enc, n, cuts, sma
     assert np.array_equal(_stream(enc, buf, n, cuts, out), whole)
 
 
-def test_one_byte_at_a_time_and_a_restart_at_a_block_boundary():
+def test_one_byte_at_a_time_and_no_gap_or_rewind():
     n = 64 * 5 + 9
     x = _values(np.random.default_rng(2), n)
     for enc in q.ENCODINGS:
         buf = q.encode(enc, x)
         whole = q.decode(enc, buf, n)
         assert np.array_equal(_stream(enc, buf, n, list(range(len(buf)))), whole)
+        bb = q.encoding(enc).block_nbytes(q.encoding(enc).block)
         dec = q.Decoder(enc, n)
-        lo = 2 * q.encoding(enc).block_nbytes(q.encoding(enc).block)  # a stream that restarts at block 2
-        e1 = 2 * q.encoding(enc).block
-        got = {e0: v.copy() for e0, v in dec.feed(lo, buf[lo:])}
-        assert np.array_equal(np.concatenate([got[k] for k in sorted(got)]), whole[e1:]) and dec.done
+        list(dec.feed(0, buf[:bb]))
+        with pytest.raises(ProtocolError, match=f"from offset {2 * bb}, but the next expected are at {bb}"):
+            dec.feed(2 * bb, buf[2 * bb :])  # a gap: block 1 would never be decoded, yet finish() would pass
+        with pytest.raises(ProtocolError, match="without gaps or rewinds"):
+            dec.feed(0, buf)  # a rewind: block 0 would be decoded (and folded) twice
+        assert len([v for _, v in dec.feed(bb, buf[bb:])]) >= 1 and dec.done
+        dec.finish()
 
 
 def test_peak_bounds_what_the_last_feed_decoded():
@@ -206,11 +210,11 @@ def test_wrong_sizes_truncation_and_out_of_order_pieces_are_refused(enc):
     list(dec.feed(0, buf[:11]))
     with pytest.raises(ProtocolError, match="the bytes end at 11, .* short; the sender must send the whole encoding"):
         dec.finish()
-    with pytest.raises(ProtocolError, match="from offset 12, but the decoder holds a partial block up to 11"):
+    with pytest.raises(ProtocolError, match="from offset 12, but the next expected are at 11"):
         dec.feed(12, buf[12:20])
     with pytest.raises(ProtocolError, match=rf"run past its {len(buf)} bytes"):
         dec.feed(11, np.concatenate([buf[11:], buf[:3]]))
-    with pytest.raises(ProtocolError, match="from offset 3, inside a block"):
+    with pytest.raises(ProtocolError, match="from offset 3, but the next expected are at 0"):
         q.Decoder(enc, n).feed(3, buf[3:9])
 
 

@@ -19,7 +19,7 @@ from fl_plugins.recipe import load_recipe, parse_recipe
 from fl_plugins.tasks.demo_data import write_jsonl
 from fl_plugins.tasks.encoding import IGNORE, CharTokenizer, chat_example, encode, instruction_example, packed
 from fl_plugins.tasks.shares import load_rows, shares, site_share
-from fl_plugins.tasks.spec import parse_task
+from fl_plugins.tasks.spec import for_site, parse_task
 
 ROOT = Path(__file__).resolve().parents[1]
 ROWS = [{"sentence": f"row {i} went {'up' if i % 2 else 'down'}", "sentiment": i % 2, "extra": i} for i in range(40)]
@@ -94,7 +94,8 @@ def test_a_missing_column_lists_the_columns_found(tmp_path):
 
 
 @pytest.mark.parametrize(("change", "expected"), [
-    ({"data_split": "train"}, "`task.data_split` picks a split of a DatasetDict folder; this is not one"),
+    ({"data_split": "train"}, "`task.data_split` picks a split of a DatasetDict folder or of a folder of files "
+                              "named by split (train-*.parquet, train/); this is neither: remove it"),
     ({"train_on": "all"}, "`task.train_on` applies to causal-lm tasks only"),
     ({"packing": True}, "`task.packing` applies to causal-lm tasks only"),
     ({"gradient_checkpointing": "yes"}, "`task.gradient_checkpointing` must be true or false"),
@@ -131,19 +132,111 @@ def test_folders_are_checked_at_load(tmp_path):
         parse_task(built, tmp_path / "job.yaml")
 
 
+def _labelled(tmp_path, values, fmt="jsonl", **kw):
+    """Every row's label name after the split (iid, 2 sites), for rows whose labels are `values` in turn."""
+    rows = [{"sentence": f"r{i}", "sentiment": values[i % len(values)]} for i in range(24)]
+    if fmt == "csv":
+        path = tmp_path / "d.csv"
+        path.write_text("sentence,sentiment\n" + "".join(f"{r['sentence']},{r['sentiment']}\n" for r in rows))
+    else:
+        path = write_jsonl(rows, tmp_path / "d.jsonl")
+    s = shares(_classify(path, tmp_path, split="iid", **kw), 2)
+    got = {r["text"]: s.labels[r["label"]] for part in s.train + s.val for r in part}
+    return [got[r["sentence"]] for r in rows], s.labels
+
+
+@pytest.mark.parametrize(("values", "fmt", "labels", "names", "expected"), [
+    ([True, False], "jsonl", None, ("false", "true"), ["true", "false"]),  # JSON/parquet bools
+    ([True, False], "jsonl", ["False", "True"], ("False", "True"), ["True", "False"]),  # a bool's name, any case
+    ([True, False], "jsonl", ["negative", "positive"], ("negative", "positive"), ["positive", "negative"]),  # 1, 0
+    ([1, 2, 3], "jsonl", None, ("1", "2", "3"), ["1", "2", "3"]),  # 1-based ratings
+    ([1, 2], "jsonl", ["1", "2", "3"], ("1", "2", "3"), ["1", "2"]),  # a name before an index
+    ([2, 0], "jsonl", ["negative", "neutral", "positive"], ("negative", "neutral", "positive"),
+     ["positive", "negative"]),  # no name matches: an index
+    (["0", "2"], "csv", ["negative", "neutral", "positive"], ("negative", "neutral", "positive"),
+     ["negative", "positive"]),  # a CSV index is a string of digits
+    ([str(v) for v in range(11)], "csv", None, tuple(str(v) for v in range(11)), [str(v) for v in range(11)]),
+    (list(range(11)), "jsonl", None, tuple(str(v) for v in range(11)), [str(v) for v in range(11)]),
+    ([2.0, 10.0], "jsonl", None, ("2", "10"), ["2", "10"]),  # whole floats (an integer column with a gap)
+])  # fmt: skip
+def test_labels_match_names_first_and_sort_as_numbers(tmp_path, values, fmt, labels, names, expected):
+    got, found = _labelled(tmp_path, values, fmt, labels=labels)
+    assert found == names and got[: len(values)] == expected
+
+
+@pytest.mark.parametrize(("values", "labels", "expected"), [
+    ([1, 0], ["1", "2", "3"], "row 1 has label 0, which is not one of the label names (1, 2, 3); fix the row"),
+    ([1, 5], ["a", "b"], "row 1 has label 5, which is neither a label name (a, b) nor an index below 2; fix the"),
+    (["x", "a"], ["a", "b"], "row 0 has label 'x', which is neither a label name (a, b) nor an index below 2"),
+])  # fmt: skip
+def test_a_label_that_is_no_name_and_no_index_is_refused(tmp_path, values, labels, expected):
+    with pytest.raises(ConfigError) as e:
+        _labelled(tmp_path, values, labels=labels)
+    assert expected in str(e.value) and "`task.labels` (the label names, in index order)" in str(e.value)
+
+
+def _splits(folder: Path, layout: dict[str, list[dict]]) -> Path:
+    """Rows written as a Hub snapshot lays out its splits: {"data/train-00000-of-00001.jsonl": rows, ...}."""
+    for name, rows in layout.items():
+        write_jsonl(rows, folder / name)
+    (folder / "README.md").write_text("---\nconfigs: ...\n---\n")  # not a data file
+    return folder
+
+
+def test_a_folder_of_splits_reads_one_split(tmp_path, caplog):
+    train, test = ROWS[:20], [{**r, "sentence": f"test {r['sentence']}"} for r in ROWS[20:]]
+    hub = _splits(tmp_path / "hub", {"data/train-00000-of-00001.jsonl": train, "data/test-00000-of-00001.jsonl": test})
+    with caplog.at_level("INFO", logger="fl_plugins.tasks.datafiles"):
+        rows = load_rows(_classify(hub, tmp_path))
+    assert [r["text"] for r in rows] == [r["sentence"] for r in train]
+    assert f"{hub}: reading the train split (of test, train; `task.data_split` picks another)" in caplog.text
+    assert [r["text"] for r in load_rows(_classify(hub, tmp_path, data_split="test"))] == [r["sentence"] for r in test]
+    folders = _splits(tmp_path / "folders", {"train/0.jsonl": train, "validation/0.jsonl": test[:3],
+                                             "validation/1.jsonl": test[3:]})  # fmt: skip
+    rows = load_rows(_classify(folders, tmp_path, data_split="validation"))
+    assert [r["text"] for r in rows] == [r["sentence"] for r in test]
+    only = _splits(tmp_path / "only", {"train.jsonl": train})  # one split: that one, without a word
+    assert len(load_rows(_classify(only, tmp_path))) == len(train) and "only" not in caplog.text
+    pytest.importorskip("datasets").Dataset.from_list(train).to_parquet(str(tmp_path / "pq" / "train-0.parquet"))
+    assert [r["text"] for r in load_rows(_classify(tmp_path / "pq", tmp_path))] == [r["sentence"] for r in train]
+
+
+@pytest.mark.parametrize(("layout", "split", "expected"), [
+    (["data/test-0.jsonl", "data/validation-0.jsonl"], None,
+     "its data files hold the splits test, validation, none named 'train'; set `task.data_split` to the one"),
+    (["train/0.jsonl", "test/0.jsonl"], "dev", "its data files hold the splits test, train, none named 'dev'; set"),
+    (["data/train-0.jsonl", "data/extra.jsonl"], None,
+     "its data files are named by split (train), but data/extra.jsonl belongs to none; move it out, or name it"),
+])  # fmt: skip
+def test_a_folder_of_splits_without_the_one_asked_for_is_refused(tmp_path, layout, split, expected):
+    folder = _splits(tmp_path / "hub", dict.fromkeys(layout, ROWS))
+    with pytest.raises(ConfigError) as e:
+        _classify(folder, tmp_path, **({"data_split": split} if split else {}))
+    assert expected in str(e.value) and str(folder) in str(e.value)
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "json"])
+def test_a_byte_order_mark_is_not_part_of_the_first_column(tmp_path, fmt):
+    path = _write("csv" if fmt == "csv" else "jsonl" if fmt == "jsonl" else "json-list", tmp_path)
+    path.write_bytes("\ufeff".encode() + path.read_bytes())  # as Excel's "CSV UTF-8" saves it
+    rows = load_rows(_classify(path, tmp_path))
+    assert [(r["text"], str(r["label"])) for r in rows] == [(r["sentence"], str(r["sentiment"])) for r in ROWS]
+
+
 # -- per-site data -------------------------------------------------------------------------------------------
 
 
-def _recipe(tmp_path, sites, **task):
+def _recipe(tmp_path, sites, strategy=None, **task):
     base = {"type": "sequence-classification", "model": {"package": "json"}, "labels": ["down", "up"],
             "columns": {"text": "sentence", "label": "sentiment"}, "batch_size": 2, **task}  # fmt: skip
-    return parse_recipe({"sites": sites, "rounds": 1, "task": base}, tmp_path / "job.yaml")
+    top = {"strategy": {"type": strategy}} if strategy else {}
+    return parse_recipe({"sites": sites, "rounds": 1, "task": base, **top}, tmp_path / "job.yaml")
 
 
 def test_sites_with_their_own_data_and_rank(tmp_path):
     a, b = write_jsonl(ROWS[:6], tmp_path / "a.jsonl"), _write("parquet", tmp_path / "b")
     sites = [{"name": "a", "data": "a.jsonl", "peft": {"r": 4, "alpha": 8}}, {"name": "b", "data": "b/d.parquet"}]
-    r = _recipe(tmp_path, sites, peft="lora")
+    r = _recipe(tmp_path, sites, "hetlora", peft="lora")
     assert r.task.data is None and [(s.name, s.data, s.peft) for s in r.sites] == [
         ("a", str(a), {"r": 4, "alpha": 8}), ("b", str(b), {})]  # fmt: skip
     job = r.identity()["job"]
@@ -179,6 +272,26 @@ def test_site_entries_are_checked(tmp_path, sites, task, expected):
     with pytest.raises(ConfigError) as e:
         _recipe(tmp_path, sites, **task)
     assert expected in str(e.value)
+
+
+def test_a_sites_rank_scales_the_alpha_and_mixed_ranks_need_hetlora_or_flexlora(tmp_path):
+    write_jsonl(ROWS, tmp_path / "x.jsonl")
+    sites = [{"name": n, "peft": p} for n, p in (("a", {"r": 4}), ("b", {"r": 16}), ("c", {}), ("d", {"alpha": 8}))]
+    r = _recipe(tmp_path, sites, "flexlora", data="x.jsonl", peft={"method": "lora", "r": 8, "alpha": 16})
+    got = [(p.r, p.alpha) for p in (for_site(r.task, s.peft).peft for s in r.sites)]
+    assert got == [(4, 8), (16, 32), (8, 16), (8, 8)]  # the same alpha / r as the task's, unless alpha is given
+    assert [type(a) for _, a in got] == [int] * 4  # whole numbers stay integers (peft's adapter_config.json)
+    odd = _recipe(tmp_path, [{"name": "a", "peft": {"r": 4}}, "b"], "hetlora", data="x.jsonl",
+                  peft={"method": "lora", "r": 3, "alpha": 8})  # fmt: skip
+    assert for_site(odd.task, odd.sites[0].peft).peft.alpha == pytest.approx(8 * 4 / 3)
+    for strategy in (None, "fedadam"):
+        with pytest.raises(ConfigError) as e:
+            _recipe(tmp_path, sites, strategy, data="x.jsonl", peft={"method": "lora", "r": 8, "alpha": 16})
+        assert (f"the sites train LoRA adapters of different ranks (a r=4, b r=16, c r=8, d r=8), which "
+                f"`strategy.type` {strategy or 'fedavg'} cannot average; set `strategy: {{type: hetlora}}` "
+                "(zero-padding) or `strategy: {type: flexlora}` (SVD redistribution)") in str(e.value)  # fmt: skip
+    same = [{"name": "a", "peft": {"r": 4, "alpha": 4}}, {"name": "b", "peft": {"r": 4}}]
+    assert _recipe(tmp_path, same, data="x.jsonl", peft="lora").federation.strategy == "fedavg"
 
 
 def test_a_site_file_need_exist_only_on_its_site(tmp_path):

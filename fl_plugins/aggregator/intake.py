@@ -98,6 +98,11 @@ class Intake:
         """Lock held. The site's weights, offered as round 0's global model."""
         self.offer.expects(u.site, self.agg.global_manifest is not None)
         try:
+            if u.manifest.encoded:
+                raise ProtocolError(
+                    f"site {u.site!r}'s initial model holds encoded tensors ({sorted(u.manifest.encoded)[:5]}); round "
+                    "0's global model is offered as trained, unencoded"
+                )
             check_averageable([t for s in u.manifest.shards for t in s.tensors], f"site {u.site!r}'s initial model")
         except FLError as e:
             self.invalid(u.site, u.round, True, e)
@@ -123,7 +128,11 @@ class Intake:
         self.rounds.may_update(s, round_, attempt, self.agg.clock())
         try:
             check_plan(
-                self.agg.global_manifest, u.manifest, f"the update from site {site!r}", strategy=self.config.strategy
+                self.agg.global_manifest,
+                u.manifest,
+                f"the update from site {site!r}",
+                strategy=self.config.strategy,
+                encoding=self.config.update_compression,
             )
         except FLError as e:
             self.invalid(site, round_, False, e)

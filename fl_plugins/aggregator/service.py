@@ -17,7 +17,9 @@ import grpc
 from fl_plugins._version import __version__
 from fl_plugins.aggregator import ports
 from fl_plugins.aggregator.core import Aggregator
+from fl_plugins.aggregator.encoded import encoded_models, encoded_source
 from fl_plugins.aggregator.relay_calls import RelayCalls, encode_sealed
+from fl_plugins.aggregator.served import ServedFolder
 from fl_plugins.aggregator.slots import CallSlots
 from fl_plugins.aggregator.swarm import SwarmAggregator
 from fl_plugins.aggregator.workflow import Task, TaskKind
@@ -50,7 +52,8 @@ class Servicer(RelayCalls):
     common name: a request that claims another name, a certificate of a site not in the project, or the operator's
     certificate, is refused (AuthError -> PERMISSION_DENIED). The operator is a caller with the operator's
     certificate (`auth.operator`), or with `operator_cert`, the server kit's certificate (PEM): Status shows it
-    everything. `max_workers`: the server's worker threads, which `CallSlots` shares out."""
+    everything. `max_workers`: the server's worker threads, which `CallSlots` shares out. `served`: the model
+    folder the sites may fetch (served.py), or None."""
 
     def __init__(
         self,
@@ -59,12 +62,15 @@ class Servicer(RelayCalls):
         *,
         operator_cert: bytes | None = None,
         max_workers: int = 128,
+        served: ServedFolder | None = None,
     ) -> None:
         self.agg = agg
         self.auth = auth
         self.slots = CallSlots(max_workers)
         self.log_budget = limits.LogBudget()
         self._operator = _der(operator_cert) if operator_cert else None
+        self.served = served
+        self.encoded = encoded_models(agg)  # the global model of TRAIN tasks, encoded (model_compression)
 
     def _site(self, claimed: str, context: grpc.ServicerContext) -> str:
         return claimed if self.auth is None else self.auth.site_of(context, claimed)
@@ -77,7 +83,11 @@ class Servicer(RelayCalls):
         site = self._site(req.site, context)
         cert = self.auth.certificate(context) if self.auth else None
         info = self.agg.hello(site, req.can_offer_initial, cert, req.inbound)
-        return pb.HelloReply(version=__version__, **info)
+        reply = pb.HelloReply(version=__version__, **info)
+        reply.served_model_json = self.served.listing_json if self.served is not None else ""
+        reply.update_compression = self.agg.config.update_compression
+        reply.model_compression = self.agg.config.model_compression
+        return reply
 
     def Heartbeat(self, req: pb.HelloRequest, context: grpc.ServicerContext) -> pb.Empty:
         self.agg.heartbeat(self._site(req.site, context))
@@ -98,7 +108,9 @@ class Servicer(RelayCalls):
         if t.manifest is not None:
             env = dict(t.manifest.envelope, current_round=task.round, total_rounds=task.total_rounds)
             env.update(start_round=0, attempt=task.attempt, params_type="FULL")
-            task.manifest_json = Manifest(t.manifest.shards, t.manifest.chunk_bytes, env).to_json()
+            copy = self.encoded.task_manifest(t) if self.encoded is not None else None
+            shards, encoded = (copy.shards, copy.encoded) if copy is not None else (t.manifest.shards, {})
+            task.manifest_json = Manifest(shards, t.manifest.chunk_bytes, env, encoded).to_json()
         return task
 
     def _poll(self, site: str, req: pb.TaskRequest, context: grpc.ServicerContext) -> Task:
@@ -154,7 +166,13 @@ class Servicer(RelayCalls):
     def Download(self, req: pb.DownloadRequest, context: grpc.ServicerContext) -> Iterator[bytes]:
         site = self._site(req.site, context)
         with self.slots.transfer(site, "Download"):
-            manifest, source, digests = self.agg.global_source(req.round, req.model, site)
+            if req.file:  # a file of the served model folder (served.py)
+                yield from _served(self.served).frames(req.file, req.offset, req.folder)
+                return
+            if req.encoding:  # a TRAIN task's global model, encoded (encoded.py)
+                manifest, source, digests = encoded_source(self.encoded, req.round, req.encoding)
+            else:
+                manifest, source, digests = self.agg.global_source(req.round, req.model, site)
             try:
                 if not 0 <= req.shard < len(manifest.shards):
                     what = f"site {req.model!r}'s model" if req.model else f"round {req.round}'s global model"
@@ -223,6 +241,15 @@ def make_aggregator(config: AggregatorConfig, kit: ServerKit | None) -> Aggregat
     if kit is not None:  # a sealed header's sender must hold a certificate of this project, not revoked
         agg.relay.certs = Certificates(kit.ca, kit.revoked.lookup if kit.revoked else None)
     return agg
+
+
+def _served(served: ServedFolder | None) -> ServedFolder:
+    if served is None:
+        raise ProtocolError(
+            "this aggregator serves no model folder: start it with --serve-model PATH, or with a recipe whose "
+            "`task.model` is {from_aggregator: PATH}"
+        )
+    return served
 
 
 def _der(pem: bytes) -> bytes | None:
@@ -313,6 +340,7 @@ class AggregatorServer:
             raise ConfigError(ports.bind_error(address, None, given=given))
         self.address = f"{host}:{self.port}"
         try:
+            served = ServedFolder.open(config.serve_model, config.chunk_bytes) if config.serve_model else None
             self.aggregator = make_aggregator(config, kit)
         except BaseException:
             self._server.stop(None)  # never started: frees the port
@@ -321,6 +349,7 @@ class AggregatorServer:
             self.aggregator,
             kit.auth() if kit is not None else None,
             operator_cert=kit.cert if kit is not None else None,
+            served=served,
             max_workers=max_workers,
         )
         self.servicer = servicer  # its call slots and log budget (limits.py) are the server's, per run

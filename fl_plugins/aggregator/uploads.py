@@ -12,10 +12,13 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import logging
+import math
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
+
+import numpy as np
 
 from fl_plugins.aggregator.lora import fit_plan
 from fl_plugins.aggregator.rounds import Counted, RoundState
@@ -23,13 +26,16 @@ from fl_plugins.aggregator.scaffold import is_control_variate, missing_message
 from fl_plugins.aggregator.store import same_tensors
 from fl_plugins.aggregator.strategy import KeepsUpdates, Strategy
 from fl_plugins.errors import AuthError, ModelMismatchError, ProtocolError
-from fl_plugins.wire import limits
+from fl_plugins.wire import limits, quantize
 from fl_plugins.wire.layout import Manifest, TensorInfo, build_header, short_repr
 from fl_plugins.wire.stream import ShardReceiver
 
 log = logging.getLogger(__name__)
 
 MAX_HEADER_SLACK = 64 << 10  # an update's shard header may exceed the one we would build by this much (metadata)
+# the largest log2 of weight * |value| folded: fedavg.py's bound for F32 and BF16 (a float32 accumulator holds sums
+# below 2^128, so products up to 2^100 leave room for 2^27 sites), applied to decoded values
+MAX_FOLD_LOG2 = 100
 
 
 class Stream(Protocol):
@@ -78,23 +84,55 @@ class Upload:
 
 
 class FoldSink:
-    """Where an update's verified chunks go: checked, then folded into the strategy with the update's weight."""
+    """Where an update's verified chunks go: checked, then folded into the strategy with the update's weight.
+
+    An encoded tensor (the manifest's `encoded` table, wire/quantize.py) has a `Decoder` for this upload: each
+    chunk's bytes are checked (their scales) and bounded (`peak` x weight, fedavg.py's overflow rule) before any of
+    them is folded, then folded as float32 values, as a F32 tensor of the declared shape. The decoders live as long
+    as the upload, so a resumed stream goes on where the last one stopped (mid-block too); a resend or a refold
+    gets a new FoldSink and new decoders."""
 
     def __init__(self, strategy: Strategy, weight: float, upload: Upload, check_finite: bool) -> None:
         self.strategy, self.weight, self.upload, self.check_finite = strategy, weight, upload, check_finite
         self.diff = upload.params_type == "DIFF"
         self.keeps = strategy if isinstance(strategy, KeepsUpdates) else None  # flexlora: folded by upload
+        declared = upload.manifest.model_tensors()
+        self.decoders = {
+            name: quantize.Decoder(e.encoding, declared[name].numel, name=name)
+            for name, e in upload.manifest.encoded.items()
+        }
+        self.as_f32 = {  # what a decoded tensor folds as
+            name: TensorInfo(name, "F32", declared[name].shape, 0, 4 * declared[name].numel) for name in self.decoders
+        }
 
     def header(self, shard: int, prefix: bytes) -> None:
         pass
 
     def data(self, shard: int, tensor: TensorInfo, lo: int, payload: memoryview) -> None:
+        decoder = self.decoders.get(tensor.name)
+        if decoder is not None:
+            return self._decoded(decoder, self.as_f32[tensor.name], lo, payload)
         self.strategy.check(tensor, lo, payload, finite=self.check_finite, weight=self.weight)  # before the fold
         self.upload.folded = True  # before the fold, under the fold gate: the close's check sees it
+        self._fold(tensor, lo, payload)
+
+    def _fold(self, tensor: TensorInfo, lo: int, payload: memoryview) -> None:
         if self.keeps is not None:
             self.keeps.fold_update(self.upload.id, tensor, lo, payload, self.weight, diff=self.diff)
         else:
             self.strategy.fold(tensor, lo, payload, self.weight, diff=self.diff)
+
+    def _decoded(self, decoder: quantize.Decoder, tensor: TensorInfo, lo: int, payload: memoryview) -> None:
+        values = decoder.feed(lo, payload)  # ProtocolError here, before anything of the chunk is decoded
+        if self.check_finite and decoder.peak and math.log2(decoder.peak) + math.log2(self.weight) > MAX_FOLD_LOG2:
+            raise ModelMismatchError(
+                f"tensor {tensor.name!r} holds values up to {decoder.peak:.3g}; times the update's weight "
+                f"{self.weight:g} that is over 2^{MAX_FOLD_LOG2}, where the running sum could overflow the "
+                "accumulator: check the site's training for divergence, or send a smaller NUM_STEPS_CURRENT_ROUND"
+            )
+        self.upload.folded = True
+        for e0, v in values:
+            self._fold(tensor, 4 * e0, v.view(np.uint8).data)
 
 
 class Uploads:
@@ -201,14 +239,28 @@ def check_chunk_bytes(site: str, manifest: Manifest, chunk_bytes: int) -> None:
 
 
 def check_plan(
-    global_manifest: Manifest, manifest: Manifest, what: str, *, submitted: bool = False, strategy: str = "fedavg"
+    global_manifest: Manifest,
+    manifest: Manifest,
+    what: str,
+    *,
+    submitted: bool = False,
+    strategy: str = "fedavg",
+    encoding: str = "none",
 ) -> None:
     """An update's tensors must be the global model's, in at most as many shards as it has tensors (no empty
     shards), with headers no larger than the ones we would build plus MAX_HEADER_SLACK. SCAFFOLD's control
     variates (scaffold.py) are part of an update; a submitted model (`submitted`) may leave them all out. Under
-    `strategy` hetlora or flexlora, LoRA factors may have a smaller rank than the global model's (lora.py)."""
+    `strategy` hetlora or flexlora, LoRA factors may have a smaller rank than the global model's (lora.py). An
+    encoded tensor counts as the tensor it declares, and only in `encoding` (the job's `update_compression`)."""
     expected = {t.name: t for s in global_manifest.shards for t in s.tensors}
-    got = {t.name: t for s in manifest.shards for t in s.tensors}
+    got = manifest.model_tensors()
+    if manifest.encoding and manifest.encoding != encoding:
+        names = sorted(manifest.encoded)
+        raise ProtocolError(
+            f"{what} holds tensors encoded with {manifest.encoding} ({short_repr(names)}), but this job's "
+            f"update_compression is {encoding}: a site encodes its updates as the aggregator's Hello says (an "
+            "offered or submitted model travels unencoded)"
+        )
     variates = [n for n in expected if is_control_variate(n)]
     missing = sorted(n for n in variates if n not in got)
     if submitted and len(missing) == len(variates):

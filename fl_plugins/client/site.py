@@ -123,6 +123,7 @@ class SiteClient:
         self.workflow = self.best_metric = ""
         self.inbound = ""  # swarm: HOST:PORT of this site's inbound port (swarm/peer.py), told in Hello
         self.chunk_bytes = 0
+        self.served_model = ""  # the listing of the model folder the aggregator serves (fetch.py); "": none
         self.stats = {"bytes_sent": 0, "bytes_received": 0, "retries": 0, "corrupted_chunks": 0}
         self.transfers = Transfers(self)
         self._closed = threading.Event()
@@ -223,6 +224,8 @@ class SiteClient:
         self.evaluates_after = reply.evaluates_after  # evaluations follow the last round
         self.workflow = reply.workflow  # "swarm": weights go sealed between sites (swarm/site.py)
         self.best_metric = reply.best_metric
+        self.served_model = reply.served_model_json
+        self.transfers.compress(reply.update_compression, reply.model_compression)  # (compress.py)
         if self.policy is not None:
             self._within_policy(self.policy.check_job, self.job_id, 0)
         if self._hb is None and self._hb_period > 0:

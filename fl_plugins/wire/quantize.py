@@ -300,7 +300,8 @@ class Decoder:
     `feed(lo, payload)` takes bytes [lo, lo + len(payload)) of the encoding, checks them, keeps what does not yet
     make a whole block (at most one block's bytes) and returns an iterator of (element offset, float32 values) for
     the blocks it completes; iterate it to the end before the next feed. Pieces come in order: `lo` is where the
-    previous one ended, or any block boundary when no partial block is held (a stream that restarts there).
+    previous one ended (a gap would leave elements undecoded, a rewind would decode some twice: both refused; a
+    stream sent again from its start gets a new Decoder).
     `finish()` raises unless every byte arrived. `peak` bounds |values| of the blocks the last feed completed, for
     a receiver that must know a weighted sum cannot overflow before it adds anything."""
 
@@ -333,28 +334,18 @@ class Decoder:
             return self.nbytes
         return self._full if p >= self._full else p - p % self._bb
 
-    def _is_boundary(self, p: int) -> bool:
-        return p == self.nbytes or (0 <= p <= self._full and p % self._bb == 0)
-
     def _start(self, lo: int, size: int) -> None:
-        """Check that bytes [lo, lo + size) may come next; a restart at a block boundary moves `pos` there."""
+        """Check that bytes [lo, lo + size) come next: from where the previous piece ended, within the encoding."""
         if lo != self.pos:
-            if len(self._carry):
-                raise ProtocolError(
-                    f"{self.where}: bytes arrive from offset {lo}, but the decoder holds a partial block up to "
-                    f"{self.pos}: send the bytes from {self.pos} (pieces in order)"
-                )
-            if not self._is_boundary(lo):
-                raise ProtocolError(
-                    f"{self.where}: bytes arrive from offset {lo}, inside a block; send from {self.pos} or from a "
-                    f"block boundary (a multiple of {self._bb} up to {self._full})"
-                )
+            raise ProtocolError(
+                f"{self.where}: bytes arrive from offset {lo}, but the next expected are at {self.pos}: pieces "
+                "come in order, without gaps or rewinds"
+            )
         if lo + size > self.nbytes:
             raise ProtocolError(
                 f"{self.where}: bytes [{lo}, {lo + size}) run past its {self.nbytes} bytes; the sender's manifest "
                 "and its bytes disagree"
             )
-        self.pos = lo
 
     def feed(
         self, lo: int, payload: bytes | bytearray | memoryview | np.ndarray, *, out: np.ndarray | None = None

@@ -20,7 +20,7 @@ class HelloRequest(_message.Message):
     def __init__(self, site: _Optional[str] = ..., version: _Optional[str] = ..., can_offer_initial: _Optional[bool] = ..., inbound: _Optional[str] = ...) -> None: ...
 
 class HelloReply(_message.Message):
-    __slots__ = ("job_id", "total_rounds", "chunk_bytes", "version", "evaluates_after", "workflow", "best_metric")
+    __slots__ = ("job_id", "total_rounds", "chunk_bytes", "version", "evaluates_after", "workflow", "best_metric", "served_model_json", "update_compression", "model_compression")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     TOTAL_ROUNDS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -28,6 +28,9 @@ class HelloReply(_message.Message):
     EVALUATES_AFTER_FIELD_NUMBER: _ClassVar[int]
     WORKFLOW_FIELD_NUMBER: _ClassVar[int]
     BEST_METRIC_FIELD_NUMBER: _ClassVar[int]
+    SERVED_MODEL_JSON_FIELD_NUMBER: _ClassVar[int]
+    UPDATE_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_COMPRESSION_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     total_rounds: int
     chunk_bytes: int
@@ -35,7 +38,10 @@ class HelloReply(_message.Message):
     evaluates_after: bool
     workflow: str
     best_metric: str
-    def __init__(self, job_id: _Optional[str] = ..., total_rounds: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., version: _Optional[str] = ..., evaluates_after: _Optional[bool] = ..., workflow: _Optional[str] = ..., best_metric: _Optional[str] = ...) -> None: ...
+    served_model_json: str
+    update_compression: str
+    model_compression: str
+    def __init__(self, job_id: _Optional[str] = ..., total_rounds: _Optional[int] = ..., chunk_bytes: _Optional[int] = ..., version: _Optional[str] = ..., evaluates_after: _Optional[bool] = ..., workflow: _Optional[str] = ..., best_metric: _Optional[str] = ..., served_model_json: _Optional[str] = ..., update_compression: _Optional[str] = ..., model_compression: _Optional[str] = ...) -> None: ...
 
 class TaskRequest(_message.Message):
     __slots__ = ("site", "wait_seconds", "can_offer_initial", "holds_update", "aggregates")
@@ -162,18 +168,24 @@ class CommitReply(_message.Message):
     def __init__(self, round: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
 
 class DownloadRequest(_message.Message):
-    __slots__ = ("site", "round", "shard", "offset", "model")
+    __slots__ = ("site", "round", "shard", "offset", "model", "file", "folder", "encoding")
     SITE_FIELD_NUMBER: _ClassVar[int]
     ROUND_FIELD_NUMBER: _ClassVar[int]
     SHARD_FIELD_NUMBER: _ClassVar[int]
     OFFSET_FIELD_NUMBER: _ClassVar[int]
     MODEL_FIELD_NUMBER: _ClassVar[int]
+    FILE_FIELD_NUMBER: _ClassVar[int]
+    FOLDER_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
     site: str
     round: int
     shard: int
     offset: int
     model: str
-    def __init__(self, site: _Optional[str] = ..., round: _Optional[int] = ..., shard: _Optional[int] = ..., offset: _Optional[int] = ..., model: _Optional[str] = ...) -> None: ...
+    file: str
+    folder: str
+    encoding: str
+    def __init__(self, site: _Optional[str] = ..., round: _Optional[int] = ..., shard: _Optional[int] = ..., offset: _Optional[int] = ..., model: _Optional[str] = ..., file: _Optional[str] = ..., folder: _Optional[str] = ..., encoding: _Optional[str] = ...) -> None: ...
 
 class ResultRequest(_message.Message):
     __slots__ = ("site", "round", "task_id", "envelope_json")
