@@ -49,8 +49,17 @@ class Rows(torch.utils.data.Dataset):
 args = TrainingArguments(output_dir=os.path.join(OUT, "hf"), per_device_train_batch_size=8, max_steps=2,
                          learning_rate=1e-2, save_strategy="no", report_to=[], use_cpu=True, ddp_backend="gloo",
                          logging_steps=1, disable_tqdm=True)
+from transformers import TrainerCallback
+
+
+class KeepTrained(TrainerCallback):  # the weights the last step trained, before the job's final model is loaded
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        torch.save(sd, os.path.join(OUT, f"trained-{rank}.pt"))
+
+
 cb = flare.FLTrainerCallback()
-trainer = Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[cb])
+trainer = Trainer(model=model, args=args, train_dataset=Rows(), callbacks=[KeepTrained(), cb])
 trainer.train()
 torch.save({k: v.detach().clone() for k, v in model.state_dict().items()}, os.path.join(OUT, f"final-{rank}.pt"))
 with open(os.path.join(OUT, f"rank-{rank}.json"), "w") as f:
@@ -100,11 +109,15 @@ def test_torchrun_two_processes_only_the_main_one_talks(server_factory, tmp_path
     ddp = [(u["round"], u["weight"]) for u in updates if u["site"] == "site-ddp"]
     assert ddp == [(0, 2), (1, 2)]  # one update per round, from the main process only
     assert sorted(srv.aggregator.sites) == ["anchor", "site-ddp"]  # process 1 never connected
-    final0, final1 = torch.load(out / "final-0.pt"), torch.load(out / "final-1.pt")
-    for k, v in final0.items():  # process 1 got round 1's global model: both trained from it, in step
-        np.testing.assert_allclose(final1[k].numpy(), v.numpy(), rtol=0, atol=1e-6, err_msg=k)
+    trained0, trained1 = torch.load(out / "trained-0.pt"), torch.load(out / "trained-1.pt")
+    for k, v in trained0.items():  # process 1 got round 1's global model: both trained from it, in step
+        np.testing.assert_allclose(trained1[k].numpy(), v.numpy(), rtol=0, atol=1e-6, err_msg=k)
     initial, global1 = load_round(run, 0), load_round(run, 1)
     for k, v in initial.items():  # the anchor held the global model at round 0's
         np.testing.assert_allclose(global1[k], v, rtol=0, atol=1e-6, err_msg=k)
-    trained = load_round(run, 2)
-    assert any(not np.allclose(trained[k], final0[k].numpy()) for k in trained)  # (anchor again: back to initial)
+    final = load_round(run, 2)
+    assert any(not np.allclose(final[k], trained0[k].numpy()) for k in final)  # (anchor again: back to initial)
+    for rank in (0, 1):  # at the end every process holds the job's final global model (rank 0's, broadcast)
+        got = torch.load(out / f"final-{rank}.pt")
+        for k, v in final.items():
+            np.testing.assert_allclose(got[k].numpy(), v, rtol=0, atol=1e-6, err_msg=f"rank {rank}: {k}")

@@ -217,11 +217,15 @@ else:                 # one train() for every round, then the tasks that come af
     tr = Trainer(model=model, args=a, train_dataset=Rows(64, seed=k), eval_dataset=Rows(32, seed=10 + k),
                  callbacks=[cb])
     tr.train()
+    trained = {k: v.detach().clone() for k, v in model.state_dict().items()}  # what SUBMIT_MODEL sends
     cb.finish(tr)
     tasks = None
+    final = tr.evaluate()["eval_loss"]   # at the end the callback leaves the job's final global model in the model
+    model.load_state_dict(trained)
 local = tr.evaluate()["eval_loss"]   # the site's own model, after every task
 with open(f"{out}/{site}.json", "w") as f:
-    json.dump({"tasks": tasks, "local_eval_loss": local, "steps": tr.state.global_step}, f)
+    json.dump({"tasks": tasks, "local_eval_loss": local, "steps": tr.state.global_step,
+               "final_eval_loss": final if form == "callback" else None}, f)
 flare.shutdown()
 """
 
@@ -258,6 +262,8 @@ def test_cross_site_evaluation_of_two_hf_sites_fills_the_matrix_with_eval_losses
     assert sites["site-1"]["tasks"] == ["train", "validate", "train", "validate", "submit_model"] + ["validate"] * 3
     assert sites["site-2"]["steps"] == 8  # the callback form trained 2 rounds x 4 steps in one train()
     matrix = json.loads((run / "cross_site_eval.json").read_text())
+    want = hf_eval_loss(load_round(run, 2), Rows(32, seed=12))  # the callback site ends with the final model
+    assert sites["site-2"]["final_eval_loss"] == pytest.approx(want, abs=1e-5)
     assert sorted(matrix["results"]) == ["global", "site-1", "site-2"]
     final = load_round(run, 2)
     for model, row in matrix["results"].items():
