@@ -59,17 +59,19 @@ def recipe_text(label: str, args: argparse.Namespace) -> str:
     return f"# {RECIPE} with {label} (benchmarks/lora_ranks.py)\n" + yaml.safe_dump(recipe, sort_keys=False)
 
 
-def pooled(recipe_path: Path, run_dir: Path) -> dict[str, float]:
-    """The run's last global model (at its own rank) on the pooled validation set."""
+def pooled(recipe_path: Path, run_dir: Path, rank: int | None = None) -> dict[str, float]:
+    """The run's last global model on the pooled validation set: at its own rank, or cut to `rank` (as a site of
+    that rank loads it, alpha = 2 rank)."""
     from fl_plugins.export import global_params
     from fl_plugins.integrations.hf import HFTarget
     from fl_plugins.recipe import load_recipe
     from fl_plugins.tasks.encoding import encode
     from fl_plugins.tasks.shares import shares
+    from fl_plugins.tasks.spec import for_site
     from fl_plugins.tasks.training import build_model, make_trainer
 
     recipe = load_recipe(recipe_path)
-    spec = recipe.task  # task.peft: the largest rank, the global adapter's
+    spec = recipe.task if rank is None else for_site(recipe.task, {"r": rank, "alpha": 2 * rank})
     data = shares(spec, {s.name: s.data for s in recipe.sites})
     model, tok = build_model(spec, len(data.labels) if data.labels else None)
     HFTarget(model).load(global_params(run_dir, None)[1], strict=True)
@@ -84,11 +86,25 @@ def figures(recipe_path: Path, run_dir: Path) -> dict[str, Any]:
     final = summary.get("final_evaluation") or {}
     views = {s: round(float(c["metrics"]["eval_accuracy"]), 4) for s, c in (final.get("sites") or {}).items()}
     uploaded = [r.get("uploaded_bytes", 0) for r in summary.get("rounds", [])]
+    ranks = sorted({int((s.peft or {}).get("r", recipe_rank(recipe_path))) for s in _sites(recipe_path)})
     return {
         "pooled": pooled(recipe_path, run_dir),
+        "pooled_at_rank": {r: round(pooled(recipe_path, run_dir, r)["accuracy"], 4) for r in ranks},
         "site_views": views,
         "uploaded_mb_per_round": round(sum(uploaded) / max(1, len(uploaded)) / 1e6, 3),
     }
+
+
+def _sites(recipe_path: Path) -> Any:
+    from fl_plugins.recipe import load_recipe
+
+    return load_recipe(recipe_path).sites
+
+
+def recipe_rank(recipe_path: Path) -> int:
+    from fl_plugins.recipe import load_recipe
+
+    return int(load_recipe(recipe_path).task.peft.r)
 
 
 def main() -> int:
@@ -117,7 +133,8 @@ def main() -> int:
         results[label] = {**figures(recipe_path, run_dir), "seconds": seconds and round(seconds, 1)}
         r = results[label]
         print(
-            f"{label:11s} pooled accuracy {r['pooled']['accuracy']:.4f} loss {r['pooled']['loss']:.4f}; sites' "
+            f"{label:11s} pooled accuracy {r['pooled']['accuracy']:.4f} loss {r['pooled']['loss']:.4f} (cut to each "
+            f"site's rank: {r['pooled_at_rank']}); sites' "
             f"views {r['site_views']}; {r['uploaded_mb_per_round']} MB uploaded per round"
             + (" (reused)" if reuse else f" ({seconds:.0f} s)"),
             flush=True,
