@@ -34,7 +34,7 @@ from typing import TYPE_CHECKING
 
 import xxhash
 
-from fl_plugins.client.transfers import IdleWatch
+from fl_plugins.client.transfers import download_frames
 from fl_plugins.errors import ConfigError, IntegrityError
 from fl_plugins.wire import frames
 from fl_plugins.wire.listing import PART, FileEntry, Listing
@@ -165,22 +165,10 @@ class _FileFetch:
         c = self.client
         req = pb.DownloadRequest(site=c.site, offset=self.offset)
         req.file, req.folder = self.entry.name, self.listing.digest
-        call = c.transport.Download(req, wait_for_ready=True)
-        idle = IdleWatch(call, c.idle_timeout)
-        try:
-            for frame in call:
-                idle.kick()
-                try:
-                    self._accept(frame)
-                except IntegrityError:
-                    c.stats["corrupted_chunks"] += 1
-                    call.cancel()
-                    raise
-        finally:
-            idle.stop()
+        download_frames(c, req, self._accept)
 
-    def _accept(self, frame: bytes) -> None:
-        """Verify a frame (its digest; its offset and length: the chunk expected next) and write it."""
+    def _accept(self, frame: bytes) -> int:
+        """Verify a frame (its digest; its offset and length: the chunk expected next) and write it; its bytes."""
         offset, payload, _ = frames.decode(frame)
         want = min(self.listing.chunk_bytes, self.entry.size - self.offset)
         if offset != self.offset or len(payload) != want:
@@ -190,7 +178,7 @@ class _FileFetch:
         os.pwrite(self.fd, payload, offset)
         self.hasher.update(payload)
         self.offset += len(payload)
-        self.client.stats["bytes_received"] += len(payload)
+        return len(payload)
 
 
 @contextlib.contextmanager

@@ -54,6 +54,26 @@ class TensorSink:
         self.views[tensor.name][lo : lo + len(payload)] = payload
 
 
+def download_frames(client: Any, req: pb.DownloadRequest, accept: Callable[[bytes], int]) -> None:
+    """One Download call: every frame to `accept` (verifies and keeps it, returns its payload bytes), the call
+    cancelled when it moves nothing for the client's idle_timeout; a frame `accept` refuses (IntegrityError) is
+    counted as a corrupted chunk and ends the call (the caller resumes from its verified offset)."""
+    call = client.transport.Download(req, wait_for_ready=True)
+    idle = IdleWatch(call, client.idle_timeout)
+    try:
+        for frame in call:
+            idle.kick()
+            try:
+                n = accept(frame)
+            except IntegrityError:
+                client.stats["corrupted_chunks"] += 1
+                call.cancel()
+                raise
+            client.stats["bytes_received"] += n
+    finally:
+        idle.stop()
+
+
 class IdleWatch:
     """Cancels a call that has moved no bytes for `timeout` seconds (`kick()` on every frame)."""
 
@@ -135,20 +155,7 @@ class Transfers:
         c = self.client
         req = pb.DownloadRequest(site=c.site, round=round_, shard=shard, offset=rx.offset, model=model)
         req.encoding = encoding
-        call = c.transport.Download(req, wait_for_ready=True)
-        idle = IdleWatch(call, c.idle_timeout)
-        try:
-            for frame in call:
-                idle.kick()
-                try:
-                    n = rx.accept(frame)
-                except IntegrityError:
-                    c.stats["corrupted_chunks"] += 1
-                    call.cancel()
-                    raise
-                c.stats["bytes_received"] += n
-        finally:
-            idle.stop()
+        download_frames(c, req, rx.accept)
 
     # -- resuming ----------------------------------------------------------------------------------------
     def resumable(self, step: Callable[[], None], what: str, progress: Callable[[], int]) -> None:
