@@ -355,7 +355,6 @@ REFUSALS = [
         {"deepspeed": {"zero_optimization": {"stage": 2}}},
         r"DeepSpeed is not supported yet \(TrainingArguments.deepspeed=\{'zero_optimization'.*Train with DDP instead",
     ),
-    ({}, {"fsdp": "full_shard"}, r"FSDP is not supported yet \(TrainingArguments.fsdp='full_shard'\).*DDP instead"),
     (
         {},
         {"load_best_model_at_end": True},
@@ -366,7 +365,7 @@ REFUSALS = [
 
 @pytest.mark.parametrize(("kwargs", "args_set", "message"), REFUSALS,
                          ids=["both-budgets", "fractional-steps", "zero-epochs", "endless-steps", "unknown-scope",
-                              "adapter-no-peft", "bad-prefix", "deepspeed", "fsdp", "load-best"])  # fmt: skip
+                              "adapter-no-peft", "bad-prefix", "deepspeed", "load-best"])  # fmt: skip
 def test_hf_patch_refuses_what_flare_refuses_before_connecting(monkeypatch, tmp_path, kwargs, args_set, message):
     """Each refusal names the setting, the value and the fix, and comes before any connection (no FL_SERVER)."""
     flare = _hf()
@@ -376,7 +375,7 @@ def test_hf_patch_refuses_what_flare_refuses_before_connecting(monkeypatch, tmp_
 
     monkeypatch.delenv("FL_SERVER", raising=False)
     tr = Trainer(model=tiny_bert(), args=hf_args(tmp_path), train_dataset=rows())
-    for k, v in args_set.items():  # set on the built trainer's arguments: the DeepSpeed/FSDP engines need not exist
+    for k, v in args_set.items():  # set on the built trainer's arguments: the DeepSpeed engine need not exist
         setattr(tr.args, k, v)
     with pytest.raises(ConfigError, match=message):
         flare.patch(tr, **kwargs)

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
+from fl_plugins.errors import ConfigError
 from fl_plugins.integrations.targets import ModelTarget, trainable_names
 from fl_plugins.integrations.tasks import Collective
 
@@ -41,6 +42,11 @@ class Corrections:
         """A TRAIN round opened with its global model in `target`, on every rank: FedProx anchors at it; with
         `scaffold`, SCAFFOLD takes the round's control variates c (`variates`, received by rank 0; the other ranks
         get rank 0's correction through `collective`)."""
+        if getattr(target, "sharded", False) and (self.proximal is not None or scaffold):
+            raise ConfigError(
+                "FedProx and SCAFFOLD correct each rank's whole weights after every step, and a sharded (FSDP) "
+                "model's rank holds a shard: drop proximal_mu / the scaffold strategy, or train this site with DDP"
+            )
         if self.proximal is not None:
             self.proximal.anchor(target.state())
         if not scaffold:

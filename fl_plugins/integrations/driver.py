@@ -17,7 +17,7 @@ HF integrations translate their trainer's hooks into these calls and keep no rou
                                FedProx; with a `Collective`, every rank takes rank 0's round info and weights.
                                open_round(): whether a TRAIN round opened; task_kind(): the kind alone
     begin_evaluation(target) / end_evaluation(target, metrics, num_samples) / abort_evaluation(target)
-                               EVALUATE: keep the weights, load the task's model; answer, put the weights back
+                               EVALUATE (answers.py): keep the weights, load the model; answer, put them back
     submit(target)             SUBMIT_MODEL: the target's weights (FULL) are the answer
     next_iteration()           the script's loop moved on (is_running / receive): ANSWERED no more
     step_began() / step_ended(lr) / epoch_ended()
@@ -40,7 +40,8 @@ What each task kind (TRAIN, EVALUATE, SUBMIT_MODEL) asks of the model, and ANSWE
 Multi-process training (DDP): only global rank 0 connects and sends (`start(rank)`). The others learn the round
 from rank 0's `round_info()` when a round opens and from `after_fit_info()` when it ends (`follow()`), so their
 `is_running()` and `receive()` agree with rank 0's without ever talking to the aggregator or needing a process
-group outside fit/validate. The trainer's broadcast reaches the driver as a `Collective`.
+group outside fit/validate. The trainer's broadcast reaches the driver as a `Collective`. A sharded model (FSDP:
+sharded.py) is gathered on rank 0 where its state is read, and scattered to every rank's shards where rank 0 loaded.
 
 Model targets (`state()`, `load(params, strict)`), `PrefixedTarget` (FLARE's `server_key_prefix`) and the strict
 check: targets.py. Round 0 without an initial model: `receive()` returns an FLModel with `current_round=0` and
@@ -59,6 +60,7 @@ from typing import Any
 from fl_plugins.client import api, session
 from fl_plugins.client.model import FLModel, MetaKey, ParamsType
 from fl_plugins.errors import ConfigError
+from fl_plugins.integrations.answers import TaskAnswers
 from fl_plugins.integrations.budget import RoundBudget as RoundBudget
 from fl_plugins.integrations.budget import RoundProgress
 from fl_plugins.integrations.corrections import Corrections
@@ -66,16 +68,16 @@ from fl_plugins.integrations.peers import Follower
 from fl_plugins.integrations.targets import ModelTarget as ModelTarget
 from fl_plugins.integrations.targets import PrefixedTarget as PrefixedTarget
 from fl_plugins.integrations.targets import check_params as check_params
+from fl_plugins.integrations.targets import gather, is_sharded_target, pop_control_variates, release, spread
 from fl_plugins.integrations.targets import matching as matching
-from fl_plugins.integrations.targets import pop_control_variates, snapshot
-from fl_plugins.integrations.tasks import NUM_EVAL_SAMPLES, kind_of, task_info
 from fl_plugins.integrations.tasks import Collective as Collective
 from fl_plugins.integrations.tasks import TaskKind as TaskKind
+from fl_plugins.integrations.tasks import kind_of, task_info
 
 logger = logging.getLogger(__name__)
 
 
-class RoundDriver:
+class RoundDriver(TaskAnswers):
     def __init__(self, strict: bool = True) -> None:
         self.strict = strict
         self.target: ModelTarget | None = None
@@ -183,6 +185,7 @@ class RoundDriver:
         here (begin_evaluation, submit); ANSWERED (see next_iteration) asks the aggregator nothing."""
         if self.answered:
             return TaskKind.ANSWERED
+        gather(target)  # a sharded model: rank 0 holds its state until spread()
         kind = self._at_hand() if self.rank == 0 else None
         if kind is TaskKind.TRAIN and not self.begin(target):
             kind = None
@@ -190,10 +193,12 @@ class RoundDriver:
         if collective is not None:
             info = collective.broadcast(self.round_info() if self.rank == 0 else None) or {}
             kind, scaffold = kind_of(info), bool(info.get("scaffold"))
-            if kind in (TaskKind.TRAIN, None):
+            if kind in (TaskKind.TRAIN, None) and not is_sharded_target(target):
                 collective.broadcast_tensors(target.state().values())
             if self.rank != 0:
                 self.follow(info, target if kind is TaskKind.TRAIN else None)
+        if is_sharded_target(target):
+            spread(target, collective)
         opened = kind is TaskKind.TRAIN
         self.progress.restart(opened, step)
         if opened:  # FedProx and SCAFFOLD start from the round's global model
@@ -238,7 +243,11 @@ class RoundDriver:
         if not p.open:
             return
         p.open = False
+        if self.target is not None:
+            gather(self.target)  # a sharded model: every rank, before rank 0 sends
         self.finish_round(p.steps if step is None else step - p.start_step)
+        if self.target is not None:
+            release(self.target)
 
     def agree_running(self, collective: Collective | None = None) -> bool:
         """After a round: rank 0 asks whether the job goes on (and which round is next); with `collective`, every
@@ -303,7 +312,7 @@ class RoundDriver:
             kind = TaskKind(sess.kind) if sess.is_running() else TaskKind.TRAIN
             if kind is not TaskKind.TRAIN:
                 into = None
-            elif into is None and self.target is not None:
+            elif into is None and self.target is not None and not is_sharded_target(self.target):
                 into = dict(self.target.state())
             model = api.receive(timeout, into=into)  # type: ignore[arg-type]
             if model is not self.model:
@@ -373,53 +382,6 @@ class RoundDriver:
             state.update(self.corrections.update(state))  # SCAFFOLD: the site's new control variates
             api.send(FLModel(params_type=ParamsType.FULL, params=state, metrics=dict(self.metrics), meta=meta))
             self.model, self.loaded, self.metrics = None, False, {}
-
-    # -- EVALUATE and SUBMIT_MODEL tasks ---------------------------------------------------------------------
-    @property
-    def evaluating(self) -> bool:
-        """An EVALUATE task's model is in the target (begin_evaluation), its answer not yet sent."""
-        return self.kept is not None
-
-    def begin_evaluation(self, target: ModelTarget, collective: Collective | None = None) -> None:
-        """An EVALUATE task opened: every rank keeps the target's own weights (off the accelerator), rank 0 loads
-        the task's model into it (checked as a global model is), and with `collective` every rank gets rank 0's."""
-        with self.lock:
-            self.kept = snapshot(target.state())
-            model = self.model
-            if self.rank == 0 and model is not None and model.params is not None:
-                owner = (model.meta or {}).get("model_owner", "global")
-                self._load(target, model.params, f"the model to evaluate ({owner!r}, round {model.current_round})")
-        if collective is not None:
-            collective.broadcast_tensors(target.state().values())
-
-    def end_evaluation(self, target: ModelTarget, metrics: Mapping[str, Any], num_samples: int | None = None) -> None:
-        """The evaluation is done: rank 0 answers with its `metrics` (and NUM_EVAL_SAMPLES when known); every rank
-        gets its own weights back. ConfigError (the weights back, no answer) when there is no metric to send."""
-        with self.lock:
-            self.abort_evaluation(target)
-            if self.rank == 0 and self.model is not None:
-                if not metrics:  # the aggregator would refuse the answer
-                    raise ConfigError("an EVALUATE task's evaluation gave no metrics: log one (self.log('loss', ...))")
-                meta = {NUM_EVAL_SAMPLES: int(num_samples)} if num_samples else {}
-                api.send(FLModel(metrics=dict(metrics), meta=meta))
-            self._answered()
-
-    def abort_evaluation(self, target: ModelTarget) -> None:
-        """The target gets its own weights back; the EVALUATE task stays unanswered (the evaluation failed)."""
-        with self.lock:
-            kept, self.kept = self.kept, None
-            if kept is not None:
-                target.load(kept, strict=True)
-
-    def submit(self, target: ModelTarget) -> None:
-        """A SUBMIT_MODEL task: rank 0 sends the target's weights (FULL) as this site's local model."""
-        with self.lock:
-            if self.rank == 0 and self.model is not None:
-                api.send(FLModel(params_type=ParamsType.FULL, params=dict(target.state())))
-            self._answered()
-
-    def _answered(self) -> None:
-        self.model, self.loaded, self.metrics, self.answered = None, False, {}, True
 
 
 _driver: RoundDriver | None = None

@@ -38,10 +38,9 @@ patch() takes NVIDIA FLARE's signature with its meaning: `restore_state` (one op
 over all rounds; False: the trainer re-creates its LR scheduler for each train() call, as a plain Trainer does),
 `load_state_dict_strict`, `params_scope`, `server_key_prefix`, `local_epochs` / `local_steps` (one round's
 budget, in place of the TrainingArguments'), `stream_metrics` (send the trainer's logs to the aggregator as
-flare.log records; the callback always does). It refuses what FLARE refuses: DeepSpeed and FSDP (not supported
-yet), `load_best_model_at_end=True`, and a second patched Trainer in one process. It changes the trainer only
-through public means: its callback list, its TrainingArguments, its `lr_scheduler`, and wrappers of its
-`create_scheduler`, `train` and `evaluate` methods (hf_wrappers.py).
+flare.log records; the callback always does). It refuses DeepSpeed (not supported yet), `load_best_model_at_end=
+True`, and a second patched Trainer in one process. It changes the trainer only through public means: its
+callbacks, TrainingArguments, `lr_scheduler`, and wrappers of `create_scheduler`, `train`, `evaluate` (hf_wrappers.py).
 
 FedProx: `FLTrainerCallback(proximal_mu=mu)` moves the exchanged weights toward the round's global model by
 lr * mu * (w - w_global) after every optimizer step (fedprox.py, through the driver): the proximal term's gradient
@@ -51,11 +50,11 @@ and sends the site's control variates with each update (integrations/scaffold.py
 right after the optimizer's step and before the LR scheduler's, at the learning rate that step used.
 
 The trainer's own resume logic (`train(resume_from_checkpoint=...)`) loads its checkpoint before
-`on_train_begin`; the global model is loaded at `on_train_begin`, so it wins.
+`on_train_begin`, where the global model is loaded, so that wins.
 
 Multi-process training (torchrun / accelerate): only the main process (`args.process_index == 0`) talks to the
-aggregator; at each round start it broadcasts the round info and the weights (torch.distributed) to the others,
-and at each round end whether the job goes on.
+aggregator; at each round start it broadcasts the round info and the weights (torch.distributed; under FSDP the
+state is gathered on it and scattered: sharded.py) to the others, and at each round end whether the job goes on.
 """
 
 from __future__ import annotations
@@ -73,11 +72,11 @@ from fl_plugins.integrations.hf_args import (
     begun_budget,
     check_patch,
     check_prefix,
-    refuse_sharded,
+    refuse_deepspeed,
     set_budget,
     trainer_budget,
 )
-from fl_plugins.integrations.hf_model import PARAMS_SCOPES, resolve_scope, unwrap
+from fl_plugins.integrations.hf_model import PARAMS_SCOPES, resolve_scope, sharded_hf, unwrap
 from fl_plugins.integrations.hf_model import HFTarget as HFTarget  # fl_plugins.tasks uses it from here
 from fl_plugins.integrations.hf_wrappers import eval_samples, scores, wrap_methods
 from fl_plugins.integrations.tasks import TaskKind
@@ -161,11 +160,12 @@ class FLTrainerCallback(TrainerCallback):
         return self.driver
 
     def target(self, model: Any) -> Any:
-        """What travels for `model` (the model's own tensors), under the wire names."""
-        model = unwrap(model)
+        """What travels for `model` (its own tensors; under FSDP gathered on rank 0: sharded.py), by wire names."""
+        root, model = model, unwrap(model)
         if self.scope is None:
             self.scope = resolve_scope(model, self.params_scope, "FLTrainerCallback")
         target = HFTarget(model, self.scope)
+        target = sharded_hf(root, model, target.kind) or target  # the Trainer's FSDP: gathered on rank 0
         return _driver.PrefixedTarget(target, self.server_key_prefix) if self.server_key_prefix else target
 
     def attach(self, trainer: Any) -> None:
@@ -191,7 +191,7 @@ class FLTrainerCallback(TrainerCallback):
     def prepare(self, args: Any, model: Any, begun: Any = None) -> None:
         """Check the trainer, connect and (the callback form) plan the whole run, once: when the trainer is built,
         or, for a callback added later (trainer.add_callback), when train() begins with the state `begun`."""
-        refuse_sharded(args, None, "FLTrainerCallback")
+        refuse_deepspeed(args, None, "FLTrainerCallback")
         if model is not None and self.scope is None:  # a wrong params_scope fails here, before connecting
             self.scope = resolve_scope(unwrap(model), self.params_scope, "FLTrainerCallback")
         driver = self.start(args)
@@ -231,7 +231,7 @@ class FLTrainerCallback(TrainerCallback):
         if kind is TaskKind.TRAIN and not self.bytes_per_round:
             self.bytes_per_round = target.nbytes()
             mb = self.bytes_per_round / 1e6
-            logger.info("each round exchanges %d tensors, %.2f MB (%s)", len(target.state()), mb, target.kind)
+            logger.info("each round exchanges %.2f MB (%s)", mb, target.kind)
         return kind
 
     def on_train_begin(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:

@@ -44,20 +44,14 @@ def check_prefix(who: str, server_key_prefix: Any) -> None:
         )
 
 
-def refuse_sharded(args: Any, trainer: Any, who: str) -> None:
-    """DeepSpeed and FSDP shard the weights across processes: what one process holds is not the model."""
+def refuse_deepspeed(args: Any, trainer: Any, who: str) -> None:
+    """DeepSpeed shards the weights across processes its own way (FSDP is supported: sharded.py)."""
     deepspeed = getattr(args, "deepspeed", None)
     if deepspeed or getattr(trainer, "is_deepspeed_enabled", False):
         raise ConfigError(
             f"{who}: DeepSpeed is not supported yet (TrainingArguments.deepspeed={deepspeed!r}): each process "
             "holds only a shard of the weights. Train with DDP instead (torchrun, or accelerate without a "
             "DeepSpeed config) and drop the deepspeed argument"
-        )
-    fsdp = getattr(args, "fsdp", None)
-    if fsdp or getattr(trainer, "is_fsdp_enabled", False):
-        raise ConfigError(
-            f"{who}: FSDP is not supported yet (TrainingArguments.fsdp={fsdp!r}): each process holds only a shard "
-            "of the weights. Train with DDP instead (torchrun) and drop the fsdp argument"
         )
 
 
@@ -73,7 +67,7 @@ def check_patch(trainer: Any, settings: dict[str, Any]) -> str:
             "fl_plugins.lightning.patch"
         )
     RoundBudget.checked("patch()", settings["local_steps"], settings["local_epochs"])
-    refuse_sharded(trainer.args, trainer, "patch()")
+    refuse_deepspeed(trainer.args, trainer, "patch()")
     if getattr(trainer.args, "load_best_model_at_end", False):
         raise ConfigError(
             "patch(): TrainingArguments.load_best_model_at_end=True cannot be federated: train() would reload its "

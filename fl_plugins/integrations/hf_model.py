@@ -127,6 +127,23 @@ class HFTarget:
         return sum(t.numel() * t.element_size() for t in self.state().values())
 
 
+def sharded_hf(root: Any, model: Any, kind: str) -> Any:
+    """The target of a model the Trainer's FSDP shards (None: `root` is not sharded): `root` as the Trainer holds it
+    (FSDP1's wrapper, or the model itself under FSDP2), `model` the transformers or PEFT model in it, `kind` what
+    HFTarget would exchange."""
+    from fl_plugins.integrations.sharded import ShardedTarget, is_sharded
+
+    if not is_sharded(root):
+        return None
+    if kind == "peft-prompt":
+        raise ConfigError(
+            "a prompt-learning PEFT model (p-tuning, prefix tuning) under FSDP is not supported: its prompt "
+            "encoder is small, train it with DDP (torchrun) and drop the fsdp argument"
+        )
+    scope = "peft" if kind == "peft" else kind
+    return ShardedTarget(root, scope, model if kind == "peft" else None, _adapter(model))
+
+
 def exchanged_state(model: Any, params_scope: str = "trainable") -> dict[str, Any]:
     """What a round exchanges for `model` under `params_scope` (for reports and tests)."""
     model = unwrap(model)

@@ -23,7 +23,15 @@ from typing import Any
 
 from fl_plugins.client import session
 from fl_plugins.integrations.hf_model import is_peft, unwrap
-from fl_plugins.integrations.targets import ModelTarget, check_params, matching, pop_control_variates
+from fl_plugins.integrations.targets import (
+    ModelTarget,
+    check_params,
+    gather,
+    is_sharded_target,
+    matching,
+    pop_control_variates,
+    spread,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -97,6 +105,7 @@ def take_home(driver: Any, target: ModelTarget, model: Any, args: Any, tokenizer
         round_ = collective.broadcast(round_ if driver.rank == 0 else None)
     if round_ is None:
         return None
+    gather(target)  # a sharded model (FSDP): rank 0 checks against the gathered state, spread() scatters
     if final is not None and final.params is not None:
         params = dict(final.params)
         pop_control_variates(params)  # SCAFFOLD's c is not part of the model
@@ -106,10 +115,11 @@ def take_home(driver: Any, target: ModelTarget, model: Any, args: Any, tokenizer
             params = matching(params, target.state())
         target.load(params, strict=driver.strict)
         session.get().forget_final()  # loaded: no second copy kept
-    if collective is not None:
-        collective.broadcast_tensors(target.state().values())
+    spread(target, collective)
     out = getattr(args, "output_dir", None)  # (args None: not saved)
-    if out and getattr(args, "should_save", driver.rank == 0):
+    if out and is_sharded_target(target):
+        logger.info("the final model (round %d) is in trainer.model; under FSDP trainer.save_model() saves it", round_)
+    elif out and getattr(args, "should_save", driver.rank == 0):
         _save(unwrap(model), out)
         if tokenizer is not None and hasattr(tokenizer, "save_pretrained"):
             tokenizer.save_pretrained(out)

@@ -34,6 +34,10 @@ When a fit or an explicit validate starts, every rank takes rank 0's round info 
 and rank 0's weights (torch.distributed.broadcast of each tensor, in place); when a fit ends, rank 0 asks the
 aggregator whether the job goes on and broadcasts the answer, which the other ranks' is_running() returns.
 The process group's timeout (DDPStrategy(timeout=...)) must cover rank 0's wait for the next round.
+Sharded training (FSDPStrategy; ModelParallelStrategy, whose configure_model() calls fully_shard; runs on CPU
+too): the module's full state is gathered on rank 0 where it is read (to send, to check the global model against)
+and rank 0's loaded weights are scattered to every rank's shards (integrations/sharded.py). FedProx and SCAFFOLD
+are refused there: they correct each rank's whole weights.
 
 Works with trainers from `lightning` and from `pytorch_lightning`: the callback class derives from the
 Callback of the trainer's own package.
@@ -87,7 +91,7 @@ class _FLCallbackMixin:
                 self.driver.plan(budget)
             epochs, steps = budget.limits(loop.epoch_progress.current.processed, trainer.global_step)
             loop.max_epochs, loop.epoch_loop.max_steps = epochs, steps
-        target = _target(pl_module)
+        target = _target(trainer, pl_module)
         kind = self.driver.open_task(target, step=trainer.global_step, collective=_collective(trainer))
         if kind in (TaskKind.TRAIN, None):  # None: the job is over, and the fit trains as a plain one would
             return
@@ -141,7 +145,7 @@ class _FLCallbackMixin:
     def on_validation_start(self, trainer: Any, pl_module: Any) -> None:
         if not self._explicit_validation(trainer):
             return
-        target, collective = _target(pl_module), _collective(trainer)
+        target, collective = _target(trainer, pl_module), _collective(trainer)
         kind = self.driver.open_task(target, collective=collective)
         if kind is TaskKind.EVALUATE:
             self.driver.begin_evaluation(target, collective)
@@ -153,14 +157,14 @@ class _FLCallbackMixin:
             return
         metrics = {k: _scalar(v) for k, v in trainer.callback_metrics.items()}
         if self.driver.evaluating:
-            self.driver.end_evaluation(_target(pl_module), metrics, _val_samples(trainer))
+            self.driver.end_evaluation(_target(trainer, pl_module), metrics, _val_samples(trainer))
         elif trainer.global_rank == 0:
             self.driver.record_metrics(metrics)
 
     def on_exception(self, trainer: Any, pl_module: Any, exception: BaseException) -> None:
         self._unskip(trainer)
         if self.driver.evaluating:  # the evaluation failed: the module gets its own weights back
-            self.driver.abort_evaluation(_target(pl_module))
+            self.driver.abort_evaluation(_target(trainer, pl_module))
 
     def _unskip(self, trainer: Any) -> None:
         """A fit that answered another task than TRAIN is over: the trainer's limits back."""
@@ -194,10 +198,15 @@ def _collective(trainer: Any) -> _StrategyCollective | None:
     return _StrategyCollective(trainer) if dist.is_available() and dist.is_initialized() else None
 
 
-def _target(pl_module: Any) -> Any:
+def _target(trainer: Any, pl_module: Any) -> Any:
+    """The module's weights; sharded across the ranks (FSDPStrategy, ModelParallelStrategy's fully_shard): gathered
+    on rank 0 where they are read, through the strategy's root module (sharded.py)."""
     from fl_plugins.integrations._torch import ModuleTarget
+    from fl_plugins.integrations.sharded import ShardedTarget, is_sharded
 
-    return ModuleTarget(pl_module)
+    root = getattr(trainer.strategy, "model", None)  # FSDPStrategy: the FSDP unit around the module
+    root = pl_module if root is None else root
+    return ShardedTarget(root) if is_sharded(root) else ModuleTarget(pl_module)
 
 
 def _val_samples(trainer: Any) -> int | None:

@@ -12,6 +12,10 @@ A received LoRA factor of a larger rank than the local one (a global adapter of 
 rank 4: `--strategy hetlora` or `flexlora`, aggregator/lora.py) fits: it is cut to the local rank when loaded (the
 first r rows of lora_A, the first r columns of lora_B; lora_ranks.py `fit_ranks`). Any other shape mismatch, a
 smaller rank included, stays one.
+
+A sharded model (FSDP: sharded.py's `ShardedTarget`) holds its state on rank 0 only between two collective calls
+every rank makes: `gather(target)` before the state is read, `spread(target, collective)` after rank 0 loaded
+(for an unsharded model: rank 0's tensors broadcast in place), `release(target)` when it was only read.
 """
 
 from __future__ import annotations
@@ -120,6 +124,31 @@ def pop_control_variates(params: dict[str, Any] | None) -> dict[str, Any]:
     if not params:
         return {}
     return {k: params.pop(k) for k in [k for k in params if k.startswith(CONTROL_VARIATE)]}
+
+
+def is_sharded_target(target: ModelTarget) -> bool:
+    return bool(getattr(target, "sharded", False))
+
+
+def gather(target: ModelTarget) -> None:
+    """Collective for a sharded target (every rank): rank 0 gets the state to read; nothing for any other."""
+    if is_sharded_target(target):
+        target.gather()  # type: ignore[attr-defined]
+
+
+def spread(target: ModelTarget, collective: Any) -> None:
+    """Every rank takes rank 0's weights: a sharded target scatters what rank 0 loaded; an unsharded one has
+    rank 0's tensors broadcast in place (with `collective`: multi-process training)."""
+    if is_sharded_target(target):
+        target.scatter()  # type: ignore[attr-defined]
+    elif collective is not None:
+        collective.broadcast_tensors(target.state().values())
+
+
+def release(target: ModelTarget) -> None:
+    """A sharded target's gathered state was only read: drop it."""
+    if is_sharded_target(target):
+        target.release()  # type: ignore[attr-defined]
 
 
 def _rank_below(name: str, got: Any, local: Any) -> bool:
