@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -149,8 +149,11 @@ def export(run_dir: Path, out: Path, round_: int | None = None, base: str | None
     run_dir, out = Path(run_dir), Path(out)
     if not run_dir.is_dir():
         raise ConfigError(f"{run_dir} is not a run directory (give the RUN_DIR of `fl-plugins run` or `server`)")
+    _check_output(out)
     r, params = global_params(run_dir, round_)
     desc = choose(descriptions(run_dir), run_dir, global_rank(params))
+    if base:  # the card names it too
+        desc = replace(desc, info={**desc.info, "base_model": base})
     params = _wire_names(desc, params)
     out.mkdir(parents=True, exist_ok=True)
     if desc.peft is not None:
@@ -160,6 +163,23 @@ def export(run_dir: Path, out: Path, round_: int | None = None, base: str | None
     _copy_tokenizer(desc, out)
     write_card(run_dir, out, r, desc)
     return out
+
+
+def _check_output(out: Path) -> None:
+    """`out` is new, empty, an earlier export or a model folder (config.json / adapter_config.json: written
+    over, as save_pretrained would); any other folder is refused, not mixed into."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise ConfigError(f"{out} is a file: give a folder to export into (-o DIR)")
+    card = out / "README.md"
+    earlier = card.is_file() and "fl-plugins]" in card.read_text(errors="replace")[:2000]
+    earlier = earlier or (out / "config.json").is_file() or (out / "adapter_config.json").is_file()
+    if any(out.iterdir()) and not earlier:
+        raise ConfigError(
+            f"{out} is not empty and holds no model or earlier export: give a new or empty folder (-o DIR), so that no file "
+            "of yours is written over or mixed into the model's folder"
+        )
 
 
 def _write_adapter(desc: Description, params: dict[str, Any], out: Path, base: str | None) -> None:

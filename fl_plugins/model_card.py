@@ -10,6 +10,7 @@ the Hugging Face Hub's (library_name, base_model, tags).
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -86,7 +87,7 @@ def card(run_dir: Path, round_: int, desc: Description) -> str:
     library = "peft" if desc.peft is not None else "transformers"
     base = desc.info.get("base_model") or ""
     lines = ["---", f"library_name: {library}"]
-    lines += [f"base_model: {json.dumps(base)}"] if base else []
+    lines += [f"base_model: {json.dumps(base)}"] if hub_id(base) else []  # the Hub's field: a model id, no path
     lines += ["tags: [federated-learning, fl-plugins]", "---", ""]
     name = identity.get("job_id") or summary.get("name") or run_dir.name
     lines += [f"# {name}", ""]
@@ -119,6 +120,13 @@ def card(run_dir: Path, round_: int, desc: Description) -> str:
     if recipe:
         lines += ["## Recipe", "", "```json", json.dumps(recipe, indent=2, sort_keys=True, default=str), "```", ""]
     return "\n".join(lines)
+
+
+def hub_id(name: str) -> bool:
+    """Whether `name` reads as a Hub model id ("org/model", "model"), not a site's local folder."""
+    if not name or name.startswith(("/", ".", "~")) or "\\" in name or name.count("/") > 1:
+        return False
+    return re.fullmatch(r"[\w.-]+(/[\w.-]+)?", name) is not None and not Path(name).exists()
 
 
 def write_card(run_dir: Path, out: Path, round_: int, desc: Description) -> Path:

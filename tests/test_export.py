@@ -24,6 +24,7 @@ import fl_plugins.hf as flare  # noqa: E402
 from fl_plugins.errors import ConfigError  # noqa: E402
 from fl_plugins.export import descriptions, export  # noqa: E402
 from fl_plugins.integrations.hf_take_home import PIECE, records  # noqa: E402
+from fl_plugins.model_card import hub_id  # noqa: E402
 from fl_plugins.records import LogRecord  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -123,6 +124,22 @@ def test_a_round_that_is_not_kept_is_named(server_factory, site, tmp_path):
                           str(tmp_path / "cli")], capture_output=True, text=True, cwd=ROOT, timeout=300)  # fmt: skip
     assert cli.returncode == 0, cli.stderr
     assert (tmp_path / "cli" / "model.safetensors").is_file() and (tmp_path / "cli" / "config.json").is_file()
+    again = subprocess.run(cli.args, capture_output=True, text=True, cwd=ROOT, timeout=300)  # an earlier export
+    assert again.returncode == 0, again.stderr
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "notes.txt").write_text("keep me")
+    with pytest.raises(ConfigError, match=r"mine is not empty and holds no model or earlier export: give a new or empty"):
+        export(srv.aggregator.config.run_dir, mine)
+    assert [p.name for p in mine.iterdir()] == ["notes.txt"]
+
+
+def test_the_card_names_a_hub_base_model_and_keeps_a_sites_local_path_out_of_its_metadata(tmp_path):
+    assert hub_id("meta-llama/Llama-2-7b-hf") and hub_id("gpt2")
+    local = tmp_path / "models" / "llama"
+    local.mkdir(parents=True)
+    assert not hub_id(str(local)) and not hub_id("./llama") and not hub_id("~/models/llama")
+    assert not hub_id("a/b/c") and not hub_id("C:\\models\\llama") and not hub_id("")
 
 
 @pytest.mark.integration
