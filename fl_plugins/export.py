@@ -177,8 +177,8 @@ def _check_output(out: Path) -> None:
     earlier = earlier or (out / "config.json").is_file() or (out / "adapter_config.json").is_file()
     if any(out.iterdir()) and not earlier:
         raise ConfigError(
-            f"{out} is not empty and holds no model or earlier export: give a new or empty folder (-o DIR), so that no file "
-            "of yours is written over or mixed into the model's folder"
+            f"{out} is not empty and holds no model or earlier export: give a new or empty folder (-o DIR), so "
+            "that no file of yours is written over or mixed into the model's folder"
         )
 
 

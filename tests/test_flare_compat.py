@@ -355,6 +355,7 @@ REFUSALS = [
         {"deepspeed": {"zero_optimization": {"stage": 2}}},
         r"DeepSpeed is not supported yet \(TrainingArguments.deepspeed=\{'zero_optimization'.*Train with DDP instead",
     ),
+    ({}, {"fsdp": "full_shard"}, r"patch\(\) under FSDP \(TrainingArguments.fsdp='full_shard'\).*FLTrainerCallback"),
     (
         {},
         {"load_best_model_at_end": True},
@@ -365,7 +366,7 @@ REFUSALS = [
 
 @pytest.mark.parametrize(("kwargs", "args_set", "message"), REFUSALS,
                          ids=["both-budgets", "fractional-steps", "zero-epochs", "endless-steps", "unknown-scope",
-                              "adapter-no-peft", "bad-prefix", "deepspeed", "load-best"])  # fmt: skip
+                              "adapter-no-peft", "bad-prefix", "deepspeed", "fsdp", "load-best"])  # fmt: skip
 def test_hf_patch_refuses_what_flare_refuses_before_connecting(monkeypatch, tmp_path, kwargs, args_set, message):
     """Each refusal names the setting, the value and the fix, and comes before any connection (no FL_SERVER)."""
     flare = _hf()

@@ -199,6 +199,8 @@ from peft import LoraConfig, get_peft_model
 from fl_plugins.integrations.hf import FLTrainerCallback
 from fl_plugins.integrations.hf_model import HFTarget
 from fl_plugins.integrations.sharded import ShardedTarget
+from fl_plugins.client.model import FLModel, ParamsType
+from fl_plugins.integrations.driver import RoundDriver
 from fl_plugins.integrations.targets import gather, spread
 
 OUT, SCOPE = sys.argv[1], sys.argv[2]
@@ -238,6 +240,22 @@ report["shards_loaded"] = all(bool((v == 0.25).all()) for k, v in local.items() 
 report["untouched_frozen"] = SCOPE == "model" or all(
     bool((v.to_local() if hasattr(v, "to_local") else v).ne(0.25).any())
     for n, v in model.state_dict().items() if v.numel() > 8 and "lora" not in n and "layers.1." not in n)
+
+
+def shards(value):
+    mine = {k: (v.to_local() if hasattr(v, "to_local") else v) for k, v in HFTarget(model, kind).state().items()}
+    return all(bool((v == value).all()) for k, v in mine.items() if k in plain)
+
+
+# an EVALUATE task through the round driver, as the callbacks run it: each hook builds its own target
+d = RoundDriver()
+d.rank = rank
+other = {k: torch.full_like(v, -1.0) for k, v in plain.items()}
+d.model = FLModel(params_type=ParamsType.FULL, params=other, current_round=3, meta={}) if rank == 0 else None
+d.begin_evaluation(cb.target(model))
+report["evaluating_other"] = shards(-1.0)
+d.abort_evaluation(cb.target(model))
+report["own_back"] = shards(0.25)
 with open(os.path.join(OUT, f"{SCOPE}-{rank}.json"), "w") as f:
     json.dump(report, f)
 dist.destroy_process_group()
@@ -268,6 +286,8 @@ def test_hf_target_over_a_fully_sharded_model_gathers_what_an_unsharded_one_exch
     assert r0["names_equal"] and r0["values_equal"], r0
     assert r0["shards_loaded"] and r1["shards_loaded"], (r0, r1)
     assert r0["untouched_frozen"] and r1["untouched_frozen"], (r0, r1)
+    assert r0["evaluating_other"] and r1["evaluating_other"], (r0, r1)  # the task's model in every shard
+    assert r0["own_back"] and r1["own_back"], (r0, r1)  # and the site's own weights back after it
 
 
 HF_TRAINER_FSDP = r"""

@@ -20,6 +20,7 @@ class TaskAnswers:
     rank: int
     model: FLModel | None
     kept: dict[str, Any] | None
+    kept_in: ModelTarget | None = None  # the target begin_evaluation kept the weights of
     loaded: bool
     metrics: dict[str, Any]
     answered: bool
@@ -37,7 +38,9 @@ class TaskAnswers:
         the task's model into it (checked as a global model is), and with `collective` every rank gets rank 0's."""
         gather(target)
         with self.lock:
-            self.kept = snapshot(target.state())
+            sharded = is_sharded_target(target)  # its gathered copy is already its own (CPU) memory: kept as it is
+            self.kept = dict(target.state()) if sharded else snapshot(target.state())
+            self.kept_in = target  # restored through it: a sharded target knows its names from this gather
             model = self.model
             if self.rank == 0 and model is not None and model.params is not None:
                 owner = (model.meta or {}).get("model_owner", "global")
@@ -60,10 +63,11 @@ class TaskAnswers:
         """The target gets its own weights back; the EVALUATE task stays unanswered (the evaluation failed)."""
         with self.lock:
             kept, self.kept = self.kept, None
+            into, self.kept_in = self.kept_in or target, None
             if kept is not None:
-                target.load(kept, strict=True)
-                if is_sharded_target(target):  # every rank's shards (an unsharded rank kept its own)
-                    spread(target, None)
+                into.load(kept, strict=True)
+                if is_sharded_target(into):  # every rank's shards (an unsharded rank kept its own)
+                    spread(into, None)
 
     def submit(self, target: ModelTarget) -> None:
         """A SUBMIT_MODEL task: rank 0 sends the target's weights (FULL) as this site's local model."""

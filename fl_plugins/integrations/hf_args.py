@@ -68,6 +68,12 @@ def check_patch(trainer: Any, settings: dict[str, Any]) -> str:
         )
     RoundBudget.checked("patch()", settings["local_steps"], settings["local_epochs"])
     refuse_deepspeed(trainer.args, trainer, "patch()")
+    if getattr(trainer.args, "fsdp", None) or getattr(trainer, "is_fsdp_enabled", False):
+        raise ConfigError(
+            f"patch() under FSDP (TrainingArguments.fsdp={trainer.args.fsdp!r}) is not supported: the Trainer shards "
+            "the model inside evaluate() and train(), after FLARE's loop received the round. Add "
+            "FLTrainerCallback() to the Trainer's callbacks instead (one train() for every round)"
+        )
     if getattr(trainer.args, "load_best_model_at_end", False):
         raise ConfigError(
             "patch(): TrainingArguments.load_best_model_at_end=True cannot be federated: train() would reload its "

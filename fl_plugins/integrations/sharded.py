@@ -62,6 +62,15 @@ class ShardedTarget:
                 f"adapter; {scope!r} is not supported sharded: train it with DDP"
             )
         self.module, self.scope, self.peft_model, self.adapter = module, scope, peft_model, adapter
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        flat = [m for m in module.modules() if isinstance(m, FullyShardedDataParallel) and not m._use_orig_params]
+        if flat and scope != "model":
+            raise ConfigError(
+                "FSDP with use_orig_params=False flattens the parameters, so the trainable ones (or an adapter) "
+                "cannot be told apart: set use_orig_params=True (the Trainer's fsdp_config: use_orig_params: true, "
+                "its default) or exchange the whole model"
+            )
         self.kind = scope
         self.full: dict[str, Any] | None = None  # rank 0, between gather() and scatter(): wire name -> tensor
         self.names: dict[str, str] = {}  # wire name -> the module's state-dict name (rank 0, from gather())
@@ -123,6 +132,8 @@ class ShardedTarget:
         if self._rank() != 0:
             return
         params = fit_ranks(params, self.full) if self.full is not None else params
+        if not self.names and self.scope != "peft":  # not gathered by this target: the names are the module's
+            self.names = {k: k for k in params}
         for w, v in params.items():
             if w in self.names:
                 self.pending[self.names[w]] = v if isinstance(v, torch.Tensor) else torch.as_tensor(v)
