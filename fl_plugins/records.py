@@ -155,6 +155,7 @@ class UpdateRecord(_Line):
     corrupted_chunks: int | None = _value(_int, default=None)
     seconds: float | None = _value(_number, default=None)
     metrics: dict[str, Any] = _value(_object, factory=dict)
+    timeline: dict[str, Any] = _value(_object, factory=dict)  # wait, download, train, upload (aggregator/timeline.py)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -172,6 +173,7 @@ class RoundRecord(_Line):
     refolds: int | None = _value(_int, default=None)
     checkpoint_seconds: float | None = _value(_number, default=None)
     seconds: float | None = _value(_number, default=None)
+    timeline: dict[str, Any] = _value(_object, factory=dict)  # downloads, last_update, fold_wait, write (timeline.py)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -20,7 +20,8 @@ A swarm job's table (`--workflow swarm`: its metrics.jsonl holds "swarm" records
 aggregated it and the sealed bytes (the updates and the new global model) that moved through the relay and
 directly; a FedAvg run's table has no such columns.
 
-The plots are drawn by report_plots.py, the evaluations' table and the cross-site matrix by report_eval.py.
+The plots are drawn by report_plots.py, the evaluations' table and the cross-site matrix by report_eval.py, the
+table of where each round's seconds went (download, train, upload, fold wait, write) by report_timeline.py.
 A run still going, stopped or crashed stops `fl-plugins report` with a ConfigError saying what is missing, unless
 `--partial`: then it is reported as far as it got, with notes; a directory that is not a run directory is a
 ConfigError naming what is missing. `fl-plugins run` writes the plots at its end.
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
-from fl_plugins import records, report_eval, report_plots
+from fl_plugins import records, report_eval, report_plots, report_timeline
 from fl_plugins._text import baselines_table as _baselines_table
 from fl_plugins._text import human_bytes, human_rate, metrics_table, scored_model
 from fl_plugins.errors import ConfigError
@@ -293,6 +294,9 @@ def report(run_dir: str | Path, *, console: Console | None = None, plots: bool =
         )
     if run.rounds:
         console.print(round_table(run))
+        timeline = report_timeline.timeline_table(run.rounds, run.updates)
+        if timeline is not None:
+            console.print(timeline)
     if run.baselines is not None and run.baselines.global_metrics is not None:
         console.print(baselines_table(run))
     if run.evaluations:

@@ -42,6 +42,7 @@ WRITTEN = [
             corrupted_chunks=1,
             seconds=0.003,
             metrics={"val_acc": 0.92},
+            timeline={"upload": 0.003, "download": 0.01, "train": 1.2, "wait": 0.02},
         ),
         {
             "event": "update",
@@ -55,6 +56,7 @@ WRITTEN = [
             "corrupted_chunks": 1,
             "seconds": 0.003,
             "metrics": {"val_acc": 0.92},
+            "timeline": {"upload": 0.003, "download": 0.01, "train": 1.2, "wait": 0.02},
         },
     ),
     (
@@ -68,6 +70,7 @@ WRITTEN = [
             refolds=1,
             checkpoint_seconds=0.002,
             seconds=1.664,
+            timeline={"write": 0.002, "fold_wait": 0.05, "downloads": 0.3, "last_update": 1.6},
         ),
         {
             "event": "round",
@@ -80,6 +83,7 @@ WRITTEN = [
             "refolds": 1,
             "checkpoint_seconds": 0.002,
             "seconds": 1.664,
+            "timeline": {"write": 0.002, "fold_wait": 0.05, "downloads": 0.3, "last_update": 1.6},
         },
     ),
     (

@@ -1,15 +1,15 @@
 """The aggregator's coordinator: it owns the lock, the fold gate, the run directory and the background thread,
-and feeds the parts that decide (no gRPC in any of them; service.py is the wire face): rounds.py (the round rules
-and the promise), workflow.py and job.py (which `Task` a site gets next), intake.py / uploads.py (an upload's
-begin, chunks and commit), offer.py (a site's weights as round 0's model), strategy.py (counted updates -> the next
-global model), store.py (checkpoints, records, the run's identity), presence.py and ending.py (what the operator
-reads; the end of a job). docs/architecture.md has the whole map.
+and feeds the parts that decide (no gRPC in them; service.py is the wire face): rounds.py (the round rules and the
+promise), workflow.py and job.py (which `Task` a site gets next), intake.py / uploads.py (an upload's begin, chunks
+and commit), offer.py (a site's weights as round 0's model), strategy.py (counted updates -> the next global model),
+store.py (checkpoints, records, the run's identity), presence.py and ending.py (what the operator reads; the end of
+a job), timeline.py (where a round's time goes). docs/architecture.md has the whole map.
 
 Every call from service.py takes the lock (`lock`, a Condition: long polls wait on it), except a heartbeat that
-finds it held by a long write: that one is noted and told at the next step, so a site is never silent for a disk.
-Chunks are folded outside it, under the fold gate's shared side, and the close takes the gate's exclusive side, so
-it sees every fold that started. The background thread runs `step()`: timeouts, then the round's decision, then the
-close (a refold, or the new global model written and round R+1 opened) or a new attempt. Time comes from `clock`."""
+finds it held by a long write (noted, told at the next step: a site is never silent for a disk). Chunks are folded
+outside it, under the fold gate's shared side; the close takes the exclusive side, so it sees every fold that
+started. The background thread runs `step()`: timeouts, the round's decision, the close (a refold, or the new
+global model written and round R+1 opened) or a new attempt. Time comes from `clock`."""
 
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ from fl_plugins.aggregator.relay import Relay
 from fl_plugins.aggregator.rounds import Counted, Decision, RoundState, SiteState
 from fl_plugins.aggregator.store import GlobalReader, RunStore, undo_failed_start
 from fl_plugins.aggregator.strategy import Strategy, extra_shards, make_strategy
+from fl_plugins.aggregator.timeline import Timeline
 from fl_plugins.aggregator.uploads import Gate, Stream, Upload, Uploads
 from fl_plugins.aggregator.workflow import FedAvgWorkflow, Task, TaskKind
 from fl_plugins.config import AggregatorConfig
@@ -71,6 +72,7 @@ class Aggregator:
         self.intake = Intake(self)
         self.relay = Relay(config.run_dir / "relay")  # sealed transfers between sites (swarm.py)
         self.heard: dict[str, float] = {}  # site -> a heartbeat's time, noted while the lock was held (heartbeat)
+        self.timeline = Timeline(clock)
         self.presence = presence.Presence(self)  # the operator's lines on who is connected, silent, dropped, back
         self.gate = Gate()
         self.strategy: Strategy | None = None  # made for the global model's tensors when round 0 opens
@@ -85,8 +87,7 @@ class Aggregator:
         self._resume()
         self._thread = threading.Thread(target=self._loop, name="fl-aggregator", daemon=True)
 
-    # the round's view, for status pages and tests
-    round = property(lambda self: self.rounds.round)
+    round = property(lambda self: self.rounds.round)  # the round's view, for status pages and tests
     attempt = property(lambda self: self.rounds.attempt)
     sites: property = property(lambda self: self.rounds.sites)
     counted: property = property(lambda self: self.rounds.counted)
@@ -161,9 +162,8 @@ class Aggregator:
     def finished(self) -> bool:
         """True once the final model is checkpointed and sites have had `linger` seconds to hear END."""
         with self.lock:
-            if self.error is not None:
-                return True
-            return self.done and time.monotonic() - (self.done_at or 0) >= self.config.linger
+            lingered = self.done and time.monotonic() - (self.done_at or 0) >= self.config.linger
+            return self.error is not None or lingered
 
     def record(self, rec: MetricsRecord) -> None:
         """Lock held. Append a record to RUN_DIR/metrics.jsonl; waiting calls look again (something changed)."""
@@ -390,7 +390,7 @@ class Aggregator:
         """Fold gate held. Write the average of the counted updates as round R+1's global model; open R+1."""
         strategy, r = self.strategy, self.rounds.round
         assert strategy is not None and self.global_manifest is not None
-        t0, began = time.monotonic(), self.rounds.began
+        t0, began, closing = time.monotonic(), self.rounds.began, self.clock()
         records = [c.record for c in counted]
         with self.lock:
             paths = self.store.shard_paths(r, self.global_manifest, self._serving)
@@ -416,12 +416,12 @@ class Aggregator:
             self.store.commit(r + 1, tmp, manifest)
         with self.lock:
             seconds = self.clock() - began if began is not None else time.monotonic() - t0
-            checkpoint_s = round(time.monotonic() - t0, 3)
-            self.record(results.round_record(self.rounds, records, strategy.weight, metrics, checkpoint_s, seconds))
+            write_s = round(time.monotonic() - t0, 3)
+            line = self.timeline.close(r, [c.site for c in counted], began, closing, write_s)
+            self.record(results.round_record(self.rounds, records, strategy.weight, metrics, write_s, seconds, line))
             log.info("round %d done: %d updates, checkpoint %s", r, len(records), self.store.round_dir(r + 1))
             self.uploads.kill_all(self.rounds)
-            # Round r+1 opens at once, served from the written (page-cached) files; fsync and the rename to
-            # global/round-R+1 finish in the background. A crash before the rename redoes round r.
+            # R+1 opens at once from the written (page-cached) files; fsync + rename follow (a crash first: redo r)
             self.open_round(r + 1, manifest, None if last else tmp)
             if not last:
                 args = (r + 1, tmp, manifest)

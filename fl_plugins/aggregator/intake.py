@@ -328,6 +328,7 @@ class Intake:
     def _count(self, u: Upload, digests: list[str]) -> dict[str, Any]:
         """Lock held. An update arrived whole: counted, and recorded in RUN_DIR/metrics.jsonl."""
         self._strategy().add_weight(u.weight, u.params_type)
+        now = self.agg.clock()
         rec = UpdateRecord(
             round=u.round,
             attempt=u.attempt,
@@ -337,8 +338,9 @@ class Intake:
             bytes=u.manifest.total_bytes,
             bytes_received=u.bytes_received,
             corrupted_chunks=u.corrupted_chunks,
-            seconds=round(self.agg.clock() - u.started, 3),
+            seconds=round(now - u.started, 3),
             metrics=u.manifest.envelope.get("metrics") or {},
+            timeline=self.agg.timeline.update(u.site, u.round, self.rounds.began, u.started, now),
         )
         chunk_digests = [list(rx.digest.digests) for rx in u.receivers]
         c = Counted(

@@ -84,9 +84,16 @@ def cross_site_matrix(sweep: Sweep, submissions: Sweep | None) -> dict[str, Any]
 
 
 def round_record(
-    rounds: RoundState, records: list[dict], weight: float, metrics: dict, checkpoint_s: float, seconds: float
+    rounds: RoundState,
+    records: list[dict],
+    weight: float,
+    metrics: dict,
+    checkpoint_s: float,
+    seconds: float,
+    line: dict | None = None,
 ) -> RoundRecord:
-    """A closed round's record: `seconds` from its first attempt's start (the rules' clock) to its checkpoint."""
+    """A closed round's record: `seconds` from its first attempt's start (the rules' clock) to its checkpoint;
+    `line`: its timeline (timeline.py)."""
     return RoundRecord(
         round=rounds.round,
         attempt=rounds.attempt,
@@ -97,4 +104,5 @@ def round_record(
         refolds=rounds.refolds(),
         checkpoint_seconds=checkpoint_s,
         seconds=round(seconds, 3),
+        timeline=line or {},
     )

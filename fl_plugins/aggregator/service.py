@@ -173,6 +173,7 @@ class Servicer(RelayCalls):
                 manifest, source, digests = encoded_source(self.encoded, req.round, req.encoding)
             else:
                 manifest, source, digests = self.agg.global_source(req.round, req.model, site)
+            start = self.agg.clock()
             try:
                 if not 0 <= req.shard < len(manifest.shards):
                     what = f"site {req.model!r}'s model" if req.model else f"round {req.round}'s global model"
@@ -182,6 +183,8 @@ class Servicer(RelayCalls):
                     yield frame
             finally:
                 source.close()
+                if not req.model:  # the round's global model: where the round's time goes (timeline.py)
+                    self.agg.timeline.download(site, req.round, start, self.agg.clock())
 
     def SendResult(self, req: pb.ResultRequest, context: grpc.ServicerContext) -> pb.CommitReply:
         """An EVALUATE task's answer: metrics only (Aggregator.result)."""
