@@ -265,9 +265,10 @@ def site_client_main(conn, address: str, name: str, fmt: str, reuse_buffers: boo
         raise
 
 
-def site_api_main(conn, address: str, name: str, add_constant: float) -> None:
+def site_api_main(conn, address: str, name: str, add_constant: float, plain: bool = False) -> None:
     """Child: one site written like a user script on the FLARE-style client API (torch params), receiving into
-    its own weights (`flare.receive(into=net.state_dict())`)."""
+    its own weights (`flare.receive(into=net.state_dict())`), or with `plain` as FLARE's examples do: `receive()`
+    with no argument, new tensors every round."""
     child_setup(name)
     try:
         import torch
@@ -280,7 +281,7 @@ def site_api_main(conn, address: str, name: str, add_constant: float) -> None:
         weights = None  # the site's model weights, as `net.state_dict()` would give them
         while flare.is_running():
             t0 = time.perf_counter()
-            model = flare.receive(into=weights)
+            model = flare.receive() if plain else flare.receive(into=weights)
             t1 = time.perf_counter()
             if add_constant:
                 with torch.no_grad():

@@ -4,6 +4,7 @@
     python benchmarks/round.py --gib 3 --sites 2 --rounds 2
     python benchmarks/round.py --json out.json
     python benchmarks/round.py --gib 0.25 --rounds 3 --strategy fedadam   # a server optimizer (strategy.py)
+    python benchmarks/round.py --rounds 4 --plain     # FLARE's plain loop: receive() without into=
 
 One aggregator process (AggregatorServer with --initial-model written beforehand) and `--sites` site
 processes written like a user script on the FLARE-style client API (`flare.init / is_running / receive /
@@ -13,7 +14,9 @@ checkpoint being written; also shown: the checkpoint's share, and the wall inter
 round ends). Peak tree RSS is the peak of the sum of the aggregator's and all sites' RSS sampled together
 every 50 ms; each process's own ru_maxrss is shown too. `--strategy` names the aggregator's strategy; its state
 (a server optimizer's one or two float32 buffers per float element, kept in files) is shown next to the
-accumulator, and the aggregator's peak RSS is checked against accumulator + state + 0.5 GiB.
+accumulator, and the aggregator's peak RSS is checked against accumulator + state + 0.5 GiB. Each round's
+timeline (aggregator/timeline.py: until every site had the model, the sites' median download / local step /
+upload, the last update, the fold wait, the write) says where its seconds went.
 """
 
 from __future__ import annotations
@@ -52,7 +55,7 @@ def run(args) -> dict:
 
     model_bytes = int(args.gib * GiB) // 4096 * 4096
     root = Path(tempfile.mkdtemp(prefix="flbench-round-", dir=args.run_dir or "/tmp"))
-    out: dict = {"gib": args.gib, "sites": args.sites, "rounds": args.rounds, "dtype": args.dtype,
+    out: dict = {"plain": args.plain, "gib": args.gib, "sites": args.sites, "rounds": args.rounds, "dtype": args.dtype,
                  "tensors": args.tensors, "add_constant": args.add_constant, "chunk_mib": args.chunk_mib,
                  "strategy": args.strategy, "run_dir": str(root), "env": environment()}  # fmt: skip
     try:
@@ -74,7 +77,7 @@ def run(args) -> dict:
             for k in range(args.sites):
                 p_par, p_child = CTX.Pipe()
                 p = ch.start(site_api_main, p_child, ready["address"], f"site-{k + 1}", args.add_constant,
-                             name=f"site-{k + 1}")  # fmt: skip
+                             args.plain, name=f"site-{k + 1}")  # fmt: skip
                 p_child.close()
                 sampler.add(f"site-{k + 1}", p.pid)
                 pipes.append(p_par)
@@ -84,13 +87,16 @@ def run(args) -> dict:
             sampler.stop()
         if done.get("rc") != 0:
             raise RuntimeError(f"aggregator exited with rc={done.get('rc')}: {done.get('agg_error')}")
-        events = [e for e in read_jsonl(root / "run" / "metrics.jsonl") if e.get("event") == "round"]
+        records = read_jsonl(root / "run" / "metrics.jsonl")
+        events = [e for e in records if e.get("event") == "round"]
+        updates = [e for e in records if e.get("event") == "update"]
         prev = None
         rounds = []
         for e in events:
             rounds.append({"round": e["round"], "attempt": e["attempt"], "updates": e["updates"],
                            "seconds": e["seconds"], "checkpoint_seconds": e["checkpoint_seconds"],
-                           "interval_s": (e["time"] - prev) if prev is not None else e["time"] - t_ready})  # fmt: skip
+                           "interval_s": (e["time"] - prev) if prev is not None else e["time"] - t_ready,
+                           "timeline": _timeline(e, updates)})  # fmt: skip
             prev = e["time"]
         out["per_round"] = rounds
         steady = [r["seconds"] for r in rounds if r["round"] > 0]
@@ -114,10 +120,22 @@ def run(args) -> dict:
             shutil.rmtree(root, ignore_errors=True)
 
 
+def _timeline(rnd: dict, updates: list[dict]) -> dict:
+    """The round's timeline (aggregator/timeline.py) with its sites' median download, train and upload."""
+    line = dict(rnd.get("timeline") or {})
+    ups = [u.get("timeline") or {} for u in updates if u.get("round") == rnd["round"]]
+    for key in ("download", "train", "upload"):
+        values = [u[key] for u in ups if key in u]
+        if values:
+            line[f"site_{key}"] = statistics.median(values)
+    return line
+
+
 def report(out: dict) -> list[str]:
     lines = [f"{out['sites']} sites x {out['model_bytes'] / GiB:.2f} GiB {out['dtype']} ({out['tensors']} tensors) "
              f"x {out['rounds']} rounds, chunk {out['chunk_mib']} MiB, strategy {out['strategy']}, local step: "
-             f"{'add ' + str(out['add_constant']) if out['add_constant'] else 'no-op'}"]  # fmt: skip
+             f"{'add ' + str(out['add_constant']) if out['add_constant'] else 'no-op'}, sites "
+             f"{'receive() with no into= (plain FLARE loop)' if out.get('plain') else 'receive(into=)'}"]  # fmt: skip
     env = out.get("env", {})
     dirty = " (+ local changes)" if env.get("fl_plugins_dirty") else ""
     arenas = env.get("MALLOC_ARENA_MAX")
@@ -128,6 +146,11 @@ def report(out: dict) -> list[str]:
         per = "  ".join(f"{x['receive_s']:.2f}/{x['send_s']:.2f}" for x in sr if x)
         lines.append(f"{r['round']:>5}{r['seconds']:>9.2f}{r['checkpoint_seconds']:>12.2f}{r['interval_s']:>10.2f}"
                      f"   {per}")  # fmt: skip
+    keys = ("downloads", "site_download", "site_train", "site_upload", "last_update", "fold_wait", "write")
+    lines.append("where each round went, s (aggregator's clock): " + " / ".join(keys))
+    for r in out["per_round"]:
+        tl = r.get("timeline") or {}
+        lines.append(f"{r['round']:>5}   " + " / ".join("-" if tl.get(k) is None else f"{tl[k]:.2f}" for k in keys))
     sm = out["steady_mean_s"]
     lines.append(f"steady-round mean (rounds >= 1): {'-' if sm is None else f'{sm:.2f}'} s"
                  + ("" if sm is None else f" (wall interval {out['steady_interval_mean_s']:.2f} s)"))  # fmt: skip
@@ -161,6 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chunk-mib", type=int, default=4, help="chunk size in MiB (default %(default)s)")
     p.add_argument("--strategy", default="fedavg", choices=STRATEGY_NAMES,
                    help="the aggregator's strategy (default %(default)s)")  # fmt: skip
+    p.add_argument("--plain", action="store_true",
+                   help="sites call receive() with no into= (FLARE's examples): new tensors every round")
     p.add_argument("--add-constant", type=float, default=0.0,
                    help="local step: add this constant to every parameter in place (default 0: no-op)")
     p.add_argument("--run-dir", type=Path, default=None, help="parent of the scratch run directory (default /tmp)")
