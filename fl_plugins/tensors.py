@@ -8,6 +8,7 @@ params are torch tensors or the params format asks for it; numpy-only sites neve
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from collections.abc import Mapping
@@ -110,14 +111,15 @@ def byte_view(x: Any) -> memoryview:
 
 
 def allocate(
-    tensors: list[TensorInfo], fmt: str, into: Mapping[str, Any] | None = None
+    tensors: list[TensorInfo], fmt: str, into: Mapping[str, Any] | None = None, pool: Any = None
 ) -> tuple[dict[str, Any], dict[str, memoryview]]:
     """Tensors (torch or numpy) for `tensors`, and a writable byte view of each.
 
     A tensor of `into` with the same name, dtype and shape (CPU, contiguous, of the requested format) is
     reused: chunks are written straight into its storage, so a round's download touches no fresh memory
     (first touch of fresh pages runs at 0.5-3 GB/s here, below the wire; benchmarks/transfer.py). Others are
-    allocated empty."""
+    allocated empty; with `pool` (client/buffers.py), a large one is made from a map of an earlier round that
+    nothing holds any more."""
     params: dict[str, Any] = {}
     views: dict[str, memoryview] = {}
     if fmt == "torch":
@@ -126,17 +128,27 @@ def allocate(
         for t in tensors:
             x = _reusable(into, t, fmt)
             if x is None:
-                x = torch.empty(t.shape, dtype=getattr(torch, _TORCH_OF[t.dtype]))
+                dtype = getattr(torch, _TORCH_OF[t.dtype])
+                big = pool is not None and t.nbytes >= pool.MIN_BYTES
+                x = _from_map(pool, t, dtype, torch.frombuffer) if big else torch.empty(t.shape, dtype=dtype)
             params[t.name] = x
             views[t.name] = memoryview(x.detach().reshape(-1).view(torch.uint8).numpy()).cast("B")
     else:
         for t in tensors:
             a = _reusable(into, t, fmt)
             if a is None:
-                a = np.empty(t.shape, numpy_dtype(t.dtype))
+                big = pool is not None and t.nbytes >= pool.MIN_BYTES
+                dt = numpy_dtype(t.dtype)
+                a = _from_map(pool, t, dt, np.frombuffer) if big else np.empty(t.shape, dt)
             params[t.name] = a
             views[t.name] = memoryview(a.reshape(-1).view(np.uint8)).cast("B")
     return params, views
+
+
+def _from_map(pool: Any, t: TensorInfo, dtype: Any, frombuffer: Any) -> Any:
+    """A tensor of `t`'s shape over a map the pool lends (it keeps the map alive, and so do its views)."""
+    m = pool.POOL.take(t.nbytes)
+    return frombuffer(m, dtype=dtype, count=math.prod(t.shape)).reshape(t.shape)
 
 
 def _reusable(into: Mapping[str, Any] | None, t: TensorInfo, fmt: str) -> Any:

@@ -5,11 +5,10 @@ and commit), offer.py (a site's weights as round 0's model), strategy.py (counte
 store.py (checkpoints, records, the run's identity), presence.py and ending.py (what the operator reads; the end of
 a job), timeline.py (where a round's time goes). docs/architecture.md has the whole map.
 
-Every call from service.py takes the lock (`lock`, a Condition: long polls wait on it), except a heartbeat that
-finds it held by a long write (noted, told at the next step: a site is never silent for a disk). Chunks are folded
-outside it, under the fold gate's shared side; the close takes the exclusive side, so it sees every fold that
-started. The background thread runs `step()`: timeouts, the round's decision, the close (a refold, or the new
-global model written and round R+1 opened) or a new attempt. Time comes from `clock`."""
+Service calls take the lock (`lock`, a Condition: long polls wait on it); a heartbeat finding it held by a long
+write is noted, told at the next step. Chunks fold outside it, under the fold gate's shared side; the close takes
+the exclusive side, so it sees every fold that started. The thread runs `step()`: timeouts, the decision, the
+close (a refold, or round R+1 written and opened) or a new attempt. Time comes from `clock`."""
 
 from __future__ import annotations
 
@@ -362,6 +361,7 @@ class Aggregator:
 
     def _finalize(self) -> None:
         """On the background thread (the one that decides, so no second close can start meanwhile)."""
+        closing = self.clock()  # (the timeline's fold wait includes the previous checkpoint's fsync)
         if self._durable is not None:
             self._durable.join()  # the previous checkpoint is published before this one is written
         with self.gate.exclusive():
@@ -374,7 +374,7 @@ class Aggregator:
                     self.lock.notify_all()
                     return
                 counted = list(self.rounds.counted.values())
-            self._write_round(counted)
+            self._write_round(counted, closing)
 
     def _refold(self, partial: list[Upload]) -> None:
         """Lock and fold gate held. The accumulator holds bytes of `partial` uploads that will never count: zero
@@ -386,11 +386,11 @@ class Aggregator:
         self.uploads.kill_all(self.rounds)
         self.lock.notify_all()
 
-    def _write_round(self, counted: list[Counted]) -> None:
+    def _write_round(self, counted: list[Counted], closing: float) -> None:
         """Fold gate held. Write the average of the counted updates as round R+1's global model; open R+1."""
         strategy, r = self.strategy, self.rounds.round
         assert strategy is not None and self.global_manifest is not None
-        t0, began, closing = time.monotonic(), self.rounds.began, self.clock()
+        t0, began = time.monotonic(), self.rounds.began
         records = [c.record for c in counted]
         with self.lock:
             paths = self.store.shard_paths(r, self.global_manifest, self._serving)

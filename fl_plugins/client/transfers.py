@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from fl_plugins import tensors
+from fl_plugins.client import buffers
 from fl_plugins.client.compress import Compression, DecodingSink
 from fl_plugins.client.retry import retry
 from fl_plugins.errors import FLError, IntegrityError, TransportError
@@ -132,9 +133,14 @@ class Transfers:
         """The round's global model. Tensors of `into` that match (name, dtype, shape) receive the bytes in
         place (their contents are unspecified if the download fails); the rest are allocated."""
         manifest = Manifest.from_json(task.manifest_json, f"round {task.round}'s global model")
-        params, views = tensors.allocate(list(manifest.model_tensors().values()), params_format, into)
+        pool = buffers if buffers.enabled() else None  # plain receive(): earlier rounds' memory, touched already
+        params, views = tensors.allocate(list(manifest.model_tensors().values()), params_format, into, pool)
         sink = DecodingSink(views, manifest) if manifest.encoded else None
-        self.download_to(task, manifest, sink or TensorSink(views))
+        try:
+            self.download_to(task, manifest, sink or TensorSink(views))
+        finally:
+            if pool is not None:
+                buffers.POOL.round_done()
         if sink is not None:
             sink.finish()
         if task.kind == pb.Task.TRAIN:

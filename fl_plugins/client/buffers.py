@@ -1,0 +1,74 @@
+"""Receive buffers that outlive their round, for scripts that call `receive()` with no `into=` (FLARE's loop).
+
+A plain `receive()` needs new tensors every round, and fresh memory costs a page fault (and the kernel zeroing
+the page) on its first touch: that runs at 0.5-3 GB/s here, below the wire (benchmarks/transfer.py
+--fresh-receive), so a plain loop downloads slower than one that receives into its model's own tensors. This pool
+lends each large tensor an anonymous memory map and keeps the map after the round: once nothing references a
+map any more (the script dropped that round's FLModel and every view of its tensors: the tensor made from the map
+holds a reference to it, and so does every view of it), a later round's tensor of the same size is made from it,
+already touched.
+
+    take(nbytes)     a writable map of `nbytes` (a free one of that size if there is one, else a new one)
+    round_done()     after a download: maps that stayed free through the whole round are given back to the OS
+
+So the pool holds at most the maps in use plus one round's free ones: the peak is the same as without it (the
+previous round's tensors are alive while the next round downloads in both cases); between rounds a process keeps
+one more model's worth of memory instead of returning it. Small tensors (under `MIN_BYTES`) are left to the
+allocator.
+
+Off unless `FL_RECEIVE_POOL=1`. Measured (benchmarks/round.py --plain --rounds 8, 1 GiB x 2 sites, session 9): the
+sites' download of rounds 2-7 took 3.1-3.4 s with it against 4.0-5.0 s without (receive(into=): 3.4-3.6), but the
+aggregator's checkpoint write, which still holds up the next round, took 2.1-2.3 s against 0.6-1.7 s (the memory
+the sites keep lowers the kernel's dirty-page limit), so rounds came out even (8.9 vs 9.2 s). It is to be turned
+on once the write is off the round's path (issue 16).
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import sys
+import threading
+
+MIN_BYTES = 1 << 20
+_FREE_REFS = 2  # the pool's list, and getrefcount's own argument: nobody else holds the map
+
+
+class BufferPool:
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.maps: list[mmap.mmap] = []
+        self.used: set[int] = set()  # id() of the maps lent since the last round_done()
+
+    def take(self, nbytes: int) -> mmap.mmap:
+        with self.lock:
+            for m in self.maps:
+                if len(m) == nbytes and id(m) not in self.used and sys.getrefcount(m) <= _FREE_REFS + 1:
+                    self.used.add(id(m))
+                    return m
+            m = mmap.mmap(-1, nbytes)  # (huge pages were tried: no faster to touch first on this VM)
+            self.maps.append(m)
+            self.used.add(id(m))
+            return m
+
+    def round_done(self) -> None:
+        """Give back the maps that nobody holds and that this round did not lend."""
+        with self.lock:
+            keep = []
+            for m in self.maps:
+                if id(m) not in self.used and sys.getrefcount(m) <= _FREE_REFS + 1:
+                    m.close()
+                else:
+                    keep.append(m)
+            self.maps, self.used = keep, set()
+
+    def held_bytes(self) -> int:
+        with self.lock:
+            return sum(len(m) for m in self.maps)
+
+
+POOL = BufferPool()
+
+
+def enabled() -> bool:
+    return os.environ.get("FL_RECEIVE_POOL", "0") == "1" and sys.platform.startswith("linux")
