@@ -231,7 +231,7 @@ class Rounds(RuleBasedStateMachine):
             want = np.float32(sum(np.float32(weight(s)) * np.float32(value(s)) for s in sites)) * np.float32(
                 1.0 / total
             )
-            self.agg._durable and self.agg._durable.join()
+            self.agg.closer.join()
             got = load_round(self.agg.config.run_dir, rec["round"] + 1)["w"]
             assert np.all(got == want), (rec, got[:3], want)
         self.written = len(rounds)

@@ -3,7 +3,7 @@ and feeds the parts that decide (no gRPC in them; service.py is the wire face): 
 promise), workflow.py and job.py (which `Task` a site gets next), intake.py / uploads.py (an upload's begin, chunks
 and commit), offer.py (a site's weights as round 0's model), strategy.py (counted updates -> the next global model),
 store.py (checkpoints, records, the run's identity), presence.py and ending.py (what the operator reads; the end of
-a job), timeline.py (where a round's time goes). docs/architecture.md has the whole map.
+a job), closing.py (a round's close), timeline.py (where a round's time goes). docs/architecture.md has the whole map.
 
 Service calls take the lock (`lock`, a Condition: long polls wait on it); a heartbeat finding it held by a long
 write is noted, told at the next step. Chunks fold outside it, under the fold gate's shared side; the close takes
@@ -15,19 +15,20 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fl_plugins.aggregator import ending, presence, results, sitelogs, status
+from fl_plugins.aggregator.closing import Closer
 from fl_plugins.aggregator.evaluation import GLOBAL
 from fl_plugins.aggregator.intake import Intake
 from fl_plugins.aggregator.job import CROSS, Job
 from fl_plugins.aggregator.models import SubmittedModels
 from fl_plugins.aggregator.offer import Offer
 from fl_plugins.aggregator.relay import Relay
-from fl_plugins.aggregator.rounds import Counted, Decision, RoundState, SiteState
-from fl_plugins.aggregator.store import GlobalReader, RunStore, undo_failed_start
+from fl_plugins.aggregator.rounds import Decision, RoundState, SiteState
+from fl_plugins.aggregator.store import RunStore, undo_failed_start
 from fl_plugins.aggregator.strategy import Strategy, extra_shards, make_strategy
 from fl_plugins.aggregator.timeline import Timeline
 from fl_plugins.aggregator.uploads import Gate, Stream, Upload, Uploads
@@ -36,11 +37,11 @@ from fl_plugins.config import AggregatorConfig
 from fl_plugins.errors import RoundError
 from fl_plugins.records import MetricsRecord
 from fl_plugins.wire import limits
-from fl_plugins.wire.layout import Manifest, TensorInfo
+from fl_plugins.wire.layout import Manifest
 from fl_plugins.wire.stream import FileSource, ShardReceiver
 
 if TYPE_CHECKING:
-    import numpy as np
+    pass
 
 __all__ = ["Aggregator", "AggregatorConfig", "Decision", "Task", "TaskKind"]
 
@@ -77,8 +78,8 @@ class Aggregator:
         self.strategy: Strategy | None = None  # made for the global model's tensors when round 0 opens
         self.global_manifest: Manifest | None = None
         self._digests: list[list[bytes] | None] = []
-        self._serving: Path | None = None  # the directory the current global model's shards are served from
-        self._durable: threading.Thread | None = None  # fsync + rename of the latest checkpoint
+        self.serving: Path | None = None  # the directory the current global model's shards are served from
+        self.closer = Closer(self)  # the round's close: the new global model written, round R+1 opened
         self.done = False
         self.done_at: float | None = None
         self.error: BaseException | None = None
@@ -120,8 +121,8 @@ class Aggregator:
         """Lock held (or before the thread starts). Round `r` serves `manifest` from `directory` (if not yet in
         `global/round-R`: a checkpoint still being made durable) and collects updates."""
         self.global_manifest = manifest
-        self._serving = directory or self.store.round_dir(r)
-        self._digests = self.store.chunk_digests(manifest, self._serving)
+        self.serving = directory or self.store.round_dir(r)
+        self._digests = self.store.chunk_digests(manifest, self.serving)
         self.rounds.open(r)
         self.uploads.new_epoch()
         last = r >= self.config.total_rounds or not self.job.trains
@@ -155,8 +156,7 @@ class Aggregator:
             self.lock.notify_all()
         if self._thread.is_alive():
             self._thread.join(timeout=30)
-        if self._durable is not None:
-            self._durable.join()
+        self.closer.join()
 
     def finished(self) -> bool:
         """True once the final model is checkpointed and sites have had `linger` seconds to hear END."""
@@ -246,7 +246,7 @@ class Aggregator:
                 raise RoundError(
                     f"round {round_}'s global model is not being served (current round {self.rounds.round})"
                 )
-            paths = self.store.shard_paths(round_, self.global_manifest, self._serving)
+            paths = self.store.shard_paths(round_, self.global_manifest, self.serving)
             return self.global_manifest, FileSource(paths), self._digests
 
     def result(self, site: str, round_: int, task_id: str, envelope_json: str) -> dict[str, Any]:
@@ -360,88 +360,8 @@ class Aggregator:
             self.lock.notify_all()
 
     def _finalize(self) -> None:
-        """On the background thread (the one that decides, so no second close can start meanwhile)."""
-        closing = self.clock()  # (the timeline's fold wait includes the previous checkpoint's fsync)
-        if self._durable is not None:
-            self._durable.join()  # the previous checkpoint is published before this one is written
-        with self.gate.exclusive():
-            with self.lock:  # no fold runs now: what the accumulator holds is settled
-                partial = self.uploads.partial()
-                if partial:
-                    self._refold(partial)
-                    return
-                if not self.rounds.settle():
-                    self.lock.notify_all()
-                    return
-                counted = list(self.rounds.counted.values())
-            self._write_round(counted, closing)
-
-    def _refold(self, partial: list[Upload]) -> None:
-        """Lock and fold gate held. The accumulator holds bytes of `partial` uploads that will never count: zero
-        it and ask every counted update's site to send it again."""
-        assert self.strategy is not None
-        self.strategy.reset()
-        self.uploads.new_epoch()
-        self.rounds.refold(sorted({u.site for u in partial}), self.clock())
-        self.uploads.kill_all(self.rounds)
-        self.lock.notify_all()
-
-    def _write_round(self, counted: list[Counted], closing: float) -> None:
-        """Fold gate held. Write the average of the counted updates as round R+1's global model; open R+1."""
-        strategy, r = self.strategy, self.rounds.round
-        assert strategy is not None and self.global_manifest is not None
-        t0, began = time.monotonic(), self.rounds.began
-        records = [c.record for c in counted]
-        with self.lock:
-            paths = self.store.shard_paths(r, self.global_manifest, self._serving)
-            reader = GlobalReader(paths, self.global_manifest)
-            serving = self._serving or self.store.round_dir(r)  # round r's model and the strategy's state with it
-        try:
-
-            def blocks_of(t: TensorInfo) -> Iterator[np.ndarray]:
-                blocks = strategy.finalize(t, reader.reader(t.name))
-                return strategy.checked(t, blocks, r) if self.config.reject_nonfinite else blocks
-
-            metrics = limits.mean_metrics(records)
-            env = {"current_round": r + 1, "metrics": metrics}
-
-            def stage(staging: Path) -> None:  # the strategy's next state, into round r+1's staging directory
-                strategy.stage(serving, staging)
-
-            tmp, manifest = self.store.write_round(r + 1, self.global_manifest, blocks_of, env, on_begin=stage)
-        finally:
-            reader.close()
-        last = r + 1 >= self.config.total_rounds
-        if last:  # the job ends only once the final model is durable
-            self.store.commit(r + 1, tmp, manifest)
-        with self.lock:
-            seconds = self.clock() - began if began is not None else time.monotonic() - t0
-            write_s = round(time.monotonic() - t0, 3)
-            line = self.timeline.close(r, [c.site for c in counted], began, closing, write_s)
-            self.record(results.round_record(self.rounds, records, strategy.weight, metrics, write_s, seconds, line))
-            log.info("round %d done: %d updates, checkpoint %s", r, len(records), self.store.round_dir(r + 1))
-            self.uploads.kill_all(self.rounds)
-            # R+1 opens at once from the written (page-cached) files; fsync + rename follow (a crash first: redo r)
-            self.open_round(r + 1, manifest, None if last else tmp)
-            if not last:
-                args = (r + 1, tmp, manifest)
-                self._durable = threading.Thread(target=self._make_durable, args=args, name="fl-checkpoint")
-                self._durable.daemon = True
-                self._durable.start()
-            self.lock.notify_all()
-
-    def _make_durable(self, r: int, tmp: Path, manifest: Manifest) -> None:
-        try:
-            self.store.sync(tmp, manifest)
-            with self.lock:  # downloads open files under this lock: none sees a half-renamed directory
-                self.store.publish(r, tmp)
-                if self.rounds.round == r:
-                    self._serving = self.store.round_dir(r)
-        except BaseException as e:
-            log.exception("checkpoint of round %d could not be made durable", r)
-            with self.lock:
-                self.error = e
-                self.lock.notify_all()
+        """On the background thread (the one that decides, so no second close can start meanwhile): closing.py."""
+        self.closer.close()
 
     def status(self, site: str | None = None) -> dict[str, Any]:
         """The job's progress (aggregator/status.py: which view `site` gets)."""
