@@ -174,7 +174,7 @@ def report(out: dict) -> list[str]:
     return lines
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sites", type=int, default=2, help="site processes (default %(default)s)")
     p.add_argument("--gib", type=float, default=1.0, help="model size in GiB (default %(default)s)")
@@ -192,7 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the run directory (checkpoints, metrics.jsonl)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed for the whole run")
     p.add_argument("--json", type=Path, help="write all figures here as JSON")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     out: dict = {}
     try:
         out = run(args)
