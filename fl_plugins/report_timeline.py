@@ -25,7 +25,7 @@ def timeline_rows(rounds: dict[int, RoundRecord], updates: list[UpdateRecord]) -
         ups = [u.timeline for u in updates if u.round == r and u.timeline]
 
         def median(key: str, ups: list[dict] = ups) -> float | None:
-            values = [float(u[key]) for u in ups if key in u]
+            values = [float(u[key]) for u in ups if isinstance(u.get(key), int | float)]  # damaged: left out
             return statistics.median(values) if values else None
 
         line = rec.timeline
@@ -51,5 +51,5 @@ def timeline_table(rounds: dict[int, RoundRecord], updates: list[UpdateRecord]) 
     return t
 
 
-def _s(v: float | None) -> str:
-    return "" if v is None else f"{float(v):.2f}"
+def _s(v: object) -> str:
+    return f"{float(v):.2f}" if isinstance(v, int | float) else ""

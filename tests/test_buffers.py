@@ -78,3 +78,19 @@ def test_plain_receive_reuses_a_dropped_rounds_memory_and_never_a_held_one(serve
     assert ptrs[1] == ptrs[0]  # round 0's tensors were dropped: round 1 came into their memory
     assert ptrs[2] != ptrs[1]  # round 1's are held: round 2 got other memory
     assert ptrs[3] == ptrs[2]  # and round 3 round 2's, dropped again
+
+
+def test_a_forked_process_writes_its_own_copy_never_the_pools_pages(monkeypatch):
+    """A DataLoader worker forked while it holds round r's tensors must not share their pages with the pool."""
+    import os
+
+    pool = BufferPool()
+    monkeypatch.setattr(buffers, "POOL", pool)
+    params, _ = tensors.allocate(_infos(), "numpy", None, buffers)
+    params["w"][0, 0] = 1.0
+    pid = os.fork()
+    if pid == 0:  # the child writes into its view of the map and leaves at once
+        params["w"][0, 0] = 42.0
+        os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert status == 0 and params["w"][0, 0] == 1.0

@@ -17,7 +17,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fl_plugins.aggregator import ending, presence, results, sitelogs, status
 from fl_plugins.aggregator.closing import Closer
@@ -39,9 +39,6 @@ from fl_plugins.records import MetricsRecord
 from fl_plugins.wire import limits
 from fl_plugins.wire.layout import Manifest
 from fl_plugins.wire.stream import FileSource, ShardReceiver
-
-if TYPE_CHECKING:
-    pass
 
 __all__ = ["Aggregator", "AggregatorConfig", "Decision", "Task", "TaskKind"]
 

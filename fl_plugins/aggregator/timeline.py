@@ -43,7 +43,7 @@ class Timeline:
         round's start."""
         with self.lock:
             self.commits[round_] = max(self.commits.get(round_, now), now)
-            seen = self.downloads.get((site, round_))
+            seen = tuple(self.downloads.get((site, round_)) or ()) or None  # a copy: Downloads may still end
         out = {"upload": _s(now - upload_started)}
         if seen is not None:
             start, end = seen

@@ -14,7 +14,8 @@ already touched.
 So the pool holds at most the maps in use plus one round's free ones: the peak is the same as without it (the
 previous round's tensors are alive while the next round downloads in both cases); between rounds a process keeps
 one more model's worth of memory instead of returning it. Small tensors (under `MIN_BYTES`) are left to the
-allocator.
+allocator. A tensor made from a map cannot grow in place (`resize_` past its size raises), unlike one from
+`torch.empty`.
 
 Off unless `FL_RECEIVE_POOL=1`. Measured (benchmarks/round.py --plain --rounds 8, 1 GiB x 2 sites, session 9): the
 sites' download of rounds 2-7 took 3.1-3.4 s with it against 4.0-5.0 s without (receive(into=): 3.4-3.6), but the
@@ -31,22 +32,27 @@ import sys
 import threading
 
 MIN_BYTES = 1 << 20
-_FREE_REFS = 2  # the pool's list, and getrefcount's own argument: nobody else holds the map
 
 
 class BufferPool:
     def __init__(self) -> None:
         self.lock = threading.Lock()
-        self.maps: list[mmap.mmap] = []
+        self.maps: list[mmap.mmap] = [_new_map(1)]
+        self.free = self._refs()[0]  # what a map only the pool holds reads, measured (Python versions differ)
+        self.maps = []
         self.used: set[int] = set()  # id() of the maps lent since the last round_done()
+
+    def _refs(self) -> list[int]:
+        """Each map's reference count, read the same way as `free` was measured."""
+        return [sys.getrefcount(m) for m in self.maps]
 
     def take(self, nbytes: int) -> mmap.mmap:
         with self.lock:
-            for m in self.maps:
-                if len(m) == nbytes and id(m) not in self.used and sys.getrefcount(m) <= _FREE_REFS + 1:
+            for m, refs in zip(self.maps, self._refs(), strict=True):
+                if len(m) == nbytes and id(m) not in self.used and refs <= self.free:
                     self.used.add(id(m))
                     return m
-            m = mmap.mmap(-1, nbytes)  # (huge pages were tried: no faster to touch first on this VM)
+            m = _new_map(nbytes)
             self.maps.append(m)
             self.used.add(id(m))
             return m
@@ -55,8 +61,8 @@ class BufferPool:
         """Give back the maps that nobody holds and that this round did not lend."""
         with self.lock:
             keep = []
-            for m in self.maps:
-                if id(m) not in self.used and sys.getrefcount(m) <= _FREE_REFS + 1:
+            for m, refs in zip(self.maps, self._refs(), strict=True):
+                if id(m) not in self.used and refs <= self.free:
                     m.close()
                 else:
                     keep.append(m)
@@ -67,8 +73,16 @@ class BufferPool:
             return sum(len(m) for m in self.maps)
 
 
+def _new_map(nbytes: int) -> mmap.mmap:
+    """Private anonymous memory: a forked process (a DataLoader worker) gets its own copy on write, as with
+    malloc'd memory, never pages the pool lends again. (Huge pages were tried: no faster to touch first here.)"""
+    return mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE)
+
+
 POOL = BufferPool()
 
 
 def enabled() -> bool:
-    return os.environ.get("FL_RECEIVE_POOL", "0") == "1" and sys.platform.startswith("linux")
+    """FL_RECEIVE_POOL=1, on Linux, and with the GIL (reference counts are not exact in a free-threaded build)."""
+    gil = getattr(sys, "_is_gil_enabled", lambda: True)()
+    return os.environ.get("FL_RECEIVE_POOL", "0") == "1" and sys.platform.startswith("linux") and gil

@@ -64,7 +64,11 @@ class ShardedTarget:
         self.module, self.scope, self.peft_model, self.adapter = module, scope, peft_model, adapter
         from torch.distributed.fsdp import FullyShardedDataParallel
 
-        flat = [m for m in module.modules() if isinstance(m, FullyShardedDataParallel) and not m._use_orig_params]
+        flat = [
+            m
+            for m in module.modules()
+            if isinstance(m, FullyShardedDataParallel) and not getattr(m, "_use_orig_params", True)
+        ]
         if flat and scope != "model":
             raise ConfigError(
                 "FSDP with use_orig_params=False flattens the parameters, so the trainable ones (or an adapter) "
