@@ -161,3 +161,26 @@ def in_memory(tmp_path):
     flare.shutdown()
     for f in feds:
         f.close()
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 right now (for a launcher that needs a port number before it binds)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def launcher_env(**extra: str) -> dict[str, str]:
+    """This process's environment for a multi-process launch on loopback: no rank variables inherited from an
+    outer launcher, the master on 127.0.0.1, gloo on the loopback interface; `extra` on top."""
+    import os
+    from pathlib import Path
+
+    drop = ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+    env = {k: v for k, v in os.environ.items() if k not in drop}
+    env.update(MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1", **extra)
+    if Path("/sys/class/net/lo").exists():
+        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    return env

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import textwrap
@@ -13,7 +12,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import SiteThread, load_round
+from conftest import SiteThread, free_port, load_round
 
 import fl_plugins.client as flare
 from fl_plugins.client.site import SiteClient
@@ -196,17 +195,11 @@ def test_duplicate_late_and_mismatched_updates_are_refused(server_factory):
         b.close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_init_waits_for_an_aggregator_that_is_still_starting(tmp_path, api):
     from fl_plugins.aggregator.core import AggregatorConfig
     from fl_plugins.aggregator.service import AggregatorServer
 
-    port = _free_port()
+    port = free_port()
     servers = []
 
     def start_later():
@@ -226,7 +219,7 @@ def test_init_waits_for_an_aggregator_that_is_still_starting(tmp_path, api):
 
 
 def test_init_names_the_address_when_nothing_answers(api):
-    port = _free_port()
+    port = free_port()
     with pytest.raises(TransportError, match=f"127.0.0.1:{port}"):
         api.init(f"127.0.0.1:{port}", "nobody", connect_timeout=1)
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import textwrap
@@ -22,7 +21,7 @@ from typing import Any
 import numpy as np
 import pytest
 from _proxy import FaultProxy
-from conftest import SiteThread, join_sites
+from conftest import SiteThread, free_port, join_sites
 from safetensors.numpy import load_file, save_file
 
 from fl_plugins.aggregator.core import AggregatorConfig
@@ -57,12 +56,6 @@ def _metrics(run_dir: Path, event: str) -> list[dict[str, Any]]:
     path = run_dir / "metrics.jsonl"
     recs = [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
     return [r for r in recs if r.get("event") == event]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _server(tmp_path: Path, initial: dict[str, np.ndarray], **kw: Any) -> AggregatorServer:
@@ -319,7 +312,7 @@ def _site_step_reference(g0: dict[str, np.ndarray], rounds: int, sites: list[int
 def test_sigkilled_site_does_not_stall_past_round_deadline(tmp_path, procs):
     g0 = {"w": _values((64, 33), 4), "b": _values((33,), 5)}
     save_file(g0, str(tmp_path / "initial.safetensors"))
-    port, run = _free_port(), tmp_path / "run"
+    port, run = free_port(), tmp_path / "run"
     agg = procs.aggregator(port, run, "--rounds", "2", "--min-sites", "2", "--round-deadline", "8",
                            "--initial-model", str(tmp_path / "initial.safetensors"))  # fmt: skip
     good = procs.site(port, 1)
@@ -350,7 +343,7 @@ def test_sigkilled_site_does_not_stall_past_round_deadline(tmp_path, procs):
 def test_sigkilled_aggregator_restarts_and_finishes(tmp_path, procs):
     g0 = {"w": _values((64, 33), 6), "b": _values((33,), 7)}
     save_file(g0, str(tmp_path / "initial.safetensors"))
-    port, run, marks = _free_port(), tmp_path / "run", tmp_path / "marks"
+    port, run, marks = free_port(), tmp_path / "run", tmp_path / "marks"
     marks.mkdir()
     cmd = ("--rounds", "4", "--min-sites", "2", "--initial-model", str(tmp_path / "initial.safetensors"))
     agg = procs.aggregator(port, run, *cmd)
@@ -416,7 +409,7 @@ def test_aggregator_killed_mid_checkpoint_and_mid_upload_leaves_no_partial_state
     The sites (threads of this process) retry meanwhile."""
     g0 = {"w": _values((4 * MiB,), 10)}  # 16 MiB: writing and syncing a checkpoint takes a while
     save_file(g0, str(tmp_path / "initial.safetensors"))
-    port, run = _free_port(), tmp_path / "run"
+    port, run = free_port(), tmp_path / "run"
     cmd = ("--rounds", "3", "--min-sites", "2", "--initial-model", str(tmp_path / "initial.safetensors"),
            "--chunk-bytes", str(MiB))  # fmt: skip
     agg = procs.aggregator(port, run, *cmd)

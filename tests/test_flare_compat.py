@@ -14,14 +14,13 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import load_round
+from conftest import free_port, load_round
 
 from fl_plugins.client.model import FLModel, ParamsType
 
@@ -113,12 +112,6 @@ dist.destroy_process_group()
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _run_group(cmd: list[str], env: dict[str, str], cwd: Path, timeout: float) -> tuple[int | None, str]:
     """Run `cmd` in its own process group; on timeout kill that group (torchrun and its workers). Returns
     (returncode or None on timeout, the output's tail)."""
@@ -154,7 +147,7 @@ def test_multi_gpu_script_where_only_rank_0_asks_is_running(server_factory, tmp_
     if Path("/sys/class/net/lo").exists():
         env.setdefault("GLOO_SOCKET_IFNAME", "lo")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-           "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(script), str(out)]  # fmt: skip
+           "--master_addr", "127.0.0.1", "--master_port", str(free_port()), str(script), str(out)]  # fmt: skip
     code, tail = _run_group(cmd, env, tmp_path, timeout=120)
     assert code is not None, "the ranks hung (the client API's collectives did not pair with the script's):\n" + tail
     assert code == 0, tail

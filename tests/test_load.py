@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -25,7 +24,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import SiteThread, join_sites
+from conftest import SiteThread, free_port, join_sites
 from safetensors.numpy import load_file, save_file
 
 SITES = 50
@@ -55,12 +54,6 @@ def reference(g: dict[str, np.ndarray], rounds: int) -> dict[str, np.ndarray]:
     return g
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class RSSSampler(threading.Thread):
     """(wall time, RSS) of a process every 20 ms."""
 
@@ -88,7 +81,7 @@ class RSSSampler(threading.Thread):
 def test_fifty_sites_three_rounds(tmp_path):
     g0 = model()
     save_file(g0, str(tmp_path / "initial.safetensors"))
-    run, port = tmp_path / "run", _free_port()
+    run, port = tmp_path / "run", free_port()
     log = open(tmp_path / "aggregator.out", "wb")  # noqa: SIM115 - closed below
     agg = subprocess.Popen([sys.executable, "-m", "fl_plugins.cli", "server", "--address", f"127.0.0.1:{port}",
                             "--run-dir", str(run), "--rounds", str(ROUNDS), "--min-sites", str(SITES),

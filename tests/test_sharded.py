@@ -11,7 +11,6 @@ and scatters the global model to every rank's shards (fl_plugins/integrations/sh
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -23,7 +22,7 @@ torch = pytest.importorskip("torch")
 if not torch.distributed.is_available():
     pytest.skip("torch.distributed is not available", allow_module_level=True)
 
-from conftest import load_round  # noqa: E402
+from conftest import free_port, launcher_env, load_round  # noqa: E402
 
 LIGHTNING_SITE = r"""
 import json, os, sys
@@ -99,21 +98,8 @@ flare.shutdown()
 """
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _env(srv, site: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("RANK", "LOCAL_RANK", "NODE_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")}  # fmt: skip
-    env.update(FL_SERVER=srv.address, FL_SITE=site, MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1")
-    if Path("/sys/class/net/lo").exists():
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
-    return env
+    return launcher_env(FL_SERVER=srv.address, FL_SITE=site)
 
 
 INITIAL = {  # the aggregator's initial model: not what the site's module starts from
@@ -272,12 +258,9 @@ def test_hf_target_over_a_fully_sharded_model_gathers_what_an_unsharded_one_exch
     pytest.importorskip("peft")
     script = tmp_path / "targets.py"
     script.write_text(HF_TARGETS)
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "LOCAL_RANK", "WORLD_SIZE")}
-    env.update(MASTER_ADDR="127.0.0.1", PYTHONUNBUFFERED="1")
-    if Path("/sys/class/net/lo").exists():
-        env.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    env = launcher_env()
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", str(script), str(tmp_path), scope]  # fmt: skip
+           f"--master-port={free_port()}", str(script), str(tmp_path), scope]  # fmt: skip
     proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     r0, r1 = (json.loads((tmp_path / f"{scope}-{r}.json").read_text()) for r in (0, 1))
@@ -323,7 +306,7 @@ def test_hf_trainer_fsdp_on_a_gpu_federates_the_adapter(server_factory, tmp_path
     script.write_text(HF_TRAINER_FSDP)
     nproc = min(2, torch.cuda.device_count())
     cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}", "--master-addr=127.0.0.1",
-           f"--master-port={_free_port()}", str(script), str(tmp_path / "out")]  # fmt: skip
+           f"--master-port={free_port()}", str(script), str(tmp_path / "out")]  # fmt: skip
     proc = subprocess.run(cmd, env=_env(srv, "site-hf-fsdp"), cwd=tmp_path, capture_output=True, text=True,
                           timeout=400)  # fmt: skip
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]

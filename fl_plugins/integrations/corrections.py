@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from fl_plugins.errors import ConfigError
-from fl_plugins.integrations.targets import ModelTarget, trainable_names
+from fl_plugins.integrations.targets import ModelTarget, is_sharded_target, trainable_names
 from fl_plugins.integrations.tasks import Collective
 
 if TYPE_CHECKING:
@@ -42,7 +42,7 @@ class Corrections:
         """A TRAIN round opened with its global model in `target`, on every rank: FedProx anchors at it; with
         `scaffold`, SCAFFOLD takes the round's control variates c (`variates`, received by rank 0; the other ranks
         get rank 0's correction through `collective`)."""
-        if getattr(target, "sharded", False) and (self.proximal is not None or scaffold):
+        if is_sharded_target(target) and (self.proximal is not None or scaffold):
             raise ConfigError(
                 "FedProx and SCAFFOLD correct each rank's whole weights after every step, and a sharded (FSDP) "
                 "model's rank holds a shard: drop proximal_mu / the scaffold strategy, or train this site with DDP"

@@ -193,12 +193,10 @@ class RoundDriver(TaskAnswers):
         if collective is not None:
             info = collective.broadcast(self.round_info() if self.rank == 0 else None) or {}
             kind, scaffold = kind_of(info), bool(info.get("scaffold"))
-            if kind in (TaskKind.TRAIN, None) and not is_sharded_target(target):
-                collective.broadcast_tensors(target.state().values())
             if self.rank != 0:
                 self.follow(info, target if kind is TaskKind.TRAIN else None)
-        if is_sharded_target(target):
-            spread(target, collective)
+        if kind in (TaskKind.TRAIN, None) or is_sharded_target(target):  # (a sharded one drops its gathered copy)
+            spread(target, collective)  # every rank takes rank 0's weights
         opened = kind is TaskKind.TRAIN
         self.progress.restart(opened, step)
         if opened:  # FedProx and SCAFFOLD start from the round's global model
