@@ -12,6 +12,7 @@
     site_args: {site-1: ["--shard", "0"]}     # extra arguments for one site, after `args`
     env: {}                                   # extra environment variables for every site
     tracking: [mlflow, tensorboard]           # stream the run to trackers; default: none (fl_plugins/tracking/)
+    backend: process                          # where the sites run: process, or {type: ray, ...} (backends/spec.py)
     aggregation: {min_updates: 1, reject_nonfinite: true, site_timeout: 60,   # FedAvg's round rules
                   max_attempts: 3, on_attempts_exhausted: fail}
     transfer: {chunk_mib: 4, idle_timeout: 60}                                 # how weights travel
@@ -45,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from fl_plugins._config import Checker, load_yaml
+from fl_plugins.backends.spec import BackendSpec, parse_backend
 from fl_plugins.config import SETTINGS, AggregatorConfig, Integer, Invalid, PathValue, Setting
 from fl_plugins.errors import ConfigError
 from fl_plugins.tracking import TrackerSpec, parse_tracking
@@ -103,6 +105,7 @@ class Recipe:
     federation: FederationSpec
     task: Any = None  # fl_plugins.tasks.spec.TaskSpec when the recipe names a built-in task instead of a script
     tracking: tuple[TrackerSpec, ...] = ()  # the trackers the run streams to (`tracking:`); () for none
+    backend: BackendSpec = BackendSpec()  # where `fl-plugins run` runs the sites (may change between restarts)
 
     def identity(self) -> dict[str, Any]:
         """What makes this recipe's job this job, kept in the run directory's run.json (store.py): its name,
@@ -134,7 +137,7 @@ _SECTIONS = {  # {"aggregation": ("min_updates", ...), "transfer": ("idle_timeou
     for section in ("aggregation", "transfer", "workflow", "strategy")
 }
 _FEDERATION_KEYS = tuple(dict.fromkeys(k.split(".")[0] for k in _RECIPE_KEYS))  # rounds, ..., aggregation, transfer
-_KEYS = ("name", "script", "task", "sites", *_FEDERATION_KEYS, "args", "site_args", "env", "tracking")
+_KEYS = ("name", "script", "task", "sites", *_FEDERATION_KEYS, "args", "site_args", "env", "tracking", "backend")
 _AT_MOST_SITES = ("min_sites", "min_updates")  # a recipe knows its sites: these may not exceed them
 TASK_SCRIPT = Path(__file__).resolve().parent / "tasks" / "__main__.py"
 
@@ -201,7 +204,8 @@ def parse_recipe(data: Any, source: str | Path) -> Recipe:
     if task is not None and task.model.source == "aggregator":  # the aggregator serves the sites' model folder
         federation = FederationSpec({**federation.values, "serve_model": Path(task.model.value)})
     tracking = parse_tracking(data.get("tracking"), where=f"{source}: ")
-    return Recipe(name.strip(), source, script, sites, federation, task, tracking)
+    backend = parse_backend(c, data.get("backend"))
+    return Recipe(name.strip(), source, script, sites, federation, task, tracking, backend)
 
 
 def _check_keys(c: _Checker, data: Any) -> None:

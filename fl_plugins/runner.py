@@ -1,7 +1,9 @@
 """`fl-plugins run RECIPE.yaml`: a whole federation on this machine.
 
 Starts the aggregator in this process on 127.0.0.1 (a free port), then one process per site running
-`python SCRIPT ARGS SITE_ARGS` with FL_SERVER and FL_SITE set, and watches them:
+`python SCRIPT ARGS SITE_ARGS` with FL_SERVER and FL_SITE set, and watches them. The recipe's `backend:` (or
+`--backend ray`) runs each site on a Ray cluster instead, and more sites than the cluster holds as virtual sites
+that take turns (fl_plugins/backends); there one failed site is reported and the job goes on without it.
 
     RUN_DIR/aggregator.log      the aggregator's log (a logging FileHandler on the `fl_plugins` logger)
     RUN_DIR/sites/<site>.log    each site's stdout and stderr
@@ -23,22 +25,21 @@ state behind. The run dir, its folders and the files written here are private to
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
-import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any
 
 from fl_plugins import record_files, records
 from fl_plugins._run_view import View as _View
 from fl_plugins._run_view import summarize, summary_table
 from fl_plugins._text import baselines_table
+from fl_plugins.backends.process import SiteRun
+from fl_plugins.backends.process import tail as _tail
 from fl_plugins.recipe import Recipe
 
 if TYPE_CHECKING:
@@ -47,26 +48,12 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from fl_plugins.aggregator.service import AggregatorServer
+    from fl_plugins.backends.launch import Backend
 
 log = logging.getLogger(__name__)
 
 POLL = 0.5  # seconds between checks (and live-view refreshes)
-STOP_GRACE = 5.0  # seconds a site gets to exit after SIGTERM before SIGKILL
 END_GRACE = 30.0  # seconds the sites get to exit on their own once the last round is done
-TAIL_LINES = 30
-# Each site's math libraries default to one thread per core; N sites doing that oversubscribe the machine (and
-# OpenMP's spin-waits make it several times slower). Unless the environment or the recipe sets them, each site
-# gets cores // sites threads.
-THREAD_VARS = ("OMP_NUM_THREADS", "MKL_NUM_THREADS")
-
-
-@dataclass
-class _Site:
-    name: str
-    proc: subprocess.Popen
-    log_path: Path
-    log_file: IO[bytes]
-    rc: int | None = None
 
 
 class _Metrics(record_files.RunMetrics):
@@ -152,7 +139,8 @@ class _Federation:
 
     def __init__(self, recipe: Recipe, run_dir: Path) -> None:
         self.recipe, self.run_dir = recipe, run_dir
-        self.sites: list[_Site] = []
+        self.sites: list[SiteRun] = []
+        self.backend: Backend | None = None
         self.server: Any = None
         self.tracking: Any = None
         self.kits: Any = None
@@ -166,6 +154,7 @@ class _Federation:
         leaves no state behind."""
         from fl_plugins.aggregator.service import AggregatorServer
         from fl_plugins.aggregator.store import undo_failed_start
+        from fl_plugins.backends import launch
 
         recipe, run_dir = self.recipe, self.run_dir
         with undo_failed_start(run_dir):
@@ -183,7 +172,9 @@ class _Federation:
                     ).start()
                     console.print(f"tracking: {self.tracking.describe()}", highlight=False)
                 kit = self.kits.server if self.kits else None
-                self.server = AggregatorServer(config, "127.0.0.1:0", kit=kit).start()
+                launch.prepare(recipe)
+                host = recipe.backend.aggregator_host if recipe.backend.type == "ray" else "127.0.0.1"
+                self.server = AggregatorServer(config, f"{host}:0", kit=kit).start()
             except BaseException:
                 self.stop(1)
                 raise
@@ -200,14 +191,21 @@ class _Federation:
         self._pkg_log.setLevel(logging.INFO)
         self._pkg_log.propagate = False  # the terminal shows the live view; the log goes to the file
 
-    def start_sites(self) -> None:
-        for spec in self.recipe.sites:
-            kit = self.kits.sites[spec.name] if self.kits else None
-            self.sites.append(_start_site(self.recipe, spec.name, spec.args, self.server.address, self.run_dir, kit))
+    def start_sites(self, err: Any) -> None:
+        from fl_plugins.backends import launch
+
+        say = lambda text: err.print(text, markup=False, highlight=False)  # noqa: E731
+        address, agg = self.server.address, self.server.aggregator
+        self.backend = launch.start(self.recipe, agg, address, self.run_dir, self.kits, say)
+        self.sites = self.backend.sites
 
     def stop(self, code: int) -> None:
         """Stop whatever is running (the trackers close with `code`); safe to call twice."""
-        _stop_sites(self.sites)
+        from fl_plugins.backends import launch
+
+        if self.backend is not None:
+            self.backend.stop()
+        launch.finish(self.recipe)
         if self.server is not None:
             self.done = self.done or self.server.aggregator.done
             self.server.stop(0)
@@ -230,14 +228,17 @@ def _supervise(fed: _Federation, metrics: _Metrics, t0: float, console: Any, err
         f"run dir {fed.run_dir}",
         highlight=False,
     )
-    fed.start_sites()
+    fed.start_sites(err)
+    assert fed.backend is not None
+    if recipe.backend.type != "process":
+        console.print(f"sites: {fed.backend.what}", highlight=False)
     view = _View(recipe, server, fed.sites, metrics, t0)
     if not live:
-        return _watch(server, fed.sites, metrics, recipe, view.print_progress, err)
+        return _watch(server, fed.backend, metrics, recipe, view.print_progress, err)
     from rich.live import Live
 
     with Live(view.render(), console=console, refresh_per_second=2, transient=False) as lv:
-        return _watch(server, fed.sites, metrics, recipe, lambda: lv.update(view.render()), err)
+        return _watch(server, fed.backend, metrics, recipe, lambda: lv.update(view.render()), err)
 
 
 def _conclude(fed: _Federation, metrics: _Metrics, code: int, t0: float, console: Any, err: Any) -> int:
@@ -322,32 +323,9 @@ def _write_report(run_dir: Path, console: Console, err: Console) -> None:
         )
 
 
-def _start_site(
-    recipe: Recipe, name: str, site_args: tuple[str, ...], address: str, run_dir: Path, kit: Path | None = None
-) -> _Site:
-    from fl_plugins.aggregator.store import private_file
-
-    log_path = run_dir / "sites" / f"{name}.log"
-    f = private_file(log_path, "ab")  # 0600: a site's log can hold its data
-    cmd = [sys.executable, str(recipe.script.path), *recipe.script.args, *site_args]
-    env = {**os.environ, **recipe.script.env, "FL_SERVER": address, "FL_SITE": name, "PYTHONUNBUFFERED": "1"}
-    if kit is not None:
-        env["FL_KIT"] = str(kit)
-    env.setdefault("FL_OUTPUT_DIR", str(run_dir / "sites" / name))  # (a swarm site's global models)
-    for var in THREAD_VARS:  # N sites on one machine: share the cores instead of each taking all of them
-        env.setdefault(var, str(max(1, (os.cpu_count() or 1) // len(recipe.sites))))
-    f.write(f"# fl-plugins run: {' '.join(cmd)}  (FL_SITE={name} FL_SERVER={address})\n".encode())
-    f.flush()
-    # its own session: the terminal's Ctrl-C reaches only the runner, which stops the sites in order
-    proc = subprocess.Popen(
-        cmd, env=env, stdout=f, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True
-    )
-    return _Site(name, proc, log_path, f)
-
-
 def _watch(
     server: AggregatorServer,
-    sites: list[_Site],
+    backend: Backend,
     metrics: _Metrics,
     recipe: Recipe,
     refresh: Callable[[], object],
@@ -355,14 +333,13 @@ def _watch(
 ) -> int:
     from fl_plugins.aggregator.ending import site_exited
 
-    agg = server.aggregator
+    agg, sites = server.aggregator, backend.sites
     done_at: float | None = None
     left: set[str] = set()  # sites that exited 0 after training: gone for the aggregator
+    failed: set[str] = set()  # sites that failed on a backend that goes on without them (Ray's): told already
     while True:
         metrics.poll()
-        for s in sites:
-            if s.rc is None:
-                s.rc = s.proc.poll()
+        backend.tick()
         refresh()
         if agg.error is not None:
             err.print(
@@ -370,16 +347,7 @@ def _watch(
                 highlight=False,
             )
             return 1
-        crashed = [s for s in sites if s.rc not in (None, 0)]
-        if crashed and not agg.done:
-            s = crashed[0]
-            _stop_sites(sites)
-            err.print(
-                f"[red]site {s.name} exited with code {s.rc} before the job finished[/]; stopped the other "
-                f"sites and the aggregator. Last lines of {s.log_path}:",
-                highlight=False,
-            )
-            err.print(_tail(s.log_path), markup=False, highlight=False)
+        if not agg.done and _crashed(agg, backend, failed, err):
             return 1
         running = [s for s in sites if s.rc is None]
         for s in [s for s in sites if agg.job.trained and s.rc == 0 and s.name not in left]:
@@ -387,7 +355,7 @@ def _watch(
             site_exited(agg, s.name)
         if agg.done:
             done_at = done_at or time.monotonic()
-            code = _after_job(sites, running, done_at, err)
+            code = _after_job([s for s in sites if s.name not in failed], running, done_at, err)
             if code is not None:
                 return code
         elif len(running) < recipe.federation.min_sites and not agg.job.trained:
@@ -401,7 +369,37 @@ def _watch(
         time.sleep(POLL)
 
 
-def _after_job(sites: list[_Site], running: list[_Site], done_at: float, err: Console) -> int | None:
+def _crashed(agg: Any, backend: Backend, failed: set[str], err: Console) -> bool:
+    """Sites that exited with an error before the job was done: on a backend that goes on without them (Ray's),
+    each is told to the aggregator (gone at once: the round goes on by its rules) and reported once; else the
+    first is reported and everything stops (True)."""
+    from fl_plugins.aggregator.ending import site_exited
+
+    crashed = [s for s in backend.sites if s.rc not in (None, 0) and s.name not in failed]
+    if crashed and backend.tolerant:
+        for s in crashed:
+            failed.add(s.name)
+            site_exited(agg, s.name)
+            err.print(
+                f"site {s.name} exited with code {s.rc}; the job goes on without it. Last lines of "
+                f"{s.log_path}:\n{_tail(s.log_path)}",
+                markup=False,
+                highlight=False,
+            )
+    elif crashed:
+        s = crashed[0]
+        backend.stop()
+        err.print(
+            f"[red]site {s.name} exited with code {s.rc} before the job finished[/]; stopped the other "
+            f"sites and the aggregator. Last lines of {s.log_path}:",
+            highlight=False,
+        )
+        err.print(_tail(s.log_path), markup=False, highlight=False)
+        return True
+    return False
+
+
+def _after_job(sites: list[SiteRun], running: list[SiteRun], done_at: float, err: Console) -> int | None:
     """The job is complete: 0 once every site exited 0 (or END_GRACE passed), 1 if one did not; None: wait."""
     if not running:
         bad = [s for s in sites if s.rc != 0]
@@ -416,34 +414,3 @@ def _after_job(sites: list[_Site], running: list[_Site], done_at: float, err: Co
         )
         return 0
     return None
-
-
-def _stop_sites(sites: list[_Site]) -> None:
-    """SIGTERM each running site's process group, SIGKILL what is left after STOP_GRACE; reap them all."""
-    for s in sites:
-        if s.proc.poll() is None:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(s.proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + STOP_GRACE
-    for s in sites:
-        try:
-            s.proc.wait(timeout=max(0.0, deadline - time.monotonic()))
-        except subprocess.TimeoutExpired:
-            with contextlib.suppress(ProcessLookupError, PermissionError):
-                os.killpg(s.proc.pid, signal.SIGKILL)
-            s.proc.wait()
-        # the group may hold children of the site (e.g. DDP ranks) that outlive it
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(s.proc.pid, signal.SIGKILL)
-        if s.rc is None:
-            s.rc = s.proc.returncode
-        if not s.log_file.closed:
-            s.log_file.close()
-
-
-def _tail(path: Path, n: int = TAIL_LINES) -> str:
-    try:
-        lines = path.read_text(errors="replace").splitlines()
-    except OSError as e:
-        return f"(cannot read {path}: {e})"
-    return "\n".join("    " + ln for ln in lines[-n:])

@@ -34,6 +34,8 @@ from fl_plugins.record_files import RunMetrics, read_object, read_records
 from fl_plugins.records import METRICS, SUMMARY, EvaluationRecord, RunSummary, round_rows
 
 if TYPE_CHECKING:
+    from collections.abc import Iterable
+
     from fl_plugins.aggregator.core import Aggregator
 
 log = logging.getLogger(__name__)
@@ -186,3 +188,22 @@ def site_exited(agg: Aggregator, site: str) -> None:
             s.last_seen = min(s.last_seen, agg.clock() - agg.config.site_timeout)
             agg.presence.exited.add(site)  # its drop is told as an ended process, not as a silence
             agg.lock.notify_all()
+
+
+def vouch(agg: Aggregator, sites: Iterable[str]) -> None:
+    """`fl-plugins run` vouches for its virtual sites between their turns (fl_plugins/backends): each counts as
+    alive, as if it had just called, so a round starts and draws its sample over all of them; and each one the
+    attempt may train takes its task, as a connected site would at once, so the round waits for its turn (rule (a)
+    waits for the sites that took the task; a turn that fails makes its site gone). Vouching stops when training is
+    done (the job's phases after it ask connected sites only)."""
+    with agg.lock:
+        now, rounds, job = agg.clock(), agg.rounds, agg.job
+        for name in sites:
+            rounds.touch(name, now)
+        if job.sweep is None and not job.trained and agg.global_manifest is not None and not agg.done:
+            rounds.start_if_ready(now)
+            if rounds.started is not None and rounds.closing is None:
+                for name in sites:
+                    if rounds.may_train(rounds.sites[name]):
+                        rounds.sites[name].took = (rounds.round, rounds.attempt)
+        agg.lock.notify_all()

@@ -65,10 +65,10 @@ from __future__ import annotations
 import enum
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from fl_plugins.aggregator import sampling
+from fl_plugins.aggregator.participants import Counted, SiteState
 from fl_plugins.config import AggregatorConfig
 from fl_plugins.errors import ConfigError, RoundError
 from fl_plugins.records import AttemptRecord, MetricsRecord, RefoldRecord, SampleRecord, UpdateLostRecord
@@ -94,34 +94,6 @@ class Decision(enum.Enum):
 
     CLOSE = "close"  # the round is closing and nothing is owed: check the accumulator, then write or refold
     NEW_ATTEMPT = "new attempt"  # start attempt A+1 (`RoundState.new_attempt`)
-
-
-@dataclass
-class SiteState:
-    name: str
-    last_seen: float
-    can_offer: bool = False
-    took: tuple[int, int] | None = None  # (round, attempt) of the task it was given last
-    asked: bool = False  # has asked for a task (and so said whether it can offer round 0's weights)
-    sits_out: tuple[int, int] | None = None  # (round, attempt) it sits out: it left a partial update behind
-    not_waited: int | None = None  # a round whose update from it was invalid: it may send another, unwaited for
-
-
-@dataclass
-class Counted:
-    """A committed update: what a refold needs to take it again and to check that a resend is the same update
-    (the chunk digests are 16 bytes per chunk: 4 KiB per GiB at 4 MiB chunks). Owed while a refold waits for it."""
-
-    site: str
-    attempt: int  # the attempt it was sent in (a resend names it)
-    nonce: str
-    manifest_sha: bytes
-    weight: float
-    params_type: str
-    shard_digests: list[str]
-    chunk_digests: list[list[bytes]]
-    record: dict[str, Any]
-    asked: float = 0.0  # when a refold asked for it again
 
 
 class RoundState:
@@ -207,13 +179,18 @@ class RoundState:
         at the first ask once `min_sites` sites are connected)."""
         if self.closing is not None:
             return False
-        if self.started is None and self.alive_count(now) >= self.rules.min_sites:
-            self._start(now)
-            log.info("round %d attempt %d started with %d sites", self.round, self.attempt, self.alive_count(now))
+        self.start_if_ready(now)
         if self.started is None or not self.may_train(s):
             return False
         s.took = (self.round, self.attempt)
         return True
+
+    def start_if_ready(self, now: float) -> None:
+        """The attempt starts, and draws its sample, once `min_sites` sites are alive (at a site's ask, or when
+        `fl-plugins run` vouches for its virtual sites: fl_plugins/backends)."""
+        if self.closing is None and self.started is None and self.alive_count(now) >= self.rules.min_sites:
+            self._start(now)
+            log.info("round %d attempt %d started with %d sites", self.round, self.attempt, self.alive_count(now))
 
     def _start(self, now: float) -> None:
         self.started = now

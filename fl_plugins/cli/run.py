@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import signal
 from pathlib import Path
 from typing import Any, NoReturn
@@ -14,8 +15,8 @@ def add_run(sub: Any) -> None:
     r = sub.add_parser(
         "run",
         help="run a whole federation on this machine from a recipe",
-        description="Start the aggregator and one process per site on 127.0.0.1, as the recipe says; show "
-        "progress; stop everything at the end, on Ctrl-C or when a site crashes.",
+        description="Start the aggregator and one process per site on 127.0.0.1 (or each site on a Ray cluster), "
+        "as the recipe says; show progress; stop everything at the end, on Ctrl-C or when a site crashes.",
     )
     r.add_argument("recipe", type=Path, help="the recipe YAML (see recipes/quickstart.yaml)")
     r.add_argument(
@@ -30,6 +31,16 @@ def add_run(sub: Any) -> None:
         action="store_true",
         help="mTLS between the sites and the aggregator: provision a CA and startup kits into RUN_DIR/kits first",
     )
+    r.add_argument(
+        "--backend",
+        choices=("process", "ray"),
+        help="where the sites run (default: the recipe's `backend`, else one process per site on this machine)",
+    )
+    r.add_argument(
+        "--ray-address",
+        metavar="ADDRESS",
+        help="run the sites on this Ray cluster (implies --backend ray; default: start Ray on 127.0.0.1)",
+    )
 
 
 def run_command(args: argparse.Namespace) -> int:
@@ -37,6 +48,7 @@ def run_command(args: argparse.Namespace) -> int:
     from fl_plugins.runner import Terminated, default_run_dir, run
 
     recipe = load_recipe(args.recipe)
+    recipe = dataclasses.replace(recipe, backend=recipe.backend.with_cli(args.backend, args.ray_address))
 
     def _int(*_: object) -> NoReturn:
         raise KeyboardInterrupt

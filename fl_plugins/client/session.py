@@ -47,8 +47,8 @@ class ClientSession:
         self.site = site or (client.site if client is not None else f"rank-{rank}")
         self.task: pb.Task | None = None  # the task being worked on (received, not yet sent)
         self.model: FLModel | None = None
-        self.finished = False
-        self.last_round = -1
+        self.finished, self.last_round = False, -1
+        self.one_turn = os.environ.get("FL_TURN") == "1"  # a virtual site (fl_plugins/backends): one answer, then done
         self.can_offer = False  # an integration can offer its model's weights as round 0's global model
         self.offer_pending = False  # the aggregator asked this site for round 0's weights
         self.lock = threading.RLock()
@@ -208,6 +208,7 @@ class ClientSession:
             except (RoundError, IntegrityError) as e:  # late, duplicate, or a round that will run again
                 logger.warning("round %d: the aggregator refused this %s: %s", task.round, self.kind, e)
             self.last_round = max(self.last_round, task.round)
+            self.finished = self.finished or self.one_turn  # is_running() is False after a virtual site's turn
             if clear_cache:
                 self.task = None
                 self.model = None
