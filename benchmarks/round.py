@@ -5,6 +5,7 @@
     python benchmarks/round.py --json out.json
     python benchmarks/round.py --gib 0.25 --rounds 3 --strategy fedadam   # a server optimizer (strategy.py)
     python benchmarks/round.py --rounds 4 --plain     # FLARE's plain loop: receive() without into=
+    python benchmarks/round.py --backend ray          # the sites on a local Ray, as `fl-plugins run --backend ray`
 
 One aggregator process (AggregatorServer with --initial-model written beforehand) and `--sites` site
 processes written like a user script on the FLARE-style client API (`flare.init / is_running / receive /
@@ -22,6 +23,7 @@ upload, the last update, the fold wait, the write) says where its seconds went.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import statistics
@@ -55,7 +57,8 @@ def run(args) -> dict:
 
     model_bytes = int(args.gib * GiB) // 4096 * 4096
     root = Path(tempfile.mkdtemp(prefix="flbench-round-", dir=args.run_dir or "/tmp"))
-    out: dict = {"plain": args.plain, "gib": args.gib, "sites": args.sites, "rounds": args.rounds, "dtype": args.dtype,
+    out: dict = {"backend": args.backend, "plain": args.plain,
+                 "gib": args.gib, "sites": args.sites, "rounds": args.rounds, "dtype": args.dtype,
                  "tensors": args.tensors, "add_constant": args.add_constant, "chunk_mib": args.chunk_mib,
                  "strategy": args.strategy, "run_dir": str(root), "env": environment()}  # fmt: skip
     try:
@@ -73,16 +76,19 @@ def run(args) -> dict:
             sampler.add("aggregator", agg.pid)
             ready = recv(a_par, args.timeout, "aggregator start")
             t_ready = time.time()
-            pipes = []
-            for k in range(args.sites):
-                p_par, p_child = CTX.Pipe()
-                p = ch.start(site_api_main, p_child, ready["address"], f"site-{k + 1}", args.add_constant,
-                             args.plain, name=f"site-{k + 1}")  # fmt: skip
-                p_child.close()
-                sampler.add(f"site-{k + 1}", p.pid)
-                pipes.append(p_par)
             deadline = time.monotonic() + args.timeout
-            sites = [recv(p, max(1.0, deadline - time.monotonic()), f"site-{k + 1}") for k, p in enumerate(pipes)]
+            if args.backend == "ray":
+                sites = _ray_sites(args, root, ready["address"], sampler, deadline)
+            else:
+                pipes = []
+                for k in range(args.sites):
+                    p_par, p_child = CTX.Pipe()
+                    p = ch.start(site_api_main, p_child, ready["address"], f"site-{k + 1}", args.add_constant,
+                                 args.plain, name=f"site-{k + 1}")  # fmt: skip
+                    p_child.close()
+                    sampler.add(f"site-{k + 1}", p.pid)
+                    pipes.append(p_par)
+                sites = [recv(p, max(1.0, deadline - time.monotonic()), f"site-{k + 1}") for k, p in enumerate(pipes)]
             done = recv(a_par, max(1.0, deadline - time.monotonic()), "aggregator finish")
             sampler.stop()
         if done.get("rc") != 0:
@@ -120,6 +126,49 @@ def run(args) -> dict:
             shutil.rmtree(root, ignore_errors=True)
 
 
+def _ray_sites(args, root: Path, address: str, sampler: RSSSampler, deadline: float) -> list[dict]:
+    """The sites as `fl-plugins run --backend ray` runs them: each a script started by a Ray actor (on_ray.py)
+    holding cores / sites CPUs, on a Ray started here on 127.0.0.1. Every Ray process (its servers, the actors'
+    workers, the sites) counts in the tree's RSS, as the site processes do without Ray."""
+    import os
+
+    import psutil
+
+    from fl_plugins.backends import on_ray
+    from fl_plugins.backends.spec import BackendSpec
+
+    spec = BackendSpec(type="ray", num_cpus=(os.cpu_count() or 1) / args.sites)
+    on_ray.connect(spec)
+    out = root / "sites"
+    out.mkdir()
+    script = str(Path(__file__).resolve().parent / "_ray_site.py")
+    runs = []
+    for k in range(args.sites):
+        name = f"site-{k + 1}"
+        argv = [script, address, name, str(out / f"{name}.json"), str(args.add_constant), "1" if args.plain else "0"]
+        log = open(out / f"{name}.log", "ab")  # noqa: SIM115 - closed by RaySite.kill
+        runs.append(on_ray.RaySite(spec, name, argv, {"OMP_NUM_THREADS": "1"}, out / f"{name}.log", log))
+    known = set(sampler.pids.values())
+    try:
+        while any(r.poll() is None for r in runs):
+            for p in psutil.Process().children(recursive=True):  # Ray's servers, workers and the sites
+                if p.pid not in known:
+                    known.add(p.pid)
+                    with contextlib.suppress(psutil.Error):
+                        sampler.add(f"ray:{p.name()}:{p.pid}", p.pid)
+            if time.monotonic() > deadline:
+                raise TimeoutError("the Ray sites did not finish in time")
+            time.sleep(0.2)
+    finally:
+        for r in runs:
+            r.kill()
+        on_ray.disconnect()
+    bad = [r for r in runs if r.rc != 0]
+    if bad:
+        raise RuntimeError(f"{bad[0].name} exited with {bad[0].rc}: see {bad[0].log_path}")
+    return [json.loads((out / f"{r.name}.json").read_text()) for r in runs]
+
+
 def _timeline(rnd: dict, updates: list[dict]) -> dict:
     """The round's timeline (aggregator/timeline.py) with its sites' median download, train and upload."""
     line = dict(rnd.get("timeline") or {})
@@ -135,7 +184,8 @@ def report(out: dict) -> list[str]:
     lines = [f"{out['sites']} sites x {out['model_bytes'] / GiB:.2f} GiB {out['dtype']} ({out['tensors']} tensors) "
              f"x {out['rounds']} rounds, chunk {out['chunk_mib']} MiB, strategy {out['strategy']}, local step: "
              f"{'add ' + str(out['add_constant']) if out['add_constant'] else 'no-op'}, sites "
-             f"{'receive() with no into= (plain FLARE loop)' if out.get('plain') else 'receive(into=)'}"]  # fmt: skip
+             f"{'receive() with no into= (plain FLARE loop)' if out.get('plain') else 'receive(into=)'}"
+             f"{', sites on Ray' if out.get('backend') == 'ray' else ''}"]  # fmt: skip
     env = out.get("env", {})
     dirty = " (+ local changes)" if env.get("fl_plugins_dirty") else ""
     arenas = env.get("MALLOC_ARENA_MAX")
@@ -184,6 +234,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-mib", type=int, default=4, help="chunk size in MiB (default %(default)s)")
     p.add_argument("--strategy", default="fedavg", choices=STRATEGY_NAMES,
                    help="the aggregator's strategy (default %(default)s)")  # fmt: skip
+    p.add_argument("--backend", default="process", choices=["process", "ray"],
+                   help="sites as processes (default), or as `fl-plugins run --backend ray` runs them")
     p.add_argument("--plain", action="store_true",
                    help="sites call receive() with no into= (FLARE's examples): new tensors every round")
     p.add_argument("--add-constant", type=float, default=0.0,

@@ -341,6 +341,9 @@ def _watch(
         metrics.poll()
         backend.tick()
         refresh()
+        if backend.failure is not None:
+            err.print(f"[red]{backend.failure}[/]; stopping", highlight=False)
+            return 1
         if agg.error is not None:
             err.print(
                 f"[red]the aggregator failed:[/] {agg.error} (see {agg.config.run_dir / 'aggregator.log'})",

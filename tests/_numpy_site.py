@@ -1,7 +1,7 @@
 """A numpy site for tests/test_ray.py: FLARE's loop with `fl_plugins.client`; its update depends only on the site's
 name and the round (seeded), so two backends that run the same rounds reach the same model. FAIL_AT=SITE:ROUND:HOW
-makes one site fail in one round: `exit` (its process exits 3) or `actor` (it kills the Ray actor that started it,
-as a lost node would, and exits)."""
+makes one site fail in one round: `exit` (its process exits 3 before it sends), `after` (exits 3 after its update
+was sent and counted) or `actor` (it kills the Ray actor that started it, as a lost node would, and exits)."""
 
 import hashlib
 import os
@@ -32,3 +32,6 @@ while flare.is_running():
     print(f"[{site}] round {r}: sending", flush=True)
     flare.send(flare.FLModel(params=params, metrics={"norm": float(np.linalg.norm(params["w"]))},
                              meta={"NUM_STEPS_CURRENT_ROUND": steps}))  # fmt: skip
+    if os.environ.get("FAIL_AT") == f"{site}:{r}:after":
+        print(f"[{site}] failing after sending round {r}", flush=True)
+        sys.exit(3)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from fl_plugins.backends.on_ray import _loopback, slots
+from fl_plugins.backends.on_ray import is_loopback, slots
 from fl_plugins.backends.spec import BackendSpec
 from fl_plugins.errors import ConfigError
 from fl_plugins.recipe import load_recipe
@@ -68,10 +68,10 @@ def test_slots_are_what_the_cluster_holds_at_the_per_site_resources():
 
 @pytest.mark.parametrize(("address", "loop"), [
     ("127.0.0.1:6379", True), ("localhost:6379", True), ("ray://127.0.0.1:10001", True), ("[::1]:6379", True),
-    ("10.0.0.5:6379", False), ("ray://head:10001", False),
+    ("10.0.0.5:6379", False), ("ray://head:10001", False), ("127.0.0.1", True), ("::1", True), ("10.0.0.5", False),
 ])  # fmt: skip
 def test_a_loopback_address_keeps_ray_on_loopback(address, loop):
-    assert _loopback(address) is loop
+    assert is_loopback(address) is loop
 
 
 @pytest.mark.parametrize(("settings", "expected"), [

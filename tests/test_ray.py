@@ -154,7 +154,7 @@ def test_virtual_sites_in_turns_reach_the_process_backends_model(tmp_path, clust
     job = _numpy_job(tmp_path, 20, 3, workflow + "backend: {type: ray, num_cpus: 0.5, slots: 4}\n")
     virt = _run(job, tmp_path / "ray", "--ray-address", cluster)
     assert virt.returncode == 0, virt.stdout[-3000:] + virt.stderr[-3000:]
-    assert "virtual sites, 4 at once" in virt.stdout
+    assert "virtual sites, 4 at once" in virt.stdout and "exited with code" not in virt.stderr, virt.stderr[-3000:]
     samples = {run: [(r["round"], r["sites"]) for r in _records(tmp_path / run, "sample")] for run in ("procs", "ray")}
     assert samples["procs"] == samples["ray"] and len(samples["ray"]) == 3
     for (r, sampled), rec in zip(samples["ray"], _records(tmp_path / "ray", "round"), strict=True):
@@ -192,7 +192,27 @@ def test_a_failed_virtual_turn_sits_out_and_the_site_comes_back(tmp_path, cluste
     out = _run(job, tmp_path / "run", "--ray-address", cluster)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     assert "virtual sites, 2 at once" in out.stdout
-    assert "site site-3's turn in round 1 exited with code 3; it sits the attempt out" in out.stderr
+    assert "site site-3's turn in round 1 exited with code 3; it sits that attempt out" in out.stderr
     assert "failing in round 1" in out.stderr
     rounds = _records(tmp_path / "run", "round")
     assert [r["updates"] for r in rounds] == [4, 3, 4]  # back in round 2
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert all(s["exit_code"] == 0 for s in summary["sites"].values())  # the job finished; the failure was told
+
+
+def test_a_turn_that_fails_after_its_update_counted_does_not_stall_the_next_round(tmp_path, cluster):
+    # every site needed to start a round (min_sites: all 3): the failed site must still count as there
+    job = _numpy_job(tmp_path, 3, 3, "env: {FAIL_AT: 'site-1:1:after'}\nbackend: {type: ray, num_cpus: 1}\n")
+    out = _run(job, tmp_path / "run", "--ray-address", cluster, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "site site-1's turn in round 1 exited with code 3" in out.stderr
+    assert [r["updates"] for r in _records(tmp_path / "run", "round")] == [3, 3, 3]
+
+
+def test_virtual_sites_that_cannot_offer_round_0_stop_the_run(tmp_path, cluster):
+    shutil.copy(NUMPY_SITE, tmp_path / "site.py")  # the plain client API has no weights to offer
+    (tmp_path / "job.yaml").write_text("script: site.py\nsites: 4\nrounds: 2\nbackend: {type: ray, num_cpus: 1}\n")
+    out = _run(tmp_path / "job.yaml", tmp_path / "run", "--ray-address", cluster, timeout=240)
+    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
+    assert "site site-1 cannot offer round 0's weights" in out.stderr, out.stderr[-3000:]
+    assert "give the recipe an initial_model" in out.stderr

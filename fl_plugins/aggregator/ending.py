@@ -207,3 +207,13 @@ def vouch(agg: Aggregator, sites: Iterable[str]) -> None:
                     if rounds.may_train(rounds.sites[name]):
                         rounds.sites[name].took = (rounds.round, rounds.attempt)
         agg.lock.notify_all()
+
+
+def turn_failed(agg: Aggregator, site: str, at: tuple[int, int]) -> None:
+    """A virtual site's turn for (round, attempt) `at` exited with an error: if that attempt is still on, the site
+    sits it out (rounds.py's sit-out: still alive for the round's start, never waited for, its sends refused)."""
+    with agg.lock:
+        rounds = agg.rounds
+        if (rounds.round, rounds.attempt) == tuple(at) and site in rounds.sites:
+            rounds.sit_out(site)
+            agg.lock.notify_all()

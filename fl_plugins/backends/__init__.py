@@ -23,11 +23,13 @@ Virtual sites (virtual.py): with more sites than the cluster can run at once (`s
 hold at the recipe's per-site resources, or the recipe's `slots`), a site's process no longer lives for the whole
 job; it runs one turn (FL_TURN=1: `is_running()` turns False once its TRAIN answer is sent, client/session.py)
 and exits. The runner vouches for every virtual site between its turns (ending.vouch: the aggregator counts it
-alive, so the round's sample is drawn over all of them with the same seed as if every site were connected) and
-starts the sampled sites of the current round and attempt, at most `slots` at once, in name order. What a site
+alive, so the round's sample is drawn over all of them with the same seed as if every site were connected, and
+the round waits for each sampled site's turn) and starts the sampled sites of the current round and attempt, at
+most `slots` at once, in the recipe's order (virtual.py's docstring has the rules). What a site
 keeps between its turns: its data split and its seeds (a script derives them from FL_SITE, as every example does);
 what it loses: anything it held in memory, like its optimizer's state (each turn builds it anew, as Flower's
-simulation does). What virtual sites do not do: resend a counted update after a refold (the aggregator drops it
-after `site_timeout`), the final evaluation and cross-site evaluation (the job ends when training does), and a
-swarm. A turn that fails is reported like a failed site, and that site sits the attempt out.
+simulation does). What virtual sites do not do: resend a counted update after a refold (a new turn trains again),
+the final evaluation and cross-site evaluation (the job ends when training does), evaluations between rounds,
+SCAFFOLD, and a swarm (refused before anything runs). A turn that fails is reported like a failed site, and that
+site sits out the attempt it ran for.
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -28,6 +29,11 @@ class Backend:
     def virtual(self) -> bool:
         return self.turns is not None
 
+    @property
+    def failure(self) -> str | None:
+        """Why the job cannot go on (virtual sites: round 0's weights could not be offered), else None."""
+        return self.turns.failure if self.turns is not None else None
+
     def tick(self) -> None:
         if self.turns is not None:
             self.turns.tick()
@@ -40,15 +46,23 @@ class Backend:
 
 def prepare(recipe: Recipe) -> None:
     """Before the aggregator starts (its gRPC threads would see Ray's start-up forks): join or start Ray."""
-    if recipe.backend.type == "ray":
-        from fl_plugins.backends import on_ray
+    spec = recipe.backend
+    if spec.type != "ray":
+        return
+    from fl_plugins.backends import on_ray
 
-        on_ray.connect(recipe.backend)
+    if spec.address and not on_ray.is_loopback(spec.address) and on_ray.is_loopback(spec.aggregator_host):
+        raise ConfigError(
+            f"the sites run on the Ray cluster at {spec.address}, which cannot reach an aggregator on "
+            f"{spec.aggregator_host}: set `backend.aggregator_host` to this machine's address on the cluster's "
+            "network (and run with --tls)"
+        )
+    on_ray.connect(spec)
 
 
 def finish(recipe: Recipe) -> None:
     """After the sites stopped: leave Ray (a Ray started here stops)."""
-    if recipe.backend.type == "ray":
+    if recipe.backend.type == "ray" and "ray" in sys.modules:  # (Ray may be missing: a start that failed)
         from fl_plugins.backends import on_ray
 
         on_ray.disconnect()

@@ -22,6 +22,12 @@ from fl_plugins.backends.spec import BackendSpec
 from fl_plugins.errors import ConfigError
 
 LOCAL_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_USAGE_STATS_ENABLED": "0"}
+# The site's process dies with its actor's (PR_SET_PDEATHSIG, kept across exec): an actor killed without close()
+# (Ray's memory monitor, a lost driver) leaves no site behind to race the next turn under the same name.
+_DIE_WITH_PARENT = (
+    "import ctypes, os, signal, sys; prctl = getattr(ctypes.CDLL(None), 'prctl', None); "
+    "prctl and prctl(1, signal.SIGKILL, 0, 0, 0); os.execv(sys.executable, [sys.executable, *sys.argv[1:]])"
+)
 LOG_PIECE = 1 << 20  # bytes of a site's log fetched per poll
 DIED = -1  # the exit code the runner shows for a site whose actor died (its node was lost, or it was killed)
 
@@ -39,7 +45,7 @@ def ray_module() -> Any:
 
 def connect(spec: BackendSpec) -> dict[str, float]:
     """Join the cluster at `spec.address`, or start Ray on this machine bound to 127.0.0.1; its resources."""
-    if spec.address is None or _loopback(spec.address):
+    if spec.address is None or is_loopback(spec.address):
         for k, v in LOCAL_ENV.items():
             os.environ.setdefault(k, v)  # (read when Ray is imported: before it)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -60,8 +66,11 @@ def connect(spec: BackendSpec) -> dict[str, float]:
     return dict(ray.cluster_resources())
 
 
-def _loopback(address: str) -> bool:
-    host = address.removeprefix("ray://").rsplit(":", 1)[0].strip("[]")
+def is_loopback(address: str) -> bool:
+    """`address` (HOST, HOST:PORT or ray://HOST:PORT) names this machine's loopback interface."""
+    host = address.removeprefix("ray://")
+    host = host.rsplit(":", 1)[0] if host.count(":") == 1 or host.startswith("[") else host
+    host = host.strip("[]")
     return host == "localhost" or host.startswith("127.") or host == "::1"
 
 
@@ -97,7 +106,7 @@ class SiteActor:
         fd, self.path = tempfile.mkstemp(prefix=f"fl-site-{name}-", suffix=".log")  # 0600
         try:
             self.proc = subprocess.Popen(
-                [sys.executable, *args],
+                [sys.executable, "-c", _DIE_WITH_PARENT, *args],
                 env={**os.environ, **env},
                 cwd=cwd if os.path.isdir(cwd) else None,
                 stdout=fd,
@@ -208,10 +217,11 @@ class RaySite:
 
     def kill(self) -> None:
         ray = ray_module()
-        try:
-            ray.get(self.actor.close.remote(), timeout=10)
-        except Exception:  # noqa: BLE001 - a dead actor, or one that never started: killed below either way
-            pass
+        if self.output is not None and self.rc != DIED:  # (an actor still waiting for resources has no process)
+            try:
+                ray.get(self.actor.close.remote(), timeout=10)
+            except Exception:  # noqa: BLE001 - a dead actor: killed below either way
+                pass
         ray.kill(self.actor)
         if self.rc is None:
             self.rc = -signal.SIGKILL

@@ -47,7 +47,8 @@ def site_env(recipe: Recipe, name: str, address: str, run_dir: Path, kit: Path |
     env = {**recipe.script.env, "FL_SERVER": address, "FL_SITE": name, "PYTHONUNBUFFERED": "1"}
     if kit is not None:
         env["FL_KIT"] = str(kit)
-    env.setdefault("FL_OUTPUT_DIR", str(run_dir / "sites" / name))  # (a swarm site's global models)
+    if "FL_OUTPUT_DIR" not in os.environ:
+        env.setdefault("FL_OUTPUT_DIR", str(run_dir / "sites" / name))  # (a swarm site's global models)
     for var in THREAD_VARS:  # N sites on one machine: share the cores instead of each taking all of them
         if var not in os.environ:
             env.setdefault(var, str(max(1, threads)))

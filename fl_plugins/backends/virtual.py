@@ -2,13 +2,19 @@
 says what they keep and what they do not do).
 
 `Turns.tick()`, on the runner's thread at every poll:
-  1. reap the turns that ended: a turn that failed is reported with its log's tail, and its site sits the rest of
-     the attempt out (told to the aggregator as an exited site, and not vouched for until the attempt changes);
-  2. vouch for the other sites (ending.vouch: alive for the round rules; a round starts and draws its sample);
+  1. reap the turns that ended: a turn that failed is reported with its log's tail, and its site sits out the
+     attempt it ran for, if that attempt is still on (ending.turn_failed: rounds.py's sit-out, so the site still
+     counts for a round's start and nobody waits for it); every turn failing ends in new attempts, bounded by
+     `max_attempts`. A turn that fails before round 0's model exists (the site could not offer it) stops the job;
+  2. vouch for the sites without a running turn (ending.vouch: alive for the round rules, as if they had called;
+     the round starts, draws its sample, and each site that may train takes its task, so the round waits for its
+     turn); a running turn's process calls for itself, and its silence counts as a killed site's;
   3. before the global model exists (no initial model: a site offers its weights), run the first site alone;
-  4. stop a running turn whose site is no longer wanted (not in the new attempt's sample, and not counted);
-  5. start the sampled sites (every site without `sample_sites`) of the current round and attempt that are not
-     counted and have not had a turn in it, in name order, while fewer than `slots` turns run.
+  4. stop a running turn whose site is not in the started attempt's sample and not counted (its process would
+     wait for a task forever); a turn the runner stopped is not a failure;
+  5. start the sites that may train the attempt (rounds.py's may_train: sampled, not counted, not sitting out) or
+     owe a refolded update, and have not had a turn in this attempt since its last refold, in the recipe's order,
+     while fewer than `slots` turns run.
 Once training is done, vouching stops and the sites without a running turn are told to the aggregator as exited.
 """
 
@@ -19,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fl_plugins.aggregator.ending import site_exited, vouch
+from fl_plugins.aggregator.ending import site_exited, turn_failed, vouch
 from fl_plugins.backends.process import SiteRun, tail
 
 if TYPE_CHECKING:
@@ -27,17 +33,16 @@ if TYPE_CHECKING:
 
 
 class VirtualSite:
-    """The runner's view of one virtual site: running while the job trains (`rc` None), then its last turn's exit
-    code. `turns` counts its turns, `failed` those that did not exit 0."""
+    """The runner's view of one virtual site: running while the job trains (`rc` None), then 0 (a failed turn is
+    reported when it ends; the job goes on). `turns` counts its turns, `failed` those that did not exit 0."""
 
     def __init__(self, name: str, log_path: Path) -> None:
         self.name, self.log_path = name, log_path
         self.rc: int | None = None
         self.run: SiteRun | None = None
-        self.last = 0  # the last turn's exit code
         self.turns = self.failed = 0
-        self.turn_of: tuple[int, int] | None = None  # the (round, attempt) of its last turn
-        self.sits_out: tuple[int, int] | None = None
+        self.turn_of: tuple[int, int, int] | None = None  # the (round, attempt, refolds) of its last turn
+        self.stopping = False  # the runner stopped its turn (no longer wanted): not a failure
 
     def poll(self) -> int | None:
         return self.rc
@@ -52,48 +57,63 @@ class VirtualSite:
     def kill(self) -> None:
         if self.run is not None:
             self.run.kill()
-            self.last = self.run.rc if self.run.rc is not None else self.last
             self.run = None
         if self.rc is None:
-            self.rc = self.last
+            self.rc = 0
 
 
 @dataclass
 class _Now:
     round: int
     attempt: int
+    refolds: int
     ready: bool  # the global model exists
     training: bool
+    started: bool  # the attempt started (its sample is drawn)
     wanted: frozenset[str] | None  # the attempt's sample (None: every site)
     counted: frozenset[str]
+    trainable: frozenset[str]  # may train the attempt (rounds.py's may_train), or owe a refolded update
+    cannot_offer: frozenset[str]  # asked for a task and said they cannot offer round 0's weights
+
+    @property
+    def at(self) -> tuple[int, int, int]:
+        return self.round, self.attempt, self.refolds
 
 
 class Turns:
-    """Runs `sites` in turns of at most `slots` (`launch(name)` starts one turn's process)."""
+    """Runs `sites` in turns of at most `slots` (`launch(name)` starts one turn's process). `failure` says why the
+    job cannot go on (the runner then stops it)."""
 
     def __init__(
         self, agg: Aggregator, sites: list[VirtualSite], slots: int, launch: Callable[[str], SiteRun], say: Any
     ) -> None:
         self.agg, self.sites, self.slots, self.launch, self.say = agg, sites, max(1, slots), launch, say
+        self.failure: str | None = None
 
     def running(self) -> list[VirtualSite]:
         return [s for s in self.sites if s.run is not None]
 
     def tick(self) -> None:
+        self._reap(self._now())
         now = self._now()
-        self._reap(now)
         if not now.training:
             self._release()
             return
-        vouch(self.agg, [s.name for s in self.sites if s.sits_out != (now.round, now.attempt)])
+        vouch(self.agg, [s.name for s in self.sites if s.run is None])  # (a running turn's process calls itself)
         now = self._now()  # (vouching may have started the attempt and drawn its sample)
-        running = self.running()
         if not now.ready:
-            if not running:
-                self._start(self.sites[0], now)  # it offers round 0's weights
+            first = self.sites[0]
+            if first.name in now.cannot_offer:  # (with processes, the aggregator says so once min_sites asked)
+                self.failure = (
+                    f"site {first.name} cannot offer round 0's weights (the plain client API has none to offer); "
+                    "give the recipe an initial_model"
+                )
+            elif not self.running() and self.failure is None:
+                self._start(first, now)  # it offers round 0's weights
             return
-        for s in running:
-            if now.wanted is not None and s.name not in now.wanted and s.name not in now.counted:
+        for s in self.running():
+            if now.started and now.wanted is not None and s.name not in now.wanted and s.name not in now.counted:
+                s.stopping = True  # not in this attempt's sample: its process would wait for a task forever
                 s.run.terminate()  # type: ignore[union-attr]
         for s in self.sites:
             if len(self.running()) >= self.slots:
@@ -102,14 +122,14 @@ class Turns:
                 self._start(s, now)
 
     def _due(self, s: VirtualSite, now: _Now) -> bool:
-        at = (now.round, now.attempt)
-        wanted = now.wanted is None or s.name in now.wanted
-        return wanted and s.name not in now.counted and s.turn_of != at and s.sits_out != at
+        """A turn of its own in this attempt (after a refold, another: a new process holds no update to resend,
+        so the aggregator drops the old one at once and the site trains again)."""
+        return now.started and s.name in now.trainable and s.turn_of != now.at
 
     def _start(self, s: VirtualSite, now: _Now) -> None:
         s.run = self.launch(s.name)
         s.turns += 1
-        s.turn_of = (now.round, now.attempt)
+        s.turn_of, s.stopping = now.at, False
 
     def _reap(self, now: _Now) -> None:
         for s in self.running():
@@ -117,14 +137,20 @@ class Turns:
             if rc is None:
                 continue
             s.run.kill()  # type: ignore[union-attr]
-            s.run, s.last = None, rc
-            if rc != 0 and now.training:
-                s.failed += 1
-                s.sits_out = (now.round, now.attempt)
-                site_exited(self.agg, s.name)
-                self.say(
-                    f"site {s.name}'s turn in round {now.round} exited with code {rc}; it sits the attempt out "
-                    f"and the round goes on. Last lines of {s.log_path}:\n{tail(s.log_path)}"
+            s.run = None
+            if rc == 0 or s.stopping or not now.training:
+                continue
+            s.failed += 1
+            at = s.turn_of or now.at
+            turn_failed(self.agg, s.name, at[:2])
+            self.say(
+                f"site {s.name}'s turn in round {at[0]} exited with code {rc}; it sits that attempt out and the "
+                f"round goes on. Last lines of {s.log_path}:\n{tail(s.log_path)}"
+            )
+            if not now.ready:
+                self.failure = (
+                    f"site {s.name} could not offer round 0's weights (its turn exited with code {rc}); give the "
+                    "recipe an initial_model, or see its log"
                 )
 
     def _release(self) -> None:
@@ -132,7 +158,7 @@ class Turns:
         for s in self.sites:
             if s.run is None and s.rc is None:
                 site_exited(self.agg, s.name)
-                s.rc = s.last
+                s.rc = 0
 
     def _now(self) -> _Now:
         agg = self.agg
@@ -141,8 +167,12 @@ class Turns:
             return _Now(
                 rounds.round,
                 rounds.attempt,
+                rounds.refolds(),
                 agg.global_manifest is not None,
                 not job.trained and not agg.done and agg.error is None,
-                rounds.sample if rounds.started is not None else frozenset(),
+                rounds.started is not None,
+                rounds.sample,
                 frozenset(rounds.counted),
+                frozenset(n for n, st in rounds.sites.items() if rounds.may_train(st) or n in rounds.owed),
+                frozenset(n for n, st in rounds.sites.items() if st.asked and not st.can_offer),
             )
