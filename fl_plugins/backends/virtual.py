@@ -72,6 +72,7 @@ class _Now:
     started: bool  # the attempt started (its sample is drawn)
     wanted: frozenset[str] | None  # the attempt's sample (None: every site)
     counted: frozenset[str]
+    owed: frozenset[str]  # counted, zeroed by a refold, to be sent again
     trainable: frozenset[str]  # may train the attempt (rounds.py's may_train), or owe a refolded update
     cannot_offer: frozenset[str]  # asked for a task and said they cannot offer round 0's weights
 
@@ -138,14 +139,20 @@ class Turns:
                 continue
             s.run.kill()  # type: ignore[union-attr]
             s.run = None
-            if rc == 0 or s.stopping or not now.training:
+            if s.stopping or not now.training:
                 continue
-            s.failed += 1
             at = s.turn_of or now.at
+            after = self._now()  # (its update may have been counted since `now`)
+            if rc == 0 and (s.name in after.counted or s.name in after.owed or after.at[:2] != at[:2]):
+                continue
+            # exited with an error, or with 0 but nothing counted in the attempt it ran for (a script that ends
+            # without answering): vouched for, it would be waited for until the deadline
+            s.failed += 1
             turn_failed(self.agg, s.name, at[:2])
+            why = f"exited with code {rc}" if rc else "ended without an update counted"
             self.say(
-                f"site {s.name}'s turn in round {at[0]} exited with code {rc}; it sits that attempt out and the "
-                f"round goes on. Last lines of {s.log_path}:\n{tail(s.log_path)}"
+                f"site {s.name}'s turn in round {at[0]} {why}; it sits that attempt out and the round goes on. "
+                f"Last lines of {s.log_path}:\n{tail(s.log_path)}"
             )
             if not now.ready:
                 self.failure = (
@@ -173,6 +180,7 @@ class Turns:
                 rounds.started is not None,
                 rounds.sample,
                 frozenset(rounds.counted),
+                frozenset(rounds.owed),
                 frozenset(n for n, st in rounds.sites.items() if rounds.may_train(st) or n in rounds.owed),
                 frozenset(n for n, st in rounds.sites.items() if st.asked and not st.can_offer),
             )
