@@ -28,8 +28,8 @@ the round waits for each sampled site's turn) and starts the sampled sites of th
 most `slots` at once, in the recipe's order (virtual.py's docstring has the rules). What a site
 keeps between its turns: its data split and its seeds (a script derives them from FL_SITE, as every example does);
 what it loses: anything it held in memory, like its optimizer's state (each turn builds it anew, as Flower's
-simulation does). What virtual sites do not do: resend a counted update after a refold (a new turn trains again),
-the final evaluation and cross-site evaluation (the job ends when training does), evaluations between rounds,
+simulation does). The final evaluation gives each site it asks one more turn. What virtual sites do not do: resend
+a counted update after a refold (a new turn trains again), cross-site evaluation, evaluations between rounds,
 SCAFFOLD, and a swarm (refused before anything runs). A turn that fails is reported like a failed site, and that
 site sits out the attempt it ran for.
 """

@@ -15,7 +15,9 @@ says what they keep and what they do not do).
   5. start the sites that may train the attempt (rounds.py's may_train: sampled, not counted, not sitting out) or
      owe a refolded update, and have not had a turn in this attempt since its last refold, in the recipe's order,
      while fewer than `slots` turns run.
-Once training is done, vouching stops and the sites without a running turn are told to the aggregator as exited.
+Once training is done, the final evaluation (every site that sent metrics scores the final model) gives each site
+it asks one more turn, at most `slots` at once; the sites it does not ask, or has its answer from, are told to the
+aggregator as exited and vouched for no more.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class VirtualSite:
         self.turns = self.failed = 0
         self.turn_of: tuple[int, int, int] | None = None  # the (round, attempt, refolds) of its last turn
         self.stopping = False  # the runner stopped its turn (no longer wanted): not a failure
+        self.evaluated = False  # it had its turn in the evaluation after training
 
     def poll(self) -> int | None:
         return self.rc
@@ -75,6 +78,7 @@ class _Now:
     owed: frozenset[str]  # counted, zeroed by a refold, to be sent again
     trainable: frozenset[str]  # may train the attempt (rounds.py's may_train), or owe a refolded update
     cannot_offer: frozenset[str]  # asked for a task and said they cannot offer round 0's weights
+    asks: frozenset[str]  # after training: the sites the evaluation phase asks and has no full answer from
 
     @property
     def at(self) -> tuple[int, int, int]:
@@ -98,7 +102,7 @@ class Turns:
         self._reap(self._now())
         now = self._now()
         if not now.training:
-            self._release()
+            self._evaluate(now)
             return
         vouch(self.agg, [s.name for s in self.sites if s.run is None])  # (a running turn's process calls itself)
         now = self._now()  # (vouching may have started the attempt and drawn its sample)
@@ -140,6 +144,8 @@ class Turns:
             s.run.kill()  # type: ignore[union-attr]
             s.run = None
             if s.stopping or not now.training:
+                if rc != 0 and not s.stopping and s.evaluated:
+                    self.say(f"site {s.name}'s evaluation turn exited with code {rc}; see {s.log_path}")
                 continue
             at = s.turn_of or now.at
             after = self._now()  # (its update may have been counted since `now`)
@@ -160,10 +166,24 @@ class Turns:
                     "recipe an initial_model, or see its log"
                 )
 
-    def _release(self) -> None:
+    def _evaluate(self, now: _Now) -> None:
+        """Training is done: while an evaluation phase (the final model's) asks sites, the ones it still waits for
+        get a turn each (vouched for until then), at most `slots` at once; the others are released."""
+        asks = now.asks - {s.name for s in self.sites if s.evaluated}
+        if asks:
+            vouch(self.agg, [s.name for s in self.sites if s.run is None and s.name in asks])
+            for s in self.sites:
+                if len(self.running()) >= self.slots:
+                    break
+                if s.run is None and s.name in asks:
+                    s.run, s.evaluated, s.stopping = self.launch(s.name), True, False
+                    s.turns += 1
+        self._release(keep=asks)
+
+    def _release(self, keep: frozenset[str] | set[str] = frozenset()) -> None:
         """Training is done: a site without a running turn is gone for the aggregator, and ends for the runner."""
         for s in self.sites:
-            if s.run is None and s.rc is None:
+            if s.run is None and s.rc is None and s.name not in keep:
                 site_exited(self.agg, s.name)
                 s.rc = 0
 
@@ -183,4 +203,15 @@ class Turns:
                 frozenset(rounds.owed),
                 frozenset(n for n, st in rounds.sites.items() if rounds.may_train(st) or n in rounds.owed),
                 frozenset(n for n, st in rounds.sites.items() if st.asked and not st.can_offer),
+                self._asks(),
             )
+
+    def _asks(self) -> frozenset[str]:
+        """Lock held. The sites the running evaluation phase asks and has no full row of answers from."""
+        job = self.agg.job
+        sweep = job.sweep
+        if sweep is None or not job.trained:
+            return frozenset()
+        names = job.only if job.only is not None else {s.name for s in self.sites}
+        rows = sweep.cells
+        return frozenset(n for n in names if n not in rows or not all(c.filled for c in rows[n].values()))
