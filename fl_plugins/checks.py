@@ -126,8 +126,8 @@ class PathValue:
             raise Invalid("must be a path")
         return v
 
-    def parse(self, text: str) -> Path:
-        return Path(text)
+    def parse(self, text: str) -> Path | str:
+        return text if "://" in text else Path(text)  # (a run directory's object-store URL: aggregator/remote.py)
 
 
 @dataclass(frozen=True)

@@ -360,6 +360,8 @@ class AggregatorConfig:
     # the recipe the job runs ({"path", "job"}: fl_plugins.recipe.Recipe.identity()), kept in RUN_DIR/run.json: a
     # restart with another recipe is refused; None: no recipe (then `job_id`, else a random id, names the job)
     recipe: dict[str, Any] | None = None
+    # `--run-dir URL` (an object store, aggregator/remote.py): the run lives there; `run_dir` is its working copy
+    store_url: str | None = None
 
     @property
     def total_rounds(self) -> int:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from fl_plugins.aggregator import ending, presence, results, sitelogs, status
+from fl_plugins.aggregator import ending, presence, remote, results, sitelogs, status
 from fl_plugins.aggregator.closing import Closer
 from fl_plugins.aggregator.evaluation import GLOBAL
 from fl_plugins.aggregator.intake import Intake
@@ -57,7 +57,10 @@ class Aggregator:
     def __init__(self, config: AggregatorConfig, *, clock: Callable[[], float] = time.monotonic) -> None:
         self.config = config
         self.clock = clock
+        self.remote = remote.open_remote(config, self._failed) if config.store_url else None  # (fetched first)
         self.store = RunStore(config.run_dir)
+        if self.remote is not None:
+            self.store.on_publish = self.remote.publish
         self.job_id = config.job_id  # _resume sets the run's: run.json's, else this one, else a new one
         self.lock = threading.Condition()
         self.stats: dict[str, Any] = dict.fromkeys(STATS, 0)
@@ -154,6 +157,14 @@ class Aggregator:
         if self._thread.is_alive():
             self._thread.join(timeout=30)
         self.closer.join()
+        if self.remote is not None:
+            self.remote.close(ending=self.done)
+
+    def _failed(self, e: BaseException) -> None:
+        """A background part failed (the object store's uploads): the aggregator stops with it."""
+        with self.lock:
+            self.error = self.error or e
+            self.lock.notify_all()
 
     def finished(self) -> bool:
         """True once the final model is checkpointed and sites have had `linger` seconds to hear END."""

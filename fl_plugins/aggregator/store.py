@@ -109,6 +109,7 @@ class RunStore:
         self.root = Path(root)
         self.global_dir = self.root / "global"
         self._pending: RunIdentity | None = None  # a new run's identity: run.json, written with round 0
+        self.on_publish: Callable[[int, Path], None] | None = None  # told each durable round (remote.py)
         # (nothing is created until the first write: a start that fails before it leaves no folder behind)
 
     # -- reading -----------------------------------------------------------------------------------------
@@ -178,6 +179,8 @@ class RunStore:
             shutil.rmtree(final)
         os.rename(tmp, final)
         fsync_dir(self.global_dir)
+        if self.on_publish is not None:  # the run directory's object store (remote.py) uploads it
+            self.on_publish(r, final)
 
     def write_round(
         self,

@@ -47,6 +47,13 @@ def run_command(args: argparse.Namespace) -> int:
     from fl_plugins.recipe import load_recipe
     from fl_plugins.runner import Terminated, default_run_dir, run
 
+    if "://" in str(args.run_dir or "") or str(args.run_dir or "").startswith(("s3:", "gs:", "az:")):
+        from fl_plugins.errors import ConfigError
+
+        raise ConfigError(
+            f"--run-dir {args.run_dir}: `fl-plugins run` keeps its run directory on this machine; an object store "
+            "is for `fl-plugins server --run-dir URL`"
+        )
     recipe = load_recipe(args.recipe)
     recipe = dataclasses.replace(recipe, backend=recipe.backend.with_cli(args.backend, args.ray_address))
 

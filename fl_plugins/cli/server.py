@@ -86,6 +86,9 @@ def server_config(flags: Mapping[str, Any], recipe: Recipe | None) -> Aggregator
     """The AggregatorConfig of `fl-plugins server [RECIPE]`: each setting from its flag when given (`flags`, by
     field name: {"min_updates": 2}), else from the recipe, else its default (fl_plugins/config.py). With a
     recipe, RUN_DIR defaults to runs/NAME and the recipe (its identity) is kept in run.json."""
+    from fl_plugins.aggregator import remote
+
+    flags, fixed = remote.bind(flags)  # `--run-dir URL`: the run lives in an object store
     if recipe is None:
         needed = ("rounds", "run_dir") if trains(flags.get("workflow", "fedavg")) else ("run_dir",)
         flags = flags if "rounds" in flags or "rounds" in needed else {**flags, "rounds": 1}
@@ -95,9 +98,9 @@ def server_config(flags: Mapping[str, Any], recipe: Recipe | None) -> Aggregator
                 f"fl-plugins server needs {' and '.join(map(str, missing))}, or a recipe that gives them "
                 "(fl-plugins server RECIPE.yaml)"
             )
-        return merge(flags)
+        return merge(flags, **fixed)
     given = {"run_dir": Path("runs") / recipe.name, **recipe.federation.values}
-    return merge(flags, given, recipe=recipe.identity())
+    return merge(flags, given, recipe=recipe.identity(), **fixed)
 
 
 def given_flags(args: argparse.Namespace) -> dict[str, Any]:
