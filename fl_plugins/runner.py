@@ -77,7 +77,9 @@ class Terminated(KeyboardInterrupt):
     """SIGTERM (cli/run.py raises it): the run stops as on Ctrl-C, with exit code 143 instead of 130."""
 
 
-def run(recipe: Recipe, run_dir: Path, *, live: bool | None = None, tls: bool = False) -> int:
+def run(
+    recipe: Recipe, run_dir: Path, *, live: bool | None = None, tls: bool = False, store_url: str | None = None
+) -> int:
     """Run the recipe's federation; 0 when every round is done and every site exited 0 (or the run was finished
     already: nothing starts), 1 on a failure, 130 when interrupted (143: SIGTERM). `live`: the rich live view
     (default: when stdout is a terminal). `tls`: provision a CA and kits into RUN_DIR/kits (kept on resume) and
@@ -90,7 +92,11 @@ def run(recipe: Recipe, run_dir: Path, *, live: bool | None = None, tls: bool = 
     err = Console(stderr=True, soft_wrap=True)
     live = console.is_terminal if live is None else live
     run_dir = Path(run_dir)
-    config = _check(recipe, run_dir)
+    if store_url is not None:  # the run lives in an object store; run_dir is its working copy (aggregator/remote.py)
+        from fl_plugins.aggregator.remote import RemoteRun
+
+        RemoteRun(store_url, run_dir).fetch()
+    config = _check(recipe, run_dir, store_url)
     done = ending.finished(config)
     if done is not None:
         console.print(ending.already_finished(config, done, "the recipe's `rounds`"), highlight=False)
@@ -117,7 +123,7 @@ def run(recipe: Recipe, run_dir: Path, *, live: bool | None = None, tls: bool = 
     return _conclude(fed, metrics, code, t0, console, err)
 
 
-def _check(recipe: Recipe, run_dir: Path) -> Any:
+def _check(recipe: Recipe, run_dir: Path, store_url: str | None = None) -> Any:
     """Before anything starts: the trackers' libraries (the error names the install command), and that the run
     directory is not another job's (the aggregator checks again). The aggregator's configuration."""
     from fl_plugins.aggregator.store import RunStore
@@ -126,7 +132,7 @@ def _check(recipe: Recipe, run_dir: Path) -> Any:
         from fl_plugins.tracking import check_installed
 
         check_installed(recipe.tracking)
-    config = recipe.federation.aggregator_config(run_dir, recipe=recipe.identity())
+    config = recipe.federation.aggregator_config(run_dir, recipe=recipe.identity(), store_url=store_url)
     RunStore(run_dir).open_run(
         job_id=config.job_id, recipe=config.recipe, initial_model=config.initial_model, check_only=True
     )
@@ -141,6 +147,7 @@ class _Federation:
         self.recipe, self.run_dir = recipe, run_dir
         self.sites: list[SiteRun] = []
         self.backend: Backend | None = None
+        self.server_config: Any = None  # the aggregator's configuration, once started
         self.server: Any = None
         self.tracking: Any = None
         self.kits: Any = None
@@ -152,6 +159,7 @@ class _Federation:
     def start(self, config: Any, console: Any, tls: bool) -> None:
         """Everything but the sites; a start that fails (a bad kit or initial model) stops what it started and
         leaves no state behind."""
+        self.server_config = config
         from fl_plugins.aggregator.service import AggregatorServer
         from fl_plugins.aggregator.store import undo_failed_start
         from fl_plugins.backends import launch
@@ -263,6 +271,10 @@ def _conclude(fed: _Federation, metrics: _Metrics, code: int, t0: float, console
     if baselines is not None:
         console.print(baselines_table(recipe.name, records.Baselines.from_json(baselines)))
     _write_report(run_dir, console, err)
+    if fed.server_config is not None and fed.server_config.store_url:  # this summary.json, too
+        from fl_plugins.aggregator.remote import RemoteRun
+
+        RemoteRun(fed.server_config.store_url, run_dir).close()
     state = "finished" if code == 0 else "FAILED" if code == 1 else "interrupted"
     final = f"; the final model is in {summary.final_model}" if summary.final_model else ""
     console.print(f"{recipe.name} {state} in {summary.seconds:.1f} s; run dir {run_dir}{final}", highlight=False)

@@ -135,3 +135,18 @@ def test_run_dir_urls_map_to_a_working_copy(tmp_path, monkeypatch):
     assert flags["run_dir"] == working_copy("s3://b/job/") and flags["run_dir"].parent == tmp_path / "runs"
     assert working_copy("s3://b/job") != working_copy("s3://b/other")
     assert bind({"run_dir": Path("runs/job")}) == ({"run_dir": Path("runs/job")}, {})
+
+
+def test_fl_plugins_run_keeps_its_run_in_the_store(tmp_path, s3):
+    fs, store_env = s3
+    env = {**os.environ, **store_env, "PYTHONPATH": str(ROOT), "FL_CACHE_DIR": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "fl_plugins.cli", "run", str(ROOT / "recipes" / "quickstart.yaml"),
+           "--run-dir", "s3://runs/quickstart"]  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=240)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    assert fs.exists("runs/quickstart/global/round-00003/manifest.json")
+    assert any(p.endswith(".safetensors") for p in fs.ls("runs/quickstart/final"))
+    import json
+
+    summary = json.loads(fs.cat("runs/quickstart/summary.json"))
+    assert summary["sites"]["site-1"]["exit_code"] == 0  # the runner's summary (with the sites), not only the aggregator's

@@ -21,9 +21,10 @@ def add_run(sub: Any) -> None:
     r.add_argument("recipe", type=Path, help="the recipe YAML (see recipes/quickstart.yaml)")
     r.add_argument(
         "--run-dir",
-        type=Path,
+        type=lambda text: text if "://" in text else Path(text),
         help="logs, metrics and checkpoints go here; an existing run dir of the same recipe resumes, one of "
-        "another is refused (default: runs/NAME-TIMESTAMP)",
+        "another is refused (default: runs/NAME-TIMESTAMP); a URL (s3://bucket/job) keeps the run in an object "
+        "store, with a working copy on this machine",
     )
     add_log_level(r, "warning", " (RUN_DIR/aggregator.log is at info whatever it says)")
     r.add_argument(
@@ -44,16 +45,11 @@ def add_run(sub: Any) -> None:
 
 
 def run_command(args: argparse.Namespace) -> int:
+    from fl_plugins.aggregator.remote import is_url, working_copy
     from fl_plugins.recipe import load_recipe
     from fl_plugins.runner import Terminated, default_run_dir, run
 
-    if "://" in str(args.run_dir or "") or str(args.run_dir or "").startswith(("s3:", "gs:", "az:")):
-        from fl_plugins.errors import ConfigError
-
-        raise ConfigError(
-            f"--run-dir {args.run_dir}: `fl-plugins run` keeps its run directory on this machine; an object store "
-            "is for `fl-plugins server --run-dir URL`"
-        )
+    url = args.run_dir if is_url(args.run_dir) else None  # an object store: its working copy here (remote.py)
     recipe = load_recipe(args.recipe)
     recipe = dataclasses.replace(recipe, backend=recipe.backend.with_cli(args.backend, args.ray_address))
 
@@ -67,7 +63,8 @@ def run_command(args: argparse.Namespace) -> int:
     # the aggregator
     signal.signal(signal.SIGTERM, _term)
     signal.signal(signal.SIGINT, _int)
-    return run(recipe, args.run_dir or default_run_dir(recipe), tls=args.tls)
+    run_dir = working_copy(url) if url else args.run_dir or default_run_dir(recipe)
+    return run(recipe, run_dir, tls=args.tls, store_url=url)
 
 
 def add_report(sub: Any) -> None:
