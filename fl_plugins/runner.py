@@ -92,15 +92,20 @@ def run(
     err = Console(stderr=True, soft_wrap=True)
     live = console.is_terminal if live is None else live
     run_dir = Path(run_dir)
+    remote = None
     if store_url is not None:  # the run lives in an object store; run_dir is its working copy (aggregator/remote.py)
         from fl_plugins.aggregator.remote import RemoteRun
 
-        RemoteRun(store_url, run_dir).fetch()
+        remote = RemoteRun(store_url, run_dir)
+        remote.fetch(catch_up=False)
     config = _check(recipe, run_dir, store_url)
     done = ending.finished(config)
     if done is not None:
         console.print(ending.already_finished(config, done, "the recipe's `rounds`"), highlight=False)
-        return 0
+        failed = remote.complete() if remote is not None else None  # the store gets what it lacks of the run
+        if failed is not None:
+            err.print(f"the run directory's object store: {failed}", markup=False, highlight=False)
+        return 0 if failed is None else 1
     fed = _Federation(recipe, run_dir)
     metrics = _Metrics(run_dir / records.METRICS)
     t0 = time.monotonic()
@@ -274,7 +279,10 @@ def _conclude(fed: _Federation, metrics: _Metrics, code: int, t0: float, console
     if fed.server_config is not None and fed.server_config.store_url:  # this summary.json, too
         from fl_plugins.aggregator.remote import RemoteRun
 
-        RemoteRun(fed.server_config.store_url, run_dir).close()
+        failed = RemoteRun(fed.server_config.store_url, run_dir).close()
+        if failed is not None:
+            err.print(f"the run directory's object store: {failed}", markup=False, highlight=False)
+            code = 1
     state = "finished" if code == 0 else "FAILED" if code == 1 else "interrupted"
     final = f"; the final model is in {summary.final_model}" if summary.final_model else ""
     console.print(f"{recipe.name} {state} in {summary.seconds:.1f} s; run dir {run_dir}{final}", highlight=False)

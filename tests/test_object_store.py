@@ -95,12 +95,17 @@ def test_a_run_in_an_object_store_survives_its_aggregator_and_its_disk(tmp_path,
     assert _wait(sites) == [0, 0]
     assert agg.wait(timeout=60) == 0, (tmp_path / "agg.log").read_text()[-3000:]
     log = (tmp_path / "agg.log").read_text()
-    assert "fetching round" in log and "of s3://runs/job" in log
+    assert "fetching round 2 of s3://runs/job" in log and "from global/round-00002" in log  # resumed there
 
-    # the store holds every round (each with its manifest), the records and the final model
+    # the store holds every round (each with its manifest), each round's record once, and the final model
     rounds = sorted(p.rsplit("/", 1)[-1] for p in fs.ls("runs/job/global"))
-    assert rounds[-1] == "round-00004" and all(fs.exists(f"runs/job/global/{r}/manifest.json") for r in rounds)
-    assert fs.exists("runs/job/metrics.jsonl") and fs.exists("runs/job/run.json") and fs.exists("runs/job/summary.json")
+    assert rounds == [f"round-{r:05d}" for r in range(5)]
+    assert all(fs.exists(f"runs/job/global/{r}/manifest.json") for r in rounds)
+    import json
+
+    records = [json.loads(x) for x in fs.cat("runs/job/metrics.jsonl").decode().splitlines()]
+    assert sorted(r["round"] for r in records if r["event"] == "round") == [0, 1, 2, 3]
+    assert fs.exists("runs/job/run.json") and fs.exists("runs/job/summary.json")
     final = [p for p in fs.ls("runs/job/final") if p.endswith(".safetensors")]
     got = {}
     for p in final:
@@ -134,6 +139,7 @@ def test_run_dir_urls_map_to_a_working_copy(tmp_path, monkeypatch):
     assert fixed == {"store_url": "s3://b/job"} and flags["rounds"] == 2
     assert flags["run_dir"] == working_copy("s3://b/job/") and flags["run_dir"].parent == tmp_path / "runs"
     assert working_copy("s3://b/job") != working_copy("s3://b/other")
+    assert working_copy("s3://b/job") == working_copy("s3://b/job/")
     assert bind({"run_dir": Path("runs/job")}) == ({"run_dir": Path("runs/job")}, {})
 
 
@@ -150,3 +156,29 @@ def test_fl_plugins_run_keeps_its_run_in_the_store(tmp_path, s3):
 
     summary = json.loads(fs.cat("runs/quickstart/summary.json"))
     assert summary["sites"]["site-1"]["exit_code"] == 0  # the runner's summary (with the sites), not only the aggregator's
+    # uploads lost at the end (the runner killed while they ran): the same command on this machine completes the store
+    for rel in ("final", "summary.json", "global/round-00003"):
+        fs.rm(f"runs/quickstart/{rel}", recursive=True)
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=240)
+    assert again.returncode == 0 and "already finished" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+    assert fs.exists("runs/quickstart/global/round-00003/manifest.json") and fs.exists("runs/quickstart/summary.json")
+    assert any(p.endswith(".safetensors") for p in fs.ls("runs/quickstart/final"))
+    # on a machine without the working copy, the same command sees the run finished and starts nothing
+    shutil.rmtree(tmp_path / "cache")
+    again = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=240)
+    assert again.returncode == 0 and "already finished" in again.stdout, again.stdout[-2000:] + again.stderr[-2000:]
+    assert json.loads(fs.cat("runs/quickstart/summary.json"))["sites"]["site-1"]["exit_code"] == 0  # kept
+
+
+def test_a_store_that_cannot_be_read_is_a_clear_error(tmp_path, s3):
+    _, store_env = s3
+    env = {**os.environ, **store_env, "PYTHONPATH": str(ROOT), "FL_CACHE_DIR": str(tmp_path / "cache"),
+           "FSSPEC_S3_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}", "AWS_MAX_ATTEMPTS": "1"}  # fmt: skip
+    init = tmp_path / "init.safetensors"
+    save_file({"w": np.zeros(8, np.float32)}, str(init))
+    cmd = [sys.executable, "-m", "fl_plugins.cli", "server", "--run-dir", "s3://runs/nowhere", "--rounds", "1",
+           "--initial-model", str(init)]  # fmt: skip
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, cwd=ROOT, timeout=240)
+    assert out.returncode != 0
+    assert "--run-dir s3://runs/nowhere: the store cannot be read" in out.stderr, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr

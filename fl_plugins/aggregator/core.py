@@ -157,8 +157,8 @@ class Aggregator:
         if self._thread.is_alive():
             self._thread.join(timeout=30)
         self.closer.join()
-        if self.remote is not None:
-            self.remote.close(ending=self.done)
+        if self.remote is not None and self.remote.close(ending=self.done) is not None:
+            log.error("the run directory's object store: %s", self.remote.error)
 
     def _failed(self, e: BaseException) -> None:
         """A background part failed (the object store's uploads): the aggregator stops with it."""

@@ -126,6 +126,12 @@ def _serve(args: argparse.Namespace) -> int:
         recipe = load_recipe(args.recipe)
     config = server_config(given_flags(args), recipe)
     specs = _tracking_specs(args.tracking, recipe)  # checked before anything is made: a bad name or library stops
+    remote = None
+    if config.store_url:  # the run lives in an object store: its working copy first (a finished run says so)
+        from fl_plugins.aggregator.remote import RemoteRun
+
+        remote = RemoteRun(config.store_url, config.run_dir)
+        remote.fetch(catch_up=False)
     # a run directory of another job is refused before anything is made or bound (the aggregator checks again)
     RunStore(config.run_dir).open_run(
         job_id=config.job_id, recipe=config.recipe, initial_model=config.initial_model, check_only=True
@@ -133,7 +139,10 @@ def _serve(args: argparse.Namespace) -> int:
     done = ending.finished(config)  # a finished run is not run again
     if done is not None:
         print(ending.already_finished(config, done, "--rounds (or the recipe's `rounds`)"), flush=True)
-        return 0
+        failed = remote.complete() if remote is not None else None  # the store gets what it lacks of the run
+        if failed is not None:
+            print(f"the run directory's object store: {failed}", file=sys.stderr)
+        return 0 if failed is None else 1
     name = config.job_id or (recipe.name if recipe else "") or config.run_dir.resolve().name
     stop, signals = threading.Event(), []
 
@@ -149,6 +158,9 @@ def _serve(args: argparse.Namespace) -> int:
     finally:
         server.stop()
         agg = server.aggregator
+        if agg.remote is not None and agg.remote.error is not None and code == 0:
+            print(f"the run directory's object store: {agg.remote.error}", file=sys.stderr)
+            code = 1  # (the job is done here, but the store lacks part of it: the same command uploads it)
         if stop.is_set() and not agg.done:  # 130 for Ctrl-C (SIGINT), 143 for SIGTERM, as a shell reports them
             code = 143 if signal.SIGTERM in signals else 130
         if code != 0 and not agg.done:  # the job's outcome, for `fl-plugins report` (a resume writes it again)
