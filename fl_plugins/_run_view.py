@@ -83,6 +83,8 @@ class View:
                 out[s.name] = "done" if s.rc == 0 else f"crashed (exit {s.rc})"
             elif st["done"]:
                 out[s.name] = "done"
+            elif getattr(s, "run", True) is None:  # a virtual site between its turns (backends/virtual.py)
+                out[s.name] = "waiting for its turn"
             elif s.name not in connected:
                 out[s.name] = "starting"
             elif st.get("phase") in ("evaluate", "final evaluation"):

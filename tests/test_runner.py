@@ -194,9 +194,17 @@ def test_live_view_renders(tmp_path):
         view = _View(recipe, server, sites, _Metrics(tmp_path / "metrics.jsonl"), time.monotonic())
         buf = io.StringIO()
         Console(file=buf, width=100, force_terminal=True, color_system=None).print(view.render())
+        # a virtual site between its turns (backends/virtual.py: no process running) says so
+        from fl_plugins.backends.virtual import VirtualSite
+
+        virtual = VirtualSite("site-2", tmp_path / "site-2.log")
+        states = view.site_states(server.aggregator.status())
+        virtual_states = _View(recipe, server, [virtual], _Metrics(tmp_path / "metrics.jsonl"), 0.0).site_states(
+            server.aggregator.status())  # fmt: skip
     text = buf.getvalue()
     assert "0 of 3 rounds done" in text and "round 0 running: 0 B uploaded" in text
     assert "site-1  waiting" in text and "site-2  starting" in text and "crashed (exit 2)" in text
+    assert states["site-2"] == "starting" and virtual_states == {"site-2": "waiting for its turn"}
 
 
 @pytest.mark.integration

@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from fl_plugins.backends import process
 from fl_plugins.backends.process import SiteRun, script_args, site_env, start_site, stop_sites
 from fl_plugins.errors import ConfigError
 
@@ -24,10 +23,6 @@ class Backend:
 
     def __init__(self, sites: list[Any], what: str, *, tolerant: bool = False, turns: Turns | None = None) -> None:
         self.sites, self.what, self.tolerant, self.turns = sites, what, tolerant, turns
-
-    @property
-    def virtual(self) -> bool:
-        return self.turns is not None
 
     @property
     def failure(self) -> str | None:
@@ -154,6 +149,3 @@ def _asks(spec: Any) -> str:
 def _text(resources: dict[str, float]) -> str:
     gpus = f", {resources['GPU']:g} GPU" if resources.get("GPU") else ""
     return f"{resources.get('CPU', 0):g} CPU{gpus}"
-
-
-__all__ = ["Backend", "process", "start"]
