@@ -88,7 +88,10 @@ class SiteThread(threading.Thread):
                 task = c.next_task(poll=2.0)
                 if task.kind == pb.Task.END:
                     break
-                _, params = c.download(task, "numpy")
+                try:
+                    _, params = c.download(task, "numpy")
+                except RoundError:  # not served any more (the aggregator restarted earlier): ask again, as receive()
+                    continue
                 self.received[task.round] = {k: np.array(v) for k, v in params.items()}
                 new, ptype, weight = self.step(task.round, params)
                 try:

@@ -69,6 +69,21 @@ def test_a_flare_loop_receives_and_sends_every_round(federation):
     assert [u["weight"] for u in fed.events("update")] == [3, 3]
 
 
+def test_receive_asks_again_when_its_tasks_model_is_not_served(federation, caplog):
+    """A task whose model the aggregator no longer serves (it restarted from an earlier checkpoint while this site
+    held a later round's task, or moved on): receive() asks for the task at hand instead of failing the script."""
+    fed = federation(rounds=1, initial={"w": np.ones(4, np.float32)})
+    sess = fed.activate("solo")
+    assert flare.is_running()
+    sess.task.round = 3  # what a site holds when the aggregator restarted at round 0 after opening round 3
+    with caplog.at_level(logging.WARNING, logger="fl_plugins.client.session"):
+        m = flare.receive()
+    assert m.current_round == 0 and m.params["w"].tolist() == [1, 1, 1, 1]
+    assert "round 3's model is not served" in caplog.text
+    flare.send(flare.FLModel(params=m.params, meta={"NUM_STEPS_CURRENT_ROUND": 1}))
+    fed.wait()
+
+
 def test_metrics_meta_and_logs_reach_the_run_directory(federation):
     fed = federation(rounds=1, initial={"w": np.zeros(3, np.float32)}, evaluate_final=False)
     fed.activate("s1")

@@ -4,14 +4,18 @@ round R+1's global model, round R+1 opened, its checkpoint made durable behind i
     close()          under the fold gate's exclusive side (every fold that started has ended): a refold when the
                      accumulator holds bytes of an upload that will never count, else, once the round settles,
                      write_round()
-    write_round()    the strategy's finished blocks streamed into RUN_DIR/global/round-R+1.tmp (its next state
-                     staged beside them), the round's record (with its timeline, timeline.py), R+1 opened at once
-                     and served from those page-cached files; fsync and the rename to global/round-R+1 follow
-                     on a thread of their own (make_durable). A crash before the rename redoes round R. The last
-                     round's checkpoint is made durable before the job ends.
+    write_round()    the strategy's finished blocks (its next state staged in RUN_DIR/global/round-R+1.tmp) go into
+                     the accumulator's own memory (finished.py), the round's record is written (with its timeline,
+                     timeline.py) and R+1 opens at once, served from that memory. The fold gate stays held: it
+                     goes to the checkpoint's own thread (make_durable), which writes the shards into
+                     round-R+1.tmp, switches the serving to them, resets the accumulator and releases the gate (R+1's
+                     first folds wait for that), then fsyncs and renames to global/round-R+1. A crash before the
+                     rename redoes round R. The last round's checkpoint, and every checkpoint of a strategy that
+                     does not fold into one accumulator array per tensor (flexlora), is written before R+1 opens,
+                     as before; the last one is made durable before the job ends.
     join()           wait for the latest checkpoint to be durable (the next close, and stop())
 
-Moved out of core.py (issue 16) so that the close can change (the next round's download starting while the
+Moved out of core.py (issue 16) so that the close could change (the next round's download starting while the
 checkpoint is written) without the coordinator growing.
 """
 
@@ -25,7 +29,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from fl_plugins.aggregator import results
+from fl_plugins.aggregator.fedavg import Accumulator
+from fl_plugins.aggregator.finished import Finished
 from fl_plugins.aggregator.store import GlobalReader
+from fl_plugins.aggregator.strategy import KeepsUpdates, Strategy
 from fl_plugins.wire import limits
 
 if TYPE_CHECKING:
@@ -43,17 +50,25 @@ class Closer:
     def __init__(self, agg: Aggregator) -> None:
         self.agg = agg
         self.durable: threading.Thread | None = None  # fsync + rename of the latest checkpoint
+        self.finished: Finished | None = None  # the latest model served from memory (finished.py)
 
     def join(self) -> None:
+        """Wait for the latest checkpoint to be durable; the model it served from memory is retired (a download
+        still reading it has switched to its files, or fails and resumes from the round now served)."""
         if self.durable is not None:
             self.durable.join()
+        if self.finished is not None:
+            self.finished.close()
+            self.finished = None
 
     def close(self) -> None:
         """On the aggregator's thread (the one that decides, so no second close can start meanwhile)."""
         agg = self.agg
         closing = agg.clock()  # (the timeline's fold wait includes the previous checkpoint's fsync)
         self.join()  # the previous checkpoint is published before this one is written
-        with agg.gate.exclusive():
+        agg.gate.acquire()
+        handed = False  # the gate went to the checkpoint's thread, which releases it
+        try:
             with agg.lock:  # no fold runs now: what the accumulator holds is settled
                 partial = agg.uploads.partial()
                 if partial:
@@ -63,7 +78,10 @@ class Closer:
                     agg.lock.notify_all()
                     return
                 counted = list(agg.rounds.counted.values())
-            self.write_round(counted, closing)
+            handed = self.write_round(counted, closing)
+        finally:
+            if not handed:
+                agg.gate.release()
 
     def refold(self, partial: list[Upload]) -> None:
         """Lock and fold gate held. The accumulator holds bytes of `partial` uploads that will never count: zero
@@ -76,13 +94,16 @@ class Closer:
         agg.uploads.kill_all(agg.rounds)
         agg.lock.notify_all()
 
-    def write_round(self, counted: list[Counted], closing: float) -> None:
-        """Fold gate held. Write the average of the counted updates as round R+1's global model; open R+1."""
+    def write_round(self, counted: list[Counted], closing: float) -> bool:
+        """Fold gate held. Round R+1's global model, the average of the counted updates, made (in memory, or
+        written) and R+1 opened. True when the gate went to the checkpoint's thread."""
         agg = self.agg
         strategy, r = agg.strategy, agg.rounds.round
         assert strategy is not None and agg.global_manifest is not None
         t0, began = time.monotonic(), agg.rounds.began
         records = [c.record for c in counted]
+        last = r + 1 >= agg.config.total_rounds
+        finished = None if last else in_memory(strategy, agg.global_manifest, r + 1)
         with agg.lock:
             paths = agg.store.shard_paths(r, agg.global_manifest, agg.serving)
             reader = GlobalReader(paths, agg.global_manifest)
@@ -99,10 +120,14 @@ class Closer:
             def stage(staging: Path) -> None:  # the strategy's next state, into round r+1's staging directory
                 strategy.stage(serving, staging)
 
-            tmp, manifest = agg.store.write_round(r + 1, agg.global_manifest, blocks_of, env, on_begin=stage)
+            if finished is None:
+                tmp, manifest = agg.store.write_round(r + 1, agg.global_manifest, blocks_of, env, on_begin=stage)
+            else:
+                tmp = agg.store.begin(r + 1)
+                stage(tmp)
+                manifest = finished.fill(blocks_of, env)
         finally:
             reader.close()
-        last = r + 1 >= agg.config.total_rounds
         if last:  # the job ends only once the final model is durable
             agg.store.commit(r + 1, tmp, manifest)
         with agg.lock:
@@ -112,25 +137,54 @@ class Closer:
             agg.record(results.round_record(agg.rounds, records, strategy.weight, metrics, write_s, seconds, line))
             log.info("round %d done: %d updates, checkpoint %s", r, len(records), agg.store.round_dir(r + 1))
             agg.uploads.kill_all(agg.rounds)
-            # R+1 opens at once from the written (page-cached) files; fsync and the rename follow in the background
-            agg.open_round(r + 1, manifest, None if last else tmp)
+            # R+1 opens at once, served from memory (or the page-cached files); the checkpoint follows behind
+            agg.open_round(r + 1, manifest, None if last else tmp, finished)
             if not last:
-                args = (r + 1, tmp, manifest)
+                self.finished = finished
+                args = (r + 1, tmp, manifest, finished)
                 self.durable = threading.Thread(target=self.make_durable, args=args, name="fl-checkpoint")
                 self.durable.daemon = True
                 self.durable.start()
             agg.lock.notify_all()
+        return finished is not None
 
-    def make_durable(self, r: int, tmp: Path, manifest: Manifest) -> None:
+    def make_durable(self, r: int, tmp: Path, manifest: Manifest, finished: Finished | None) -> None:
+        """The checkpoint's thread: round r's shards written (from memory: the fold gate is released once the
+        serving switched to them and the accumulator is reset), fsynced and renamed."""
         agg = self.agg
         try:
+            if finished is not None:
+                self.write_finished(tmp, finished)
             agg.store.sync(tmp, manifest)
             with agg.lock:  # downloads open files under this lock: none sees a half-renamed directory
                 agg.store.publish(r, tmp)
                 if agg.rounds.round == r:
                     agg.serving = agg.store.round_dir(r)
+                    agg.memory_model = None
         except BaseException as e:
             log.exception("checkpoint of round %d could not be made durable", r)
             with agg.lock:
                 agg.error = e
                 agg.lock.notify_all()
+
+    def write_finished(self, tmp: Path, finished: Finished) -> None:
+        agg = self.agg
+        assert agg.strategy is not None
+        try:
+            t0 = time.monotonic()
+            finished.to_files(finished.write(tmp))
+            agg.strategy.reset()  # the memory served nothing since the switch; the folds wait for the gate
+            log.debug("checkpoint written from memory in %.2f s", time.monotonic() - t0)
+        except BaseException as e:
+            finished.fail(e)
+            raise
+        finally:
+            agg.gate.release()
+
+
+def in_memory(strategy: Strategy, layout: Manifest, r: int) -> Finished | None:
+    """Where the close makes round r's model: in the accumulator's memory (finished.py), or None: written into
+    files first (a strategy that does not fold into fedavg.py's one array per tensor, or keeps updates)."""
+    if isinstance(strategy, KeepsUpdates) or not isinstance(strategy, Accumulator):
+        return None
+    return Finished(layout, strategy.arrays, f"round {r}'s global model")

@@ -22,6 +22,7 @@ from typing import Any
 from fl_plugins.aggregator import ending, presence, remote, results, sitelogs, status
 from fl_plugins.aggregator.closing import Closer
 from fl_plugins.aggregator.evaluation import GLOBAL
+from fl_plugins.aggregator.finished import Finished
 from fl_plugins.aggregator.intake import Intake
 from fl_plugins.aggregator.job import CROSS, Job
 from fl_plugins.aggregator.models import SubmittedModels
@@ -38,7 +39,7 @@ from fl_plugins.errors import RoundError
 from fl_plugins.records import MetricsRecord
 from fl_plugins.wire import limits
 from fl_plugins.wire.layout import Manifest
-from fl_plugins.wire.stream import FileSource, ShardReceiver
+from fl_plugins.wire.stream import FileSource, OpenSource, ShardReceiver
 
 __all__ = ["Aggregator", "AggregatorConfig", "Decision", "Task", "TaskKind"]
 
@@ -79,6 +80,7 @@ class Aggregator:
         self.global_manifest: Manifest | None = None
         self._digests: list[list[bytes] | None] = []
         self.serving: Path | None = None  # the directory the current global model's shards are served from
+        self.memory_model: Finished | None = None  # or the memory they are served from until written (finished.py)
         self.closer = Closer(self)  # the round's close: the new global model written, round R+1 opened
         self.done = False
         self.done_at: float | None = None
@@ -117,12 +119,16 @@ class Aggregator:
                 self.store.check_tensors(manifest, latest)
                 self.open_round(min(latest, cfg.total_rounds), manifest)
 
-    def open_round(self, r: int, manifest: Manifest, directory: Path | None = None) -> None:
+    def open_round(
+        self, r: int, manifest: Manifest, directory: Path | None = None, memory: Finished | None = None
+    ) -> None:
         """Lock held (or before the thread starts). Round `r` serves `manifest` from `directory` (if not yet in
-        `global/round-R`: a checkpoint still being made durable) and collects updates."""
+        `global/round-R`: a checkpoint still being made durable), or from `memory` until its files are written
+        (the checkpoint's thread then resets the strategy: closing.py), and collects updates."""
         self.global_manifest = manifest
         self.serving = directory or self.store.round_dir(r)
-        self._digests = self.store.chunk_digests(manifest, self.serving)
+        self.memory_model = memory
+        self._digests = memory.chunk_digests if memory else self.store.chunk_digests(manifest, self.serving)
         self.rounds.open(r)
         self.uploads.new_epoch()
         last = r >= self.config.total_rounds or not self.job.trains
@@ -135,7 +141,7 @@ class Aggregator:
             return
         if self.strategy is None:
             self.strategy = make_strategy(self.config, [t for s in manifest.shards for t in s.tensors])
-        else:
+        elif memory is None:
             self.strategy.reset()
         log.info("round %d open (%d sites connected, %d needed)", r, self._alive(), self.config.min_sites)
 
@@ -237,7 +243,7 @@ class Aggregator:
 
     def global_source(
         self, round_: int, model: str = "", site: str | None = None
-    ) -> tuple[Manifest, FileSource, list[list[bytes] | None]]:
+    ) -> tuple[Manifest, OpenSource, list[list[bytes] | None]]:
         """The round's global model (or, `model` naming a site, its submitted model being evaluated): manifest,
         its shard files opened (the caller closes them; opened under the lock, so a checkpoint being renamed
         meanwhile does not matter) and chunk digests."""
@@ -254,6 +260,8 @@ class Aggregator:
                 raise RoundError(
                     f"round {round_}'s global model is not being served (current round {self.rounds.round})"
                 )
+            if self.memory_model is not None:
+                return self.global_manifest, self.memory_model.source(), self._digests
             paths = self.store.shard_paths(round_, self.global_manifest, self.serving)
             return self.global_manifest, FileSource(paths), self._digests
 

@@ -41,7 +41,7 @@ from fl_plugins.aggregator.workflow import Task, TaskKind
 from fl_plugins.errors import ProtocolError, RoundError
 from fl_plugins.wire import quantize
 from fl_plugins.wire.layout import EncodedTensor, Manifest, ShardLayout, TensorInfo, numpy_dtype, plan_shards
-from fl_plugins.wire.stream import FileSource
+from fl_plugins.wire.stream import FileSource, OpenSource
 
 if TYPE_CHECKING:
     from fl_plugins.aggregator.core import Aggregator
@@ -74,7 +74,7 @@ class EncodedModels:
         except RoundError:  # the round moved on meanwhile: the site's download says so
             return None
 
-    def source(self, round_: int, encoding: str) -> tuple[Manifest, FileSource, list[list[bytes] | None]]:
+    def source(self, round_: int, encoding: str) -> tuple[Manifest, OpenSource, list[list[bytes] | None]]:
         """Round `round_`'s encoded copy: manifest, its shard files opened (the caller closes them) and chunk
         digests. RoundError if the round is not served now; ProtocolError if it is not served in `encoding`."""
         copy = self._copy(round_) if encoding == self.encoding else None
@@ -109,7 +109,7 @@ class EncodedModels:
         ok = copy.encoding == self.encoding and all((folder / s.name).stat().st_size == s.size for s in copy.shards)
         return copy if ok else None
 
-    def _make(self, round_: int, manifest: Manifest, source: FileSource) -> Manifest | None:
+    def _make(self, round_: int, manifest: Manifest, source: OpenSource) -> Manifest | None:
         """Encode round `round_`'s model (`manifest`, read from `source`) into its folder; None if it cannot be."""
         folder = self.folder(round_)
         tmp = folder.with_name(folder.name + ".tmp")
@@ -136,7 +136,7 @@ class EncodedModels:
         )
         return copy
 
-    def _write(self, tmp: Path, manifest: Manifest, source: FileSource) -> Manifest:
+    def _write(self, tmp: Path, manifest: Manifest, source: OpenSource) -> Manifest:
         shards, encoded = [], {}
         for i, shard in enumerate(manifest.shards):
             layout, table = encoded_layout(shard, self.encoding)
@@ -149,7 +149,7 @@ class EncodedModels:
         )
 
     def _blocks(
-        self, source: FileSource, i: int, shard: ShardLayout, t: TensorInfo, encode: bool
+        self, source: OpenSource, i: int, shard: ShardLayout, t: TensorInfo, encode: bool
     ) -> Iterator[np.ndarray]:
         """Tensor `t` of shard `i`, as the encoded shard holds it: encoded, or its bytes as they are."""
         base = shard.data_start + t.start
@@ -193,7 +193,7 @@ def encoded_models(agg: Aggregator) -> EncodedModels | None:
 
 def encoded_source(
     models: EncodedModels | None, round_: int, encoding: str
-) -> tuple[Manifest, FileSource, list[list[bytes] | None]]:
+) -> tuple[Manifest, OpenSource, list[list[bytes] | None]]:
     """`EncodedModels.source`, or a ProtocolError when the aggregator encodes no global model."""
     if models is None:
         raise ProtocolError(

@@ -310,15 +310,23 @@ class Gate:
 
     @contextlib.contextmanager
     def exclusive(self) -> Iterator[None]:
+        self.acquire()
+        try:
+            yield
+        finally:
+            self.release()
+
+    def acquire(self) -> None:
+        """The exclusive side, to be released by `release` (possibly on another thread: the close hands it to
+        the thread that writes the checkpoint, closing.py)."""
         with self._cond:
             while self._exclusive:
                 self._cond.wait()
             self._exclusive = True
             while self._shared:
                 self._cond.wait()
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._exclusive = False
-                self._cond.notify_all()
+
+    def release(self) -> None:
+        with self._cond:
+            self._exclusive = False
+            self._cond.notify_all()

@@ -21,6 +21,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from fl_plugins import tensors
+from fl_plugins.client.current import activate, current, deactivate, get
 from fl_plugins.client.model import FLModel, ParamsType, final_of, jsonable
 from fl_plugins.errors import ConfigError, FLError, IntegrityError, RoundError
 
@@ -29,7 +30,12 @@ if TYPE_CHECKING:
     from fl_plugins.security.tls import SiteKit
     from fl_plugins.wire.proto import fl_pb2 as pb
 
+__all__ = ["ClientSession", "activate", "current", "deactivate", "get"]  # the current session: current.py
+
 logger = logging.getLogger(__name__)
+
+
+_STALE_TASKS = 3  # receive(): tasks whose model stopped being served before receive() asks what to do again
 
 
 class ClientSession:
@@ -154,18 +160,29 @@ class ClientSession:
         """This round's global model (cached until send()); None once the job is over or on ranks other than 0.
         into: tensors to receive into in place (see fl_plugins.client.api.receive)."""
         with self.lock:
-            if self.client is None:
-                return None
-            self._fetch()
-            if self.finished:
-                return None
-            if self.offer_pending:  # params stay None until the integration offers the model's weights
-                if self.model is None:
-                    self.model = self._round_zero()
+            for tries_left in reversed(range(_STALE_TASKS)):
+                if self.client is None:
+                    return None
+                self._fetch()
+                if self.finished:
+                    return None
+                if self.offer_pending:  # params stay None until the integration offers the model's weights
+                    if self.model is None:
+                        self.model = self._round_zero()
+                    return self.model
+                if self.model is None and self.task is not None:
+                    try:
+                        self.model = self._download(self.client, self.task, into)
+                    except RoundError as e:  # not served any more: the aggregator moved on, or restarted earlier
+                        if not tries_left:
+                            raise
+                        logger.warning(
+                            "round %d's model is not served (%s); asking for the task at hand", self.task.round, e
+                        )
+                        self.task = None
+                        continue
                 return self.model
-            if self.model is None and self.task is not None:
-                self.model = self._download(self.client, self.task, into)
-            return self.model
+            return None
 
     def final_model(self, *, into: dict[str, Any] | None = None) -> FLModel | None:
         """The job's final global model, once the job is over: fetched from the aggregator (END names it; a swarm
@@ -409,41 +426,3 @@ class ClientSession:
         """The round a metric belongs to: the task at hand's, else the last one sent."""
         task = self.task
         return task.round if task is not None else self.last_round
-
-
-# -- the process's current session ----------------------------------------------------------------------------
-_current: ClientSession | None = None
-_lock = threading.Lock()
-
-
-def current() -> ClientSession | None:
-    """The current session, or None before init()."""
-    return _current
-
-
-def get() -> ClientSession:
-    """The current session; ConfigError before init()."""
-    s = _current
-    if s is None:
-        raise ConfigError("call flare.init() first (fl_plugins.client.init)")
-    return s
-
-
-def activate(session: ClientSession) -> ClientSession:
-    """Make `session` the current one (the module functions of fl_plugins.client act on it). ConfigError if
-    another one is: flare.shutdown() first."""
-    global _current
-    with _lock:
-        if _current is not None and _current is not session:
-            raise ConfigError("a client session is already open in this process: call flare.shutdown() first")
-        _current = session
-        return session
-
-
-def deactivate() -> None:
-    """Close the current session, if any, and forget it. Safe to call twice; init() may open another."""
-    global _current
-    with _lock:
-        s, _current = _current, None
-    if s is not None:
-        s.close()

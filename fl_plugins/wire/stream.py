@@ -120,6 +120,12 @@ class Source(Protocol):
     def pieces(self, shard: int, offset: int, n: int) -> list[memoryview | bytes]: ...
 
 
+class OpenSource(Source, Protocol):
+    """A source that holds files open (FileSource, the aggregator's in-memory model): its user closes it."""
+
+    def close(self) -> None: ...
+
+
 class TensorSource:
     """Shard bytes straight from tensor memory: `get_bytes(name)` returns a tensor's bytes as a memoryview."""
 
