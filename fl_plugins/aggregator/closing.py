@@ -53,19 +53,23 @@ class Closer:
         self.finished: Finished | None = None  # the latest model served from memory (finished.py)
 
     def join(self) -> None:
-        """Wait for the latest checkpoint to be durable; the model it served from memory is retired (a download
-        still reading it has switched to its files, or fails and resumes from the round now served)."""
         if self.durable is not None:
             self.durable.join()
-        if self.finished is not None:
-            self.finished.close()
-            self.finished = None
+
+    def retire(self) -> None:
+        """The round the latest in-memory model served is over (or the aggregator stops): its shared files close (a
+        download still reading it has switched to its own; one that has not fails and asks again)."""
+        finished, self.finished = self.finished, None
+        if finished is not None:
+            finished.close()
 
     def close(self) -> None:
         """On the aggregator's thread (the one that decides, so no second close can start meanwhile)."""
         agg = self.agg
         closing = agg.clock()  # (the timeline's fold wait includes the previous checkpoint's fsync)
         self.join()  # the previous checkpoint is published before this one is written
+        if agg.error is not None:  # (a checkpoint that failed: the aggregator stops, nothing more is made)
+            return
         agg.gate.acquire()
         handed = False  # the gate went to the checkpoint's thread, which releases it
         try:
@@ -137,6 +141,7 @@ class Closer:
             agg.record(results.round_record(agg.rounds, records, strategy.weight, metrics, write_s, seconds, line))
             log.info("round %d done: %d updates, checkpoint %s", r, len(records), agg.store.round_dir(r + 1))
             agg.uploads.kill_all(agg.rounds)
+            self.retire()
             # R+1 opens at once, served from memory (or the page-cached files); the checkpoint follows behind
             agg.open_round(r + 1, manifest, None if last else tmp, finished)
             if not last:
@@ -175,8 +180,12 @@ class Closer:
             finished.to_files(finished.write(tmp))
             agg.strategy.reset()  # the memory served nothing since the switch; the folds wait for the gate
             log.debug("checkpoint written from memory in %.2f s", time.monotonic() - t0)
-        except BaseException as e:
+        except BaseException as e:  # the aggregator stops: the folds waiting at the gate are refused, not folded
             finished.fail(e)
+            with agg.lock:
+                agg.error = agg.error or e
+                agg.uploads.new_epoch()
+                agg.lock.notify_all()
             raise
         finally:
             agg.gate.release()

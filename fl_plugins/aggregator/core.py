@@ -163,6 +163,7 @@ class Aggregator:
         if self._thread.is_alive():
             self._thread.join(timeout=30)
         self.closer.join()
+        self.closer.retire()
         if self.remote is not None and self.remote.close(ending=self.done) is not None:
             log.error("the run directory's object store: %s", self.remote.error)
 

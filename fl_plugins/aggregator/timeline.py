@@ -12,7 +12,9 @@ and each round's record ("round") gets `timeline`:
     downloads   from the round's start until the last of its updates' sites had the global model
     last_update from the round's start to the last counted update's commit
     fold_wait   from that commit to the close starting (the decision's tick, the previous checkpoint's fsync)
-    write       the new global model written (finalize + files; `checkpoint_seconds`), before the next round opens
+    write       the new global model made before the next round opens (`checkpoint_seconds`): finalize into the
+                accumulator's memory, its files written behind the next round (finished.py); the last round's, and
+                flexlora's, finalize + files
 
 A site that offered round 0's model downloaded nothing: its update has no wait/download/train. `fl-plugins
 report` prints the per-round view (report_timeline.py). Download times are kept per (site, round) for the rounds
