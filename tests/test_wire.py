@@ -196,3 +196,28 @@ def test_a_checkpoint_not_yet_published_is_ignored_by_a_restart(tmp_path):
     assert store.latest_round() == 0
     store.commit(1, tmp, m1)
     assert store.latest_round() == 1 and store.load(1).shards[0].digest == m1.shards[0].digest
+
+
+def test_frames_filled_in_place_equal_the_joined_ones_from_memory_and_from_files(tmp_path):
+    """ShardSender builds each message and has the source fill its payload (one copy: a pread, or a copy out of
+    tensor memory): the frames are exactly `encode`'s, and a file that ends early is refused, never sent."""
+    from fl_plugins.tensors import ByteViews
+    from fl_plugins.wire.stream import FileSource
+
+    params = _params()
+    m = _manifest(params, chunk=64)
+    src = TensorSource(m, ByteViews(params).get)
+    shard = m.shards[0]
+    joined = [frames.encode(o, src.pieces(0, o, min(64, shard.size - o))) for o in range(0, shard.size, 64)]
+    assert list(ShardSender(m, 0, src).frames(0)) == joined
+    path = tmp_path / shard.name
+    path.write_bytes(b"".join(bytes(p) for p in src.pieces(0, 0, shard.size)))
+    files = FileSource([path])
+    assert list(ShardSender(m, 0, files).frames(0)) == joined
+    files.close()
+    path.write_bytes(path.read_bytes()[:-10])  # the file ends 10 bytes early
+    short = FileSource([path])
+    sent = ShardSender(m, 0, short).frames(0)
+    with pytest.raises(IntegrityError, match="ended early"):
+        list(sent)
+    short.close()

@@ -40,6 +40,7 @@ from fl_plugins.aggregator.store import write_chunk_digests
 from fl_plugins.errors import IntegrityError, RoundError
 from fl_plugins.wire.frames import ChunkHasher
 from fl_plugins.wire.layout import Manifest, ShardLayout, TensorInfo
+from fl_plugins.wire.stream import read_exactly
 
 _SLICE = 64 << 20  # bytes per write() call
 
@@ -142,6 +143,12 @@ class FinishedSource:
         self._fds: list[int] | None = None
 
     def pieces(self, shard: int, offset: int, n: int) -> list[memoryview | bytes]:
+        out = memoryview(bytearray(n))
+        self.read_into(shard, offset, out)
+        return [out]
+
+    def read_into(self, shard: int, offset: int, out: memoryview) -> None:
+        """Bytes [offset, offset + len(out)) of shard `shard` into `out` (stream.py's ShardSender fills a message)."""
         if self._fds is None:
             f = self.finished
             with f.lock:
@@ -150,29 +157,25 @@ class FinishedSource:
                 if f.fds is None:
                     if f.closed:
                         raise RoundError(f"{f.what} is no longer served")
-                    return [self._copy(shard, offset, n)]
+                    self._copy(shard, offset, out)
+                    return
                 self._fds = [os.dup(fd) for fd in f.fds]
-        data = os.pread(self._fds[shard], n, offset)
-        if len(data) != n:
-            raise IntegrityError(f"shard file {shard} ended early at offset {offset + len(data)}")
-        return [data]
+        read_exactly(self._fds[shard], offset, out, f"shard file {shard}")
 
-    def _copy(self, shard: int, offset: int, n: int) -> bytes:
-        """Lock held: bytes [offset, offset + n) of shard `shard`, from memory."""
+    def _copy(self, shard: int, offset: int, out: memoryview) -> None:
+        """Lock held: bytes [offset, offset + len(out)) of shard `shard`, from memory, into `out`."""
         layout = self.finished.layout.shards[shard]
-        out, end = [], offset + n
-        pos = 0
+        end, pos, done = offset + len(out), 0, 0
         for mv in self.finished._data(layout):
             lo, hi = max(offset, pos), min(end, pos + mv.nbytes)
             if lo < hi:
-                out.append(mv.cast("B")[lo - pos : hi - pos])
+                out[done : done + hi - lo] = mv.cast("B")[lo - pos : hi - pos]
+                done += hi - lo
             pos += mv.nbytes
             if pos >= end:
                 break
-        data = b"".join(out)
-        if len(data) != n:
-            raise IntegrityError(f"shard {shard} ended early at offset {offset + len(data)}")
-        return data
+        if done != len(out):
+            raise IntegrityError(f"shard {shard} ended early at offset {offset + done}")
 
     def close(self) -> None:
         for fd in self._fds or []:

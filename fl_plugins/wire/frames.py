@@ -21,8 +21,11 @@ malicious peer the guard is mTLS plus the aggregator's checks on what an update 
 
 from __future__ import annotations
 
+import ctypes
+import platform
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import xxhash
 
@@ -46,6 +49,39 @@ def encode(offset: int, pieces: Sequence[memoryview | bytes], digest: bytes | No
     if digest is None:
         digest = chunk_digest(pieces)
     return b"".join((HEADER.pack(MAGIC, length, offset, digest), *pieces))
+
+
+def build(offset: int, n: int, fill: Callable[[memoryview], None], digest: bytes | None = None) -> bytes:
+    """One frame whose `n`-byte payload `fill(view)` writes straight into the message: the payload is copied once
+    (a pread, or a copy out of memory), not once into a buffer and again by `encode`'s join. grpcio sends only
+    `bytes`, so on CPython the message is a new bytes object, filled before anything else holds a reference to it
+    (`_blank`); elsewhere a bytearray is filled and copied."""
+    size = HEADER_SIZE + n
+    frame, view = _blank(size)
+    payload = view[HEADER_SIZE:]
+    fill(payload)
+    if digest is None:
+        digest = xxhash.xxh3_128_digest(payload)
+    HEADER.pack_into(view, 0, MAGIC, n, offset, digest)
+    view.release()
+    return bytes(frame) if isinstance(frame, bytearray) else frame
+
+
+def _blank(size: int) -> tuple[bytes | bytearray, memoryview]:
+    """A new, unshared `size`-byte message and a writable view of its bytes."""
+    if _NEW_BYTES is None:
+        buf = bytearray(size)
+        return buf, memoryview(buf)
+    frame = _NEW_BYTES(None, size)  # PyBytes_FromStringAndSize(NULL, size): uninitialised, not yet hashed
+    return frame, memoryview((ctypes.c_char * size).from_address(id(frame) + _BYTES_DATA)).cast("B")
+
+
+_NEW_BYTES: Any = None
+if platform.python_implementation() == "CPython":
+    _NEW_BYTES = ctypes.pythonapi.PyBytes_FromStringAndSize
+    _NEW_BYTES.restype = ctypes.py_object
+    _NEW_BYTES.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
+    _BYTES_DATA = bytes.__basicsize__ - 1  # offsetof(PyBytesObject, ob_sval): the size of b"" less its NUL
 
 
 def decode(frame: bytes) -> tuple[int, memoryview, bytes]:

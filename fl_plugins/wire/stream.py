@@ -12,6 +12,7 @@ Nothing is staged: a verified chunk is used at once and dropped.
 from __future__ import annotations
 
 import bisect
+import functools
 import os
 from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
@@ -171,10 +172,20 @@ class FileSource:
             raise IntegrityError(f"shard file {shard} ended early at offset {offset + len(data)}")
         return [data]
 
+    def read_into(self, shard: int, offset: int, out: memoryview) -> None:
+        read_exactly(self._fds[shard], offset, out, f"shard file {shard}")
+
     def close(self) -> None:
         for fd in self._fds:
             os.close(fd)
         self._fds = []
+
+
+def read_exactly(fd: int, offset: int, out: memoryview, what: str) -> None:
+    """Fill `out` with the file's bytes from `offset` (IntegrityError if it ends first)."""
+    got = os.preadv(fd, [out], offset)
+    if got != len(out):
+        raise IntegrityError(f"{what} ended early at offset {offset + got}")
 
 
 class ShardSender:
@@ -195,12 +206,29 @@ class ShardSender:
             raise ProtocolError(f"resume offset {offset} is not a chunk boundary of a {self.size}-byte shard")
         while offset < self.size:
             n = min(cb, self.size - offset)
-            pieces = self.source.pieces(self.index, offset, n)
             digest = self._digests.get(offset // cb)
+            frame = frames.build(offset, n, functools.partial(self._fill, offset), digest)
             if digest is None:
-                digest = self._digests[offset // cb] = frames.chunk_digest(pieces)
-            yield frames.encode(offset, pieces, digest)
+                self._digests[offset // cb] = frame[frames.HEADER_SIZE - 16 : frames.HEADER_SIZE]
+            yield frame
             offset += n
+
+    def _fill(self, offset: int, out: memoryview) -> None:
+        """Bytes [offset, offset + len(out)) of the shard into `out`: the source's own `read_into` (a pread into
+        the message), else its pieces copied in (the one copy `encode`'s join would make)."""
+        read_into = getattr(self.source, "read_into", None)
+        if read_into is not None:
+            read_into(self.index, offset, out)
+            return
+        pos = 0
+        for piece in self.source.pieces(self.index, offset, len(out)):
+            mv = memoryview(piece).cast("B")
+            if pos + len(mv) > len(out):
+                raise ProtocolError(f"shard {self.index}: the source gave more than {len(out)} bytes at {offset}")
+            out[pos : pos + len(mv)] = mv
+            pos += len(mv)
+        if pos != len(out):
+            raise IntegrityError(f"shard {self.index}: the source gave {pos} of {len(out)} bytes at {offset}")
 
     def shard_digest(self) -> str:
         cb = self.manifest.chunk_bytes
