@@ -6,6 +6,8 @@
     python benchmarks/round.py --gib 0.25 --rounds 3 --strategy fedadam   # a server optimizer (strategy.py)
     python benchmarks/round.py --rounds 4 --plain     # FLARE's plain loop: receive() without into=
     python benchmarks/round.py --backend ray          # the sites on a local Ray, as `fl-plugins run --backend ray`
+    python benchmarks/round.py --gib 4 --sites 1 --rounds 2 --aggregator-memory-gib 2 --accumulator-dir /tmp/acc
+                                                      # a model larger than the aggregator's memory (cgroup v1 cap)
 
 One aggregator process (AggregatorServer with --initial-model written beforehand) and `--sites` site
 processes written like a user script on the FLARE-style client API (`flare.init / is_running / receive /
@@ -61,18 +63,21 @@ def run(args) -> dict:
                  "gib": args.gib, "sites": args.sites, "rounds": args.rounds, "dtype": args.dtype,
                  "tensors": args.tensors, "add_constant": args.add_constant, "chunk_mib": args.chunk_mib,
                  "strategy": args.strategy, "run_dir": str(root), "env": environment()}  # fmt: skip
+    cap = None
     try:
         t0 = time.perf_counter()
         out["model_bytes"] = write_model(root / "init.safetensors", tensor_specs(model_bytes, args.dtype, args.tensors))
         out["write_model_s"] = time.perf_counter() - t0
         cfg = {"run_dir": root / "run", "rounds": args.rounds, "min_sites": args.sites,
                "initial_model": root / "init.safetensors", "chunk_bytes": args.chunk_mib * MiB,
-               "linger": 5.0, "strategy": args.strategy}  # fmt: skip
+               "linger": 5.0, "strategy": args.strategy, "accumulator_dir": args.accumulator_dir}  # fmt: skip
+        out["accumulator_dir"], out["aggregator_memory_gib"] = args.accumulator_dir, args.aggregator_memory_gib
         with Children() as ch:
             sampler = RSSSampler().start()
             a_par, a_child = CTX.Pipe()
             agg = ch.start(aggregator_main, a_child, cfg, name="aggregator")
             a_child.close()
+            cap = _memory_cap(agg.pid, args.aggregator_memory_gib) if args.aggregator_memory_gib else None
             sampler.add("aggregator", agg.pid)
             ready = recv(a_par, args.timeout, "aggregator start")
             t_ready = time.time()
@@ -91,6 +96,8 @@ def run(args) -> dict:
                 sites = [recv(p, max(1.0, deadline - time.monotonic()), f"site-{k + 1}") for k, p in enumerate(pipes)]
             done = recv(a_par, max(1.0, deadline - time.monotonic()), "aggregator finish")
             sampler.stop()
+            if cap is not None:
+                out["aggregator_cgroup_peak"] = int((cap / "memory.max_usage_in_bytes").read_text())
         if done.get("rc") != 0:
             raise RuntimeError(f"aggregator exited with rc={done.get('rc')}: {done.get('agg_error')}")
         records = read_jsonl(root / "run" / "metrics.jsonl")
@@ -121,9 +128,26 @@ def run(args) -> dict:
         with open("/proc/meminfo") as f:
             out["mem_total"] = int(f.readline().split()[1]) * 1024
         return out
+    except Exception as e:
+        oom = cap is not None and "oom_kill 0" not in (cap / "memory.oom_control").read_text()
+        if oom:  # what the sites saw (an aggregator gone) is not the cause
+            raise RuntimeError(f"the aggregator was killed at its {args.aggregator_memory_gib} GiB memory cap") from e
+        raise
     finally:
         if not args.keep:
             shutil.rmtree(root, ignore_errors=True)
+        if cap is not None:
+            cap.rmdir()  # (its processes have ended: Children stops them)
+
+
+def _memory_cap(pid: int, gib: float) -> Path:
+    """Put the aggregator (`pid`) into a cgroup v1 memory group capped at `gib` GiB (its page cache counts too, and is
+    reclaimed at the cap; anonymous memory beyond it is killed: there is no swap)."""
+    group = Path("/sys/fs/cgroup/memory") / f"flbench-{pid}"
+    group.mkdir()
+    (group / "memory.limit_in_bytes").write_text(str(int(gib * GiB)))
+    (group / "cgroup.procs").write_text(str(pid))
+    return group
 
 
 def _ray_sites(args, root: Path, address: str, sampler: RSSSampler, deadline: float) -> list[dict]:
@@ -209,6 +233,10 @@ def report(out: dict) -> list[str]:
                  f"{out['acc_bytes'] / MiB:,.0f} MiB, strategy state on disk {out['state_bytes'] / MiB:,.0f} MiB); "
                  "sites ru_maxrss "
                  + ", ".join(f"{x / MiB:,.0f}" for x in out["site_maxrss"]) + " MiB")  # fmt: skip
+    if out.get("aggregator_cgroup_peak"):
+        lines.append(f"aggregator capped at {out['aggregator_memory_gib']:.2f} GiB (cgroup, page cache included; "
+                     f"accumulator in {out['accumulator_dir'] or 'memory'}): its cgroup peaked at "
+                     f"{out['aggregator_cgroup_peak'] / GiB:.2f} GiB")  # fmt: skip
     checks = []
     if abs(out["gib"] - 1) < 1e-9 and out["sites"] == 2 and sm is not None:
         checks.append(("1 GiB, 2 sites: steady round < 5 s", sm < 5.0, f"{sm:.2f} s"))
@@ -240,6 +268,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sites call receive() with no into= (FLARE's examples): new tensors every round")
     p.add_argument("--add-constant", type=float, default=0.0,
                    help="local step: add this constant to every parameter in place (default 0: no-op)")
+    p.add_argument("--accumulator-dir", type=Path, default=None, help="the aggregator's accumulator_dir")
+    p.add_argument("--aggregator-memory-gib", type=float, default=0,
+                   help="cap the aggregator's memory (page cache included) with a cgroup v1 group (root)")  # fmt: skip
     p.add_argument("--run-dir", type=Path, default=None, help="parent of the scratch run directory (default /tmp)")
     p.add_argument("--keep", action="store_true", help="keep the run directory (checkpoints, metrics.jsonl)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds allowed for the whole run")

@@ -36,6 +36,7 @@ default and one check:
     beta2                  --beta2                   strategy.beta2                     0.99
     tau                    --tau                     strategy.tau                       0.001
     serve_model            --serve-model             task.model: {from_aggregator: P}   None: serve no folder
+    accumulator_dir        --accumulator-dir         aggregation.accumulator_dir        None: in memory
 
 A value that breaks a check is a ConfigError naming the key as the user wrote it: ``recipes/x.yaml:
 `aggregation.min_updates` must be an integer in 1..3 (got 4)`` from a recipe, ```min_updates` (--min-updates) must
@@ -65,6 +66,7 @@ from fl_plugins.checks import (
     Text,
     Workflow,
 )
+from fl_plugins.config_checks import check_swarm
 from fl_plugins.errors import ConfigError
 from fl_plugins.model_files import model_files
 from fl_plugins.wire.layout import DEFAULT_CHUNK_BYTES, short_repr
@@ -357,6 +359,15 @@ class AggregatorConfig:
         flag="--serve-model",
         shown="none; a recipe's `task.model: {from_aggregator: PATH}` sets it",
     )
+    accumulator_dir: Path | None = _setting(
+        None,
+        doc="keep the accumulator in a file in this folder instead of memory (a model larger than the aggregator's "
+        "memory; the page cache holds what fits): fedavg.py",
+        check=PathValue(),
+        flag="--accumulator-dir",
+        key="aggregation.accumulator_dir",
+        shown="in memory",
+    )
     # the recipe the job runs ({"path", "job"}: fl_plugins.recipe.Recipe.identity()), kept in RUN_DIR/run.json: a
     # restart with another recipe is refused; None: no recipe (then `job_id`, else a random id, names the job)
     recipe: dict[str, Any] | None = None
@@ -389,7 +400,7 @@ class AggregatorConfig:
                 "time: drop one of them"
             )
         if self.workflow == "swarm":
-            _check_swarm(self)
+            check_swarm(self)
         if self.workflow.startswith("cyclic") and self.strategy == "scaffold":
             raise ConfigError(
                 "`strategy` scaffold (--strategy scaffold) averages the control variates of the sites that train "
@@ -404,26 +415,6 @@ SETTINGS: dict[str, Setting] = {
     for f in dataclasses.fields(AggregatorConfig)
     if "setting" in f.metadata
 }
-
-
-def _check_swarm(config: AggregatorConfig) -> None:
-    """What a swarm job cannot do yet (docs/swarm.md): the sites fold with FedAvg, and evaluations between and after
-    the rounds are the sites' own (each keeps the global model that scored best on its data)."""
-    if config.strategy != "fedavg":
-        raise ConfigError(
-            f"`strategy` {config.strategy} (--strategy) keeps state between rounds at the aggregator; in a swarm job "
-            "a different site folds each round: use fedavg (the default) with --workflow swarm"
-        )
-    if config.update_compression != "none" or config.model_compression != "none":
-        raise ConfigError(
-            "--workflow swarm does not compress transfers (yet): its sites seal and fold each other's weights; drop "
-            "`update_compression` and `model_compression` (transfer.*) or use the fedavg workflow"
-        )
-    if config.evaluate_every or config.sample_sites is not None:
-        raise ConfigError(
-            "--workflow swarm does not take `evaluate_every` or `sample_sites` (yet): every site trains each round and "
-            "evaluates each global model it receives; drop those settings"
-        )
 
 
 def trains(workflow: str | list[str]) -> bool:

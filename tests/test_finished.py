@@ -166,3 +166,19 @@ def test_a_checkpoint_that_cannot_be_written_stops_the_aggregator(server_factory
     run = srv.aggregator.config.run_dir
     assert not (run / "global" / "round-00001").exists()
     assert not (run / "global" / "round-00002").exists()
+
+
+def test_an_accumulator_on_disk_gives_the_same_model_and_leaves_no_file(server_factory, tmp_path, caplog):
+    """`accumulator_dir`: the sums live in an unlinked file there (a model larger than memory); the rounds give
+    the model the in-memory accumulator gives, and the folder is left empty."""
+    initial = {"w": np.arange(1 << 16, dtype=np.float32), "n": np.array(7, np.int64), "m": np.array([True, False])}
+    where = tmp_path / "acc"
+    with caplog.at_level("INFO", logger="fl_plugins.aggregator.core"):
+        srv = server_factory(rounds=3, min_sites=2, initial=initial, accumulator_dir=where)
+        join_sites(SiteThread(srv.address, "a", adds(1)), SiteThread(srv.address, "b", adds(3)))
+        assert srv.wait() == 0, srv.aggregator.error
+    assert f"is a file in {where}" in caplog.text
+    assert list(where.iterdir()) == []
+    final = load(srv.aggregator.config.run_dir / "global" / "round-00003" / "initial.safetensors")
+    np.testing.assert_array_equal(final["w"], initial["w"] + 6)
+    assert final["n"] == 13 and final["m"].tolist() == [True, False]

@@ -193,7 +193,8 @@ class Closer:
 
 def in_memory(strategy: Strategy, layout: Manifest, r: int) -> Finished | None:
     """Where the close makes round r's model: in the accumulator's memory (finished.py), or None: written into
-    files first (a strategy that does not fold into fedavg.py's one array per tensor, or keeps updates)."""
-    if isinstance(strategy, KeepsUpdates) or not isinstance(strategy, Accumulator):
+    files first (a strategy that does not fold into fedavg.py's one array per tensor, or keeps updates; an
+    accumulator on disk, whose memory is the page cache anyway)."""
+    if isinstance(strategy, KeepsUpdates) or not isinstance(strategy, Accumulator) or strategy.on_disk:
         return None
     return Finished(layout, strategy.arrays, f"round {r}'s global model")

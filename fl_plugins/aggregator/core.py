@@ -141,6 +141,9 @@ class Aggregator:
             return
         if self.strategy is None:
             self.strategy = make_strategy(self.config, [t for s in manifest.shards for t in s.tensors])
+            if self.config.accumulator_dir is not None:
+                gib, where = self.strategy.nbytes / 2**30, self.config.accumulator_dir
+                log.info("the accumulator (%.2f GiB) is a file in %s, mapped: not held in memory", gib, where)
         elif memory is None:
             self.strategy.reset()
         log.info("round %d open (%d sites connected, %d needed)", r, self._alive(), self.config.min_sites)

@@ -30,9 +30,12 @@ from __future__ import annotations
 
 import contextlib
 import math
+import mmap
 import os
+import tempfile
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -82,12 +85,15 @@ def _acc_dtype(dtype: str) -> type:
 
 
 class Accumulator:
-    def __init__(self, tensors: list[TensorInfo]) -> None:
+    def __init__(self, tensors: list[TensorInfo], directory: Path | None = None) -> None:
+        """`directory`: keep the sums in a file there (`on_disk`) instead of memory."""
         check_averageable(tensors, "the global model")
         self.tensors = {t.name: t for t in tensors}
-        self.arrays: dict[str, np.ndarray] = {
-            t.name: np.empty(t.numel if t.dtype != "BOOL" else 0, _acc_dtype(t.dtype)) for t in tensors
-        }
+        sizes = {t.name: (t.numel if t.dtype != "BOOL" else 0, _acc_dtype(t.dtype)) for t in tensors}
+        self.on_disk = None if directory is None else DiskArrays(directory, sizes)
+        self.arrays: dict[str, np.ndarray] = (
+            self.on_disk.arrays if self.on_disk else {name: np.empty(n, dt) for name, (n, dt) in sizes.items()}
+        )
         self.weight_full = 0.0
         self.weight_diff = 0.0
         self._locks = [threading.Lock() for _ in range(_N_LOCKS)]
@@ -97,7 +103,11 @@ class Accumulator:
         # accumulator in the background now, at low CPU priority, while sites download the global model and
         # train, instead of on the receive thread during the first uploads. A fold waits for its tensor only.
         self._ready = {t.name: threading.Event() for t in tensors}
-        threading.Thread(target=self._prefault, name="fl-acc-prefault", daemon=True).start()
+        if self.on_disk is None:
+            threading.Thread(target=self._prefault, name="fl-acc-prefault", daemon=True).start()
+        else:  # a new file reads as zeros
+            for e in self._ready.values():
+                e.set()
 
     def _prefault(self) -> None:
         try:  # Linux: a thread's own nice value; the gRPC threads come first
@@ -123,8 +133,11 @@ class Accumulator:
 
     def reset(self) -> None:
         self.wait_ready()
-        for a in self.arrays.values():
-            a.fill(0)
+        if self.on_disk is not None:
+            self.on_disk.zero()
+        else:
+            for a in self.arrays.values():
+                a.fill(0)
         self.weight_full = self.weight_diff = 0.0
 
     @contextlib.contextmanager
@@ -297,3 +310,36 @@ class Accumulator:
                     )
             pos += len(block)
             yield block
+
+
+class DiskArrays:
+    """The accumulator's arrays in one file in `directory` (`accumulator_dir`), mapped shared: the page cache holds
+    what fits in memory and the kernel writes the rest back, so a model larger than the aggregator's memory can be
+    averaged. The file is unlinked as soon as it is mapped (nothing is left behind, whatever ends the process), and
+    zeroed by punching it out (MADV_REMOVE: no write of the model's size). Arrays start 8-aligned."""
+
+    def __init__(self, directory: Path, sizes: dict[str, tuple[int, type]]) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        offsets, end = {}, 0
+        for name, (n, dt) in sizes.items():
+            offsets[name] = end
+            end += -(-n * np.dtype(dt).itemsize // 8) * 8
+        fd, path = tempfile.mkstemp(prefix="fl-accumulator-", suffix=".bin", dir=directory)
+        try:
+            os.unlink(path)
+            os.ftruncate(fd, max(end, 1))
+            self.map = mmap.mmap(fd, max(end, 1), flags=mmap.MAP_SHARED)
+        finally:
+            os.close(fd)
+        self.nbytes = end
+        self.arrays: dict[str, np.ndarray] = {
+            name: np.frombuffer(self.map, dt, count=n, offset=offsets[name]) for name, (n, dt) in sizes.items()
+        }
+
+    def zero(self) -> None:
+        try:
+            self.map.madvise(mmap.MADV_REMOVE)
+        except (AttributeError, OSError):  # a file system that cannot punch holes: write zeros
+            for a in self.arrays.values():
+                for b in range(0, len(a), BLOCK):
+                    a[b : b + BLOCK] = 0

@@ -185,8 +185,8 @@ class HetLoRA(FedAvg):
 
     name: ClassVar[str] = "hetlora"
 
-    def __init__(self, tensors: list[TensorInfo]) -> None:
-        super().__init__(tensors)
+    def __init__(self, tensors: list[TensorInfo], directory: Path | None = None) -> None:
+        super().__init__(tensors, directory)
         self.lora = lora_factors(tensors)
         self._weights_lock = threading.Lock()
 

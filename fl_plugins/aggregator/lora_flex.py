@@ -82,8 +82,8 @@ class FlexLoRA(FedAvg):
 
     name: ClassVar[str] = "flexlora"
 
-    def __init__(self, tensors: list[TensorInfo]) -> None:
-        super().__init__(tensors)
+    def __init__(self, tensors: list[TensorInfo], directory: Path | None = None) -> None:
+        super().__init__(tensors, directory)
         self.lora = lora_factors(tensors)
         lonely = sorted(n for n in self.lora if partner(n) not in self.lora)
         if lonely:

@@ -90,7 +90,7 @@ class FedAvg(Accumulator):
 
     @classmethod
     def from_config(cls, config: AggregatorConfig, tensors: list[TensorInfo]) -> FedAvg:
-        return cls(tensors)
+        return cls(tensors, config.accumulator_dir)
 
     @property
     def state_nbytes(self) -> int:
@@ -104,8 +104,8 @@ class FedAvg(Accumulator):
 class ServerOptimizer(FedAvg):
     """The average folded by FedAvg, then one optimizer step per round; subclasses give `step`."""
 
-    def __init__(self, tensors: list[TensorInfo], hyper: dict[str, float]) -> None:
-        super().__init__(tensors)
+    def __init__(self, tensors: list[TensorInfo], hyper: dict[str, float], directory: Path | None = None) -> None:
+        super().__init__(tensors, directory)
         self.hyper = hyper
         self.offsets: dict[str, int] = {}  # a float tensor's first element in the state buffers
         self.elements = 0
@@ -118,7 +118,7 @@ class ServerOptimizer(FedAvg):
 
     @classmethod
     def from_config(cls, config: AggregatorConfig, tensors: list[TensorInfo]) -> ServerOptimizer:
-        return cls(tensors, cls.hyper_parameters(config))
+        return cls(tensors, cls.hyper_parameters(config), config.accumulator_dir)
 
     @property
     def state_nbytes(self) -> int:

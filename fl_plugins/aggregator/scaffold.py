@@ -64,8 +64,8 @@ class Scaffold(FedAvg):
 
     name: ClassVar[str] = "scaffold"
 
-    def __init__(self, tensors: list[TensorInfo]) -> None:
-        super().__init__(tensors)
+    def __init__(self, tensors: list[TensorInfo], directory: Path | None = None) -> None:
+        super().__init__(tensors, directory)
         self.count_full = 0  # updates counted since `reset`, FULL and DIFF
         self.count_diff = 0
 
