@@ -62,7 +62,8 @@ def run(args) -> dict:
     out: dict = {"backend": args.backend, "plain": args.plain,
                  "gib": args.gib, "sites": args.sites, "rounds": args.rounds, "dtype": args.dtype,
                  "tensors": args.tensors, "add_constant": args.add_constant, "chunk_mib": args.chunk_mib,
-                 "strategy": args.strategy, "run_dir": str(root), "env": environment()}  # fmt: skip
+                 "strategy": args.strategy, "keep_rounds": args.keep_rounds, "run_dir": str(root),
+                 "env": environment()}  # fmt: skip
     cap = None
     try:
         t0 = time.perf_counter()
@@ -70,7 +71,8 @@ def run(args) -> dict:
         out["write_model_s"] = time.perf_counter() - t0
         cfg = {"run_dir": root / "run", "rounds": args.rounds, "min_sites": args.sites,
                "initial_model": root / "init.safetensors", "chunk_bytes": args.chunk_mib * MiB,
-               "linger": 5.0, "strategy": args.strategy, "accumulator_dir": args.accumulator_dir}  # fmt: skip
+               "linger": 5.0, "strategy": args.strategy, "accumulator_dir": args.accumulator_dir,
+               "keep_rounds": args.keep_rounds}  # fmt: skip
         out["accumulator_dir"], out["aggregator_memory_gib"] = args.accumulator_dir, args.aggregator_memory_gib
         with Children() as ch:
             sampler = RSSSampler().start()
@@ -268,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sites call receive() with no into= (FLARE's examples): new tensors every round")
     p.add_argument("--add-constant", type=float, default=0.0,
                    help="local step: add this constant to every parameter in place (default 0: no-op)")
+    p.add_argument("--keep-rounds", type=int, default=None, help="the aggregator's keep_rounds (default: every round)")
     p.add_argument("--accumulator-dir", type=Path, default=None, help="the aggregator's accumulator_dir")
     p.add_argument("--aggregator-memory-gib", type=float, default=0,
                    help="cap the aggregator's memory (page cache included) with a cgroup v1 group (root)")  # fmt: skip

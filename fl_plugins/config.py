@@ -37,6 +37,7 @@ default and one check:
     tau                    --tau                     strategy.tau                       0.001
     serve_model            --serve-model             task.model: {from_aggregator: P}   None: serve no folder
     accumulator_dir        --accumulator-dir         aggregation.accumulator_dir        None: in memory
+    keep_rounds            --keep-rounds             aggregation.keep_rounds            None: every round
 
 A value that breaks a check is a ConfigError naming the key as the user wrote it: ``recipes/x.yaml:
 `aggregation.min_updates` must be an integer in 1..3 (got 4)`` from a recipe, ```min_updates` (--min-updates) must
@@ -367,6 +368,15 @@ class AggregatorConfig:
         flag="--accumulator-dir",
         key="aggregation.accumulator_dir",
         shown="in memory",
+    )
+    keep_rounds: int | None = _setting(
+        None,
+        doc="keep the checkpoints of round 0 and of this many latest rounds; older ones are deleted once a newer one "
+        "is durable (retention.py)",
+        check=Integer(1),
+        flag="--keep-rounds",
+        key="aggregation.keep_rounds",
+        shown="every round",
     )
     # the recipe the job runs ({"path", "job"}: fl_plugins.recipe.Recipe.identity()), kept in RUN_DIR/run.json: a
     # restart with another recipe is refused; None: no recipe (then `job_id`, else a random id, names the job)

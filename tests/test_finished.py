@@ -182,3 +182,20 @@ def test_an_accumulator_on_disk_gives_the_same_model_and_leaves_no_file(server_f
     final = load(srv.aggregator.config.run_dir / "global" / "round-00003" / "initial.safetensors")
     np.testing.assert_array_equal(final["w"], initial["w"] + 6)
     assert final["n"] == 13 and final["m"].tolist() == [True, False]
+
+
+def test_keep_rounds_keeps_round_0_and_the_latest(server_factory):
+    """`keep_rounds` 2 over 6 rounds: round 0 (the initial model) and the 2 latest rounds stay, and hold exactly
+    what they should; the others were deleted as newer ones became durable."""
+    initial = {"w": np.arange(1 << 16, dtype=np.float32), "h": np.linspace(0, 1, 999).astype(BF16)}
+    srv = server_factory(rounds=6, min_sites=2, initial=initial, keep_rounds=2)
+    a, b = SiteThread(srv.address, "a", adds(1)), SiteThread(srv.address, "b", adds(3))
+    join_sites(a, b)
+    assert srv.wait() == 0, srv.aggregator.error
+    g = srv.aggregator.config.run_dir / "global"
+    assert sorted(p.name for p in g.iterdir()) == ["round-00000", "round-00005", "round-00006"]
+    for r in (5, 6):
+        got = load(g / f"round-{r:05d}" / "initial.safetensors")
+        np.testing.assert_array_equal(got["w"], initial["w"] + 2 * r)
+    assert a.received[5]["w"].tobytes() == load(g / "round-00005" / "initial.safetensors")["w"].tobytes()
+    assert load(g / "round-00000" / "initial.safetensors")["w"].tobytes() == initial["w"].tobytes()

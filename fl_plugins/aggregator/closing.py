@@ -134,6 +134,7 @@ class Closer:
             reader.close()
         if last:  # the job ends only once the final model is durable
             agg.store.commit(r + 1, tmp, manifest)
+            agg.retention.published(r + 1)
         with agg.lock:
             seconds = agg.clock() - began if began is not None else time.monotonic() - t0
             write_s = round(time.monotonic() - t0, 3)
@@ -166,6 +167,7 @@ class Closer:
                 if agg.rounds.round == r:
                     agg.serving = agg.store.round_dir(r)
                     agg.memory_model = None
+            agg.retention.published(r)  # (older rounds: nothing reads them)
         except BaseException as e:
             log.exception("checkpoint of round %d could not be made durable", r)
             with agg.lock:

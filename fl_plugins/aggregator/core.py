@@ -28,6 +28,7 @@ from fl_plugins.aggregator.job import CROSS, Job
 from fl_plugins.aggregator.models import SubmittedModels
 from fl_plugins.aggregator.offer import Offer
 from fl_plugins.aggregator.relay import Relay
+from fl_plugins.aggregator.retention import Retention
 from fl_plugins.aggregator.rounds import Decision, RoundState, SiteState
 from fl_plugins.aggregator.store import RunStore, undo_failed_start
 from fl_plugins.aggregator.strategy import Strategy, extra_shards, make_strategy
@@ -82,6 +83,9 @@ class Aggregator:
         self.serving: Path | None = None  # the directory the current global model's shards are served from
         self.memory_model: Finished | None = None  # or the memory they are served from until written (finished.py)
         self.closer = Closer(self)  # the round's close: the new global model written, round R+1 opened
+        self.retention = Retention(self.store, None if config.store_url else config.keep_rounds)
+        if config.store_url and config.keep_rounds:
+            log.warning("keep_rounds is not applied to a run directory in an object store: every round is kept")
         self.done = False
         self.done_at: float | None = None
         self.error: BaseException | None = None
