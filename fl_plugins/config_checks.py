@@ -23,6 +23,11 @@ def check_swarm(config: AggregatorConfig) -> None:
             "--workflow swarm does not compress transfers (yet): its sites seal and fold each other's weights; drop "
             "`update_compression` and `model_compression` (transfer.*) or use the fedavg workflow"
         )
+    if config.accumulator_dir is not None or config.keep_rounds is not None:
+        raise ConfigError(
+            "--workflow swarm folds at the sites and keeps no global rounds at the aggregator: drop "
+            "`accumulator_dir` and `keep_rounds` (aggregation.*)"
+        )
     if config.evaluate_every or config.sample_sites is not None:
         raise ConfigError(
             "--workflow swarm does not take `evaluate_every` or `sample_sites` (yet): every site trains each round and "

@@ -132,7 +132,7 @@ def global_params(run_dir: Path, round_: int | None) -> tuple[int, dict[str, Any
         raise ConfigError(f"{run_dir}: no global model was written here{'; ' + why if why else ''}")
     r = last if round_ is None else round_
     if not store.round_dir(r).is_dir():
-        kept = sorted(int(p.name.split("-")[1]) for p in store.global_dir.glob("round-*") if p.is_dir())
+        kept = sorted(int(p.name[6:]) for p in store.global_dir.glob("round-*") if p.name[6:].isdecimal())
         raise ConfigError(f"{run_dir}: round {r}'s global model is not kept (kept rounds: {kept}); pick one of them")
     manifest = store.load(r)
     params: dict[str, Any] = {}

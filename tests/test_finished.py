@@ -199,3 +199,14 @@ def test_keep_rounds_keeps_round_0_and_the_latest(server_factory):
         np.testing.assert_array_equal(got["w"], initial["w"] + 2 * r)
     assert a.received[5]["w"].tobytes() == load(g / "round-00005" / "initial.safetensors")["w"].tobytes()
     assert load(g / "round-00000" / "initial.safetensors")["w"].tobytes() == initial["w"].tobytes()
+
+
+def test_swarm_refuses_the_aggregators_own_storage_settings(tmp_path):
+    import pytest
+
+    from fl_plugins.config import AggregatorConfig
+    from fl_plugins.errors import ConfigError
+
+    for kw in ({"keep_rounds": 2}, {"accumulator_dir": tmp_path}):
+        with pytest.raises(ConfigError, match="keeps no global rounds at the aggregator"):
+            AggregatorConfig(run_dir=tmp_path / "run", rounds=2, min_sites=2, workflow="swarm", **kw)

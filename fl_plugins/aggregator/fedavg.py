@@ -315,8 +315,10 @@ class Accumulator:
 class DiskArrays:
     """The accumulator's arrays in one file in `directory` (`accumulator_dir`), mapped shared: the page cache holds
     what fits in memory and the kernel writes the rest back, so a model larger than the aggregator's memory can be
-    averaged. The file is unlinked as soon as it is mapped (nothing is left behind, whatever ends the process), and
-    zeroed by punching it out (MADV_REMOVE: no write of the model's size). Arrays start 8-aligned."""
+    averaged. The file is unlinked as soon as it is created (nothing is left behind, whatever ends the process), its
+    blocks reserved (posix_fallocate: a full disk fails there, not as a SIGBUS in a fold), and zeroed by punching it
+    out (MADV_REMOVE: no write of the model's size) and reserving again. Arrays start 8-aligned. A tmpfs folder
+    saves no memory (its pages are memory)."""
 
     def __init__(self, directory: Path, sizes: dict[str, tuple[int, type]]) -> None:
         directory.mkdir(parents=True, exist_ok=True)
@@ -325,16 +327,22 @@ class DiskArrays:
             offsets[name] = end
             end += -(-n * np.dtype(dt).itemsize // 8) * 8
         fd, path = tempfile.mkstemp(prefix="fl-accumulator-", suffix=".bin", dir=directory)
-        try:
-            os.unlink(path)
-            os.ftruncate(fd, max(end, 1))
-            self.map = mmap.mmap(fd, max(end, 1), flags=mmap.MAP_SHARED)
-        finally:
-            os.close(fd)
-        self.nbytes = end
+        os.unlink(path)
+        self.fd, self.nbytes = fd, end
+        self._allocate()
+        self.map = mmap.mmap(fd, max(end, 1), flags=mmap.MAP_SHARED)
         self.arrays: dict[str, np.ndarray] = {
             name: np.frombuffer(self.map, dt, count=n, offset=offsets[name]) for name, (n, dt) in sizes.items()
         }
+
+    def _allocate(self) -> None:
+        """The file's blocks, reserved: a full disk is an error here, not a SIGBUS at a fold's first touch."""
+        try:
+            os.posix_fallocate(self.fd, 0, max(self.nbytes, 1))
+        except OSError as e:
+            raise OSError(
+                e.errno, f"the accumulator's file in accumulator_dir ({self.nbytes} bytes): {e.strerror}"
+            ) from e
 
     def zero(self) -> None:
         try:
@@ -343,3 +351,5 @@ class DiskArrays:
             for a in self.arrays.values():
                 for b in range(0, len(a), BLOCK):
                     a[b : b + BLOCK] = 0
+            return
+        self._allocate()

@@ -147,7 +147,7 @@ class FinishedSource:
         self.read_into(shard, offset, out)
         return [out]
 
-    def read_into(self, shard: int, offset: int, out: memoryview) -> None:
+    def read_into(self, shard: int, offset: int, out: memoryview) -> int:
         """Bytes [offset, offset + len(out)) of shard `shard` into `out` (stream.py's ShardSender fills a message)."""
         if self._fds is None:
             f = self.finished
@@ -158,9 +158,9 @@ class FinishedSource:
                     if f.closed:
                         raise RoundError(f"{f.what} is no longer served")
                     self._copy(shard, offset, out)
-                    return
+                    return len(out)
                 self._fds = [os.dup(fd) for fd in f.fds]
-        read_exactly(self._fds[shard], offset, out, f"shard file {shard}")
+        return read_exactly(self._fds[shard], offset, out, f"shard file {shard}")
 
     def _copy(self, shard: int, offset: int, out: memoryview) -> None:
         """Lock held: bytes [offset, offset + len(out)) of shard `shard`, from memory, into `out`."""

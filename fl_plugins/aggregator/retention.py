@@ -28,12 +28,16 @@ class Retention:
         self.keep = keep
 
     def published(self, latest: int) -> None:
-        """Round `latest` is durable: delete the rounds the run no longer keeps."""
+        """Round `latest` is durable: delete the rounds the run no longer keeps. A failure here is a warning: the
+        checkpoint is durable, and the rounds stay until the next one."""
         if self.keep is None:
             return
-        g = self.store.global_dir
-        rounds = sorted(int(p.name[6:]) for p in g.iterdir() if p.name.startswith("round-") and p.name[6:].isdigit())
-        for r in rounds:
-            if 0 < r <= latest - self.keep:
-                shutil.rmtree(self.store.round_dir(r), ignore_errors=True)
-                log.debug("round %d's checkpoint deleted (keep_rounds %d)", r, self.keep)
+        try:
+            names = [p.name for p in self.store.global_dir.iterdir()]
+            rounds = sorted(int(n[6:]) for n in names if n.startswith("round-") and n[6:].isascii() and n[6:].isdigit())
+            for r in rounds:
+                if 0 < r <= latest - self.keep:
+                    shutil.rmtree(self.store.round_dir(r))
+                    log.debug("round %d's checkpoint deleted (keep_rounds %d)", r, self.keep)
+        except OSError as e:
+            log.warning("old round checkpoints could not be deleted (keep_rounds %d): %s", self.keep, e)

@@ -59,11 +59,17 @@ def build(offset: int, n: int, fill: Callable[[memoryview], None], digest: bytes
     size = HEADER_SIZE + n
     frame, view = _blank(size)
     payload = view[HEADER_SIZE:]
-    fill(payload)
-    if digest is None:
-        digest = xxhash.xxh3_128_digest(payload)
-    HEADER.pack_into(view, 0, MAGIC, n, offset, digest)
-    view.release()
+    try:
+        fill(payload)
+        if digest is None:
+            digest = xxhash.xxh3_128_digest(payload)
+        HEADER.pack_into(view, 0, MAGIC, n, offset, digest)
+    except BaseException:
+        del frame  # a half-filled message is not kept by the traceback (its views are released next)
+        raise
+    finally:
+        payload.release()
+        view.release()
     return bytes(frame) if isinstance(frame, bytearray) else frame
 
 

@@ -172,8 +172,9 @@ class FileSource:
             raise IntegrityError(f"shard file {shard} ended early at offset {offset + len(data)}")
         return [data]
 
-    def read_into(self, shard: int, offset: int, out: memoryview) -> None:
-        read_exactly(self._fds[shard], offset, out, f"shard file {shard}")
+    def read_into(self, shard: int, offset: int, out: memoryview) -> int:
+        """Fill `out` with the shard's bytes from `offset`; returns len(out) (ShardSender checks it)."""
+        return read_exactly(self._fds[shard], offset, out, f"shard file {shard}")
 
     def close(self) -> None:
         for fd in self._fds:
@@ -181,11 +182,12 @@ class FileSource:
         self._fds = []
 
 
-def read_exactly(fd: int, offset: int, out: memoryview, what: str) -> None:
-    """Fill `out` with the file's bytes from `offset` (IntegrityError if it ends first)."""
+def read_exactly(fd: int, offset: int, out: memoryview, what: str) -> int:
+    """Fill `out` with the file's bytes from `offset` (IntegrityError if it ends first); returns len(out)."""
     got = os.preadv(fd, [out], offset)
     if got != len(out):
         raise IntegrityError(f"{what} ended early at offset {offset + got}")
+    return got
 
 
 class ShardSender:
@@ -218,7 +220,9 @@ class ShardSender:
         the message), else its pieces copied in (the one copy `encode`'s join would make)."""
         read_into = getattr(self.source, "read_into", None)
         if read_into is not None:
-            read_into(self.index, offset, out)
+            got = read_into(self.index, offset, out)
+            if got != len(out):  # never send what the message held before (another transfer's bytes)
+                raise IntegrityError(f"shard {self.index}: the source gave {got} of {len(out)} bytes at {offset}")
             return
         pos = 0
         for piece in self.source.pieces(self.index, offset, len(out)):
