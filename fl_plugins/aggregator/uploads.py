@@ -308,17 +308,9 @@ class Gate:
                 self._shared -= 1
                 self._cond.notify_all()
 
-    @contextlib.contextmanager
-    def exclusive(self) -> Iterator[None]:
-        self.acquire()
-        try:
-            yield
-        finally:
-            self.release()
-
     def acquire(self) -> None:
-        """The exclusive side, to be released by `release` (possibly on another thread: the close hands it to
-        the thread that writes the checkpoint, closing.py)."""
+        """The exclusive side (a close), to be released by `release`, possibly on another thread: the close hands
+        it to the thread that writes the checkpoint (closing.py)."""
         with self._cond:
             while self._exclusive:
                 self._cond.wait()
